@@ -1,0 +1,142 @@
+"""The chain contract: Stage (built once per runtime) -> Filter (per route) -> Decision.
+
+A policy stage module (``filters/<name>.py``) exposes ``build_stage(config, env) -> Stage``.
+The runtime calls it once per config load ("build at load"), then asks the stage for the filters
+of each route. A Filter's ``check(ctx)`` only runs: it returns ``Allow``, ``Skip`` (not
+responsible: no credential of its kind) or ``Deny(problem)``. It never writes the response.
+
+The runner (``run_chain``) times each filter, counts decisions, turns any exception into a 500
+Deny and a timeout into a 503 Deny (fail closed), and honours ``mode``: ``detect`` records the
+would-be deny on the context and lets the request on; ``off`` filters are never built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from gateway import metrics
+from gateway.context import Detection, RequestContext
+from gateway.problems import FILTER_TIMEOUT, INTERNAL, Problem
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gateway.config import Config, RouteConfig
+
+log = logging.getLogger("portvakt.chain")
+
+
+class Mode(str, Enum):
+    off = "off"
+    detect = "detect"
+    enforce = "enforce"
+
+
+# Positions in the chain: the runtime sorts a route's filters by these. DESIGN.md order, with the
+# pre-auth rate limit before anything that costs CPU (WAF, signatures, argon2).
+POS_INGRESS = 10
+POS_RATE_LIMIT_PRE = 20
+POS_WAF = 30
+POS_CERTIFICATES = 40
+POS_TOKENS = 50
+POS_INTEGRATIONS = 60
+POS_AUTHORIZE = 70
+POS_RATE_LIMIT = 80
+
+
+@dataclass(slots=True, frozen=True)
+class Allow:
+    pass
+
+
+@dataclass(slots=True, frozen=True)
+class Skip:
+    """The filter is not responsible (no credential of its kind). Not a pass of any policy."""
+
+
+@dataclass(slots=True, frozen=True)
+class Deny:
+    problem: Problem
+
+
+Decision = Allow | Skip | Deny
+ALLOW = Allow()
+SKIP = Skip()
+
+
+class Filter:
+    """A compiled, immutable per-route policy step. Subclasses set ``name`` and implement check."""
+
+    name: ClassVar[str] = "filter"
+    position: ClassVar[int] = 0
+    mode: Mode = Mode.enforce
+    timeout: float = 10.0  # seconds; argon2 runs in a thread and is the slowest legitimate step
+
+    async def check(self, ctx: RequestContext) -> Decision:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Stage:
+    """A policy stage built once per runtime. Owns long-lived parts (key caches, Redis clients)."""
+
+    name: ClassVar[str] = "stage"
+
+    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+        """The filters this stage contributes to one route (each with its ``position``)."""
+        return []
+
+    async def start(self) -> None:
+        """Prefetch/connect. Called before the runtime serves traffic."""
+
+    async def close(self) -> None:
+        """Release resources when the runtime is retired (after in-flight requests finished)."""
+
+    def readiness(self) -> dict[str, str]:
+        """Dependency name -> state. ``"ok"``, ``"fallback: ..."`` (ready) or ``"down: ..."``
+        (not ready)."""
+        return {}
+
+    def adopt(self, previous: "Stage") -> None:
+        """Called on reload with the same stage of the old runtime, before ``start``: take over
+        state worth keeping (JWKS caches, connections) when the relevant config is unchanged."""
+
+
+@dataclass(slots=True)
+class BuildEnv:
+    """What a stage may use while building: the whole config and its file's directory."""
+
+    config: "Config"
+    base_dir: str
+    secrets: dict[str, Any]  # process-wide keys made once (e.g. HMAC key for caches)
+
+
+async def run_chain(filters: tuple[Filter, ...], ctx: RequestContext) -> Deny | None:
+    """Run filters in order. Returns the first enforced Deny, or None when the request may pass."""
+    for f in filters:
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(f.timeout):
+                decision = await f.check(ctx)
+        except TimeoutError:
+            log.error("filter %s timed out after %.1fs (request %s)", f.name, f.timeout, ctx.request_id)
+            decision = Deny(Problem(FILTER_TIMEOUT, internal_reason=f"{f.name}_timeout"))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # fail closed: a bug in a policy stage denies
+            log.exception("filter %s failed (request %s)", f.name, ctx.request_id)
+            decision = Deny(Problem(INTERNAL, internal_reason=f"{f.name}_error"))
+        elapsed = time.perf_counter() - t0
+        ctx.filter_durations[f.name] = ctx.filter_durations.get(f.name, 0.0) + elapsed
+        if type(decision) is Deny:
+            reason = decision.problem.log_reason
+            if f.mode is Mode.detect:
+                ctx.detections.append(Detection(f.name, reason))
+                metrics.observe_filter(f.name, "detect", reason, elapsed)
+                continue
+            metrics.observe_filter(f.name, "deny", reason, elapsed)
+            return decision
+        metrics.observe_filter(f.name, "allow" if type(decision) is Allow else "skip", "", elapsed)
+    return None

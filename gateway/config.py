@@ -1,0 +1,276 @@
+"""The gateway's config: one YAML file -> one typed, frozen model.
+
+``load_config(path)`` returns a ``Config`` or raises ``ConfigError`` listing every problem at once as
+``file: yaml.path: reason``. ``${ENV_VAR}`` (and ``${ENV_VAR:-default}``) in string values is
+replaced from the environment before validation. Sections owned by a policy stage are declared
+in that stage's module and imported here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from filters.authorize import AccessPolicy
+from filters.certificates import CertificatesConfig
+from filters.ingress import IngressConfig
+from filters.integrations import IntegrationConfig
+from filters.ratelimit import RateLimitConfig, RateLimitRule
+from filters.tokens import IssuerConfig
+from filters.waf.config import RouteWafConfig, WafConfig
+from gateway.audit import AuditConfig
+from gateway.configbase import Model
+from gateway.identity import IdentityConfig, RouteForwardConfig
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _check_listen(v: str) -> str:
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) <= 65535) or not host:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8443 or [::1]:8443")
+    return v
+
+
+class TLSConfig(Model):
+    certificate: str = Field(description="PEM server certificate (chain) file")
+    private_key: str = Field(description="PEM private key file")
+    client_ca: str | None = Field(None, description="PEM CA bundle that client certificates must chain to")
+    client_certificate: Literal["off", "optional", "required"] = Field(
+        "off", description="mTLS: off | optional | required"
+    )
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    @field_validator("client_certificate")
+    @classmethod
+    def _v(cls, v: str) -> str:
+        return v
+
+
+class ServerConfig(Model):
+    listen: str = Field("127.0.0.1:8443", description="Public listener HOST:PORT")
+    tls: TLSConfig | None = Field(None, description="TLS settings; required unless plain_http is true")
+    plain_http: bool = Field(False, description="Serve plain HTTP (only behind a TLS-terminating load balancer)")
+    workers: int = Field(1, ge=1, le=64, description="Worker processes sharing the port (SO_REUSEPORT)")
+    shutdown_grace_seconds: float = Field(10.0, ge=0, description="How long SIGTERM waits for in-flight requests")
+    keepalive_timeout_seconds: float = Field(75.0, gt=0)
+
+    _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+
+class AdminConfig(Model):
+    listen: str = Field("127.0.0.1:9090", description="Admin listener (metrics, health, reload); never public")
+
+    _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+
+class UpstreamConfig(Model):
+    url: str = Field(description="Base URL of the upstream service (http:// or https://)")
+    connect_timeout_seconds: float = Field(2.0, gt=0)
+    timeout_seconds: float = Field(30.0, gt=0, description="Total time for the upstream's response headers")
+    max_connections: int = Field(100, gt=0)
+    ca_file: str | None = Field(None, description="CA bundle for an https upstream")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+
+class MatchConfig(Model):
+    path_prefix: str = Field("/", description="Route matches paths starting with this prefix")
+    methods: list[str] = Field(default_factory=lambda: list(HTTP_METHODS))
+    hosts: list[str] = Field(default_factory=list, description="Host header values (empty: any)")
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with /")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        out = [m.upper() for m in v]
+        bad = [m for m in out if m not in HTTP_METHODS]
+        if bad:
+            raise ValueError(f"unknown methods {bad}; allowed: {', '.join(HTTP_METHODS)}")
+        return out
+
+
+class RouteAuditConfig(Model):
+    query_string: bool = Field(False, description="Keep the query string in audit records of this route")
+
+
+class RouteConfig(Model):
+    name: str = Field(description="Route name: a metric label and audit field")
+    match: MatchConfig = Field(default_factory=MatchConfig)
+    upstream: str = Field(description="Name of an entry under upstreams:")
+    service: str | None = Field(None, description="The service this route exposes (what grants name)")
+    legal_basis: str | None = Field(None, description="Legal basis recorded in audit (e.g. 'offentleglova § 3')")
+    organization_from: str | None = Field(
+        None, description='Where the target organisation is: "path:/orgs/{organization}/" or "header:FiksOrgId"'
+    )
+    access: AccessPolicy | None = Field(None, description="Who may call; absent: no credential required")
+    rate_limits: list[RateLimitRule] = Field(default_factory=list)
+    waf: RouteWafConfig = Field(default_factory=RouteWafConfig)
+    forward: RouteForwardConfig = Field(default_factory=RouteForwardConfig)
+    audit: RouteAuditConfig = Field(default_factory=RouteAuditConfig)
+
+
+class Config(Model):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="CIDRs whose X-Forwarded-For / forwarded client certs are believed"
+    )
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    routes: list[RouteConfig] = Field(default_factory=list)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    issuers: dict[str, IssuerConfig] = Field(default_factory=dict)
+    integrations: list[IntegrationConfig] = Field(default_factory=list)
+    certificates: CertificatesConfig = Field(default_factory=CertificatesConfig)
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    waf: WafConfig = Field(default_factory=WafConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+
+    # Set by load_config: where the file was, so relative paths resolve against it.
+    source_path: str | None = Field(None, exclude=True)
+
+    def resolve_path(self, p: str) -> str:
+        """Resolve a path from the config relative to the config file's directory."""
+        if os.path.isabs(p) or not self.source_path:
+            return p
+        return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(self.source_path)), p))
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, each ``file: yaml.path: reason``."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _yaml_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(root)"
+
+
+def _interpolate(node: Any, loc: tuple[Any, ...], errors: list[tuple[tuple[Any, ...], str]]) -> Any:
+    if isinstance(node, str):
+
+        def sub(m: re.Match[str]) -> str:
+            val = os.environ.get(m.group(1))
+            if val is None:
+                if m.group(2) is not None:
+                    return m.group(2)
+                errors.append((loc, f"environment variable {m.group(1)} is not set"))
+                return ""
+            return val
+
+        return _ENV.sub(sub, node)
+    if isinstance(node, dict):
+        return {k: _interpolate(v, loc + (k,), errors) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, loc + (i,), errors) for i, v in enumerate(node)]
+    return node
+
+
+def _cross_checks(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
+    """Checks across sections that one field's validator cannot see."""
+    errs: list[tuple[tuple[Any, ...], str]] = []
+    if not cfg.server.plain_http and cfg.server.tls is None:
+        errs.append((("server", "tls"), "required unless server.plain_http is true"))
+    if cfg.server.tls and cfg.server.tls.client_certificate != "off" and not cfg.server.tls.client_ca:
+        errs.append((("server", "tls", "client_ca"), "required when client_certificate is optional or required"))
+    for key in ("trusted_proxies",):
+        for i, c in enumerate(getattr(cfg, key)):
+            try:
+                ipaddress.ip_network(c, strict=False)
+            except ValueError:
+                errs.append(((key, i), f"not a CIDR: {c!r}"))
+    for key in ("allow_cidrs", "deny_cidrs"):
+        for i, c in enumerate(getattr(cfg.ingress, key)):
+            try:
+                ipaddress.ip_network(c, strict=False)
+            except ValueError:
+                errs.append((("ingress", key, i), f"not a CIDR: {c!r}"))
+    names: set[str] = set()
+    for i, r in enumerate(cfg.routes):
+        if r.upstream not in cfg.upstreams:
+            known = ", ".join(sorted(cfg.upstreams)) or "none defined"
+            errs.append((("routes", i, "upstream"), f"unknown upstream {r.upstream!r} (known: {known})"))
+        if r.name in names:
+            errs.append((("routes", i, "name"), f"duplicate route name {r.name!r}"))
+        names.add(r.name)
+        if r.organization_from and not re.match(r"^(path:/.*\{organization\}.*|header:[A-Za-z0-9-]+)$", r.organization_from):
+            errs.append(
+                (("routes", i, "organization_from"), 'must be "path:/.../{organization}/..." or "header:Name"')
+            )
+    ids: set[str] = set()
+    for i, integ in enumerate(cfg.integrations):
+        if integ.id.lower() in ids:
+            errs.append((("integrations", i, "id"), f"duplicate integration id {integ.id!r}"))
+        ids.add(integ.id.lower())
+    return errs
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse and validate YAML text. Raises ConfigError with every problem found."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "?"
+        raise ConfigError([f"{source}: {where}: invalid YAML: {getattr(e, 'problem', e)}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: (root): must be a mapping of sections"])
+    env_errors: list[tuple[tuple[Any, ...], str]] = []
+    raw = _interpolate(raw, (), env_errors)
+    problems = [f"{source}: {_yaml_path(loc)}: {msg}" for loc, msg in env_errors]
+    try:
+        cfg = Config.model_validate({**raw, "source_path": source if source != "<config>" else None})
+    except ValidationError as e:
+        for err in e.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "missing":
+                msg = "required"
+            problems.append(f"{source}: {_yaml_path(tuple(err['loc']))}: {msg}")
+        raise ConfigError(problems) from None
+    problems += [f"{source}: {_yaml_path(loc)}: {msg}" for loc, msg in _cross_checks(cfg)]
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, interpolate and validate a config file. Raises ConfigError (never a traceback)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{p}: (file): cannot read: {e}"]) from None
+    return parse_config(text, str(p))

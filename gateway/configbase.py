@@ -1,0 +1,14 @@
+"""Base for every config model: typed, frozen, unknown keys rejected.
+
+Kept free of other project imports so that stage modules can declare their own config section
+next to the code that uses it (``filters/ratelimit.py`` declares ``rate_limit:``) without import
+cycles with ``gateway.config``.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -1,0 +1,148 @@
+"""RequestContext: one object per request, built once, passed through the chain.
+
+Filters write their verified results here; they never write the response. The proxy step, the
+audit record and the access log read from it. Identity facts are typed dataclasses so every
+consumer (authorize, forwarding headers, audit, rate-limit keys) reads the same names.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aiohttp import web
+    from multidict import CIMultiDictProxy
+
+    from gateway.runtime import CompiledRoute, Runtime
+
+IPAddress = IPv4Address | IPv6Address
+
+
+@dataclass(slots=True)
+class TlsInfo:
+    """What the listener's TLS handshake established. ``peer_chain_der`` is the verified client
+    chain (leaf first) when mTLS presented one; empty otherwise."""
+
+    version: str | None = None
+    cipher: str | None = None
+    peer_chain_der: tuple[bytes, ...] = ()
+    sni: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class TokenIdentity:
+    """A verified bearer token (Maskinporten or ID-porten)."""
+
+    kind: str  # "maskinporten" | "idporten"
+    issuer: str  # the config key of the issuer (e.g. "maskinporten")
+    iss: str
+    exp: int
+    consumer: str | None = None  # raw consumer.ID, e.g. "0192:991825827"
+    consumer_org: str | None = None  # org number when the authority is 0192
+    supplier_org: str | None = None
+    scopes: frozenset[str] = frozenset()
+    client_amr: str | None = None
+    client_id: str | None = None
+    pid: str | None = None  # ID-porten person (fødselsnummer / D-number): never log this
+    acr: str | None = None
+    amr: tuple[str, ...] = ()
+    jti: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class IntegrationIdentity:
+    """A Fiks integration whose id and password verified and whose org binding held."""
+
+    id: str
+    authorized_org: str
+
+
+@dataclass(slots=True, frozen=True)
+class CertificateIdentity:
+    """An enterprise client certificate (from the TLS handshake or a trusted proxy header)."""
+
+    org_number: str | None
+    subject: str
+    serial_number: int
+    fingerprint_sha256: str
+    source: str  # "tls" | "xfcc" | "client-cert" | "nginx"
+    der: bytes = b""
+    seid: int | None = None  # 2 for organizationIdentifier, 1 for serialNumber
+
+
+@dataclass(slots=True)
+class WafResult:
+    score: int = 0
+    matched_rule_ids: list[int] = field(default_factory=list)
+    blocked: bool = False
+
+
+@dataclass(slots=True)
+class Detection:
+    """A deny that a filter in ``mode: detect`` would have made."""
+
+    filter: str
+    reason: str
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    method: str
+    raw_path: str  # path as sent, without the query string (percent-encoding kept)
+    path: str  # decoded path
+    query_string: str
+    host: str
+    scheme: str
+    peer_ip: IPAddress  # the TCP peer
+    client_ip: IPAddress  # after trusted-proxy resolution
+    headers: "CIMultiDictProxy[str]"
+    request: "web.Request"
+    runtime: "Runtime"
+    route: "CompiledRoute | None" = None
+    tls: TlsInfo = field(default_factory=TlsInfo)
+    from_trusted_proxy: bool = False
+    started: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
+
+    # Body prefix read for inspection (WAF) or buffered before contacting upstream. ``body_complete``
+    # is True when ``body`` holds the entire request body.
+    body: bytes = b""
+    body_complete: bool = False
+    body_size_hint: int | None = None  # Content-Length when sent
+
+    # Results written by filters.
+    token: TokenIdentity | None = None
+    integration: IntegrationIdentity | None = None
+    integration_id_claimed: str | None = None  # the IntegrasjonId header, even when it failed
+    certificate: CertificateIdentity | None = None
+    target_org: str | None = None
+    target_pid: str | None = None  # a pid taken from the path: never log this
+    waf: WafResult | None = None
+    rate_limit: dict[str, Any] = field(default_factory=dict)
+    detections: list[Detection] = field(default_factory=list)
+    # Added to the client response whatever the outcome (RateLimit headers...).
+    response_headers: dict[str, str] = field(default_factory=dict)
+    # Free-form facts for audit (filter name -> small dict). No secrets, no personal numbers.
+    audit: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    filter_durations: dict[str, float] = field(default_factory=dict)
+
+    # Outcome, filled by the server.
+    status: int = 0
+    decision: str = "pending"  # allow | deny | error
+    reason: str | None = None
+    upstream_duration: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    @property
+    def organization(self) -> str | None:
+        """The authenticated organisation: the token's consumer org, else the certificate's."""
+        if self.token is not None and self.token.consumer_org:
+            return self.token.consumer_org
+        if self.certificate is not None:
+            return self.certificate.org_number
+        return None

@@ -1,0 +1,170 @@
+"""Runtime: everything built from one config, swapped in one assignment on reload.
+
+``build_runtime(config, previous)`` compiles routes, builds each policy stage once, collects each
+route's filters in chain order, and prepares the audit sink and the identity forwarder. A request
+reads ``server.runtime`` once and keeps that object until it finishes, so a reload never changes
+the rules under an in-flight request.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.chain import BuildEnv, Filter, Stage
+from gateway.config import Config, RouteConfig, UpstreamConfig
+
+log = logging.getLogger("portvakt.runtime")
+
+# Stage modules in chain order; each exposes ``build_stage(env) -> Stage``. Positions inside the
+# chain come from each Filter's ``position`` (gateway.chain.POS_*), not from this order.
+STAGE_MODULES = (
+    "filters.ingress",
+    "filters.ratelimit",
+    "filters.waf",
+    "filters.certificates",
+    "filters.tokens",
+    "filters.integrations",
+    "filters.authorize",
+)
+
+
+@dataclass(slots=True, frozen=True)
+class CompiledRoute:
+    config: RouteConfig
+    name: str
+    prefix: str
+    methods: frozenset[str]
+    hosts: frozenset[str]
+    upstream_name: str
+    upstream: UpstreamConfig
+    filters: tuple[Filter, ...]
+
+    def matches_path(self, path: str) -> bool:
+        p = self.prefix
+        if p == "/" or p.endswith("/"):
+            return path.startswith(p)
+        return path == p or path.startswith(p + "/")
+
+
+@dataclass
+class Runtime:
+    config: Config
+    routes: tuple[CompiledRoute, ...]
+    stages: tuple[Stage, ...]
+    components: dict[str, Any] = field(default_factory=dict)  # "audit", "forwarder", ...
+    generation: int = 0
+
+    def match(self, host: str, path: str) -> CompiledRoute | None:
+        """First route, in config order, whose host list (if any) and path prefix match."""
+        h = host.rsplit(":", 1)[0].lower() if host and not host.startswith("[") else (host or "").lower()
+        for r in self.routes:
+            if r.hosts and h not in r.hosts:
+                continue
+            if r.matches_path(path):
+                return r
+        return None
+
+    def stage(self, name: str) -> Stage | None:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        return None
+
+    async def start(self) -> None:
+        for s in self.stages:
+            await s.start()
+        for c in self.components.values():
+            start = getattr(c, "start", None)
+            if start is not None:
+                await start()
+
+    async def close(self) -> None:
+        for c in self.components.values():
+            close = getattr(c, "close", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:  # closing must not stop the others from closing
+                    log.exception("closing component %r failed", c)
+        for s in self.stages:
+            try:
+                await s.close()
+            except Exception:
+                log.exception("closing stage %s failed", s.name)
+
+    def readiness(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for s in self.stages:
+            for k, v in s.readiness().items():
+                out[f"{s.name}.{k}"] = v
+        for name, c in self.components.items():
+            r = getattr(c, "readiness", None)
+            if r is not None:
+                for k, v in r().items():
+                    out[f"{name}.{k}"] = v
+        return out
+
+
+def _component_builders() -> dict[str, Any]:
+    """Non-filter components: module path -> builder name. Each builder takes a BuildEnv."""
+    out: dict[str, Any] = {}
+    for key, modname, fn in (("audit", "gateway.audit", "build_audit"), ("forwarder", "gateway.identity", "build_forwarder")):
+        mod = importlib.import_module(modname)
+        builder = getattr(mod, fn, None)
+        if builder is not None:
+            out[key] = builder
+    return out
+
+
+def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict[str, Any] | None = None) -> Runtime:
+    """Build a complete runtime (not yet started). Raises on any problem; the caller keeps the old
+    runtime when this fails."""
+    base_dir = os.path.dirname(os.path.abspath(config.source_path)) if config.source_path else os.getcwd()
+    env = BuildEnv(config=config, base_dir=base_dir, secrets=secrets if secrets is not None else {})
+    stages: list[Stage] = []
+    for modname in STAGE_MODULES:
+        mod = importlib.import_module(modname)
+        builder = getattr(mod, "build_stage", None)
+        if builder is None:
+            continue
+        stage = builder(env)
+        if stage is None:
+            continue
+        if previous is not None:
+            old = previous.stage(stage.name)
+            if old is not None:
+                stage.adopt(old)
+        stages.append(stage)
+    routes: list[CompiledRoute] = []
+    for rc in config.routes:
+        filters: list[Filter] = []
+        for s in stages:
+            filters.extend(f for f in s.filters_for_route(rc) if f.mode.value != "off")
+        filters.sort(key=lambda f: f.position)
+        routes.append(
+            CompiledRoute(
+                config=rc,
+                name=rc.name,
+                prefix=rc.match.path_prefix,
+                methods=frozenset(rc.match.methods),
+                hosts=frozenset(h.lower() for h in rc.match.hosts),
+                upstream_name=rc.upstream,
+                upstream=config.upstreams[rc.upstream],
+                filters=tuple(filters),
+            )
+        )
+    components: dict[str, Any] = {}
+    for key, builder in _component_builders().items():
+        comp = builder(env)
+        if previous is not None:
+            old = previous.components.get(key)
+            adopt = getattr(comp, "adopt", None)
+            if old is not None and adopt is not None:
+                adopt(old)
+        components[key] = comp
+    gen = previous.generation + 1 if previous is not None else 1
+    return Runtime(config=config, routes=tuple(routes), stages=tuple(stages), components=components, generation=gen)
