@@ -1,0 +1,95 @@
+"""The chain runner: fail closed, timeouts, detect mode, decision metrics."""
+
+import asyncio
+import ipaddress
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway import metrics, problems
+from gateway.chain import ALLOW, SKIP, Deny, Filter, Mode, run_chain
+from gateway.context import RequestContext
+from gateway.problems import Problem
+
+TEST_DENY = problems.register("test_denied", 403, "Denied by a test filter")
+
+
+def make_ctx() -> RequestContext:
+    ip = ipaddress.ip_address("127.0.0.1")
+    return RequestContext(
+        request_id="r1", method="GET", raw_path="/", path="/", query_string="", host="localhost",
+        scheme="https", peer_ip=ip, client_ip=ip, headers=CIMultiDictProxy(CIMultiDict()),
+        request=None, runtime=None,  # type: ignore[arg-type]
+    )
+
+
+class Fixed(Filter):
+    def __init__(self, name, result, mode=Mode.enforce, timeout=10.0):
+        self.fname, self.result, self.mode, self.timeout = name, result, mode, timeout
+        self.calls = 0
+
+    @property
+    def name(self):  # type: ignore[override]
+        return self.fname
+
+    async def check(self, ctx):
+        self.calls += 1
+        if isinstance(self.result, Exception):
+            raise self.result
+        if self.result == "sleep":
+            await asyncio.sleep(5)
+        return self.result
+
+
+def sample(name, labels):
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_allow_and_skip_pass_through():
+    a, b = Fixed("t_a", ALLOW), Fixed("t_b", SKIP)
+    assert await run_chain((a, b), make_ctx()) is None
+    assert a.calls == b.calls == 1
+
+
+async def test_first_enforced_deny_stops_the_chain():
+    d = Deny(Problem(TEST_DENY))
+    a, b = Fixed("t_deny", d), Fixed("t_after", ALLOW)
+    assert await run_chain((a, b), make_ctx()) is d
+    assert b.calls == 0
+
+
+async def test_exception_is_a_500_deny_not_a_pass():
+    before = sample("portvakt_filter_decisions_total", {"filter": "t_boom", "decision": "deny", "reason": "t_boom_error"})
+    out = await run_chain((Fixed("t_boom", RuntimeError("bug")), Fixed("t_next", ALLOW)), make_ctx())
+    assert out is not None and out.problem.status == 500 and out.problem.reason == "internal_error"
+    after = sample("portvakt_filter_decisions_total", {"filter": "t_boom", "decision": "deny", "reason": "t_boom_error"})
+    assert after == before + 1
+
+
+async def test_timeout_is_a_503_deny():
+    out = await run_chain((Fixed("t_slow", "sleep", timeout=0.05),), make_ctx())
+    assert out is not None and out.problem.status == 503 and out.problem.reason == "filter_timeout"
+
+
+async def test_detect_mode_records_and_continues():
+    ctx = make_ctx()
+    a = Fixed("t_detect", Deny(Problem(TEST_DENY, internal_reason="precise")), mode=Mode.detect)
+    b = Fixed("t_ok", ALLOW)
+    assert await run_chain((a, b), ctx) is None
+    assert b.calls == 1
+    assert [(d.filter, d.reason) for d in ctx.detections] == [("t_detect", "precise")]
+
+
+def test_problem_body_is_rfc9457_and_generic():
+    p = Problem(TEST_DENY, detail="nope", internal_reason="integration_org_mismatch")
+    import json
+
+    doc = json.loads(p.body("req-1"))
+    assert doc["type"].endswith("/test_denied") and doc["status"] == 403 and doc["request_id"] == "req-1"
+    assert "integration_org_mismatch" not in p.body("req-1").decode()
+    assert p.log_reason == "integration_org_mismatch"
+
+
+def test_unregistered_reason_is_refused():
+    with pytest.raises(KeyError):
+        Problem("no_such_reason_anywhere")
