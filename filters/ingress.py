@@ -1,14 +1,54 @@
 """Ingress filter: CIDR allow/deny, size limits, method/host allow-lists, path and smuggling checks.
 
-Config section ``ingress:``. (Owned by the foundation work; see issue 2.)
+Config section ``ingress:`` (plus each route's ``match.methods`` / ``match.hosts`` /
+``match.path_prefix``). It is the first filter of every route (``POS_INGRESS``) and only reads
+what the listener already parsed: the request line, the headers and ``ctx.client_ip`` (the server
+resolves ``X-Forwarded-For`` through ``trusted_proxies`` before the chain runs).
+
+Reason ids (status):
+
+=====================  ======  ================================================================
+``ip_denied``          403     client IP in ``deny_cidrs``, or not in a non-empty ``allow_cidrs``
+``host_not_allowed``   421     Host not in ``ingress.allowed_hosts`` or the route's ``match.hosts``
+``method_not_allowed`` 405     method not in the route's ``match.methods`` (``Allow`` header set)
+``uri_too_long``       414     request target (path + ``?`` + query) over ``max_uri_bytes``
+``headers_too_large``  431     more than ``max_headers`` lines or over ``max_header_bytes``
+``body_too_large``     413     ``Content-Length`` over ``max_body_bytes`` (the proxy enforces the
+                               same limit while streaming a chunked body, with this reason)
+``bad_path``           400     NUL, malformed percent-encoding, invalid UTF-8 after decoding, or
+                               dot-segments / encoded slashes (``%2F``, ``%5C``, ``\\``) whose
+                               resolution leaves the matched route prefix
+``request_smuggling``  400     both ``Content-Length`` and ``Transfer-Encoding``; duplicate
+                               ``Content-Length`` values that differ or are not plain digits;
+                               ``Transfer-Encoding`` other than exactly one ``chunked``
+=====================  ======  ================================================================
+
+421 (Misdirected Request) rather than 404 for a foreign Host: the request reached a listener
+that does not serve that authority, which is what 421 says; it also tells a client's connection
+pool not to reuse this connection for that host. The precise cause of each denial travels in
+``internal_reason`` (e.g. ``te_and_cl``, ``path_escapes_prefix``) to metrics and audit.
+
+Many smuggling shapes never reach this filter: aiohttp's HTTP parser answers 400 before any
+handler runs (tests/e2e/test_ingress.py proves each shape over a raw socket, whichever layer
+rejects it). The checks here are the second line for what a parser tolerates.
 """
 
 from __future__ import annotations
 
-from pydantic import Field
+import ipaddress
+import re
+from typing import TYPE_CHECKING, Iterable
 
-from gateway.chain import Mode
+from pydantic import Field, field_validator
+
+from gateway import problems
+from gateway.chain import ALLOW, POS_INGRESS, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.configbase import Model
+from gateway.problems import METHOD_NOT_ALLOWED, Problem
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gateway.config import RouteConfig
+    from gateway.context import IPAddress, RequestContext
 
 
 class IngressConfig(Model):
@@ -19,3 +59,241 @@ class IngressConfig(Model):
     max_header_bytes: int = Field(16384, gt=0, description="Largest total size of request headers accepted")
     max_headers: int = Field(100, gt=0, description="Most request header lines accepted")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=0, description="Largest request body accepted (413 above)")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header values (without port) any route may be called with; empty: any. "
+        "A route's match.hosts narrows this further. A mismatch answers 421.",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        return [_norm_host(h) for h in v]
+
+
+IP_DENIED = problems.register("ip_denied", 403, "Client address not allowed")
+HOST_NOT_ALLOWED = problems.register("host_not_allowed", 421, "Host not served here")
+URI_TOO_LONG = problems.register("uri_too_long", 414, "Request URI too long")
+HEADERS_TOO_LARGE = problems.register("headers_too_large", 431, "Request header fields too large")
+BODY_TOO_LARGE = problems.register("body_too_large", 413, "Request body too large")
+BAD_PATH = problems.register("bad_path", 400, "Malformed or disallowed request path")
+REQUEST_SMUGGLING = problems.register("request_smuggling", 400, "Ambiguous request framing")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _norm_host(host: str) -> str:
+    """Lower-case host without port, brackets or trailing dot: ``[::1]:8443`` -> ``::1``."""
+    h = host.strip().lower()
+    if h.startswith("["):
+        end = h.find("]")
+        h = h[1:end] if end > 0 else h[1:]
+    elif h.count(":") == 1:
+        h = h.split(":", 1)[0]
+    return h.rstrip(".")
+
+
+def normalize_ip(ip: "IPAddress") -> "IPAddress":
+    """IPv4-mapped IPv6 (``::ffff:10.0.0.1``) becomes the IPv4 address it carries."""
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
+        return ip.ipv4_mapped  # type: ignore[union-attr]
+    return ip
+
+
+def parse_networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
+    """CIDRs (host bits tolerated) as networks; IPv4-mapped IPv6 ranges become IPv4 ranges."""
+    out: list[Network] = []
+    for c in cidrs:
+        net = ipaddress.ip_network(c.strip(), strict=False)
+        if net.version == 6 and net.prefixlen >= 96:
+            mapped = net.network_address.ipv4_mapped  # type: ignore[union-attr]
+            if mapped is not None:
+                net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+        out.append(net)
+    return tuple(out)
+
+
+def in_networks(ip: "IPAddress", nets: tuple[Network, ...]) -> bool:
+    return any(ip.version == n.version and ip in n for n in nets)
+
+
+def prefix_matches(prefix: str, path: str) -> bool:
+    """The route-prefix rule of gateway.runtime.CompiledRoute.matches_path."""
+    if prefix == "/" or prefix.endswith("/"):
+        return path.startswith(prefix)
+    return path == prefix or path.startswith(prefix + "/")
+
+
+_PCT = re.compile(rb"%([0-9A-Fa-f]{2})")
+_BAD_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# Percent-encodings that change how a path splits into segments: '/', '\', '.'.
+_SEGMENT_ESCAPES = re.compile(r"%(2[fFeE]|5[cC])")
+
+
+def _resolve_segments(path: str) -> str:
+    """RFC 3986 remove_dot_segments on a path whose separators are already '/'."""
+    out: list[str] = []
+    segs = path.split("/")[1:]  # callers pass an absolute path
+    for i, seg in enumerate(segs):
+        last = i == len(segs) - 1
+        if seg == "..":
+            if out:
+                out.pop()
+            if last:
+                out.append("")
+        elif seg == ".":
+            if last:
+                out.append("")
+        else:
+            out.append(seg)
+    return "/" + "/".join(out)
+
+
+def check_path(raw_path: str, prefix: str) -> str | None:
+    """Why ``raw_path`` (as sent, without query) is refused for a route with ``prefix``, or None.
+
+    The path is judged the way the least careful upstream might read it: ``%2F``, ``%5C`` and
+    ``\\`` as separators, ``%2E`` as a dot, dot-segments resolved. Where that reading leaves the
+    route prefix the request is refused, because a route's policy would then guard a path other
+    than the one the upstream serves.
+    """
+    if "\x00" in raw_path:
+        return "nul_in_path"
+    if "%" in raw_path or not raw_path.isascii():
+        if _BAD_PCT.search(raw_path):
+            return "bad_percent_encoding"
+        try:
+            decoded = _PCT.sub(lambda m: bytes([int(m.group(1), 16)]), raw_path.encode("utf-8", "surrogateescape"))
+        except UnicodeEncodeError:  # pragma: no cover - a str from the parser always encodes
+            return "bad_encoding"
+        if b"\x00" in decoded:
+            return "nul_in_path"
+        try:
+            decoded.decode("utf-8")
+        except UnicodeDecodeError:
+            return "invalid_utf8"
+        if not _SEGMENT_ESCAPES.search(raw_path) and "\\" not in raw_path and "/." not in raw_path:
+            return None
+        candidate = _SEGMENT_ESCAPES.sub(lambda m: "." if m.group(1) in ("2e", "2E") else "/", raw_path)
+    else:
+        if "\\" not in raw_path and "/." not in raw_path:
+            return None
+        candidate = raw_path
+    candidate = candidate.replace("\\", "/")
+    if not candidate.startswith("/"):
+        candidate = "/" + candidate
+    if not prefix_matches(prefix, _resolve_segments(candidate)):
+        return "path_escapes_prefix"
+    return None
+
+
+def check_framing(headers) -> str | None:
+    """Why the body framing headers are ambiguous (request smuggling shapes), or None."""
+    te = headers.getall("Transfer-Encoding", ())
+    cl = headers.getall("Content-Length", ())
+    if te and cl:
+        return "te_and_cl"
+    if te:
+        if len(te) != 1 or te[0].strip().lower() != "chunked":
+            return "bad_transfer_encoding"
+    if cl:
+        values = {v.strip() for v in cl}
+        if len(values) != 1:
+            return "conflicting_content_length"
+        v = next(iter(values))
+        if not v.isascii() or not v.isdigit():
+            return "invalid_content_length"
+    return None
+
+
+def header_bytes(headers) -> int:
+    """Size of the header block as sent: ``name: value\\r\\n`` per line."""
+    n = 0
+    for k, v in headers.items():
+        n += len(k) + len(v.encode("utf-8", "surrogateescape")) + 4
+    return n
+
+
+class IngressFilter(Filter):
+    name = "ingress"
+    position = POS_INGRESS
+
+    def __init__(self, cfg: IngressConfig, stage: "IngressStage", route: "RouteConfig") -> None:
+        self.mode = cfg.mode
+        self.timeout = 1.0
+        self._stage = stage
+        self._max_uri = cfg.max_uri_bytes
+        self._max_header_bytes = cfg.max_header_bytes
+        self._max_headers = cfg.max_headers
+        self._max_body = cfg.max_body_bytes
+        self._prefix = route.match.path_prefix
+        self._methods = frozenset(route.match.methods)
+        self._allow_header = ", ".join(route.match.methods)
+        route_hosts = frozenset(_norm_host(h) for h in route.match.hosts)
+        global_hosts = frozenset(cfg.allowed_hosts)
+        # Both lists must admit the host: the route's list narrows the global one.
+        self._host_lists = tuple(s for s in (global_hosts, route_hosts) if s)
+
+    async def check(self, ctx: "RequestContext") -> Decision:
+        st = self._stage
+        ip = normalize_ip(ctx.client_ip)
+        if st.deny and in_networks(ip, st.deny):
+            return Deny(Problem(IP_DENIED, internal_reason="ip_in_deny_list"))
+        if st.allow and not in_networks(ip, st.allow):
+            return Deny(Problem(IP_DENIED, internal_reason="ip_not_in_allow_list"))
+
+        if self._host_lists:
+            host = _norm_host(ctx.host or "")
+            if any(host not in hosts for hosts in self._host_lists):
+                return Deny(Problem(HOST_NOT_ALLOWED, detail="This host is not served on this address"))
+
+        if ctx.method not in self._methods:
+            return Deny(
+                Problem(
+                    METHOD_NOT_ALLOWED,
+                    detail=f"Allowed methods: {self._allow_header}",
+                    headers={"Allow": self._allow_header},
+                )
+            )
+
+        uri_len = len(ctx.raw_path) + (len(ctx.query_string) + 1 if ctx.query_string else 0)
+        if uri_len > self._max_uri:
+            return Deny(Problem(URI_TOO_LONG, detail=f"Request target over {self._max_uri} bytes"))
+
+        headers = ctx.headers
+        if len(headers) > self._max_headers:
+            return Deny(Problem(HEADERS_TOO_LARGE, detail=f"More than {self._max_headers} header fields",
+                                internal_reason="too_many_headers"))
+        if header_bytes(headers) > self._max_header_bytes:
+            return Deny(Problem(HEADERS_TOO_LARGE, detail=f"Header fields over {self._max_header_bytes} bytes",
+                                internal_reason="header_bytes"))
+
+        framing = check_framing(headers)
+        if framing is not None:
+            return Deny(Problem(REQUEST_SMUGGLING, detail="Ambiguous Content-Length / Transfer-Encoding",
+                                internal_reason=framing))
+        cl = headers.get("Content-Length")
+        if cl is not None and int(cl) > self._max_body:
+            return Deny(Problem(BODY_TOO_LARGE, detail=f"Request body over {self._max_body} bytes"))
+
+        why = check_path(ctx.raw_path, self._prefix)
+        if why is not None:
+            return Deny(Problem(BAD_PATH, detail="Request path is malformed or leaves the route", internal_reason=why))
+        return ALLOW
+
+
+class IngressStage(Stage):
+    name = "ingress"
+
+    def __init__(self, cfg: IngressConfig) -> None:
+        self.cfg = cfg
+        self.allow = parse_networks(cfg.allow_cidrs)
+        self.deny = parse_networks(cfg.deny_cidrs)
+
+    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+        return [IngressFilter(self.cfg, self, route)]
+
+
+def build_stage(env: BuildEnv) -> IngressStage:
+    """Compile the ``ingress:`` section (CIDR sets parsed once). Raises ValueError on a bad CIDR."""
+    return IngressStage(env.config.ingress)
