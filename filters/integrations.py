@@ -1,15 +1,89 @@
-"""Fiks integrations (IntegrasjonId + IntegrasjonPassord). Config section ``integrations:``. See issue 3."""
+"""Fiks integrations (``IntegrasjonId`` + ``IntegrasjonPassord``). Config section ``integrations:``.
+
+An integration is a client system registered with an id (UUID), an argon2id password hash and the
+organisation that owns its Maskinporten client. A request carrying the two headers passes this
+stage only when the password verifies, the bearer token's consumer org equals the integration's
+``authorized_org`` and, when a client certificate is present or required, the certificate's org
+number equals it too. Every failure answers the same generic 401 (as Fiks does); the precise reason
+goes to ``internal_reason`` (audit, log, metrics).
+
+argon2id costs ~100-150 ms of CPU at default parameters, so it never runs on the event loop and
+never twice for the same credential: a success is remembered per integration (keyed digest of the
+password, process-random HMAC key) until that integration's hash changes; a failure is remembered
+briefly; concurrent first attempts share one verification (single flight). Unknown ids are
+verified against a dummy hash so the answer takes as long as a wrong password.
+
+Brute force: failures are counted per (integration id, client IP) and per client IP strictly, and
+per integration id loosely (a higher threshold, and never against an (id, IP) pair that
+authenticated recently), so an attacker cannot lock the real integration out of its own address.
+Counts drain over time (leaky bucket); repeated failures first space attempts out (exponential
+delays) and then refuse them for ``lockout_seconds`` (429 with ``Retry-After``).
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+import asyncio
+import getpass
+import hmac
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from hashlib import sha256
+from typing import TYPE_CHECKING, Any
 
+import argon2
+from argon2 import PasswordHasher, profiles
+from argon2.exceptions import InvalidHashError, VerificationError
+from prometheus_client import Counter
+from pydantic import Field, field_validator
+
+from gateway import problems
+from gateway.chain import ALLOW, POS_INTEGRATIONS, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.configbase import Model
+from gateway.context import IntegrationIdentity, RequestContext
+from gateway.metrics import REGISTRY
+from gateway.problems import Problem
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gateway.config import RouteConfig
+
+log = logging.getLogger("portvakt.integrations")
+
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+ORG_RE = re.compile(r"^[0-9]{9}$")
+MAX_PASSWORD_LENGTH = 1024  # longer values are refused before argon2 (cheap DoS guard)
+
+ID_HEADER = "IntegrasjonId"
+PASSWORD_HEADER = "IntegrasjonPassord"
+CHALLENGE = 'IntegrasjonPassord realm="portvakt"'
+GENERIC_DETAIL = "The integration could not be authenticated."
+
+# --- config --------------------------------------------------------------------------------
 
 
 class GrantConfig(Model):
     organization: str = Field(description="The organisation (org number) that granted access")
     services: list[str] = Field(description="Services of that organisation this integration may use")
+
+    @field_validator("organization")
+    @classmethod
+    def _org(cls, v: str) -> str:
+        if not ORG_RE.match(v):
+            raise ValueError("must be a 9-digit organisation number")
+        return v
+
+    @field_validator("services")
+    @classmethod
+    def _services(cls, v: list[str]) -> list[str]:
+        if not v or any(not s.strip() for s in v):
+            raise ValueError("must list at least one non-empty service name")
+        return v
 
 
 class IntegrationConfig(Model):
@@ -18,3 +92,483 @@ class IntegrationConfig(Model):
     authorized_org: str = Field(description="Org number that owns the Maskinporten client")
     require_certificate: bool = Field(False, description="Require an enterprise client cert with the same org")
     grants: list[GrantConfig] = Field(default_factory=list)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not UUID_RE.match(v):
+            raise ValueError("must be a UUID like 7b1c9a52-0d3e-4a8f-9c61-2f5e8d4b1a07")
+        return v.lower()
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        try:
+            params = argon2.extract_parameters(v)
+        except InvalidHashError:
+            raise ValueError("not an argon2 hash: make one with `portvakt hash-password`") from None
+        if params.type is not argon2.Type.ID:
+            raise ValueError("must be an argon2id hash ($argon2id$...)")
+        return v
+
+    @field_validator("authorized_org")
+    @classmethod
+    def _org(cls, v: str) -> str:
+        if not ORG_RE.match(v):
+            raise ValueError("must be a 9-digit organisation number")
+        return v
+
+
+class BruteForceConfig(Model):
+    enabled: bool = Field(True, description="Count failed integration logins and refuse repeated ones")
+    free_failures: int = Field(3, ge=0, description="Failures per (id, client IP) answered without any delay")
+    max_failures: int = Field(10, ge=1, description="Failures per (id, client IP) that lock that pair out")
+    ip_max_failures: int = Field(30, ge=1, description="Failures from one client IP (any id) that lock the IP out")
+    id_max_failures: int = Field(
+        100, ge=1, description="Failures for one id (any IP) that lock the id out, except for recently good (id, IP) pairs"
+    )
+    lockout_seconds: float = Field(300.0, gt=0, description="How long a lockout lasts (also the longest delay)")
+    decay_seconds: float = Field(60.0, gt=0, description="One counted failure is forgotten every decay_seconds")
+    known_good_seconds: float = Field(
+        86400.0, ge=0, description="An (id, IP) pair that authenticated is exempt from the per-id lockout this long"
+    )
+    max_tracked: int = Field(100_000, ge=100, description="Bound on remembered keys per table (LRU)")
+
+
+class IntegrationsPolicyConfig(Model):
+    mode: Mode = Field(Mode.enforce, description="off | detect | enforce for the integrations filter")
+    brute_force: BruteForceConfig = Field(default_factory=BruteForceConfig)
+    failure_cache_seconds: float = Field(
+        60.0, ge=0, description="How long a failed (id, password) is remembered so argon2 does not rerun for it"
+    )
+    max_concurrent_verifications: int = Field(
+        0, ge=0, description="argon2 threads (0: the number of CPUs); further verifications queue"
+    )
+
+
+# --- problems and metrics ------------------------------------------------------------------
+
+INTEGRATION_AUTH_FAILED = problems.register("integration_auth_failed", 401, "Integration authentication failed")
+TOO_MANY_FAILED_ATTEMPTS = problems.register(
+    "too_many_failed_attempts", 429, "Too many failed authentication attempts"
+)
+
+# Internal reasons (audit/log/metrics only; the client sees integration_auth_failed).
+INTEGRATION_UNKNOWN = "integration_unknown"
+INTEGRATION_BAD_PASSWORD = "integration_bad_password"
+INTEGRATION_ORG_MISMATCH = "integration_org_mismatch"
+INTEGRATION_CERT_MISMATCH = "integration_cert_mismatch"
+INTEGRATION_CERT_REQUIRED = "integration_cert_required"
+INTEGRATION_TOKEN_MISSING = "integration_token_missing"
+INTEGRATION_CREDENTIALS_INCOMPLETE = "integration_credentials_incomplete"
+INTEGRATION_ID_MALFORMED = "integration_id_malformed"
+
+ARGON2_RUNS = Counter(
+    "portvakt_argon2_verifications_total",
+    "argon2id verifications actually run, by result (match, mismatch, dummy for unknown ids)",
+    ["result"],
+    registry=REGISTRY,
+)
+CREDENTIAL_CACHE = Counter(
+    "portvakt_integration_credential_cache_total",
+    "Integration password checks answered from memory (hit, negative_hit) or by argon2 (miss)",
+    ["result"],
+    registry=REGISTRY,
+)
+LOCKOUTS = Counter(
+    "portvakt_integration_lockouts_total",
+    "Brute-force lockouts started, by scope (pair, ip, id)",
+    ["scope"],
+    registry=REGISTRY,
+)
+
+# --- argon2 off the event loop ---------------------------------------------------------------
+
+_executors: dict[int, ThreadPoolExecutor] = {}
+_dummy_hashes: dict[tuple[int, int, int], str] = {}
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """One process-wide pool per size, so reloads do not leak threads."""
+    ex = _executors.get(workers)
+    if ex is None:
+        ex = _executors[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="argon2")
+    return ex
+
+
+def _verify(hasher: PasswordHasher, pw_hash: str, password: str) -> bool:
+    try:
+        return bool(hasher.verify(pw_hash, password))
+    except VerificationError:  # includes VerifyMismatchError
+        return False
+    except InvalidHashError:  # validated at load; fail closed anyway
+        return False
+
+
+# --- brute-force accounting ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Count:
+    score: float = 0.0
+    updated: float = 0.0
+    blocked_until: float = 0.0
+
+
+class FailureTracker:
+    """Leaky-bucket failure counts per (id, IP), per IP and per id, with lockouts.
+
+    ``retry_after(id, ip, now)`` says how long a new attempt must wait (0: go ahead); ``failure``
+    and ``success`` record outcomes. Blocked attempts are refused before any check and are not
+    counted, so a lockout ends on time.
+    """
+
+    def __init__(self, cfg: BruteForceConfig):
+        self.cfg = cfg
+        self.pairs: OrderedDict[tuple[str, str], _Count] = OrderedDict()
+        self.ips: OrderedDict[str, _Count] = OrderedDict()
+        self.ids: OrderedDict[str, _Count] = OrderedDict()
+        self.known_good: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def take_over(self, old: "FailureTracker") -> None:
+        """Keep the old tracker's counts (a reload must not lift lockouts); use our thresholds."""
+        self.pairs, self.ips, self.ids, self.known_good = old.pairs, old.ips, old.ids, old.known_good
+
+    def _get(self, table: OrderedDict, key: Any, now: float) -> _Count:
+        c = table.get(key)
+        if c is None:
+            c = table[key] = _Count(updated=now)
+            if len(table) > self.cfg.max_tracked:
+                table.popitem(last=False)
+        else:
+            table.move_to_end(key)
+            c.score = max(0.0, c.score - (now - c.updated) / self.cfg.decay_seconds)
+            c.updated = now
+        return c
+
+    def _known_good(self, iid: str, ip: str, now: float) -> bool:
+        t = self.known_good.get((iid, ip))
+        return t is not None and now - t <= self.cfg.known_good_seconds
+
+    def retry_after(self, iid: str, ip: str, now: float) -> float:
+        if not self.cfg.enabled:
+            return 0.0
+        until = 0.0
+        c = self.pairs.get((iid, ip))
+        if c is not None:
+            until = max(until, c.blocked_until)
+        c = self.ips.get(ip)
+        if c is not None:
+            until = max(until, c.blocked_until)
+        c = self.ids.get(iid)
+        if c is not None and c.blocked_until > now and not self._known_good(iid, ip, now):
+            until = max(until, c.blocked_until)
+        return max(0.0, until - now)
+
+    def failure(self, iid: str, ip: str, now: float) -> None:
+        if not self.cfg.enabled:
+            return
+        cfg = self.cfg
+        pair = self._get(self.pairs, (iid, ip), now)
+        pair.score += 1
+        if pair.score >= cfg.max_failures:
+            pair.blocked_until = now + cfg.lockout_seconds
+            LOCKOUTS.labels("pair").inc()
+        elif pair.score > cfg.free_failures:
+            # Space attempts out: 1 s, 2 s, 4 s ... before the lockout proper.
+            delay = min(cfg.lockout_seconds, 2.0 ** (math.ceil(pair.score) - cfg.free_failures - 1))
+            pair.blocked_until = now + delay
+        ipc = self._get(self.ips, ip, now)
+        ipc.score += 1
+        if ipc.score >= cfg.ip_max_failures:
+            ipc.blocked_until = now + cfg.lockout_seconds
+            LOCKOUTS.labels("ip").inc()
+        idc = self._get(self.ids, iid, now)
+        idc.score += 1
+        if idc.score >= cfg.id_max_failures:
+            idc.blocked_until = now + cfg.lockout_seconds
+            LOCKOUTS.labels("id").inc()
+
+    def success(self, iid: str, ip: str, now: float) -> None:
+        if not self.cfg.enabled:
+            return
+        self.pairs.pop((iid, ip), None)
+        self.known_good[(iid, ip)] = now
+        self.known_good.move_to_end((iid, ip))
+        if len(self.known_good) > self.cfg.max_tracked:
+            self.known_good.popitem(last=False)
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class _Integration:
+    id: str
+    password_hash: str
+    authorized_org: str
+    require_certificate: bool
+
+
+class IntegrationsStage(Stage):
+    name = "integrations"
+
+    def __init__(self, integrations: list[IntegrationConfig], policy: IntegrationsPolicyConfig, hmac_key: bytes):
+        self.policy = policy
+        self.integrations: dict[str, _Integration] = {
+            i.id: _Integration(i.id, i.password_hash, i.authorized_org, i.require_certificate) for i in integrations
+        }
+        self.hasher = PasswordHasher()  # verify() reads the parameters from each hash
+        self.tracker = FailureTracker(policy.brute_force)
+        self._key = hmac_key
+        # id -> keyed digest of the password that verified against the current hash.
+        self._good: dict[str, bytes] = {}
+        # (id, digest) -> expiry (monotonic) of a remembered failure. Bounded, oldest first out.
+        self._bad: OrderedDict[tuple[str, bytes], float] = OrderedDict()
+        self._bad_max = 10_000
+        self._inflight: dict[tuple[str, bytes], asyncio.Future[bool]] = {}
+        self._workers = policy.max_concurrent_verifications or (os.cpu_count() or 2)
+        self._dummy_params = self._common_params()
+        self._filter = IntegrationsFilter(self, policy.mode)
+
+    # Stage interface
+
+    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+        # Only protected routes look at credentials; elsewhere the headers mean nothing.
+        if route.access is None or self.policy.mode is Mode.off:
+            return []
+        return [self._filter]
+
+    async def start(self) -> None:
+        await self._dummy_hash()
+
+    def adopt(self, previous: Stage) -> None:
+        if not isinstance(previous, IntegrationsStage):
+            return
+        self._key = previous._key
+        self.tracker.take_over(previous.tracker)
+        unchanged = {
+            iid for iid, integ in self.integrations.items() if previous.integrations.get(iid) == integ
+        }
+        self._good = {iid: d for iid, d in previous._good.items() if iid in unchanged}
+        for (iid, digest), exp in previous._bad.items():
+            if iid in unchanged or (iid not in self.integrations and iid not in previous.integrations):
+                self._bad[(iid, digest)] = exp
+
+    def readiness(self) -> dict[str, str]:
+        return {}
+
+    # Password checking
+
+    def _common_params(self) -> tuple[int, int, int]:
+        """argon2 parameters for the dummy hash: the most common among configured hashes, so an
+        unknown id costs what a real one does."""
+        counts: dict[tuple[int, int, int], int] = {}
+        for integ in self.integrations.values():
+            p = argon2.extract_parameters(integ.password_hash)
+            k = (p.time_cost, p.memory_cost, p.parallelism)
+            counts[k] = counts.get(k, 0) + 1
+        if not counts:
+            d = profiles.RFC_9106_LOW_MEMORY
+            return (d.time_cost, d.memory_cost, d.parallelism)
+        return max(counts, key=lambda k: counts[k])
+
+    async def _dummy_hash(self) -> str:
+        h = _dummy_hashes.get(self._dummy_params)
+        if h is None:
+            t, m, p = self._dummy_params
+            hasher = PasswordHasher(time_cost=t, memory_cost=m, parallelism=p)
+            loop = asyncio.get_running_loop()
+            h = await loop.run_in_executor(_executor(self._workers), hasher.hash, os.urandom(24).hex())
+            h = _dummy_hashes.setdefault(self._dummy_params, h)
+        return h
+
+    def _digest(self, iid: str, password: str) -> bytes:
+        return hmac.new(self._key, iid.encode() + b"\0" + password.encode("utf-8", "surrogatepass"), sha256).digest()
+
+    async def password_ok(self, iid: str, password: str) -> bool:
+        """Whether ``password`` is the password of integration ``iid`` (False for unknown ids,
+        after the same work as a wrong password). argon2 runs at most once per (id, password)
+        while the answer is remembered; concurrent callers share one run."""
+        digest = self._digest(iid, password)
+        good = self._good.get(iid)
+        if good is not None and hmac.compare_digest(good, digest):
+            CREDENTIAL_CACHE.labels("hit").inc()
+            return True
+        key = (iid, digest)
+        exp = self._bad.get(key)
+        now = time.monotonic()
+        if exp is not None:
+            if exp > now:
+                CREDENTIAL_CACHE.labels("negative_hit").inc()
+                return False
+            del self._bad[key]
+        fut = self._inflight.get(key)
+        if fut is None:
+            CREDENTIAL_CACHE.labels("miss").inc()
+            fut = self._inflight[key] = asyncio.ensure_future(self._run_verification(iid, digest, password))
+        # shield: a cancelled waiter (client gone, filter timeout) must not cancel the shared run.
+        return await asyncio.shield(fut)
+
+    async def _run_verification(self, iid: str, digest: bytes, password: str) -> bool:
+        key = (iid, digest)
+        try:
+            integ = self.integrations.get(iid)
+            loop = asyncio.get_running_loop()
+            ex = _executor(self._workers)
+            if integ is None:
+                dummy = await self._dummy_hash()
+                await loop.run_in_executor(ex, _verify, self.hasher, dummy, password)
+                ARGON2_RUNS.labels("dummy").inc()
+                ok = False
+            else:
+                ok = await loop.run_in_executor(ex, _verify, self.hasher, integ.password_hash, password)
+                ARGON2_RUNS.labels("match" if ok else "mismatch").inc()
+            if ok:
+                self._good[iid] = digest
+            elif self.policy.failure_cache_seconds > 0:
+                self._bad[key] = time.monotonic() + self.policy.failure_cache_seconds
+                self._bad.move_to_end(key)
+                while len(self._bad) > self._bad_max:
+                    self._bad.popitem(last=False)
+            return ok
+        finally:
+            self._inflight.pop(key, None)
+
+
+def _same(a: str | None, b: str) -> bool:
+    return a is not None and hmac.compare_digest(a.encode(), b.encode())
+
+
+class IntegrationsFilter(Filter):
+    name = "integrations"
+    position = POS_INTEGRATIONS
+
+    def __init__(self, stage: IntegrationsStage, mode: Mode):
+        self.stage = stage
+        self.mode = mode
+
+    def _fail(self, ctx: RequestContext, reason: str) -> Deny:
+        ctx.audit["integrations"] = {"id": ctx.integration_id_claimed, "result": "denied", "reason": reason}
+        return Deny(
+            Problem(
+                INTEGRATION_AUTH_FAILED,
+                detail=GENERIC_DETAIL,
+                internal_reason=reason,
+                headers={"WWW-Authenticate": CHALLENGE},
+            )
+        )
+
+    async def check(self, ctx: RequestContext) -> Decision:
+        ids = ctx.headers.getall(ID_HEADER, [])
+        pws = ctx.headers.getall(PASSWORD_HEADER, [])
+        if not ids and not pws:
+            return SKIP
+        iid = ids[0].strip().lower() if len(ids) == 1 and UUID_RE.match(ids[0].strip()) else None
+        ctx.integration_id_claimed = iid
+        if len(ids) != 1 or len(pws) != 1:
+            return self._fail(ctx, INTEGRATION_CREDENTIALS_INCOMPLETE)
+        if iid is None:
+            return self._fail(ctx, INTEGRATION_ID_MALFORMED)
+        stage = self.stage
+        ip = str(ctx.client_ip)
+        now = time.monotonic()
+        wait = stage.tracker.retry_after(iid, ip, now)
+        if wait > 0:
+            ctx.audit["integrations"] = {"id": iid, "result": "refused", "reason": TOO_MANY_FAILED_ATTEMPTS}
+            return Deny(
+                Problem(
+                    TOO_MANY_FAILED_ATTEMPTS,
+                    detail="Too many failed attempts; retry later.",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+            )
+        if ctx.token is None:
+            # Checked before the password, so it reveals nothing about it: not counted.
+            return self._fail(ctx, INTEGRATION_TOKEN_MISSING)
+        password = pws[0]
+        integ = stage.integrations.get(iid)
+        if not password or len(password) > MAX_PASSWORD_LENGTH:
+            ok = False
+        else:
+            ok = await stage.password_ok(iid, password)
+        reason: str | None = None
+        if integ is None:
+            reason = INTEGRATION_UNKNOWN
+        elif not ok:
+            reason = INTEGRATION_BAD_PASSWORD
+        elif not _same(ctx.token.consumer_org, integ.authorized_org):
+            reason = INTEGRATION_ORG_MISMATCH
+        elif ctx.certificate is not None or integ.require_certificate:
+            if ctx.certificate is None:
+                reason = INTEGRATION_CERT_REQUIRED
+            elif not _same(ctx.certificate.org_number, integ.authorized_org):
+                reason = INTEGRATION_CERT_MISMATCH
+        now = time.monotonic()
+        if reason is not None:
+            # Every failure after the password check counts alike, so lockouts cannot tell an
+            # attacker which part failed.
+            stage.tracker.failure(iid, ip, now)
+            return self._fail(ctx, reason)
+        assert integ is not None
+        stage.tracker.success(iid, ip, now)
+        ctx.integration = IntegrationIdentity(id=integ.id, authorized_org=integ.authorized_org)
+        ctx.audit["integrations"] = {"id": integ.id, "result": "ok", "authorized_org": integ.authorized_org}
+        return ALLOW
+
+
+def build_stage(env: BuildEnv) -> IntegrationsStage | None:
+    """The integrations stage: built when integrations are configured (else there is nothing to
+    verify against, and requests with the headers fall to the authorize stage's rules)."""
+    cfg = env.config
+    policy: IntegrationsPolicyConfig = getattr(cfg, "integrations_policy", None) or IntegrationsPolicyConfig()
+    key = env.secrets.setdefault("integrations.hmac_key", os.urandom(32))
+    return IntegrationsStage(list(cfg.integrations), policy, key)
+
+
+# --- `portvakt hash-password` ----------------------------------------------------------------
+
+
+def register_commands(subparsers: Any) -> None:
+    """Add ``hash-password`` to the ``portvakt`` CLI (argparse sub-parsers)."""
+    d = profiles.RFC_9106_LOW_MEMORY
+    p = subparsers.add_parser(
+        "hash-password",
+        help="Print the argon2id hash of an integration password",
+        description="Reads the password from stdin when it is not a terminal, else prompts twice. "
+        "Prints the argon2id hash for an integrations[].password_hash entry.",
+    )
+    p.add_argument("--time-cost", type=int, default=d.time_cost, help=f"argon2 iterations (default {d.time_cost})")
+    p.add_argument(
+        "--memory-cost", type=int, default=d.memory_cost, help=f"argon2 memory in KiB (default {d.memory_cost})"
+    )
+    p.add_argument("--parallelism", type=int, default=d.parallelism, help=f"argon2 lanes (default {d.parallelism})")
+    p.set_defaults(func=cmd_hash_password)
+
+
+def cmd_hash_password(args: Any) -> int:
+    if sys.stdin is not None and not sys.stdin.isatty():
+        password = sys.stdin.read()
+        # Drop exactly one line ending (echo adds one); keep any other whitespace, it may be meant.
+        if password.endswith("\r\n"):
+            password = password[:-2]
+        elif password.endswith("\n"):
+            password = password[:-1]
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            print("portvakt hash-password: passwords differ", file=sys.stderr)
+            return 2
+    if not password:
+        print("portvakt hash-password: empty password", file=sys.stderr)
+        return 2
+    if len(password) > MAX_PASSWORD_LENGTH:
+        print(f"portvakt hash-password: longer than {MAX_PASSWORD_LENGTH} characters", file=sys.stderr)
+        return 2
+    try:
+        hasher = PasswordHasher(time_cost=args.time_cost, memory_cost=args.memory_cost, parallelism=args.parallelism)
+        print(hasher.hash(password))
+    except (argon2.exceptions.HashingError, ValueError) as e:
+        print(f"portvakt hash-password: {e}", file=sys.stderr)
+        return 2
+    return 0

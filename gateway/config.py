@@ -17,10 +17,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from filters.authorize import AccessPolicy
+from filters.authorize import AccessPolicy, route_policy_problems
 from filters.certificates import CertificatesConfig
 from filters.ingress import IngressConfig
-from filters.integrations import IntegrationConfig
+from filters.integrations import IntegrationConfig, IntegrationsPolicyConfig
 from filters.ratelimit import RateLimitConfig, RateLimitRule
 from filters.tokens import IssuerConfig
 from filters.waf.config import RouteWafConfig, WafConfig
@@ -138,6 +138,9 @@ class Config(Model):
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     issuers: dict[str, IssuerConfig] = Field(default_factory=dict)
     integrations: list[IntegrationConfig] = Field(default_factory=list)
+    integrations_policy: IntegrationsPolicyConfig = Field(
+        default_factory=IntegrationsPolicyConfig, description="Integrations filter mode and brute-force limits"
+    )
     certificates: CertificatesConfig = Field(default_factory=CertificatesConfig)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     waf: WafConfig = Field(default_factory=WafConfig)
@@ -222,6 +225,7 @@ def _cross_checks(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
         if r.name in names:
             errs.append((("routes", i, "name"), f"duplicate route name {r.name!r}"))
         names.add(r.name)
+        errs += [(("routes", i) + loc, msg) for loc, msg in route_policy_problems(r)]
         if r.organization_from and not re.match(r"^(path:/.*\{organization\}.*|header:[A-Za-z0-9-]+)$", r.organization_from):
             errs.append(
                 (("routes", i, "organization_from"), 'must be "path:/.../{organization}/..." or "header:Name"')
