@@ -1,12 +1,31 @@
-# Portvakt: `make run` (demo gateway) and `make test` do all set-up on a fresh machine.
+# Portvakt. `make run` (demo gateway) and `make test` do all set-up on a fresh Debian/Ubuntu
+# machine with Python 3.11+. Targets:
+#   run              venv + dev certificates, then the demo (gateway + echo upstream) in the foreground
+#   test             venv + redis-server present, then pytest (PYTEST_ARGS=... to narrow)
+#   bench            venv + wrk + redis-server, then bench/run.py (BENCH_ARGS=... e.g. --duration 1)
+#   crs-conformance  replay ../shared/waf/crs-regression.jsonl against Portvakt running CRS
+#   dev-certs        (re)generate missing dev certificates in certs/dev
+#   docker           build the container image portvakt:$(VERSION)
+#   clean            remove the venv, generated certificates and run-time state
 PY ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CERTS ?= certs/dev
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' gateway/__init__.py)
 
-.PHONY: venv run test bench crs-conformance clean
+.PHONY: venv run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present
 
+# The venv is (re)built whenever pyproject.toml changes: the stamp is older than it then.
 $(STAMP): pyproject.toml
+	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || { \
+	  echo "Portvakt needs Python 3.11 or newer; $(PY) is $$($(PY) -V 2>&1). Use: make PY=python3.12 ..."; exit 1; }
+	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  pkg="python3-venv"; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $$pkg (Python's venv module is missing)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkg >/dev/null; \
+	  else echo "Python's venv module is missing: sudo apt-get install $$pkg"; exit 1; fi; }
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'
@@ -16,14 +35,42 @@ venv: $(STAMP)
 
 redis-server-present:
 	@command -v redis-server >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
-	  else echo "redis-server is missing: install it (Debian/Ubuntu: sudo apt-get install redis-server)"; exit 1; fi; }
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing redis-server (the tests start a real one)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server is missing and the tests need it: sudo apt-get install redis-server"; exit 1; fi; }
 
-run: venv
-	$(VPY) -m gateway.cli demo
+wrk-present:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing wrk (the HTTP load generator the bench uses)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	  else echo "wrk is missing: sudo apt-get install wrk"; exit 1; fi; }
 
+$(CERTS)/ca.pem: | $(STAMP)
+	$(VPY) -m gateway.devca $(CERTS)
+
+dev-certs: venv
+	$(VPY) -m gateway.devca $(CERTS)
+
+run: venv $(CERTS)/ca.pem
+	$(VPY) -m gateway demo
+
+# pytest exits 5 when it collected no tests: that is a failure here, said out loud.
 test: venv redis-server-present
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	@$(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc = 5 ]; then echo "pytest collected no tests: treating that as a failure"; fi; \
+	  exit $$rc
+
+bench: venv wrk-present redis-server-present
+	$(VPY) bench/run.py $(BENCH_ARGS)
+
+crs-conformance: venv
+	$(VPY) bench/crs_conformance.py $(CRS_ARGS)
+
+docker:
+	docker build -t portvakt:$(VERSION) -t portvakt:latest .
 
 clean:
-	rm -rf $(VENV) certs/dev var .pytest_cache
+	rm -rf $(VENV) $(CERTS) var .pytest_cache bench/.work
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
