@@ -1,0 +1,435 @@
+"""The Redis side of rate limiting: connection options, auto-pipelining, timeouts, circuit breaker.
+
+``RedisBackend.check(items)`` runs one GCRA check per ``(key, policy)`` item in Redis (``EVALSHA``
+of ``gcra.GCRA_LUA``) and returns the verdicts, or raises ``BackendUnavailable`` (the caller then
+applies ``on_backend_error``). It never waits longer than ``timeout_ms``.
+
+Auto-pipelining: checks issued in the same event-loop tick are queued, and one ``call_soon``
+callback sends them all in one ``pipeline(transaction=False)``: N ``EVALSHA`` in one round trip.
+While ``max_inflight`` batches are on the wire, new checks keep queueing and go out together when
+one returns. A reply ``NOSCRIPT`` (Redis restarted, script cache flushed) reloads the script and
+re-runs just those commands.
+
+Circuit breaker: ``breaker_failures`` consecutive failed round trips (error or timeout) open it.
+While open no request touches Redis. After ``breaker_backoff_ms`` a background probe (half-open:
+``SCRIPT LOAD``, which also reconnects) runs off the request path with ``connect_timeout_ms``; it
+closes the breaker on success, or reopens it with the back-off doubled (up to
+``breaker_max_backoff_ms``). Recovery needs no traffic and no operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import unquote, urlsplit
+
+from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import NoScriptError, RedisError
+
+from filters.ratelimit.gcra import GCRA_LUA, MemoryGcra, Policy, Verdict
+from gateway.metrics import REGISTRY
+
+if TYPE_CHECKING:  # pragma: no cover
+    from filters.ratelimit import RateLimitConfig
+
+log = logging.getLogger("portvakt.ratelimit")
+
+CHECKS = Counter(
+    "portvakt_rate_limit_checks",
+    "Rate-limit rule checks by result: allowed/limited (decided by the configured backend), "
+    "backend_error (Redis failed on this check), fallback (breaker open: Redis not tried)",
+    ["result"],
+    registry=REGISTRY,
+)
+CHECKS_ALLOWED = CHECKS.labels("allowed")
+CHECKS_LIMITED = CHECKS.labels("limited")
+CHECKS_BACKEND_ERROR = CHECKS.labels("backend_error")
+CHECKS_FALLBACK = CHECKS.labels("fallback")
+BACKEND_SECONDS = Histogram(
+    "portvakt_rate_limit_backend_seconds",
+    "Duration of one Redis round trip (one pipelined batch of checks), failures included",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+    registry=REGISTRY,
+)
+BATCH_SIZE = Histogram(
+    "portvakt_rate_limit_batch_checks",
+    "Checks sent to Redis in one pipelined round trip",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    registry=REGISTRY,
+)
+BREAKER_STATE = Gauge(
+    "portvakt_rate_limit_breaker_state",
+    "Redis circuit breaker: 0 closed, 1 half-open, 2 open",
+    registry=REGISTRY,
+)
+
+CLOSED, HALF_OPEN, OPEN = 0, 1, 2
+STATE_NAMES = {CLOSED: "closed", HALF_OPEN: "half-open", OPEN: "open"}
+
+
+class BackendUnavailable(Exception):
+    """Redis did not decide these checks. ``label`` is the checks_total result to count."""
+
+    def __init__(self, label: str, why: str) -> None:
+        super().__init__(why)
+        self.label = label
+
+
+def redact(url: str) -> str:
+    """The backend URL without its password (for logs and readiness)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return parts._replace(netloc=user + netloc).geturl()
+
+
+def parse_hostport(s: str, default_port: int) -> tuple[str, int]:
+    s = s.strip()
+    if s.startswith("["):
+        host, _, rest = s[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    host, sep, port = s.rpartition(":")
+    if not sep:
+        return s, default_port
+    return host, int(port)
+
+
+def parse_sentinel_url(url: str) -> dict[str, Any]:
+    """``redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db]`` -> parts.
+    The user/password are the Redis master's credentials."""
+    rest = url.split("://", 1)[1]
+    userinfo, _, rest = rest.rpartition("@")
+    hosts_part, _, path = rest.partition("/")
+    segs = [unquote(p) for p in path.split("/") if p]
+    if not hosts_part or not segs:
+        raise ValueError("redis+sentinel:// needs host:port[,host:port...]/service_name[/db]")
+    username = password = None
+    if userinfo:
+        u, sep, p = userinfo.partition(":")
+        username, password = (unquote(u) or None), (unquote(p) if sep else None)
+    db = int(segs[1]) if len(segs) > 1 else 0
+    return {
+        "hosts": [parse_hostport(h, 26379) for h in hosts_part.split(",") if h],
+        "service_name": segs[0],
+        "db": db,
+        "username": username,
+        "password": password,
+    }
+
+
+class RedisBackend:
+    """One Redis connection pool (or Sentinel-managed master) plus breaker and local GCRA."""
+
+    kind = "redis"
+
+    def __init__(self, cfg: "RateLimitConfig", resolve_path: Callable[[str], str]) -> None:
+        self.timeout = cfg.timeout_ms / 1000
+        self.connect_timeout = max(cfg.connect_timeout_ms / 1000, self.timeout)
+        self.autopipeline = cfg.autopipeline
+        self.max_inflight = cfg.max_inflight_batches
+        self.breaker_failures = cfg.breaker_failures
+        self.backoff_initial = cfg.breaker_backoff_ms / 1000
+        self.backoff_max = max(cfg.breaker_max_backoff_ms / 1000, self.backoff_initial)
+        self.signature = cfg.backend_signature()
+        self.local = MemoryGcra(max_keys=cfg.max_local_keys)
+        self.description = redact(cfg.backend) if cfg.backend != "sentinel" else "sentinel"
+        self._factory = self._client_factory(cfg, resolve_path)  # parse + validate now (build at load)
+        self.client: Any = None
+        self._sentinel: Any = None
+        self.sha: str | None = None
+        self.state = CLOSED
+        self.last_error = ""
+        self._consecutive = 0
+        self._backoff = self.backoff_initial
+        self._probe_task: asyncio.Task[None] | None = None
+        self._pending: list[tuple[Sequence[tuple[str, Policy]], asyncio.Future[list[Any]]]] = []
+        self._flush_scheduled = False
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    # -- connection --------------------------------------------------------------------------
+
+    def _client_factory(self, cfg: "RateLimitConfig", resolve_path: Callable[[str], str]):
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        common: dict[str, Any] = {
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.connect_timeout,
+            "max_connections": cfg.max_connections,
+            "retry": Retry(NoBackoff(), 0),  # our timeout and breaker decide, not hidden retries
+            "health_check_interval": 0,
+            "client_name": "portvakt-ratelimit",
+        }
+        tls: dict[str, Any] = {}
+        if cfg.tls_ca_file:
+            tls["ssl_ca_certs"] = resolve_path(cfg.tls_ca_file)
+        if cfg.tls_cert_file:
+            tls["ssl_certfile"] = resolve_path(cfg.tls_cert_file)
+        if cfg.tls_key_file:
+            tls["ssl_keyfile"] = resolve_path(cfg.tls_key_file)
+        if tls:
+            tls["ssl_check_hostname"] = cfg.tls_check_hostname
+        creds: dict[str, Any] = {}
+        if cfg.username is not None:
+            creds["username"] = cfg.username
+        if cfg.password is not None:
+            creds["password"] = cfg.password
+
+        if cfg.backend == "sentinel" or cfg.backend.startswith("redis+sentinel://"):
+            if cfg.backend == "sentinel":
+                sc = cfg.sentinel
+                assert sc is not None
+                s = {
+                    "hosts": [parse_hostport(h, 26379) for h in sc.hosts],
+                    "service_name": sc.service_name,
+                    "db": sc.db,
+                    "username": None,
+                    "password": None,
+                }
+            else:
+                s = parse_sentinel_url(cfg.backend)
+            master_kw = {**common, "db": s["db"]}
+            if s["username"]:
+                master_kw["username"] = s["username"]
+            if s["password"] is not None:
+                master_kw["password"] = s["password"]
+            master_kw.update(creds)
+            if tls:
+                master_kw.update(tls, ssl=True)
+            sentinel_kw: dict[str, Any] = {
+                "socket_timeout": self.connect_timeout,
+                "socket_connect_timeout": self.connect_timeout,
+                "retry": Retry(NoBackoff(), 0),
+            }
+            if cfg.sentinel is not None:
+                if cfg.sentinel.username:
+                    sentinel_kw["username"] = cfg.sentinel.username
+                if cfg.sentinel.password is not None:
+                    sentinel_kw["password"] = cfg.sentinel.password
+            if tls:
+                sentinel_kw.update(tls, ssl=True)
+
+            def make_sentinel():
+                from redis.asyncio.sentinel import Sentinel
+
+                sentinel = Sentinel(s["hosts"], sentinel_kwargs=sentinel_kw)
+                return sentinel, sentinel.master_for(s["service_name"], **master_kw)
+
+            return make_sentinel
+
+        # Validate the URL now: from_url raises on a bad scheme/port/db without connecting.
+        Redis.from_url(cfg.backend, **common, **tls, **creds)
+
+        def make_plain():
+            return None, Redis.from_url(cfg.backend, **common, **tls, **creds)
+
+        return make_plain
+
+    async def start(self) -> None:
+        """Connect and load the script. Never raises: an unreachable Redis opens the breaker."""
+        self._loop = asyncio.get_running_loop()
+        if self.client is None:
+            self._sentinel, self.client = self._factory()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self._load_script()
+        except Exception as e:  # noqa: BLE001 - any failure here means "not reachable now"
+            self.last_error = _describe(e)
+            log.warning("rate limit: redis %s unreachable at start (%s): breaker open", self.description, self.last_error)
+            self._open()
+        else:
+            self._set_state(CLOSED)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        for _, fut in self._pending:
+            if not fut.done():
+                fut.cancel()
+        self._pending.clear()
+        if self.client is not None:
+            await self.client.aclose()
+        if self._sentinel is not None:
+            for s in self._sentinel.sentinels:
+                await s.aclose()
+
+    async def _load_script(self) -> None:
+        self.sha = await self.client.script_load(GCRA_LUA)
+
+    # -- breaker -----------------------------------------------------------------------------
+
+    def _set_state(self, state: int) -> None:
+        if state != self.state:
+            log.warning("rate limit: redis breaker %s -> %s", STATE_NAMES[self.state], STATE_NAMES[state])
+        self.state = state
+        BREAKER_STATE.set(state)
+
+    def _open(self) -> None:
+        self._set_state(OPEN)
+        if not self._closed and (self._probe_task is None or self._probe_task.done()):
+            loop = self._loop or asyncio.get_running_loop()
+            self._probe_task = loop.create_task(self._probe_loop())
+
+    async def _probe_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._backoff)
+            self._set_state(HALF_OPEN)
+            t0 = time.perf_counter()
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await self._load_script()
+            except Exception as e:  # noqa: BLE001
+                BACKEND_SECONDS.observe(time.perf_counter() - t0)
+                self.last_error = _describe(e)
+                self._backoff = min(self._backoff * 2, self.backoff_max)
+                self._set_state(OPEN)
+                continue
+            BACKEND_SECONDS.observe(time.perf_counter() - t0)
+            self._consecutive = 0
+            self._backoff = self.backoff_initial
+            self.last_error = ""
+            self._set_state(CLOSED)
+            return
+
+    def _failure(self, e: BaseException) -> None:
+        self._consecutive += 1
+        self.last_error = _describe(e)
+        if self.state == CLOSED and self._consecutive >= self.breaker_failures:
+            self._open()
+
+    def retry_after(self) -> float:
+        """Seconds until the breaker's next probe (an estimate for Retry-After on a 503)."""
+        return self._backoff if self.state != CLOSED else 0.0
+
+    # -- checks ------------------------------------------------------------------------------
+
+    async def check(self, items: Sequence[tuple[str, Policy]]) -> list[Verdict]:
+        """Verdicts for the items, in order, decided in Redis. Raises BackendUnavailable."""
+        if self.state != CLOSED or self.client is None:
+            raise BackendUnavailable("fallback", f"breaker {STATE_NAMES[self.state]}")
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self.autopipeline:
+                    fut = self._loop.create_future()  # type: ignore[union-attr]
+                    self._pending.append((items, fut))
+                    if not self._flush_scheduled:
+                        self._flush_scheduled = True
+                        self._loop.call_soon(self._flush)  # type: ignore[union-attr]
+                    raw = await fut
+                else:
+                    raw = await self._round_trip(items)
+        except TimeoutError:
+            if not self.autopipeline:
+                self._failure(TimeoutError("timeout"))
+            raise BackendUnavailable("backend_error", "timeout") from None
+        except (RedisError, OSError) as e:
+            if not self.autopipeline:
+                self._failure(e)
+            raise BackendUnavailable("backend_error", _describe(e)) from None
+        return [Verdict.from_us(*r) for r in raw]
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._pending or self._inflight >= self.max_inflight:
+            return  # a batch finishing re-flushes
+        batch, self._pending = self._pending, []
+        self._inflight += 1
+        task = self._loop.create_task(self._run_batch(batch))  # type: ignore[union-attr]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, batch: list[tuple[Sequence[tuple[str, Policy]], asyncio.Future[list[Any]]]]) -> None:
+        try:
+            live = [(items, fut) for items, fut in batch if not fut.done()]  # timed-out ones left
+            flat = [it for items, _ in live for it in items]
+            if not flat:
+                return
+            try:
+                async with asyncio.timeout(self.timeout):
+                    results = await self._round_trip(flat)
+            except (TimeoutError, RedisError, OSError) as e:
+                self._failure(e)
+                err = e if not isinstance(e, TimeoutError) else TimeoutError("timeout")
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(err)
+                return
+            i = 0
+            for items, fut in live:
+                n = len(items)
+                if not fut.done():
+                    fut.set_result(results[i : i + n])
+                i += n
+        finally:
+            self._inflight -= 1
+            if self._pending and not self._flush_scheduled and not self._closed:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)  # type: ignore[union-attr]
+
+    async def _round_trip(self, items: Sequence[tuple[str, Policy]]) -> list[Any]:
+        """EVALSHA each item (one pipelined round trip; a second one only after NOSCRIPT)."""
+        t0 = time.perf_counter()
+        try:
+            if self.sha is None:
+                await self._load_script()
+            client = self.client
+            sha = self.sha
+            if len(items) == 1 and not self.autopipeline:
+                key, p = items[0]
+                try:
+                    out = [await client.evalsha(sha, 1, key, p.interval_us, p.tolerance_us, "")]
+                except NoScriptError:
+                    await self._load_script()
+                    out = [await client.evalsha(self.sha, 1, key, p.interval_us, p.tolerance_us, "")]
+            else:
+                out = await self._pipeline(items, range(len(items)))
+                missing = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
+                if missing:
+                    await self._load_script()
+                    again = await self._pipeline(items, missing)
+                    for i, r in zip(missing, again):
+                        out[i] = r
+                for r in out:
+                    if isinstance(r, Exception):
+                        raise r
+            BATCH_SIZE.observe(len(items))
+            self._consecutive = 0
+            return out
+        finally:
+            BACKEND_SECONDS.observe(time.perf_counter() - t0)
+
+    async def _pipeline(self, items: Sequence[tuple[str, Policy]], which: Sequence[int]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        sha = self.sha
+        for i in which:
+            key, p = items[i]
+            pipe.evalsha(sha, 1, key, p.interval_us, p.tolerance_us, "")
+        return await pipe.execute(raise_on_error=False)
+
+    def readiness(self, on_backend_error: str) -> dict[str, str]:
+        if self.state == CLOSED:
+            return {"redis": "ok"}
+        why = f"redis {self.description} unreachable ({self.last_error or STATE_NAMES[self.state]})"
+        if on_backend_error == "local":
+            return {"redis": f"fallback: {why}, using local in-process limits"}
+        if on_backend_error == "allow":
+            return {"redis": f"fallback: {why}, allowing without limits"}
+        return {"redis": f"down: {why}, denying rate-limited routes (on_backend_error: deny)"}
+
+
+def _describe(e: BaseException) -> str:
+    """A short error description without secrets (redis-py messages carry host:port, no password)."""
+    msg = str(e).splitlines()[0][:160] if str(e) else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
