@@ -57,6 +57,7 @@ log = logging.getLogger("portvakt.integrations")
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 ORG_RE = re.compile(r"^[0-9]{9}$")
+_now = time.monotonic  # the clock for caches and lockouts (tests substitute their own)
 MAX_PASSWORD_LENGTH = 1024  # longer values are refused before argon2 (cheap DoS guard)
 
 ID_HEADER = "IntegrasjonId"
@@ -210,8 +211,8 @@ def _verify(hasher: PasswordHasher, pw_hash: str, password: str) -> bool:
 
 @dataclass(slots=True)
 class _Count:
-    score: float = 0.0
-    updated: float = 0.0
+    score: int = 0
+    updated: float = 0.0  # when the last whole failure drained (or the count started)
     blocked_until: float = 0.0
 
 
@@ -242,8 +243,11 @@ class FailureTracker:
                 table.popitem(last=False)
         else:
             table.move_to_end(key)
-            c.score = max(0.0, c.score - (now - c.updated) / self.cfg.decay_seconds)
-            c.updated = now
+            # Whole failures drain, one per decay_seconds, so thresholds compare exact counts.
+            drained = int((now - c.updated) // self.cfg.decay_seconds)
+            if drained > 0:
+                c.score = max(0, c.score - drained)
+                c.updated = now if c.score == 0 else c.updated + drained * self.cfg.decay_seconds
         return c
 
     def _known_good(self, iid: str, ip: str, now: float) -> bool:
@@ -276,7 +280,7 @@ class FailureTracker:
             LOCKOUTS.labels("pair").inc()
         elif pair.score > cfg.free_failures:
             # Space attempts out: 1 s, 2 s, 4 s ... before the lockout proper.
-            delay = min(cfg.lockout_seconds, 2.0 ** (math.ceil(pair.score) - cfg.free_failures - 1))
+            delay = min(cfg.lockout_seconds, 2.0 ** (pair.score - cfg.free_failures - 1))
             pair.blocked_until = now + delay
         ipc = self._get(self.ips, ip, now)
         ipc.score += 1
@@ -397,7 +401,7 @@ class IntegrationsStage(Stage):
             return True
         key = (iid, digest)
         exp = self._bad.get(key)
-        now = time.monotonic()
+        now = _now()
         if exp is not None:
             if exp > now:
                 CREDENTIAL_CACHE.labels("negative_hit").inc()
@@ -427,7 +431,7 @@ class IntegrationsStage(Stage):
             if ok:
                 self._good[iid] = digest
             elif self.policy.failure_cache_seconds > 0:
-                self._bad[key] = time.monotonic() + self.policy.failure_cache_seconds
+                self._bad[key] = _now() + self.policy.failure_cache_seconds
                 self._bad.move_to_end(key)
                 while len(self._bad) > self._bad_max:
                     self._bad.popitem(last=False)
@@ -472,7 +476,7 @@ class IntegrationsFilter(Filter):
             return self._fail(ctx, INTEGRATION_ID_MALFORMED)
         stage = self.stage
         ip = str(ctx.client_ip)
-        now = time.monotonic()
+        now = _now()
         wait = stage.tracker.retry_after(iid, ip, now)
         if wait > 0:
             ctx.audit["integrations"] = {"id": iid, "result": "refused", "reason": TOO_MANY_FAILED_ATTEMPTS}
@@ -504,7 +508,7 @@ class IntegrationsFilter(Filter):
                 reason = INTEGRATION_CERT_REQUIRED
             elif not _same(ctx.certificate.org_number, integ.authorized_org):
                 reason = INTEGRATION_CERT_MISMATCH
-        now = time.monotonic()
+        now = _now()
         if reason is not None:
             # Every failure after the password check counts alike, so lockouts cannot tell an
             # attacker which part failed.
