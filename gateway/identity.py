@@ -252,6 +252,7 @@ class Forwarder:
         self._manifest_mtime: tuple[int, int, int] | None = None
         self._poll_task: asyncio.Task[None] | None = None
         self._key_error: str | None = None
+        self.clock = time.time  # replaceable in tests
         if key_dir is not None:
             keys, max_lifetime = load_keys(key_dir)
             if self._lifetime > max_lifetime:
@@ -291,7 +292,7 @@ class Forwarder:
         if self._key_error:
             return {"assertion_keys": f"fallback: manifest unreadable, using loaded keys ({self._key_error})"}
         try:
-            self.ring.active(time.time())
+            self.ring.active(self.clock())
         except RuntimeError as e:
             return {"assertion_keys": f"down: {e}"}
         return {"assertion_keys": "ok" if self.key_dir else "fallback: ephemeral key"}
@@ -325,7 +326,7 @@ class Forwarder:
 
     # -- public keys
     def jwks(self) -> dict[str, Any]:
-        return {"keys": [dict(k.jwk) for k in self.ring.published(time.time())]}
+        return {"keys": [dict(k.jwk) for k in self.ring.published(self.clock())]}
 
     # -- per request
     def headers(self, ctx: "RequestContext") -> dict[str, str]:
@@ -378,7 +379,7 @@ class Forwarder:
 
     def sign(self, ctx: "RequestContext", facts: dict[str, str] | None = None) -> str:
         """An ES256 JWT with the request's verified facts (about 50 µs: one ECDSA signature)."""
-        now = time.time()
+        now = self.clock()
         key = self.ring.active(now)
         iat = int(now)
         route = ctx.route
