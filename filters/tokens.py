@@ -1,22 +1,498 @@
-"""Bearer token validation (Maskinporten, ID-porten). Config section ``issuers:``. See issue 3."""
+"""Bearer token validation (Maskinporten, ID-porten). Config section ``issuers:``.
+
+The filter ``tokens`` runs on every route that has an ``access:`` policy. ``Authorization:
+Bearer <jwt>`` is parsed strictly (one header, a compact JWS of three base64url parts); no
+Authorization header, or another scheme, is not this filter's business (Skip). The token's
+unverified ``iss`` only selects which issuer config (and key set) to verify against; nothing in the
+token header chooses keys: ``jku``, ``x5u``, ``jwk`` and ``x5c`` are ignored, ``alg`` must be one of
+the issuer's asymmetric algorithms and fit the key's type, and any ``crit`` is refused.
+
+A verified token becomes ``ctx.token`` (``gateway.context.TokenIdentity``) and is cached by the
+SHA-256 of the token until its ``exp`` (bounded LRU), so a client reusing its token costs one dict
+lookup per request. Every failure answers the same 401 ``invalid_token`` with
+``WWW-Authenticate: Bearer error="invalid_token"``; the precise reason (``token_expired``,
+``token_bad_signature``...) goes to ``internal_reason`` for audit, log and metrics. An issuer whose
+keys were never obtained answers 503 ``issuer_keys_unavailable``.
+
+``acr_rank(acr)`` orders ID-porten levels for the route policy.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import math
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
-from gateway.chain import Mode
+from filters.jwks import VERIFIERS, JwksStore, KeysUnavailable, VerifyKey, check_algorithms, check_jwks_uri
+from gateway import problems
+from gateway.chain import ALLOW, POS_TOKENS, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.configbase import Model
+from gateway.context import Detection, RequestContext, TokenIdentity
+from gateway.problems import Problem
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gateway.config import RouteConfig
 
 
 class IssuerConfig(Model):
     kind: Literal["maskinporten", "idporten"] = Field(description="What shape of token this issuer mints")
-    issuer: str = Field(description="Exact `iss` value")
-    jwks_uri: str | None = Field(None, description="Where the issuer publishes its keys")
+    issuer: str = Field(description="Exact `iss` value (Maskinporten: with trailing slash; ID-porten: without)")
+    jwks_uri: str | None = Field(None, description="Where the issuer publishes its keys (https)")
     jwks_file: str | None = Field(None, description="A JWKS file instead of jwks_uri (air-gapped setups, tests)")
-    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "RS384", "RS512"])
+    algorithms: list[str] = Field(
+        default_factory=lambda: ["RS256", "RS384", "RS512"],
+        description="Accepted `alg` values: RS*, PS*, ES* only (never HMAC or none)",
+    )
     audience: str | None = Field(None, description="Required `aud` when set")
-    leeway_seconds: int = Field(30, ge=0)
-    jwks_cache_seconds: int = Field(3600, gt=0)
-    mode: Mode = Mode.enforce
+    leeway_seconds: int = Field(30, ge=0, le=600, description="Clock skew tolerated on exp, nbf and iat")
+    jwks_cache_seconds: int = Field(3600, gt=0, description="Age after which the key set is refreshed")
+    jwks_refetch_min_seconds: float = Field(
+        30.0, ge=0, description="At most one on-demand refetch (unknown kid) per this many seconds"
+    )
+    jwks_timeout_seconds: float = Field(5.0, gt=0, le=60, description="Total time allowed for one JWKS fetch")
+    jwks_retry_max_seconds: float = Field(
+        60.0, gt=0, description="Longest backoff between retries while the keys were never obtained"
+    )
+    mode: Mode = Field(Mode.enforce, description="off: tokens from this issuer are ignored; detect: failures only recorded")
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, v: list[str]) -> list[str]:
+        return check_algorithms(v)
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        return None if v is None else check_jwks_uri(v)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "IssuerConfig":
+        if (self.jwks_uri is None) == (self.jwks_file is None):
+            raise ValueError("set exactly one of jwks_uri and jwks_file")
+        return self
+
+
+# -- reasons ---------------------------------------------------------------------------------
+
+INVALID_TOKEN = problems.register("invalid_token", 401, "Invalid access token")
+KEYS_UNAVAILABLE = problems.register("issuer_keys_unavailable", 503, "Token issuer keys unavailable")
+
+# Internal reasons (audit, log, metrics): never shown to the client.
+TOKEN_MALFORMED = "token_malformed"
+TOKEN_UNKNOWN_ISSUER = "token_unknown_issuer"
+TOKEN_ALG_NOT_ALLOWED = "token_alg_not_allowed"
+TOKEN_CRIT_UNSUPPORTED = "token_crit_unsupported"
+TOKEN_UNKNOWN_KID = "token_unknown_kid"
+TOKEN_BAD_SIGNATURE = "token_bad_signature"
+TOKEN_EXPIRED = "token_expired"
+TOKEN_NOT_YET_VALID = "token_not_yet_valid"
+TOKEN_BAD_AUDIENCE = "token_bad_audience"
+TOKEN_CLAIMS_INVALID = "token_claims_invalid"
+TOKEN_KIND_MISMATCH = "token_kind_mismatch"
+INTERNAL_REASONS = (
+    TOKEN_MALFORMED, TOKEN_UNKNOWN_ISSUER, TOKEN_ALG_NOT_ALLOWED, TOKEN_CRIT_UNSUPPORTED, TOKEN_UNKNOWN_KID,
+    TOKEN_BAD_SIGNATURE, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, TOKEN_BAD_AUDIENCE, TOKEN_CLAIMS_INVALID,
+    TOKEN_KIND_MISMATCH,
+)
+
+WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+_DETAIL = "The bearer token is not valid."
+
+# -- ID-porten levels ------------------------------------------------------------------------
+
+ACR_RANKS: dict[str, int] = {
+    "idporten-loa-low": 1,
+    "Level2": 1,
+    "idporten-loa-substantial": 2,
+    "Level3": 2,
+    "idporten-loa-high": 3,
+    "Level4": 3,
+}
+
+
+def acr_rank(acr: str | None) -> int:
+    """Order of an ID-porten ``acr``: low 1 < substantial/Level3 2 < high/Level4 3; unknown or
+    absent 0 (below every level, so it never satisfies a requirement)."""
+    return ACR_RANKS.get(acr, 0) if acr else 0
+
+
+# -- parsing helpers -------------------------------------------------------------------------
+
+MAX_TOKEN_CHARS = 16384
+CACHE_MAX_ENTRIES = 10_000
+_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] ([A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*)", re.ASCII)
+_ORG = re.compile(r"[0-9]{9}", re.ASCII)
+_PID = re.compile(r"[0-9]{11}", re.ASCII)
+
+
+def _now() -> float:
+    """Wall-clock seconds (a seam for tests)."""
+    return time.time()
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Duplicate member names make a JSON object mean different things to different parsers.
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Malformed(f"duplicate member {k!r}")
+        out[k] = v
+    return out
+
+
+def _b64(seg: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4))
+    except (binascii.Error, ValueError):
+        raise _Malformed("bad base64url") from None
+
+
+def _json_object(seg: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(_b64(seg), object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError):
+        raise _Malformed("bad JSON") from None
+    if not isinstance(obj, dict):
+        raise _Malformed("not a JSON object")
+    return obj
+
+
+def _is_time(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+class _ClaimsError(Exception):
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _org_of(party: Any, what: str) -> tuple[str, str | None]:
+    """(raw ID, org number or None) of a Maskinporten ``consumer``/``supplier`` object."""
+    if not isinstance(party, dict) or not isinstance(party.get("ID"), str):
+        raise _ClaimsError(TOKEN_CLAIMS_INVALID)
+    ident = party["ID"]
+    if ident.startswith("0192:"):
+        org = ident[5:]
+        if not _ORG.fullmatch(org):
+            raise _ClaimsError(TOKEN_CLAIMS_INVALID)
+        return ident, org
+    return ident, None  # another ISO 6523 authority: kept as-is, no Norwegian org number
+
+
+def _str_or_none(v: Any) -> str | None:
+    if v is None or isinstance(v, str):
+        return v
+    raise _ClaimsError(TOKEN_CLAIMS_INVALID)
+
+
+def _scopes(v: Any) -> frozenset[str]:
+    if v is None:
+        return frozenset()
+    if not isinstance(v, str):
+        raise _ClaimsError(TOKEN_CLAIMS_INVALID)
+    return frozenset(s for s in v.split(" ") if s)
+
+
+def _str_list(v: Any) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        return (v,)
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return tuple(v)
+    raise _ClaimsError(TOKEN_CLAIMS_INVALID)
+
+
+def identity_from_claims(kind: str, issuer_name: str, claims: dict[str, Any]) -> TokenIdentity:
+    """Verified claims -> TokenIdentity. Raises _ClaimsError when the token is not shaped like a
+    token of ``kind`` (Maskinporten needs ``consumer``; ID-porten needs ``pid``)."""
+    common = dict(
+        kind=kind,
+        issuer=issuer_name,
+        iss=claims["iss"],
+        exp=int(claims["exp"]),
+        scopes=_scopes(claims.get("scope")),
+        client_id=_str_or_none(claims.get("client_id")),
+        jti=_str_or_none(claims.get("jti")),
+    )
+    if kind == "maskinporten":
+        if "consumer" not in claims:
+            raise _ClaimsError(TOKEN_KIND_MISMATCH)
+        consumer, consumer_org = _org_of(claims["consumer"], "consumer")
+        supplier_org = None
+        if claims.get("supplier") is not None:
+            _, supplier_org = _org_of(claims["supplier"], "supplier")
+        client_amr = claims.get("client_amr")
+        if isinstance(client_amr, list):
+            client_amr = " ".join(_str_list(client_amr)) or None
+        return TokenIdentity(
+            consumer=consumer,
+            consumer_org=consumer_org,
+            supplier_org=supplier_org,
+            client_amr=_str_or_none(client_amr),
+            **common,
+        )
+    pid = claims.get("pid")
+    if pid is None:
+        raise _ClaimsError(TOKEN_KIND_MISMATCH)
+    if not isinstance(pid, str) or not _PID.fullmatch(pid):
+        raise _ClaimsError(TOKEN_CLAIMS_INVALID)
+    return TokenIdentity(pid=pid, acr=_str_or_none(claims.get("acr")), amr=_str_list(claims.get("amr")), **common)
+
+
+# -- runtime ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class IssuerRuntime:
+    name: str
+    config: IssuerConfig
+    store: JwksStore
+    algorithms: frozenset[str]
+
+    @property
+    def mode(self) -> Mode:
+        return self.config.mode
+
+
+@dataclass(slots=True, frozen=True)
+class _Cached:
+    identity: TokenIdentity
+    issuer: IssuerRuntime
+    kid: str
+    valid_until: float  # exp + leeway (wall clock)
+    audit: dict[str, Any]
+
+
+class TokensFilter(Filter):
+    name = "tokens"
+    position = POS_TOKENS
+
+    def __init__(self, stage: "TokensStage", mode: Mode) -> None:
+        self.stage = stage
+        self.mode = mode
+
+    async def check(self, ctx: RequestContext) -> Decision:
+        values = ctx.headers.getall("Authorization", ())
+        if not values:
+            return SKIP
+        if len(values) != 1:
+            return self.stage.fail(ctx, None, TOKEN_MALFORMED)
+        value = values[0]
+        m = _BEARER.fullmatch(value) if len(value) <= MAX_TOKEN_CHARS else None
+        if m is None:
+            parts = value.split(None, 1)
+            if not parts or parts[0].lower() != "bearer":
+                return SKIP  # another scheme (Basic...) is not a bearer token
+            return self.stage.fail(ctx, None, TOKEN_MALFORMED)
+        return await self.stage.verify(ctx, m.group(1))
+
+
+class TokensStage(Stage):
+    name = "tokens"
+
+    def __init__(self, issuers: dict[str, IssuerRuntime]) -> None:
+        self.issuers = issuers
+        self._by_iss = {rt.config.issuer: rt for rt in issuers.values()}
+        self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
+        self.cache_max = CACHE_MAX_ENTRIES
+        self._given_away: set[str] = set()
+        modes = {rt.mode for rt in issuers.values()}
+        active = modes - {Mode.off}
+        if not active:
+            self._filter: TokensFilter | None = None
+        else:
+            # Tokens from an unknown issuer or malformed ones: deny unless every issuer only detects.
+            self._filter = TokensFilter(self, Mode.detect if active == {Mode.detect} else Mode.enforce)
+
+    # -- chain ------------------------------------------------------------------------------
+    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+        if self._filter is None or route.access is None:
+            return []
+        return [self._filter]
+
+    def fail(self, ctx: RequestContext, rt: IssuerRuntime | None, internal: str) -> Decision:
+        """The one 401 for every token failure (precise reason internal only)."""
+        if rt is not None:
+            ctx.audit["tokens"] = {"issuer": rt.name, "result": internal}
+            if rt.mode is Mode.detect and self._filter is not None and self._filter.mode is Mode.enforce:
+                # This issuer is in detect mode while the filter enforces for others: record here.
+                ctx.detections.append(Detection(TokensFilter.name, internal))
+                return SKIP
+        return Deny(Problem(INVALID_TOKEN, detail=_DETAIL, internal_reason=internal, headers=WWW_AUTHENTICATE))
+
+    async def verify(self, ctx: RequestContext, token: str) -> Decision:
+        now = _now()
+        digest = hashlib.sha256(token.encode("ascii")).digest()
+        hit = self._cache.get(digest)
+        if hit is not None:
+            if now < hit.valid_until and hit.issuer.store.lookup(hit.kid) is not None:
+                self._cache.move_to_end(digest)
+                ctx.token = hit.identity
+                ctx.audit["tokens"] = {**hit.audit, "cached": True}
+                return ALLOW
+            del self._cache[digest]
+
+        head_b64, payload_b64, sig_b64 = token.split(".")
+        try:
+            header = _json_object(head_b64)
+            claims = _json_object(payload_b64)
+            signature = _b64(sig_b64)
+        except _Malformed:
+            return self.fail(ctx, None, TOKEN_MALFORMED)
+        iss = claims.get("iss")
+        rt = self._by_iss.get(iss) if isinstance(iss, str) else None
+        if rt is None:
+            return self.fail(ctx, None, TOKEN_UNKNOWN_ISSUER)
+        if rt.mode is Mode.off:
+            return SKIP
+
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in rt.algorithms:
+            return self.fail(ctx, rt, TOKEN_ALG_NOT_ALLOWED)
+        if "crit" in header:  # no JWS extension is understood, so any crit must be refused
+            return self.fail(ctx, rt, TOKEN_CRIT_UNSUPPORTED)
+        kid = header.get("kid")
+        key: VerifyKey | None
+        try:
+            if kid is None:
+                if not rt.store.obtained:
+                    await rt.store.refresh()
+                    if not rt.store.obtained:
+                        raise KeysUnavailable("keys not obtained")
+                key = rt.store.only_key()
+            elif not isinstance(kid, str):
+                return self.fail(ctx, rt, TOKEN_MALFORMED)
+            else:
+                key = await rt.store.key_for(kid)
+        except KeysUnavailable:
+            ctx.audit["tokens"] = {"issuer": rt.name, "result": "keys_unavailable"}
+            return Deny(
+                Problem(
+                    KEYS_UNAVAILABLE,
+                    detail="The token issuer's signing keys could not be obtained. Try again later.",
+                    internal_reason="issuer_keys_unavailable",
+                    headers={"Retry-After": str(max(1, math.ceil(rt.config.jwks_refetch_min_seconds)))},
+                )
+            )
+        if key is None:
+            return self.fail(ctx, rt, TOKEN_UNKNOWN_KID)
+        if alg not in key.algorithms:  # e.g. ES256 header against an RSA key: key confusion
+            return self.fail(ctx, rt, TOKEN_ALG_NOT_ALLOWED)
+        signing_input = token[: len(head_b64) + 1 + len(payload_b64)].encode("ascii")
+        if not signature or not VERIFIERS[alg].verify(signing_input, key.key, signature):
+            return self.fail(ctx, rt, TOKEN_BAD_SIGNATURE)
+
+        cfg = rt.config
+        leeway = cfg.leeway_seconds
+        exp = claims.get("exp")
+        if not _is_time(exp):
+            return self.fail(ctx, rt, TOKEN_CLAIMS_INVALID)
+        if now >= exp + leeway:
+            return self.fail(ctx, rt, TOKEN_EXPIRED)
+        for name in ("nbf", "iat"):
+            if name in claims:
+                v = claims[name]
+                if not _is_time(v):
+                    return self.fail(ctx, rt, TOKEN_CLAIMS_INVALID)
+                if v > now + leeway:
+                    return self.fail(ctx, rt, TOKEN_NOT_YET_VALID)
+        if cfg.audience is not None:
+            aud = claims.get("aud")
+            if not (aud == cfg.audience or (isinstance(aud, list) and cfg.audience in aud)):
+                return self.fail(ctx, rt, TOKEN_BAD_AUDIENCE)
+        try:
+            identity = identity_from_claims(cfg.kind, rt.name, claims)
+        except _ClaimsError as e:
+            return self.fail(ctx, rt, e.reason)
+
+        audit = {"issuer": rt.name, "kind": cfg.kind, "kid": key.kid}
+        if identity.consumer_org:
+            audit["consumer_org"] = identity.consumer_org
+        if len(self._cache) >= self.cache_max:
+            self._cache.popitem(last=False)
+        self._cache[digest] = _Cached(identity, rt, key.kid, float(exp) + leeway, audit)
+        ctx.token = identity
+        ctx.audit["tokens"] = {**audit, "cached": False}
+        return ALLOW
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        stores = [rt.store for rt in self.issuers.values() if rt.mode is not Mode.off]
+        await asyncio.gather(*(s.start() for s in stores))
+
+    async def close(self) -> None:
+        for name, rt in self.issuers.items():
+            if name not in self._given_away:
+                await rt.store.close()
+
+    def readiness(self) -> dict[str, str]:
+        return {f"jwks.{name}": rt.store.readiness() for name, rt in self.issuers.items() if rt.mode is not Mode.off}
+
+    def adopt(self, previous: Stage) -> None:
+        """Keep key stores (and verified tokens) of issuers whose config is unchanged."""
+        if not isinstance(previous, TokensStage):
+            return
+        kept: dict[int, IssuerRuntime] = {}
+        for name, rt in self.issuers.items():
+            old = previous.issuers.get(name)
+            if old is None or old.store.uri is None or old.store.source != rt.store.source:
+                continue
+            rt.store = old.store
+            previous._given_away.add(name)
+            if old.config == rt.config:
+                kept[id(old)] = rt
+        for digest, entry in previous._cache.items():
+            new_rt = kept.get(id(entry.issuer))
+            if new_rt is not None:
+                self._cache[digest] = _Cached(entry.identity, new_rt, entry.kid, entry.valid_until, entry.audit)
+
+    @property
+    def cache_size(self) -> int:
+        return len(self._cache)
+
+
+def build_stage(env: BuildEnv) -> TokensStage | None:
+    """Build the tokens stage from ``issuers:``. ``jwks_file`` keys are read now; ``jwks_uri``
+    keys are fetched by ``start()``. Raises ValueError (config problem) for duplicate ``issuer``
+    values or an unusable ``jwks_file``."""
+    cfgs: dict[str, IssuerConfig] = env.config.issuers
+    if not cfgs:
+        return None
+    seen: dict[str, str] = {}
+    issuers: dict[str, IssuerRuntime] = {}
+    for name, cfg in cfgs.items():
+        if cfg.issuer in seen:
+            raise ValueError(f"issuers.{name}.issuer: same iss as issuers.{seen[cfg.issuer]}")
+        seen[cfg.issuer] = name
+        store = JwksStore(
+            name,
+            uri=cfg.jwks_uri,
+            file=env.config.resolve_path(cfg.jwks_file) if cfg.jwks_file else None,
+            algorithms=cfg.algorithms,
+            cache_seconds=cfg.jwks_cache_seconds,
+            refetch_min_seconds=cfg.jwks_refetch_min_seconds,
+            timeout_seconds=cfg.jwks_timeout_seconds,
+            retry_max_seconds=cfg.jwks_retry_max_seconds,
+        )
+        if store.file is not None and cfg.mode is not Mode.off:
+            try:
+                store.load_sync()
+            except Exception as e:
+                raise ValueError(f"issuers.{name}.jwks_file: {e}") from None
+        issuers[name] = IssuerRuntime(name=name, config=cfg, store=store, algorithms=frozenset(cfg.algorithms))
+    return TokensStage(issuers)
