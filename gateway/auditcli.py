@@ -68,6 +68,17 @@ class VerifyError(Exception):
         super().__init__(f"{loc[0]}:{loc[1]}: {why}")
 
 
+def _all_seqs(tfs: list[TrailFile]) -> set[int]:
+    out: set[int] = set()
+    for tf in tfs:
+        for _n, line, _c in tf.lines():
+            try:
+                out.add(int(json.loads(line)["seq"]))
+            except (ValueError, KeyError, TypeError):
+                pass
+    return out
+
+
 def verify(files: list[str], key: bytes, head: str | None = None) -> dict[str, Any]:
     """Verify a trail. Returns a summary; raises VerifyError naming the first bad record."""
     mac_key, _ = derive_keys(key)
@@ -79,6 +90,8 @@ def verify(files: list[str], key: bytes, head: str | None = None) -> dict[str, A
     count = 0
     first_seq = None
     last_loc: Loc = (tfs[0].path, 0)
+    seen: set[int] = set()
+    later = _all_seqs(tfs)
     for tf in tfs:
         for n, line, complete in tf.lines():
             loc = (tf.path, n)
@@ -105,13 +118,17 @@ def verify(files: list[str], key: bytes, head: str | None = None) -> dict[str, A
                     raise VerifyError(loc, "first record does not start the chain")
             else:
                 if seq > expect_seq:
+                    if any(s in later for s in range(expect_seq, seq)):
+                        raise VerifyError(loc, f"seq {seq}: out of order, expected {expect_seq} which comes later (reordered)")
                     raise VerifyError(loc, f"seq {seq}: records {expect_seq}..{seq - 1} missing before it (deleted)")
                 if seq < expect_seq:
-                    raise VerifyError(loc, f"seq {seq}: out of order, expected {expect_seq} (reordered or inserted)")
+                    why = "a copy of an earlier record (inserted)" if seq in seen else "reordered or inserted"
+                    raise VerifyError(loc, f"seq {seq}: out of order, expected {expect_seq}: {why}")
                 if prev != expect_prev:
                     raise VerifyError(loc, f"seq {seq}: does not link to the previous record (deleted, inserted or reordered)")
             expect_seq = seq + 1
             expect_prev = line_hash(line)
+            seen.add(seq)
             count += 1
     summary: dict[str, Any] = {
         "records": count,
