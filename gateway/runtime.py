@@ -8,7 +8,9 @@ the rules under an in-flight request.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import ipaddress
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from typing import Any
 
 from gateway.chain import BuildEnv, Filter, Stage
 from gateway.config import Config, RouteConfig, UpstreamConfig
+from gateway.proxy import REQUEST_DROP, UpstreamPool
 
 log = logging.getLogger("portvakt.runtime")
 
@@ -42,6 +45,10 @@ class CompiledRoute:
     upstream_name: str
     upstream: UpstreamConfig
     filters: tuple[Filter, ...]
+    # Body bytes the server reads before the chain runs (the WAF inspects them; an oversize body
+    # is refused before the upstream is contacted): min(max_body_bytes + 1, max(64 KiB, the
+    # largest ``body_inspection_bytes`` any of this route's filters asks for)).
+    body_prefix_bytes: int = 65536
 
     def matches_path(self, path: str) -> bool:
         p = self.prefix
@@ -55,8 +62,45 @@ class Runtime:
     config: Config
     routes: tuple[CompiledRoute, ...]
     stages: tuple[Stage, ...]
-    components: dict[str, Any] = field(default_factory=dict)  # "audit", "forwarder", ...
+    components: dict[str, Any] = field(default_factory=dict)  # "audit", "forwarder", "upstreams"
     generation: int = 0
+    # Prepared for the request path (read once per request, never recomputed).
+    trusted_networks: tuple[Any, ...] = ()
+    request_drop: frozenset[str] = frozenset()  # client headers never forwarded (lower-case, '-')
+    max_body_bytes: int = 0
+    inflight: int = 0
+    _drained: asyncio.Event | None = field(default=None, repr=False)
+    _trust_cache: dict[Any, bool] = field(default_factory=dict, repr=False)
+
+    def is_trusted(self, ip: Any) -> bool:
+        """Whether the TCP peer ``ip`` is one of ``trusted_proxies`` (cached per address)."""
+        if not self.trusted_networks:
+            return False
+        hit = self._trust_cache.get(ip)
+        if hit is None:
+            hit = any(ip.version == n.version and ip in n for n in self.trusted_networks)
+            if len(self._trust_cache) > 4096:
+                self._trust_cache.clear()
+            self._trust_cache[ip] = hit
+        return hit
+
+    def leave(self) -> None:
+        """One request finished on this runtime (``inflight`` is incremented by the server)."""
+        self.inflight -= 1
+        if self.inflight == 0 and self._drained is not None:
+            self._drained.set()
+
+    async def retire(self, max_wait: float) -> None:
+        """Wait (at most ``max_wait`` seconds) for requests still running on this runtime, then
+        close it. Called on the old runtime after a reload swapped in the new one."""
+        if self.inflight > 0:
+            self._drained = asyncio.Event()
+            try:
+                async with asyncio.timeout(max_wait):
+                    await self._drained.wait()
+            except TimeoutError:
+                log.warning("runtime %d retired with %d requests still running", self.generation, self.inflight)
+        await self.close()
 
     def match(self, host: str, path: str) -> CompiledRoute | None:
         """First route, in config order, whose host list (if any) and path prefix match."""
@@ -139,12 +183,14 @@ def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict
             if old is not None:
                 stage.adopt(old)
         stages.append(stage)
+    max_body = config.ingress.max_body_bytes
     routes: list[CompiledRoute] = []
     for rc in config.routes:
         filters: list[Filter] = []
         for s in stages:
             filters.extend(f for f in s.filters_for_route(rc) if f.mode.value != "off")
         filters.sort(key=lambda f: f.position)
+        wanted = max([65536] + [int(getattr(f, "body_inspection_bytes", 0) or 0) for f in filters])
         routes.append(
             CompiledRoute(
                 config=rc,
@@ -155,6 +201,7 @@ def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict
                 upstream_name=rc.upstream,
                 upstream=config.upstreams[rc.upstream],
                 filters=tuple(filters),
+                body_prefix_bytes=min(max_body + 1, wanted),
             )
         )
     components: dict[str, Any] = {}
@@ -166,5 +213,17 @@ def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict
             if old is not None and adopt is not None:
                 adopt(old)
         components[key] = comp
+    components["upstreams"] = UpstreamPool(config)
+    forwarder = components.get("forwarder")
+    strip = frozenset(getattr(forwarder, "strip_names", frozenset())) if forwarder is not None else frozenset()
     gen = previous.generation + 1 if previous is not None else 1
-    return Runtime(config=config, routes=tuple(routes), stages=tuple(stages), components=components, generation=gen)
+    return Runtime(
+        config=config,
+        routes=tuple(routes),
+        stages=tuple(stages),
+        components=components,
+        generation=gen,
+        trusted_networks=tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies),
+        request_drop=REQUEST_DROP | strip,
+        max_body_bytes=max_body,
+    )

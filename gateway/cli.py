@@ -1,0 +1,191 @@
+"""The ``portvakt`` command line.
+
+    portvakt run --config FILE [--workers N]   serve (N > 1: a supervisor and N workers)
+    portvakt check-config FILE                 list every config problem (exit 1) or print "ok"
+    portvakt version
+    portvakt demo                              what `make run` calls (dev certs, demo upstream)
+
+Other modules add their own subcommands through ``register_commands(subparsers)``; each sets
+``func`` (taking the parsed args, returning an exit code) with ``set_defaults``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from gateway import __version__
+
+# Modules that contribute subcommands, in this order. A module that is not there at all is
+# skipped (it belongs to work not merged yet); any other import error propagates.
+COMMAND_MODULES = (
+    "gateway.devca",
+    "gateway.devissuer",
+    "filters.integrations",
+    "gateway.auditcli",
+    "gateway.identity",
+)
+
+
+def _configure_logging(level: str = "INFO") -> None:
+    from gateway import accesslog
+
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    accesslog.configure()
+
+
+def _install_uvloop() -> None:
+    if os.environ.get("PORTVAKT_NO_UVLOOP"):
+        return
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - optional speed-up
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.config import ConfigError, load_config
+
+    _configure_logging(args.log_level)
+    workers = args.workers
+    if workers is None and args.worker_index is None:
+        try:
+            workers = load_config(args.config).server.workers
+        except ConfigError as e:
+            for p in e.problems:
+                print(p, file=sys.stderr)
+            return 2
+    if args.worker_index is None and workers and workers > 1:
+        from gateway.supervisor import supervise
+
+        return supervise(args.config, workers, log_level=args.log_level)
+    from gateway.server import serve
+
+    _install_uvloop()
+    in_supervisor = args.worker_index is not None
+    return asyncio.run(
+        serve(
+            args.config,
+            reuse_port=in_supervisor,
+            admin=not in_supervisor,
+            admin_socket=args.admin_socket,
+        )
+    )
+
+
+def check_config(path: str) -> list[str]:
+    """Every problem in the config file (empty when it is fine), each ``file: yaml.path: reason``.
+
+    Runs the same loader as ``run``, then builds (without starting) the runtime and the TLS
+    context, so missing files and stage build errors are reported too.
+    """
+    from gateway.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        return list(e.problems)
+    problems: list[str] = []
+    if cfg.server.tls is not None and not cfg.server.plain_http:
+        from gateway import tlsutil
+
+        try:
+            tlsutil.build_context(cfg.server.tls, cfg.resolve_path)
+        except ValueError as e:
+            problems.append(f"{path}: {e}")
+
+    async def build() -> None:
+        from gateway.runtime import build_runtime
+
+        rt = build_runtime(cfg, None)
+        await rt.close()
+
+    try:
+        asyncio.run(build())
+    except Exception as e:  # reported, never a traceback
+        problems.append(f"{path}: runtime: {type(e).__name__}: {e}")
+    return problems
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    problems = check_config(args.file)
+    if problems:
+        for p in problems:
+            print(p)
+        return 1
+    print("ok")
+    return 0
+
+
+def cmd_version(_: argparse.Namespace) -> int:
+    print(f"portvakt {__version__}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway import demo
+
+    _configure_logging(args.log_level)
+    return demo.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="portvakt", description="Portvakt reverse-proxy security gateway")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="serve with a config file")
+    p.add_argument("--config", "-c", required=True, help="YAML config file")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: server.workers)")
+    p.add_argument("--log-level", default=os.environ.get("PORTVAKT_LOG_LEVEL", "INFO"))
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--admin-socket", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config file; lists every problem")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("demo", help="dev certificates, demo upstream and the gateway on config/demo.yaml")
+    p.add_argument("--config", default=None, help="config (default: config/demo.yaml)")
+    p.add_argument("--certs", default=None, help="dev certificate directory (default: certs/dev)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_demo)
+
+    for modname in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name == modname:
+                continue
+            raise
+        register = getattr(mod, "register_commands", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rc: Any = args.func(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

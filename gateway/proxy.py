@@ -1,0 +1,299 @@
+"""Forwarding to upstreams: one pooled client session per upstream, bodies streamed both ways.
+
+``UpstreamPool`` is built per runtime (sessions opened in ``start()``, closed when the runtime is
+retired after its in-flight requests finished). ``forward()`` sends one request whose body prefix
+has already been read by the server (``ctx.body``), streams the rest while enforcing
+``ingress.max_body_bytes``, and streams the response back. Upstream failures become problems:
+refused/reset -> 502 ``upstream_unavailable``, timeout -> 504 ``upstream_timeout``.
+
+Header hygiene: hop-by-hop headers and headers named in ``Connection`` are removed; every client
+copy of a header the gateway sets (``X-Request-Id``, ``X-Forwarded-*``, ``Forwarded``, the identity
+forwarder's names) is stripped first (names compared lower-case with ``_`` read as ``-``), and the
+gateway's own headers are added afterwards, so ``Connection`` can never remove or replace them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway import metrics
+from gateway.problems import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Problem
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gateway.config import Config, UpstreamConfig
+    from gateway.context import RequestContext
+
+log = logging.getLogger("portvakt.proxy")
+
+# Registered by the ingress filter (it refuses a declared Content-Length over the limit); the
+# proxy enforces the same limit while streaming a chunked or lying body, with the same reason.
+from filters.ingress import BODY_TOO_LARGE  # noqa: E402
+
+# RFC 9110 7.6.1 hop-by-hop fields, plus fields the proxy recomputes itself.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+     "proxy-authenticate", "proxy-authorization"}
+)
+# Request fields never copied from the client: hop-by-hop, recomputed (host, content-length,
+# expect: 100-continue is answered by the gateway), and the ones the gateway sets itself.
+GATEWAY_REQUEST_HEADERS = frozenset(
+    {"x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"}
+)
+REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"} | GATEWAY_REQUEST_HEADERS
+# Response fields never copied from the upstream.
+RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id", "server"}
+
+SMALL_BODY = 65536  # responses with a known length up to this are read whole (one write)
+STREAM_CHUNK = 65536
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or did not answer; carries the problem to render."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+
+
+def normalise(name: str) -> str:
+    n = name.lower()
+    return n.replace("_", "-") if "_" in n else n
+
+
+class Upstream:
+    __slots__ = ("name", "base", "config", "session", "timeout_seconds", "duration")
+
+    def __init__(self, name: str, config: "UpstreamConfig"):
+        self.name = name
+        self.config = config
+        self.base = config.url  # validated without trailing slash
+        self.timeout_seconds = config.timeout_seconds
+        self.session: aiohttp.ClientSession | None = None
+        self.duration = metrics.UPSTREAM_DURATION.labels(name)
+
+    def open(self, resolve: Any) -> None:
+        c = self.config
+        ssl_ctx: ssl.SSLContext | bool = True
+        if c.url.startswith("https://") and c.ca_file:
+            ssl_ctx = ssl.create_default_context(cafile=resolve(c.ca_file))
+        connector = aiohttp.TCPConnector(
+            limit=c.max_connections, limit_per_host=0, ssl=ssl_ctx, ttl_dns_cache=60, keepalive_timeout=30
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            # connect: pool wait + connect; sock_read: the upstream's silence while we wait for
+            # headers or body bytes. The total header wait is bounded in forward().
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=c.connect_timeout_seconds, sock_connect=c.connect_timeout_seconds,
+                sock_read=c.timeout_seconds,
+            ),
+            auto_decompress=False,  # bytes pass through as the upstream encoded them
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        )
+
+
+class UpstreamPool:
+    """The upstreams of one runtime. Sessions are created in ``start`` (inside the event loop)."""
+
+    def __init__(self, config: "Config"):
+        self._config = config
+        self.upstreams = {name: Upstream(name, uc) for name, uc in config.upstreams.items()}
+
+    def get(self, name: str) -> Upstream:
+        return self.upstreams[name]
+
+    async def start(self) -> None:
+        for u in self.upstreams.values():
+            if u.session is None:
+                u.open(self._config.resolve_path)
+
+    async def close(self) -> None:
+        for u in self.upstreams.values():
+            if u.session is not None:
+                await u.session.close()
+                u.session = None
+
+
+class BodyState:
+    __slots__ = ("too_large", "bytes")
+
+    def __init__(self, n: int):
+        self.too_large = False
+        self.bytes = n
+
+
+async def _stream_body(prefix: bytes, content: Any, limit: int, state: BodyState) -> AsyncIterator[bytes]:
+    if prefix:
+        yield prefix
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        state.bytes += len(chunk)
+        if state.bytes > limit:
+            state.too_large = True
+            raise BodyTooLarge()
+        yield chunk
+
+
+def upstream_headers(ctx: "RequestContext", drop: frozenset[str], forwarder: Any) -> CIMultiDict[str]:
+    """Headers for the upstream request (see module docstring for the rules)."""
+    headers = ctx.headers
+    conn = headers.get("Connection")
+    if conn:
+        # Names listed in Connection are hop-by-hop for this message. The gateway's own headers
+        # are added below, after this filtering, so listing them here cannot remove ours.
+        drop = drop | {normalise(t.strip()) for t in conn.split(",") if t.strip()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        if normalise(k) not in drop:
+            out.add(k, v)
+    peer = str(ctx.peer_ip)
+    xff = headers.get("X-Forwarded-For") if ctx.from_trusted_proxy else None
+    out["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
+    proto = headers.get("X-Forwarded-Proto") if ctx.from_trusted_proxy else None
+    out["X-Forwarded-Proto"] = proto or ctx.scheme
+    fhost = headers.get("X-Forwarded-Host") if ctx.from_trusted_proxy else None
+    host = fhost or ctx.host
+    if host:
+        out["X-Forwarded-Host"] = host
+    out["X-Request-Id"] = ctx.request_id
+    if forwarder is not None:
+        for k, v in forwarder.headers(ctx).items():
+            out[k] = v
+    return out
+
+
+def response_headers(up_headers: Any, ctx: "RequestContext") -> CIMultiDict[str]:
+    drop = RESPONSE_DROP
+    conn = up_headers.get("Connection")
+    if conn:
+        drop = drop | {t.strip().lower() for t in conn.split(",") if t.strip()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in up_headers.items():
+        if k.lower() not in drop:
+            out.add(k, v)
+    out["X-Request-Id"] = ctx.request_id
+    out["Server"] = "portvakt"
+    for k, v in ctx.response_headers.items():
+        out[k] = v
+    return out
+
+
+async def forward(
+    ctx: "RequestContext", request: web.BaseRequest, upstream: Upstream, *, body_limit: int,
+    has_more_body: bool, drop: frozenset[str], forwarder: Any,
+) -> web.StreamResponse:
+    """Send the request upstream and stream the answer back.
+
+    Returns the response (already prepared when streamed). Raises ``UpstreamError`` (502/504)
+    when nothing was sent to the client yet, ``BodyTooLarge`` when the body passed the limit
+    before the upstream answered.
+    """
+    session = upstream.session
+    if session is None:  # runtime closed under us: cannot happen for a runtime with in-flight requests
+        raise UpstreamError(Problem(UPSTREAM_UNAVAILABLE, internal_reason="upstream_session_closed"))
+    headers = upstream_headers(ctx, drop, forwarder)
+    state = BodyState(len(ctx.body))
+    data: Any
+    if has_more_body:
+        data = _stream_body(ctx.body, request.content, body_limit, state)
+        if ctx.body_size_hint is not None:
+            headers["Content-Length"] = str(ctx.body_size_hint)
+    elif ctx.body or request.method in ("POST", "PUT", "PATCH"):
+        data = ctx.body
+    else:
+        data = None
+    target = request.raw_path if request.raw_path.startswith("/") else request.rel_url.raw_path_qs
+    url = URL(upstream.base + target, encoded=True)
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout(upstream.timeout_seconds):
+            up = await session.request(
+                ctx.method, url, headers=headers, data=data, allow_redirects=False, compress=None,
+            )
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        ctx.upstream_duration = time.perf_counter() - t0
+        ctx.bytes_in = state.bytes
+        if state.too_large:
+            raise BodyTooLarge() from None
+        raise UpstreamError(_problem_for(e, upstream.name)) from None
+    try:
+        elapsed = time.perf_counter() - t0
+        ctx.upstream_duration = elapsed
+        upstream.duration.observe(elapsed)
+        return await _respond(ctx, request, up, state)
+    finally:
+        ctx.bytes_in = state.bytes
+        up.release()
+
+
+def _problem_for(e: BaseException, name: str) -> Problem:
+    if isinstance(e, TimeoutError):
+        log.warning("upstream %s timed out: %s", name, type(e).__name__)
+        return Problem(UPSTREAM_TIMEOUT, internal_reason="upstream_timeout")
+    log.warning("upstream %s unavailable: %s: %s", name, type(e).__name__, e)
+    return Problem(UPSTREAM_UNAVAILABLE, internal_reason="upstream_unavailable")
+
+
+async def _respond(
+    ctx: "RequestContext", request: web.BaseRequest, up: aiohttp.ClientResponse, state: BodyState
+) -> web.StreamResponse:
+    status = up.status
+    hdrs = response_headers(up.headers, ctx)
+    clen = up.content_length
+    no_body = request.method == "HEAD" or status in _NO_BODY_STATUS
+    if not no_body and clen is not None and clen <= SMALL_BODY:
+        try:
+            body = await up.read()
+        except Exception as e:
+            raise UpstreamError(_problem_for(e, "response")) from None
+        if state.too_large:
+            raise BodyTooLarge()
+        ctx.status = status
+        ctx.bytes_out = len(body)
+        return web.Response(status=status, reason=up.reason, body=body, headers=hdrs)
+    if no_body and clen is not None:
+        hdrs["Content-Length"] = str(clen)
+    elif clen is not None:
+        hdrs["Content-Length"] = str(clen)
+    resp = web.StreamResponse(status=status, reason=up.reason, headers=hdrs)
+    ctx.status = status
+    await resp.prepare(request)
+    if no_body:
+        await resp.write_eof()
+        return resp
+    n = 0
+    try:
+        # iter_any: forward bytes as they arrive (Server-Sent Events are not held back).
+        async for chunk in up.content.iter_any():
+            n += len(chunk)
+            await resp.write(chunk)
+    except (aiohttp.ClientError, TimeoutError) as e:
+        # Headers are gone already: the only honest signal left is an aborted response.
+        ctx.bytes_out = n
+        ctx.reason = "upstream_aborted"
+        log.warning("upstream response aborted after %d bytes (request %s): %s", n, ctx.request_id, type(e).__name__)
+        if request.transport is not None:
+            request.transport.abort()
+        return resp
+    ctx.bytes_out = n
+    await resp.write_eof()
+    return resp

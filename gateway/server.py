@@ -1,0 +1,444 @@
+"""The public listener and the per-request path; reload and graceful shutdown.
+
+Per request (``Gateway.handle``): read the runtime once, resolve request id and client IP, build
+the ``RequestContext``, refuse what a reverse proxy must never do (CONNECT, absolute-form targets
+for another host), match a route (404 ``no_route``), read the body prefix the route needs (the
+WAF inspects it; an oversize body is refused before the upstream is contacted), run the chain,
+ask the audit sink (strict durability) and forward. Every request, whatever its outcome, ends in
+``_finish``: metrics, one access-log line and exactly one ``audit.record(ctx)``.
+
+Reload (SIGHUP, ``POST /-/reload``): load the config, build and start a complete new runtime,
+swap one reference. The old runtime is closed after its in-flight requests finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import signal
+import time
+import uuid
+from functools import lru_cache
+from typing import Any
+
+from aiohttp import web
+
+from gateway import accesslog, metrics, problems, tlsutil
+from gateway.chain import run_chain
+from gateway.config import HTTP_METHODS, Config, ConfigError, load_config
+from gateway.context import RequestContext
+from gateway.problems import BAD_REQUEST, NOT_FOUND, Problem
+from gateway.proxy import BODY_TOO_LARGE, BodyTooLarge, UpstreamError, forward
+from gateway.runtime import Runtime, build_runtime
+
+log = logging.getLogger("portvakt.server")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_METHOD_LABELS = frozenset(HTTP_METHODS)
+_NO_ROUTE = "(none)"
+_uuid4 = uuid.uuid4
+
+
+@lru_cache(maxsize=8192)
+def parse_ip(text: str) -> Any:
+    """An address from a peer name or X-Forwarded-For hop (IPv4-mapped IPv6 read as IPv4);
+    None when it is not an address."""
+    t = text.strip()
+    if t.startswith("[") and "]" in t:
+        t = t[1 : t.index("]")]
+    try:
+        ip = ipaddress.ip_address(t)
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def resolve_client(rt: Runtime, peer: Any, headers: Any) -> tuple[Any, bool]:
+    """(client IP, peer is a trusted proxy). Through trusted proxies, the client is the rightmost
+    X-Forwarded-For hop that is not itself trusted (so a client cannot spoof the left part)."""
+    if not rt.is_trusted(peer):
+        return peer, False
+    values = headers.getall("X-Forwarded-For", ())
+    if not values:
+        return peer, True
+    client = peer
+    for hop in reversed(",".join(values).split(",")):
+        ip = parse_ip(hop)
+        if ip is None:
+            break
+        client = ip
+        if not rt.is_trusted(ip):
+            break
+    return client, True
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class _Labels:
+    """Cached metric label children: the request path never builds a label tuple twice."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int, str], Any] = {}
+        self.durations: dict[str, Any] = {}
+
+    def observe(self, route: str, method: str, status: int, decision: str, seconds: float) -> None:
+        key = (route, method, status, decision)
+        c = self.requests.get(key)
+        if c is None:
+            if len(self.requests) > 10000:  # bounded even if something unexpected varies
+                self.requests.clear()
+            c = self.requests[key] = metrics.REQUESTS.labels(route, method, str(status), decision)
+        c.inc()
+        h = self.durations.get(route)
+        if h is None:
+            h = self.durations[route] = metrics.REQUEST_DURATION.labels(route)
+        h.observe(seconds)
+
+
+class Gateway:
+    """One worker's gateway: runtime reference, public listener(s), reload, shutdown."""
+
+    def __init__(self, config_path: str, config: Config, runtime: Runtime, *, reuse_port: bool = False):
+        self.config_path = config_path
+        self.config = config
+        self.runtime = runtime
+        self.reuse_port = reuse_port
+        self.secrets: dict[str, Any] = {}
+        self.tls: tlsutil.ReloadableTLS | None = None
+        self.scheme = "http" if config.server.tls is None else "https"
+        self._labels = _Labels()
+        self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._runner: web.ServerRunner | None = None
+        self.reload_count = 0
+        self.stopping = False
+
+    # ---- the request path -------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        rt = self.runtime  # read once: a reload never changes the rules under this request
+        rt.inflight += 1
+        metrics.IN_FLIGHT.inc()
+        headers = request.headers
+        peer = parse_ip(request.remote or "") or ipaddress.IPv4Address(0)
+        client, trusted = resolve_client(rt, peer, headers)
+        rid = headers.get("X-Request-Id") if trusted else None
+        if rid is None or _REQUEST_ID.fullmatch(rid) is None:
+            rid = _uuid4().hex
+        host = headers.get("Host", "")
+        scheme = self.scheme
+        if trusted and scheme == "http":
+            fp = headers.get("X-Forwarded-Proto")
+            if fp in ("https", "http"):
+                scheme = fp
+        ctx = RequestContext(
+            request_id=rid, method=request.method, raw_path=request.raw_path.split("?", 1)[0],
+            path=request.path, query_string=request.query_string, host=host, scheme=scheme,
+            peer_ip=peer, client_ip=client, headers=headers, request=request,  # type: ignore[arg-type]
+            runtime=rt, tls=tlsutil.peer_info(request.transport), from_trusted_proxy=trusted,
+        )
+        resp: web.StreamResponse | None = None
+        try:
+            resp = await self._serve(rt, request, ctx)
+            return resp
+        except asyncio.CancelledError:
+            # The client went away (handler cancellation): the upstream call is cancelled with us.
+            ctx.decision, ctx.reason = "error", ctx.reason or "client_disconnected"
+            if not ctx.status:
+                ctx.status = 499
+            raise
+        except Exception:
+            log.exception("request %s failed in the gateway", rid)
+            ctx.decision, ctx.reason, ctx.status = "error", "internal_error", 500
+            resp = problems.render(Problem(problems.INTERNAL, internal_reason="gateway_error"), rid)
+            return resp
+        finally:
+            self._finish(rt, ctx, resp)
+
+    def _deny(self, ctx: RequestContext, problem: Problem, decision: str = "deny") -> web.Response:
+        ctx.status = problem.status or 500
+        ctx.decision = decision
+        ctx.reason = problem.log_reason
+        return problems.render(problem, ctx.request_id, ctx.response_headers or None)
+
+    async def _serve(self, rt: Runtime, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
+        method = ctx.method
+        if method == "CONNECT":
+            return self._deny(ctx, Problem(BAD_REQUEST, detail="CONNECT is not supported", internal_reason="connect_method"))
+        target = request.raw_path
+        if not target.startswith("/"):
+            # Absolute-form (or asterisk/authority-form): never act as a forward proxy. Only an
+            # absolute-form target naming this very Host is read as its path.
+            abs_host = _absolute_host(target)
+            if abs_host is None or abs_host != ctx.host.lower():
+                return self._deny(ctx, Problem(BAD_REQUEST, detail="Request target must be a path", internal_reason="absolute_form_target"))
+            ctx.raw_path = request.rel_url.raw_path
+        route = rt.match(ctx.host, ctx.path)
+        if route is None:
+            return self._deny(ctx, Problem(NOT_FOUND))
+        ctx.route = route
+
+        # Body prefix: read before the chain (the WAF inspects it) and before any upstream contact.
+        limit = rt.max_body_bytes
+        more_body = False
+        if request.body_exists:
+            clen = request.content_length
+            ctx.body_size_hint = clen
+            if clen is not None and clen > limit:
+                # Not read here: aiohttp drains the unread body after the response (bounded by its
+                # lingering time) so the client reads the 413 instead of a connection reset.
+                return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
+            if headers_expect_continue(request):
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            want = route.body_prefix_bytes
+            if clen is not None and clen <= want:
+                body = await request.content.readexactly(clen) if clen else b""
+                ctx.body, ctx.body_complete = body, True
+            else:
+                body, complete = await _read_prefix(request.content, want)
+                ctx.body, ctx.body_complete = body, complete
+                more_body = not complete
+            ctx.bytes_in = len(ctx.body)
+            if len(ctx.body) > limit:
+                return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
+        else:
+            ctx.body_complete = True
+
+        if route.filters:
+            denied = await run_chain(route.filters, ctx)
+            if denied is not None:
+                return self._deny(ctx, denied.problem)
+
+        components = rt.components
+        audit = components.get("audit")
+        if audit is not None:
+            refused = await audit.before_forward(ctx)
+            if refused is not None:
+                return self._deny(ctx, refused)
+
+        try:
+            resp = await forward(
+                ctx, request, components["upstreams"].get(route.upstream_name), body_limit=limit,
+                has_more_body=more_body, drop=rt.request_drop, forwarder=components.get("forwarder"),
+            )
+        except BodyTooLarge:
+            return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
+        except UpstreamError as e:
+            return self._deny(ctx, e.problem, decision="error")
+        ctx.decision = "allow"
+        if ctx.reason is None and ctx.detections:
+            ctx.reason = ctx.detections[0].reason
+        return resp
+
+    def _finish(self, rt: Runtime, ctx: RequestContext, resp: web.StreamResponse | None) -> None:
+        if not ctx.status and resp is not None:
+            ctx.status = resp.status
+        if not ctx.bytes_out and resp is not None and isinstance(resp, web.Response) and resp.body is not None:
+            ctx.bytes_out = len(resp.body)  # type: ignore[arg-type]
+        duration = time.monotonic() - ctx.started
+        route = ctx.route.name if ctx.route is not None else _NO_ROUTE
+        method = ctx.method if ctx.method in _METHOD_LABELS else "OTHER"
+        try:
+            self._labels.observe(route, method, ctx.status, ctx.decision, duration)
+            accesslog.record(ctx, duration)
+            audit = rt.components.get("audit")
+            if audit is not None:
+                audit.record(ctx)
+        except Exception:
+            log.exception("recording request %s failed", ctx.request_id)
+        finally:
+            metrics.IN_FLIGHT.dec()
+            rt.leave()
+
+    # ---- listener ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        ing = cfg.ingress
+        server = web.Server(
+            self.handle,
+            handler_cancellation=True,  # a client disconnect cancels the upstream call
+            # aiohttp's own parser limits sit above the ingress limits so ingress answers first
+            # with a problem; they cannot change on reload (the listener keeps them).
+            max_line_size=max(8190, ing.max_uri_bytes + 64),
+            max_field_size=max(8190, ing.max_header_bytes),
+            max_headers=max(128, ing.max_headers * 2),
+            auto_decompress=False,  # request bodies go upstream as sent
+            keepalive_timeout=cfg.server.keepalive_timeout_seconds,
+            access_log=None,
+        )
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.server.shutdown_grace_seconds)
+        await self._runner.setup()
+        host, port = split_listen(cfg.server.listen)
+        ssl_ctx = None
+        if cfg.server.tls is not None and not cfg.server.plain_http:
+            self.tls = tlsutil.ReloadableTLS(cfg.server.tls, cfg.resolve_path)
+            ssl_ctx = self.tls.front
+        else:
+            self.scheme = "http"
+        site = web.TCPSite(
+            self._runner, host, port, ssl_context=ssl_ctx, backlog=1024,
+            reuse_port=self.reuse_port or None, shutdown_timeout=cfg.server.shutdown_grace_seconds,
+        )
+        await site.start()
+        log.info("public listener on %s://%s:%d", self.scheme, host, port)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded grace), close the runtime."""
+        self.stopping = True
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for t in list(self._retiring):
+            t.cancel()
+        await self.runtime.close()
+
+    # ---- reload -----------------------------------------------------------------------------
+
+    async def reload(self) -> tuple[bool, list[str]]:
+        """Re-read the config and swap in a new runtime. Returns (ok, problems)."""
+        async with self._reload_lock:
+            ok, errors = await self._reload()
+            self.reload_count += 1
+            if ok:
+                metrics.CONFIG_RELOADS.labels("success").inc()
+                metrics.CONFIG_LAST_SUCCESS.set(time.time())
+                log.info("config reloaded: runtime generation %d", self.runtime.generation)
+            else:
+                metrics.CONFIG_RELOADS.labels("failure").inc()
+                log.error("config reload failed, keeping generation %d:\n  %s", self.runtime.generation, "\n  ".join(errors))
+            return ok, errors
+
+    async def _reload(self) -> tuple[bool, list[str]]:
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as e:
+            return False, list(e.problems)
+        new_tls = None
+        if self.tls is not None:
+            if cfg.server.tls is None:
+                return False, [f"{self.config_path}: server.tls: cannot switch a TLS listener to plain HTTP on reload"]
+            try:
+                new_tls = tlsutil.build_context(cfg.server.tls, cfg.resolve_path)
+            except ValueError as e:
+                return False, [f"{self.config_path}: {e}"]
+        old = self.runtime
+        try:
+            rt = build_runtime(cfg, old, secrets=self.secrets)
+        except Exception as e:
+            log.exception("building the new runtime failed")
+            return False, [f"{self.config_path}: runtime: {type(e).__name__}: {e}"]
+        try:
+            await rt.start()
+        except Exception as e:
+            log.exception("starting the new runtime failed")
+            await rt.close()
+            return False, [f"{self.config_path}: runtime start: {type(e).__name__}: {e}"]
+        for key in ("listen", "workers", "plain_http"):
+            if getattr(cfg.server, key) != getattr(self.config.server, key):
+                log.warning("server.%s changed: takes effect after a restart", key)
+        if cfg.admin.listen != self.config.admin.listen:
+            log.warning("admin.listen changed: takes effect after a restart")
+        if new_tls is not None and self.tls is not None and cfg.server.tls is not None:
+            self.tls.front.verify_mode = new_tls.verify_mode
+            self.tls.current = new_tls
+        self.config = cfg
+        self.runtime = rt  # the swap: one assignment
+        task = asyncio.create_task(old.retire(max(60.0, cfg.server.shutdown_grace_seconds)))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return True, []
+
+    # ---- admin target interface (see gateway/admin.py) --------------------------------------
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        rt = self.runtime
+        deps = rt.readiness()
+        ok = not self.stopping and not any(str(v).startswith("down") for v in deps.values())
+        return ok, {"config": "loaded", "generation": rt.generation, "dependencies": deps}
+
+    async def jwks(self) -> Any:
+        fwd = self.runtime.components.get("forwarder")
+        fn = getattr(fwd, "jwks", None) if fwd is not None else None
+        if fn is None:
+            return None
+        out = fn()
+        if asyncio.iscoroutine(out):
+            out = await out
+        return out
+
+
+def headers_expect_continue(request: web.BaseRequest) -> bool:
+    exp = request.headers.get("Expect")
+    return exp is not None and exp.lower() == "100-continue" and request.version >= (1, 1)
+
+
+def _absolute_host(target: str) -> str | None:
+    """The authority of an absolute-form target (``http://host[:port]/...``), lower-case."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    authority = rest.split("/", 1)[0].split("?", 1)[0]
+    if "@" in authority:
+        return None
+    return authority.lower()
+
+
+async def _read_prefix(content: Any, want: int) -> tuple[bytes, bool]:
+    """Up to ``want`` bytes of the body; complete=True when the body ended within them."""
+    buf = bytearray()
+    while len(buf) < want:
+        chunk = await content.read(want - len(buf))
+        if not chunk:
+            return bytes(buf), True
+        buf += chunk
+    return bytes(buf), content.at_eof()
+
+
+async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = True,
+                admin_socket: str | None = None, ready_fd: int | None = None) -> int:
+    """Run one gateway process until SIGTERM/SIGINT. Returns the exit code."""
+    from gateway import admin as admin_mod
+
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as e:
+        for p in e.problems:
+            print(p, flush=True)
+        return 2
+    rt = build_runtime(cfg, None)
+    await rt.start()
+    gw = Gateway(config_path, cfg, rt, reuse_port=reuse_port)
+    metrics.CONFIG_LAST_SUCCESS.set(time.time())
+    await gw.start()
+    admin_runner = None
+    if admin:
+        admin_runner = await admin_mod.start_admin(gw, cfg.admin.listen)
+    elif admin_socket:
+        admin_runner = await admin_mod.start_admin(gw, None, unix_path=admin_socket)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def on_hup() -> None:
+        t = asyncio.create_task(gw.reload())
+        reloads.add(t)
+        t.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    log.info("portvakt ready (config %s, generation %d)", config_path, rt.generation)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests (at most %.1fs)", cfg.server.shutdown_grace_seconds)
+    gw.stopping = True
+    await gw.shutdown()
+    if admin_runner is not None:
+        await admin_runner.cleanup()
+    return 0
