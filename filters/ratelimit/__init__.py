@@ -154,6 +154,8 @@ class RateLimitConfig(Model):
             parse_sentinel_url(b)
         elif b != "memory" and not b.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError('backend must be "memory", redis://, rediss://, unix://, redis+sentinel:// or "sentinel"')
+        if self.autopipeline and self.max_inflight_batches > self.max_connections:
+            raise ValueError("max_inflight_batches cannot exceed max_connections")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if (self.tls_ca_file or self.tls_cert_file) and b.startswith(("redis://", "unix://")):

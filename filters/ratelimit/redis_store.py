@@ -226,11 +226,20 @@ class RedisBackend:
 
             return make_sentinel
 
-        # Validate the URL now: from_url raises on a bad scheme/port/db without connecting.
-        Redis.from_url(cfg.backend, **common, **tls, **creds)
+        from redis.asyncio import BlockingConnectionPool
+        from redis.asyncio.connection import parse_url
+
+        # A blocking pool: past max_connections a command waits for a free connection (within our
+        # timeout) instead of failing. The URL is parsed now so a bad one fails the config load;
+        # the username/password fields override the URL's.
+        plain_kw = {**parse_url(cfg.backend), **common, **tls, **creds, "timeout": self.timeout}
+        if "path" in plain_kw:  # unix socket: no connect timeout keyword there
+            plain_kw.pop("socket_connect_timeout", None)
 
         def make_plain():
-            return None, Redis.from_url(cfg.backend, **common, **tls, **creds)
+            return None, Redis.from_pool(BlockingConnectionPool(**plain_kw))
+
+        make_plain()  # validates every keyword without connecting
 
         return make_plain
 
