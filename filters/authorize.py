@@ -24,10 +24,11 @@ import hmac
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
 
+from filters.tokens import ACR_RANKS, acr_rank  # the one ordering of ID-porten levels
 from gateway import norid, problems
 from gateway.chain import ALLOW, POS_AUTHORIZE, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.configbase import Model
@@ -39,29 +40,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("portvakt.authorize")
 grant_log = logging.getLogger("portvakt.grants")
-
-# ID-porten levels in order. `Level3`/`Level4` are the older names of substantial/high.
-_ACR_RANKS = {
-    "idporten-loa-low": 1,
-    "idporten-loa-substantial": 2,
-    "Level3": 2,
-    "idporten-loa-high": 3,
-    "Level4": 3,
-}
-
-
-def _acr_rank(acr: str | None) -> int:
-    """Rank of an ID-porten ``acr`` (0 for absent or unknown values: below every level)."""
-    return _ACR_RANKS.get(acr or "", 0)
-
-
-try:  # the tokens stage owns the authoritative ordering when it exports one
-    from filters.tokens import acr_rank as _tokens_acr_rank  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the tokens module's version
-    _tokens_acr_rank = None
-
-acr_rank: Callable[[str | None], int] = _tokens_acr_rank or _acr_rank
-
 
 # --- config --------------------------------------------------------------------------------
 
@@ -78,8 +56,8 @@ class AccessRule(Model):
     @field_validator("acr")
     @classmethod
     def _acr(cls, v: str | None) -> str | None:
-        if v is not None and v not in _ACR_RANKS:
-            raise ValueError(f"unknown acr {v!r}; known: {', '.join(_ACR_RANKS)}")
+        if v is not None and v not in ACR_RANKS:
+            raise ValueError(f"unknown acr {v!r}; known: {', '.join(ACR_RANKS)}")
         return v
 
     @field_validator("pid_from")
