@@ -1,0 +1,269 @@
+"""The bench's rows, as data: each scenario is a target kind, a request shape and (for Portvakt) a
+config dict following the config sections of the issues. ``bench/run.py`` turns the request
+shape into a wrk Lua script, the config into a YAML file, and measures.
+
+Adding a row is adding a ``Scenario`` to ``SCENARIOS``. A Portvakt scenario names the stage
+modules it needs (``modules``: they must import and expose their builder, else the row says
+"skipped: ...") and the filters whose decisions must show up in ``/metrics`` after the preflight
+request (``expect_filters``), so a row never measures a feature that silently did not run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# The org numbers of the dev PKI: the integration's owner, and the organisation granting it access.
+CALLER_ORG = "991825827"
+TARGET_ORG = "958935420"
+INTEGRATION_ID = "5d0c6c1e-3f0a-4b7e-9a51-8c2f6e1d4b3a"
+SERVICE = "bench"
+
+
+@dataclass
+class Env:
+    """What the harness prepared for this run (paths, ports, credentials)."""
+
+    work: str
+    pki_dir: str
+    upstream_url: str
+    token: str = ""
+    integration_password: str = ""
+    integration_hash: str = ""
+    redis_url: str | None = None
+    crs_dir: str | None = None  # .../waf/crs (rules/ and crs-setup.conf.example inside)
+
+    def path(self, name: str) -> str:
+        return f"{self.work}/{name}"
+
+
+@dataclass
+class Request:
+    method: str = "GET"
+    path: str = "/bench/items/42"
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass
+class Scenario:
+    name: str
+    kind: str  # "upstream" | "bare" | "nginx" | "portvakt"
+    request: Callable[[Env], Request]
+    config: Callable[[Env], dict[str, Any]] | None = None  # Portvakt config sections
+    compare: str | None = None  # the row this one is compared with (besides the bare proxy)
+    modules: tuple[str, ...] = ()  # "module:builder" that must exist
+    expect_filters: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()  # "redis", "crs", "nginx"
+    tags: tuple[str, ...] = ()
+
+
+# ---- request shapes ---------------------------------------------------------------------------
+
+def _json_body() -> bytes:
+    """A typical ~1 KB JSON API request (a case-file update), benign at any paranoia level 1 WAF."""
+    doc = {
+        "saksnummer": "2025/4711",
+        "tittel": "Byggesak - tilbygg til enebolig, gnr 12 bnr 345",
+        "status": "under_behandling",
+        "saksbehandler": {"navn": "Kari Nordmann", "enhet": "Plan og bygg"},
+        "mottatt": "2025-03-14T09:30:00+01:00",
+        "frist": "2025-05-14",
+        "parter": [
+            {"rolle": "tiltakshaver", "navn": "Ola Hansen", "adresse": "Storgata 1, 0155 Oslo"},
+            {"rolle": "ansvarlig_soker", "navn": "Byggmester Berg AS", "organisasjonsnummer": "974760673"},
+        ],
+        "dokumenter": [
+            {"id": i, "tittel": f"Vedlegg {i}: situasjonsplan og fasadetegninger", "mimetype": "application/pdf",
+             "storrelse": 183_000 + i * 1_337}
+            for i in range(1, 6)
+        ],
+        "merknad": "Naboene er varslet. Ingen merknader mottatt innen fristen.",
+    }
+    body = json.dumps(doc, ensure_ascii=False).encode()
+    return body + b" " * max(0, 1024 - len(body))
+
+
+JSON_BODY = _json_body()
+
+
+def get_plain(env: Env) -> Request:
+    return Request("GET", "/bench/items/42", {"Accept": "application/json"})
+
+
+def post_json(env: Env) -> Request:
+    return Request("POST", "/bench/items", {"Accept": "application/json", "Content-Type": "application/json"}, JSON_BODY)
+
+
+def _fiks_headers(env: Env) -> dict[str, str]:
+    return {
+        "Authorization": f"Bearer {env.token}",
+        "IntegrasjonId": INTEGRATION_ID,
+        "IntegrasjonPassord": env.integration_password,
+        "FiksOrgId": TARGET_ORG,
+    }
+
+
+def get_fiks(env: Env) -> Request:
+    r = get_plain(env)
+    r.headers.update(_fiks_headers(env))
+    return r
+
+
+def post_fiks(env: Env) -> Request:
+    r = post_json(env)
+    r.headers.update(_fiks_headers(env))
+    return r
+
+
+# ---- config pieces (shapes from the issues) ---------------------------------------------------
+
+def minimal(env: Env) -> dict[str, Any]:
+    """TLS, one route, ingress on (it is part of every route), every optional stage off."""
+    return {
+        "upstreams": {"bench": {"url": env.upstream_url, "max_connections": 100}},
+        "routes": [{"name": "bench", "match": {"path_prefix": "/bench/"}, "upstream": "bench"}],
+        "waf": {"mode": "off"},
+        "audit": {"enabled": False},
+    }
+
+
+def _route(cfg: dict[str, Any]) -> dict[str, Any]:
+    return cfg["routes"][0]
+
+
+def with_identity(cfg: dict[str, Any], env: Env) -> dict[str, Any]:
+    cfg["issuers"] = {
+        "maskinporten": {
+            "kind": "maskinporten",
+            "issuer": "https://test.maskinporten.no/",
+            "jwks_file": f"{env.pki_dir}/issuer-jwks.json",
+        }
+    }
+    cfg["integrations"] = [
+        {
+            "id": INTEGRATION_ID,
+            "password_hash": env.integration_hash,
+            "authorized_org": CALLER_ORG,
+            "grants": [{"organization": TARGET_ORG, "services": [SERVICE]}],
+        }
+    ]
+    r = _route(cfg)
+    r["service"] = SERVICE
+    r["legal_basis"] = "bench (no personal data)"
+    r["organization_from"] = "header:FiksOrgId"
+    r["access"] = {"any_of": [{"integration": True, "scopes": ["ks:fiks"]}]}
+    return cfg
+
+
+def with_rate_limit(cfg: dict[str, Any], backend: str, identity: bool = False) -> dict[str, Any]:
+    # Limits far above what the bench can send: every check runs, none refuses.
+    cfg["rate_limit"] = {"backend": backend, "on_backend_error": "local"}
+    if backend != "memory":
+        # Every process sharing Redis must derive the same keys for client IPs and persons.
+        cfg["rate_limit"]["pseudonym_key"] = "bench-pseudonym-key-not-a-secret-0123456789"
+    rules: list[dict[str, Any]] = [
+        {"per": "client_ip", "limit": 10_000_000, "period_seconds": 1, "burst": 10_000_000, "stage": "pre_auth"}
+    ]
+    if identity:
+        rules.append({"per": "integration", "limit": 10_000_000, "period_seconds": 1, "burst": 10_000_000})
+    _route(cfg)["rate_limits"] = rules
+    return cfg
+
+
+def with_waf(cfg: dict[str, Any], env: Env, rules: str) -> dict[str, Any]:
+    waf: dict[str, Any] = {"mode": "enforce", "rules": rules, "paranoia_level": 1}
+    if rules == "crs":
+        assert env.crs_dir is not None
+        waf["crs_path"] = f"{env.crs_dir}/rules"
+        waf["crs_setup"] = f"{env.crs_dir}/crs-setup.conf.example"
+    cfg["waf"] = waf
+    return cfg
+
+
+def with_audit(cfg: dict[str, Any], env: Env, durability: str, tag: str) -> dict[str, Any]:
+    cfg["audit"] = {
+        "enabled": True,
+        "path": env.path(f"audit-{tag}.jsonl"),
+        "durability": durability,
+        "key": "bench-audit-key-not-a-secret-0123456789",
+    }
+    return cfg
+
+
+def _c(*steps: Callable[[dict[str, Any], Env], dict[str, Any]]) -> Callable[[Env], dict[str, Any]]:
+    def build(env: Env) -> dict[str, Any]:
+        cfg = minimal(env)
+        for s in steps:
+            cfg = s(cfg, env)
+        return cfg
+
+    return build
+
+
+TOKENS = ("filters.tokens:build_stage", "filters.integrations:build_stage", "filters.authorize:build_stage")
+RATELIMIT = ("filters.ratelimit:build_stage",)
+WAF = ("filters.waf:build_stage",)
+AUDIT = ("gateway.audit:build_audit",)
+IDENTITY_FILTERS = ("tokens", "integrations", "authorize")
+
+BARE_GET = "bare aiohttp proxy, TLS"
+BARE_POST = "bare aiohttp proxy, TLS, 1 KB JSON POST"
+PV_GET = "Portvakt, TLS, minimal config"
+PV_POST = "Portvakt, TLS, minimal, 1 KB JSON POST"
+RL_MEMORY = "+ rate limiter, in-process (no Redis)"
+
+SCENARIOS: list[Scenario] = [
+    Scenario("upstream direct (HTTP, no proxy)", "upstream", get_plain),
+    Scenario(BARE_GET, "bare", get_plain),
+    Scenario("nginx proxy, TLS (reference)", "nginx", get_plain, needs=("nginx",)),
+    Scenario(PV_GET, "portvakt", get_plain, _c(), compare=BARE_GET, expect_filters=("ingress",)),
+    Scenario(
+        "+ Maskinporten token + integration", "portvakt", get_fiks, _c(with_identity),
+        compare=PV_GET, modules=TOKENS, expect_filters=IDENTITY_FILTERS, tags=("identity",),
+    ),
+    Scenario(
+        RL_MEMORY, "portvakt", get_plain, _c(lambda c, e: with_rate_limit(c, "memory")),
+        compare=PV_GET, modules=RATELIMIT, expect_filters=("rate_limit_pre",), tags=("ratelimit",),
+    ),
+    Scenario(
+        "+ rate limiter, Redis", "portvakt", get_plain,
+        _c(lambda c, e: with_rate_limit(c, e.redis_url or "")),
+        compare=RL_MEMORY, modules=RATELIMIT, expect_filters=("rate_limit_pre",), needs=("redis",),
+        tags=("ratelimit",),
+    ),
+    Scenario(
+        "+ audit, batch (group commit)", "portvakt", get_plain,
+        _c(lambda c, e: with_audit(c, e, "batch", "batch")), compare=PV_GET, modules=AUDIT, tags=("audit",),
+    ),
+    Scenario(
+        "+ audit, strict (fsync before forward)", "portvakt", get_plain,
+        _c(lambda c, e: with_audit(c, e, "strict", "strict")), compare=PV_GET, modules=AUDIT, tags=("audit",),
+    ),
+    Scenario(BARE_POST, "bare", post_json),
+    Scenario(PV_POST, "portvakt", post_json, _c(), compare=BARE_POST, expect_filters=("ingress",)),
+    Scenario(
+        "+ WAF built-in pack, PL1, 1 KB JSON POST", "portvakt", post_json,
+        _c(lambda c, e: with_waf(c, e, "builtin")), compare=PV_POST, modules=WAF, expect_filters=("waf",),
+        tags=("waf",),
+    ),
+    Scenario(
+        "+ WAF OWASP CRS v4, PL1, 1 KB JSON POST", "portvakt", post_json,
+        _c(lambda c, e: with_waf(c, e, "crs")), compare=PV_POST, modules=WAF, expect_filters=("waf",),
+        needs=("crs",), tags=("waf",),
+    ),
+    Scenario(
+        "full pipeline: token + integration + WAF PL1 + Redis limiter + audit, 1 KB JSON POST", "portvakt",
+        post_fiks,
+        _c(
+            with_identity,
+            lambda c, e: with_waf(c, e, "builtin"),
+            lambda c, e: with_rate_limit(c, e.redis_url or "", identity=True),
+            lambda c, e: with_audit(c, e, "batch", "full"),
+        ),
+        compare=PV_POST, modules=TOKENS + RATELIMIT + WAF + AUDIT,
+        expect_filters=IDENTITY_FILTERS + ("waf", "rate_limit_pre", "rate_limit"), needs=("redis",),
+        tags=("identity", "ratelimit", "waf", "audit"),
+    ),
+]
