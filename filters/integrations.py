@@ -388,7 +388,7 @@ class IntegrationsStage(Stage):
         return h
 
     def _digest(self, iid: str, password: str) -> bytes:
-        return hmac.new(self._key, iid.encode() + b"\0" + password.encode("utf-8", "surrogatepass"), sha256).digest()
+        return hmac.new(self._key, iid.encode() + b"\0" + password.encode("utf-8"), sha256).digest()
 
     async def password_ok(self, iid: str, password: str) -> bool:
         """Whether ``password`` is the password of integration ``iid`` (False for unknown ids,
@@ -438,6 +438,18 @@ class IntegrationsStage(Stage):
             return ok
         finally:
             self._inflight.pop(key, None)
+
+
+def _usable(password: str) -> bool:
+    """Non-empty, bounded, and valid UTF-8 (aiohttp keeps undecodable header bytes as surrogates,
+    which no hash made by `portvakt hash-password` can match)."""
+    if not password or len(password) > MAX_PASSWORD_LENGTH:
+        return False
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _same(a: str | None, b: str) -> bool:
@@ -492,10 +504,10 @@ class IntegrationsFilter(Filter):
             return self._fail(ctx, INTEGRATION_TOKEN_MISSING)
         password = pws[0]
         integ = stage.integrations.get(iid)
-        if not password or len(password) > MAX_PASSWORD_LENGTH:
-            ok = False
-        else:
+        if _usable(password):
             ok = await stage.password_ok(iid, password)
+        else:  # nothing argon2 could match: answered without it (reveals nothing about the id)
+            ok = False
         reason: str | None = None
         if integ is None:
             reason = INTEGRATION_UNKNOWN

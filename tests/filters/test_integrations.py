@@ -248,6 +248,8 @@ FAILURES = [
     ("unknown id", dict(headers=creds(UNKNOWN_ID)), "integration_unknown"),
     ("wrong password", dict(headers=creds(password="feil")), "integration_bad_password"),
     ("empty password", dict(headers=creds(password="")), "integration_bad_password"),
+    ("undecodable password", dict(headers=creds(password="\udcff\udcfe")), "integration_bad_password"),
+    ("overlong password", dict(headers=creds(password="x" * 1025)), "integration_bad_password"),
     ("org mismatch", dict(headers=creds(), token=maskinporten(OTHER_ORG)), "integration_org_mismatch"),
     ("cert mismatch", dict(headers=creds(), cert=certificate(OTHER_ORG)), "integration_cert_mismatch"),
     ("cert without org", dict(headers=creds(), cert=certificate(None)), "integration_cert_mismatch"),
@@ -503,3 +505,9 @@ def test_grant_fixture_orgs_are_valid():
 
     assert all(is_org_number(o) for o in (OWNER_ORG, GRANTING_ORG, OTHER_ORG))
     assert FAST.verify(FAST.hash("x"), "x")
+
+
+async def test_non_ascii_password_verifies():
+    stage, flt = build(make_config([integration(password="blåbær-syltetøy")]))
+    assert await flt.check(ctx(creds(password="blåbær-syltetøy"), token=maskinporten())) is ALLOW
+    assert stage.hasher.calls == 1
