@@ -511,3 +511,21 @@ async def test_non_ascii_password_verifies():
     stage, flt = build(make_config([integration(password="blåbær-syltetøy")]))
     assert await flt.check(ctx(creds(password="blåbær-syltetøy"), token=maskinporten())) is ALLOW
     assert stage.hasher.calls == 1
+
+
+def test_portvakt_hash_password_command_line():
+    """The real CLI wiring: `python -m gateway hash-password` with the password on stdin."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "hash-password", "--time-cost", "1", "--memory-cost", "8", "--parallelism", "1"],
+        input="demo-passord\n", capture_output=True, text=True, cwd=root, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    hashed = out.stdout.strip()
+    assert hashed.startswith("$argon2id$v=19$m=8,t=1,p=1$")
+    assert PasswordHasher().verify(hashed, "demo-passord")
+    assert "demo-passord" not in out.stdout + out.stderr
