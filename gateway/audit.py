@@ -560,5 +560,24 @@ def _scrub_facts(v: Any, key: bytes) -> Any:
     return scrub(str(v), key)
 
 
+def worker_suffix(secrets_: dict[str, Any] | None) -> str:
+    """With ``--workers N`` each worker process writes its own chain: ``<path>.w<index>``. The
+    worker index comes from ``secrets["worker_index"]`` or ``PORTVAKT_WORKER_INDEX``."""
+    idx = (secrets_ or {}).get("worker_index")
+    if idx is None:
+        idx = os.environ.get("PORTVAKT_WORKER_INDEX") or None
+    return f".w{int(idx)}" if idx is not None else ""
+
+
 def build_audit(env: "BuildEnv") -> AuditSink:
-    return AuditSink(env.config, env.config.resolve_path, env.secrets)
+    suffix = worker_suffix(env.secrets)
+    base = env.config.resolve_path
+    if not suffix:
+        return AuditSink(env.config, base, env.secrets)
+    cfg = env.config.audit
+    own = {p for p in (cfg.path, cfg.redis.spool_path if cfg.redis else None) if p}
+
+    def resolve(p: str) -> str:
+        return base(p) + suffix if p in own else base(p)
+
+    return AuditSink(env.config, resolve, env.secrets)

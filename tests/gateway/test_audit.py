@@ -128,7 +128,7 @@ async def test_strict_writes_granted_record_before_forward_then_completion(tmp_p
 
 def metric(name: str, **labels) -> float:
     text = generate_latest(REGISTRY).decode()
-    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
     for line in text.splitlines():
         if line.startswith(want + " "):
             return float(line.split()[-1])
@@ -499,3 +499,76 @@ async def test_detections_and_facts_recorded(tmp_path):
     r = requests_of(lines(tmp_path / "audit.jsonl"))[0]
     assert r["detections"] == [{"filter": "waf", "reason": "sqli"}]
     assert r["facts"] == {"identity": {"assertion_jti": "j1"}}
+
+
+# ------------------------------------------------------------------------------ Redis sink
+
+
+async def wait_for(cond, timeout=8.0):
+    for _ in range(int(timeout / 0.02)):
+        if await cond():
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_redis_stream_copy_with_spool_while_down(tmp_path, redis_server):
+    spool = tmp_path / "spool"
+    cfg = make_config(audit=audit_cfg(tmp_path, redis={"url": redis_server.url, "stream": "audit", "spool_path": str(spool)}))
+    sink = await started(cfg)
+    client = redis_server.client()
+
+    async def stream_ids() -> set[str]:
+        try:
+            entries = await client.xrange("audit")
+        except Exception:
+            return set()
+        return {json.loads(f[b"record"]).get("request_id", "-") for _, f in entries}
+
+    try:
+        sink.record(outcome(make_ctx(cfg, request_id="up-1"), 200, "allow"))
+
+        async def has(*ids):
+            got = await stream_ids()
+            return all(i in got for i in ids)
+
+        assert await wait_for(lambda: has("up-1"))
+        assert sink.readiness()["redis"] == "ok"
+        redis_server.kill()
+        for i in range(3):
+            sink.record(outcome(make_ctx(cfg, request_id=f"down-{i}"), 200, "allow"))
+
+        async def spooling():
+            return spool.exists() and spool.stat().st_size > 0 and sink.readiness()["redis"].startswith("fallback")
+
+        assert await wait_for(spooling)
+        assert sink.readiness()["file"] == "ok"  # the primary sink is unaffected
+        assert "down-0" in spool.read_text()
+        redis_server.start()  # comes back empty (no persistence): the spool is sent again, in order
+        await client.aclose()
+        client = redis_server.client()
+        assert await wait_for(lambda: has("down-0", "down-1", "down-2"))
+        assert not spool.exists()
+        sink.record(outcome(make_ctx(cfg, request_id="up-2"), 200, "allow"))
+        assert await wait_for(lambda: has("up-2"))
+        entries = await client.xrange("audit")
+        seqs = [json.loads(f[b"record"])["seq"] for _, f in entries]
+        assert seqs == sorted(seqs)
+    finally:
+        await sink.close()
+        await client.aclose()
+    assert metric("portvakt_audit_records_total", sink="redis", result="spooled") >= 3
+
+
+async def test_each_worker_writes_its_own_chain(tmp_path):
+    cfg = make_config(audit=audit_cfg(tmp_path))
+    sinks = [build_audit(BuildEnv(config=cfg, base_dir=".", secrets={"worker_index": i})) for i in range(2)]
+    for s in sinks:
+        await s.start()
+    for i, s in enumerate(sinks):
+        s.record(outcome(make_ctx(cfg, request_id=f"w{i}"), 200, "allow"))
+        await s.close()
+    for i in range(2):
+        f = str(tmp_path / f"audit.jsonl.w{i}")
+        assert [r["request_id"] for r in requests_of(lines(Path(f)))] == [f"w{i}"]
+        verify([f], KEY)
