@@ -31,6 +31,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from prometheus_client import Counter
 from pydantic import Field, field_validator, model_validator
 
 from filters.jwks import VERIFIERS, JwksStore, KeysUnavailable, VerifyKey, check_algorithms, check_jwks_uri
@@ -38,6 +39,7 @@ from gateway import problems
 from gateway.chain import ALLOW, POS_TOKENS, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.configbase import Model
 from gateway.context import Detection, RequestContext, TokenIdentity
+from gateway.metrics import REGISTRY
 from gateway.problems import Problem
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,6 +106,16 @@ INTERNAL_REASONS = (
     TOKEN_BAD_SIGNATURE, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, TOKEN_BAD_AUDIENCE, TOKEN_CLAIMS_INVALID,
     TOKEN_KIND_MISMATCH,
 )
+
+VERIFICATIONS = Counter(
+    "portvakt_token_verifications_total",
+    "Bearer tokens checked: verified (signature checked now), cache_hit, failed",
+    ["result"],
+    registry=REGISTRY,
+)
+_VERIFIED = VERIFICATIONS.labels("verified")
+_CACHE_HIT = VERIFICATIONS.labels("cache_hit")
+_FAILED = VERIFICATIONS.labels("failed")
 
 WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 _DETAIL = "The bearer token is not valid."
@@ -327,6 +339,7 @@ class TokensStage(Stage):
 
     def fail(self, ctx: RequestContext, rt: IssuerRuntime | None, internal: str) -> Decision:
         """The one 401 for every token failure (precise reason internal only)."""
+        _FAILED.inc()
         if rt is not None:
             ctx.audit["tokens"] = {"issuer": rt.name, "result": internal}
             if rt.mode is Mode.detect and self._filter is not None and self._filter.mode is Mode.enforce:
@@ -342,6 +355,7 @@ class TokensStage(Stage):
         if hit is not None:
             if now < hit.valid_until and hit.issuer.store.lookup(hit.kid) is not None:
                 self._cache.move_to_end(digest)
+                _CACHE_HIT.inc()
                 ctx.token = hit.identity
                 ctx.audit["tokens"] = {**hit.audit, "cached": True}
                 return ALLOW
@@ -426,6 +440,7 @@ class TokensStage(Stage):
         if len(self._cache) >= self.cache_max:
             self._cache.popitem(last=False)
         self._cache[digest] = _Cached(identity, rt, key.kid, float(exp) + leeway, audit)
+        _VERIFIED.inc()
         ctx.token = identity
         ctx.audit["tokens"] = {**audit, "cached": False}
         return ALLOW
