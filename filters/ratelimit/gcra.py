@@ -38,6 +38,7 @@ class Policy:
     burst: int
     interval_us: int  # T
     tolerance_us: int  # tau = burst * T
+    resp_args: bytes  # ARGV of the script (T, tau, "") in RESP, packed once for the Redis hot path
 
     @classmethod
     def of(cls, limit: int, period: float, burst: int | None = None) -> "Policy":
@@ -47,7 +48,8 @@ class Policy:
         if b < 1:
             raise ValueError("burst must be at least 1")
         t = max(1, round(period * US / limit))
-        return cls(limit, period, b, t, b * t)
+        argv = b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in (b"%d" % t, b"%d" % (b * t), b""))
+        return cls(limit, period, b, t, b * t, argv)
 
 
 @dataclass(slots=True, frozen=True)

@@ -173,7 +173,8 @@ async def test_python_step_matches_lua_on_random_walk(redis_server):
     client = redis_server.client()
     sha = await client.script_load(GCRA_LUA)
     try:
-        for policy in (Policy.of(7, 3, burst=4), Policy.of(1000, 1, burst=50), Policy.of(3, 0.7)):
+        # T >= 2 s: the key's real-time TTL (>= T) cannot run out during the walk.
+        for policy in (Policy.of(7, 30, burst=4), Policy.of(1000, 3600, burst=50), Policy.of(3, 7)):
             tat: int | None = None
             now = T0
             for _ in range(300):
