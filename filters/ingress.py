@@ -20,7 +20,8 @@ Reason ids (status):
                                resolution leaves the matched route prefix
 ``request_smuggling``  400     both ``Content-Length`` and ``Transfer-Encoding``; duplicate
                                ``Content-Length`` values that differ or are not plain digits;
-                               ``Transfer-Encoding`` other than exactly one ``chunked``
+                               ``Transfer-Encoding`` other than exactly one ``chunked``, or any
+                               in an HTTP/1.0 request. The connection is closed after the 400.
 =====================  ======  ================================================================
 
 421 (Misdirected Request) rather than 404 for a foreign Host: the request reached a listener
@@ -187,8 +188,12 @@ def check_path(raw_path: str, prefix: str) -> str | None:
     return None
 
 
-def check_framing(headers) -> str | None:
-    """Why the body framing headers are ambiguous (request smuggling shapes), or None."""
+def check_framing(headers, version: tuple[int, int] | None = None) -> str | None:
+    """Why the body framing headers are ambiguous (request smuggling shapes), or None.
+
+    ``version`` is the request's HTTP version: RFC 9112 6.1 says an HTTP/1.0 message carrying
+    Transfer-Encoding has faulty framing.
+    """
     te = headers.getall("Transfer-Encoding", ())
     cl = headers.getall("Content-Length", ())
     if te and cl:
@@ -196,6 +201,8 @@ def check_framing(headers) -> str | None:
     if te:
         if len(te) != 1 or te[0].strip().lower() != "chunked":
             return "bad_transfer_encoding"
+        if version is not None and tuple(version) < (1, 1):
+            return "te_in_http10"
     if cl:
         values = {v.strip() for v in cl}
         if len(values) != 1:
@@ -268,10 +275,17 @@ class IngressFilter(Filter):
             return Deny(Problem(HEADERS_TOO_LARGE, detail=f"Header fields over {self._max_header_bytes} bytes",
                                 internal_reason="header_bytes"))
 
-        framing = check_framing(headers)
+        request = ctx.request
+        framing = check_framing(headers, getattr(request, "version", None))
         if framing is not None:
+            # The message boundary is unknown, so nothing after it on this connection can be
+            # trusted: close once the 400 is sent (RFC 9112 6.3), like the parser does for its own.
+            # ``close()`` (not ``force_close()``, which drops the transport before the answer).
+            protocol = getattr(request, "protocol", None)
+            if protocol is not None:
+                protocol.close()
             return Deny(Problem(REQUEST_SMUGGLING, detail="Ambiguous Content-Length / Transfer-Encoding",
-                                internal_reason=framing))
+                                internal_reason=framing, headers={"Connection": "close"}))
         cl = headers.get("Content-Length")
         if cl is not None and int(cl) > self._max_body:
             return Deny(Problem(BODY_TOO_LARGE, detail=f"Request body over {self._max_body} bytes"))

@@ -234,6 +234,28 @@ SMUGGLING_CASES = [
 ]
 
 
+async def test_transfer_encoding_in_http10_is_smuggling_and_closes_the_connection():
+    class Protocol:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    class Req:
+        version = (1, 0)
+        protocol = Protocol()
+
+    ctx = _ctx(method="POST", headers=[("Host", "h"), ("Transfer-Encoding", "chunked")])
+    ctx.request = Req()  # type: ignore[assignment]
+    d = await _filter().check(ctx)
+    assert isinstance(d, Deny) and d.problem.log_reason == "te_in_http10"
+    assert d.problem.headers["Connection"] == "close" and Req.protocol.closed
+    Req.version = (1, 1)
+    Req.protocol.closed = False
+    assert isinstance(await _filter().check(ctx), Allow)
+    assert not Req.protocol.closed
+
+
 @pytest.mark.parametrize("headers, expected", SMUGGLING_CASES)
 async def test_request_smuggling_shapes(headers, expected):
     f = _filter()
