@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from gateway.chain import Mode
@@ -9,18 +11,32 @@ from gateway.configbase import Model
 
 
 class WafConfig(Model):
-    mode: Mode = Mode.enforce
-    rules: str = Field("builtin", description='"builtin" or "crs"')
-    crs_path: str | None = Field(None, description="Directory of CRS rules (*.conf, *.data) when rules: crs")
-    crs_setup: str | None = Field(None, description="CRS setup file (crs-setup.conf)")
-    paranoia_level: int = Field(1, ge=1, le=4)
-    detection_paranoia_level: int | None = Field(None, ge=1, le=4)
+    mode: Mode = Field(Mode.enforce, description="off | detect (record only) | enforce (403 waf_blocked)")
+    rules: Literal["builtin", "crs"] = Field("builtin", description='"builtin" (filters/waf/rules) or "crs"')
+    crs_path: str | None = Field(None, description="CRS directory (its rules/ with *.conf, *.data) when rules: crs")
+    crs_setup: str | None = Field(None, description="Optional crs-setup.conf, loaded before the rules; "
+                                  "the paranoia and threshold settings below still win")
+    paranoia_level: int = Field(1, ge=1, le=4, description="CRS blocking paranoia level")
+    detection_paranoia_level: int | None = Field(None, ge=1, le=4,
+                                                 description="Rules up to this level run and log but only "
+                                                 "paranoia_level rules count towards blocking")
     anomaly_threshold: int = Field(5, ge=1, description="Inbound anomaly score that blocks")
-    inspection_limit_bytes: int = Field(131072, ge=0, description="Body bytes inspected")
-    on_inspection_limit: str = Field("inspect_partial", description='"reject" or "inspect_partial"')
+    inspection_limit_bytes: int = Field(131072, ge=0, description="Body bytes buffered and inspected")
+    on_inspection_limit: Literal["reject", "inspect_partial"] = Field(
+        "inspect_partial", description="A larger body: reject (413 waf_body_limit) or inspect the first bytes"
+    )
+    prefilter: Literal["background", "sync", "off"] = Field(
+        "background", description="hyperscan prefilter: compile in a child process while serving on RE2 "
+        "(background), before serving (sync), or not at all (off). Compiled databases are cached on disk."
+    )
+    expose_matches_header: bool = Field(
+        False, description="TEST ONLY (CRS conformance): add X-Portvakt-Waf-Matches with the matched rule ids"
+    )
 
 
 class RouteWafConfig(Model):
-    remove_rule_ids: list[int] = Field(default_factory=list)
-    remove_rule_tags: list[str] = Field(default_factory=list)
-    remove_targets: list[str] = Field(default_factory=list, description='"942100:ARGS:comment" style exclusions')
+    remove_rule_ids: list[int] = Field(default_factory=list, description="Rule ids not run on this route")
+    remove_rule_tags: list[str] = Field(default_factory=list, description="Rules with any of these tags not run")
+    remove_targets: list[str] = Field(
+        default_factory=list, description='"942100:ARGS:comment" (rule id or tag, then the variable) exclusions'
+    )

@@ -1,0 +1,173 @@
+"""CRS conformance: replay ../shared/waf/crs-regression.jsonl through Portvakt's WAF engine.
+
+Judges each record as CRS's own runner (go-ftw) does: the expected rule id must be in the
+engine's log (``expect_ids``, or the id in a ``match_regex``), a ``no_expect_ids`` id must not.
+CRS runs at detection paranoia 4 in detection-only mode; so does this run. Records listed in
+bench/crs-overrides.yaml (with a reason each) are excluded and counted separately.
+
+The requests are run in-process on the same engine and configuration the gateway filter uses
+(filters.waf.stage.build_ruleset): method, URI (verbatim), protocol, headers and body exactly as
+in the record, including the ``raw_only`` ones that an HTTP client could not send. Response-phase
+records are reported separately (the gateway inspects requests only).
+
+Also runs the false-positive check: ../shared/waf/benign.jsonl at paranoia level 1 in enforce
+mode, counting blocked requests, for the built-in pack and for CRS.
+
+Usage: python bench/crs_conformance.py [--limit N] [--category C] [--failures] [--no-benign]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import json
+import os
+import re
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from filters.waf.stage import WafEngine, shared_dir  # noqa: E402
+
+OVERRIDES = os.path.join(ROOT, "bench", "crs-overrides.yaml")
+
+
+def load_overrides() -> dict[str, str]:
+    import yaml
+
+    with open(OVERRIDES, encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh) or {}
+    out: dict[str, str] = {}
+    for o in doc.get("test_overrides", []):
+        for t in o["test_ids"]:
+            out[f"{o['rule_id']}-{t}"] = o["reason"].strip()
+    return out
+
+
+def record_request(rec: dict) -> dict:
+    body = base64.b64decode(rec["body"]) if rec.get("body_b64") else (rec.get("body") or "").encode("utf-8")
+    headers = list((rec.get("headers") or {}).items())
+    if rec.get("autocomplete_headers") and body and not any(k.lower() == "content-length" for k, _ in headers):
+        headers.append(("Content-Length", str(len(body))))
+    return {
+        "method": rec["method"],
+        "uri": rec["uri"],
+        "protocol": rec.get("version") or "HTTP/1.1",
+        "headers": headers,
+        "body": body,
+    }
+
+
+_ID_RX = re.compile(r"id \"?\\?\"?(\d{6})")
+
+
+def expectations(rec: dict) -> tuple[set[int], set[int]]:
+    exp = set(rec.get("expect_ids") or [])
+    noexp = set(rec.get("no_expect_ids") or [])
+    if rec.get("match_regex"):
+        exp |= {int(x) for x in _ID_RX.findall(rec["match_regex"])}
+    if rec.get("no_match_regex"):
+        noexp |= {int(x) for x in _ID_RX.findall(rec["no_match_regex"])}
+    return exp, noexp
+
+
+def base_key(rec_id: str) -> str:
+    return re.sub(r"-s\d+$", "", rec_id)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--category")
+    ap.add_argument("--rule", type=int)
+    ap.add_argument("--failures", action="store_true", help="list failing records")
+    ap.add_argument("--no-benign", action="store_true")
+    args = ap.parse_args()
+    shared = shared_dir()
+    if shared is None:
+        print("../shared (the CRS rules and the regression corpus) is absent: nothing to run.")
+        return 2
+    t0 = time.time()
+    engine = WafEngine.for_crs(os.path.join(shared, "waf", "crs"), paranoia_level=4, detection_paranoia_level=4,
+                               anomaly_threshold=5, detection_only=True, wait_prefilter=False)
+    print(f"CRS loaded in {time.time() - t0:.1f}s")
+    overrides = load_overrides()
+    per_cat: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    resp_cat: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    skipped = 0
+    failures: list[str] = []
+    n = 0
+    t1 = time.process_time()
+    with open(os.path.join(shared, "waf", "crs-regression.jsonl"), encoding="utf-8") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if args.category and rec["category"] != args.category:
+                continue
+            if args.rule and rec["rule_id"] != args.rule:
+                continue
+            if base_key(rec["id"]) in overrides or rec["id"] in overrides:
+                skipped += 1
+                continue
+            exp, noexp = expectations(rec)
+            if not exp and not noexp:
+                skipped += 1  # status-only records: no rule-id judgement possible in detection mode
+                continue
+            n += 1
+            if args.limit and n > args.limit:
+                break
+            if rec["direction"] == "response":
+                resp_cat[rec["category"]][1] += 1  # not inspected: the gateway inspects requests only
+                continue
+            res = engine.inspect(**record_request(rec))
+            bucket = per_cat
+            got = set(res.matched)
+            ok = exp <= got and not (noexp & got)
+            bucket[rec["category"]][0 if ok else 1] += 1
+            if not ok:
+                failures.append(f"{rec['id']} [{rec['category']}] want {sorted(exp)} not {sorted(noexp)} got {sorted(got)}")
+    cpu = time.process_time() - t1
+    total_ok = sum(v[0] for v in per_cat.values())
+    total = sum(v[0] + v[1] for v in per_cat.values())
+    print(f"\nrequest-phase records: {total} judged, {skipped} excluded by bench/crs-overrides.yaml or status-only")
+    print(f"{'category':24} {'pass':>6} {'fail':>6} {'rate':>8}")
+    for cat in sorted(per_cat):
+        ok, bad = per_cat[cat]
+        print(f"{cat:24} {ok:6} {bad:6} {100.0 * ok / (ok + bad):7.1f}%")
+    if total:
+        print(f"{'OVERALL (request)':24} {total_ok:6} {total - total_ok:6} {100.0 * total_ok / total:7.2f}%")
+    if resp_cat:
+        rok = sum(v[0] for v in resp_cat.values())
+        rt = sum(v[0] + v[1] for v in resp_cat.values())
+        print(f"response-phase records: {rt} not run (the gateway inspects requests only)")
+    print(f"CPU: {cpu:.1f}s for {n} records")
+    if args.failures:
+        print("\nfailures:")
+        for f in failures:
+            print("  " + f)
+    if not args.no_benign:
+        benign(shared)
+    return 0
+
+
+def benign(shared: str) -> None:
+    path = os.path.join(shared, "waf", "benign.jsonl")
+    recs = [json.loads(line) for line in open(path, encoding="utf-8")]
+    for label, eng in (
+        ("builtin", WafEngine.builtin(paranoia_level=1, anomaly_threshold=5)),
+        ("crs", WafEngine.for_crs(os.path.join(shared, "waf", "crs"), paranoia_level=1, anomaly_threshold=5)),
+    ):
+        blocked = []
+        for rec in recs:
+            res = eng.inspect(**record_request(rec))
+            if res.interrupted:
+                blocked.append((rec["id"], res.matched))
+        print(f"benign false positives at PL1, enforce, {label}: {len(blocked)} of {len(recs)}")
+        for b in blocked[:20]:
+            print("   ", b)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

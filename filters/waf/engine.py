@@ -1,0 +1,961 @@
+"""The SecLang engine: a Ruleset compiled once at load, a Transaction per request.
+
+``Ruleset.load(paths, pre_text=...)`` parses SecLang, compiles every operator (RE2), interns the
+transformation pipelines and builds a hyperscan prefilter per pipeline. ``Transaction`` holds one
+request's variables and runs phases 1 and 2 the way libmodsecurity3 does:
+
+- a rule matches when any of its target values (after its transformations) matches; each
+  matching value runs the rule's ``setvar``/``ctl`` actions (as libmodsecurity3 does, so
+  anomaly scores add up per matching value); a chain runs its next link only when this one
+  matched; the starter's disruptive action, ``log`` and ``skipAfter`` apply when the whole chain
+  matched;
+- transformations are cached per (value, pipeline prefix) for the request, and the prefilter
+  scans each transformed value once per pipeline: a rule whose pattern the scan did not see is
+  not run at all.
+
+Engine modes: ``On`` stops at the first ``deny``/``drop``; ``DetectionOnly`` records what would
+have been denied and runs everything (CRS's own test mode).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from filters.waf import bodies, prefilter, transforms
+from filters.waf.macros import Constant, Macro, value_template
+from filters.waf.operators import OperatorError, Operator, compile_rx, parse_operator
+from filters.waf.seclang import Action, Directive, SecLangError, parse_actions, parse_file, parse_text
+
+
+log = logging.getLogger("portvakt.waf")
+
+PHASES = {"1": 1, "2": 2, "3": 3, "4": 4, "5": 5, "request": 2, "response": 4, "logging": 5}
+DISRUPTIVE = ("deny", "drop", "block", "pass", "allow", "redirect", "proxy")
+
+# Collections that are key -> value lists; *_NAMES variables are derived from them.
+_NAMES_OF = {
+    "ARGS_NAMES": "ARGS",
+    "ARGS_GET_NAMES": "ARGS_GET",
+    "ARGS_POST_NAMES": "ARGS_POST",
+    "REQUEST_HEADERS_NAMES": "REQUEST_HEADERS",
+    "REQUEST_COOKIES_NAMES": "REQUEST_COOKIES",
+    "RESPONSE_HEADERS_NAMES": "RESPONSE_HEADERS",
+}
+COLLECTIONS = frozenset(
+    {"ARGS", "ARGS_GET", "ARGS_POST", "REQUEST_HEADERS", "REQUEST_COOKIES", "FILES", "FILES_NAMES",
+     "FILES_SIZES", "FILES_TMPNAMES", "FILES_TMP_CONTENT", "MULTIPART_PART_HEADERS", "RESPONSE_HEADERS",
+     "ENV", "GEO", "IP", "GLOBAL", "SESSION", "USER", "RESOURCE", "RULE"}
+)
+SCALARS = frozenset(
+    {"REQUEST_URI", "REQUEST_URI_RAW", "REQUEST_LINE", "REQUEST_METHOD", "REQUEST_PROTOCOL",
+     "REQUEST_FILENAME", "REQUEST_BASENAME", "QUERY_STRING", "REQUEST_BODY", "REQUEST_BODY_LENGTH",
+     "REMOTE_ADDR", "REMOTE_HOST", "REMOTE_PORT", "SERVER_ADDR", "SERVER_NAME", "SERVER_PORT",
+     "UNIQUE_ID", "REQBODY_PROCESSOR", "REQBODY_ERROR", "REQBODY_ERROR_MSG", "REQBODY_PROCESSOR_ERROR",
+     "MATCHED_VAR", "MATCHED_VAR_NAME", "ARGS_COMBINED_SIZE", "FILES_COMBINED_SIZE", "FULL_REQUEST",
+     "FULL_REQUEST_LENGTH", "AUTH_TYPE", "PATH_INFO", "MULTIPART_FILENAME", "MULTIPART_NAME",
+     "MULTIPART_STRICT_ERROR", "MULTIPART_BOUNDARY_QUOTED", "MULTIPART_BOUNDARY_WHITESPACE",
+     "MULTIPART_DATA_BEFORE", "MULTIPART_DATA_AFTER", "MULTIPART_HEADER_FOLDING", "MULTIPART_LF_LINE",
+     "MULTIPART_MISSING_SEMICOLON", "MULTIPART_INVALID_QUOTING", "MULTIPART_INVALID_PART",
+     "MULTIPART_INVALID_HEADER_FOLDING", "MULTIPART_FILE_LIMIT_EXCEEDED", "MULTIPART_UNMATCHED_BOUNDARY",
+     "MULTIPART_CRLF_LF_LINES", "INBOUND_DATA_ERROR", "URLENCODED_ERROR", "RESPONSE_BODY",
+     "RESPONSE_STATUS", "RESPONSE_PROTOCOL", "RESPONSE_CONTENT_TYPE", "RESPONSE_CONTENT_LENGTH",
+     "STATUS_LINE", "DURATION", "TIME", "TIME_EPOCH", "HIGHEST_SEVERITY", "REQUEST_HEADERS_LENGTH"}
+)
+SPECIAL = frozenset({"TX", "XML", "MATCHED_VARS", "MATCHED_VARS_NAMES"}) | frozenset(_NAMES_OF)
+KNOWN_VARIABLES = COLLECTIONS | SCALARS | SPECIAL
+
+
+class WafLoadError(Exception):
+    """A rule set could not be loaded; the message names file and line."""
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass(slots=True)
+class VarSpec:
+    coll: str
+    key: str | None = None  # lower-cased exact key
+    key_rx: Any = None  # compiled RE2 on the key
+    count: bool = False
+    exclude: bool = False
+
+    def key_matches(self, k: str) -> bool:
+        if self.key_rx is not None:
+            return self.key_rx.search(k.encode("latin-1", "replace")) is not None
+        return self.key is None or k.lower() == self.key
+
+
+def parse_targets(text: str) -> list[VarSpec]:
+    """``ARGS|!ARGS:foo|&TX:x|REQUEST_COOKIES:/^_ga/`` -> VarSpecs. Raises ValueError."""
+    out: list[VarSpec] = []
+    i, n = 0, len(text)
+    while i < n:
+        j = i
+        count = exclude = False
+        while j < n and text[j] in "!&":
+            if text[j] == "!":
+                exclude = True
+            else:
+                count = True
+            j += 1
+        k = j
+        while k < n and text[k] not in ":|":
+            k += 1
+        coll = text[j:k].strip().upper()
+        key: str | None = None
+        key_rx = None
+        if k < n and text[k] == ":":
+            k += 1
+            if k < n and text[k] == "/" and coll != "XML":
+                end = k + 1
+                while end < n and not (text[end] == "/" and text[end - 1] != "\\" and (end + 1 == n or text[end + 1] == "|")):
+                    end += 1
+                if end >= n:
+                    raise ValueError(f"unterminated /regex/ selector in {text!r}")
+                key_rx = compile_rx(text[k + 1 : end].encode("latin-1"))
+                k = end + 1
+            else:
+                s = k
+                while k < n and text[k] != "|":
+                    k += 1
+                key = text[s:k].strip().strip("'")
+                key = key if coll == "XML" else key.lower()
+        if coll not in KNOWN_VARIABLES:
+            raise ValueError(f"unknown variable {coll!r}")
+        out.append(VarSpec(coll, key, key_rx, count, exclude))
+        i = k + 1 if k < n and text[k] == "|" else k
+    return out
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(slots=True, eq=False)
+class Pipeline:
+    idx: int
+    names: tuple[str, ...]
+    fn: Callable[[bytes], bytes] | None  # the last step; None for the empty pipeline
+    parent: "Pipeline | None"
+
+
+@dataclass(slots=True)
+class SetVar:
+    coll: str
+    name: Macro | Constant
+    op: str  # "=", "+", "-", "!" (unset)
+    value: Macro | Constant
+
+
+@dataclass(slots=True, eq=False)
+class Rule:
+    id: int
+    phase: int
+    file: str
+    line: int
+    targets: list[VarSpec]
+    excludes: list[VarSpec]
+    op: Operator
+    pipeline: Pipeline
+    chain: "Rule | None" = None
+    chained: bool = False  # is a chain link (not a starter)
+    disruptive: str | None = None
+    status: int | None = None
+    log: bool = True
+    capture: bool = False
+    multi_match: bool = False
+    setvars: list[SetVar] = field(default_factory=list)
+    ctls: list[tuple[str, str]] = field(default_factory=list)
+    skip_after: str | None = None
+    skip: int = 0
+    msg: Macro | Constant | None = None
+    tags: tuple[str, ...] = ()
+    severity: str | None = None
+    allow: str | None = None
+    pid: int | None = None  # prefilter pattern id
+    actions_raw: list[Action] = field(default_factory=list)
+    has_count_only: bool = False
+
+
+@dataclass(slots=True)
+class Marker:
+    name: str
+
+
+SEVERITIES = {"0": "EMERGENCY", "1": "ALERT", "2": "CRITICAL", "3": "ERROR", "4": "WARNING", "5": "NOTICE", "6": "INFO", "7": "DEBUG"}
+
+
+class Ruleset:
+    """A compiled, immutable rule set. Build with ``Ruleset.load`` / ``Ruleset.from_text``."""
+
+    def __init__(self) -> None:
+        self.phases: dict[int, list[Rule | Marker]] = {p: [] for p in range(1, 6)}
+        self.markers: dict[int, dict[str, list[int]]] = {}
+        self.by_id: dict[int, Rule] = {}
+        self.defaults: dict[int, list[Action]] = {}
+        self.engine_mode = "On"
+        self.body_access = True
+        self.pipelines: dict[tuple[str, ...], Pipeline] = {}
+        self.pipeline_list: list[Pipeline] = []
+        self.prefilter: dict[int, Any] = {}  # pipeline idx -> hyperscan db
+        self.prefilter_unsafe: set[int] = set()  # pids the prefilter cannot judge (always run)
+        self._pids = 0
+        self.patterns: list[tuple[int, int, list[bytes], bool]] = []  # (pipeline idx, pid, srcs, caseless)
+        self.empty = self.pipeline(())
+        self._pending = None
+        self._pf_key = ""
+
+    # ----- building
+    @classmethod
+    def load(cls, files: Iterable[str], pre_text: str = "", post_text: str = "", prefilter: str = "sync") -> "Ruleset":
+        rs = cls()
+        directives: list[Directive] = []
+        try:
+            if pre_text:
+                directives += parse_text(pre_text, "<gateway-config>")
+            for f in files:
+                directives += parse_file(f)
+            if post_text:
+                directives += parse_text(post_text, "<gateway-config-post>")
+        except SecLangError as e:
+            raise WafLoadError(str(e)) from None
+        rs._build(directives)
+        rs._compile_prefilter(prefilter)
+        return rs
+
+    @classmethod
+    def from_text(cls, text: str, path: str = "<string>", prefilter: str = "sync") -> "Ruleset":
+        rs = cls()
+        try:
+            directives = parse_text(text, path)
+        except SecLangError as e:
+            raise WafLoadError(str(e)) from None
+        rs._build(directives)
+        rs._compile_prefilter(prefilter)
+        return rs
+
+    def pipeline(self, names: tuple[str, ...]) -> Pipeline:
+        p = self.pipelines.get(names)
+        if p is None:
+            parent = self.pipeline(names[:-1]) if names else None
+            p = Pipeline(len(self.pipeline_list), names, transforms.get(names[-1]) if names else None, parent)
+            self.pipelines[names] = p
+            self.pipeline_list.append(p)
+        return p
+
+    def _build(self, directives: list[Directive]) -> None:
+        chain_parent: Rule | None = None
+        for d in directives:
+            where = d.where()
+            try:
+                name = d.name
+                if name in ("SecRule", "SecAction"):
+                    if name == "SecRule":
+                        targets_text, op_text = d.args[0], d.args[1]
+                        actions_text = d.args[2] if len(d.args) > 2 else ""
+                    else:
+                        targets_text, op_text, actions_text = None, "@unconditionalMatch", d.args[0]
+                    rule = self._make_rule(d, targets_text, op_text, actions_text, chain_parent)
+                    if chain_parent is not None:
+                        last = chain_parent
+                        while last.chain is not None:
+                            last = last.chain
+                        last.chain = rule
+                        rule.chained = True
+                        rule.phase = chain_parent.phase
+                        if not any(a.name == "chain" for a in rule.actions_raw):
+                            chain_parent = None
+                    else:
+                        if rule.id in self.by_id:
+                            raise ValueError(f"duplicate rule id {rule.id}")
+                        if rule.id:
+                            self.by_id[rule.id] = rule
+                        self.phases[rule.phase].append(rule)
+                        if any(a.name == "chain" for a in rule.actions_raw):
+                            chain_parent = rule
+                elif chain_parent is not None:
+                    raise ValueError(f"{name} inside an unfinished chain")
+                elif name == "SecMarker":
+                    for p in self.phases.values():
+                        p.append(Marker(d.args[0].strip("'")))
+                elif name == "SecDefaultAction":
+                    acts = parse_actions(d.args[0], where)
+                    ph = next((PHASES.get(a.value or "") for a in acts if a.name == "phase"), 2)
+                    if ph is None:
+                        raise ValueError("bad phase")
+                    self.defaults[ph] = [a for a in acts if a.name not in ("phase", "id")]
+                elif name == "SecRuleRemoveById":
+                    for spec in " ".join(d.args).replace(",", " ").split():
+                        self._remove(lambda r, s=spec: _id_in(r.id, s))
+                elif name == "SecRuleRemoveByTag":
+                    rx = compile_rx(d.args[0].encode("latin-1"))
+                    self._remove(lambda r: any(rx.search(t.encode("latin-1", "replace")) for t in r.tags))
+                elif name == "SecRuleRemoveByMsg":
+                    rx = compile_rx(d.args[0].encode("latin-1"))
+                    self._remove(lambda r: r.msg is not None and isinstance(r.msg, Constant) and rx.search(r.msg.value))
+                elif name in ("SecRuleUpdateTargetById", "SecRuleUpdateTargetByTag"):
+                    specs = parse_targets(d.args[1])
+                    if name.endswith("ById"):
+                        sel = [r for r in self._all_rules() if _id_in(r.id, d.args[0])]
+                    else:
+                        rx = compile_rx(d.args[0].encode("latin-1"))
+                        sel = [r for r in self._all_rules() if any(rx.search(t.encode("latin-1", "replace")) for t in r.tags)]
+                    for r in sel:
+                        _update_targets(r, specs, d.args[2] if len(d.args) > 2 else None)
+                elif name == "SecRuleUpdateActionById":
+                    rid = int(d.args[0].split(":")[0])
+                    r = self.by_id.get(rid)
+                    if r is None:
+                        raise ValueError(f"no rule {rid}")
+                    self._apply_actions(r, parse_actions(d.args[1], where), update=True, where=where)
+                elif name == "SecRuleEngine":
+                    v = d.args[0]
+                    if v.lower() not in ("on", "off", "detectiononly"):
+                        raise ValueError("SecRuleEngine must be On, Off or DetectionOnly")
+                    self.engine_mode = {"on": "On", "off": "Off", "detectiononly": "DetectionOnly"}[v.lower()]
+                elif name == "SecRequestBodyAccess":
+                    self.body_access = d.args[0].lower() == "on"
+                # other settings (limits) come from the gateway config
+            except (ValueError, OperatorError, KeyError, re.error) as e:
+                raise WafLoadError(f"{where}: {d.name}: {e}") from None
+        if chain_parent is not None:
+            raise WafLoadError(f"rule {chain_parent.id} ({chain_parent.file}:{chain_parent.line}): chain without a following rule")
+        for ph, items in self.phases.items():
+            m: dict[str, list[int]] = {}
+            for i, it in enumerate(items):
+                if type(it) is Marker:
+                    m.setdefault(it.name, []).append(i)
+            self.markers[ph] = m
+
+    def _all_rules(self) -> list[Rule]:
+        return [r for items in self.phases.values() for r in items if type(r) is Rule]
+
+    def _remove(self, pred: Callable[[Rule], bool]) -> None:
+        for ph, items in self.phases.items():
+            keep = [it for it in items if type(it) is Marker or not pred(it)]
+            for it in items:
+                if type(it) is Rule and pred(it):
+                    self.by_id.pop(it.id, None)
+            self.phases[ph] = keep
+
+    def _make_rule(self, d: Directive, targets_text, op_text, actions_text, parent) -> Rule:
+        where = d.where()
+        acts = parse_actions(actions_text, where) if actions_text else []
+        specs = parse_targets(targets_text) if targets_text is not None else [VarSpec("REQUEST_METHOD")]
+        ctx = {"dir": os.path.dirname(os.path.abspath(d.file)) if not d.file.startswith("<") else os.getcwd()}
+        op = parse_operator(op_text, ctx)
+        phase = 2
+        for a in acts:
+            if a.name == "phase":
+                if a.value not in PHASES:
+                    raise ValueError(f"bad phase {a.value!r}")
+                phase = PHASES[a.value]
+        rid = 0
+        for a in acts:
+            if a.name == "id":
+                rid = int(a.value or "0")
+        if parent is None and not rid:
+            raise ValueError("rule without id")
+        rule = Rule(
+            id=rid if parent is None else parent.id,
+            phase=phase,
+            file=d.file,
+            line=d.line,
+            targets=[s for s in specs if not s.exclude],
+            excludes=[s for s in specs if s.exclude],
+            op=op,
+            pipeline=self.empty,
+            actions_raw=acts,
+        )
+        if parent is None:
+            defaults = self.defaults.get(phase, [])
+            self._apply_actions(rule, defaults, update=False, where=where)
+        self._apply_actions(rule, acts, update=False, where=where, inherit_t=parent is None)
+        if parent is not None:
+            rule.log = False
+            rule.disruptive = None
+        if op.rx_source is not None:
+            rule.pid = self._pids
+            self._pids += 1
+            self.patterns.append((rule.pipeline.idx, rule.pid, op.rx_source, op.rx_caseless))
+        rule.has_count_only = all(s.count for s in rule.targets)
+        return rule
+
+    def _apply_actions(self, rule: Rule, acts: list[Action], update: bool, where: str, inherit_t: bool = True) -> None:
+        names = list(rule.pipeline.names)
+        for a in acts:
+            n, v = a.name, a.value
+            if n == "t":
+                if v is None:
+                    raise ValueError("t: needs a name")
+                if v.lower() == "none":
+                    names = []
+                else:
+                    transforms.get(v)
+                    names.append(v.lower())
+            elif n in DISRUPTIVE:
+                rule.disruptive = n
+                if n == "allow":
+                    rule.allow = (v or "").lower()
+            elif n == "status":
+                rule.status = int(v or "403")
+            elif n == "log":
+                rule.log = True
+            elif n == "nolog":
+                rule.log = False
+            elif n == "capture":
+                rule.capture = True
+            elif n == "multimatch":
+                rule.multi_match = True
+            elif n == "setvar":
+                rule.setvars.append(_parse_setvar(v or ""))
+            elif n == "ctl":
+                k, _, val = (v or "").partition("=")
+                rule.ctls.append((k.strip().lower(), val.strip()))
+            elif n == "skipafter":
+                rule.skip_after = (v or "").strip("'")
+            elif n == "skip":
+                rule.skip = int(v or "0")
+            elif n == "msg":
+                rule.msg = value_template(v or "")
+            elif n == "tag":
+                rule.tags = rule.tags + ((v or ""),)
+            elif n == "severity":
+                rule.severity = SEVERITIES.get(v or "", (v or "").upper())
+            elif n in ("id", "phase", "chain", "auditlog", "noauditlog", "logdata", "ver", "rev", "maturity",
+                       "accuracy", "expirevar", "initcol", "setenv", "setuid", "setsid", "deprecatevar",
+                       "sanitisearg", "sanitisematched", "sanitisematchedbytes", "sanitiserequestheader",
+                       "sanitiseresponseheader", "xmlns", "append", "prepend", "exec"):
+                pass
+            else:
+                raise ValueError(f"unknown action {n!r}")
+        rule.pipeline = self.pipeline(tuple(names))
+
+    def _compile_prefilter(self, mode: str = "sync") -> None:
+        """``sync``: use the disk cache or compile now; ``background``: use the cache or compile
+        in a child process while serving on RE2 alone; ``off``: RE2 only."""
+        self.prefilter_unsafe = {pid for _, pid, _, _ in self.patterns}  # until a db is ready
+        if mode == "off" or prefilter.hyperscan is None or not self.patterns:
+            return
+        key = prefilter.cache_key(self.patterns)
+        self._pf_key = key
+        cached = prefilter.load_cached(key)
+        if cached is None and mode == "sync":
+            unsafe, raw = prefilter.build(self.patterns)
+            try:
+                prefilter.save(key, unsafe, raw)
+            except OSError as e:  # pragma: no cover - read-only home
+                log.warning("cannot write the WAF prefilter cache: %s", e)
+            cached = (unsafe, {k: prefilter.hyperscan.loadb(v) for k, v in raw.items()})
+        if cached is not None:
+            self._install_prefilter(cached)
+            return
+        self._pending = prefilter.spawn(self.patterns, key)
+
+    def _install_prefilter(self, cached) -> None:
+        unsafe, dbs = cached
+        self.prefilter = dbs
+        self.prefilter_unsafe = set(unsafe)
+        self._pending = None
+
+    def poll_prefilter(self) -> None:
+        """Pick up a prefilter built in the background, if it has finished (cheap)."""
+        p = self._pending
+        if p is not None and p.poll() is not None:
+            cached = prefilter.load_cached(self._pf_key)
+            self._pending = None
+            if cached is not None:
+                self._install_prefilter(cached)
+            else:
+                log.warning("WAF prefilter build failed (exit %s): running on RE2 alone", p.returncode)
+
+    def wait_prefilter(self, timeout: float | None = None) -> None:
+        p = self._pending
+        if p is not None:
+            p.wait(timeout)
+            self.poll_prefilter()
+
+    @property
+    def prefilter_state(self) -> str:
+        if self._pending is not None:
+            return "building"
+        return "ready" if self.prefilter else "off"
+
+
+def _id_in(rid: int, spec: str) -> bool:
+    spec = spec.strip()
+    if "-" in spec[1:]:
+        lo, _, hi = spec.partition("-")
+        return int(lo) <= rid <= int(hi)
+    return rid == int(spec)
+
+
+def _update_targets(rule: Rule, specs: list[VarSpec], replace: str | None) -> None:
+    for s in specs:
+        if s.exclude:
+            rule.excludes.append(s)
+        elif replace:
+            old = parse_targets(replace)
+            rule.targets = [t for t in rule.targets if not any(t.coll == o.coll and t.key == o.key for o in old)]
+            rule.targets.append(s)
+        else:
+            rule.targets.append(s)
+
+
+def _parse_setvar(v: str) -> SetVar:
+    v = v.strip()
+    if v.startswith("!"):
+        coll, _, name = v[1:].partition(".")
+        return SetVar(coll.upper(), value_template(name.lower()), "!", Constant(""))
+    lhs, eq, rhs = v.partition("=")
+    coll, _, name = lhs.strip().partition(".")
+    if not name:
+        raise ValueError(f"setvar needs collection.name: {v!r}")
+    if not eq:
+        return SetVar(coll.upper(), value_template(name.lower()), "=", Constant("1"))
+    op = "="
+    if rhs[:1] in "+-" and rhs[1:2] and (rhs[1:2].isdigit() or rhs[1:3] == "%{"):
+        op, rhs = rhs[0], rhs[1:]
+    return SetVar(coll.upper(), value_template(name.lower()), op, value_template(rhs))
+
+
+# --------------------------------------------------------------------------- transaction
+
+
+@dataclass
+class Outcome:
+    matched: list[int]  # logged rule ids, in order
+    interrupted: bool  # a deny/drop fired (enforced or, in DetectionOnly, would have)
+    status: int | None
+    rule_id: int | None  # the rule that interrupted
+    score: int
+
+
+class Transaction:
+    """One request through a Ruleset. Not thread-safe; one per request."""
+
+    def __init__(
+        self,
+        rs: Ruleset,
+        *,
+        method: str,
+        uri: str,
+        protocol: str = "HTTP/1.1",
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes = b"",
+        remote_addr: str = "127.0.0.1",
+        unique_id: str | None = None,
+        tx_vars: dict[str, str] | None = None,
+        removed_ids: frozenset[int] = frozenset(),
+        removed_targets: dict[int, list[VarSpec]] | None = None,
+        detection_only: bool = False,
+        body_processor: str | None = None,
+    ):
+        if rs._pending is not None:
+            rs.poll_prefilter()
+        self.rs = rs
+        self.c: dict[str, list[tuple[str, bytes]]] = {}
+        self.s: dict[str, bytes] = {}
+        self.tx: dict[str, bytes] = {}
+        self.xml_text: list[bytes] = []
+        self.xml_attrs: list[bytes] = []
+        self.matched_vars: list[tuple[str, bytes]] = []
+        self.logged: list[int] = []
+        self.removed_ids = set(removed_ids)
+        self.removed_tags: set[str] = set()
+        self.removed_targets: dict[int, list[VarSpec]] = dict(removed_targets or {})
+        self.engine = "DetectionOnly" if detection_only else rs.engine_mode
+        self.interrupted = False
+        self.would_interrupt: tuple[int, int] | None = None
+        self._tcache: dict[tuple[int, bytes], bytes] = {}
+        self._scache: dict[tuple[int, bytes], set[int]] = {}
+        self.body = body
+        self.body_processor = body_processor
+        self.phase_allow = False
+        self.allow_all = False
+        self._set_request(method, uri, protocol, headers or [], remote_addr, unique_id)
+        for k, v in (tx_vars or {}).items():
+            self.tx[k.lower()] = v.encode() if isinstance(v, str) else v
+
+    # ----- request variables
+    def _set_request(self, method, uri, protocol, headers, remote_addr, unique_id) -> None:
+        s = self.s
+        c = self.c
+        raw = uri.encode("latin-1", "replace") if isinstance(uri, str) else uri
+        path_q = raw
+        m = re.match(rb"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*", raw)
+        if m:
+            path_q = raw[m.end() :] or b"/"
+        path, q, query = path_q.partition(b"?")
+        query = query.split(b"#", 1)[0] if q else b""
+        fname = transforms.url_decode_uni(path.replace(b"+", b"%2B")) if b"%" in path else path
+        s["REQUEST_URI_RAW"] = raw
+        s["REQUEST_URI"] = path_q
+        s["REQUEST_FILENAME"] = fname
+        s["PATH_INFO"] = fname
+        i = max(fname.rfind(b"/"), fname.rfind(b"\\"))
+        s["REQUEST_BASENAME"] = fname[i + 1 :] if i >= 0 else fname
+        s["QUERY_STRING"] = query
+        mb = method.encode("latin-1", "replace")
+        pb = protocol.encode("latin-1", "replace")
+        s["REQUEST_METHOD"] = mb
+        s["REQUEST_PROTOCOL"] = pb
+        s["REQUEST_LINE"] = mb + b" " + raw + b" " + pb
+        s["REMOTE_ADDR"] = remote_addr.encode()
+        s["REMOTE_HOST"] = s["REMOTE_ADDR"]
+        s["UNIQUE_ID"] = (unique_id or secrets.token_hex(12)).encode()
+        s["REQBODY_ERROR"] = b"0"
+        s["REQBODY_PROCESSOR_ERROR"] = b"0"
+        s["INBOUND_DATA_ERROR"] = b"0"
+        hdrs = [(k, v.encode("latin-1", "replace") if isinstance(v, str) else v) for k, v in headers]
+        c["REQUEST_HEADERS"] = hdrs
+        self.headers_lower: dict[str, bytes] = {}
+        for k, v in hdrs:
+            self.headers_lower.setdefault(k.lower(), v)
+        cookies: list[tuple[str, bytes]] = []
+        for k, v in hdrs:
+            if k.lower() == "cookie":
+                for piece in v.split(b";"):
+                    if not piece.strip():
+                        continue
+                    ck, eq, cv = piece.partition(b"=")
+                    cookies.append((ck.strip().decode("latin-1"), cv.strip() if eq else b""))
+        c["REQUEST_COOKIES"] = cookies
+        args_get = bodies.parse_urlencoded(query)
+        c["ARGS_GET"] = args_get
+        c["ARGS_POST"] = []
+        c["ARGS"] = list(args_get)
+        ct = self.headers_lower.get("content-type", b"").lower()
+        proc = None
+        if ct.startswith(b"application/x-www-form-urlencoded"):
+            proc = "URLENCODED"
+        elif ct.startswith(b"multipart/form-data"):
+            proc = "MULTIPART"
+        elif re.match(rb"^(?:application(?:/soap\+|/)|text/)xml", ct):
+            proc = "XML"  # modsecurity.conf-recommended rule 200000
+        elif re.match(rb"^application/json", ct):
+            proc = "JSON"  # modsecurity.conf-recommended rule 200001
+        if self.body_processor is None:
+            self.body_processor = proc
+        if self.body_processor:
+            s["REQBODY_PROCESSOR"] = self.body_processor.encode()
+        s["REQUEST_BODY"] = b""
+        s["REQUEST_BODY_LENGTH"] = str(len(self.body)).encode()
+        s["ARGS_COMBINED_SIZE"] = str(sum(len(k) + len(v) for k, v in args_get)).encode()
+        s["REQUEST_HEADERS_LENGTH"] = str(sum(len(k) + len(v) for k, v in hdrs)).encode()
+
+    def _process_body(self) -> None:
+        body = self.body
+        s, c = self.s, self.c
+        s["REQUEST_BODY"] = body
+        s["REQUEST_BODY_LENGTH"] = str(len(body)).encode()
+        proc = self.body_processor
+        if not body or not proc:
+            return
+        ct = self.headers_lower.get("content-type", b"").decode("latin-1")
+        if proc == "URLENCODED":
+            res = bodies.urlencoded(body)
+        elif proc == "JSON":
+            res = bodies.json_body(body)
+        elif proc == "MULTIPART":
+            res = bodies.multipart(body, ct)
+            for k, v in res.flags.items():
+                s[k] = str(v).encode()
+        elif proc == "XML":
+            res = bodies.xml_body(body)
+        else:
+            return
+        if res.error:
+            s["REQBODY_ERROR"] = b"1"
+            s["REQBODY_PROCESSOR_ERROR"] = b"1"
+            s["REQBODY_ERROR_MSG"] = res.error.encode("latin-1", "replace")
+        c["ARGS_POST"] = res.args
+        c["ARGS"] = c["ARGS_GET"] + res.args
+        c["FILES"] = res.files
+        c["FILES_NAMES"] = res.files_names
+        c["FILES_SIZES"] = res.files_sizes
+        c["MULTIPART_PART_HEADERS"] = res.part_headers
+        if res.files:
+            s["MULTIPART_FILENAME"] = res.files[-1][1]
+        s["FILES_COMBINED_SIZE"] = str(sum(int(v) for _, v in res.files_sizes)).encode()
+        s["ARGS_COMBINED_SIZE"] = str(sum(len(k) + len(v) for k, v in c["ARGS"])).encode()
+        self.xml_text = res.xml_text
+        self.xml_attrs = res.xml_attrs
+
+    # ----- variable access
+    def _collection(self, name: str) -> list[tuple[str, bytes]]:
+        if name == "TX":
+            return list(self.tx.items())
+        if name in _NAMES_OF:
+            return [(k, k.encode("latin-1", "replace")) for k, _ in self.c.get(_NAMES_OF[name], ())]
+        if name == "MATCHED_VARS":
+            return [(k, v) for k, v in self.matched_vars]
+        if name == "MATCHED_VARS_NAMES":
+            return [(k, k.encode("latin-1", "replace")) for k, _ in self.matched_vars]
+        return self.c.get(name, [])
+
+    def values(self, rule: Rule) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        excl = rule.excludes
+        extra = self.removed_targets.get(rule.id) if self.removed_targets else None
+        if extra:
+            excl = excl + extra
+        for spec in rule.targets:
+            coll = spec.coll
+            if coll in self.s or coll in SCALARS:
+                v = self.s.get(coll)
+                if spec.count:
+                    out.append((coll, b"1" if v is not None else b"0"))
+                elif v is not None:
+                    if not (excl and any(e.coll == coll and e.key is None for e in excl)):
+                        out.append((coll, v))
+                continue
+            if coll == "XML":
+                items = self.xml_text if spec.key in ("/*", None) else self.xml_attrs if spec.key and "@" in spec.key else self.xml_text
+                if spec.count:
+                    out.append(("XML", str(len(items)).encode()))
+                else:
+                    out.extend((f"XML:{spec.key or '/*'}", v) for v in items)
+                continue
+            if coll == "MATCHED_VAR" or coll == "MATCHED_VAR_NAME":
+                continue
+            items = self._collection(coll)
+            sel = [kv for kv in items if spec.key_matches(kv[0])] if (spec.key is not None or spec.key_rx is not None) else items
+            if excl:
+                ex = [e for e in excl if e.coll == coll]
+                if ex:
+                    sel = [kv for kv in sel if not any(e.key_matches(kv[0]) for e in ex)]
+            if spec.count:
+                out.append((coll, str(len(sel)).encode()))
+            else:
+                out.extend((f"{coll}:{k}", v) for k, v in sel)
+        return out
+
+    def macro_value(self, coll: str, key: str | None) -> bytes:
+        if coll == "TX":
+            return self.tx.get((key or "").lower(), b"")
+        if key is None:
+            if coll in self.s:
+                return self.s[coll]
+            return b""
+        if coll == "RULE":
+            r = getattr(self, "_rule", None)
+            if r is None:
+                return b""
+            if key.lower() == "id":
+                return str(r.id).encode()
+            if key.lower() == "msg" and r.msg is not None:
+                return r.msg.expand(self)
+            return b""
+        kl = key.lower()
+        for k, v in self._collection(coll):
+            if k.lower() == kl:
+                return v
+        return b""
+
+    def set_captures(self, groups: list[bytes]) -> None:
+        for i, g in enumerate(groups):
+            self.tx[str(i)] = g
+
+    # ----- transformation + prefilter caches
+    def transform(self, v: bytes, p: Pipeline) -> bytes:
+        if p.fn is None:
+            return v
+        key = (p.idx, v)
+        r = self._tcache.get(key)
+        if r is None:
+            r = self._tcache[key] = p.fn(self.transform(v, p.parent))  # type: ignore[arg-type]
+        return r
+
+    def candidates(self, pidx: int, v: bytes) -> set[int]:
+        key = (pidx, v)
+        r = self._scache.get(key)
+        if r is None:
+            r = set()
+            db = self.rs.prefilter.get(pidx)
+            if db is not None:
+                add = r.add
+
+                def on_match(i, _f, _t, _fl, _ctx):
+                    add(i)
+
+                db.scan(v, match_event_handler=on_match)
+            self._scache[key] = r
+        return r
+
+    # ----- evaluation
+    def _eval_link(self, rule: Rule) -> bool:
+        vals = self.values(rule)
+        if not vals:
+            return False
+        op = rule.op
+        neg = op.negated
+        pid = rule.pid
+        use_pf = pid is not None and pid not in self.rs.prefilter_unsafe and rule.pipeline.idx in self.rs.prefilter
+        matched = False
+        new_matches: list[tuple[str, bytes]] = []
+        for name, v in vals:
+            if rule.multi_match:
+                steps = []
+                p = rule.pipeline
+                while p is not None:
+                    steps.append(self.transform(v, p))
+                    p = p.parent
+                res = False
+                for tv in dict.fromkeys(reversed(steps)):
+                    if op.match(self, tv, rule.capture) != neg:
+                        res = True
+                        break
+                if not res:
+                    continue
+            else:
+                tv = self.transform(v, rule.pipeline)
+                if use_pf and pid not in self.candidates(rule.pipeline.idx, tv):
+                    hit = False
+                else:
+                    hit = op.match(self, tv, rule.capture)
+                if hit == neg:
+                    continue
+            matched = True
+            new_matches.append((name, tv))
+            self.s["MATCHED_VAR"] = tv
+            self.s["MATCHED_VAR_NAME"] = name.encode("latin-1", "replace")
+            self._rule = rule
+            if rule.setvars:
+                self._setvars(rule)
+            if rule.ctls:
+                self._ctls(rule)
+        if matched:
+            self.matched_vars = new_matches
+        return matched
+
+    def _setvars(self, rule: Rule) -> None:
+        for sv in rule.setvars:
+            if sv.coll != "TX":
+                continue  # persistent collections (ip, global, session) are not kept by a gateway
+            name = sv.name.expand(self).decode("latin-1").lower()
+            if sv.op == "!":
+                self.tx.pop(name, None)
+                continue
+            val = sv.value.expand(self)
+            if sv.op == "=":
+                self.tx[name] = val
+            else:
+                cur = _int(self.tx.get(name, b"0"))
+                d = _int(val)
+                self.tx[name] = str(cur + d if sv.op == "+" else cur - d).encode()
+
+    def _ctls(self, rule: Rule) -> None:
+        for k, v in rule.ctls:
+            if k == "ruleengine":
+                mode = {"on": "On", "off": "Off", "detectiononly": "DetectionOnly"}.get(v.lower())
+                if mode and not (self.engine == "DetectionOnly" and mode == "On"):
+                    self.engine = mode
+            elif k == "ruleremovebyid":
+                for spec in v.split():
+                    if "-" in spec[1:]:
+                        lo, _, hi = spec.partition("-")
+                        self.removed_ids.update(r for r in self.rs.by_id if int(lo) <= r <= int(hi))
+                    else:
+                        self.removed_ids.add(int(spec))
+            elif k == "ruleremovebytag":
+                self.removed_tags.add(v)
+            elif k in ("ruleremovetargetbyid", "ruleremovetargetbytag"):
+                sel, _, target = v.partition(";")
+                specs = [VarSpec(s.coll, s.key, s.key_rx, s.count, True) for s in parse_targets(target)]
+                if k == "ruleremovetargetbyid":
+                    ids = [r for r in self.rs.by_id if _id_in(r, sel)]
+                else:
+                    ids = [r.id for r in self.rs.by_id.values() if sel in r.tags]
+                for rid in ids:
+                    self.removed_targets[rid] = self.removed_targets.get(rid, []) + specs
+            elif k == "requestbodyprocessor":
+                self.body_processor = v.upper()
+                self.s["REQBODY_PROCESSOR"] = v.upper().encode()
+            # forceRequestBodyVariable, auditEngine, auditLogParts...: REQUEST_BODY is always
+            # populated and there is no audit log engine here.
+
+    def _eval_chain(self, rule: Rule) -> bool:
+        link: Rule | None = rule
+        self.matched_vars = []
+        while link is not None:
+            if not self._eval_link(link):
+                return False
+            link = link.chain
+        return True
+
+    def run_phase(self, phase: int) -> None:
+        if self.allow_all or self.interrupted:
+            return
+        items = self.rs.phases[phase]
+        markers = self.rs.markers[phase]
+        i, n = 0, len(items)
+        removed = self.removed_ids
+        while i < n:
+            r = items[i]
+            i += 1
+            if type(r) is Marker:
+                continue
+            if self.engine == "Off":
+                return
+            if r.id in removed or (self.removed_tags and self.removed_tags.intersection(r.tags)):
+                continue
+            if r.has_count_only or r.targets:
+                pass
+            if not self._eval_chain(r):
+                continue
+            self._rule = r
+            if r.log:
+                self.logged.append(r.id)
+            d = r.disruptive
+            if d in ("deny", "drop"):
+                if self.would_interrupt is None:
+                    self.would_interrupt = (r.id, r.status or 403)
+                if self.engine == "On":
+                    self.interrupted = True
+                    return
+            elif d == "allow":
+                if r.allow == "phase":
+                    return
+                self.allow_all = True
+                return
+            if r.skip_after:
+                pos = markers.get(r.skip_after)
+                if pos:
+                    j = bisect.bisect_left(pos, i)
+                    i = pos[j] + 1 if j < len(pos) else n
+                else:
+                    i = n
+            elif r.skip:
+                k = r.skip
+                while k and i < n:
+                    if type(items[i]) is Rule:
+                        k -= 1
+                    i += 1
+
+    def process_request(self) -> Outcome:
+        """Run phase 1, parse the body, run phase 2."""
+        self.run_phase(1)
+        if not self.interrupted and not self.allow_all:
+            self._process_body()
+            self.run_phase(2)
+        return self.outcome()
+
+    def outcome(self) -> Outcome:
+        wi = self.would_interrupt
+        score = _int(self.tx.get("blocking_inbound_anomaly_score", self.tx.get("anomaly_score", b"0")))
+        return Outcome(list(self.logged), wi is not None, wi[1] if wi else None, wi[0] if wi else None, score)
+
+
+def _int(v: bytes) -> int:
+    try:
+        return int(v.strip() or b"0")
+    except ValueError:
+        m = re.match(rb"\s*[+-]?\d+", v)
+        return int(m.group(0)) if m else 0

@@ -1,0 +1,401 @@
+"""SecLang operators (``@rx``, ``@pm``, ``@detectSQLi``...), compiled once at load.
+
+Each operator is an object with ``match(tx, value: bytes) -> bool``. Operators that capture
+(``@rx``, ``@pm``, ``@detectSQLi``) store groups via ``tx.set_captures`` when the rule asks for
+``capture``. ``@rx`` runs on RE2 in Latin-1 mode (bytes in, linear time, PCRE-like byte
+semantics with ``(?s)`` dot-all and ``(?m)`` multi-line as libmodsecurity3 compiles them), so no
+rule can be driven into catastrophic backtracking. Operators whose argument contains a macro
+(``%{tx.x}``) expand it per request.
+
+``rx_source`` is set for operators a multi-pattern prefilter can use (engine.Prefilter): the
+prefilter may only say "cannot match"; the operator itself always confirms.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re as _pyre
+from typing import TYPE_CHECKING, Any
+
+import libinjection
+import re2
+
+if TYPE_CHECKING:  # pragma: no cover
+    from filters.waf.engine import Transaction
+
+_OPTS = re2.Options()
+_OPTS.encoding = re2.Options.Encoding.LATIN1
+_OPTS.max_mem = 64 << 20
+
+
+class OperatorError(ValueError):
+    pass
+
+
+def compile_rx(pattern: bytes) -> Any:
+    """Compile a PCRE-style pattern on RE2 (bytes, Latin-1, dot-all, multi-line)."""
+    try:
+        return re2.compile(b"(?sm)" + pattern, _OPTS)
+    except re2.error as e:
+        raise OperatorError(f"regex not supported by RE2: {e}") from None
+
+
+def _atoi(v: bytes) -> int:
+    """C ``atoi``: optional sign and leading digits; anything else is 0."""
+    m = _INT.match(v)
+    return int(m.group(0)) if m else 0
+
+
+_INT = _pyre.compile(rb"\s*[+-]?[0-9]+")
+
+
+class Operator:
+    name = "op"
+    rx_source: list[bytes] | None = None  # patterns for the prefilter (any match -> candidate)
+    rx_caseless = False
+    capture_capable = False
+
+    def __init__(self, arg: str, negated: bool, ctx: dict[str, Any]):
+        self.arg = arg
+        self.negated = negated
+        self.macro = None
+        if "%{" in arg:
+            from filters.waf.macros import compile_macro
+
+            self.macro = compile_macro(arg)
+
+    def param(self, tx: "Transaction") -> bytes:
+        if self.macro is not None:
+            return self.macro.expand(tx)
+        return self.arg.encode("latin-1", "replace")
+
+    def match(self, tx: "Transaction", value: bytes, capture: bool) -> bool:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Rx(Operator):
+    name = "rx"
+    capture_capable = True
+
+    def __init__(self, arg, negated, ctx):
+        super().__init__(arg, negated, ctx)
+        self._cache: dict[bytes, Any] = {}
+        if self.macro is None:
+            src = arg.encode("latin-1", "replace")
+            self.regex = compile_rx(src)
+            self.rx_source = [src]
+
+    def match(self, tx, value, capture):
+        if self.macro is None:
+            rx = self.regex
+        else:
+            p = self.param(tx)
+            rx = self._cache.get(p)
+            if rx is None:
+                if len(self._cache) > 256:
+                    self._cache.clear()
+                rx = self._cache[p] = compile_rx(p)
+        m = rx.search(value)
+        if m is None:
+            return False
+        if capture:
+            tx.set_captures([m.group(i) or b"" for i in range(min(rx.groups, 9) + 1)])
+        return True
+
+
+def _read_phrases(path: str) -> list[bytes]:
+    out = []
+    try:
+        with open(path, "rb") as fh:
+            for line in fh:
+                s = line.strip()
+                if s and not s.startswith(b"#"):
+                    out.append(s)
+    except OSError as e:
+        raise OperatorError(f"cannot read {path}: {e}") from None
+    return out
+
+
+class Pm(Operator):
+    """Case-insensitive match of any phrase (as a substring), on one RE2 alternation."""
+
+    name = "pm"
+    capture_capable = True
+    rx_caseless = True
+
+    def __init__(self, arg, negated, ctx, phrases: list[bytes] | None = None):
+        super().__init__(arg, negated, ctx)
+        if phrases is None:
+            phrases = [p.encode("latin-1", "replace") for p in arg.split()]
+        phrases = sorted({p.lower() for p in phrases if p}, key=len, reverse=True)
+        if not phrases:
+            raise OperatorError("@pm needs at least one phrase")
+        self.phrases = phrases
+        self.regex = compile_rx(b"(?i)(?:" + b"|".join(re2.escape(p) for p in phrases) + b")")
+        self.rx_source = [re2.escape(p) for p in phrases]
+
+    def match(self, tx, value, capture):
+        m = self.regex.search(value)
+        if m is None:
+            return False
+        if capture:
+            tx.set_captures([m.group(0)])
+        return True
+
+
+class PmFromFile(Pm):
+    name = "pmFromFile"
+
+    def __init__(self, arg, negated, ctx):
+        phrases: list[bytes] = []
+        for f in arg.split():
+            path = f if os.path.isabs(f) else os.path.join(ctx["dir"], f)
+            phrases.extend(_read_phrases(path))
+        super().__init__(arg, negated, ctx, phrases)
+
+
+class DetectSQLi(Operator):
+    name = "detectSQLi"
+    capture_capable = True
+
+    def match(self, tx, value, capture):
+        r = libinjection.is_sql_injection(value.decode("latin-1"))
+        if not r["is_sqli"]:
+            return False
+        if capture:
+            tx.set_captures([r["fingerprint"].encode() if isinstance(r["fingerprint"], str) else r["fingerprint"]])
+        return True
+
+
+class DetectXSS(Operator):
+    name = "detectXSS"
+
+    def match(self, tx, value, capture):
+        return bool(libinjection.is_xss(value.decode("latin-1"))["is_xss"])
+
+
+class StrEq(Operator):
+    name = "streq"
+
+    def match(self, tx, value, capture):
+        return value == self.param(tx)
+
+
+class StrMatch(Operator):
+    name = "strmatch"
+
+    def match(self, tx, value, capture):
+        return self.param(tx) in value
+
+
+class Contains(Operator):
+    name = "contains"
+
+    def match(self, tx, value, capture):
+        p = self.param(tx)
+        if p in value:
+            if capture:
+                tx.set_captures([p])
+            return True
+        return False
+
+
+class ContainsWord(Operator):
+    name = "containsWord"
+
+    def match(self, tx, value, capture):
+        p = self.param(tx)
+        if not p:
+            return True
+        return _pyre.search(rb"(?<![A-Za-z0-9_])" + _pyre.escape(p) + rb"(?![A-Za-z0-9_])", value) is not None
+
+
+class BeginsWith(Operator):
+    name = "beginsWith"
+
+    def match(self, tx, value, capture):
+        return value.startswith(self.param(tx))
+
+
+class EndsWith(Operator):
+    name = "endsWith"
+
+    def match(self, tx, value, capture):
+        return value.endswith(self.param(tx))
+
+
+class Within(Operator):
+    name = "within"
+
+    def match(self, tx, value, capture):
+        return value in self.param(tx)
+
+
+class _Num(Operator):
+    def match(self, tx, value, capture):
+        return self.cmp(_atoi(value), _atoi(self.param(tx)))
+
+
+class Eq(_Num):
+    name = "eq"
+    cmp = staticmethod(lambda a, b: a == b)
+
+
+class Ge(_Num):
+    name = "ge"
+    cmp = staticmethod(lambda a, b: a >= b)
+
+
+class Gt(_Num):
+    name = "gt"
+    cmp = staticmethod(lambda a, b: a > b)
+
+
+class Le(_Num):
+    name = "le"
+    cmp = staticmethod(lambda a, b: a <= b)
+
+
+class Lt(_Num):
+    name = "lt"
+    cmp = staticmethod(lambda a, b: a < b)
+
+
+class IpMatch(Operator):
+    name = "ipMatch"
+
+    def __init__(self, arg, negated, ctx, nets: list[str] | None = None):
+        super().__init__(arg, negated, ctx)
+        items = nets if nets is not None else [s for s in _pyre.split(r"[,\s]+", arg) if s]
+        try:
+            self.nets = [ipaddress.ip_network(s, strict=False) for s in items]
+        except ValueError as e:
+            raise OperatorError(f"@ipMatch: {e}") from None
+
+    def match(self, tx, value, capture):
+        try:
+            ip = ipaddress.ip_address(value.decode("latin-1").strip())
+        except ValueError:
+            return False
+        return any(ip.version == n.version and ip in n for n in self.nets)
+
+
+class IpMatchFromFile(IpMatch):
+    name = "ipMatchFromFile"
+
+    def __init__(self, arg, negated, ctx):
+        path = arg if os.path.isabs(arg) else os.path.join(ctx["dir"], arg)
+        super().__init__(arg, negated, ctx, [p.decode() for p in _read_phrases(path)])
+
+
+class ValidateByteRange(Operator):
+    """Match when a byte is OUTSIDE the allowed ranges (``1-255``, ``9,10,13,32-126``)."""
+
+    name = "validateByteRange"
+
+    def __init__(self, arg, negated, ctx):
+        super().__init__(arg, negated, ctx)
+        allowed = bytearray(256)
+        for part in arg.replace(" ", "").split(","):
+            if not part:
+                continue
+            lo, _, hi = part.partition("-")
+            a = int(lo)
+            b = int(hi) if hi else a
+            if not (0 <= a <= b <= 255):
+                raise OperatorError(f"@validateByteRange: bad range {part!r}")
+            for i in range(a, b + 1):
+                allowed[i] = 1
+        self.bad = bytes(i for i in range(256) if not allowed[i])
+
+    def match(self, tx, value, capture):
+        return len(value.translate(None, self.bad)) != len(value)
+
+
+_BAD_PCT = _pyre.compile(rb"%(?![0-9a-fA-F]{2})")
+
+
+class ValidateUrlEncoding(Operator):
+    name = "validateUrlEncoding"
+
+    def match(self, tx, value, capture):
+        return b"%" in value and _BAD_PCT.search(value) is not None
+
+
+class ValidateUtf8Encoding(Operator):
+    name = "validateUtf8Encoding"
+
+    def match(self, tx, value, capture):
+        if value.isascii():
+            return False
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            return True
+        return False
+
+
+class UnconditionalMatch(Operator):
+    name = "unconditionalMatch"
+
+    def match(self, tx, value, capture):
+        return True
+
+
+class NoMatch(Operator):
+    name = "noMatch"
+
+    def match(self, tx, value, capture):
+        return False
+
+
+OPERATORS: dict[str, type[Operator]] = {
+    c.name.lower(): c
+    for c in (
+        Rx,
+        Pm,
+        PmFromFile,
+        DetectSQLi,
+        DetectXSS,
+        StrEq,
+        StrMatch,
+        Contains,
+        ContainsWord,
+        BeginsWith,
+        EndsWith,
+        Within,
+        Eq,
+        Ge,
+        Gt,
+        Le,
+        Lt,
+        IpMatch,
+        IpMatchFromFile,
+        ValidateByteRange,
+        ValidateUrlEncoding,
+        ValidateUtf8Encoding,
+        UnconditionalMatch,
+        NoMatch,
+    )
+}
+OPERATORS["pmf"] = PmFromFile
+OPERATORS["ipmatchf"] = IpMatchFromFile
+
+
+def parse_operator(text: str, ctx: dict[str, Any]) -> Operator:
+    """``"!@rx foo"`` -> Operator. No ``@`` means ``@rx``. Raises OperatorError."""
+    s = text
+    negated = False
+    if s.startswith("!"):
+        negated = True
+        s = s[1:]
+    if s.startswith("@"):
+        name, _, arg = s[1:].partition(" ")
+        arg = arg.lstrip(" ") if name.lower() not in ("rx",) else arg.lstrip(" ")
+    else:
+        name, arg = "rx", s
+    cls = OPERATORS.get(name.lower())
+    if cls is None:
+        raise OperatorError(f"unknown operator @{name}")
+    return cls(arg, negated, ctx)

@@ -1,0 +1,295 @@
+"""The WAF gateway stage: loads the rule set once, inspects each request (phases 1 and 2).
+
+Rule source (``waf.rules``): ``builtin`` (filters/waf/rules/*.conf, the default) or ``crs``
+(``crs_path``: a CRS ``rules/`` directory or its parent; ``crs_setup``: an optional
+crs-setup.conf). Either way the gateway config feeds the CRS setup variables the way
+crs-setup.conf's SecAction 900000-series does, after the setup file, so the gateway config wins:
+``tx.blocking_paranoia_level``, ``tx.detection_paranoia_level``,
+``tx.inbound_anomaly_score_threshold``. The CRS initialisation rules (REQUEST-901) then run as
+written.
+
+``enforce``: the first ``deny`` (CRS 949110, the anomaly-score evaluation) stops inspection and
+the filter answers 403 ``waf_blocked``. ``detect``: every rule runs (detection-only), the would-be
+denial is recorded by the chain runner. Matched rule ids go to ``ctx.waf`` and
+``ctx.audit["waf"]``, never to the client. ``expose_matches_header`` (TEST ONLY, for the CRS
+conformance run) adds ``X-Portvakt-Waf-Matches: id,id,...`` to the response.
+
+Bodies: the server buffers ``body_inspection_bytes`` (= ``inspection_limit_bytes``) before the
+chain runs; a larger body is rejected (413 ``waf_body_limit``) or inspected up to the limit,
+as ``on_inspection_limit`` says.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gateway import problems
+from gateway.chain import ALLOW, POS_WAF, BuildEnv, Decision, Deny, Filter, Mode, Stage
+from gateway.context import WafResult
+from gateway.problems import Problem
+
+from filters.waf.engine import Outcome, Ruleset, Transaction, VarSpec, WafLoadError, parse_targets
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gateway.config import RouteConfig
+    from gateway.context import RequestContext
+
+log = logging.getLogger("portvakt.waf")
+
+WAF_BLOCKED = problems.register("waf_blocked", 403, "Request blocked by the web application firewall")
+WAF_BODY_LIMIT = problems.register("waf_body_limit", 413, "Request body larger than the WAF inspects")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rules")
+MATCHES_HEADER = "X-Portvakt-Waf-Matches"
+
+
+def shared_dir() -> str | None:
+    """../shared beside the repository (or $PORTVAKT_SHARED_DIR), if present."""
+    d = os.environ.get("PORTVAKT_SHARED_DIR") or os.path.join(os.path.dirname(ROOT), "shared")
+    return d if os.path.isdir(os.path.join(d, "waf")) else None
+
+
+def setup_text(paranoia_level: int, detection_paranoia_level: int | None, anomaly_threshold: int,
+               detection_only: bool, extra_tx: dict[str, str] | None = None) -> str:
+    """SecLang equivalent of crs-setup.conf's settings, from the gateway config."""
+    dpl = max(detection_paranoia_level or paranoia_level, paranoia_level)
+    tx = {
+        "blocking_paranoia_level": str(paranoia_level),
+        "detection_paranoia_level": str(dpl),
+        "inbound_anomaly_score_threshold": str(anomaly_threshold),
+        "crs_setup_version": "4290",
+    }
+    tx.update(extra_tx or {})
+    setvars = ",".join(f"setvar:'tx.{k}={v}'" for k, v in tx.items())
+    lines = [f"SecRuleEngine {'DetectionOnly' if detection_only else 'On'}"]
+    # Without a setup file, ModSecurity's recommended defaults: log, pass (CRS scores, 949110 denies).
+    return "\n".join(lines) + "\n"
+
+
+def config_actions(paranoia_level: int, detection_paranoia_level: int | None, anomaly_threshold: int,
+                   extra_tx: dict[str, str] | None = None) -> str:
+    dpl = max(detection_paranoia_level or paranoia_level, paranoia_level)
+    tx = {
+        "blocking_paranoia_level": str(paranoia_level),
+        "detection_paranoia_level": str(dpl),
+        "inbound_anomaly_score_threshold": str(anomaly_threshold),
+        "crs_setup_version": "4290",
+    }
+    tx.update(extra_tx or {})
+    setvars = ",".join(f"setvar:'tx.{k}={v}'" for k, v in tx.items())
+    return f'SecAction "id:8999001,phase:1,pass,nolog,t:none,{setvars}"\n'
+
+
+DEFAULT_ACTIONS = "".join(f'SecDefaultAction "phase:{p},log,auditlog,pass"\n' for p in range(1, 6))
+
+_CACHE: dict[tuple, Ruleset] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _mtimes(files: list[str]) -> tuple:
+    out = []
+    for f in files:
+        try:
+            out.append((f, os.stat(f).st_mtime_ns))
+        except OSError:
+            out.append((f, 0))
+    return tuple(out)
+
+
+def crs_files(crs_path: str) -> list[str]:
+    rules = os.path.join(crs_path, "rules") if os.path.isdir(os.path.join(crs_path, "rules")) else crs_path
+    files = sorted(glob.glob(os.path.join(rules, "*.conf")))
+    if not files:
+        raise WafLoadError(f"{crs_path}: no *.conf rule files")
+    return files
+
+
+def build_ruleset(files: list[str], setup_file: str | None, paranoia_level: int, detection_paranoia_level: int | None,
+                  anomaly_threshold: int, extra_tx: dict[str, str] | None = None, prefilter: str = "sync") -> Ruleset:
+    """Load (or reuse: same files, same mtimes, same settings) a compiled rule set."""
+    all_files = ([setup_file] if setup_file else []) + files
+    key = (_mtimes(all_files), paranoia_level, detection_paranoia_level, anomaly_threshold,
+           tuple(sorted((extra_tx or {}).items())))
+    with _CACHE_LOCK:
+        rs = _CACHE.get(key)
+        if rs is not None:
+            return rs
+        pre = DEFAULT_ACTIONS
+        post_setup = config_actions(paranoia_level, detection_paranoia_level, anomaly_threshold, extra_tx)
+        if setup_file:
+            # the setup file first (it may set SecDefaultAction and its own tx values), then ours
+            from filters.waf.seclang import parse_file  # noqa: F401 - validated by Ruleset.load
+            rs = Ruleset.load([setup_file], pre_text=pre, post_text=post_setup + _includes(files), prefilter=prefilter)
+        else:
+            rs = Ruleset.load(files, pre_text=pre + post_setup, prefilter=prefilter)
+        if len(_CACHE) > 8:
+            _CACHE.clear()
+        _CACHE[key] = rs
+        return rs
+
+
+def _includes(files: list[str]) -> str:
+    return "".join(f'Include "{f}"\n' for f in files)
+
+
+@dataclass
+class Inspection:
+    matched: list[int]
+    interrupted: bool
+    rule_id: int | None
+    score: int
+
+
+class WafEngine:
+    """A Ruleset plus the mode to run it in. ``inspect`` runs phases 1 and 2 of one request."""
+
+    def __init__(self, ruleset: Ruleset, detection_only: bool = False):
+        self.ruleset = ruleset
+        self.detection_only = detection_only
+
+    @classmethod
+    def for_crs(cls, crs_path: str, *, setup_file: str | None = None, paranoia_level: int = 1,
+                detection_paranoia_level: int | None = None, anomaly_threshold: int = 5,
+                detection_only: bool = False, wait_prefilter: bool = True, extra_tx: dict[str, str] | None = None) -> "WafEngine":
+        extra = {"enforce_bodyproc_urlencoded": "1"}
+        extra.update(extra_tx or {})
+        rs = build_ruleset(crs_files(crs_path), setup_file, paranoia_level, detection_paranoia_level, anomaly_threshold,
+                           extra, prefilter="sync" if wait_prefilter else "background")
+        return cls(rs, detection_only)
+
+    @classmethod
+    def builtin(cls, *, paranoia_level: int = 1, detection_paranoia_level: int | None = None, anomaly_threshold: int = 5,
+                detection_only: bool = False) -> "WafEngine":
+        files = sorted(glob.glob(os.path.join(BUILTIN_DIR, "*.conf")))
+        rs = build_ruleset(files, None, paranoia_level, detection_paranoia_level, anomaly_threshold)
+        return cls(rs, detection_only)
+
+    def transaction(self, method: str, uri: str, protocol: str = "HTTP/1.1", headers: list[tuple[str, str]] | None = None,
+                    body: bytes = b"", remote_addr: str = "127.0.0.1", unique_id: str | None = None,
+                    removed_ids: frozenset[int] = frozenset(), removed_targets: dict[int, list[VarSpec]] | None = None,
+                    detection_only: bool | None = None) -> Transaction:
+        return Transaction(
+            self.ruleset, method=method, uri=uri, protocol=protocol, headers=headers, body=body,
+            remote_addr=remote_addr, unique_id=unique_id, removed_ids=removed_ids, removed_targets=removed_targets,
+            detection_only=self.detection_only if detection_only is None else detection_only,
+        )
+
+    def inspect(self, method: str, uri: str, protocol: str = "HTTP/1.1", headers: list[tuple[str, str]] | None = None,
+                body: bytes = b"", **kw: Any) -> Outcome:
+        return self.transaction(method, uri, protocol, headers, body, **kw).process_request()
+
+
+# --------------------------------------------------------------------------- the filter
+
+
+def route_exclusions(ruleset: Ruleset, route_waf: Any) -> tuple[frozenset[int], dict[int, list[VarSpec]]]:
+    """Resolve a route's ``waf:`` exclusions against the loaded rules (at load, not per request)."""
+    ids = set(route_waf.remove_rule_ids)
+    tags = set(route_waf.remove_rule_tags)
+    if tags:
+        ids |= {rid for rid, r in ruleset.by_id.items() if tags.intersection(r.tags)}
+    targets: dict[int, list[VarSpec]] = {}
+    for spec in route_waf.remove_targets:
+        sel, _, target = spec.partition(":")
+        if not target:
+            raise WafLoadError(f"waf.remove_targets: {spec!r}: expected 'RULE_ID_OR_TAG:VARIABLE[:key]'")
+        vs = [VarSpec(v.coll, v.key, v.key_rx, v.count, True) for v in parse_targets(target)]
+        if sel.strip().isdigit():
+            rids = [int(sel)]
+        else:
+            rids = [rid for rid, r in ruleset.by_id.items() if sel in r.tags]
+        for rid in rids:
+            targets.setdefault(rid, []).extend(vs)
+    return frozenset(ids), targets
+
+
+class WafFilter(Filter):
+    name = "waf"
+    position = POS_WAF
+
+    def __init__(self, engine: WafEngine, mode: Mode, removed_ids: frozenset[int], removed_targets: dict[int, list[VarSpec]],
+                 limit: int, on_limit: str, expose: bool):
+        self.engine = engine
+        self.mode = mode
+        self.removed_ids = removed_ids
+        self.removed_targets = removed_targets
+        self.body_inspection_bytes = limit
+        self.on_limit = on_limit
+        self.expose = expose
+        self.detection_only = mode is Mode.detect
+
+    async def check(self, ctx: "RequestContext") -> Decision:
+        body = ctx.body or b""
+        truncated = not ctx.body_complete and (len(body) > 0 or (ctx.body_size_hint or 0) > 0)
+        if truncated or len(body) > self.body_inspection_bytes:
+            if self.on_limit == "reject":
+                ctx.audit["waf"] = {"reason": "body_over_inspection_limit", "limit": self.body_inspection_bytes}
+                return Deny(Problem(WAF_BODY_LIMIT, internal_reason="waf_body_over_limit"))
+            body = body[: self.body_inspection_bytes]
+        req = ctx.request
+        version = getattr(req, "version", None)
+        protocol = f"HTTP/{version.major}.{version.minor}" if version is not None else "HTTP/1.1"
+        uri = getattr(req, "raw_path", None) or (ctx.raw_path + ("?" + ctx.query_string if ctx.query_string else ""))
+        tx = Transaction(
+            self.engine.ruleset, method=ctx.method, uri=uri, protocol=protocol, headers=list(ctx.headers.items()),
+            body=body, remote_addr=str(ctx.client_ip), unique_id=ctx.request_id, removed_ids=self.removed_ids,
+            removed_targets=self.removed_targets, detection_only=self.detection_only,
+        )
+        out = tx.process_request()
+        ctx.waf = WafResult(score=out.score, matched_rule_ids=out.matched, blocked=out.interrupted and not self.detection_only)
+        ctx.audit["waf"] = {"matched": out.matched, "score": out.score, "rule": out.rule_id, "blocked": ctx.waf.blocked,
+                            "truncated": truncated}
+        if self.expose:
+            ctx.response_headers[MATCHES_HEADER] = ",".join(str(i) for i in out.matched)
+        if out.interrupted:
+            return Deny(Problem(WAF_BLOCKED, internal_reason="waf_blocked"))
+        return ALLOW
+
+
+class WafStage(Stage):
+    name = "waf"
+
+    def __init__(self, cfg: Any, engine: WafEngine, source: str):
+        self.cfg = cfg
+        self.engine = engine
+        self.source = source
+
+    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+        if self.cfg.mode is Mode.off:
+            return []
+        ids, targets = route_exclusions(self.engine.ruleset, route.waf)
+        return [WafFilter(self.engine, self.cfg.mode, ids, targets, self.cfg.inspection_limit_bytes,
+                          self.cfg.on_inspection_limit, self.cfg.expose_matches_header)]
+
+    def readiness(self) -> dict[str, str]:
+        st = self.engine.ruleset.prefilter_state
+        if st == "building":
+            return {"rules": "fallback: prefilter being compiled, rules run on RE2 alone"}
+        return {"rules": "ok"}
+
+
+def build_stage(env: BuildEnv) -> Stage | None:
+    cfg = env.config.waf
+    if cfg.mode is Mode.off:
+        return None
+    if cfg.rules == "crs":
+        if not cfg.crs_path:
+            raise WafLoadError("waf.crs_path is required when waf.rules is crs")
+        crs_path = env.config.resolve_path(cfg.crs_path)
+        setup = env.config.resolve_path(cfg.crs_setup) if cfg.crs_setup else None
+        rs = build_ruleset(crs_files(crs_path), setup, cfg.paranoia_level, cfg.detection_paranoia_level,
+                           cfg.anomaly_threshold, prefilter=cfg.prefilter)
+        source = f"crs:{crs_path}"
+    else:
+        files = sorted(glob.glob(os.path.join(BUILTIN_DIR, "*.conf")))
+        rs = build_ruleset(files, None, cfg.paranoia_level, cfg.detection_paranoia_level, cfg.anomaly_threshold,
+                           prefilter=cfg.prefilter)
+        source = "builtin"
+    log.info("WAF rules loaded: %s, %d rules, prefilter %s", source, len(rs.by_id), rs.prefilter_state)
+    return WafStage(cfg, WafEngine(rs), source)

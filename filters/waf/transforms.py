@@ -1,0 +1,383 @@
+"""ModSecurity transformations (``t:``) on bytes, as libmodsecurity3 implements them.
+
+Every function takes and returns ``bytes``. The regexes here are simple linear scans (no nested
+quantifiers), so Python's ``re`` is safe for them. ``get(name)`` returns the function or raises
+KeyError; names are matched case-insensitively (CRS writes both ``base64Decode`` and
+``base64decode``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+
+_WS = b" \t\n\r\f\v"
+_WS_NBSP = _WS + b"\xa0"
+_HEX = b"0123456789abcdefABCDEF"
+
+
+def none(v: bytes) -> bytes:
+    return v
+
+
+def lowercase(v: bytes) -> bytes:
+    return v.lower()
+
+
+def uppercase(v: bytes) -> bytes:
+    return v.upper()
+
+
+_PCT = re.compile(rb"%([0-9a-fA-F]{2})")
+_PCT_U = re.compile(rb"%(?:([0-9a-fA-F]{2})|[uU]([0-9a-fA-F]{4}))")
+
+
+def _fullwidth(hex4: bytes) -> int:
+    """libmodsecurity's %uHHHH / \\uHHHH without a unicode map: the low byte, plus 0x20 for the
+    full-width ASCII block FF01-FF5E."""
+    low = int(hex4[2:4], 16)
+    if 0 < low < 0x5F and hex4[0:2].lower() == b"ff":
+        low += 0x20
+    return low
+
+
+def url_decode(v: bytes) -> bytes:
+    if b"%" not in v and b"+" not in v:
+        return v
+    v = v.replace(b"+", b" ")
+    return _PCT.sub(lambda m: bytes((int(m.group(1), 16),)), v)
+
+
+def url_decode_uni(v: bytes) -> bytes:
+    if b"%" not in v and b"+" not in v:
+        return v
+    v = v.replace(b"+", b" ")
+
+    def sub(m: re.Match[bytes]) -> bytes:
+        if m.group(1) is not None:
+            return bytes((int(m.group(1), 16),))
+        return bytes((_fullwidth(m.group(2)),))
+
+    return _PCT_U.sub(sub, v)
+
+
+def url_encode(v: bytes) -> bytes:
+    out = bytearray()
+    for c in v:
+        if c == 0x20:
+            out += b"+"
+        elif (0x30 <= c <= 0x39) or (0x41 <= c <= 0x5A) or (0x61 <= c <= 0x7A) or c in b"*-._":
+            out.append(c)
+        else:
+            out += b"%%%02x" % c
+    return bytes(out)
+
+
+_ENTITY = re.compile(rb"&(?:#[xX]([0-9a-fA-F]+);?|#([0-9]+);?|(quot|amp|lt|gt|nbsp);?)", re.I)
+_NAMED = {b"quot": 0x22, b"amp": 0x26, b"lt": 0x3C, b"gt": 0x3E, b"nbsp": 0xA0}
+
+
+def html_entity_decode(v: bytes) -> bytes:
+    if b"&" not in v:
+        return v
+
+    def sub(m: re.Match[bytes]) -> bytes:
+        if m.group(1) is not None:
+            return bytes((int(m.group(1)[-8:], 16) & 0xFF,))
+        if m.group(2) is not None:
+            return bytes((int(m.group(2)[-9:]) & 0xFF,))
+        return bytes((_NAMED[m.group(3).lower()],))
+
+    return _ENTITY.sub(sub, v)
+
+
+_JS = re.compile(rb"\\(?:[uU]([0-9a-fA-F]{4})|[xX]([0-9a-fA-F]{2})|([0-7]{1,3})|(.))", re.S)
+_C_ESC = {ord("a"): 7, ord("b"): 8, ord("f"): 12, ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("v"): 11}
+
+
+def js_decode(v: bytes) -> bytes:
+    if b"\\" not in v:
+        return v
+
+    def sub(m: re.Match[bytes]) -> bytes:
+        if m.group(1) is not None:
+            return bytes((_fullwidth(m.group(1)),))
+        if m.group(2) is not None:
+            return bytes((int(m.group(2), 16),))
+        if m.group(3) is not None:
+            return bytes((int(m.group(3), 8) & 0xFF,))
+        c = m.group(4)[0]
+        return bytes((_C_ESC.get(c, c),))
+
+    return _JS.sub(sub, v)
+
+
+_ESC = re.compile(rb"\\(?:[xX]([0-9a-fA-F]{2})|([0-7]{1,3})|([abfnrtv\\?'\"]))")
+
+
+def escape_seq_decode(v: bytes) -> bytes:
+    if b"\\" not in v:
+        return v
+
+    def sub(m: re.Match[bytes]) -> bytes:
+        if m.group(1) is not None:
+            return bytes((int(m.group(1), 16),))
+        if m.group(2) is not None:
+            return bytes((int(m.group(2), 8) & 0xFF,))
+        c = m.group(3)[0]
+        return bytes((_C_ESC.get(c, c),))
+
+    return _ESC.sub(sub, v)
+
+
+_CSS = re.compile(rb"\\(?:([0-9a-fA-F]{1,6})[ \t\n\r\f]?|(\n)|(.))", re.S)
+
+
+def css_decode(v: bytes) -> bytes:
+    if b"\\" not in v:
+        return v
+
+    def sub(m: re.Match[bytes]) -> bytes:
+        h = m.group(1)
+        if h is not None:
+            if len(h) >= 4:
+                low = int(h[-2:], 16)
+                if 0 < low < 0x5F and h[-4:-2].lower() == b"ff":
+                    low += 0x20
+                return bytes((low,))
+            return bytes((int(h, 16) & 0xFF,))
+        if m.group(2) is not None:
+            return b""
+        return m.group(3)
+
+    return _CSS.sub(sub, v)
+
+
+def utf8_to_unicode(v: bytes) -> bytes:
+    """Multi-byte UTF-8 sequences -> ``%uHHHH`` (invalid bytes are kept)."""
+    if v.isascii():
+        return v
+    out = bytearray()
+    i, n = 0, len(v)
+    while i < n:
+        c = v[i]
+        if c < 0x80:
+            out.append(c)
+            i += 1
+            continue
+        if 0xC0 <= c < 0xE0 and i + 1 < n and 0x80 <= v[i + 1] < 0xC0:
+            cp = ((c & 0x1F) << 6) | (v[i + 1] & 0x3F)
+            k = 2
+        elif 0xE0 <= c < 0xF0 and i + 2 < n and all(0x80 <= b < 0xC0 for b in v[i + 1 : i + 3]):
+            cp = ((c & 0x0F) << 12) | ((v[i + 1] & 0x3F) << 6) | (v[i + 2] & 0x3F)
+            k = 3
+        elif 0xF0 <= c < 0xF8 and i + 3 < n and all(0x80 <= b < 0xC0 for b in v[i + 1 : i + 4]):
+            cp = ((c & 0x07) << 18) | ((v[i + 1] & 0x3F) << 12) | ((v[i + 2] & 0x3F) << 6) | (v[i + 3] & 0x3F)
+            k = 4
+        else:
+            out.append(c)
+            i += 1
+            continue
+        out += b"%%u%04x" % (cp & 0xFFFF) if cp <= 0xFFFF else b"%%u%x" % cp
+        i += k
+    return bytes(out)
+
+
+def remove_nulls(v: bytes) -> bytes:
+    return v.replace(b"\x00", b"") if b"\x00" in v else v
+
+
+def replace_nulls(v: bytes) -> bytes:
+    return v.replace(b"\x00", b" ") if b"\x00" in v else v
+
+
+_WS_DEL = bytes.maketrans(b"", b"")
+
+
+def remove_whitespace(v: bytes) -> bytes:
+    return v.translate(None, _WS_NBSP)
+
+
+_WS_RUN = re.compile(rb"[ \t\n\r\f\v\xa0]+")
+
+
+def compress_whitespace(v: bytes) -> bytes:
+    return _WS_RUN.sub(b" ", v)
+
+
+_CMD_DEL = b"\\\"'^"
+_CMD_SEP = re.compile(rb"[,; \t\n\r\f\v]+")
+_CMD_SLASH = re.compile(rb" +(?=[/(])")
+
+
+def cmd_line(v: bytes) -> bytes:
+    """Delete ``\\ " ' ^``; commas, semicolons and whitespace -> one space; no space before
+    ``/`` or ``(``; lower-case."""
+    v = v.translate(None, _CMD_DEL)
+    v = _CMD_SEP.sub(b" ", v)
+    v = _CMD_SLASH.sub(b"", v)
+    return v.lower()
+
+
+_COMMENT = re.compile(rb"/\*.*?(?:\*/|\Z)", re.S)
+
+
+def replace_comments(v: bytes) -> bytes:
+    if b"/*" not in v:
+        return v
+    return _COMMENT.sub(b" ", v)
+
+
+_COMMENT_ALL = re.compile(rb"/\*.*?(?:\*/|\Z)|(?:--|#)[^\n]*", re.S)
+
+
+def remove_comments(v: bytes) -> bytes:
+    return _COMMENT_ALL.sub(b"", v)
+
+
+def remove_comments_char(v: bytes) -> bytes:
+    return v.replace(b"/*", b"").replace(b"*/", b"").replace(b"--", b"").replace(b"#", b"")
+
+
+def normalize_path(v: bytes) -> bytes:
+    """Remove ``./`` segments, collapse ``//``, resolve ``../`` (never above the root)."""
+    if not v or (b"/." not in v and b"//" not in v and not v.startswith(b".")):
+        return v
+    absolute = v.startswith(b"/")
+    trailing = v.endswith(b"/") or v.endswith(b"/.") or v.endswith(b"/..")
+    out: list[bytes] = []
+    for seg in v.split(b"/"):
+        if seg == b"" or seg == b".":
+            continue
+        if seg == b"..":
+            if out and out[-1] != b"..":
+                out.pop()
+            elif not absolute:
+                out.append(seg)
+            continue
+        out.append(seg)
+    res = b"/".join(out)
+    if absolute:
+        res = b"/" + res
+    if trailing and res and not res.endswith(b"/"):
+        res += b"/"
+    return res
+
+
+def normalize_path_win(v: bytes) -> bytes:
+    return normalize_path(v.replace(b"\\", b"/"))
+
+
+_B64_CLEAN = re.compile(rb"[^A-Za-z0-9+/]")
+
+
+def base64_decode(v: bytes) -> bytes:
+    """Decode up to the first character outside the alphabet (padding optional)."""
+    m = re.match(rb"[A-Za-z0-9+/]*", v)
+    s = m.group(0) if m else b""
+    s = s[: len(s) - len(s) % 4 if len(s) % 4 == 1 else len(s)]
+    try:
+        return base64.b64decode(s + b"=" * (-len(s) % 4))
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def base64_decode_ext(v: bytes) -> bytes:
+    s = _B64_CLEAN.sub(b"", v)
+    s = s[: len(s) - len(s) % 4 if len(s) % 4 == 1 else len(s)]
+    try:
+        return base64.b64decode(s + b"=" * (-len(s) % 4))
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def base64_encode(v: bytes) -> bytes:
+    return base64.b64encode(v)
+
+
+def hex_encode(v: bytes) -> bytes:
+    return v.hex().encode()
+
+
+def hex_decode(v: bytes) -> bytes:
+    try:
+        return bytes.fromhex(v.decode("latin-1"))
+    except ValueError:
+        return v
+
+
+def length(v: bytes) -> bytes:
+    return str(len(v)).encode()
+
+
+def sha1(v: bytes) -> bytes:
+    return hashlib.sha1(v).digest()
+
+
+def md5(v: bytes) -> bytes:
+    return hashlib.md5(v).digest()
+
+
+def trim(v: bytes) -> bytes:
+    return v.strip(_WS)
+
+
+def trim_left(v: bytes) -> bytes:
+    return v.lstrip(_WS)
+
+
+def trim_right(v: bytes) -> bytes:
+    return v.rstrip(_WS)
+
+
+_SQLHEX = re.compile(rb"0x((?:[0-9a-fA-F]{2})+)")
+
+
+def sql_hex_decode(v: bytes) -> bytes:
+    return _SQLHEX.sub(lambda m: bytes.fromhex(m.group(1).decode()), v)
+
+
+FUNCTIONS = {
+    "none": none,
+    "lowercase": lowercase,
+    "uppercase": uppercase,
+    "urldecode": url_decode,
+    "urldecodeuni": url_decode_uni,
+    "urlencode": url_encode,
+    "htmlentitydecode": html_entity_decode,
+    "jsdecode": js_decode,
+    "cssdecode": css_decode,
+    "escapeseqdecode": escape_seq_decode,
+    "utf8tounicode": utf8_to_unicode,
+    "removenulls": remove_nulls,
+    "replacenulls": replace_nulls,
+    "removewhitespace": remove_whitespace,
+    "compresswhitespace": compress_whitespace,
+    "cmdline": cmd_line,
+    "replacecomments": replace_comments,
+    "removecomments": remove_comments,
+    "removecommentschar": remove_comments_char,
+    "normalizepath": normalize_path,
+    "normalisepath": normalize_path,
+    "normalizepathwin": normalize_path_win,
+    "normalisepathwin": normalize_path_win,
+    "base64decode": base64_decode,
+    "base64decodeext": base64_decode_ext,
+    "base64encode": base64_encode,
+    "hexencode": hex_encode,
+    "hexdecode": hex_decode,
+    "length": length,
+    "sha1": sha1,
+    "md5": md5,
+    "trim": trim,
+    "trimleft": trim_left,
+    "trimright": trim_right,
+    "sqlhexdecode": sql_hex_decode,
+}
+
+
+def get(name: str):
+    """The transformation called ``name`` (case-insensitive). Raises KeyError."""
+    return FUNCTIONS[name.lower()]
