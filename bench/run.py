@@ -525,8 +525,15 @@ def main(argv: list[str] | None = None) -> int:
         crs = find_crs()
         have = {"redis": shutil.which("redis-server") is not None, "crs": crs is not None, "nginx": shutil.which("nginx") is not None}
 
-        selected = [s for s in sc.SCENARIOS if args.only is None or s.kind == "bare"
-                    or any(w.lower() in s.name.lower() or w in s.tags for w in args.only)]
+        wanted = {s.name for s in sc.SCENARIOS if args.only is None or s.kind == "bare"
+                  or any(w.lower() in s.name.lower() or w in s.tags for w in args.only)}
+        by_name = {s.name: s for s in sc.SCENARIOS}
+        for name in list(wanted):  # a row's reference runs too, so its ratio has a partner
+            ref = by_name[name].compare
+            while ref and ref not in wanted:
+                wanted.add(ref)
+                ref = by_name[ref].compare
+        selected = [s for s in sc.SCENARIOS if s.name in wanted]
 
         up_port = free_port()
         upstream = start("upstream", cpus.wrap([PY, str(HERE / "upstream.py"), str(up_port)], "aux"), work)
