@@ -151,8 +151,12 @@ async def _stream_body(prefix: bytes, content: Any, limit: int, state: BodyState
         yield chunk
 
 
-def upstream_headers(ctx: "RequestContext", drop: frozenset[str], forwarder: Any) -> CIMultiDict[str]:
-    """Headers for the upstream request (see module docstring for the rules)."""
+def upstream_headers(
+    ctx: "RequestContext", drop: frozenset[str], forwarder: Any, drop_prefixes: tuple[str, ...] = ()
+) -> CIMultiDict[str]:
+    """Headers for the upstream request (see module docstring for the rules). ``drop_prefixes``:
+    client headers whose normalised name starts with one of these are stripped too (the identity
+    forwarder's namespace, e.g. ``x-portvakt-``)."""
     headers = ctx.headers
     conn = headers.get("Connection")
     if conn:
@@ -160,9 +164,15 @@ def upstream_headers(ctx: "RequestContext", drop: frozenset[str], forwarder: Any
         # are added below, after this filtering, so listing them here cannot remove ours.
         drop = drop | {normalise(t.strip()) for t in conn.split(",") if t.strip()}
     out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        if normalise(k) not in drop:
-            out.add(k, v)
+    if drop_prefixes:
+        for k, v in headers.items():
+            n = normalise(k)
+            if n not in drop and not n.startswith(drop_prefixes):
+                out.add(k, v)
+    else:
+        for k, v in headers.items():
+            if normalise(k) not in drop:
+                out.add(k, v)
     peer = str(ctx.peer_ip)
     xff = headers.get("X-Forwarded-For") if ctx.from_trusted_proxy else None
     out["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
@@ -197,7 +207,7 @@ def response_headers(up_headers: Any, ctx: "RequestContext") -> CIMultiDict[str]
 
 async def forward(
     ctx: "RequestContext", request: web.BaseRequest, upstream: Upstream, *, body_limit: int,
-    has_more_body: bool, drop: frozenset[str], forwarder: Any,
+    has_more_body: bool, drop: frozenset[str], forwarder: Any, drop_prefixes: tuple[str, ...] = (),
 ) -> web.StreamResponse:
     """Send the request upstream and stream the answer back.
 
@@ -208,7 +218,7 @@ async def forward(
     session = upstream.session
     if session is None:  # runtime closed under us: cannot happen for a runtime with in-flight requests
         raise UpstreamError(Problem(UPSTREAM_UNAVAILABLE, internal_reason="upstream_session_closed"))
-    headers = upstream_headers(ctx, drop, forwarder)
+    headers = upstream_headers(ctx, drop, forwarder, drop_prefixes)
     state = BodyState(len(ctx.body))
     data: Any
     if has_more_body:

@@ -67,6 +67,7 @@ class Runtime:
     # Prepared for the request path (read once per request, never recomputed).
     trusted_networks: tuple[Any, ...] = ()
     request_drop: frozenset[str] = frozenset()  # client headers never forwarded (lower-case, '-')
+    request_drop_prefixes: tuple[str, ...] = ()  # ...nor any whose name starts with one of these
     max_body_bytes: int = 0
     inflight: int = 0
     _drained: asyncio.Event | None = field(default=None, repr=False)
@@ -225,5 +226,6 @@ def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict
         generation=gen,
         trusted_networks=tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies),
         request_drop=REQUEST_DROP | strip,
+        request_drop_prefixes=tuple(getattr(forwarder, "strip_prefixes", ()) or ()),
         max_body_bytes=max_body,
     )

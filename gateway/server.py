@@ -227,6 +227,7 @@ class Gateway:
             resp = await forward(
                 ctx, request, components["upstreams"].get(route.upstream_name), body_limit=limit,
                 has_more_body=more_body, drop=rt.request_drop, forwarder=components.get("forwarder"),
+                drop_prefixes=rt.request_drop_prefixes,
             )
         except BodyTooLarge:
             return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
@@ -412,8 +413,13 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
         for p in e.problems:
             print(p, flush=True)
         return 2
-    rt = build_runtime(cfg, None)
-    await rt.start()
+    try:
+        rt = build_runtime(cfg, None)
+        await rt.start()
+    except Exception as e:  # a stage refused the config: say why, no traceback
+        log.debug("runtime build failed", exc_info=True)
+        print(f"{config_path}: runtime: {type(e).__name__}: {e}", flush=True)
+        return 2
     gw = Gateway(config_path, cfg, rt, reuse_port=reuse_port)
     metrics.CONFIG_LAST_SUCCESS.set(time.time())
     await gw.start()
