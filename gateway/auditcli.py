@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import hmac
 import json
 import os
@@ -28,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from gateway.audit import derive_keys, read_key_text, unseal
-from gateway.auditsinks import GENESIS, canonical, head_path, line_hash, record_mac
+from gateway.auditsinks import GENESIS, canonical, head_path, line_body, line_hash, record_mac
 
 Loc = tuple[str, int]
 
@@ -98,19 +99,20 @@ def verify(files: list[str], key: bytes, head: str | None = None) -> dict[str, A
             last_loc = loc
             if not complete:
                 raise VerifyError(loc, "incomplete last record (file truncated)")
+            parts = line_body(line)
             try:
                 rec = json.loads(line)
                 seq = rec["seq"]
                 prev = rec["prev"]
-                mac = rec.pop("mac")
-            except (ValueError, KeyError, TypeError):
+                rec.pop("mac")
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise VerifyError(loc, "not an audit record (edited or truncated)") from None
-            if not isinstance(seq, int) or not isinstance(prev, str) or not isinstance(mac, str):
+            if parts is None or not isinstance(seq, int) or not isinstance(prev, str):
                 raise VerifyError(loc, "malformed chain fields (edited)")
-            if not hmac.compare_digest(mac, record_mac(mac_key, rec)):
+            body, mac = parts
+            if not hmac.compare_digest(mac, hmac.new(mac_key, body, hashlib.sha256).hexdigest()):
                 raise VerifyError(loc, f"seq {seq}: MAC does not match (record edited, forged, or wrong key)")
-            rec["mac"] = mac
-            if canonical(rec) != line:
+            if canonical(rec) != body:
                 raise VerifyError(loc, f"seq {seq}: record bytes changed (edited)")
             if expect_seq is None:
                 first_seq = seq

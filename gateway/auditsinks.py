@@ -2,8 +2,9 @@
 
 File format: one record per line, canonical JSON (keys sorted, no spaces, UTF-8). Every record has
 ``seq`` (1, 2, ... across the whole trail), ``prev`` (hex SHA-256 of the previous record's line;
-64 zeros for the first record) and ``mac`` (hex HMAC-SHA256 with the audit MAC key over the
-canonical JSON of the record without ``mac``). The chain runs across rotations: a rotated file is
+64 zeros for the first record) and ``mac``, the last member: hex HMAC-SHA256 with the audit MAC
+key over the record's canonical JSON without ``mac`` (the line is exactly those bytes with
+``,"mac":"..."`` spliced in before the closing brace). The chain runs across rotations: a rotated file is
 renamed ``<path>.<UTC time>-<last seq>`` and the new file's first record links to its last one.
 After each fsync'd batch, ``<path>.head`` records the chain head (seq, hash) and its HMAC, so that
 truncating the end of the trail is detected too.
@@ -76,6 +77,22 @@ def canonical(obj: dict[str, Any]) -> bytes:
 
 def record_mac(mac_key: bytes, rec_without_mac: dict[str, Any]) -> str:
     return hmac.new(mac_key, canonical(rec_without_mac), hashlib.sha256).hexdigest()
+
+
+def sealed_line(mac_key: bytes, rec_without_mac: dict[str, Any]) -> bytes:
+    """The record's line: its canonical JSON without ``mac``, then ``"mac"`` appended as the last
+    member (HMAC over exactly those canonical bytes). One serialisation per record."""
+    body = canonical(rec_without_mac)
+    mac = hmac.new(mac_key, body, hashlib.sha256).hexdigest()
+    return body[:-1] + b',"mac":"' + mac.encode() + b'"}'
+
+
+def line_body(line: bytes) -> tuple[bytes, str] | None:
+    """Split a record line into (canonical JSON without mac, mac); None when it has no trailing mac."""
+    tail = line[-74:]  # ,"mac":"<64 hex>"}
+    if len(line) < 76 or not tail.startswith(b',"mac":"') or not tail.endswith(b'"}'):
+        return None
+    return line[:-74] + b"}", tail[8:72].decode("ascii", "replace")
 
 
 def line_hash(line: bytes) -> str:
@@ -284,7 +301,6 @@ class ChainWriter:
                 _R_FILE_DROP.inc()
                 return False
             self._q.append(_Item(rec, waiter))
-            _Q_FILE.set(len(self._q))
             self._cond.notify()
         return True
 
@@ -312,8 +328,8 @@ class ChainWriter:
                 items = self._retry + list(self._q)
                 self._q.clear()
                 self._retry = []
-                _Q_FILE.set(0)
                 lost, self._lost = self._lost, 0
+            _Q_FILE.set(len(items))  # sampled per batch: what was waiting when the writer woke
             if lost:
                 items.append(_Item({"type": "records_lost", "count": lost, "why": "audit queue full"}, None))
             ok = self._write_batch(items)
@@ -339,8 +355,7 @@ class ChainWriter:
             rec["seq"] = seq
             rec["prev"] = prev
             rec.pop("mac", None)
-            rec["mac"] = record_mac(self.mac_key, rec)
-            line = canonical(rec)
+            line = sealed_line(self.mac_key, rec)
             prev = line_hash(line)
             lines.append(line)
             kept.append(it)
@@ -375,9 +390,7 @@ class ChainWriter:
         self.error_since = None
         _R_FILE_OK.inc(len(lines))
         self._write_head()
-        for it in kept:
-            if it.waiter is not None:
-                self._resolve(it.waiter, True)
+        self._resolve_all([it.waiter for it in kept if it.waiter is not None], True)
         sec = self.secondary
         if sec is not None:
             try:
@@ -399,15 +412,17 @@ class ChainWriter:
             log.error("audit file write failed: %s", why)
         self.last_error = why
         retry: list[_Item] = []
+        failed = []
         for it in kept:
             for k in ("seq", "prev", "mac"):
                 it.rec.pop(k, None)
             if it.waiter is not None:
                 # A request waits on this "access granted" record: it is denied (503) instead.
-                self._resolve(it.waiter, False)
+                failed.append(it.waiter)
                 _R_FILE_FAIL.inc()
             else:
                 retry.append(it)
+        self._resolve_all(failed, False)
         with self._cond:
             room = self.settings.queue_max - len(self._q)
             if len(retry) > room:
@@ -417,14 +432,16 @@ class ChainWriter:
                 retry = retry[len(retry) - max(room, 0) :]
             self._retry = retry
 
-    def _resolve(self, fut: "asyncio.Future[bool]", ok: bool) -> None:
+    def _resolve_all(self, futs: "list[asyncio.Future[bool]]", ok: bool) -> None:
+        """Wake the waiting requests with one loop wake-up for the whole batch."""
         loop = self._loop
-        if loop is None:
+        if loop is None or not futs:
             return
 
         def set_() -> None:
-            if not fut.done():
-                fut.set_result(ok)
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(ok)
 
         try:
             loop.call_soon_threadsafe(set_)
@@ -466,7 +483,8 @@ class ChainWriter:
 
 
 def _iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """UTC, millisecond precision: 2026-11-29T03:17:00.123Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
 # ---------------------------------------------------------------------------------- Redis
