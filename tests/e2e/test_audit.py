@@ -9,6 +9,8 @@ import glob
 import importlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -26,7 +28,9 @@ TARGET = "958935420"
 OTHER = "974760673"
 KEY = "e2e-audit-key-0123456789abcdef"
 INTEGRATION_ID = "7b1c9a52-0d3e-4a8f-9c61-2f5e8d4b1a07"
-WAF_AVAILABLE = hasattr(importlib.import_module("filters.waf"), "build_stage")
+# The WAF case runs the OWASP CRS from ../shared (read-only project material) when it is there.
+CRS_RULES = Path(__file__).resolve().parents[3] / "shared" / "waf" / "crs" / "rules"
+WAF_AVAILABLE = hasattr(importlib.import_module("filters.waf"), "build_stage") and CRS_RULES.is_dir()
 
 
 def config(upstream_url: str, issuer, tmp_path: Path, **audit) -> dict:
@@ -79,7 +83,12 @@ async def get(gw, path: str, token: str | None = None, **headers) -> tuple[int, 
 
 
 async def test_mixed_outcomes_give_exactly_one_request_event_each(start_gateway, upstream, issuer, tmp_path):
-    gw = await start_gateway(config(upstream.url, issuer, tmp_path))
+    cfg = config(upstream.url, issuer, tmp_path)
+    if WAF_AVAILABLE:
+        cfg["waf"] = {"rules": "crs", "crs_path": str(CRS_RULES)}
+    else:
+        print(f"WAF case left out: no CRS rules at {CRS_RULES}")
+    gw = await start_gateway(cfg)
     good = issuer.mint(org=ORG, scope="ks:fiks")
     other = issuer.mint(org=OTHER, scope="ks:fiks")
     cases = [
@@ -116,6 +125,22 @@ async def test_mixed_outcomes_give_exactly_one_request_event_each(start_gateway,
         assert waf["waf"]["rules"]
     s = verify(trail(tmp_path), KEY.encode())
     assert s["head"].endswith("verified")
+    # the real command line: passes untouched, names the record after a deleted line
+    assert cli_verify(tmp_path).returncode == 0
+    f = trail(tmp_path)[-1]
+    kept = Path(f).read_text().splitlines(keepends=True)
+    Path(f).write_text("".join(kept[:5] + kept[6:]))
+    r = cli_verify(tmp_path)
+    assert r.returncode == 1 and r.stdout.startswith(f"FAIL {f}:6: "), r.stdout + r.stderr
+
+
+def cli_verify(tmp_path: Path) -> subprocess.CompletedProcess:
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PORTVAKT_AUDIT_KEY": KEY, "PYTHONPATH": root}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "audit", "verify", *trail(tmp_path)],
+        env=env, cwd=root, capture_output=True, text=True, timeout=60,
+    )
 
 
 async def test_reload_withdrawing_a_grant_is_audited(start_gateway, upstream, issuer, tmp_path):
