@@ -80,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             reuse_port=in_supervisor,
             admin=not in_supervisor,
             admin_socket=args.admin_socket,
+            worker_index=args.worker_index,
         )
     )
 

@@ -39,7 +39,11 @@ UPSTREAM_DURATION = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
-IN_FLIGHT = Gauge("portvakt_requests_in_flight", "Requests being handled now", registry=REGISTRY)
+# multiprocess_mode only matters under --workers N (prometheus multiprocess mode, see
+# gateway/supervisor.py): in-flight is summed over live workers, the last reload is the latest.
+IN_FLIGHT = Gauge(
+    "portvakt_requests_in_flight", "Requests being handled now", registry=REGISTRY, multiprocess_mode="livesum"
+)
 FILTER_DECISIONS = Counter(
     "portvakt_filter_decisions_total",
     "Policy stage decisions by filter, decision (allow, skip, deny, detect) and reason",
@@ -60,6 +64,7 @@ CONFIG_LAST_SUCCESS = Gauge(
     "portvakt_config_last_reload_success_timestamp_seconds",
     "Unix time of the last successful config load",
     registry=REGISTRY,
+    multiprocess_mode="max",
 )
 
 _filter_children: dict[tuple[str, str, str], object] = {}

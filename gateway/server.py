@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import re
 import signal
+import ssl
 import time
 import uuid
 from functools import lru_cache
@@ -403,8 +404,14 @@ async def _read_prefix(content: Any, want: int) -> tuple[bytes, bool]:
 
 
 async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = True,
-                admin_socket: str | None = None, ready_fd: int | None = None) -> int:
-    """Run one gateway process until SIGTERM/SIGINT. Returns the exit code."""
+                admin_socket: str | None = None, worker_index: int | None = None,
+                on_ready: Any = None) -> int:
+    """Run one gateway process until SIGTERM/SIGINT. Returns the exit code.
+
+    ``admin``: serve the admin listener on ``admin.listen`` (False in a worker under the
+    supervisor, which serves it; the worker's own admin endpoints go to ``admin_socket``).
+    ``on_ready()`` is called once the listeners accept connections.
+    """
     from gateway import admin as admin_mod
 
     try:
@@ -413,16 +420,25 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
         for p in e.problems:
             print(p, flush=True)
         return 2
+    secrets: dict[str, Any] = {}
+    if worker_index is not None:
+        secrets["worker_index"] = worker_index
     try:
-        rt = build_runtime(cfg, None)
+        rt = build_runtime(cfg, None, secrets=secrets)
         await rt.start()
     except Exception as e:  # a stage refused the config: say why, no traceback
         log.debug("runtime build failed", exc_info=True)
         print(f"{config_path}: runtime: {type(e).__name__}: {e}", flush=True)
         return 2
     gw = Gateway(config_path, cfg, rt, reuse_port=reuse_port)
+    gw.secrets = secrets
     metrics.CONFIG_LAST_SUCCESS.set(time.time())
-    await gw.start()
+    try:
+        await gw.start()
+    except (OSError, ValueError, ssl.SSLError) as e:
+        print(f"{config_path}: server: cannot start the public listener on {cfg.server.listen}: {e}", flush=True)
+        await rt.close()
+        return 2
     admin_runner = None
     if admin:
         admin_runner = await admin_mod.start_admin(gw, cfg.admin.listen)
@@ -441,6 +457,8 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     log.info("portvakt ready (config %s, generation %d)", config_path, rt.generation)
+    if on_ready is not None:
+        on_ready()
     await stop.wait()
     log.info("shutting down: draining in-flight requests (at most %.1fs)", cfg.server.shutdown_grace_seconds)
     gw.stopping = True

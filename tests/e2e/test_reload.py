@@ -108,3 +108,46 @@ async def test_sigterm_drains_in_flight_requests_then_exits_zero(start_gateway, 
                 raise AssertionError("still accepting after SIGTERM")
         except aiohttp.ClientConnectionError:
             pass
+
+
+async def test_workers_share_the_port_and_a_crashed_worker_is_restarted(start_gateway, upstream):
+    import os
+    import signal
+
+    gw = await start_gateway(basic_config(upstream.url), workers=2)
+
+    async def workers() -> dict:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.admin_url + "/readyz") as r:
+                return (await r.json())["workers"] if r.status == 200 else {}
+
+    pids = {k: v["pid"] for k, v in (await workers()).items()}
+    assert len(pids) == 2 and len(set(pids.values())) == 2
+
+    async def burst(n: int) -> None:
+        for _ in range(n):  # a new connection each time: the kernel spreads them over workers
+            async with gw.session(connector_owner=True) as s:
+                async with s.get(gw.url + "/w", headers={"Connection": "close"}) as r:
+                    assert r.status == 200
+
+    await burst(10)
+    assert await gw.metric("portvakt_requests_total", {"route": "demo", "method": "GET", "status": "200", "decision": "allow"}) == 10
+
+    os.kill(pids["0"], signal.SIGKILL)
+    for _ in range(200):
+        now = await workers()
+        if now and now["0"]["pid"] not in (None, pids["0"]):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(gw.output())
+    await burst(4)
+    assert await gw.metric("portvakt_worker_restarts_total") == 1
+    assert await gw.reload() == "success"
+    assert await gw.stop_async() == 0
+    for pid in [now["0"]["pid"], pids["1"]]:
+        try:
+            os.kill(pid, 0)
+            raise AssertionError(f"worker {pid} still running")
+        except ProcessLookupError:
+            pass

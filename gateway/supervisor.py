@@ -1,0 +1,224 @@
+"""``--workers N``: one supervisor process and N worker processes sharing the public port.
+
+Each worker is ``python -m gateway run --worker-index I`` binding the public listener with
+``SO_REUSEPORT`` (the kernel spreads new connections over the workers). The supervisor:
+
+- restarts a worker that exits while the gateway is not stopping (with a growing back-off when a
+  worker keeps dying right after start, so a bad port or file does not spin the CPU);
+- forwards SIGHUP (reload) and SIGTERM/SIGINT (drain and exit) to every worker, and exits 0 once
+  they all exited;
+- is the only process with the admin listener (``admin.listen``). Each worker serves its own
+  admin endpoints on a private unix socket; the supervisor's ``/readyz`` is ready when every
+  worker is, ``POST /-/reload`` reloads every worker and reports each one's problems, and
+  ``/.well-known/jwks.json`` merges the workers' key sets.
+- ``/metrics`` is the sum over workers: the workers run prometheus-client in multiprocess mode
+  (``PROMETHEUS_MULTIPROC_DIR`` is a private temp directory the supervisor creates and removes)
+  and the supervisor aggregates the files. Counters and histograms are summed over workers
+  (including workers that exited), the in-flight gauge is summed over live workers, the last
+  reload timestamp is the latest of any worker; other gauges a stage declares are exported per
+  worker with a ``pid`` label (prometheus-client's default). The build info,
+  ``portvakt_workers`` and ``portvakt_worker_restarts_total`` come from the supervisor itself.
+
+Worker I also gets ``PORTVAKT_WORKER_INDEX=I`` (the audit trail writes one chain per worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from typing import Any
+
+import aiohttp
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from gateway import __version__
+
+log = logging.getLogger("portvakt.supervisor")
+
+
+class Worker:
+    def __init__(self, index: int, socket_path: str):
+        self.index = index
+        self.socket_path = socket_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started_at = 0.0
+        self.backoff = 0.5
+
+
+class Supervisor:
+    def __init__(self, config_path: str, workers: int, log_level: str = "INFO"):
+        self.config_path = config_path
+        self.n = workers
+        self.log_level = log_level
+        self.dir = tempfile.mkdtemp(prefix="portvakt-")
+        self.metrics_dir = os.path.join(self.dir, "metrics")
+        os.mkdir(self.metrics_dir)
+        self.workers = [Worker(i, os.path.join(self.dir, f"worker-{i}.sock")) for i in range(workers)]
+        self.stopping = False
+        self.registry = CollectorRegistry()
+        self.restarts = Counter("portvakt_worker_restarts_total", "Workers restarted after an exit", registry=self.registry)
+        self.workers_gauge = Gauge("portvakt_workers", "Configured worker processes", registry=self.registry)
+        self.workers_gauge.set(workers)
+        self.build = Gauge("portvakt_build_info", "Portvakt build information", ["version"], registry=self.registry)
+        self.build.labels(__version__).set(1)
+
+    # -- workers -------------------------------------------------------------------------------
+
+    async def spawn(self, w: Worker) -> None:
+        if os.path.exists(w.socket_path):
+            os.unlink(w.socket_path)
+        env = dict(os.environ)
+        env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        env["PORTVAKT_WORKER_INDEX"] = str(w.index)
+        w.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "run", "--config", self.config_path,
+            "--worker-index", str(w.index), "--admin-socket", w.socket_path, "--log-level", self.log_level,
+            env=env,
+        )
+        w.started_at = time.monotonic()
+        log.info("worker %d started (pid %d)", w.index, w.proc.pid)
+
+    async def watch(self, w: Worker) -> None:
+        from prometheus_client import multiprocess
+
+        while True:
+            assert w.proc is not None
+            rc = await w.proc.wait()
+            multiprocess.mark_process_dead(w.proc.pid, self.metrics_dir)
+            if self.stopping:
+                return
+            lived = time.monotonic() - w.started_at
+            w.backoff = 0.5 if lived > 10 else min(w.backoff * 2, 30.0)
+            log.error("worker %d (pid %d) exited with %s; restarting in %.1fs", w.index, w.proc.pid, rc, w.backoff)
+            await asyncio.sleep(w.backoff)
+            if self.stopping:
+                return
+            self.restarts.inc()
+            await self.spawn(w)
+
+    def signal_all(self, sig: int) -> None:
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                try:
+                    w.proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    # -- admin target ----------------------------------------------------------------------------
+
+    async def _ask(self, w: Worker, method: str, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+        conn = aiohttp.UnixConnector(path=w.socket_path)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+            async with s.request(method, "http://worker" + path) as r:
+                return r.status, await r.json(content_type=None)
+
+    def metrics(self) -> tuple[bytes, str]:
+        from prometheus_client import multiprocess
+
+        agg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(agg, path=self.metrics_dir)
+        return generate_latest(agg) + generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        # The admin app calls this synchronously; the per-worker answers come from _ready_cache,
+        # refreshed by the readiness poller.
+        ok = not self.stopping and all(self._ready_cache.get(w.index, (False, {}))[0] for w in self.workers)
+        return ok, {
+            "config": "loaded" if ok else "pending",
+            "workers": {
+                str(w.index): {"pid": w.proc.pid if w.proc else None, **self._ready_cache.get(w.index, (False, {}))[1]}
+                for w in self.workers
+            },
+        }
+
+    _ready_cache: dict[int, tuple[bool, dict[str, Any]]]
+
+    async def poll_ready(self) -> None:
+        while not self.stopping:
+            for w in self.workers:
+                try:
+                    status, doc = await self._ask(w, "GET", "/readyz", timeout=2)
+                    self._ready_cache[w.index] = (status == 200, {"status": doc.get("status"), "dependencies": doc.get("dependencies", {})})
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
+                    self._ready_cache[w.index] = (False, {"status": "unreachable"})
+            await asyncio.sleep(0.25)
+
+    async def reload(self) -> tuple[bool, list[str]]:
+        problems: list[str] = []
+        for w in self.workers:
+            try:
+                status, doc = await self._ask(w, "POST", "/-/reload", timeout=60)
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
+                problems.append(f"worker {w.index}: unreachable: {type(e).__name__}")
+                continue
+            if status != 200:
+                problems += [f"worker {w.index}: {p}" for p in doc.get("problems", [])] or [f"worker {w.index}: failed"]
+        return not problems, problems
+
+    async def jwks(self) -> Any:
+        keys: dict[str, Any] = {}
+        found = False
+        for w in self.workers:
+            try:
+                status, doc = await self._ask(w, "GET", "/.well-known/jwks.json")
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
+                continue
+            if status == 200:
+                found = True
+                for k in doc.get("keys", []):
+                    keys[k.get("kid") or json.dumps(k, sort_keys=True)] = k
+        return {"keys": list(keys.values())} if found else None
+
+    # -- main ----------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        from gateway import admin as admin_mod
+        from gateway.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as e:
+            for p in e.problems:
+                print(p, file=sys.stderr)
+            return 2
+        self._ready_cache = {}
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.signal_all(signal.SIGHUP))
+        for w in self.workers:
+            await self.spawn(w)
+        watchers = [asyncio.create_task(self.watch(w)) for w in self.workers]
+        poller = asyncio.create_task(self.poll_ready())
+        runner = await admin_mod.start_admin(self, cfg.admin.listen)
+        log.info("supervisor: %d workers, admin on %s", self.n, cfg.admin.listen)
+        await stop.wait()
+        self.stopping = True
+        log.info("supervisor: stopping workers")
+        self.signal_all(signal.SIGTERM)
+        grace = cfg.server.shutdown_grace_seconds + 10
+        procs = [w.proc for w in self.workers if w.proc is not None]
+        try:
+            async with asyncio.timeout(grace):
+                await asyncio.gather(*(p.wait() for p in procs))
+        except TimeoutError:
+            log.error("workers did not exit within %.0fs: killing them", grace)
+            self.signal_all(signal.SIGKILL)
+            await asyncio.gather(*(p.wait() for p in procs))
+        for t in [*watchers, poller]:
+            t.cancel()
+        await runner.cleanup()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return 0
+
+
+def supervise(config_path: str, workers: int, log_level: str = "INFO") -> int:
+    return asyncio.run(Supervisor(config_path, workers, log_level).run())
