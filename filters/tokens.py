@@ -394,7 +394,10 @@ class TokensStage(Stage):
             else:
                 key = await rt.store.key_for(kid)
         except KeysUnavailable:
-            ctx.audit["tokens"] = {"issuer": rt.name, "result": "keys_unavailable"}
+            ctx.audit["tokens"] = {"issuer": rt.name, "result": "issuer_keys_unavailable"}
+            if rt.mode is Mode.detect and self._filter is not None and self._filter.mode is Mode.enforce:
+                ctx.detections.append(Detection(TokensFilter.name, "issuer_keys_unavailable"))
+                return SKIP
             return Deny(
                 Problem(
                     KEYS_UNAVAILABLE,

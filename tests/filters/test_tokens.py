@@ -591,3 +591,27 @@ def test_mint_token_cli_shapes(tmp_path):
     assert ip["pid"] == TEST_PID and ip["acr"] == "Level3" and ip["exp"] < time.time() and "consumer" not in ip
     with pytest.raises(ValueError):
         mint_token(key, "k", "idporten")
+
+
+async def test_token_without_kid_uses_the_only_key(issuer):
+    s = await make_stage({"m": issuer.config(jwks_refetch_min_seconds=0)})
+    try:
+        token = issuer.mint(headers={"kid": None})
+        assert "kid" not in json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+        assert (await run(s, token))[0] is ALLOW
+        issuer.rotate()
+        await s.issuers["m"].store.refresh(force=True)  # now two keys: a kid-less token is ambiguous
+        d, ctx = await run(s, issuer.mint(headers={"kid": None}))
+        denied(d, ctx, "token_unknown_kid")
+    finally:
+        await s.close()
+
+
+async def test_detect_issuer_without_keys_records_instead_of_503(issuer):
+    await issuer.idporten.unreachable()
+    s = await make_stage({"m": issuer.config(), "i": issuer.idporten.config(mode="detect")})
+    try:
+        d, ctx = await run(s, issuer.idporten.mint())
+        assert d is SKIP and [x.reason for x in ctx.detections] == ["issuer_keys_unavailable"]
+    finally:
+        await s.close()
