@@ -7,7 +7,12 @@
 #   dev-certs        (re)generate missing dev certificates in certs/dev
 #   docker           build the container image portvakt:$(VERSION)
 #   clean            remove the venv, generated certificates and run-time state
-PY ?= python3
+# The first Python 3.11+ found (override: make PY=/path/to/python3.12 ...).
+ifeq ($(origin PY), undefined)
+PY := $(shell for p in python3 python3.13 python3.12 python3.11; do \
+	  command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	  && { echo $$p; exit 0; }; done; echo python3)
+endif
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -21,7 +26,7 @@ $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || { \
 	  echo "Portvakt needs Python 3.11 or newer; $(PY) is $$($(PY) -V 2>&1). Use: make PY=python3.12 ..."; exit 1; }
 	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { \
-	  pkg="python3-venv"; \
+	  pkg="$$(basename $(PY))-venv"; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing $$pkg (Python's venv module is missing)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkg >/dev/null; \

@@ -437,7 +437,10 @@ def run_row(row: Row, env: Env, work: Path, args: argparse.Namespace, cpus: Cpus
             run_wrk(url, script, args.warmup, args, cpus)
         m = run_wrk(url, script, args.duration, args, cpus)
         bad = sum(m.errors.values())
-        if m.requests == 0 or bad > 0.01 * m.requests:
+        if m.requests == 0:
+            row.status, row.why = "failed", f"no request completed in {args.duration:g} s ({m.errors or 'no errors'})"
+            return
+        if bad > 0.01 * m.requests:
             row.status, row.why = "failed", f"{bad} of {m.requests} requests failed ({m.errors})"
             return
         if not proc.alive():
