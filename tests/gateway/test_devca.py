@@ -172,3 +172,21 @@ async def test_real_mtls_handshake_with_dev_certificates(pki):
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_portvakt_cli_dev_certs_subprocess(tmp_path):
+    """`python -m gateway dev-certs` (the `portvakt` console script) reaches register_commands."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "dev-certs", str(tmp_path / "d"), "--org", "974760673", "--seid1-org", "958935420"],
+        cwd=root, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    d = tmp_path / "d"
+    assert (d / "client-974760673-seid2.pem").exists() and (d / "client-958935420-seid1.pem").exists()
+    assert not (d / "client-991825827-seid2.pem").exists()  # --org replaces the default
+    assert stat.S_IMODE(os.stat(d / "issuer-key.pem").st_mode) == 0o600
