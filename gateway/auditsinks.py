@@ -72,7 +72,8 @@ _E_FILE = WRITE_ERRORS.labels("file")
 
 
 def canonical(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # default=str: an odd value in a record (a set, a date) is written as text, never a crash
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
 
 
 def record_mac(mac_key: bytes, rec_without_mac: dict[str, Any]) -> str:
@@ -332,7 +333,15 @@ class ChainWriter:
             _Q_FILE.set(len(items))  # sampled per batch: what was waiting when the writer woke
             if lost:
                 items.append(_Item({"type": "records_lost", "count": lost, "why": "audit queue full"}, None))
-            ok = self._write_batch(items)
+            try:
+                ok = self._write_batch(items)
+            except Exception:  # a bug must not kill the writer: every later request would wait
+                log.exception("audit writer: batch of %d records failed", len(items))
+                self._resolve_all([it.waiter for it in items if it.waiter is not None], False)
+                with self._cond:
+                    self._lost += sum(1 for it in items if it.waiter is None)
+                ok = False
+            _Q_FILE.set(self.depth())
             last_flush = time.monotonic()
             if not ok:
                 if self._stop.is_set() and time.monotonic() > (self.error_since or 0) + 5:

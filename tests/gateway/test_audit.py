@@ -572,3 +572,23 @@ async def test_each_worker_writes_its_own_chain(tmp_path):
         f = str(tmp_path / f"audit.jsonl.w{i}")
         assert [r["request_id"] for r in requests_of(lines(Path(f)))] == [f"w{i}"]
         verify([f], KEY)
+
+
+async def test_writer_survives_a_bug_in_one_batch(tmp_path, monkeypatch):
+    cfg = make_config(audit=audit_cfg(tmp_path, durability="strict"))
+    sink = await started(cfg)
+    real = ChainWriter._maybe_rotate
+    calls = {"n": 0}
+
+    def broken_once(self, incoming):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ZeroDivisionError("bug")
+        return real(self, incoming)
+
+    monkeypatch.setattr(ChainWriter, "_maybe_rotate", broken_once)
+    problem = await sink.before_forward(make_ctx(cfg, request_id="b1"))
+    assert problem is not None and problem.status == 503
+    assert await sink.before_forward(make_ctx(cfg, request_id="b2")) is None  # the writer lives on
+    await sink.close()
+    verify(trail(tmp_path), KEY)
