@@ -432,6 +432,14 @@ def run_row(row: Row, env: Env, work: Path, args: argparse.Namespace, cpus: Cpus
             if missing:
                 row.status, row.why = "skipped", f"feature inactive: no decisions from filter(s) {', '.join(missing)}"
                 return
+        for name in s.expect_files:
+            f = work / name
+            deadline = time.monotonic() + 5
+            while not (f.exists() and f.stat().st_size > 0) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not (f.exists() and f.stat().st_size > 0):
+                row.status, row.why = "skipped", f"feature inactive: {name} was not written"
+                return
         script = wrk_script(req, work / f"{row.n:02d}-{slug}.lua")
         if args.warmup > 0:
             run_wrk(url, script, args.warmup, args, cpus)

@@ -55,6 +55,7 @@ class Scenario:
     compare: str | None = None  # the row this one is compared with (besides the bare proxy)
     modules: tuple[str, ...] = ()  # "module:builder" that must exist
     expect_filters: tuple[str, ...] = ()
+    expect_files: tuple[str, ...] = ()  # files in the work dir that must grow (audit trails)
     needs: tuple[str, ...] = ()  # "redis", "crs", "nginx"
     tags: tuple[str, ...] = ()
 
@@ -235,11 +236,13 @@ SCENARIOS: list[Scenario] = [
     ),
     Scenario(
         "+ audit, batch (group commit)", "portvakt", get_plain,
-        _c(lambda c, e: with_audit(c, e, "batch", "batch")), compare=PV_GET, modules=AUDIT, tags=("audit",),
+        _c(lambda c, e: with_audit(c, e, "batch", "batch")), compare=PV_GET, modules=AUDIT,
+        expect_files=("audit-batch.jsonl",), tags=("audit",),
     ),
     Scenario(
         "+ audit, strict (fsync before forward)", "portvakt", get_plain,
-        _c(lambda c, e: with_audit(c, e, "strict", "strict")), compare=PV_GET, modules=AUDIT, tags=("audit",),
+        _c(lambda c, e: with_audit(c, e, "strict", "strict")), compare=PV_GET, modules=AUDIT,
+        expect_files=("audit-strict.jsonl",), tags=("audit",),
     ),
     Scenario(BARE_POST, "bare", post_json),
     Scenario(PV_POST, "portvakt", post_json, _c(), compare=BARE_POST, expect_filters=("ingress",)),
@@ -264,6 +267,7 @@ SCENARIOS: list[Scenario] = [
         ),
         compare=PV_POST, modules=TOKENS + RATELIMIT + WAF + AUDIT,
         expect_filters=IDENTITY_FILTERS + ("waf", "rate_limit_pre", "rate_limit"), needs=("redis",),
+        expect_files=("audit-full.jsonl",),
         tags=("identity", "ratelimit", "waf", "audit"),
     ),
 ]
