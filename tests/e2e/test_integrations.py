@@ -122,3 +122,25 @@ async def test_changed_password_hash_takes_effect_on_reload(start_gateway, upstr
         assert (status, body["reason"]) == (401, "integration_auth_failed")
         status, _, _ = await call(s, gw.url + URL, {**headers, **creds(password="nytt-passord")})
         assert status == 200
+
+
+async def test_demo_config_integration_grant_and_route(start_gateway, upstream, issuer):
+    """config/demo.yaml's integration (password `demo-passord`, default argon2 cost), grant and
+    innsyn route, served against the test issuer: the README's example call shape."""
+    from pathlib import Path
+
+    import yaml
+
+    from tests.fixtures.gateway import basic_config
+
+    demo = yaml.safe_load((Path(__file__).resolve().parents[2] / "config" / "demo.yaml").read_text())
+    route = next(r for r in demo["routes"] if r["name"] == "innsyn")
+    cfg = basic_config(upstream.url, issuers=issuer.issuers_config(), integrations=demo["integrations"], routes=[route])
+    gw = await start_gateway(cfg)
+    iid = demo["integrations"][0]["id"]
+    headers = {**bearer(issuer.mint()), **creds(iid, "demo-passord")}  # dev-token defaults: org 991825827, ks:fiks
+    async with gw.session() as s:
+        status, body, _ = await call(s, gw.url + URL, headers)
+        assert status == 200, body
+        status, body, _ = await call(s, gw.url + ORG_URL.format(org=OTHER_ORG), headers)
+        assert (status, body["reason"]) == (403, "missing_privilege")
