@@ -305,13 +305,22 @@ class TokensFilter(Filter):
         if len(values) != 1:
             return self.stage.fail(ctx, None, TOKEN_MALFORMED)
         value = values[0]
+        stage = self.stage
+        digest = None
+        if value[6:7] == " " and value[:6].lower() == "bearer" and value.isascii():
+            # Fast path: a token verified before (the cache only holds tokens that passed the
+            # strict parse below, so a hit needs no regex).
+            digest = hashlib.sha256(value[7:].encode("ascii")).digest()
+            if stage.from_cache(ctx, digest):
+                return ALLOW
         m = _BEARER.fullmatch(value) if len(value) <= MAX_TOKEN_CHARS else None
         if m is None:
             parts = value.split(None, 1)
             if not parts or parts[0].lower() != "bearer":
                 return SKIP  # another scheme (Basic...) is not a bearer token
             return self.stage.fail(ctx, None, TOKEN_MALFORMED)
-        return await self.stage.verify(ctx, m.group(1))
+        token = m.group(1)
+        return await stage.verify(ctx, token, digest or hashlib.sha256(token.encode("ascii")).digest())
 
 
 class TokensStage(Stage):
@@ -348,19 +357,26 @@ class TokensStage(Stage):
                 return SKIP
         return Deny(Problem(INVALID_TOKEN, detail=_DETAIL, internal_reason=internal, headers=WWW_AUTHENTICATE))
 
-    async def verify(self, ctx: RequestContext, token: str) -> Decision:
-        now = _now()
-        digest = hashlib.sha256(token.encode("ascii")).digest()
+    def from_cache(self, ctx: RequestContext, digest: bytes) -> bool:
+        """Serve a token verified before (by the SHA-256 of the token) while it is unexpired and
+        its key is still published. True when ``ctx.token`` was set."""
         hit = self._cache.get(digest)
-        if hit is not None:
-            if now < hit.valid_until and hit.issuer.store.lookup(hit.kid) is not None:
-                self._cache.move_to_end(digest)
-                _CACHE_HIT.inc()
-                ctx.token = hit.identity
-                ctx.audit["tokens"] = {**hit.audit, "cached": True}
-                return ALLOW
-            del self._cache[digest]
+        if hit is None:
+            return False
+        if _now() < hit.valid_until and hit.issuer.store.lookup(hit.kid) is not None:
+            self._cache.move_to_end(digest)
+            _CACHE_HIT.inc()
+            ctx.token = hit.identity
+            ctx.audit["tokens"] = {**hit.audit, "cached": True}
+            return True
+        del self._cache[digest]
+        return False
 
+    async def verify(self, ctx: RequestContext, token: str, digest: bytes) -> Decision:
+        """Verify a strictly parsed compact JWS (``digest`` = SHA-256 of ``token``)."""
+        if self.from_cache(ctx, digest):
+            return ALLOW
+        now = _now()
         head_b64, payload_b64, sig_b64 = token.split(".")
         try:
             header = _json_object(head_b64)
