@@ -311,34 +311,27 @@ class AuditSink:
         )
         self.writer: ChainWriter | None = None
         self.redis: RedisStreamSink | None = None
-        self._owns_writer = False
-        self._owns_redis = False
         self._granted: set[str] = set()
         self._pending_events: list[dict[str, Any]] = []
-        self._adopted = False
+        self._previous: AuditSink | None = None
+        self._started = False
 
     # ---------------------------------------------------------------- lifecycle
+    #
+    # A writer (and a Redis sink) can serve several runtimes across reloads: the retiring one
+    # finishes its in-flight requests while the new one serves. Each sink that started with it
+    # holds a reference (``refs``, touched on the event loop only); the last ``close()`` writes
+    # ``audit_stopped`` and closes it. ``adopt`` only looks: a runtime whose build fails after it
+    # has taken nothing, and one that never starts is never counted.
+
     def adopt(self, previous: Any) -> None:
-        """Reload: keep the open writer when the file is the same; queue the privilege changes."""
+        """Reload: remember the old sink (its writer is taken over in ``start`` when the file is
+        the same) and compute the privilege changes between the two configs."""
         if not isinstance(previous, AuditSink):
             return
+        self._previous = previous
         if previous.cfg.enabled and self.cfg.enabled:
             self._pending_events = privilege_changes(previous.config, self.config, self.mac_key)
-        pw = previous.writer
-        if self.file_settings and pw is not None and previous._owns_writer and pw.settings.path == self.file_settings.path:
-            pw.settings = self.file_settings  # durability, interval, rotation: take effect at once
-            pw.mac_key = self.mac_key
-            self.writer = pw
-            self._owns_writer = True
-            previous._owns_writer = False  # the old runtime's close() must not close it
-            self._adopted = True
-            pr = previous.redis
-            if pr is not None and previous._owns_redis and self.redis_settings == previous.redis_settings:
-                self.redis = pr
-                self._owns_redis = True
-                previous._owns_redis = False
-            elif pr is not None and previous._owns_redis:
-                pw.secondary = None  # the new Redis sink (if any) takes over in start()
 
     async def start(self) -> None:
         if not self.active:
@@ -349,15 +342,26 @@ class AuditSink:
         loop = asyncio.get_running_loop()
         if self.ephemeral_key:
             log.warning("audit.key not set: records are MAC'd with an ephemeral key and cannot be verified later")
+        prev, self._previous = self._previous, None
+        pw = prev.writer if prev is not None and prev._started else None
+        if pw is not None and pw.settings.path == self.file_settings.path:
+            pw.settings = self.file_settings  # durability, interval, rotation: take effect at once
+            pw.mac_key = self.mac_key
+            pw.refs += 1
+            self.writer = pw
+        pr = prev.redis if prev is not None and prev._started else None
+        if pr is not None and self.redis_settings == prev.redis_settings:  # type: ignore[union-attr]
+            pr.refs += 1
+            self.redis = pr
         if self.redis_settings is not None and self.redis is None:
             self.redis = RedisStreamSink(self.redis_settings)
             self.redis.start()
-            self._owns_redis = True
+            self.redis.refs = 1
         if self.writer is None:
             w = ChainWriter(self.file_settings, self.mac_key)
             await loop.run_in_executor(None, w.start, loop)
+            w.refs = 1
             self.writer = w
-            self._owns_writer = True
             started: dict[str, Any] = {
                 "type": "audit_started",
                 "process": os.getpid(),
@@ -379,20 +383,29 @@ class AuditSink:
                 }
             )
         self.writer.secondary = self.redis
+        self._started = True
         for ev in self._pending_events:
             self._submit(ev)
         self._pending_events = []
 
     async def close(self) -> None:
-        """Flush and close what this sink owns (an adopted writer belongs to the new runtime)."""
+        """Give up this sink's references; the last user flushes and closes the writer."""
+        if not self._started:
+            return
+        self._started = False
         loop = asyncio.get_running_loop()
-        if self.writer is not None and self._owns_writer:
-            self._submit({"type": "audit_stopped", "process": os.getpid()})
-            await loop.run_in_executor(None, self.writer.close)
-            self._owns_writer = False
-        if self.redis is not None and self._owns_redis:
-            await loop.run_in_executor(None, self.redis.close)
-            self._owns_redis = False
+        w, r = self.writer, self.redis
+        if w is not None:
+            w.refs -= 1
+            if w.refs <= 0:
+                self._submit({"type": "audit_stopped", "process": os.getpid()})
+                await loop.run_in_executor(None, w.close)
+        if r is not None:
+            r.refs -= 1
+            if r.refs <= 0:
+                if w is not None and w.secondary is r:
+                    w.secondary = None
+                await loop.run_in_executor(None, r.close)
 
     def readiness(self) -> dict[str, str]:
         if not self.cfg.enabled:

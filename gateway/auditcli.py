@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from gateway.audit import derive_keys, read_key_text, unseal
-from gateway.auditsinks import GENESIS, canonical, head_path, line_body, line_hash, record_mac
+from gateway.auditsinks import GENESIS, canonical, head_path, line_body, line_hash
 
 Loc = tuple[str, int]
 
@@ -80,9 +80,16 @@ def _all_seqs(tfs: list[TrailFile]) -> set[int]:
     return out
 
 
-def verify(files: list[str], key: bytes, head: str | None = None) -> dict[str, Any]:
-    """Verify a trail. Returns a summary; raises VerifyError naming the first bad record."""
-    mac_key, _ = derive_keys(key)
+def verify(files: list[str], key: bytes | list[bytes], head: str | None = None) -> dict[str, Any]:
+    """Verify a trail. Returns a summary; raises VerifyError naming the first bad record.
+
+    ``key`` may be several audit keys (the trail spans a key change): a record passes when one
+    of them made its MAC."""
+    mac_keys = [derive_keys(k)[0] for k in (key if isinstance(key, list) else [key])]
+
+    def mac_ok(mac: str, data: bytes) -> bool:
+        return any(hmac.compare_digest(mac, hmac.new(k, data, hashlib.sha256).hexdigest()) for k in mac_keys)
+
     tfs = _trail(files)
     if not tfs:
         raise VerifyError(("(none)", 0), "no audit files given")
@@ -110,7 +117,7 @@ def verify(files: list[str], key: bytes, head: str | None = None) -> dict[str, A
             if parts is None or not isinstance(seq, int) or not isinstance(prev, str):
                 raise VerifyError(loc, "malformed chain fields (edited)")
             body, mac = parts
-            if not hmac.compare_digest(mac, hmac.new(mac_key, body, hashlib.sha256).hexdigest()):
+            if not mac_ok(mac, body):
                 raise VerifyError(loc, f"seq {seq}: MAC does not match (record edited, forged, or wrong key)")
             if canonical(rec) != body:
                 raise VerifyError(loc, f"seq {seq}: record bytes changed (edited)")
@@ -153,7 +160,7 @@ def verify(files: list[str], key: bytes, head: str | None = None) -> dict[str, A
             hmac_ = h.pop("mac")
         except (OSError, ValueError, KeyError) as e:
             raise VerifyError((hp, 1), f"head unreadable: {e}") from None
-        if not hmac.compare_digest(hmac_, record_mac(mac_key, h)):
+        if not mac_ok(hmac_, canonical(h)):
             raise VerifyError((hp, 1), "head MAC does not match (edited or wrong key)")
         last = summary["last_seq"] or 0
         if h["seq"] > last:
@@ -240,19 +247,23 @@ def reveal(files: list[str], private_key: Any, request_ids: set[str] | None = No
 # ----------------------------------------------------------------------------------- commands
 
 
-def _load_audit_key(args: argparse.Namespace) -> bytes:
-    if args.key_file:
-        with open(args.key_file, encoding="utf-8") as f:
-            return read_key_text(f.read())
-    val = os.environ.get(args.key_env or "PORTVAKT_AUDIT_KEY")
-    if not val:
-        raise ValueError("give --key-file FILE or --key-env VAR (the audit key)")
-    return read_key_text(val)
+def _load_audit_keys(args: argparse.Namespace) -> list[bytes]:
+    keys = []
+    for path in args.key_file or []:
+        with open(path, encoding="utf-8") as f:
+            keys.append(read_key_text(f.read()))
+    for var in args.key_env or ([] if keys else ["PORTVAKT_AUDIT_KEY"]):
+        val = os.environ.get(var)
+        if val:
+            keys.append(read_key_text(val))
+    if not keys:
+        raise ValueError("give --key-file FILE or --key-env VAR (the audit key; repeat for a key change)")
+    return keys
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     try:
-        key = _load_audit_key(args)
+        key = _load_audit_keys(args)
         s = verify(args.files, key, args.head)
     except VerifyError as e:
         print(f"FAIL {e}")
@@ -314,8 +325,10 @@ def register_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("audit", help="Verify, query and reveal the audit trail")
     sub = p.add_subparsers(dest="audit_action", required=True)
     v = sub.add_parser("verify", help="Check the hash chain, MACs and head; name the first bad record")
-    v.add_argument("--key-file", help="File holding the audit key")
-    v.add_argument("--key-env", help="Environment variable holding the audit key (default PORTVAKT_AUDIT_KEY)")
+    v.add_argument("--key-file", action="append", help="File holding the audit key (repeatable: key changes)")
+    v.add_argument(
+        "--key-env", action="append", help="Environment variable holding the audit key (default PORTVAKT_AUDIT_KEY)"
+    )
     v.add_argument("--head", help="Chain head file (default: <file>.head beside the files)")
     v.add_argument("files", nargs="+", metavar="FILE")
     v.set_defaults(func=_cmd_verify)

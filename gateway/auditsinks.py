@@ -197,6 +197,7 @@ class ChainWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.recovered: dict[str, Any] | None = None  # what start() found, for an audit event
         self.batches = 0
+        self.refs = 0  # sinks (runtimes) using this writer; see AuditSink
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -538,6 +539,7 @@ class RedisStreamSink:
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
         self._spool_size = 0
+        self.refs = 0
 
     def start(self) -> None:
         try:

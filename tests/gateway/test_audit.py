@@ -592,3 +592,32 @@ async def test_writer_survives_a_bug_in_one_batch(tmp_path, monkeypatch):
     assert await sink.before_forward(make_ctx(cfg, request_id="b2")) is None  # the writer lives on
     await sink.close()
     verify(trail(tmp_path), KEY)
+
+
+async def test_reload_that_never_starts_leaves_the_old_writer_alone(tmp_path):
+    cfg = make_config(audit=audit_cfg(tmp_path))
+    old = await started(cfg)
+    failed = build_audit(BuildEnv(config=cfg, base_dir=".", secrets={}))
+    failed.adopt(old)  # another component's build fails after this: never started, never closed
+    old.record(outcome(make_ctx(cfg, request_id="still"), 200, "allow"))
+    # a runtime that started but was closed again (swap aborted) gives its reference back
+    aborted = await started(cfg, previous=old)
+    await aborted.close()
+    old.record(outcome(make_ctx(cfg, request_id="still-2"), 200, "allow"))
+    await old.close()
+    recs = lines(tmp_path / "audit.jsonl")
+    assert [r["request_id"] for r in requests_of(recs)] == ["still", "still-2"]
+    assert [r["type"] for r in recs].count("audit_stopped") == 1 and recs[-1]["type"] == "audit_stopped"
+    assert old.writer._thread is None  # closed by the last user
+
+
+async def test_key_change_on_reload_verifies_with_both_keys(tmp_path):
+    s1 = await started(make_config(audit=audit_cfg(tmp_path)))
+    new_key = "a-new-audit-key-after-rotation-42"
+    s2 = await started(make_config(audit=audit_cfg(tmp_path, key=new_key)), previous=s1)
+    await s1.close()
+    s2.record(outcome(make_ctx(make_config(), request_id="k2"), 200, "allow"))
+    await s2.close()
+    with pytest.raises(VerifyError, match="MAC"):
+        verify(trail(tmp_path), KEY)
+    assert verify(trail(tmp_path), [KEY, new_key.encode()])["records"] == 4
