@@ -341,6 +341,31 @@ def test_bad_cidr_is_a_config_error():
     assert "f.yaml: ingress.deny_cidrs[0]: not a CIDR" in str(e.value)
 
 
-def test_normalize_ip():
-    assert ingress.normalize_ip(ipaddress.ip_address("::ffff:1.2.3.4")) == ipaddress.ip_address("1.2.3.4")
-    assert ingress.normalize_ip(ipaddress.ip_address("::1")) == ipaddress.ip_address("::1")
+def test_cidr_set_matches_ipaddress_membership():
+    """The integer-range CidrSet answers exactly what ``ipaddress`` would (mapped IPv6 as IPv4)."""
+    import random
+
+    cidrs = ["10.0.0.0/8", "192.168.1.0/24", "203.0.113.7/32", "2001:db8::/32", "::1/128", "::ffff:100.64.0.0/106"]
+    nets = ingress.parse_networks(cidrs)
+    cset = ingress.CidrSet(nets)
+    rng = random.Random(1)
+    samples = [ipaddress.ip_address(s) for s in ("10.255.255.255", "11.0.0.0", "203.0.113.7", "203.0.113.8",
+                                                 "::1", "::2", "2001:db8:ffff::1", "100.127.255.255", "100.128.0.0")]
+    samples += [ipaddress.IPv4Address(rng.getrandbits(32)) for _ in range(300)]
+    samples += [ipaddress.IPv4Address((10 << 24) | rng.getrandbits(24)) for _ in range(50)]
+    samples += [ipaddress.IPv6Address((0x20010DB8 << 96) | rng.getrandbits(96)) for _ in range(50)]
+    for ip in list(samples):
+        if ip.version == 4:
+            samples.append(ipaddress.IPv6Address((0xFFFF << 32) | int(ip)))  # mapped form
+    for ip in samples:
+        plain = ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped else ip
+        expected = any(plain.version == n.version and plain in n for n in nets)
+        assert (ip in cset) is expected, ip
+    assert not ingress.CidrSet(())
+
+
+@pytest.mark.parametrize("value", ["a" * 40, "æ" * 40, "€" * 40, "\udcff" * 40, "x" * 10 + "😀" * 10])
+@pytest.mark.parametrize("limit", [40, 60, 100, 150, 200, 400])
+def test_headers_over_agrees_with_exact_byte_count(value, limit):
+    headers = CIMultiDictProxy(CIMultiDict([("X-A", value), ("Host", "h")]))
+    assert ingress.headers_over(headers, limit) is (ingress.header_bytes(headers) > limit)
