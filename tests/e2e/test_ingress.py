@@ -219,3 +219,13 @@ async def test_client_ip_rules_through_trusted_proxies(start_gateway, upstream):
     assert await gw.metric(
         "portvakt_filter_decisions_total", {"filter": "ingress", "decision": "deny", "reason": "ip_not_in_allow_list"}
     ) == 1
+
+    # mode: detect records the would-be denial and lets the request through.
+    cfg["ingress"] = {"mode": "detect", "deny_cidrs": ["127.0.0.0/8"]}
+    gw.write_config(cfg)
+    assert await gw.reload() == "success"
+    assert await status(None) == 200
+    assert len(upstream.requests) == 1
+    assert await gw.metric(
+        "portvakt_filter_decisions_total", {"filter": "ingress", "decision": "detect", "reason": "ip_in_deny_list"}
+    ) == 1
