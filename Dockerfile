@@ -10,7 +10,9 @@
 #   server: {listen: "0.0.0.0:8443", tls: {certificate: certs/server.pem, private_key: certs/server-key.pem}}
 #   admin:  {listen: "0.0.0.0:9090"}     # publish 9090 only to the monitoring network
 # The HEALTHCHECK calls the admin /healthz on 127.0.0.1:9090 (override with PORTVAKT_HEALTH_URL).
-# Writable state (audit files, spools) goes under /var/lib/portvakt (a volume).
+# Writable state goes under /var/lib/portvakt (a volume, owned by the non-root user): give such
+# paths absolutely, e.g. audit: {path: /var/lib/portvakt/audit/audit.jsonl}, since /etc/portvakt
+# is mounted read-only. Secrets: ${ENV_VAR} in the YAML, passed with `docker run -e`.
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
