@@ -34,7 +34,6 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from hashlib import sha256
 from typing import TYPE_CHECKING, Any
 
 import argon2
@@ -176,6 +175,9 @@ CREDENTIAL_CACHE = Counter(
     ["result"],
     registry=REGISTRY,
 )
+_CACHE_HIT = CREDENTIAL_CACHE.labels("hit")
+_CACHE_NEGATIVE_HIT = CREDENTIAL_CACHE.labels("negative_hit")
+_CACHE_MISS = CREDENTIAL_CACHE.labels("miss")
 LOCKOUTS = Counter(
     "portvakt_integration_lockouts_total",
     "Brute-force lockouts started, by scope (pair, ip, id)",
@@ -226,10 +228,10 @@ class FailureTracker:
 
     def __init__(self, cfg: BruteForceConfig):
         self.cfg = cfg
-        self.pairs: OrderedDict[tuple[str, str], _Count] = OrderedDict()
-        self.ips: OrderedDict[str, _Count] = OrderedDict()
+        self.pairs: OrderedDict[tuple[str, Any], _Count] = OrderedDict()
+        self.ips: OrderedDict[Any, _Count] = OrderedDict()
         self.ids: OrderedDict[str, _Count] = OrderedDict()
-        self.known_good: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self.known_good: OrderedDict[tuple[str, Any], float] = OrderedDict()
 
     def take_over(self, old: "FailureTracker") -> None:
         """Keep the old tracker's counts (a reload must not lift lockouts); use our thresholds."""
@@ -250,11 +252,11 @@ class FailureTracker:
                 c.updated = now if c.score == 0 else c.updated + drained * self.cfg.decay_seconds
         return c
 
-    def _known_good(self, iid: str, ip: str, now: float) -> bool:
+    def _known_good(self, iid: str, ip: Any, now: float) -> bool:
         t = self.known_good.get((iid, ip))
         return t is not None and now - t <= self.cfg.known_good_seconds
 
-    def retry_after(self, iid: str, ip: str, now: float) -> float:
+    def retry_after(self, iid: str, ip: Any, now: float) -> float:
         if not self.cfg.enabled:
             return 0.0
         until = 0.0
@@ -269,7 +271,7 @@ class FailureTracker:
             until = max(until, c.blocked_until)
         return max(0.0, until - now)
 
-    def failure(self, iid: str, ip: str, now: float) -> None:
+    def failure(self, iid: str, ip: Any, now: float) -> None:
         if not self.cfg.enabled:
             return
         cfg = self.cfg
@@ -293,12 +295,17 @@ class FailureTracker:
             idc.blocked_until = now + cfg.lockout_seconds
             LOCKOUTS.labels("id").inc()
 
-    def success(self, iid: str, ip: str, now: float) -> None:
+    def success(self, iid: str, ip: Any, now: float) -> None:
         if not self.cfg.enabled:
             return
-        self.pairs.pop((iid, ip), None)
-        self.known_good[(iid, ip)] = now
-        self.known_good.move_to_end((iid, ip))
+        key = (iid, ip)
+        if self.pairs:
+            self.pairs.pop(key, None)
+        last = self.known_good.get(key)
+        if last is not None and now - last < min(60.0, self.cfg.known_good_seconds / 2):
+            return  # refreshed recently: spare the LRU bookkeeping on every request
+        self.known_good[key] = now
+        self.known_good.move_to_end(key)
         if len(self.known_good) > self.cfg.max_tracked:
             self.known_good.popitem(last=False)
 
@@ -312,6 +319,14 @@ class _Integration:
     password_hash: str
     authorized_org: str
     require_certificate: bool
+
+    @property
+    def identity(self) -> IntegrationIdentity:
+        return _IDENTITIES.setdefault((self.id, self.authorized_org), IntegrationIdentity(self.id, self.authorized_org))
+
+
+# Immutable, so one instance per (id, org) serves every request.
+_IDENTITIES: dict[tuple[str, str], IntegrationIdentity] = {}
 
 
 class IntegrationsStage(Stage):
@@ -388,7 +403,7 @@ class IntegrationsStage(Stage):
         return h
 
     def _digest(self, iid: str, password: str) -> bytes:
-        return hmac.new(self._key, iid.encode() + b"\0" + password.encode("utf-8"), sha256).digest()
+        return hmac.digest(self._key, iid.encode() + b"\0" + password.encode("utf-8"), "sha256")
 
     async def password_ok(self, iid: str, password: str) -> bool:
         """Whether ``password`` is the password of integration ``iid`` (False for unknown ids,
@@ -397,19 +412,19 @@ class IntegrationsStage(Stage):
         digest = self._digest(iid, password)
         good = self._good.get(iid)
         if good is not None and hmac.compare_digest(good, digest):
-            CREDENTIAL_CACHE.labels("hit").inc()
+            _CACHE_HIT.inc()
             return True
         key = (iid, digest)
         exp = self._bad.get(key)
         now = _now()
         if exp is not None:
             if exp > now:
-                CREDENTIAL_CACHE.labels("negative_hit").inc()
+                _CACHE_NEGATIVE_HIT.inc()
                 return False
             del self._bad[key]
         fut = self._inflight.get(key)
         if fut is None:
-            CREDENTIAL_CACHE.labels("miss").inc()
+            _CACHE_MISS.inc()
             fut = self._inflight[key] = asyncio.ensure_future(self._run_verification(iid, digest, password))
         # shield: a cancelled waiter (client gone, filter timeout) must not cancel the shared run.
         return await asyncio.shield(fut)
@@ -487,7 +502,7 @@ class IntegrationsFilter(Filter):
         if iid is None:
             return self._fail(ctx, INTEGRATION_ID_MALFORMED)
         stage = self.stage
-        ip = str(ctx.client_ip)
+        ip = ctx.client_ip
         now = _now()
         wait = stage.tracker.retry_after(iid, ip, now)
         if wait > 0:
@@ -528,7 +543,7 @@ class IntegrationsFilter(Filter):
             return self._fail(ctx, reason)
         assert integ is not None
         stage.tracker.success(iid, ip, now)
-        ctx.integration = IntegrationIdentity(id=integ.id, authorized_org=integ.authorized_org)
+        ctx.integration = integ.identity
         ctx.audit["integrations"] = {"id": integ.id, "result": "ok", "authorized_org": integ.authorized_org}
         return ALLOW
 

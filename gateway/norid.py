@@ -15,10 +15,14 @@ whether the number exists. These values are personal data: never log or label th
 from __future__ import annotations
 
 import datetime as _dt
+from operator import mul as _mul
 
 ORG_WEIGHTS = (3, 2, 7, 6, 5, 4, 3, 2)
 K1_WEIGHTS = (3, 7, 6, 1, 8, 9, 4, 5, 2)
 K2_WEIGHTS = (5, 4, 3, 2, 7, 6, 5, 4, 3, 2)
+# With the check digit itself weighted 1: a valid number's full sum is divisible by 11.
+_K1_FULL = K1_WEIGHTS + (1,)
+_K2_FULL = K2_WEIGHTS + (1,)
 
 
 def _digits(s: object, n: int) -> list[int] | None:
@@ -30,7 +34,7 @@ def _digits(s: object, n: int) -> list[int] | None:
 
 def _mod11(digits: list[int], weights: tuple[int, ...]) -> int | None:
     """The mod-11 check digit for ``digits``; None when the remainder makes it 10 (no valid digit)."""
-    r = 11 - sum(d * w for d, w in zip(digits, weights)) % 11
+    r = 11 - sum(map(_mul, digits, weights)) % 11
     if r == 11:
         return 0
     if r == 10:
@@ -96,10 +100,10 @@ def is_pid(s: object, *, strict_k1: bool = False) -> bool:
     d = _digits(s, 11)
     if d is None or not _plausible_date(d):
         return False
-    r1 = sum(x * w for x, w in zip(d[:10], K1_WEIGHTS + (1,))) % 11
+    r1 = sum(map(_mul, d, _K1_FULL)) % 11
     if r1 != 0 and (strict_k1 or r1 > 3):
         return False
-    return sum(x * w for x, w in zip(d, K2_WEIGHTS + (1,))) % 11 == 0
+    return sum(map(_mul, d, _K2_FULL)) % 11 == 0
 
 
 def generate_org_number(first8: str) -> str | None:
