@@ -21,8 +21,8 @@ service), ``integration_added``/``integration_removed``/``integration_password_c
 A person never appears in clear: ``caller.person`` is ``{"pseudonym": HMAC-SHA256(k_p, pid)[:32
 hex], "sealed": ...}``; ``sealed`` is the pid encrypted to ``audit.auditor_public_key`` (X25519:
 ``x25519:`` base64url(ephemeral public || nonce || AES-256-GCM ciphertext), key from
-HKDF-SHA256 over the shared secret, AAD the request id; RSA: ``rsa-oaep:`` RSA-OAEP-SHA256 with
-the request id as label). ``portvakt audit reveal`` opens it. Any 11-digit run in the path or
+HKDF-SHA256 over the shared secret, AAD the pseudonym; RSA: ``rsa-oaep:`` RSA-OAEP-SHA256 with
+the pseudonym as label). One sealing per person per process (cached by pseudonym). ``portvakt audit reveal`` opens it. Any 11-digit run in the path or
 query string is replaced by ``~p:<pseudonym>``; query strings are kept only where the route sets
 ``audit.query_string``, with values of secret-looking parameters replaced by ``REDACTED``.
 
@@ -65,6 +65,7 @@ AUDIT_UNAVAILABLE = problems.register("audit_unavailable", 503, "Audit trail una
 
 RECORD_VERSION = 1
 SEAL_INFO = b"portvakt-audit-seal-v1"
+SEAL_CACHE_MAX = 10_000
 
 
 class AuditRedisConfig(Model):
@@ -132,8 +133,10 @@ class Sealer:
         with open(path, "rb") as f:
             return cls(serialization.load_pem_public_key(f.read()))
 
-    def seal(self, value: str, request_id: str) -> str:
-        aad = request_id.encode()
+    def seal(self, value: str, binding: str) -> str:
+        """Encrypt ``value``; ``binding`` (the pseudonym) is authenticated with it, so the sealed
+        value opens only beside that pseudonym."""
+        aad = binding.encode()
         if isinstance(self.key, rsa.RSAPublicKey):
             ct = self.key.encrypt(
                 value.encode(),
@@ -152,11 +155,12 @@ def _seal_key(shared: bytes, eph_pub: bytes, recipient_pub: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=eph_pub + recipient_pub, info=SEAL_INFO).derive(shared)
 
 
-def unseal(private_key: Any, sealed: str, request_id: str) -> str:
-    """Open a sealed value with the auditor's private key. Raises ValueError when it does not open."""
+def unseal(private_key: Any, sealed: str, binding: str) -> str:
+    """Open a sealed value with the auditor's private key (``binding``: the pseudonym stored with
+    it). Raises ValueError when it does not open."""
     kind, _, body = sealed.partition(":")
     raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-    aad = request_id.encode()
+    aad = binding.encode()
     try:
         if kind == "rsa-oaep" and isinstance(private_key, rsa.RSAPrivateKey):
             pt = private_key.decrypt(
@@ -312,6 +316,7 @@ class AuditSink:
         self.writer: ChainWriter | None = None
         self.redis: RedisStreamSink | None = None
         self._granted: set[str] = set()
+        self._sealed: dict[str, str] = {}  # pseudonym -> sealed pid (insertion-ordered, bounded)
         self._pending_events: list[dict[str, Any]] = []
         self._previous: AuditSink | None = None
         self._started = False
@@ -468,10 +473,20 @@ class AuditSink:
         except Exception:  # a bug here must not turn a served request into a 500
             log.exception("audit record for request %s failed", ctx.request_id)
 
-    def _person(self, pid: str, request_id: str) -> dict[str, str]:
-        p = {"pseudonym": pseudonym(self.pseudo_key, pid)}
+    def _person(self, pid: str) -> dict[str, str]:
+        ps = pseudonym(self.pseudo_key, pid)
+        p = {"pseudonym": ps}
         if self.sealer is not None:
-            p["sealed"] = self.sealer.seal(pid, request_id)
+            # One ECDH per person, not per request: the pseudonym links a person's records
+            # anyway, so a fresh ephemeral key each time would hide nothing. Keyed by pseudonym:
+            # the cache holds no clear pid.
+            sealed = self._sealed.get(ps)
+            if sealed is None:
+                sealed = self.sealer.seal(pid, ps)
+                if len(self._sealed) >= SEAL_CACHE_MAX:
+                    self._sealed.pop(next(iter(self._sealed)))
+                self._sealed[ps] = sealed
+            p["sealed"] = sealed
         return p
 
     def request_record(self, ctx: "RequestContext", granted: bool = False) -> dict[str, Any]:
@@ -527,13 +542,13 @@ class AuditSink:
             if t.scopes:
                 caller["scope"] = " ".join(sorted(t.scopes))
             if t.pid:
-                caller["person"] = self._person(t.pid, ctx.request_id)
+                caller["person"] = self._person(t.pid)
         if caller:
             rec["caller"] = caller
         if ctx.target_org:
             rec["target_org"] = ctx.target_org
         if ctx.target_pid:
-            rec["target_person"] = self._person(ctx.target_pid, ctx.request_id)
+            rec["target_person"] = self._person(ctx.target_pid)
         if ctx.waf is not None and (ctx.waf.matched_rule_ids or ctx.waf.score):
             rec["waf"] = {"rules": list(ctx.waf.matched_rule_ids), "score": ctx.waf.score}
         if ctx.detections:

@@ -238,7 +238,7 @@ def reveal(files: list[str], private_key: Any, request_ids: set[str] | None = No
                 out["error"] = "not sealed (no auditor key configured when written)"
             else:
                 try:
-                    out["pid"] = unseal(private_key, sealed, rid or "")
+                    out["pid"] = unseal(private_key, sealed, person.get("pseudonym") or "")
                 except ValueError as e:
                     out["error"] = f"{loc[0]}:{loc[1]}: {e}"
             yield out
