@@ -175,7 +175,7 @@ def route_policy_problems(route: "RouteConfig") -> list[tuple[tuple[Any, ...], s
     """Cross-field problems of one route's policy, as (yaml sub-path, message); empty when fine."""
     errs: list[tuple[tuple[Any, ...], str]] = []
     # gateway.config already reports values of neither form; here the finer template rules.
-    if route.organization_from and route.organization_from.startswith(("path:/", "header:")):
+    if route.organization_from and route.organization_from.startswith("path:/"):
         try:
             compile_org_source(route.organization_from)
         except ValueError as e:
