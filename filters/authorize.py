@@ -252,7 +252,14 @@ class AuthorizeFilter(Filter):
     def _audit(self, ctx: RequestContext, **facts: Any) -> None:
         ctx.audit["authorize"] = {"service": self.service, "legal_basis": self.legal_basis, **facts}
 
-    def _deny(self, ctx: RequestContext, reason: str, internal: str | None = None, headers: dict[str, str] | None = None, detail: str | None = None) -> Deny:
+    def _deny(
+        self,
+        ctx: RequestContext,
+        reason: str,
+        internal: str | None = None,
+        headers: dict[str, str] | None = None,
+        detail: str | None = None,
+    ) -> Deny:
         self._audit(ctx, result="denied", reason=internal or reason, target_org=ctx.target_org)
         return Deny(Problem(reason, detail=detail, internal_reason=internal, headers=headers or {}))
 
@@ -276,7 +283,10 @@ class AuthorizeFilter(Filter):
                 continue
             pid = m.group("v")
             if not norid.is_pid(pid):
-                return self._deny(ctx, INVALID_NATIONAL_IDENTITY_NUMBER, detail="The national identity number in the path is not valid.")
+                return self._deny(
+                    ctx, INVALID_NATIONAL_IDENTITY_NUMBER,
+                    detail="The national identity number in the path is not valid.",
+                )
             path_pids[pat] = pid
             if ctx.target_pid is None:
                 ctx.target_pid = pid
@@ -306,7 +316,10 @@ class AuthorizeFilter(Filter):
         else:
             values = ctx.headers.getall(src.header, [])
             if len(values) > 1:
-                return self._deny(ctx, INVALID_ORGANIZATION_NUMBER, "organization_header_repeated", detail=f"{src.header} was sent more than once.")
+                return self._deny(
+                    ctx, INVALID_ORGANIZATION_NUMBER, "organization_header_repeated",
+                    detail=f"{src.header} was sent more than once.",
+                )
             value = values[0].strip() if values else None
         if value is None:
             return None

@@ -125,7 +125,9 @@ class BruteForceConfig(Model):
     max_failures: int = Field(10, ge=1, description="Failures per (id, client IP) that lock that pair out")
     ip_max_failures: int = Field(30, ge=1, description="Failures from one client IP (any id) that lock the IP out")
     id_max_failures: int = Field(
-        100, ge=1, description="Failures for one id (any IP) that lock the id out, except for recently good (id, IP) pairs"
+        100,
+        ge=1,
+        description="Failures for one id (any IP) that lock the id out, except for recently good (id, IP) pairs",
     )
     lockout_seconds: float = Field(300.0, gt=0, description="How long a lockout lasts (also the longest delay)")
     decay_seconds: float = Field(60.0, gt=0, description="One counted failure is forgotten every decay_seconds")
