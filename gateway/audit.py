@@ -434,10 +434,10 @@ class AuditSink:
         return out
 
     # ---------------------------------------------------------------- per request
-    def _submit(self, rec: dict[str, Any], waiter: "asyncio.Future[bool] | None" = None) -> bool:
+    def _submit(self, rec: dict[str, Any], waiter: "asyncio.Future[bool] | None" = None) -> Any:
         w = self.writer
         if w is None:
-            return False
+            return None
         rec.setdefault("v", RECORD_VERSION)
         return w.submit(rec, waiter)
 
@@ -447,12 +447,18 @@ class AuditSink:
             return None
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         rec = self.request_record(ctx, granted=True)
-        if not self._submit(rec, fut):
+        item = self._submit(rec, fut)
+        if item is None:
             return Problem(AUDIT_UNAVAILABLE, internal_reason="audit_queue_full", headers={"Retry-After": "1"})
         try:
             async with asyncio.timeout(self.cfg.strict_timeout_seconds):
                 ok = await fut
         except TimeoutError:
+            assert self.writer is not None
+            if not self.writer.abandon(item):
+                # Too late to take it back: the "granted" record is being written, so this
+                # request's event already exists; record() adds the 503 as its completion.
+                self._granted.add(ctx.request_id)
             return Problem(AUDIT_UNAVAILABLE, internal_reason="audit_timeout", headers={"Retry-After": "1"})
         if not ok:
             return Problem(AUDIT_UNAVAILABLE, internal_reason="audit_write_failed", headers={"Retry-After": "1"})

@@ -162,11 +162,16 @@ class FileSettings:
 
 
 class _Item:
-    __slots__ = ("rec", "waiter")
+    """One queued record. ``claimed`` (the writer took it into a batch) and ``abandoned`` (the
+    waiting request gave up first) are only changed under the writer's lock: exactly one wins."""
+
+    __slots__ = ("rec", "waiter", "claimed", "abandoned")
 
     def __init__(self, rec: dict[str, Any], waiter: "asyncio.Future[bool] | None"):
         self.rec = rec
         self.waiter = waiter
+        self.claimed = False
+        self.abandoned = False
 
 
 class ChainWriter:
@@ -295,16 +300,26 @@ class ChainWriter:
             self._lock_fd = None
 
     # ------------------------------------------------------------------ producer side
-    def submit(self, rec: dict[str, Any], waiter: "asyncio.Future[bool] | None" = None) -> bool:
-        """Queue one record (the writer adds seq, prev, mac). False when the queue is full."""
+    def submit(self, rec: dict[str, Any], waiter: "asyncio.Future[bool] | None" = None) -> _Item | None:
+        """Queue one record (the writer adds seq, prev, mac). None when the queue is full."""
         with self._cond:
             if len(self._q) + len(self._retry) >= self.settings.queue_max:
                 self._lost += 1
                 _R_FILE_DROP.inc()
-                return False
-            self._q.append(_Item(rec, waiter))
+                return None
+            item = _Item(rec, waiter)
+            self._q.append(item)
             self._cond.notify()
-        return True
+        return item
+
+    def abandon(self, item: _Item) -> bool:
+        """The request stopped waiting: drop its record if no batch has taken it yet. False when
+        the writer already has it (it will be on disk unless that batch fails)."""
+        with self._cond:
+            if item.claimed:
+                return False
+            item.abandoned = True
+            return True
 
     @property
     def healthy(self) -> bool:
@@ -327,7 +342,9 @@ class ChainWriter:
                 if wait > 0:
                     self._stop.wait(wait)
             with self._cond:
-                items = self._retry + list(self._q)
+                items = self._retry + [it for it in self._q if not it.abandoned]
+                for it in items:
+                    it.claimed = True
                 self._q.clear()
                 self._retry = []
                 lost, self._lost = self._lost, 0
@@ -356,9 +373,6 @@ class ChainWriter:
         kept: list[_Item] = []
         now = time.time()
         for it in items:
-            w = it.waiter
-            if w is not None and w.done():  # the request gave up waiting (timeout): not written
-                continue
             rec = it.rec
             rec.setdefault("time", _iso(now))
             seq += 1

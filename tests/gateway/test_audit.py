@@ -623,3 +623,36 @@ async def test_key_change_on_reload_verifies_with_both_keys(tmp_path):
     with pytest.raises(VerifyError, match="MAC"):
         verify(trail(tmp_path), KEY)
     assert verify(trail(tmp_path), [KEY, new_key.encode()])["records"] == 4
+
+
+async def test_strict_timeout_keeps_one_request_event_each(tmp_path, monkeypatch):
+    import time as _time
+
+    cfg = make_config(audit=audit_cfg(tmp_path, durability="strict", strict_timeout_seconds=0.1))
+    sink = await started(cfg)
+    await asyncio.sleep(0.05)  # start records written
+    real = ChainWriter._write_all
+
+    def stalled(self, data):
+        _time.sleep(0.4)  # a disk that stalls longer than the strict timeout
+        real(self, data)
+
+    monkeypatch.setattr(ChainWriter, "_write_all", stalled)
+    c1 = make_ctx(cfg, request_id="claimed")
+    c2 = make_ctx(cfg, request_id="queued")
+    t1 = asyncio.create_task(sink.before_forward(c1))
+    await asyncio.sleep(0.03)  # the writer has taken c1's record and is stuck writing it
+    p2 = await sink.before_forward(c2)  # queued behind it, gives up before any batch took it
+    p1 = await t1
+    assert p1.internal_reason == p2.internal_reason == "audit_timeout" and p1.status == 503
+    sink.record(outcome(c1, 503, "deny", "audit_unavailable"))
+    sink.record(outcome(c2, 503, "deny", "audit_unavailable"))
+    await sink.close()
+    recs = lines(tmp_path / "audit.jsonl")
+    reqs = requests_of(recs)
+    assert sorted(r["request_id"] for r in reqs) == ["claimed", "queued"]
+    assert next(r for r in reqs if r["request_id"] == "claimed")["phase"] == "granted"
+    assert next(r for r in reqs if r["request_id"] == "queued")["status"] == 503
+    [done] = [r for r in recs if r["type"] == "request_completed"]
+    assert (done["request_id"], done["status"], done["reason"]) == ("claimed", 503, "audit_unavailable")
+    verify(trail(tmp_path), KEY)
