@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -61,6 +62,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class ClientBodyError(Exception):
+    """Reading the rest of the client's body failed (disconnect, broken chunked framing)."""
+
+
 class UpstreamError(Exception):
     """The upstream could not be reached or did not answer; carries the problem to render."""
 
@@ -95,7 +100,9 @@ class Upstream:
         self.session = aiohttp.ClientSession(
             connector=connector,
             # connect: pool wait + connect; sock_read: the upstream's silence while we wait for
-            # headers or body bytes. The total header wait is bounded in forward().
+            # headers or body bytes. The total wait for the headers (timeout_seconds) is bounded
+            # in forward(); no total for the body: a long stream (SSE, a large download) is fine
+            # as long as bytes keep coming.
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=c.connect_timeout_seconds, sock_connect=c.connect_timeout_seconds,
                 sock_read=c.timeout_seconds,
@@ -130,18 +137,23 @@ class UpstreamPool:
 
 
 class BodyState:
-    __slots__ = ("too_large", "bytes")
+    __slots__ = ("too_large", "bytes", "client_error")
 
     def __init__(self, n: int):
         self.too_large = False
         self.bytes = n
+        self.client_error: str | None = None
 
 
 async def _stream_body(prefix: bytes, content: Any, limit: int, state: BodyState) -> AsyncIterator[bytes]:
     if prefix:
         yield prefix
     while True:
-        chunk = await content.readany()
+        try:
+            chunk = await content.readany()
+        except (ConnectionError, HttpProcessingError, asyncio.IncompleteReadError) as e:
+            state.client_error = type(e).__name__
+            raise
         if not chunk:
             return
         state.bytes += len(chunk)
@@ -233,10 +245,8 @@ async def forward(
     url = URL(upstream.base + target, encoded=True)
     t0 = time.perf_counter()
     try:
-        async with asyncio.timeout(upstream.timeout_seconds):
-            up = await session.request(
-                ctx.method, url, headers=headers, data=data, allow_redirects=False, compress=None,
-            )
+        async with asyncio.timeout(upstream.timeout_seconds):  # total wait for the response headers
+            up = await session.request(ctx.method, url, headers=headers, data=data, allow_redirects=False)
     except asyncio.CancelledError:
         raise
     except Exception as e:
@@ -244,6 +254,8 @@ async def forward(
         ctx.bytes_in = state.bytes
         if state.too_large:
             raise BodyTooLarge() from None
+        if state.client_error:
+            raise ClientBodyError(state.client_error) from None
         raise UpstreamError(_problem_for(e, upstream.name)) from None
     try:
         elapsed = time.perf_counter() - t0

@@ -16,22 +16,23 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import random
 import re
 import signal
 import ssl
 import time
-import uuid
 from functools import lru_cache
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import accesslog, metrics, problems, tlsutil
 from gateway.chain import run_chain
 from gateway.config import HTTP_METHODS, Config, ConfigError, load_config
 from gateway.context import RequestContext
 from gateway.problems import BAD_REQUEST, NOT_FOUND, Problem
-from gateway.proxy import BODY_TOO_LARGE, BodyTooLarge, UpstreamError, forward
+from gateway.proxy import BODY_TOO_LARGE, BodyTooLarge, ClientBodyError, UpstreamError, forward
 from gateway.runtime import Runtime, build_runtime
 
 log = logging.getLogger("portvakt.server")
@@ -39,7 +40,16 @@ log = logging.getLogger("portvakt.server")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _METHOD_LABELS = frozenset(HTTP_METHODS)
 _NO_ROUTE = "(none)"
-_uuid4 = uuid.uuid4
+_getrandbits = random.getrandbits
+# UUIDv4 layout (version 4, RFC 4122 variant) from the process's PRNG: request ids must be
+# unique, not secret, and this is several times cheaper than uuid.uuid4() (an os.urandom call
+# and a UUID object per request). Each worker is a fresh interpreter with its own seed.
+_V4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_V4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def new_request_id() -> str:
+    return "%032x" % ((_getrandbits(128) & _V4_CLEAR) | _V4_SET)
 
 
 @lru_cache(maxsize=8192)
@@ -125,14 +135,12 @@ class Gateway:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         rt = self.runtime  # read once: a reload never changes the rules under this request
-        rt.inflight += 1
-        metrics.IN_FLIGHT.inc()
         headers = request.headers
         peer = parse_ip(request.remote or "") or ipaddress.IPv4Address(0)
         client, trusted = resolve_client(rt, peer, headers)
         rid = headers.get("X-Request-Id") if trusted else None
         if rid is None or _REQUEST_ID.fullmatch(rid) is None:
-            rid = _uuid4().hex
+            rid = new_request_id()
         host = headers.get("Host", "")
         scheme = self.scheme
         if trusted and scheme == "http":
@@ -146,8 +154,14 @@ class Gateway:
             runtime=rt, tls=tlsutil.peer_info(request.transport), from_trusted_proxy=trusted,
         )
         resp: web.StreamResponse | None = None
+        rt.inflight += 1
+        metrics.IN_FLIGHT.inc()
         try:
             resp = await self._serve(rt, request, ctx)
+            if "Upgrade" in headers:
+                # Never forwarded (h2c, websocket): answered as plain HTTP/1.1, then the connection
+                # is closed, since the parser may have stopped reading it as HTTP.
+                resp.force_close()
             return resp
         except asyncio.CancelledError:
             # The client went away (handler cancellation): the upstream call is cancelled with us.
@@ -199,13 +213,17 @@ class Gateway:
             if headers_expect_continue(request):
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             want = route.body_prefix_bytes
-            if clen is not None and clen <= want:
-                body = await request.content.readexactly(clen) if clen else b""
-                ctx.body, ctx.body_complete = body, True
-            else:
-                body, complete = await _read_prefix(request.content, want)
-                ctx.body, ctx.body_complete = body, complete
-                more_body = not complete
+            try:
+                if clen is not None and clen <= want:
+                    body = await request.content.readexactly(clen) if clen else b""
+                    ctx.body, ctx.body_complete = body, True
+                else:
+                    body, complete = await _read_prefix(request.content, want)
+                    ctx.body, ctx.body_complete = body, complete
+                    more_body = not complete
+            except (asyncio.IncompleteReadError, ConnectionError, HttpProcessingError) as e:
+                return self._deny(ctx, Problem(BAD_REQUEST, detail="The request body could not be read",
+                                               internal_reason=f"body_read_failed:{type(e).__name__}"))
             ctx.bytes_in = len(ctx.body)
             if len(ctx.body) > limit:
                 return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
@@ -232,6 +250,9 @@ class Gateway:
             )
         except BodyTooLarge:
             return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
+        except ClientBodyError as e:
+            return self._deny(ctx, Problem(BAD_REQUEST, detail="The request body could not be read",
+                                           internal_reason=f"body_read_failed:{e}"))
         except UpstreamError as e:
             return self._deny(ctx, e.problem, decision="error")
         ctx.decision = "allow"
@@ -361,7 +382,11 @@ class Gateway:
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         rt = self.runtime
-        deps = rt.readiness()
+        try:
+            deps = rt.readiness()
+        except Exception as e:  # a broken readiness probe is "not ready", not a 500
+            log.exception("readiness check failed")
+            deps = {"readiness": f"down: {type(e).__name__}"}
         ok = not self.stopping and not any(str(v).startswith("down") for v in deps.values())
         return ok, {"config": "loaded", "generation": rt.generation, "dependencies": deps}
 
