@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote, urlsplit
 
 from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from filters.ratelimit.gcra import GCRA_LUA, MemoryGcra, Policy, Verdict
@@ -172,6 +173,12 @@ class RedisBackend:
             "health_check_interval": 0,
             "client_name": "portvakt-ratelimit",
         }
+        try:  # redis-py >= 7: "auto" maintenance notifications skip the pool's stale-socket check
+            from redis.maint_notifications import MaintNotificationsConfig
+
+            common["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+        except ImportError:  # pragma: no cover - older redis-py has neither
+            pass
         tls: dict[str, Any] = {}
         if cfg.tls_ca_file:
             tls["ssl_ca_certs"] = resolve_path(cfg.tls_ca_file)
@@ -386,7 +393,10 @@ class RedisBackend:
             try:
                 async with asyncio.timeout_at(deadline):
                     results = await self._round_trip(flat)
-            except (TimeoutError, RedisError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - whatever failed, no check may be left waiting
+                if not isinstance(e, (TimeoutError, RedisError, OSError)):
+                    log.exception("rate limit: unexpected error in a Redis batch")
+                    e = RedisError(_describe(e))
                 self._failure(e)
                 for _, fut in live:
                     if not fut.done():
@@ -451,19 +461,28 @@ class RedisBackend:
             parts.append(head)
             parts.append(b"$%d\r\n%s\r\n" % (len(kb), kb))
             parts.append(p.resp_args)
+        payload = b"".join(parts)
         pool = self.client.connection_pool
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command(b"".join(parts), check_health=False)
+        for attempt in (1, 2):
+            conn = await pool.get_connection()
             out: list[Any] = []
-            for _ in which:
-                try:
-                    out.append(await conn.read_response(timeout=math.inf))  # the batch deadline bounds it
-                except ResponseError as e:
-                    out.append(e)
-            return out
-        finally:
-            await pool.release(conn)
+            try:
+                await conn.send_packed_command(payload, check_health=False)
+                for _ in which:
+                    try:
+                        out.append(await conn.read_response(timeout=math.inf))  # the batch deadline bounds it
+                    except ResponseError as e:
+                        out.append(e)
+                return out
+            except (RedisConnectionError, OSError):
+                # Pooled connections that died with a restarted Redis fail on first use (redis-py's
+                # pool check does not always see it): retry on another one, within the batch
+                # deadline, but only if no reply came (a script that ran is never re-run).
+                if attempt == 2 or out:
+                    raise
+            finally:
+                await pool.release(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def readiness(self, on_backend_error: str) -> dict[str, str]:
         if self.state == CLOSED:
