@@ -181,6 +181,10 @@ class Rule:
     pid: int | None = None  # prefilter pattern id
     actions_raw: list[Action] = field(default_factory=list)
     has_count_only: bool = False
+    tsig: int = 0  # interned signature of (targets, exclusions): rules sharing it share values
+    cacheable: bool = False  # targets only read request variables that do not change mid-phase
+    excl_plan: dict = field(default_factory=dict)  # coll -> (exact lower keys, key regexes, all)
+    fast: bool = False  # prefilter decides at rule level (positive @rx/@pm, usable db)
 
 
 @dataclass(slots=True)
@@ -210,6 +214,7 @@ class Ruleset:
         self.empty = self.pipeline(())
         self._pending = None
         self._pf_key = ""
+        self._ctl_memo: dict[tuple[str, str], tuple[tuple[int, ...], tuple[VarSpec, ...]]] = {}
 
     # ----- building
     @classmethod
@@ -326,12 +331,36 @@ class Ruleset:
                 raise WafLoadError(f"{where}: {d.name}: {e}") from None
         if chain_parent is not None:
             raise WafLoadError(f"rule {chain_parent.id} ({chain_parent.file}:{chain_parent.line}): chain without a following rule")
+        sigs: dict[str, int] = {}
+        for r0 in self._all_rules():
+            r = r0
+            while r is not None:
+                r.excl_plan = _excl_plan(r.excludes)
+                r.cacheable = all(t.coll in CACHEABLE for t in r.targets)
+                sig = repr([(t.coll, t.key, t.key_rx and t.key_rx.pattern, t.count) for t in r.targets]) + repr(
+                    [(e.coll, e.key, e.key_rx and e.key_rx.pattern) for e in r.excludes])
+                r.tsig = sigs.setdefault(sig, len(sigs))
+                r = r.chain
         for ph, items in self.phases.items():
             m: dict[str, list[int]] = {}
             for i, it in enumerate(items):
                 if type(it) is Marker:
                     m.setdefault(it.name, []).append(i)
             self.markers[ph] = m
+
+    def ctl_targets(self, kind: str, value: str) -> tuple[tuple[int, ...], tuple[VarSpec, ...]]:
+        """Resolve ``ctl:ruleRemoveTarget{ById,ByTag}=sel;TARGETS`` once per rule set (memoised)."""
+        key = (kind, value)
+        r = self._ctl_memo.get(key)
+        if r is None:
+            sel, _, target = value.partition(";")
+            specs = tuple(VarSpec(s.coll, s.key, s.key_rx, s.count, True) for s in parse_targets(target))
+            if kind == "ruleremovetargetbyid":
+                ids = tuple(r for r in self.by_id if _id_in(r, sel))
+            else:
+                ids = tuple(r.id for r in self.by_id.values() if sel in r.tags)
+            r = self._ctl_memo[key] = (ids, specs)
+        return r
 
     def _all_rules(self) -> list[Rule]:
         return [r for items in self.phases.values() for r in items if type(r) is Rule]
@@ -452,7 +481,7 @@ class Ruleset:
                 prefilter.save(key, unsafe, raw)
             except OSError as e:  # pragma: no cover - read-only home
                 log.warning("cannot write the WAF prefilter cache: %s", e)
-            cached = (unsafe, {k: prefilter.hyperscan.loadb(v) for k, v in raw.items()})
+            cached = (unsafe, {k: prefilter.load_db(v) for k, v in raw.items()})
         if cached is not None:
             self._install_prefilter(cached)
             return
@@ -486,6 +515,25 @@ class Ruleset:
         if self._pending is not None:
             return "building"
         return "ready" if self.prefilter else "off"
+
+
+CACHEABLE = (COLLECTIONS | SCALARS | {"XML"} | frozenset(_NAMES_OF)) - {
+    "MATCHED_VAR", "MATCHED_VAR_NAME", "REQBODY_PROCESSOR", "REQBODY_ERROR", "REQBODY_ERROR_MSG",
+    "REQBODY_PROCESSOR_ERROR", "RULE", "IP", "GLOBAL", "SESSION", "USER", "RESOURCE", "ENV"}
+
+
+def _excl_plan(excludes: list[VarSpec]) -> dict:
+    plan: dict[str, tuple[frozenset[str], tuple, bool]] = {}
+    for e in excludes:
+        exact, rxs, all_ = plan.get(e.coll, (frozenset(), (), False))
+        if e.key_rx is not None:
+            rxs = rxs + (e.key_rx,)
+        elif e.key is not None:
+            exact = exact | {e.key}
+        else:
+            all_ = True
+        plan[e.coll] = (exact, rxs, all_)
+    return plan
 
 
 def _id_in(rid: int, spec: str) -> bool:
@@ -569,12 +617,16 @@ class Transaction:
         self.logged: list[int] = []
         self.removed_ids = set(removed_ids)
         self.removed_tags: set[str] = set()
-        self.removed_targets: dict[int, list[VarSpec]] = dict(removed_targets or {})
+        self.removed_targets: dict[int, tuple[VarSpec, ...]] = {k: tuple(v) for k, v in (removed_targets or {}).items()}
         self.engine = "DetectionOnly" if detection_only else rs.engine_mode
         self.interrupted = False
         self.would_interrupt: tuple[int, int] | None = None
         self._tcache: dict[tuple[int, bytes], bytes] = {}
         self._scache: dict[tuple[int, bytes], set[int]] = {}
+        self._vcache: dict[int, list[tuple[str, bytes]]] = {}
+        self._pcache: dict[tuple[int, int], tuple[list, set[int]]] = {}
+        self._kcache: dict[tuple[int, str], bool] = {}
+        self._icache: dict[str, tuple[list, dict]] = {}
         self.body = body
         self.body_processor = body_processor
         self.phase_allow = False
@@ -651,6 +703,10 @@ class Transaction:
         s["REQUEST_HEADERS_LENGTH"] = str(sum(len(k) + len(v) for k, v in hdrs)).encode()
 
     def _process_body(self) -> None:
+        self._vcache.clear()
+        self._pcache.clear()
+        for n in _NAMES_OF:
+            self.c.pop(n, None)
         body = self.body
         s, c = self.s, self.c
         s["REQUEST_BODY"] = body
@@ -693,7 +749,10 @@ class Transaction:
         if name == "TX":
             return list(self.tx.items())
         if name in _NAMES_OF:
-            return [(k, k.encode("latin-1", "replace")) for k, _ in self.c.get(_NAMES_OF[name], ())]
+            r = self.c.get(name)
+            if r is None:
+                r = self.c[name] = [(k, k.encode("latin-1", "replace")) for k, _ in self.c.get(_NAMES_OF[name], ())]
+            return r
         if name == "MATCHED_VARS":
             return [(k, v) for k, v in self.matched_vars]
         if name == "MATCHED_VARS_NAMES":
@@ -701,41 +760,90 @@ class Transaction:
         return self.c.get(name, [])
 
     def values(self, rule: Rule) -> list[tuple[str, bytes]]:
-        out: list[tuple[str, bytes]] = []
-        excl = rule.excludes
+        """(variable name, value) pairs of a rule's targets, exclusions applied. Cached per
+        target signature (and runtime exclusion set) while the request's variables do not change."""
         extra = self.removed_targets.get(rule.id) if self.removed_targets else None
         if extra:
-            excl = excl + extra
-        for spec in rule.targets:
+            key: Any = (rule.tsig, id(extra))
+        else:
+            key = rule.tsig
+        if rule.cacheable:
+            r = self._vcache.get(key)
+            if r is None:
+                plan = _excl_plan(rule.excludes + list(extra)) if extra else rule.excl_plan
+                r = self._vcache[key] = self._values(rule.targets, plan)
+            return r
+        plan = _excl_plan(rule.excludes + list(extra)) if extra else rule.excl_plan
+        return self._values(rule.targets, plan)
+
+    def _values(self, targets: list[VarSpec], plan: dict) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        s = self.s
+        for spec in targets:
             coll = spec.coll
-            if coll in self.s or coll in SCALARS:
-                v = self.s.get(coll)
+            ex = plan.get(coll) if plan else None
+            if coll in s or coll in SCALARS:
+                v = s.get(coll)
                 if spec.count:
                     out.append((coll, b"1" if v is not None else b"0"))
-                elif v is not None:
-                    if not (excl and any(e.coll == coll and e.key is None for e in excl)):
-                        out.append((coll, v))
+                elif v is not None and not (ex and ex[2]):
+                    out.append((coll, v))
                 continue
             if coll == "XML":
-                items = self.xml_text if spec.key in ("/*", None) else self.xml_attrs if spec.key and "@" in spec.key else self.xml_text
+                items = self.xml_attrs if spec.key and "@" in spec.key else self.xml_text
                 if spec.count:
                     out.append(("XML", str(len(items)).encode()))
                 else:
-                    out.extend((f"XML:{spec.key or '/*'}", v) for v in items)
+                    name = f"XML:{spec.key or '/*'}"
+                    out.extend((name, v) for v in items)
                 continue
             if coll == "MATCHED_VAR" or coll == "MATCHED_VAR_NAME":
                 continue
+            if coll == "TX" and spec.key is not None:
+                v = self.tx.get(spec.key)
+                if spec.count:
+                    out.append(("TX", b"1" if v is not None else b"0"))
+                elif v is not None:
+                    out.append(("TX:" + spec.key, v))
+                continue
             items = self._collection(coll)
-            sel = [kv for kv in items if spec.key_matches(kv[0])] if (spec.key is not None or spec.key_rx is not None) else items
-            if excl:
-                ex = [e for e in excl if e.coll == coll]
-                if ex:
-                    sel = [kv for kv in sel if not any(e.key_matches(kv[0]) for e in ex)]
+            if not items:
+                if spec.count:
+                    out.append((coll, b"0"))
+                continue
+            if spec.key is not None:
+                sel = self._index(coll, items).get(spec.key, ())
+            elif spec.key_rx is not None:
+                sel = [kv for kv in items if self._key_rx(spec.key_rx, kv[0])]
+            else:
+                sel = items
+            if ex:
+                if ex[2]:
+                    sel = []
+                else:
+                    exact, rxs = ex[0], ex[1]
+                    sel = [kv for kv in sel if kv[0].lower() not in exact and not (rxs and any(self._key_rx(r, kv[0]) for r in rxs))]
             if spec.count:
                 out.append((coll, str(len(sel)).encode()))
             else:
                 out.extend((f"{coll}:{k}", v) for k, v in sel)
         return out
+
+    def _index(self, coll: str, items: list[tuple[str, bytes]]) -> dict[str, list[tuple[str, bytes]]]:
+        idx = self._icache.get(coll)
+        if idx is None or idx[0] is not items:
+            d: dict[str, list[tuple[str, bytes]]] = {}
+            for kv in items:
+                d.setdefault(kv[0].lower(), []).append(kv)
+            idx = self._icache[coll] = (items, d)
+        return idx[1]
+
+    def _key_rx(self, rx: Any, key: str) -> bool:
+        ck = (id(rx), key)
+        r = self._kcache.get(ck)
+        if r is None:
+            r = self._kcache[ck] = rx.search(key.encode("latin-1", "replace")) is not None
+        return r
 
     def macro_value(self, coll: str, key: str | None) -> bytes:
         if coll == "TX":
@@ -791,6 +899,27 @@ class Transaction:
 
     # ----- evaluation
     def _eval_link(self, rule: Rule) -> bool:
+        rs = self.rs
+        pid = rule.pid
+        if (pid is not None and rule.cacheable and not rule.op.negated and not rule.multi_match
+                and pid not in rs.prefilter_unsafe and rule.pipeline.idx in rs.prefilter):
+            extra = self.removed_targets.get(rule.id) if self.removed_targets else None
+            key = (rule.tsig, rule.pipeline.idx, id(extra) if extra else 0)
+            entry = self._pcache.get(key)
+            if entry is None:
+                p = rule.pipeline
+                lst = []
+                union: set[int] = set()
+                for name, v in self.values(rule):
+                    tv = self.transform(v, p)
+                    c = self.candidates(p.idx, tv)
+                    if c:
+                        lst.append((name, tv, c))
+                        union |= c
+                entry = self._pcache[key] = (lst, union)
+            if pid not in entry[1]:
+                return False
+            return self._confirm(rule, [(n, tv) for n, tv, c in entry[0] if pid in c])
         vals = self.values(rule)
         if not vals:
             return False
@@ -822,6 +951,27 @@ class Transaction:
                     hit = op.match(self, tv, rule.capture)
                 if hit == neg:
                     continue
+            matched = True
+            new_matches.append((name, tv))
+            self.s["MATCHED_VAR"] = tv
+            self.s["MATCHED_VAR_NAME"] = name.encode("latin-1", "replace")
+            self._rule = rule
+            if rule.setvars:
+                self._setvars(rule)
+            if rule.ctls:
+                self._ctls(rule)
+        if matched:
+            self.matched_vars = new_matches
+        return matched
+
+    def _confirm(self, rule: Rule, tvals: list[tuple[str, bytes]]) -> bool:
+        """Run a prefiltered rule's operator on the (already transformed) candidate values."""
+        op = rule.op
+        matched = False
+        new_matches: list[tuple[str, bytes]] = []
+        for name, tv in tvals:
+            if not op.match(self, tv, rule.capture):
+                continue
             matched = True
             new_matches.append((name, tv))
             self.s["MATCHED_VAR"] = tv
@@ -867,14 +1017,11 @@ class Transaction:
             elif k == "ruleremovebytag":
                 self.removed_tags.add(v)
             elif k in ("ruleremovetargetbyid", "ruleremovetargetbytag"):
-                sel, _, target = v.partition(";")
-                specs = [VarSpec(s.coll, s.key, s.key_rx, s.count, True) for s in parse_targets(target)]
-                if k == "ruleremovetargetbyid":
-                    ids = [r for r in self.rs.by_id if _id_in(r, sel)]
-                else:
-                    ids = [r.id for r in self.rs.by_id.values() if sel in r.tags]
+                ids, specs = self.rs.ctl_targets(k, v)
+                rt = self.removed_targets
                 for rid in ids:
-                    self.removed_targets[rid] = self.removed_targets.get(rid, []) + specs
+                    old = rt.get(rid)
+                    rt[rid] = specs if not old else old + specs
             elif k == "requestbodyprocessor":
                 self.body_processor = v.upper()
                 self.s["REQBODY_PROCESSOR"] = v.upper().encode()

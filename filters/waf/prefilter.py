@@ -97,12 +97,18 @@ def build(patterns: list[Pattern]) -> tuple[set[int], dict[int, bytes]]:
     return unsafe, out
 
 
+def load_db(raw: bytes):
+    db = hyperscan.loadb(raw, hyperscan.HS_MODE_BLOCK)
+    db.scratch = hyperscan.Scratch(db)
+    return db
+
+
 def load_cached(key: str) -> tuple[set[int], dict[int, object]] | None:
     path = os.path.join(cache_dir(), key + ".hsdb")
     try:
         with open(path, "rb") as fh:
             unsafe, raw = pickle.load(fh)
-        return unsafe, {k: hyperscan.loadb(v) for k, v in raw.items()}
+        return unsafe, {k: load_db(v) for k, v in raw.items()}
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError):
         return None
     except Exception:  # a corrupt or foreign cache file: rebuild

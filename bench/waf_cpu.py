@@ -1,0 +1,91 @@
+"""Per-request CPU of the WAF engine (no network): a small GET and a ~1 KB JSON POST.
+
+Calls the engine directly and measures with time.process_time over many iterations (after a
+warm-up), for the built-in pack and for CRS at PL1. Reference (DESIGN.md): nginx + ModSecurity 3
++ CRS PL1 costs 1.4 ms per GET and 8.6 ms per 1 KB JSON POST; the target is a third of that.
+
+Usage: python bench/waf_cpu.py [--n 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from filters.waf.stage import WafEngine, shared_dir  # noqa: E402
+
+HEADERS = [
+    ("Host", "api.example.no"),
+    ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"),
+    ("Accept", "application/json"),
+    ("Accept-Language", "nb-NO,nb;q=0.9,en;q=0.8"),
+    ("Accept-Encoding", "gzip, deflate, br"),
+    ("Authorization", "Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiIxMjMifQ.c2lnbmF0dXJl"),
+    ("Cookie", "_ga=GA1.2.1234567890.1700000000; session=abc123def456"),
+]
+
+DOC = {
+    "saksnummer": "2024/1234",
+    "tittel": "Søknad om byggetillatelse for tilbygg",
+    "avsender": {"navn": "Kari Nordmann", "adresse": "Storgata 1", "postnummer": "0155", "poststed": "Oslo"},
+    "mottaker": {"orgnr": "991825827", "navn": "Oslo kommune, Plan- og bygningsetaten"},
+    "dokumenter": [
+        {"filnavn": "tegning.pdf", "mimetype": "application/pdf", "storrelse": 183422},
+        {"filnavn": "situasjonsplan.pdf", "mimetype": "application/pdf", "storrelse": 99812},
+    ],
+    "beskrivelse": "Tilbygg på 25 kvm mot hagen, med ny terrasse. Naboene er varslet og har ikke merknader.",
+    "tags": ["bygg", "tilbygg", "terrasse"],
+    "frist": "2024-12-31",
+    "prioritet": 2,
+}
+
+
+def body_1k() -> bytes:
+    b = json.dumps(DOC, ensure_ascii=False).encode()
+    doc = dict(DOC)
+    while len(b) < 1000:
+        doc["merknad"] = doc.get("merknad", "") + "Ingen merknader. "
+        b = json.dumps(doc, ensure_ascii=False).encode()
+    return b
+
+
+def measure(engine: WafEngine, n: int) -> tuple[float, float]:
+    body = body_1k()
+    post_headers = HEADERS + [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    get = dict(method="GET", uri="/api/v1/saker/2024-1234/dokumenter?side=2&antall=50", headers=HEADERS)
+    post = dict(method="POST", uri="/api/v1/saker", headers=post_headers, body=body)
+    out = []
+    for req in (get, post):
+        for _ in range(50):
+            r = engine.inspect(**req)
+        assert not r.interrupted, r
+        t = time.process_time()
+        for _ in range(n):
+            engine.inspect(**req)
+        out.append((time.process_time() - t) / n * 1000)
+    return out[0], out[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=2000)
+    args = ap.parse_args()
+    print(f"{'rules':10} {'GET ms':>8} {'1KB JSON POST ms':>17}")
+    g, p = measure(WafEngine.builtin(paranoia_level=1), args.n)
+    print(f"{'builtin':10} {g:8.3f} {p:17.3f}")
+    shared = shared_dir()
+    if shared is None:
+        print("crs: ../shared is absent, skipped")
+        return 0
+    g, p = measure(WafEngine.for_crs(os.path.join(shared, "waf", "crs"), paranoia_level=1), args.n)
+    print(f"{'crs PL1':10} {g:8.3f} {p:17.3f}   (targets: <= 0.47 GET, <= 2.9 POST)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
