@@ -7,7 +7,6 @@ impossible; nothing here asserts speed. Fault tests bound each check by timeout 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from ipaddress import ip_address
 
@@ -58,19 +57,10 @@ def make_stage(rate_limit: dict | None = None, rules: list[dict] | None = None, 
     return stage
 
 
-def filters(stage: RateLimitStage, route_index: int = 0):
-    return stage.filters_for_route(stage_config(stage).routes[route_index])
-
-
-def stage_config(stage):
-    return stage._test_config  # set by the helpers below
-
-
 def stage_for(rate_limit=None, rules=None, secrets=None):
     cfg = make_config(rate_limit, rules)
     stage = build_stage(BuildEnv(config=cfg, base_dir=".", secrets={} if secrets is None else secrets))
     assert stage is not None
-    stage._test_config = cfg
     fs = stage.filters_for_route(cfg.routes[0])
     return stage, {f.name: f for f in fs}
 
@@ -607,3 +597,55 @@ async def test_metrics_exposition():
     assert 'portvakt_rate_limit_checks_total{result="limited"}' in text
     assert "portvakt_rate_limit_backend_seconds_bucket" in text
     assert "portvakt_rate_limit_breaker_state" in text
+
+
+async def test_detect_mode_records_and_lets_through():
+    from gateway.chain import run_chain
+
+    stage, fs = stage_for({"mode": "detect"}, [{"per": "route", "limit": 1, "period_seconds": 60}])
+    f = fs["rate_limit"]
+    assert await run_chain((f,), ctx()) is None
+    c = ctx()
+    assert await run_chain((f,), c) is None  # would be a 429: recorded, not enforced
+    assert [(d.filter, d.reason) for d in c.detections] == [("rate_limit", "rate_limited")]
+    assert c.response_headers["RateLimit"] == '"route";r=0;t=60'
+
+
+async def test_dead_pooled_connections_after_a_restart_do_not_fail_checks(redis_server):
+    stage, fs = stage_for(redis_cfg(redis_server.url, timeout_ms=2000, max_inflight_batches=4),
+                          [{"per": "route", "limit": 100_000, "period_seconds": 60}])
+    await stage.start()
+    f = fs["rate_limit"]
+    try:
+        pool = stage.backend.client.connection_pool
+        conns = [await pool.get_connection() for _ in range(4)]  # four connected, pooled sockets
+        for conn in conns:
+            await pool.release(conn)
+        assert await f.check(ctx()) is ALLOW
+        redis_server.kill()
+        redis_server.start()
+        err0 = sample("portvakt_rate_limit_checks_total", {"result": "backend_error"})
+        for _ in range(5):
+            cs = [ctx() for _ in range(10)]
+            await asyncio.gather(*(f.check(c) for c in cs))
+            assert {c.rate_limit["source"] for c in cs} == {"redis"}
+        assert sample("portvakt_rate_limit_checks_total", {"result": "backend_error"}) == err0
+    finally:
+        await stage.close()
+
+
+async def test_an_unexpected_batch_error_never_leaves_a_check_waiting(redis_server, monkeypatch):
+    stage, fs = stage_for(redis_cfg(redis_server.url, timeout_ms=5000), [{"per": "route", "limit": 5, "period_seconds": 60}])
+    await stage.start()
+
+    async def broken(items):
+        raise ValueError("bug")
+
+    monkeypatch.setattr(stage.backend, "_round_trip", broken)
+    try:
+        c = ctx()
+        d, took = await timed(fs["rate_limit"].check(c))
+        assert d is ALLOW and c.rate_limit["source"] == "local"
+        assert took < 1.0  # not the 5 s timeout: the failed batch answered at once
+    finally:
+        await stage.close()
