@@ -7,42 +7,48 @@ import aiohttp
 from tests.fixtures.gateway import basic_config, parse_metrics
 
 
-async def test_exposition_has_the_documented_series_after_traffic(start_gateway, upstream):
-    cfg = basic_config(upstream.url)
-    cfg["routes"][0]["match"] = {"path_prefix": "/m"}
-    gw = await start_gateway(cfg)
+async def test_exposition_has_the_documented_series_after_traffic(shared):
+    gw = shared.gw  # shared by many tests: compare before/after
+
+    def value(samples, name, **labels):
+        return samples.get((name, frozenset(labels.items())), 0.0)
+
+    ok = dict(route="demo", method="GET", status="200", decision="allow")
+    before = parse_metrics(await gw.metrics_text())
     async with gw.session() as s:
         for _ in range(3):
             async with s.get(gw.url + "/m") as r:
                 assert r.status == 200
-        async with s.delete(gw.url + "/m/x", headers={"X-Test": "1"}) as r:
+        async with s.delete(gw.url + "/m/x") as r:
             assert r.status == 200
-        async with s.get(gw.url + "/elsewhere") as r:
-            assert r.status == 404
+        async with s.get(gw.url + "/down/elsewhere") as r:
+            assert r.status == 502
     text = await gw.metrics_text()
-    samples = parse_metrics(text)
+    after = parse_metrics(text)
 
-    def value(name, **labels):
-        return samples.get((name, frozenset(labels.items())), 0.0)
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
 
-    assert value("portvakt_requests_total", route="demo", method="GET", status="200", decision="allow") == 3
-    assert value("portvakt_requests_total", route="demo", method="DELETE", status="200", decision="allow") == 1
-    assert value("portvakt_requests_total", route="(none)", method="GET", status="404", decision="deny") == 1
-    assert value("portvakt_request_duration_seconds_count", route="demo") == 4
-    assert value("portvakt_upstream_duration_seconds_count", upstream="demo") == 4
-    assert value("portvakt_requests_in_flight") == 0
-    assert value("portvakt_filter_decisions_total", filter="ingress", decision="allow", reason="") >= 3
-    assert value("portvakt_filter_duration_seconds_count", filter="ingress") >= 4
-    assert ("portvakt_build_info", frozenset({("version", __import__("gateway").__version__)})) in samples
-    assert value("portvakt_config_last_reload_success_timestamp_seconds") > 0
-    for series in ("portvakt_config_reloads_total", "portvakt_requests_total", "portvakt_upstream_duration_seconds_bucket"):
+    assert delta("portvakt_requests_total", **ok) == 3
+    assert delta("portvakt_requests_total", route="demo", method="DELETE", status="200", decision="allow") == 1
+    assert delta("portvakt_requests_total", route="down", method="GET", status="502", decision="error") == 1
+    assert delta("portvakt_request_duration_seconds_count", route="demo") == 4
+    assert delta("portvakt_request_duration_seconds_count", route="down") == 1
+    assert delta("portvakt_upstream_duration_seconds_count", upstream="demo") == 4
+    assert value(after, "portvakt_requests_in_flight") == 0
+    assert delta("portvakt_filter_decisions_total", filter="ingress", decision="allow", reason="") == 5
+    assert delta("portvakt_filter_duration_seconds_count", filter="ingress") == 5
+    assert ("portvakt_build_info", frozenset({("version", __import__("gateway").__version__)})) in after
+    assert value(after, "portvakt_config_last_reload_success_timestamp_seconds") > 0
+    for series in ("# TYPE portvakt_config_reloads_total counter", "portvakt_upstream_duration_seconds_bucket",
+                   "portvakt_request_duration_seconds_bucket", "portvakt_filter_duration_seconds_bucket"):
         assert series in text
     # Bounded labels: no path in the exposition.
     assert "/elsewhere" not in text and "/m/x" not in text
 
 
-async def test_health_readiness_and_jwks(start_gateway, upstream):
-    gw = await start_gateway(basic_config(upstream.url))
+async def test_health_readiness_and_jwks(shared):
+    gw = shared.gw
     async with aiohttp.ClientSession() as s:
         async with s.get(gw.admin_url + "/healthz") as r:
             assert r.status == 200

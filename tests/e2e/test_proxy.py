@@ -12,8 +12,8 @@ import aiohttp
 from tests.fixtures.gateway import basic_config
 
 
-async def test_request_reaches_upstream_over_tls_with_request_id(start_gateway, upstream):
-    gw = await start_gateway(basic_config(upstream.url))
+async def test_request_reaches_upstream_over_tls_with_request_id(shared):
+    gw, upstream = shared.gw, shared.up
     async with gw.session() as s:
         async with s.post(gw.url + "/hello/world?x=1&y=2", data=b'{"a":1}', headers={"Content-Type": "application/json"}) as r:
             assert r.status == 200
@@ -38,35 +38,19 @@ async def test_request_reaches_upstream_over_tls_with_request_id(start_gateway, 
     assert "x=1" not in json.dumps(line)
 
 
-async def test_no_route_is_a_404_problem(start_gateway, upstream):
-    cfg = basic_config(upstream.url)
-    cfg["routes"][0]["match"] = {"path_prefix": "/api"}
-    gw = await start_gateway(cfg)
+async def test_upstream_down_is_502_problem(shared):
+    gw = shared.gw  # route "down" points at a port nothing listens on
     async with gw.session() as s:
-        async with s.get(gw.url + "/other") as r:
-            assert r.status == 404
-            assert r.headers["Content-Type"] == "application/problem+json"
-            doc = await r.json(content_type=None)
-    assert doc["reason"] == "no_route" and doc["request_id"] == r.headers["X-Request-Id"]
-    assert upstream.started == 0
-
-
-async def test_upstream_down_is_502_problem(start_gateway, upstream):
-    gw = await start_gateway(basic_config(upstream.url))
-    await upstream.stop()
-    async with gw.session() as s:
-        async with s.get(gw.url + "/x") as r:
+        async with s.get(gw.url + "/down/x") as r:
             assert r.status == 502
             assert r.headers["Content-Type"] == "application/problem+json"
             doc = await r.json(content_type=None)
     assert doc["reason"] == "upstream_unavailable" and doc["status"] == 502
-    assert doc["type"].endswith("/upstream_unavailable")
+    assert doc["type"].endswith("/upstream_unavailable") and doc["request_id"] == r.headers["X-Request-Id"]
 
 
-async def test_upstream_slow_is_504_problem(start_gateway, upstream):
-    cfg = basic_config(upstream.url)
-    cfg["upstreams"]["demo"]["timeout_seconds"] = 0.3
-    gw = await start_gateway(cfg)
+async def test_upstream_slow_is_504_problem(shared):
+    gw, upstream = shared.gw, shared.up  # timeout_seconds: 1
     upstream.delay = 2
     async with gw.session() as s:
         async with s.get(gw.url + "/slow") as r:
@@ -75,8 +59,8 @@ async def test_upstream_slow_is_504_problem(start_gateway, upstream):
     assert doc["reason"] == "upstream_timeout"
 
 
-async def test_body_over_limit_with_content_length_is_413_and_upstream_sees_nothing(start_gateway, upstream):
-    gw = await start_gateway(basic_config(upstream.url, ingress={"max_body_bytes": 1000}))
+async def test_body_over_limit_with_content_length_is_413_and_upstream_sees_nothing(shared):
+    gw, upstream = shared.gw, shared.up  # ingress.max_body_bytes: 1000
     async with gw.session() as s:
         async with s.post(gw.url + "/upload", data=b"a" * 1001) as r:
             assert r.status == 413
@@ -87,8 +71,8 @@ async def test_body_over_limit_with_content_length_is_413_and_upstream_sees_noth
     assert [q["body"] for q in upstream.requests] == [b"a" * 1000]
 
 
-async def test_chunked_body_over_limit_is_413_and_upstream_sees_nothing(start_gateway, upstream):
-    gw = await start_gateway(basic_config(upstream.url, ingress={"max_body_bytes": 1000}))
+async def test_chunked_body_over_limit_is_413_and_upstream_sees_nothing(shared):
+    gw, upstream = shared.gw, shared.up  # ingress.max_body_bytes: 1000
 
     async def chunks(total: int):
         for _ in range(total // 100):
@@ -106,9 +90,18 @@ async def test_chunked_body_over_limit_is_413_and_upstream_sees_nothing(start_ga
     assert upstream.requests[-1]["body"] == b"b" * 900
 
 
-async def test_large_chunked_body_beyond_prefix_is_cut_off_at_the_limit(start_gateway, upstream):
+async def test_no_route_is_a_404_problem_and_a_large_chunked_body_is_cut_off_at_the_limit(start_gateway, upstream):
     # Limit above the 64 KiB prefix: the excess is found while streaming to the upstream.
-    gw = await start_gateway(basic_config(upstream.url, ingress={"max_body_bytes": 200_000}))
+    cfg = basic_config(upstream.url, ingress={"max_body_bytes": 200_000})
+    cfg["routes"][0]["match"] = {"path_prefix": "/upload"}
+    gw = await start_gateway(cfg)
+    async with gw.session() as s:
+        async with s.get(gw.url + "/other") as r:
+            assert r.status == 404
+            assert r.headers["Content-Type"] == "application/problem+json"
+            doc = await r.json(content_type=None)
+    assert doc["reason"] == "no_route" and doc["request_id"] == r.headers["X-Request-Id"]
+    assert upstream.started == 0
 
     async def chunks(total: int):
         for _ in range(total // 10_000):
@@ -123,8 +116,8 @@ async def test_large_chunked_body_beyond_prefix_is_cut_off_at_the_limit(start_ga
     assert [len(q["body"]) for q in upstream.requests] == [150_000]
 
 
-async def test_large_response_is_streamed_back_whole(start_gateway, upstream):
-    gw = await start_gateway(basic_config(upstream.url))
+async def test_large_response_is_streamed_back_whole(shared):
+    gw, upstream = shared.gw, shared.up
     async with gw.session() as s:
         async with s.get(gw.url + "/big?size=1000000") as r:
             assert r.status == 200
@@ -132,8 +125,8 @@ async def test_large_response_is_streamed_back_whole(start_gateway, upstream):
     assert len(body) == 1_000_000 and set(body) == {ord("x")}
 
 
-async def test_sse_events_arrive_incrementally(start_gateway, upstream):
-    gw = await start_gateway(basic_config(upstream.url))
+async def test_sse_events_arrive_incrementally(shared):
+    gw, upstream = shared.gw, shared.up
     loop = asyncio.get_running_loop()
     arrivals: list[tuple[float, bytes]] = []
     async with gw.session() as s:
@@ -152,8 +145,8 @@ async def test_sse_events_arrive_incrementally(start_gateway, upstream):
     assert last_event_at - first_event_at >= 0.5
 
 
-async def test_client_disconnect_cancels_the_upstream_call(start_gateway, upstream):
-    gw = await start_gateway(basic_config(upstream.url))
+async def test_client_disconnect_cancels_the_upstream_call(shared):
+    gw, upstream = shared.gw, shared.up
     upstream.delay = 3
     async with gw.session() as s:
         try:
@@ -170,8 +163,8 @@ async def test_client_disconnect_cancels_the_upstream_call(start_gateway, upstre
     assert upstream.started == 1 and upstream.cancelled == 1
 
 
-async def test_connect_and_foreign_absolute_form_are_refused(start_gateway, upstream):
-    gw = await start_gateway(basic_config(upstream.url))
+async def test_connect_and_foreign_absolute_form_are_refused(shared):
+    gw, upstream = shared.gw, shared.up
     ctx = gw.ssl_context()
 
     async def raw(request: bytes) -> bytes:
@@ -194,8 +187,8 @@ async def test_connect_and_foreign_absolute_form_are_refused(start_gateway, upst
     assert upstream.requests[-1]["raw_path"] == "/same?q=1"
 
 
-async def test_h2c_upgrade_is_never_forwarded(start_gateway, upstream):
-    gw = await start_gateway(basic_config(upstream.url))
+async def test_h2c_upgrade_is_never_forwarded(shared):
+    gw, upstream = shared.gw, shared.up
     async with gw.session() as s:
         async with s.get(gw.url + "/u", headers={"Upgrade": "h2c", "Connection": "Upgrade, HTTP2-Settings", "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"}) as r:
             assert r.status == 200
@@ -203,8 +196,8 @@ async def test_h2c_upgrade_is_never_forwarded(start_gateway, upstream):
     assert "Upgrade" not in seen and "HTTP2-Settings" not in seen
 
 
-async def test_https_client_without_tls_cannot_talk_plain_http(start_gateway, upstream):
-    gw = await start_gateway(basic_config(upstream.url))
+async def test_https_client_without_tls_cannot_talk_plain_http(shared):
+    gw, upstream = shared.gw, shared.up
     async with aiohttp.ClientSession() as s:
         try:
             async with s.get(f"http://127.0.0.1:{gw.port}/x") as r:

@@ -51,6 +51,12 @@ def test_three_mistakes_give_three_lines_with_yaml_paths(tmp_path):
     assert "Traceback" not in out.stdout + out.stderr
 
 
+def in_process(path: Path) -> list[str]:
+    from gateway.cli import check_config as run_check
+
+    return run_check(str(path))
+
+
 def test_valid_file_prints_ok(tmp_path, pki):
     f = tmp_path / "good.yaml"
     f.write_text(f"""\
@@ -66,25 +72,22 @@ routes:
     assert out.stdout.strip() == "ok"
 
 
-def test_missing_file_unknown_env_and_bad_yaml_are_reported_without_traceback(tmp_path):
-    out = check_config(tmp_path / "absent.yaml")
-    assert out.returncode == 1 and "cannot read" in out.stdout and "Traceback" not in out.stderr
+def test_missing_file_unknown_env_and_bad_yaml_are_reported(tmp_path):
+    [line] = in_process(tmp_path / "absent.yaml")
+    assert "cannot read" in line
     f = tmp_path / "env.yaml"
     f.write_text("upstreams:\n  demo: {url: '${PORTVAKT_TEST_UNSET_VAR}'}\nserver: {plain_http: true}\n")
-    out = check_config(f)
-    assert out.returncode == 1
-    assert f"{f}: upstreams.demo.url: environment variable PORTVAKT_TEST_UNSET_VAR is not set" in out.stdout
+    assert f"{f}: upstreams.demo.url: environment variable PORTVAKT_TEST_UNSET_VAR is not set" in in_process(f)
     f.write_text("routes: [unclosed\n")
-    out = check_config(f)
-    assert out.returncode == 1 and "invalid YAML" in out.stdout and "Traceback" not in out.stderr
+    [line] = in_process(f)
+    assert "invalid YAML" in line and "line 2" in line
 
 
 def test_tls_files_are_checked(tmp_path):
     f = tmp_path / "tls.yaml"
     f.write_text("server:\n  tls: {certificate: nope.pem, private_key: nope-key.pem}\n")
-    out = check_config(f)
-    assert out.returncode == 1
-    assert "cannot load certificate" in out.stdout and str(tmp_path / "nope.pem") in out.stdout
+    problems = in_process(f)
+    assert any("cannot load certificate" in p and str(tmp_path / "nope.pem") in p for p in problems)
 
 
 def test_env_interpolation_and_relative_paths(tmp_path, monkeypatch):
