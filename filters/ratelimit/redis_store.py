@@ -274,9 +274,9 @@ class RedisBackend:
             self._probe_task.cancel()
         for t in list(self._tasks):
             t.cancel()
-        for _, fut in self._pending:
+        for _, fut in self._pending:  # a waiting check gets an error (its fallback), never a hang
             if not fut.done():
-                fut.cancel()
+                fut.set_exception(RedisError("rate limit backend closed"))
         self._pending.clear()
         if self.client is not None:
             await self.client.aclose()
@@ -409,6 +409,9 @@ class RedisBackend:
                     fut.set_result(results[i : i + n])
                 i += n
         finally:
+            for _, fut in batch:  # cancelled (backend closing): no check may be left waiting
+                if not fut.done():
+                    fut.set_exception(RedisError("rate limit backend closed"))
             self._inflight -= 1
             if self._pending and not self._flush_scheduled and not self._closed:
                 self._flush_scheduled = True

@@ -649,3 +649,21 @@ async def test_an_unexpected_batch_error_never_leaves_a_check_waiting(redis_serv
         assert took < 1.0  # not the 5 s timeout: the failed batch answered at once
     finally:
         await stage.close()
+
+
+async def test_closing_the_backend_answers_waiting_checks(redis_server):
+    stage, fs = stage_for(redis_cfg(redis_server.url, timeout_ms=5000), [{"per": "route", "limit": 5, "period_seconds": 60}])
+    await stage.start()
+    admin = redis_server.client()
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+        c = ctx()
+        task = asyncio.create_task(fs["rate_limit"].check(c))
+        await asyncio.sleep(0.2)  # the batch is on the wire, held by the paused server
+        assert not task.done()
+        await stage.close()
+        d = await asyncio.wait_for(task, 1.0)
+        assert d is ALLOW and c.rate_limit["source"] == "local"
+        await admin.execute_command("CLIENT", "UNPAUSE")
+    finally:
+        await admin.aclose()
