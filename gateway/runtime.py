@@ -46,7 +46,7 @@ class CompiledRoute:
     upstream: UpstreamConfig
     filters: tuple[Filter, ...]
     # Body bytes the server reads before the chain runs (the WAF inspects them; an oversize body
-    # is refused before the upstream is contacted): min(max_body_bytes + 1, max(64 KiB, the
+    # is refused before the upstream is contacted): min(max_body_bytes + 1, max(64 KiB, 1 + the
     # largest ``body_inspection_bytes`` any of this route's filters asks for)).
     body_prefix_bytes: int = 65536
 
@@ -191,7 +191,8 @@ def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict
         for s in stages:
             filters.extend(f for f in s.filters_for_route(rc) if f.mode.value != "off")
         filters.sort(key=lambda f: f.position)
-        wanted = max([65536] + [int(getattr(f, "body_inspection_bytes", 0) or 0) for f in filters])
+        # +1: a filter asking for N bytes then learns exactly whether the body was longer than N.
+        wanted = max([65536] + [int(getattr(f, "body_inspection_bytes", 0) or 0) + 1 for f in filters])
         routes.append(
             CompiledRoute(
                 config=rc,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import random
 import re
 import signal
@@ -130,6 +131,12 @@ class Gateway:
         self._runner: web.ServerRunner | None = None
         self.reload_count = 0
         self.stopping = False
+        self.inflight = 0
+        # Single process: the gauge reads self.inflight when scraped (no lock per request). Under
+        # the supervisor (prometheus multiprocess mode) it must be counted in the shared files.
+        self._count_inflight = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        if not self._count_inflight:
+            metrics.IN_FLIGHT.set_function(lambda: self.inflight)
 
     # ---- the request path -------------------------------------------------------------------
 
@@ -155,7 +162,9 @@ class Gateway:
         )
         resp: web.StreamResponse | None = None
         rt.inflight += 1
-        metrics.IN_FLIGHT.inc()
+        self.inflight += 1
+        if self._count_inflight:
+            metrics.IN_FLIGHT.inc()
         try:
             resp = await self._serve(rt, request, ctx)
             if "Upgrade" in headers:
@@ -277,7 +286,9 @@ class Gateway:
         except Exception:
             log.exception("recording request %s failed", ctx.request_id)
         finally:
-            metrics.IN_FLIGHT.dec()
+            self.inflight -= 1
+            if self._count_inflight:
+                metrics.IN_FLIGHT.dec()
             rt.leave()
 
     # ---- listener ----------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""gateway/runtime.py: route compilation, the body-prefix hand-off, trusted proxies, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import pytest
+
+from gateway import runtime
+from gateway.chain import ALLOW, POS_INGRESS, POS_WAF, Filter, Stage
+from gateway.config import parse_config
+
+
+class Inspecting(Filter):
+    name = "test_inspect"
+    position = POS_WAF
+    body_inspection_bytes = 131072
+
+    async def check(self, ctx):
+        return ALLOW
+
+
+class Plain(Filter):
+    name = "test_plain"
+    position = POS_INGRESS
+
+    async def check(self, ctx):
+        return ALLOW
+
+
+class FakeStage(Stage):
+    name = "test_stage"
+
+    def filters_for_route(self, route):
+        return [Inspecting(), Plain()] if route.name == "inspected" else [Plain()]
+
+
+def build_stage(env):
+    return FakeStage()
+
+
+CONFIG = """
+server: {plain_http: true}
+trusted_proxies: ["10.0.0.0/8", "::ffff:192.0.2.0/120"]
+upstreams: {u: {url: "http://127.0.0.1:1"}}
+ingress: {max_body_bytes: %d}
+routes:
+  - {name: inspected, match: {path_prefix: /a}, upstream: u}
+  - {name: plain, match: {path_prefix: /b, hosts: [API.example]}, upstream: u}
+"""
+
+
+@pytest.fixture
+def only_test_stage(monkeypatch):
+    monkeypatch.setattr(runtime, "STAGE_MODULES", (__name__,))
+
+
+@pytest.mark.parametrize("max_body, inspected, plain", [
+    (10 * 1024 * 1024, 131073, 65536),  # the WAF's wish (+1 to tell "longer"), else 64 KiB
+    (1000, 1001, 1001),                 # never more than one byte past the limit
+])
+def test_body_prefix_follows_the_filters_and_the_limit(only_test_stage, max_body, inspected, plain):
+    rt = runtime.build_runtime(parse_config(CONFIG % max_body))
+    by_name = {r.name: r for r in rt.routes}
+    assert by_name["inspected"].body_prefix_bytes == inspected
+    assert by_name["plain"].body_prefix_bytes == plain
+    # Filters sorted by position, whatever order the stage gave them.
+    assert [f.name for f in by_name["inspected"].filters] == ["test_plain", "test_inspect"]
+
+
+def test_match_and_trust(only_test_stage):
+    rt = runtime.build_runtime(parse_config(CONFIG % 1000))
+    assert rt.match("whatever", "/a/x").name == "inspected"
+    assert rt.match("api.example:8443", "/b/1").name == "plain"
+    assert rt.match("other.example", "/b/1") is None
+    assert rt.match("h", "/c") is None
+    assert rt.is_trusted(ipaddress.ip_address("10.2.3.4"))
+    assert not rt.is_trusted(ipaddress.ip_address("11.2.3.4"))
+    assert "x-request-id" in rt.request_drop and "x-forwarded-for" in rt.request_drop
+
+
+async def test_retire_waits_for_in_flight_requests(only_test_stage):
+    rt = runtime.build_runtime(parse_config(CONFIG % 1000))
+    await rt.start()
+    rt.inflight = 1
+    closed = asyncio.ensure_future(rt.retire(5))
+    await asyncio.sleep(0.05)
+    assert not closed.done()
+    rt.leave()
+    await asyncio.wait_for(closed, 2)
+    assert rt.components["upstreams"].get("u").session is None
