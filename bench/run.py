@@ -270,8 +270,9 @@ def client_ssl(pki: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(pki / "ca.pem"))
 
 
-def preflight(url: str, req: Request, ctx: ssl.SSLContext | None) -> str | None:
-    """One request like wrk's: it must come back 2xx with the upstream's JSON."""
+def preflight(url: str, req: Request, ctx: ssl.SSLContext | None, headers_expected: tuple[str, ...] = ()) -> str | None:
+    """One request like wrk's: it must come back 2xx with the upstream's JSON (having received
+    ``headers_expected``)."""
     r = urllib.request.Request(url + req.path, data=req.body or None, method=req.method, headers=req.headers)
     try:
         with urllib.request.urlopen(r, timeout=30, context=ctx) as resp:
@@ -286,6 +287,9 @@ def preflight(url: str, req: Request, ctx: ssl.SSLContext | None) -> str | None:
                 return f"preflight body is not the upstream's answer: {body[:200]!r}"
             if req.body and doc.get("body_bytes") != len(req.body):
                 return f"upstream received {doc.get('body_bytes')} body bytes, sent {len(req.body)}"
+            missing = [h for h in headers_expected if h not in doc.get("header_names", [])]
+            if missing:
+                return f"skip: feature inactive: the upstream did not receive {', '.join(missing)}"
             return None
     except urllib.error.HTTPError as e:
         return f"preflight answered {e.code}: {e.read(400).decode(errors='replace')}"
@@ -422,9 +426,9 @@ def run_row(row: Row, env: Env, work: Path, args: argparse.Namespace, cpus: Cpus
         if err:
             row.status, row.why = "failed", err
             return
-        err = preflight(url, req, ctx)
+        err = preflight(url, req, ctx, s.expect_upstream_headers)
         if err:
-            row.status, row.why = "failed", err
+            row.status, row.why = ("skipped", err[6:]) if err.startswith("skip: ") else ("failed", err)
             return
         if admin_url and s.expect_filters:
             seen = filters_seen(admin_url)

@@ -56,6 +56,7 @@ class Scenario:
     modules: tuple[str, ...] = ()  # "module:builder" that must exist
     expect_filters: tuple[str, ...] = ()
     expect_files: tuple[str, ...] = ()  # files in the work dir that must grow (audit trails)
+    expect_upstream_headers: tuple[str, ...] = ()  # header names the upstream must receive
     needs: tuple[str, ...] = ()  # "redis", "crs", "nginx"
     tags: tuple[str, ...] = ()
 
@@ -127,6 +128,7 @@ def minimal(env: Env) -> dict[str, Any]:
         "routes": [{"name": "bench", "match": {"path_prefix": "/bench/"}, "upstream": "bench"}],
         "waf": {"mode": "off"},
         "audit": {"enabled": False},
+        "identity": {"assertion": {"enabled": False}},
     }
 
 
@@ -193,6 +195,12 @@ def with_audit(cfg: dict[str, Any], env: Env, durability: str, tag: str) -> dict
     return cfg
 
 
+def with_assertion(cfg: dict[str, Any], env: Env) -> dict[str, Any]:
+    # An ephemeral signing key (no key_dir): the signing cost is the same.
+    cfg["identity"] = {"assertion": {"enabled": True}}
+    return cfg
+
+
 def _c(*steps: Callable[[dict[str, Any], Env], dict[str, Any]]) -> Callable[[Env], dict[str, Any]]:
     def build(env: Env) -> dict[str, Any]:
         cfg = minimal(env)
@@ -235,6 +243,11 @@ SCENARIOS: list[Scenario] = [
         tags=("ratelimit",),
     ),
     Scenario(
+        "+ signed identity assertion (ES256 JWT per request)", "portvakt", get_plain, _c(with_assertion),
+        compare=PV_GET, modules=("gateway.identity:build_forwarder",),
+        expect_upstream_headers=("x-portvakt-assertion",), tags=("identity", "assertion"),
+    ),
+    Scenario(
         "+ audit, batch (group commit)", "portvakt", get_plain,
         _c(lambda c, e: with_audit(c, e, "batch", "batch")), compare=PV_GET, modules=AUDIT,
         expect_files=("audit-batch.jsonl",), tags=("audit",),
@@ -257,17 +270,19 @@ SCENARIOS: list[Scenario] = [
         needs=("crs",), tags=("waf",),
     ),
     Scenario(
-        "full pipeline: token + integration + WAF PL1 + Redis limiter + audit, 1 KB JSON POST", "portvakt",
+        "full pipeline: token + integration + WAF PL1 + Redis limiter + audit + assertion, 1 KB JSON POST",
+        "portvakt",
         post_fiks,
         _c(
             with_identity,
+            with_assertion,
             lambda c, e: with_waf(c, e, "builtin"),
             lambda c, e: with_rate_limit(c, e.redis_url or "", identity=True),
             lambda c, e: with_audit(c, e, "batch", "full"),
         ),
         compare=PV_POST, modules=TOKENS + RATELIMIT + WAF + AUDIT,
         expect_filters=IDENTITY_FILTERS + ("waf", "rate_limit_pre", "rate_limit"), needs=("redis",),
-        expect_files=("audit-full.jsonl",),
+        expect_files=("audit-full.jsonl",), expect_upstream_headers=("x-portvakt-assertion",),
         tags=("identity", "ratelimit", "waf", "audit"),
     ),
 ]

@@ -21,6 +21,7 @@ async def handle(request: web.BaseRequest) -> web.Response:
         "path": request.raw_path,
         "body_bytes": len(body),
         "request_id": request.headers.get("X-Request-Id"),
+        "header_names": [k.lower() for k in request.headers],
     }
     return web.Response(body=json.dumps(doc).encode(), content_type="application/json")
 
