@@ -22,7 +22,6 @@ an explicit ``now`` instead (the gateway never does).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 

@@ -18,8 +18,6 @@ from filters.ratelimit import (
     RATE_LIMITED,
     PreAuthRateLimit,
     RateLimit,
-    RateLimitConfig,
-    RateLimitRule,
     RateLimitStage,
     build_stage,
 )
@@ -667,3 +665,16 @@ async def test_closing_the_backend_answers_waiting_checks(redis_server):
         await admin.execute_command("CLIENT", "UNPAUSE")
     finally:
         await admin.aclose()
+
+
+async def test_redis_client_uses_hiredis(redis_server):
+    pytest.importorskip("hiredis")
+    stage, fs = stage_for(redis_cfg(redis_server.url), [{"per": "route", "limit": 5, "period_seconds": 60}])
+    await stage.start()
+    try:
+        pool = stage.backend.client.connection_pool
+        conn = await pool.get_connection()
+        assert type(conn._parser).__name__ == "_AsyncHiredisParser"
+        await pool.release(conn)
+    finally:
+        await stage.close()
