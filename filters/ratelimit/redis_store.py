@@ -478,9 +478,10 @@ class RedisBackend:
                         out.append(e)
                 return out
             except (RedisConnectionError, OSError):
-                # Pooled connections that died with a restarted Redis fail on first use (redis-py's
-                # pool check does not always see it): retry on another one, within the batch
-                # deadline, but only if no reply came (a script that ran is never re-run).
+                # A pooled connection that died with a restarted Redis can fail on first use:
+                # retry once on another one, within the batch deadline, and only if no reply came.
+                # Should the lost batch have run after all, its requests are counted twice: the
+                # safe direction (never more admitted than the policy allows).
                 if attempt == 2 or out:
                     raise
             finally:
