@@ -99,7 +99,7 @@ def _disposition(value: bytes) -> dict[str, bytes]:
     for m in _PARAM.finditer(value):
         v = m.group(2) if m.group(2) is not None else m.group(3)
         if m.group(2) is not None:
-            v = re.sub(rb"\\(.)", rb"\1", v)
+            v = re.sub(rb'\\(["\\])', rb"\1", v)
         out[m.group(1).lower().decode("latin-1")] = v
     return out
 

@@ -1,7 +1,7 @@
 """The SecLang engine: a Ruleset compiled once at load, a Transaction per request.
 
 ``Ruleset.load(paths, pre_text=...)`` parses SecLang, compiles every operator (RE2), interns the
-transformation pipelines and builds a hyperscan prefilter per pipeline. ``Transaction`` holds one
+transformation pipelines and builds an RE2-Set prefilter per pipeline. ``Transaction`` holds one
 request's variables and runs phases 1 and 2 the way libmodsecurity3 does:
 
 - a rule matches when any of its target values (after its transformations) matches; each
@@ -119,7 +119,7 @@ def parse_targets(text: str) -> list[VarSpec]:
                     end += 1
                 if end >= n:
                     raise ValueError(f"unterminated /regex/ selector in {text!r}")
-                key_rx = compile_rx(text[k + 1 : end].encode("latin-1"))
+                key_rx = compile_rx(b"(?i)" + text[k + 1 : end].encode("latin-1"))
                 k = end + 1
             else:
                 s = k
@@ -207,18 +207,16 @@ class Ruleset:
         self.body_access = True
         self.pipelines: dict[tuple[str, ...], Pipeline] = {}
         self.pipeline_list: list[Pipeline] = []
-        self.prefilter: dict[int, Any] = {}  # pipeline idx -> hyperscan db
+        self.prefilter: dict[int, Any] = {}  # pipeline idx -> prefilter.PipelineSet
         self.prefilter_unsafe: set[int] = set()  # pids the prefilter cannot judge (always run)
         self._pids = 0
         self.patterns: list[tuple[int, int, list[bytes], bool]] = []  # (pipeline idx, pid, srcs, caseless)
         self.empty = self.pipeline(())
-        self._pending = None
-        self._pf_key = ""
         self._ctl_memo: dict[tuple[str, str], tuple[tuple[int, ...], tuple[VarSpec, ...]]] = {}
 
     # ----- building
     @classmethod
-    def load(cls, files: Iterable[str], pre_text: str = "", post_text: str = "", prefilter: str = "sync") -> "Ruleset":
+    def load(cls, files: Iterable[str], pre_text: str = "", post_text: str = "", prefilter: str = "on") -> "Ruleset":
         rs = cls()
         directives: list[Directive] = []
         try:
@@ -235,7 +233,7 @@ class Ruleset:
         return rs
 
     @classmethod
-    def from_text(cls, text: str, path: str = "<string>", prefilter: str = "sync") -> "Ruleset":
+    def from_text(cls, text: str, path: str = "<string>", prefilter: str = "on") -> "Ruleset":
         rs = cls()
         try:
             directives = parse_text(text, path)
@@ -466,55 +464,18 @@ class Ruleset:
                 raise ValueError(f"unknown action {n!r}")
         rule.pipeline = self.pipeline(tuple(names))
 
-    def _compile_prefilter(self, mode: str = "sync") -> None:
-        """``sync``: use the disk cache or compile now; ``background``: use the cache or compile
-        in a child process while serving on RE2 alone; ``off``: RE2 only."""
-        self.prefilter_unsafe = {pid for _, pid, _, _ in self.patterns}  # until a db is ready
-        if mode == "off" or prefilter.hyperscan is None or not self.patterns:
+    def _compile_prefilter(self, mode: str = "on") -> None:
+        """``on``: one RE2 Set per pipeline (see prefilter.py); ``off``: every rule runs its RE2."""
+        self.prefilter_unsafe = {pid for _, pid, _, _ in self.patterns}
+        if mode == "off" or not self.patterns:
             return
-        key = prefilter.cache_key(self.patterns)
-        self._pf_key = key
-        cached = prefilter.load_cached(key)
-        if cached is None and mode == "sync":
-            unsafe, raw = prefilter.build(self.patterns)
-            try:
-                prefilter.save(key, unsafe, raw)
-            except OSError as e:  # pragma: no cover - read-only home
-                log.warning("cannot write the WAF prefilter cache: %s", e)
-            cached = (unsafe, {k: prefilter.load_db(v) for k, v in raw.items()})
-        if cached is not None:
-            self._install_prefilter(cached)
-            return
-        self._pending = prefilter.spawn(self.patterns, key)
-
-    def _install_prefilter(self, cached) -> None:
-        unsafe, dbs = cached
-        self.prefilter = dbs
-        self.prefilter_unsafe = set(unsafe)
-        self._pending = None
-
-    def poll_prefilter(self) -> None:
-        """Pick up a prefilter built in the background, if it has finished (cheap)."""
-        p = self._pending
-        if p is not None and p.poll() is not None:
-            cached = prefilter.load_cached(self._pf_key)
-            self._pending = None
-            if cached is not None:
-                self._install_prefilter(cached)
-            else:
-                log.warning("WAF prefilter build failed (exit %s): running on RE2 alone", p.returncode)
-
-    def wait_prefilter(self, timeout: float | None = None) -> None:
-        p = self._pending
-        if p is not None:
-            p.wait(timeout)
-            self.poll_prefilter()
+        unsafe, sets = prefilter.build(self.patterns)
+        self.prefilter = sets
+        self.prefilter_unsafe = unsafe
 
     @property
     def prefilter_state(self) -> str:
-        if self._pending is not None:
-            return "building"
-        return "ready" if self.prefilter else "off"
+        return "on" if self.prefilter else "off"
 
 
 CACHEABLE = (COLLECTIONS | SCALARS | {"XML"} | frozenset(_NAMES_OF)) - {
@@ -605,8 +566,6 @@ class Transaction:
         detection_only: bool = False,
         body_processor: str | None = None,
     ):
-        if rs._pending is not None:
-            rs.poll_prefilter()
         self.rs = rs
         self.c: dict[str, list[tuple[str, bytes]]] = {}
         self.s: dict[str, bytes] = {}
@@ -630,6 +589,7 @@ class Transaction:
         self.body = body
         self.body_processor = body_processor
         self.phase_allow = False
+        self.force_body_var = False
         self.allow_all = False
         self._set_request(method, uri, protocol, headers or [], remote_addr, unique_id)
         for k, v in (tx_vars or {}).items():
@@ -639,7 +599,7 @@ class Transaction:
     def _set_request(self, method, uri, protocol, headers, remote_addr, unique_id) -> None:
         s = self.s
         c = self.c
-        raw = uri.encode("latin-1", "replace") if isinstance(uri, str) else uri
+        raw = _b(uri)
         path_q = raw
         m = re.match(rb"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*", raw)
         if m:
@@ -654,8 +614,8 @@ class Transaction:
         i = max(fname.rfind(b"/"), fname.rfind(b"\\"))
         s["REQUEST_BASENAME"] = fname[i + 1 :] if i >= 0 else fname
         s["QUERY_STRING"] = query
-        mb = method.encode("latin-1", "replace")
-        pb = protocol.encode("latin-1", "replace")
+        mb = _b(method)
+        pb = _b(protocol)
         s["REQUEST_METHOD"] = mb
         s["REQUEST_PROTOCOL"] = pb
         s["REQUEST_LINE"] = mb + b" " + raw + b" " + pb
@@ -665,7 +625,7 @@ class Transaction:
         s["REQBODY_ERROR"] = b"0"
         s["REQBODY_PROCESSOR_ERROR"] = b"0"
         s["INBOUND_DATA_ERROR"] = b"0"
-        hdrs = [(k, v.encode("latin-1", "replace") if isinstance(v, str) else v) for k, v in headers]
+        hdrs = [(k if type(k) is str else k.decode("latin-1"), _b(v)) for k, v in headers]
         c["REQUEST_HEADERS"] = hdrs
         self.headers_lower: dict[str, bytes] = {}
         for k, v in hdrs:
@@ -709,9 +669,14 @@ class Transaction:
             self.c.pop(n, None)
         body = self.body
         s, c = self.s, self.c
-        s["REQUEST_BODY"] = body
-        s["REQUEST_BODY_LENGTH"] = str(len(body)).encode()
         proc = self.body_processor
+        # As ModSecurity: REQUEST_BODY with the URL-encoded processor, without a processor, or
+        # when ctl:forceRequestBodyVariable=On; a parsed JSON/XML/multipart body is in ARGS etc.
+        if proc in (None, "URLENCODED") or self.force_body_var:
+            s["REQUEST_BODY"] = body
+        else:
+            s.pop("REQUEST_BODY", None)
+        s["REQUEST_BODY_LENGTH"] = str(len(body)).encode()
         if not body or not proc:
             return
         ct = self.headers_lower.get("content-type", b"").decode("latin-1")
@@ -881,20 +846,13 @@ class Transaction:
             r = self._tcache[key] = p.fn(self.transform(v, p.parent))  # type: ignore[arg-type]
         return r
 
-    def candidates(self, pidx: int, v: bytes) -> set[int]:
+    def candidates(self, pidx: int, v: bytes):
+        """Pattern ids of pipeline ``pidx`` that match ``v`` (or prefilter.ALL)."""
         key = (pidx, v)
         r = self._scache.get(key)
         if r is None:
-            r = set()
-            db = self.rs.prefilter.get(pidx)
-            if db is not None:
-                add = r.add
-
-                def on_match(i, _f, _t, _fl, _ctx):
-                    add(i)
-
-                db.scan(v, match_event_handler=on_match)
-            self._scache[key] = r
+            ps = self.rs.prefilter.get(pidx)
+            r = self._scache[key] = ps.scan(v) if ps is not None else prefilter.ALL
         return r
 
     # ----- evaluation
@@ -909,13 +867,13 @@ class Transaction:
             if entry is None:
                 p = rule.pipeline
                 lst = []
-                union: set[int] = set()
+                union: Any = set()
                 for name, v in self.values(rule):
                     tv = self.transform(v, p)
                     c = self.candidates(p.idx, tv)
                     if c:
                         lst.append((name, tv, c))
-                        union |= c
+                        union = prefilter.ALL if (c is prefilter.ALL or union is prefilter.ALL) else union | c
                 entry = self._pcache[key] = (lst, union)
             if pid not in entry[1]:
                 return False
@@ -1025,8 +983,9 @@ class Transaction:
             elif k == "requestbodyprocessor":
                 self.body_processor = v.upper()
                 self.s["REQBODY_PROCESSOR"] = v.upper().encode()
-            # forceRequestBodyVariable, auditEngine, auditLogParts...: REQUEST_BODY is always
-            # populated and there is no audit log engine here.
+            elif k == "forcerequestbodyvariable":
+                self.force_body_var = v.lower() == "on"
+            # auditEngine, auditLogParts...: there is no audit log engine here.
 
     def _eval_chain(self, rule: Rule) -> bool:
         link: Rule | None = rule
@@ -1098,6 +1057,16 @@ class Transaction:
         wi = self.would_interrupt
         score = _int(self.tx.get("blocking_inbound_anomaly_score", self.tx.get("anomaly_score", b"0")))
         return Outcome(list(self.logged), wi is not None, wi[1] if wi else None, wi[0] if wi else None, score)
+
+
+def _b(v: str | bytes) -> bytes:
+    """Wire bytes of a value that aiohttp (or a JSON record) decoded as UTF-8 (surrogateescape)."""
+    if type(v) is bytes:
+        return v
+    try:
+        return v.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return v.encode("utf-8", "replace")
 
 
 def _int(v: bytes) -> int:

@@ -1,158 +1,88 @@
-"""Hyperscan prefilter: one database per transformation pipeline, holding the patterns of every
-``@rx``/``@pm`` rule that uses that pipeline.
+"""Multi-pattern prefilter: one RE2 Set per transformation pipeline, holding the patterns of
+every ``@rx``/``@pm`` rule that uses that pipeline.
 
-A scan of a transformed value says which patterns *may* match; the engine then runs RE2 only
-for those (a pattern the scan did not report cannot match: hyperscan in exact or PCRE-prefilter
-mode never under-reports). Patterns hyperscan cannot take at all, or that match the empty
-string, are marked "unsafe" and always run on RE2.
+One Set scan of a transformed value (a single lazy-DFA pass, linear in the value) says which
+patterns match; the engine then runs only those rules' RE2 (for captures and the exact match).
+The Set has RE2's own semantics, so it can never disagree with the confirming RE2 match.
 
-Compiling CRS's large patterns takes hyperscan tens of seconds, so compiled databases are cached
-on disk (``$PORTVAKT_CACHE_DIR`` or ``~/.cache/portvakt/waf``) keyed by a hash of the pattern set,
-and a gateway builds a missing cache in a child process (``python -m filters.waf.prefilter``)
-while the engine already serves on RE2 alone; the engine picks the databases up when ready.
+Why not hyperscan: it compiles CRS's large patterns in tens of seconds, and on some inputs it
+disagreed with PCRE/RE2 (CRS 942210 on a 100-byte key: no match where RE2 matches), which for a
+prefilter means a missed attack. Values longer than ``MAX_SCAN`` skip the Set (each rule then
+runs its own RE2, still linear time) so the Set's DFA cache stays small.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import pickle
-import subprocess
-import sys
-import tempfile
 
-try:
-    import hyperscan
-except ImportError:  # pragma: no cover
-    hyperscan = None
+import re2
 
 log = logging.getLogger("portvakt.waf")
 
-Pattern = tuple[int, int, list[bytes], bool]  # (pipeline idx, pattern id, sources, caseless literal)
+MAX_SCAN = 8192
+Pattern = tuple[int, int, list[bytes], bool]  # (pipeline idx, pattern id, sources, caseless literals)
 
 
-def cache_dir() -> str:
-    d = os.environ.get("PORTVAKT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "portvakt", "waf")
-    return d
+class AllPatterns:
+    """Stands for "every pattern may match" (value too long for the Set, or the Set failed)."""
+
+    __slots__ = ()
+
+    def __contains__(self, _pid: object) -> bool:
+        return True
+
+    def __bool__(self) -> bool:
+        return True
 
 
-def cache_key(patterns: list[Pattern]) -> str:
-    h = hashlib.sha256()
-    h.update(repr(getattr(hyperscan, "__version__", "hs")).encode())
-    for p in patterns:
-        h.update(repr(p).encode())
-    return h.hexdigest()[:32]
+ALL = AllPatterns()
 
 
-def _flags_for(src: bytes, base: int) -> int | None:
-    for f in (base, base | hyperscan.HS_FLAG_PREFILTER):
+class PipelineSet:
+    __slots__ = ("set", "pids")
+
+    def __init__(self, rset, pids: list[int]):
+        self.set = rset
+        self.pids = pids
+
+    def scan(self, value: bytes):
+        if len(value) > MAX_SCAN:
+            return ALL
         try:
-            db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-            db.compile(expressions=[src], ids=[0], flags=[f])
-            return f
-        except hyperscan.error:
-            continue
-    return None
+            hits = self.set.Match(value)
+        except Exception:  # pragma: no cover - DFA budget exhausted: be conservative
+            return ALL
+        pids = self.pids
+        return {pids[i] for i in hits} if hits else set()
 
 
-def build(patterns: list[Pattern]) -> tuple[set[int], dict[int, bytes]]:
-    """Compile the databases. Returns (unsafe pattern ids, pipeline idx -> serialized db)."""
+def build(patterns: list[Pattern]) -> tuple[set[int], dict[int, PipelineSet]]:
+    """Compile one Set per pipeline. Returns (pattern ids the Sets cannot judge, sets)."""
+    opts = re2.Options()
+    opts.encoding = re2.Options.Encoding.LATIN1
+    opts.max_mem = 64 << 20
     unsafe: set[int] = set()
-    out: dict[int, bytes] = {}
-    if hyperscan is None:
-        return {p[1] for p in patterns}, out
-    base = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_DOTALL | hyperscan.HS_FLAG_MULTILINE
-    by_pipe: dict[int, list[tuple[int, list[bytes], bool]]] = {}
+    building: dict[int, tuple[object, list[int]]] = {}
     for pidx, pid, srcs, caseless in patterns:
-        by_pipe.setdefault(pidx, []).append((pid, srcs, caseless))
-    for pidx, items in by_pipe.items():
-        exprs: list[bytes] = []
-        ids: list[int] = []
-        flags: list[int] = []
-        for pid, srcs, caseless in items:
-            if caseless:  # @pm phrases: escaped literals
-                for s in srcs:
-                    exprs.append(s)
-                    ids.append(pid)
-                    flags.append(base | hyperscan.HS_FLAG_CASELESS)
-                continue
-            f = _flags_for(srcs[0], base)
-            if f is None:
-                unsafe.add(pid)
-                continue
-            exprs.append(srcs[0])
-            ids.append(pid)
-            flags.append(f)
-        if not exprs:
-            continue
-        db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        entry = building.get(pidx)
+        if entry is None:
+            entry = building[pidx] = (re2.Set.SearchSet(opts), [])
+        pat = (b"(?i)(?:" + b"|".join(srcs) + b")") if caseless else (b"(?sm)" + srcs[0])
         try:
-            db.compile(expressions=exprs, ids=ids, flags=flags)
-        except hyperscan.error as e:
-            log.warning("hyperscan prefilter disabled for pipeline %d: %s", pidx, e)
-            unsafe.update(ids)
+            idx = entry[0].Add(pat)
+        except Exception:
+            unsafe.add(pid)
             continue
-        out[pidx] = hyperscan.dumpb(db)
+        if idx != len(entry[1]):  # pragma: no cover - defensive: indices must be dense
+            raise RuntimeError("RE2 Set index mismatch")
+        entry[1].append(pid)
+    out: dict[int, PipelineSet] = {}
+    for pidx, (rset, pids) in building.items():
+        if not pids:
+            continue
+        if rset.Compile() is False:  # pragma: no cover
+            log.warning("RE2 Set compile failed for pipeline %d: those rules run without prefilter", pidx)
+            unsafe.update(pids)
+            continue
+        out[pidx] = PipelineSet(rset, pids)
     return unsafe, out
-
-
-def load_db(raw: bytes):
-    db = hyperscan.loadb(raw, hyperscan.HS_MODE_BLOCK)
-    db.scratch = hyperscan.Scratch(db)
-    return db
-
-
-def load_cached(key: str) -> tuple[set[int], dict[int, object]] | None:
-    path = os.path.join(cache_dir(), key + ".hsdb")
-    try:
-        with open(path, "rb") as fh:
-            unsafe, raw = pickle.load(fh)
-        return unsafe, {k: load_db(v) for k, v in raw.items()}
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError):
-        return None
-    except Exception:  # a corrupt or foreign cache file: rebuild
-        return None
-
-
-def save(key: str, unsafe: set[int], raw: dict[int, bytes]) -> None:
-    d = cache_dir()
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        pickle.dump((unsafe, raw), fh)
-    os.replace(tmp, os.path.join(d, key + ".hsdb"))
-
-
-def build_and_save(patterns: list[Pattern], key: str) -> None:
-    unsafe, raw = build(patterns)
-    save(key, unsafe, raw)
-
-
-def spawn(patterns: list[Pattern], key: str) -> subprocess.Popen:
-    """Build the cache for ``key`` in a child process (hyperscan's compiler holds the GIL)."""
-    d = cache_dir()
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".patterns")
-    with os.fdopen(fd, "wb") as fh:
-        pickle.dump(patterns, fh)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen(
-        [sys.executable, "-m", "filters.waf.prefilter", tmp, key],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )
-
-
-if __name__ == "__main__":  # child: python -m filters.waf.prefilter PATTERNS_FILE KEY
-    src, k = sys.argv[1], sys.argv[2]
-    try:
-        with open(src, "rb") as fh:
-            pats = pickle.load(fh)
-        build_and_save(pats, k)
-    finally:
-        try:
-            os.unlink(src)
-        except OSError:
-            pass

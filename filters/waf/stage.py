@@ -111,7 +111,7 @@ def crs_files(crs_path: str) -> list[str]:
 
 
 def build_ruleset(files: list[str], setup_file: str | None, paranoia_level: int, detection_paranoia_level: int | None,
-                  anomaly_threshold: int, extra_tx: dict[str, str] | None = None, prefilter: str = "sync") -> Ruleset:
+                  anomaly_threshold: int, extra_tx: dict[str, str] | None = None, prefilter: str = "on") -> Ruleset:
     """Load (or reuse: same files, same mtimes, same settings) a compiled rule set."""
     all_files = ([setup_file] if setup_file else []) + files
     key = (_mtimes(all_files), paranoia_level, detection_paranoia_level, anomaly_threshold,
@@ -156,11 +156,11 @@ class WafEngine:
     @classmethod
     def for_crs(cls, crs_path: str, *, setup_file: str | None = None, paranoia_level: int = 1,
                 detection_paranoia_level: int | None = None, anomaly_threshold: int = 5,
-                detection_only: bool = False, wait_prefilter: bool = True, extra_tx: dict[str, str] | None = None) -> "WafEngine":
+                detection_only: bool = False, extra_tx: dict[str, str] | None = None) -> "WafEngine":
         extra = {"enforce_bodyproc_urlencoded": "1"}
         extra.update(extra_tx or {})
         rs = build_ruleset(crs_files(crs_path), setup_file, paranoia_level, detection_paranoia_level, anomaly_threshold,
-                           extra, prefilter="sync" if wait_prefilter else "background")
+                           extra)
         return cls(rs, detection_only)
 
     @classmethod
@@ -268,9 +268,6 @@ class WafStage(Stage):
                           self.cfg.on_inspection_limit, self.cfg.expose_matches_header)]
 
     def readiness(self) -> dict[str, str]:
-        st = self.engine.ruleset.prefilter_state
-        if st == "building":
-            return {"rules": "fallback: prefilter being compiled, rules run on RE2 alone"}
         return {"rules": "ok"}
 
 
