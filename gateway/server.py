@@ -190,7 +190,9 @@ class Gateway:
         ctx.status = problem.status or 500
         ctx.decision = decision
         ctx.reason = problem.log_reason
-        return problems.render(problem, ctx.request_id, ctx.response_headers or None)
+        resp = problems.render(problem, ctx.request_id, ctx.response_headers or None)
+        resp.headers["Server"] = "portvakt"  # not aiohttp's default (it names versions)
+        return resp
 
     async def _serve(self, rt: Runtime, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
         method = ctx.method

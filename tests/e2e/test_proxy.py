@@ -44,6 +44,7 @@ async def test_upstream_down_is_502_problem(shared):
         async with s.get(gw.url + "/down/x") as r:
             assert r.status == 502
             assert r.headers["Content-Type"] == "application/problem+json"
+            assert r.headers["Server"] == "portvakt"
             doc = await r.json(content_type=None)
     assert doc["reason"] == "upstream_unavailable" and doc["status"] == 502
     assert doc["type"].endswith("/upstream_unavailable") and doc["request_id"] == r.headers["X-Request-Id"]
@@ -217,3 +218,19 @@ async def test_https_client_without_tls_cannot_talk_plain_http(shared):
         raise AssertionError("TLS 1.1 handshake succeeded")
     except (ssl.SSLError, ConnectionResetError):
         pass
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent(shared):
+    gw, upstream = shared.gw, shared.up
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, ssl=gw.ssl_context(), server_hostname="localhost")
+    writer.write(b"POST /expect HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim.startswith(b"HTTP/1.1 100")
+    writer.write(b"hello")
+    await writer.drain()
+    final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert final.startswith(b"HTTP/1.1 200")
+    writer.close()
+    assert upstream.requests[-1]["body"] == b"hello"
+    assert "Expect" not in upstream.requests[-1]["headers"]
