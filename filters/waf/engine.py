@@ -625,7 +625,7 @@ class Transaction:
         s["REQBODY_ERROR"] = b"0"
         s["REQBODY_PROCESSOR_ERROR"] = b"0"
         s["INBOUND_DATA_ERROR"] = b"0"
-        hdrs = [(k if type(k) is str else k.decode("latin-1"), _b(v)) for k, v in headers]
+        hdrs = [(str(k) if isinstance(k, str) else k.decode("latin-1"), _b(v)) for k, v in headers]
         c["REQUEST_HEADERS"] = hdrs
         self.headers_lower: dict[str, bytes] = {}
         for k, v in hdrs:
@@ -1061,7 +1061,7 @@ class Transaction:
 
 def _b(v: str | bytes) -> bytes:
     """Wire bytes of a value that aiohttp (or a JSON record) decoded as UTF-8 (surrogateescape)."""
-    if type(v) is bytes:
+    if isinstance(v, bytes):
         return v
     try:
         return v.encode("utf-8", "surrogateescape")

@@ -1,0 +1,43 @@
+import pytest
+
+from filters.waf import transforms as T
+
+CASES = [
+    ("none", b"AbC", b"AbC"),
+    ("lowercase", b"AbC\xc3\x85", b"abc\xc3\x85"),
+    ("urlDecode", b"a%20b+c%2", b"a b c%2"),
+    ("urlDecodeUni", b"%u0041%27+%uff1c", b"A' <"),
+    ("urlDecodeUni", b"%zz%4", b"%zz%4"),
+    ("jsDecode", b"\\x41\\u0042\\103\\n\\'", b"ABC\n'"),
+    ("jsDecode", b"\\uff1cscript", b"<script"),
+    ("htmlEntityDecode", b"&lt;a&#x41;&#66;&quot;&nbsp&amp;", b"<aAB\"\xa0&"),
+    ("utf8toUnicode", "å<".encode(), b"%u00e5<"),
+    ("removeNulls", b"a\x00b", b"ab"),
+    ("cssDecode", b"\\3c script\\\nx\\x", b"<scriptxx"),
+    ("cmdLine", b"C^at\" /ET'C/pa\\sswd ;  ,ls (x)", b"cat/etc/passwd ls(x)"),
+    ("removeWhitespace", b" a\tb\n\xa0c ", b"abc"),
+    ("replaceComments", b"sel/*x*/ect /* open", b"sel ect  "),
+    ("normalizePath", b"/a/./b/../../../c//d/", b"/c/d/"),
+    ("normalizePathWin", b"c:\\a\\..\\b", b"c:/b"),
+    ("escapeSeqDecode", b"\\x41\\101\\t\\q", b"AA\t\\q"),
+    ("compressWhitespace", b"a \t\n b\xa0\xa0c", b"a b c"),
+    ("base64Decode", b"aGVsbG8=", b"hello"),
+    ("base64Decode", b"aGVsbG8!!!", b"hello"),
+    ("length", b"abcd", b"4"),
+    ("hexEncode", b"\x01A", b"0141"),
+    ("sha1", b"abc", bytes.fromhex("a9993e364706816aba3e25717850c26c9cd0d89d")),
+    ("removeCommentsChar", b"a/*b*/c--d#e", b"abcde"),
+    ("trim", b" \ta b\n", b"a b"),
+    ("md5", b"", bytes.fromhex("d41d8cd98f00b204e9800998ecf8427e")),
+]
+
+
+@pytest.mark.parametrize("name,inp,out", CASES)
+def test_transform(name, inp, out):
+    assert T.get(name)(inp) == out
+
+
+def test_names_are_case_insensitive():
+    assert T.get("base64decode") is T.get("base64Decode")
+    with pytest.raises(KeyError):
+        T.get("nope")
