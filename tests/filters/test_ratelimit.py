@@ -654,7 +654,7 @@ async def test_closing_the_backend_answers_waiting_checks(redis_server):
     await stage.start()
     admin = redis_server.client()
     try:
-        await admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+        await admin.execute_command("CLIENT", "PAUSE", "1200", "ALL")
         c = ctx()
         task = asyncio.create_task(fs["rate_limit"].check(c))
         await asyncio.sleep(0.2)  # the batch is on the wire, held by the paused server
