@@ -165,3 +165,26 @@ async def test_broken_certificate_on_reload_keeps_the_old_one(start_gateway, ups
     async with gw.session() as s:
         async with s.get(gw.url + "/still") as r:
             assert r.status == 200
+
+
+def _get_with_session(port: int, ctx: ssl.SSLContext, session=None):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+            tls.sendall(b"GET /resume HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            return data, tls.session, tls.session_reused
+
+
+async def test_tls_sessions_resume(shared):
+    # Session tickets are on, also through the listener's context swap (SNI callback).
+    gw = shared.gw
+    ctx = gw.ssl_context()
+    loop = asyncio.get_running_loop()
+    first, session, reused = await loop.run_in_executor(None, _get_with_session, gw.port, ctx, None)
+    assert first.startswith(b"HTTP/1.1 200") and not reused and session is not None
+    second, _, reused = await loop.run_in_executor(None, _get_with_session, gw.port, ctx, session)
+    assert second.startswith(b"HTTP/1.1 200") and reused
