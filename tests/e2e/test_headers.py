@@ -111,3 +111,15 @@ async def test_personal_number_in_path_is_masked_in_the_access_log(shared):
     assert "01017012345" not in out and "token=secret" not in out
     [line] = [ln for ln in gw.access_log() if ln["request_id"] == rid]
     assert line["path"] == "/persons/***********/records"
+
+
+async def test_plain_http_listener_behind_a_trusted_load_balancer(start_gateway, upstream):
+    gw = await start_gateway(basic_config(upstream.url, server={"plain_http": True}, trusted_proxies=["127.0.0.1/32"]))
+    assert gw.url.startswith("http://")
+    async with gw.session() as s:
+        async with s.get(gw.url + "/lb", headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example",
+                                                  "X-Forwarded-For": "198.51.100.4"}) as r:
+            assert r.status == 200
+    seen = upstream.requests[-1]["headers"]
+    assert seen["X-Forwarded-Proto"] == "https" and seen["X-Forwarded-Host"] == "api.example"
+    assert seen["X-Forwarded-For"] == "198.51.100.4, 127.0.0.1"
