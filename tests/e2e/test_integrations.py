@@ -36,6 +36,9 @@ async def test_right_credentials_pass_with_one_argon2_run_across_50_requests(sta
             statuses.append(status)
     assert statuses == [200] * 50
     assert len(upstream.requests) == 50
+    # The password the gateway consumed never travels on to the upstream.
+    for r in upstream.requests:
+        assert not any(name.lower() == "integrasjonpassord" for name in r["headers"])
     assert await gw.metric(ARGON2, {"result": "match"}) == 1
     assert await gw.metric(ARGON2, {"result": "mismatch"}) == 0
     assert await gw.metric("portvakt_integration_credential_cache_total", {"result": "miss"}) == 1
