@@ -16,7 +16,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +63,18 @@ async def start_jwks(jwks_file: Path, host: str = JWKS_LISTEN[0], port: int = JW
     return runner
 
 
+# The demo integration's documented credential (config/demo.yaml holds only its argon2id hash).
+DEMO_INTEGRATION_ID = "7b1c9a52-0d3e-4a8f-9c61-2f5e8d4b1a07"
+DEMO_INTEGRATION_PASSWORD = "demo-passord"
+
+
 def example_call(config_path: Path, certs: Path) -> str:
-    """One curl command that works against the demo config as it stands."""
+    """One shell command that works against the demo config as it stands.
+
+    When the config has a route admitting Fiks integrations and the demo integration holds a grant
+    for that route's service, the call exercises token + integration + privilege end to end;
+    otherwise it is a plain call through the first route without an access policy.
+    """
     from gateway.config import load_config
 
     cfg = load_config(config_path)
@@ -72,13 +84,29 @@ def example_call(config_path: Path, certs: Path) -> str:
     rel = lambda p: shlex.quote(str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p))  # noqa: E731
     ca = rel(certs / "ca.pem")
     tls = f"--cacert {ca} " if scheme == "https" else ""
-    route = next((r for r in cfg.routes if not r.access), cfg.routes[0] if cfg.routes else None)
+    py = shlex.quote(os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable)
+    for route in cfg.routes:
+        rules = route.access.any_of if route.access else []
+        if not any(r.integration for r in rules) or not (route.organization_from or "").startswith("path:"):
+            continue
+        for integ in cfg.integrations:
+            if integ.id.lower() != DEMO_INTEGRATION_ID:
+                continue
+            grant = next((g for g in integ.grants if route.service in g.services), None)
+            if grant is None:
+                continue
+            path = route.organization_from[len("path:"):].replace("{organization}", grant.organization)
+            scopes = sorted({s for r in rules if r.integration for s in r.scopes}) or ["ks:fiks"]
+            return (
+                f"TOKEN=$({py} -m gateway dev-token --key {rel(certs / 'issuer-key.pem')} "
+                f"--org {integ.authorized_org} --scope {shlex.quote(' '.join(scopes))}) && "
+                f"curl -sS {tls}-H \"Authorization: Bearer $TOKEN\" "
+                f"-H 'IntegrasjonId: {integ.id}' -H 'IntegrasjonPassord: {DEMO_INTEGRATION_PASSWORD}' "
+                f"'{base}{path}saker?status=open'"
+            )
+    route = next((r for r in cfg.routes if not r.access), None)
     prefix = route.match.path_prefix.rstrip("/") if route else ""
-    cmd = f"curl -sS {tls}'{base}{prefix}/hello?name=portvakt'"
-    if route is not None and route.access:
-        cmd = f"TOKEN=$(portvakt dev-token --key {rel(certs / 'issuer-key.pem')}) && " \
-              f"curl -sS {tls}-H \"Authorization: Bearer $TOKEN\" '{base}{prefix}/hello?name=portvakt'"
-    return cmd
+    return f"curl -sS {tls}'{base}{prefix}/hello?name=portvakt'"
 
 
 def main(args: argparse.Namespace) -> int:
