@@ -329,6 +329,7 @@ class RateLimitStage(Stage):
         self._adopted = False
         self._key = pseudonym_key
         self._v6 = cfg.ipv6_prefix_length
+        self._ip_pseudonyms: dict[object, str] = {}  # client address -> pseudonym (per stage)
 
     # -- subjects --------------------------------------------------------------------------
 
@@ -340,14 +341,23 @@ class RateLimitStage(Stage):
         if per == "client_ip":
             v6 = self._v6
 
+            cache = self._ip_pseudonyms
+
             def client_ip(ctx: "RequestContext") -> str | None:
                 ip = ctx.client_ip
+                hit = cache.get(ip)
+                if hit is not None:
+                    return hit
+                key_ip = ip
                 if ip.version == 6 and v6 < 128:
                     if ip.ipv4_mapped is not None:  # type: ignore[union-attr]
-                        ip = ip.ipv4_mapped  # type: ignore[union-attr]
+                        key_ip = ip.ipv4_mapped  # type: ignore[union-attr]
                     else:
-                        ip = ipaddress.IPv6Network((ip, v6), strict=False).network_address
-                return self._pseudonym(b"ip", str(ip))
+                        key_ip = ipaddress.IPv6Network((ip, v6), strict=False).network_address
+                if len(cache) >= 65536:  # bounded: a flood of addresses only costs HMACs
+                    cache.clear()
+                out = cache[ip] = self._pseudonym(b"ip", str(key_ip))
+                return out
 
             return client_ip
         if per == "integration":

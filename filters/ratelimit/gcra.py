@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 US = 1_000_000
 
@@ -51,11 +52,11 @@ class Policy:
         return cls(limit, period, b, t, b * t, argv)
 
 
-@dataclass(slots=True, frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """The outcome of one check. ``remaining``: requests admissible right now after this one.
     ``retry_after``: seconds until this request would have been admitted (0 when allowed).
-    ``reset``: seconds until the subject's full burst is available again."""
+    ``reset``: seconds until the subject's full burst is available again. (A NamedTuple: made
+    once per check on the request path, it is several times cheaper than a frozen dataclass.)"""
 
     allowed: bool
     remaining: int
@@ -64,7 +65,7 @@ class Verdict:
 
     @classmethod
     def from_us(cls, allowed: int, remaining: int, retry_us: float, reset_us: float) -> "Verdict":
-        return cls(bool(allowed), int(remaining), retry_us / US, max(0.0, reset_us / US))
+        return cls(allowed == 1, int(remaining), retry_us / US, max(0.0, reset_us / US))
 
 
 def gcra_step(tat: int | None, now: int, interval: int, tolerance: int) -> tuple[tuple[int, int, int, int], int | None]:
