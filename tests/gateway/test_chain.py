@@ -93,3 +93,54 @@ def test_problem_body_is_rfc9457_and_generic():
 def test_unregistered_reason_is_refused():
     with pytest.raises(KeyError):
         Problem("no_such_reason_anywhere")
+
+
+class Suspending(Filter):
+    """Suspends several times before deciding: exercises the resumed path."""
+
+    name = "t_suspending"
+
+    def __init__(self, result, pauses=3):
+        self.result, self.pauses = result, pauses
+
+    async def check(self, ctx):
+        for _ in range(self.pauses):
+            await asyncio.sleep(0)
+        await asyncio.get_running_loop().run_in_executor(None, lambda: None)
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+async def test_suspending_filter_result_is_kept():
+    d = Deny(Problem(TEST_DENY))
+    assert await run_chain((Suspending(ALLOW),), make_ctx()) is None
+    assert await run_chain((Suspending(d),), make_ctx()) is d
+
+
+async def test_suspending_filter_exception_is_a_500_deny():
+    out = await run_chain((Suspending(ValueError("late bug")),), make_ctx())
+    assert out is not None and out.problem.status == 500
+
+
+async def test_cancelling_the_request_cancels_a_suspended_filter():
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    class Waits(Filter):
+        name = "t_waits"
+
+        async def check(self, ctx):
+            started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return ALLOW
+
+    task = asyncio.create_task(run_chain((Waits(),), make_ctx()))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancelled.is_set()
