@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 
 from filters.waf import bodies, prefilter, transforms
 from filters.waf.macros import Constant, Macro, value_template
-from filters.waf.operators import OperatorError, Operator, compile_rx, parse_operator
+from filters.waf.operators import OperatorError, Operator, _atoi, _Num, compile_rx, parse_operator
 from filters.waf.seclang import Action, Directive, SecLangError, parse_actions, parse_file, parse_text
 
 
@@ -143,6 +143,7 @@ class Pipeline:
     names: tuple[str, ...]
     fn: Callable[[bytes], bytes] | None  # the last step; None for the empty pipeline
     parent: "Pipeline | None"
+    plain_identity: bool = False  # every step leaves a "plain" value (see _PLAIN) unchanged
 
 
 @dataclass(slots=True)
@@ -184,7 +185,8 @@ class Rule:
     tsig: int = 0  # interned signature of (targets, exclusions): rules sharing it share values
     cacheable: bool = False  # targets only read request variables that do not change mid-phase
     excl_plan: dict = field(default_factory=dict)  # coll -> (exact lower keys, key regexes, all)
-    fast: bool = False  # prefilter decides at rule level (positive @rx/@pm, usable db)
+    fast: bool = False  # prefilter decides at rule level (positive @rx/@pm, cacheable targets)
+    tx_num: tuple | None = None  # (tx key, compare, constant) for "TX:key @lt N" style rules
 
 
 @dataclass(slots=True)
@@ -213,6 +215,8 @@ class Ruleset:
         self.patterns: list[tuple[int, int, list[bytes], bool]] = []  # (pipeline idx, pid, srcs, caseless)
         self.empty = self.pipeline(())
         self._ctl_memo: dict[tuple[str, str], tuple[tuple[int, ...], tuple[VarSpec, ...]]] = {}
+        self.key_rx_cache: dict[tuple[int, str], bool] = {}
+        self.universe: dict[int, tuple[tuple[str, frozenset[str] | None], ...]] = {}
 
     # ----- building
     @classmethod
@@ -247,7 +251,8 @@ class Ruleset:
         p = self.pipelines.get(names)
         if p is None:
             parent = self.pipeline(names[:-1]) if names else None
-            p = Pipeline(len(self.pipeline_list), names, transforms.get(names[-1]) if names else None, parent)
+            p = Pipeline(len(self.pipeline_list), names, transforms.get(names[-1]) if names else None, parent,
+                         all(n in transforms.PLAIN_IDENTITY for n in names))
             self.pipelines[names] = p
             self.pipeline_list.append(p)
         return p
@@ -338,6 +343,12 @@ class Ruleset:
                 sig = repr([(t.coll, t.key, t.key_rx and t.key_rx.pattern, t.count) for t in r.targets]) + repr(
                     [(e.coll, e.key, e.key_rx and e.key_rx.pattern) for e in r.excludes])
                 r.tsig = sigs.setdefault(sig, len(sigs))
+                r.fast = (r.pid is not None and r.cacheable and not r.op.negated and not r.multi_match)
+                t0 = r.targets[0] if len(r.targets) == 1 else None
+                if (t0 is not None and t0.coll == "TX" and t0.key is not None and not t0.count and not r.excludes
+                        and r.pipeline.fn is None and isinstance(r.op, _Num) and r.op.macro is None
+                        and not r.multi_match):
+                    r.tx_num = (t0.key, type(r.op).cmp, _atoi(r.op.arg.encode()))
                 r = r.chain
         for ph, items in self.phases.items():
             m: dict[str, list[int]] = {}
@@ -410,7 +421,10 @@ class Ruleset:
         if op.rx_source is not None:
             rule.pid = self._pids
             self._pids += 1
-            self.patterns.append((rule.pipeline.idx, rule.pid, op.rx_source, op.rx_caseless))
+            p: Pipeline | None = rule.pipeline
+            while p is not None:  # multiMatch also tests every intermediate step
+                self.patterns.append((p.idx, rule.pid, op.rx_source, op.rx_caseless))
+                p = p.parent if rule.multi_match else None
         rule.has_count_only = all(s.count for s in rule.targets)
         return rule
 
@@ -472,6 +486,24 @@ class Ruleset:
         unsafe, sets = prefilter.build(self.patterns)
         self.prefilter = sets
         self.prefilter_unsafe = unsafe
+        universe: dict[int, dict[str, set[str] | None]] = {}
+        for r0 in self._all_rules():
+            r = r0
+            while r is not None:
+                if r.pid in unsafe:
+                    r.fast = False
+                if r.fast:
+                    u = universe.setdefault(r.pipeline.idx, {})
+                    for t in r.targets:
+                        if t.key is not None and t.coll not in ("XML",) and u.get(t.coll, set()) is not None:
+                            u.setdefault(t.coll, set()).add(t.key)  # type: ignore[union-attr]
+                        else:
+                            u[t.coll] = None  # the whole collection
+                r = r.chain
+        # Per pipeline: every variable any prefiltered rule of that pipeline reads (whole
+        # collections, before exclusions): one scan of all of them rules most rules out at once.
+        self.universe = {k: tuple(sorted((c, frozenset(keys) if keys is not None else None) for c, keys in v.items()))
+                         for k, v in universe.items()}
 
     @property
     def prefilter_state(self) -> str:
@@ -495,6 +527,11 @@ def _excl_plan(excludes: list[VarSpec]) -> dict:
             all_ = True
         plan[e.coll] = (exact, rxs, all_)
     return plan
+
+
+_EMPTY: frozenset[int] = frozenset()
+# Values no decoding/normalising transformation changes (lower-case words, numbers, dotted names).
+_PLAIN = re.compile(rb"(?:[a-z0-9_][a-z0-9_.@:=]*)?\Z")
 
 
 def _id_in(rid: int, spec: str) -> bool:
@@ -586,6 +623,8 @@ class Transaction:
         self._pcache: dict[tuple[int, int], tuple[list, set[int]]] = {}
         self._kcache: dict[tuple[int, str], bool] = {}
         self._icache: dict[str, tuple[list, dict]] = {}
+        self._ucache: dict[int, Any] = {}
+        self._plain: dict[bytes, bool] = {}
         self.body = body
         self.body_processor = body_processor
         self.phase_allow = False
@@ -665,6 +704,7 @@ class Transaction:
     def _process_body(self) -> None:
         self._vcache.clear()
         self._pcache.clear()
+        self._ucache.clear()
         for n in _NAMES_OF:
             self.c.pop(n, None)
         body = self.body
@@ -804,10 +844,14 @@ class Transaction:
         return idx[1]
 
     def _key_rx(self, rx: Any, key: str) -> bool:
+        # Shared across requests (rule-set lifetime, cleared when large): key names repeat.
+        kc = self.rs.key_rx_cache
         ck = (id(rx), key)
-        r = self._kcache.get(ck)
+        r = kc.get(ck)
         if r is None:
-            r = self._kcache[ck] = rx.search(key.encode("latin-1", "replace")) is not None
+            if len(kc) > 50_000:
+                kc.clear()
+            r = kc[ck] = rx.search(key.encode("utf-8", "surrogateescape")) is not None
         return r
 
     def macro_value(self, coll: str, key: str | None) -> bytes:
@@ -838,12 +882,59 @@ class Transaction:
 
     # ----- transformation + prefilter caches
     def transform(self, v: bytes, p: Pipeline) -> bytes:
+        """``v`` through pipeline ``p``, cached per (pipeline prefix, value) for the request."""
         if p.fn is None:
             return v
-        key = (p.idx, v)
-        r = self._tcache.get(key)
-        if r is None:
-            r = self._tcache[key] = p.fn(self.transform(v, p.parent))  # type: ignore[arg-type]
+        if p.plain_identity:
+            pl = self._plain.get(v)
+            if pl is None:
+                pl = self._plain[v] = _PLAIN.match(v) is not None
+            if pl:
+                return v
+        c = self._tcache
+        r = c.get((p.idx, v))
+        if r is not None:
+            return r
+        todo = [p]
+        q = p.parent
+        r = v
+        while q is not None and q.fn is not None:
+            hit = c.get((q.idx, v))
+            if hit is not None:
+                r = hit
+                break
+            todo.append(q)
+            q = q.parent
+        for q in reversed(todo):
+            r = q.fn(r)
+            c[(q.idx, v)] = r
+        return r
+
+    def _universe(self, p: Pipeline):
+        """Candidate pattern ids for pipeline ``p`` over all variables its rules read."""
+        vals: list[bytes] = []
+        s = self.s
+        for coll, keys in self.rs.universe.get(p.idx, ()):
+            if coll in s:
+                vals.append(s[coll])
+            elif coll == "XML":
+                vals.extend(self.xml_text)
+                vals.extend(self.xml_attrs)
+            elif coll not in SCALARS:
+                items = self._collection(coll)
+                if keys is None:
+                    vals.extend(v for _, v in items)
+                elif items:
+                    idx = self._index(coll, items)
+                    for k in keys:
+                        vals.extend(v for _, v in idx.get(k, ()))
+        if not vals:
+            r: Any = _EMPTY
+        else:
+            tf = self.transform
+            buf = b"\n".join([tf(v, p) for v in vals])
+            r = self.candidates(p.idx, buf)
+        self._ucache[p.idx] = r
         return r
 
     def candidates(self, pidx: int, v: bytes):
@@ -857,27 +948,42 @@ class Transaction:
 
     # ----- evaluation
     def _eval_link(self, rule: Rule) -> bool:
-        rs = self.rs
-        pid = rule.pid
-        if (pid is not None and rule.cacheable and not rule.op.negated and not rule.multi_match
-                and pid not in rs.prefilter_unsafe and rule.pipeline.idx in rs.prefilter):
+        txn = rule.tx_num
+        if txn is not None:
+            # TX:name compared with a constant number (CRS's paranoia/threshold gates)
+            v = self.tx.get(txn[0])
+            if v is None or (txn[1](_atoi(v), txn[2]) == rule.op.negated):
+                return False
+            return self._confirm(rule, [("TX:" + txn[0], v)], check=False)
+        if rule.fast and rule.pipeline.idx in self.rs.prefilter:
+            u = self._ucache.get(rule.pipeline.idx)
+            if u is None:
+                u = self._universe(rule.pipeline)
+            if rule.pid not in u:
+                return False
             extra = self.removed_targets.get(rule.id) if self.removed_targets else None
             key = (rule.tsig, rule.pipeline.idx, id(extra) if extra else 0)
             entry = self._pcache.get(key)
             if entry is None:
                 p = rule.pipeline
-                lst = []
-                union: Any = set()
-                for name, v in self.values(rule):
-                    tv = self.transform(v, p)
-                    c = self.candidates(p.idx, tv)
-                    if c:
-                        lst.append((name, tv, c))
-                        union = prefilter.ALL if (c is prefilter.ALL or union is prefilter.ALL) else union | c
-                entry = self._pcache[key] = (lst, union)
+                tvals = [(name, self.transform(v, p)) for name, v in self.values(rule)]
+                if not tvals:
+                    entry = (tvals, _EMPTY)
+                else:
+                    # One Set scan over all values of this target set, joined by newlines: every
+                    # pattern that matches one value also matches the joined buffer (patterns run
+                    # multi-line, so ^/$ hold at value edges); extra hits are confirmed per value.
+                    buf = tvals[0][1] if len(tvals) == 1 else b"\n".join(tv for _, tv in tvals)
+                    entry = (tvals, self.candidates(p.idx, buf))
+                self._pcache[key] = entry
+            pid = rule.pid
             if pid not in entry[1]:
                 return False
-            return self._confirm(rule, [(n, tv) for n, tv, c in entry[0] if pid in c])
+            tvals = entry[0]
+            if len(tvals) > 1:  # which values: per-value scans (cached, shared by all rules)
+                pidx = rule.pipeline.idx
+                tvals = [nt for nt in tvals if pid in self.candidates(pidx, nt[1])]
+            return self._confirm(rule, tvals)
         vals = self.values(rule)
         if not vals:
             return False
@@ -889,13 +995,21 @@ class Transaction:
         new_matches: list[tuple[str, bytes]] = []
         for name, v in vals:
             if rule.multi_match:
+                # the operator runs after every transformation step (and on the raw value)
                 steps = []
                 p = rule.pipeline
                 while p is not None:
-                    steps.append(self.transform(v, p))
+                    steps.append((p, self.transform(v, p)))
                     p = p.parent
                 res = False
-                for tv in dict.fromkeys(reversed(steps)):
+                seen: set[bytes] = set()
+                pf = self.rs.prefilter
+                for p, tv in reversed(steps):
+                    if tv in seen:
+                        continue
+                    seen.add(tv)
+                    if use_pf and not neg and p.idx in pf and pid not in self.candidates(p.idx, tv):
+                        continue
                     if op.match(self, tv, rule.capture) != neg:
                         res = True
                         break
@@ -922,13 +1036,13 @@ class Transaction:
             self.matched_vars = new_matches
         return matched
 
-    def _confirm(self, rule: Rule, tvals: list[tuple[str, bytes]]) -> bool:
-        """Run a prefiltered rule's operator on the (already transformed) candidate values."""
+    def _confirm(self, rule: Rule, tvals: list[tuple[str, bytes]], check: bool = True) -> bool:
+        """Run a rule's operator on (already transformed) candidate values; act on matches."""
         op = rule.op
         matched = False
         new_matches: list[tuple[str, bytes]] = []
         for name, tv in tvals:
-            if not op.match(self, tv, rule.capture):
+            if check and not op.match(self, tv, rule.capture):
                 continue
             matched = True
             new_matches.append((name, tv))
@@ -1012,9 +1126,11 @@ class Transaction:
                 return
             if r.id in removed or (self.removed_tags and self.removed_tags.intersection(r.tags)):
                 continue
-            if r.has_count_only or r.targets:
-                pass
-            if not self._eval_chain(r):
+            if r.chain is None:
+                self.matched_vars = []
+                if not self._eval_link(r):
+                    continue
+            elif not self._eval_chain(r):
                 continue
             self._rule = r
             if r.log:

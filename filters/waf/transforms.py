@@ -378,6 +378,15 @@ FUNCTIONS = {
 }
 
 
+# Transformations that leave a value matching engine._PLAIN (``[a-z0-9_][a-z0-9_.@:=]*``) unchanged.
+PLAIN_IDENTITY = frozenset({
+    "none", "lowercase", "urldecode", "urldecodeuni", "htmlentitydecode", "jsdecode", "cssdecode",
+    "escapeseqdecode", "utf8tounicode", "removenulls", "replacenulls", "removewhitespace", "compresswhitespace",
+    "cmdline", "replacecomments", "removecomments", "removecommentschar", "normalizepath", "normalisepath",
+    "normalizepathwin", "normalisepathwin", "trim", "trimleft", "trimright",
+})
+
+
 def get(name: str):
     """The transformation called ``name`` (case-insensitive). Raises KeyError."""
     return FUNCTIONS[name.lower()]
