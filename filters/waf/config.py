@@ -25,9 +25,9 @@ class WafConfig(Model):
     on_inspection_limit: Literal["reject", "inspect_partial"] = Field(
         "inspect_partial", description="A larger body: reject (413 waf_body_limit) or inspect the first bytes"
     )
-    prefilter: Literal["on", "off"] = Field(
-        "on", description="Multi-pattern prefilter (one RE2 Set per transformation pipeline): only rules "
-        "whose pattern the scan saw run their regex. off: every rule runs its regex (same results, slower)."
+    prefilter: bool = Field(
+        True, description="Multi-pattern prefilter (one RE2 Set per transformation pipeline): only rules "
+        "whose pattern the scan saw run their regex. false: every rule runs its regex (same results, slower)."
     )
     expose_matches_header: bool = Field(
         False, description="TEST ONLY (CRS conformance): add X-Portvakt-Waf-Matches with the matched rule ids"

@@ -55,23 +55,6 @@ def shared_dir() -> str | None:
     return d if os.path.isdir(os.path.join(d, "waf")) else None
 
 
-def setup_text(paranoia_level: int, detection_paranoia_level: int | None, anomaly_threshold: int,
-               detection_only: bool, extra_tx: dict[str, str] | None = None) -> str:
-    """SecLang equivalent of crs-setup.conf's settings, from the gateway config."""
-    dpl = max(detection_paranoia_level or paranoia_level, paranoia_level)
-    tx = {
-        "blocking_paranoia_level": str(paranoia_level),
-        "detection_paranoia_level": str(dpl),
-        "inbound_anomaly_score_threshold": str(anomaly_threshold),
-        "crs_setup_version": "4290",
-    }
-    tx.update(extra_tx or {})
-    setvars = ",".join(f"setvar:'tx.{k}={v}'" for k, v in tx.items())
-    lines = [f"SecRuleEngine {'DetectionOnly' if detection_only else 'On'}"]
-    # Without a setup file, ModSecurity's recommended defaults: log, pass (CRS scores, 949110 denies).
-    return "\n".join(lines) + "\n"
-
-
 def config_actions(paranoia_level: int, detection_paranoia_level: int | None, anomaly_threshold: int,
                    extra_tx: dict[str, str] | None = None) -> str:
     dpl = max(detection_paranoia_level or paranoia_level, paranoia_level)
@@ -115,7 +98,7 @@ def build_ruleset(files: list[str], setup_file: str | None, paranoia_level: int,
     """Load (or reuse: same files, same mtimes, same settings) a compiled rule set."""
     all_files = ([setup_file] if setup_file else []) + files
     key = (_mtimes(all_files), paranoia_level, detection_paranoia_level, anomaly_threshold,
-           tuple(sorted((extra_tx or {}).items())))
+           tuple(sorted((extra_tx or {}).items())), prefilter)
     with _CACHE_LOCK:
         rs = _CACHE.get(key)
         if rs is not None:
@@ -281,12 +264,12 @@ def build_stage(env: BuildEnv) -> Stage | None:
         crs_path = env.config.resolve_path(cfg.crs_path)
         setup = env.config.resolve_path(cfg.crs_setup) if cfg.crs_setup else None
         rs = build_ruleset(crs_files(crs_path), setup, cfg.paranoia_level, cfg.detection_paranoia_level,
-                           cfg.anomaly_threshold, prefilter=cfg.prefilter)
+                           cfg.anomaly_threshold, prefilter="on" if cfg.prefilter else "off")
         source = f"crs:{crs_path}"
     else:
         files = sorted(glob.glob(os.path.join(BUILTIN_DIR, "*.conf")))
         rs = build_ruleset(files, None, cfg.paranoia_level, cfg.detection_paranoia_level, cfg.anomaly_threshold,
-                           prefilter=cfg.prefilter)
+                           prefilter="on" if cfg.prefilter else "off")
         source = "builtin"
     log.info("WAF rules loaded: %s, %d rules, prefilter %s", source, len(rs.by_id), rs.prefilter_state)
     return WafStage(cfg, WafEngine(rs), source)
