@@ -146,9 +146,7 @@ class GatewayRunner:
         raw = f"{method} {uri} {protocol}".encode("utf-8", "surrogateescape") + b"\r\n"
         for k, v in headers:
             raw += f"{k}: {v}".encode("utf-8", "surrogateescape") + b"\r\n"
-        if not any(k.lower() == "connection" for k, _ in headers):
-            raw += b"Connection: close\r\n"
-        raw += b"\r\n" + body
+        raw += b"\r\n" + body  # verbatim; the socket is closed once the response head is read
         data = b""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=10) as so:
