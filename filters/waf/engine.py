@@ -701,15 +701,19 @@ class Transaction:
         s["ARGS_COMBINED_SIZE"] = str(sum(len(k) + len(v) for k, v in args_get)).encode()
         s["REQUEST_HEADERS_LENGTH"] = str(sum(len(k) + len(v) for k, v in hdrs)).encode()
 
-    def _process_body(self) -> None:
+    def _clear_caches(self) -> None:
+        """Variables changed: drop the per-request value/prefilter caches (not transformations)."""
         self._vcache.clear()
         self._pcache.clear()
         self._ucache.clear()
         for n in _NAMES_OF:
             self.c.pop(n, None)
+
+    def _process_body(self) -> None:
         body = self.body
         s, c = self.s, self.c
         proc = self.body_processor
+        before = s.get("REQUEST_BODY")
         # As ModSecurity: REQUEST_BODY with the URL-encoded processor, without a processor, or
         # when ctl:forceRequestBodyVariable=On; a parsed JSON/XML/multipart body is in ARGS etc.
         if proc in (None, "URLENCODED") or self.force_body_var:
@@ -718,7 +722,10 @@ class Transaction:
             s.pop("REQUEST_BODY", None)
         s["REQUEST_BODY_LENGTH"] = str(len(body)).encode()
         if not body or not proc:
+            if body or s.get("REQUEST_BODY") != before:
+                self._clear_caches()
             return
+        self._clear_caches()
         ct = self.headers_lower.get("content-type", b"").decode("latin-1")
         if proc == "URLENCODED":
             res = bodies.urlencoded(body)
