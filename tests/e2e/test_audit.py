@@ -234,3 +234,49 @@ async def test_no_clear_text_person_number_anywhere(start_gateway, upstream, iss
     revealed = list(reveal(trail(tmp_path), auditor, {ids[0]}))
     assert {r["pid"] for r in revealed} == {TEST_PID}
     assert os.path.exists(str(tmp_path / "audit" / "audit.jsonl.head"))
+
+
+async def test_full_disk_in_strict_mode_denies_503_and_recovers(start_gateway, upstream, issuer, tmp_path):
+    """A real write failure: RLIMIT_FSIZE on the running gateway makes the audit file's next
+    write fail with EFBIG, as a full disk would (Python ignores SIGXFSZ)."""
+    import resource
+
+    cfg = config(upstream.url, issuer, tmp_path, durability="strict")
+    # A trail bigger than anything else the gateway writes (its log), so only the audit file hits
+    # the limit.
+    from tests.gateway.helpers_audit import make_config as unit_config, make_ctx
+
+    pre = build_audit(BuildEnv(config=unit_config(audit=cfg["audit"]), base_dir=".", secrets={}))
+    await pre.start()
+    for i in range(1500):
+        ctx = make_ctx(pre.config, request_id=f"pre-{i}")
+        ctx.status, ctx.decision = 200, "allow"
+        pre.record(ctx)
+    await pre.close()
+    gw = await start_gateway(cfg)
+    assert (await get(gw, "/open/before"))[0] == 200
+    size = os.path.getsize(trail(tmp_path)[-1])
+    resource.prlimit(gw.pid, resource.RLIMIT_FSIZE, (size + 64, resource.RLIM_INFINITY))
+    upstream.clear()
+    status, _, doc = await get(gw, "/open/refused")
+    assert status == 503 and doc["reason"] == "audit_unavailable"
+    assert upstream.requests == []  # nothing forwarded unaudited
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gw.admin_url + "/readyz") as r:
+            assert r.status == 503
+            assert "down" in json.dumps(await r.json(content_type=None))
+    assert await gw.metric("portvakt_audit_write_errors_total", {"sink": "file"}) >= 1
+    assert await gw.metric("portvakt_audit_records_total", {"sink": "file", "result": "failed"}) >= 1
+    resource.prlimit(gw.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    for _ in range(100):  # the writer retries; readiness comes back
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.admin_url + "/readyz") as r:
+                if r.status == 200:
+                    break
+        await asyncio.sleep(0.1)
+    assert (await get(gw, "/open/after"))[0] == 200
+    assert await gw.stop_async() == 0
+    reqs = {r["request_id"]: r for r in records(tmp_path) if r["type"] == "request"}
+    refused = [r for r in reqs.values() if r.get("path") == "/open/refused"]
+    assert [(r["status"], r["reason"]) for r in refused] == [(503, "audit_write_failed")]
+    verify(trail(tmp_path), KEY.encode())
