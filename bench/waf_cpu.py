@@ -71,10 +71,21 @@ def measure(engine: WafEngine, n: int) -> tuple[float, float]:
     return out[0], out[1]
 
 
+def calibration() -> float:
+    """CPU seconds of a fixed pure-Python loop: this machine's speed right now (a quiet modern
+    x86 core does it in about 0.10 s; a loaded shared one takes several times that)."""
+    t = time.process_time()
+    x = 0
+    for i in range(3_000_000):
+        x += i
+    return time.process_time() - t
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000)
     args = ap.parse_args()
+    print(f"calibration: 3M-iteration Python loop = {calibration():.2f} s CPU")
     print(f"{'rules':10} {'GET ms':>8} {'1KB JSON POST ms':>17}")
     g, p = measure(WafEngine.builtin(paranoia_level=1), args.n)
     print(f"{'builtin':10} {g:8.3f} {p:17.3f}")

@@ -187,6 +187,7 @@ class Rule:
     excl_plan: dict = field(default_factory=dict)  # coll -> (exact lower keys, key regexes, all)
     fast: bool = False  # prefilter decides at rule level (positive @rx/@pm, cacheable targets)
     tx_num: tuple | None = None  # (tx key, compare, constant) for "TX:key @lt N" style rules
+    mm_pipes: tuple = ()  # multiMatch: every step's pipeline, when each has a prefilter Set
 
 
 @dataclass(slots=True)
@@ -492,8 +493,21 @@ class Ruleset:
             while r is not None:
                 if r.pid in unsafe:
                     r.fast = False
+                pipes: list[Pipeline] = []
                 if r.fast:
-                    u = universe.setdefault(r.pipeline.idx, {})
+                    pipes = [r.pipeline]
+                elif (r.multi_match and r.pid is not None and r.pid not in unsafe and r.cacheable
+                      and not r.op.negated):
+                    q: Pipeline | None = r.pipeline
+                    while q is not None:
+                        pipes.append(q)
+                        q = q.parent
+                    if all(q.idx in sets for q in pipes):
+                        r.mm_pipes = tuple(pipes)
+                    else:
+                        pipes = []
+                for q in pipes:
+                    u = universe.setdefault(q.idx, {})
                     for t in r.targets:
                         if t.key is not None and t.coll not in ("XML",) and u.get(t.coll, set()) is not None:
                             u.setdefault(t.coll, set()).add(t.key)  # type: ignore[union-attr]
@@ -991,6 +1005,18 @@ class Transaction:
                 pidx = rule.pipeline.idx
                 tvals = [nt for nt in tvals if pid in self.candidates(pidx, nt[1])]
             return self._confirm(rule, tvals)
+        hot = None
+        if rule.mm_pipes:
+            # multiMatch: only steps whose universe scan saw the pattern can match
+            hot = set()
+            for q in rule.mm_pipes:
+                u = self._ucache.get(q.idx)
+                if u is None:
+                    u = self._universe(q)
+                if rule.pid in u:
+                    hot.add(q.idx)
+            if not hot:
+                return False
         vals = self.values(rule)
         if not vals:
             return False
@@ -1012,6 +1038,8 @@ class Transaction:
                 seen: set[bytes] = set()
                 pf = self.rs.prefilter
                 for p, tv in reversed(steps):
+                    if hot is not None and p.idx not in hot:
+                        continue
                     if tv in seen:
                         continue
                     seen.add(tv)
