@@ -54,18 +54,37 @@ def body_1k() -> bytes:
     return b
 
 
-def measure(engine: WafEngine, n: int) -> tuple[float, float]:
-    body = body_1k()
-    post_headers = HEADERS + [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-    get = dict(method="GET", uri="/api/v1/saker/2024-1234/dokumenter?side=2&antall=50", headers=HEADERS)
-    post = dict(method="POST", uri="/api/v1/saker", headers=post_headers, body=body)
+def requests(n: int, kind: str) -> list[dict]:
+    """n distinct requests: the path, query values, session cookie and JSON values change per
+    request (so per-value caches cannot serve them from the previous one); the client's fixed
+    headers (User-Agent, Accept...) stay, as they do for one real client."""
     out = []
-    for req in (get, post):
-        for _ in range(50):
+    for i in range(n):
+        headers = [(k, v.replace("abc123def456", f"s{i:08d}x")) for k, v in HEADERS]
+        if kind == "get":
+            out.append(dict(method="GET", uri=f"/api/v1/saker/2024-{i}/dokumenter?side={i % 7}&antall={i % 50}&q=sak{i}",
+                            headers=headers))
+        else:
+            doc = json.loads(body_1k())
+            doc["saksnummer"] = f"2024/{i}"
+            doc["avsender"]["navn"] = f"Kari Nordmann {i}"
+            doc["beskrivelse"] = doc["beskrivelse"] + f" Ref {i}."
+            doc["dokumenter"][0]["storrelse"] = i
+            body = json.dumps(doc, ensure_ascii=False).encode()
+            out.append(dict(method="POST", uri=f"/api/v1/saker?v={i}", body=body,
+                            headers=headers + [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]))
+    return out
+
+
+def measure(engine: WafEngine, n: int) -> tuple[float, float]:
+    out = []
+    for kind in ("get", "post"):
+        reqs = requests(n + 50, kind)
+        for req in reqs[:50]:
             r = engine.inspect(**req)
-        assert not r.interrupted, r
+            assert not r.interrupted, r
         t = time.process_time()
-        for _ in range(n):
+        for req in reqs[50:]:
             engine.inspect(**req)
         out.append((time.process_time() - t) / n * 1000)
     return out[0], out[1]

@@ -217,6 +217,9 @@ class Ruleset:
         self.empty = self.pipeline(())
         self._ctl_memo: dict[tuple[str, str], tuple[tuple[int, ...], tuple[VarSpec, ...]]] = {}
         self.key_rx_cache: dict[tuple[int, str], bool] = {}
+        self.tcache: dict[tuple[int, bytes], bytes] = {}
+        self.scache: dict[tuple[int, bytes], Any] = {}
+        self.plain_cache: dict[bytes, bool] = {}
         self.universe: dict[int, tuple[tuple[str, frozenset[str] | None], ...]] = {}
 
     # ----- building
@@ -357,6 +360,18 @@ class Ruleset:
                 if type(it) is Marker:
                     m.setdefault(it.name, []).append(i)
             self.markers[ph] = m
+
+    CACHE_ENTRIES = 10_000
+    SHARED_MAX = 1024  # bytes: larger values are cached for their own request only
+
+    def trim_caches(self) -> None:
+        """Bound the shared value caches (cheap length checks per request)."""
+        if len(self.tcache) > self.CACHE_ENTRIES:
+            self.tcache.clear()
+        if len(self.scache) > self.CACHE_ENTRIES:
+            self.scache.clear()
+        if len(self.plain_cache) > self.CACHE_ENTRIES:
+            self.plain_cache.clear()
 
     def ctl_targets(self, kind: str, value: str) -> tuple[tuple[int, ...], tuple[VarSpec, ...]]:
         """Resolve ``ctl:ruleRemoveTarget{ById,ByTag}=sel;TARGETS`` once per rule set (memoised)."""
@@ -631,14 +646,21 @@ class Transaction:
         self.engine = "DetectionOnly" if detection_only else rs.engine_mode
         self.interrupted = False
         self.would_interrupt: tuple[int, int] | None = None
-        self._tcache: dict[tuple[int, bytes], bytes] = {}
-        self._scache: dict[tuple[int, bytes], set[int]] = {}
+        # Transformation, Set-scan and plain-value results are pure functions of (pipeline, value):
+        # they live on the rule set, shared by consecutive requests (header values, cookie names
+        # and argument names repeat), bounded by clearing when large. Inspection is synchronous,
+        # so no other request touches them meanwhile.
+        rs.trim_caches()
+        self._tcache = rs.tcache
+        self._scache = rs.scache
+        self._tbig: dict[tuple[int, bytes], bytes] = {}  # values over SHARED_MAX: this request only
+        self._sbig: dict[tuple[int, bytes], Any] = {}
         self._vcache: dict[int, list[tuple[str, bytes]]] = {}
         self._pcache: dict[tuple[int, int], tuple[list, set[int]]] = {}
         self._kcache: dict[tuple[int, str], bool] = {}
         self._icache: dict[str, tuple[list, dict]] = {}
         self._ucache: dict[int, Any] = {}
-        self._plain: dict[bytes, bool] = {}
+        self._plain = rs.plain_cache
         self.body = body
         self.body_processor = body_processor
         self.phase_allow = False
@@ -909,10 +931,12 @@ class Transaction:
         if p.plain_identity:
             pl = self._plain.get(v)
             if pl is None:
-                pl = self._plain[v] = _PLAIN.match(v) is not None
+                pl = _PLAIN.match(v) is not None
+                if len(v) <= 1024:
+                    self._plain[v] = pl
             if pl:
                 return v
-        c = self._tcache
+        c = self._tcache if len(v) <= 1024 else self._tbig
         r = c.get((p.idx, v))
         if r is not None:
             return r
@@ -961,10 +985,11 @@ class Transaction:
     def candidates(self, pidx: int, v: bytes):
         """Pattern ids of pipeline ``pidx`` that match ``v`` (or prefilter.ALL)."""
         key = (pidx, v)
-        r = self._scache.get(key)
+        sc = self._scache if len(v) <= 1024 else self._sbig
+        r = sc.get(key)
         if r is None:
             ps = self.rs.prefilter.get(pidx)
-            r = self._scache[key] = ps.scan(v) if ps is not None else prefilter.ALL
+            r = sc[key] = ps.scan(v) if ps is not None else prefilter.ALL
         return r
 
     # ----- evaluation
