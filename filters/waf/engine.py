@@ -349,10 +349,10 @@ class Ruleset:
                 r.tsig = sigs.setdefault(sig, len(sigs))
                 r.fast = (r.pid is not None and r.cacheable and not r.op.negated and not r.multi_match)
                 t0 = r.targets[0] if len(r.targets) == 1 else None
-                if (t0 is not None and t0.coll == "TX" and t0.key is not None and not t0.count and not r.excludes
+                if (t0 is not None and t0.coll == "TX" and t0.key is not None and not r.excludes
                         and r.pipeline.fn is None and isinstance(r.op, _Num) and r.op.macro is None
                         and not r.multi_match):
-                    r.tx_num = (t0.key, type(r.op).cmp, _atoi(r.op.arg.encode()))
+                    r.tx_num = (t0.key, type(r.op).cmp, _atoi(r.op.arg.encode()), t0.count)
                 r = r.chain
         for ph, items in self.phases.items():
             m: dict[str, list[int]] = {}
@@ -660,6 +660,7 @@ class Transaction:
         self._kcache: dict[tuple[int, str], bool] = {}
         self._icache: dict[str, tuple[list, dict]] = {}
         self._ucache: dict[int, Any] = {}
+        self._uvals: dict[tuple, list[bytes]] = {}
         self._plain = rs.plain_cache
         self.body = body
         self.body_processor = body_processor
@@ -742,6 +743,7 @@ class Transaction:
         self._vcache.clear()
         self._pcache.clear()
         self._ucache.clear()
+        self._uvals.clear()
         for n in _NAMES_OF:
             self.c.pop(n, None)
 
@@ -957,9 +959,23 @@ class Transaction:
 
     def _universe(self, p: Pipeline):
         """Candidate pattern ids for pipeline ``p`` over all variables its rules read."""
+        spec = self.rs.universe.get(p.idx, ())
+        vals = self._uvals.get(spec)
+        if vals is None:
+            vals = self._uvals[spec] = self._universe_values(spec)
+        if not vals:
+            r: Any = _EMPTY
+        else:
+            tf = self.transform
+            buf = b"\n".join([tf(v, p) for v in vals])
+            r = self.candidates(p.idx, buf)
+        self._ucache[p.idx] = r
+        return r
+
+    def _universe_values(self, spec: tuple) -> list[bytes]:
         vals: list[bytes] = []
         s = self.s
-        for coll, keys in self.rs.universe.get(p.idx, ()):
+        for coll, keys in spec:
             if coll in s:
                 vals.append(s[coll])
             elif coll == "XML":
@@ -973,14 +989,7 @@ class Transaction:
                     idx = self._index(coll, items)
                     for k in keys:
                         vals.extend(v for _, v in idx.get(k, ()))
-        if not vals:
-            r: Any = _EMPTY
-        else:
-            tf = self.transform
-            buf = b"\n".join([tf(v, p) for v in vals])
-            r = self.candidates(p.idx, buf)
-        self._ucache[p.idx] = r
-        return r
+        return vals
 
     def candidates(self, pidx: int, v: bytes):
         """Pattern ids of pipeline ``pidx`` that match ``v`` (or prefilter.ALL)."""
@@ -998,6 +1007,11 @@ class Transaction:
         if txn is not None:
             # TX:name compared with a constant number (CRS's paranoia/threshold gates)
             v = self.tx.get(txn[0])
+            if txn[3]:  # &TX:name: 1 when set, else 0
+                v = b"1" if v is not None else b"0"
+                if txn[1](int(v), txn[2]) == rule.op.negated:
+                    return False
+                return self._confirm(rule, [("TX", v)], check=False)
             if v is None or (txn[1](_atoi(v), txn[2]) == rule.op.negated):
                 return False
             return self._confirm(rule, [("TX:" + txn[0], v)], check=False)
