@@ -128,7 +128,7 @@ def _b64url(b: bytes) -> str:
 
 def _header_value(v: str) -> str:
     """Printable ASCII passes; anything else (and '%') is percent-encoded UTF-8."""
-    if all(" " <= c <= "~" and c != "%" for c in v):
+    if v.isascii() and v.isprintable() and "%" not in v:  # printable ASCII: 0x20-0x7E
         return v
     out = []
     for c in v:
