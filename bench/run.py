@@ -100,12 +100,23 @@ class Proc:
             self.popen.wait(5)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the harness dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
 def start(name: str, cmd: list[str], work: Path, env: dict[str, str] | None = None) -> Proc:
     log = work / f"{name}.log"
     f = open(log, "wb")
     p = subprocess.Popen(
         cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(ROOT),
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )
     f.close()
     return Proc(name, p, log)
@@ -533,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install wrk; `make bench` does it as root)", file=sys.stderr)
         return 2
+    # SIGTERM/SIGHUP end the run like Ctrl-C does, so the processes it started are stopped.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(130))
     cpus = Cpus(not args.no_pin)
     if args.threads is None:
         args.threads = 1 if cpus.enabled else 2
