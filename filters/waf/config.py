@@ -25,6 +25,15 @@ class WafConfig(Model):
     on_inspection_limit: Literal["reject", "inspect_partial"] = Field(
         "inspect_partial", description="A larger body: reject (413 waf_body_limit) or inspect the first bytes"
     )
+    on_unparsable_body: Literal["inspect_raw", "reject"] = Field(
+        "inspect_raw", description="A body that does not parse as its Content-Type (invalid JSON/XML): "
+        "inspect_raw (as REQUEST_BODY and URL-encoded ARGS) or reject (400 waf_body_unparsable)"
+    )
+    max_args: int = Field(
+        1000, ge=0, description="Most arguments (query + body) inspected (ModSecurity's SecArgumentsLimit); "
+        "more are handled as on_inspection_limit says. 0: no limit (a body of thousands of arguments "
+        "costs seconds of CPU with CRS)"
+    )
     prefilter: bool = Field(
         True, description="Multi-pattern prefilter (one RE2 Set per transformation pipeline): only rules "
         "whose pattern the scan saw run their regex. false: every rule runs its regex (same results, slower)."

@@ -631,6 +631,7 @@ class Transaction:
         removed_targets: dict[int, list[VarSpec]] | None = None,
         detection_only: bool = False,
         body_processor: str | None = None,
+        max_args: int = 0,
     ):
         self.rs = rs
         self.c: dict[str, list[tuple[str, bytes]]] = {}
@@ -664,6 +665,11 @@ class Transaction:
         self._plain = rs.plain_cache
         self.body = body
         self.body_processor = body_processor
+        # SecArgumentsLimit: at most this many arguments are inspected (0: no limit); beyond,
+        # args_limit_exceeded is set and the caller decides (the gateway rejects or inspects
+        # the first ones, as for the body inspection limit).
+        self.max_args = max_args
+        self.args_limit_exceeded = False
         self.phase_allow = False
         self.force_body_var = False
         self.allow_all = False
@@ -716,6 +722,9 @@ class Transaction:
                     cookies.append((ck.strip().decode("latin-1"), cv.strip() if eq else b""))
         c["REQUEST_COOKIES"] = cookies
         args_get = bodies.parse_urlencoded(query)
+        if self.max_args and len(args_get) > self.max_args:
+            args_get = args_get[: self.max_args]
+            self.args_limit_exceeded = True
         c["ARGS_GET"] = args_get
         c["ARGS_POST"] = []
         c["ARGS"] = list(args_get)
@@ -781,8 +790,18 @@ class Transaction:
             s["REQBODY_ERROR"] = b"1"
             s["REQBODY_PROCESSOR_ERROR"] = b"1"
             s["REQBODY_ERROR_MSG"] = res.error.encode("latin-1", "replace")
-        c["ARGS_POST"] = res.args
-        c["ARGS"] = c["ARGS_GET"] + res.args
+            # Unparsed: the rules must still see the content. REQUEST_BODY, and the body read as
+            # URL-encoded into ARGS (as CRS 901350 does for unknown types), so a broken JSON or XML
+            # document cannot hide a payload from the argument rules.
+            s["REQUEST_BODY"] = body
+            if not res.args and proc in ("JSON", "XML"):
+                res.args = bodies.parse_urlencoded(body)
+        args = res.args
+        if self.max_args and len(c["ARGS_GET"]) + len(args) > self.max_args:
+            args = args[: max(0, self.max_args - len(c["ARGS_GET"]))]
+            self.args_limit_exceeded = True
+        c["ARGS_POST"] = args
+        c["ARGS"] = c["ARGS_GET"] + args
         c["FILES"] = res.files
         c["FILES_NAMES"] = res.files_names
         c["FILES_SIZES"] = res.files_sizes

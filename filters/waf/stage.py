@@ -43,6 +43,7 @@ log = logging.getLogger("portvakt.waf")
 
 WAF_BLOCKED = problems.register("waf_blocked", 403, "Request blocked by the web application firewall")
 WAF_BODY_LIMIT = problems.register("waf_body_limit", 413, "Request body larger than the WAF inspects")
+WAF_BODY_UNPARSABLE = problems.register("waf_body_unparsable", 400, "Request body does not parse as its Content-Type")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rules")
@@ -197,7 +198,7 @@ class WafFilter(Filter):
     position = POS_WAF
 
     def __init__(self, engine: WafEngine, mode: Mode, removed_ids: frozenset[int], removed_targets: dict[int, list[VarSpec]],
-                 limit: int, on_limit: str, expose: bool):
+                 limit: int, on_limit: str, expose: bool, max_args: int = 1000, on_unparsable: str = "inspect_raw"):
         self.engine = engine
         self.mode = mode
         self.removed_ids = removed_ids
@@ -205,6 +206,8 @@ class WafFilter(Filter):
         self.body_inspection_bytes = limit
         self.on_limit = on_limit
         self.expose = expose
+        self.max_args = max_args
+        self.on_unparsable = on_unparsable
         self.detection_only = mode is Mode.detect
 
     async def check(self, ctx: "RequestContext") -> Decision:
@@ -222,16 +225,32 @@ class WafFilter(Filter):
         tx = Transaction(
             self.engine.ruleset, method=ctx.method, uri=uri, protocol=protocol, headers=list(ctx.headers.items()),
             body=body, remote_addr=str(ctx.client_ip), unique_id=ctx.request_id, removed_ids=self.removed_ids,
-            removed_targets=self.removed_targets, detection_only=self.detection_only,
+            removed_targets=self.removed_targets, detection_only=self.detection_only, max_args=self.max_args,
         )
+        if tx.args_limit_exceeded and self.on_limit == "reject":
+            ctx.audit["waf"] = {"reason": "too_many_arguments", "limit": self.max_args}
+            return Deny(Problem(WAF_BODY_LIMIT, internal_reason="waf_args_over_limit"))
         out = tx.process_request()
-        ctx.waf = WafResult(score=out.score, matched_rule_ids=out.matched, blocked=out.interrupted and not self.detection_only)
+        if tx.args_limit_exceeded and self.on_limit == "reject":  # body arguments (parsed in phase 2)
+            ctx.audit["waf"] = {"reason": "too_many_arguments", "limit": self.max_args}
+            return Deny(Problem(WAF_BODY_LIMIT, internal_reason="waf_args_over_limit"))
+        # on_unparsable_body: reject = modsecurity.conf-recommended rule 200002 (a body that does
+        # not parse as its Content-Type is denied, 400). inspect_raw (default): the engine
+        # inspects it as REQUEST_BODY and as URL-encoded ARGS instead. A body cut at the
+        # inspection limit (inspect_partial) is expected not to parse and is never rejected here.
+        unparsable = (self.on_unparsable == "reject" and tx.s.get("REQBODY_ERROR") == b"1" and not truncated
+                      and not out.interrupted)
+        ctx.waf = WafResult(score=out.score, matched_rule_ids=out.matched,
+                            blocked=(out.interrupted or unparsable) and not self.detection_only)
         ctx.audit["waf"] = {"matched": out.matched, "score": out.score, "rule": out.rule_id, "blocked": ctx.waf.blocked,
-                            "truncated": truncated}
+                            "truncated": truncated or tx.args_limit_exceeded}
         if self.expose:
             ctx.response_headers[MATCHES_HEADER] = ",".join(str(i) for i in out.matched)
         if out.interrupted:
             return Deny(Problem(WAF_BLOCKED, internal_reason="waf_blocked"))
+        if unparsable:
+            ctx.audit["waf"] = {**ctx.audit["waf"], "reason": "body_unparsable"}
+            return Deny(Problem(WAF_BODY_UNPARSABLE, internal_reason="waf_body_unparsable"))
         return ALLOW
 
 
@@ -248,7 +267,8 @@ class WafStage(Stage):
             return []
         ids, targets = route_exclusions(self.engine.ruleset, route.waf)
         return [WafFilter(self.engine, self.cfg.mode, ids, targets, self.cfg.inspection_limit_bytes,
-                          self.cfg.on_inspection_limit, self.cfg.expose_matches_header)]
+                          self.cfg.on_inspection_limit, self.cfg.expose_matches_header, self.cfg.max_args,
+                          self.cfg.on_unparsable_body)]
 
     def readiness(self) -> dict[str, str]:
         return {"rules": "ok"}

@@ -123,3 +123,26 @@ async def test_crs_rules_from_config(tmp_path):
 def test_off_mode_builds_nothing():
     cfg = config(mode=Mode.off)
     assert build_stage(BuildEnv(config=cfg, base_dir=".", secrets={})) is None
+
+
+@pytest.mark.parametrize("on_limit", ["reject", "inspect_partial"])
+async def test_arguments_limit(on_limit):
+    f = filt(max_args=5, on_inspection_limit=on_limit)
+    body = b"&".join(b"a%d=x" % i for i in range(10)) + b"&q=%3Cscript%3Ealert(1)%3C/script%3E"
+    c = ctx("/x", "POST", {"Host": "x", "Content-Type": "application/x-www-form-urlencoded"}, body)
+    d = await f.check(c)
+    if on_limit == "reject":
+        assert type(d) is Deny and d.problem.reason == "waf_body_limit"
+    else:  # the first five arguments are inspected; the attack in the eleventh is not seen
+        assert type(d) is Allow and c.audit["waf"]["truncated"]
+
+
+async def test_unparsable_json_body_inspected_raw_or_rejected():
+    body = b'{"q": "<script>alert(1)</script>"'  # no closing brace: the JSON processor fails
+    c = ctx("/x", "POST", {"Host": "x", "Content-Type": "application/json"}, body)
+    d = await filt().check(c)
+    assert type(d) is Deny and d.problem.reason == "waf_blocked"  # seen through the raw fallback
+    c = ctx("/x", "POST", {"Host": "x", "Content-Type": "application/json"}, b'{"a": 1')
+    assert type(await filt().check(c)) is Allow
+    d = await filt(on_unparsable_body="reject").check(c)
+    assert type(d) is Deny and d.problem.reason == "waf_body_unparsable" and d.problem.status == 400
