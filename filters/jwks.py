@@ -224,6 +224,7 @@ class JwksStore:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self.fetches = 0  # attempts, successful or not (tests and readiness read it)
+        self.refs = 1  # stages sharing this store across reloads; the last one to close closes it
         self._ok_counter = JWKS_FETCHES.labels(name, "ok")
         self._err_counter = JWKS_FETCHES.labels(name, "error")
 

@@ -331,7 +331,13 @@ class TokensStage(Stage):
         self._by_iss = {rt.config.issuer: rt for rt in issuers.values()}
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self.cache_max = CACHE_MAX_ENTRIES
-        self._given_away: set[str] = set()
+        # Issuers whose key store was taken over from the previous runtime's stage (adopt), and
+        # whether start() has taken our reference on them. A store is shared by reference count
+        # (``refs``): the last stage that started with it closes it. adopt() only looks, so a
+        # reload that fails to build or start never disturbs the runtime still serving.
+        self._adopted: set[str] = set()
+        self._took_refs = False
+        self._closed = False
         modes = {rt.mode for rt in issuers.values()}
         active = modes - {Mode.off}
         if not active:
@@ -466,13 +472,25 @@ class TokensStage(Stage):
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
+        if not self._took_refs:
+            self._took_refs = True
+            for name in self._adopted:
+                store = self.issuers[name].store
+                store.refs = getattr(store, "refs", 1) + 1
         stores = [rt.store for rt in self.issuers.values() if rt.mode is not Mode.off]
         await asyncio.gather(*(s.start() for s in stores))
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for name, rt in self.issuers.items():
-            if name not in self._given_away:
-                await rt.store.close()
+            if name in self._adopted and not self._took_refs:
+                continue  # never started: the store still belongs to the previous stage alone
+            store = rt.store
+            store.refs = getattr(store, "refs", 1) - 1
+            if store.refs <= 0:
+                await store.close()
 
     def readiness(self) -> dict[str, str]:
         return {f"jwks.{name}": rt.store.readiness() for name, rt in self.issuers.items() if rt.mode is not Mode.off}
@@ -487,7 +505,7 @@ class TokensStage(Stage):
             if old is None or old.store.uri is None or old.store.source != rt.store.source:
                 continue
             rt.store = old.store
-            previous._given_away.add(name)
+            self._adopted.add(name)
             if old.config == rt.config:
                 kept[id(old)] = rt
         for digest, entry in previous._cache.items():

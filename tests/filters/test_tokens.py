@@ -615,3 +615,23 @@ async def test_detect_issuer_without_keys_records_instead_of_503(issuer):
         assert d is SKIP and [x.reason for x in ctx.detections] == ["issuer_keys_unavailable"]
     finally:
         await s.close()
+
+
+async def test_failed_reload_leaves_the_serving_stage_its_key_stores(issuer):
+    # A reload whose runtime builds but fails to start is closed again (gateway/server.py):
+    # closing that never-served stage must not close the key stores it adopted from the stage
+    # still serving, or that stage stops refreshing keys (a rotated key stays unknown).
+    old = await make_stage(issuer.issuers_config())
+    failed = await make_stage(issuer.issuers_config(), start=False)
+    failed.adopt(old)
+    await failed.start()
+    await failed.close()
+    unstarted = await make_stage(issuer.issuers_config(), start=False)
+    unstarted.adopt(old)  # a reload whose build failed later: never started, never closed
+    await unstarted.close()
+    issuer.rotate()
+    d, ctx = await run(old, issuer.mint())
+    assert d is ALLOW, ctx.audit
+    store = old.issuers["maskinporten"].store
+    await old.close()
+    assert store._closed  # the last stage holding it closes it
