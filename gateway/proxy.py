@@ -87,7 +87,7 @@ class Upstream:
         self.base = config.url  # validated without trailing slash
         self.timeout_seconds = config.timeout_seconds
         self.session: aiohttp.ClientSession | None = None
-        self.duration = metrics.UPSTREAM_DURATION.labels(name)
+        self.duration = metrics.histogram_recorder(metrics.UPSTREAM_DURATION, name)
 
     def open(self, resolve: Any) -> None:
         c = self.config

@@ -106,11 +106,11 @@ class _Labels:
         if c is None:
             if len(self.requests) > 10000:  # bounded even if something unexpected varies
                 self.requests.clear()
-            c = self.requests[key] = metrics.REQUESTS.labels(route, method, str(status), decision)
-        c.inc()
+            c = self.requests[key] = metrics.counter_value(metrics.REQUESTS.labels(route, method, str(status), decision))
+        c.inc(1)
         h = self.durations.get(route)
         if h is None:
-            h = self.durations[route] = metrics.REQUEST_DURATION.labels(route)
+            h = self.durations[route] = metrics.histogram_recorder(metrics.REQUEST_DURATION, route)
         h.observe(seconds)
 
 
