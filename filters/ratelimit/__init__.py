@@ -325,8 +325,13 @@ class RateLimitStage(Stage):
     def __init__(self, cfg: RateLimitConfig, backend: RedisBackend | MemoryBackend, pseudonym_key: bytes) -> None:
         self.cfg = cfg
         self.backend = backend
-        self._owns_backend = True
+        # The backend is shared across reloads by reference count (``refs`` on the backend):
+        # adopt() only looks, start() takes a reference on an adopted backend, and the last
+        # stage to close closes it. So a reload that fails to build or start never closes (or
+        # takes) the backend of the runtime still serving.
         self._adopted = False
+        self._took_ref = False
+        self._closed = False
         self._key = pseudonym_key
         self._v6 = cfg.ipv6_prefix_length
         self._ip_pseudonyms: dict[object, str] = {}  # client address -> pseudonym (per stage)
@@ -415,12 +420,23 @@ class RateLimitStage(Stage):
         return getattr(self.backend, "retry_after", lambda: 1.0)()
 
     async def start(self) -> None:
-        if self._owns_backend and not self._adopted:
-            await self.backend.start()
+        if self._adopted:
+            if not self._took_ref:  # already started by the previous stage: share it
+                self._took_ref = True
+                self.backend.refs = getattr(self.backend, "refs", 1) + 1
+            return
+        await self.backend.start()
 
     async def close(self) -> None:
-        if self._owns_backend:
-            await self.backend.close()
+        if self._closed:
+            return
+        self._closed = True
+        if self._adopted and not self._took_ref:
+            return  # never started: the backend still belongs to the previous stage alone
+        b = self.backend
+        b.refs = getattr(b, "refs", 1) - 1
+        if b.refs <= 0:
+            await b.close()
 
     def readiness(self) -> dict[str, str]:
         return self.backend.readiness(self.cfg.on_backend_error)
@@ -428,12 +444,11 @@ class RateLimitStage(Stage):
     def adopt(self, previous: Stage) -> None:
         """Keep the previous backend (Redis pool, breaker, local limiter state) when the backend
         settings are unchanged; the old stage then no longer closes it."""
-        if not isinstance(previous, RateLimitStage) or not previous._owns_backend:
+        if not isinstance(previous, RateLimitStage) or previous._closed:
             return
         if previous.backend.kind == self.backend.kind and previous.backend.signature == self.backend.signature:
             self.backend = previous.backend
-            previous._owns_backend = False
-            self._adopted = True  # already started: start() leaves it alone
+            self._adopted = True  # already started: start() takes a reference, nothing more
 
 
 def _count(verdicts: list[Verdict]) -> None:

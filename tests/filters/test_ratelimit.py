@@ -678,3 +678,25 @@ async def test_redis_client_uses_hiredis(redis_server):
         await pool.release(conn)
     finally:
         await stage.close()
+
+
+async def test_failed_reload_does_not_close_the_serving_stages_backend(redis_server):
+    # A reload whose runtime fails to start is closed again (gateway/server.py): closing that
+    # never-served stage must not close the Redis client of the stage still serving (its checks
+    # would all fall back), nor leave that stage unable to close it later.
+    rules = [{"per": "route", "limit": 50, "period_seconds": 60}]
+    s1, fs1 = stage_for(redis_cfg(redis_server.url), rules)
+    await s1.start()
+    failed, _ = stage_for(redis_cfg(redis_server.url), rules)
+    failed.adopt(s1)
+    await failed.start()
+    await failed.close()
+    unstarted, _ = stage_for(redis_cfg(redis_server.url), rules)
+    unstarted.adopt(s1)  # a reload whose build failed after this stage: never started
+    await unstarted.close()
+    backend = s1.backend
+    assert not backend._closed
+    c = ctx()
+    assert await fs1["rate_limit"].check(c) is ALLOW and c.rate_limit["source"] == "redis"
+    await s1.close()
+    assert backend._closed  # the last stage holding it closes it
