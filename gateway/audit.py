@@ -43,6 +43,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -275,20 +276,44 @@ class AuditSink:
         self.active = cfg.enabled and cfg.path is not None
         self.strict = self.active and cfg.durability == "strict"
         if cfg.enabled and cfg.durability == "strict" and cfg.path is None:
-            raise ValueError("audit.durability strict needs audit.path")
+            raise ValueError("audit.durability: strict needs audit.path")
         self.ephemeral_key = False
+        # Errors name the yaml path and never echo the key (it may come from ${ENV}).
         if cfg.key:
-            key = read_key_text(cfg.key)
+            try:
+                key = read_key_text(cfg.key)
+            except ValueError as e:
+                raise ValueError(f"audit.key: {e}") from None
         elif cfg.key_file:
-            with open(resolve(cfg.key_file), encoding="utf-8") as f:
-                key = read_key_text(f.read())
+            key_path = resolve(cfg.key_file)
+            try:
+                with open(key_path, encoding="utf-8") as f:
+                    key = read_key_text(f.read())
+            except OSError as e:
+                raise ValueError(f"audit.key_file: cannot read {key_path}: {e.strerror or type(e).__name__}") from None
+            except UnicodeDecodeError:
+                raise ValueError(f"audit.key_file: {key_path} is not UTF-8 text") from None
+            except ValueError as e:
+                raise ValueError(f"audit.key_file: {key_path}: {e}") from None
         else:
             shared = secrets_ if secrets_ is not None else {}
             key = shared.setdefault("audit_ephemeral_key", secrets.token_hex(32).encode())
             self.ephemeral_key = True
         self._key = key
         self.mac_key, self.pseudo_key = derive_keys(key)
-        self.sealer = Sealer.from_pem(resolve(cfg.auditor_public_key)) if cfg.auditor_public_key else None
+        self.sealer = None
+        if cfg.auditor_public_key:
+            pem_path = resolve(cfg.auditor_public_key)
+            try:
+                self.sealer = Sealer.from_pem(pem_path)
+            except OSError as e:
+                raise ValueError(
+                    f"audit.auditor_public_key: cannot read {pem_path}: {e.strerror or type(e).__name__}"
+                ) from None
+            except (ValueError, TypeError, UnsupportedAlgorithm):
+                raise ValueError(
+                    f"audit.auditor_public_key: {pem_path} is not a PEM X25519 or RSA public key"
+                ) from None
         self.file_settings = (
             FileSettings(
                 path=resolve(cfg.path),
@@ -592,6 +617,33 @@ def _scrub_facts(v: Any, key: bytes) -> Any:
     if v is None or isinstance(v, (bool, int, float)):
         return v
     return scrub(str(v), key)
+
+
+def audit_path_problems(config: "Config") -> list[str]:
+    """``yaml.path: reason`` for an audit file (or Redis spool) whose directory cannot be made or
+    written; ``portvakt check-config`` reports these before the gateway would fail to start."""
+    cfg = config.audit
+    if not cfg.enabled or not cfg.path:
+        return []
+    out: list[str] = []
+    items = [("audit.path", cfg.path)]
+    if cfg.redis is not None:
+        items.append(("audit.redis.spool_path", cfg.redis.spool_path))
+    for where, p in items:
+        full = os.path.abspath(config.resolve_path(p))
+        if os.path.isdir(full):
+            out.append(f"{where}: {full} is a directory")
+            continue
+        d = os.path.dirname(full)
+        while not os.path.exists(d) and os.path.dirname(d) != d:
+            d = os.path.dirname(d)
+        if not os.path.isdir(d):
+            out.append(f"{where}: {d} is not a directory")
+        elif not os.access(d, os.W_OK | os.X_OK) and not (
+            os.path.dirname(full) == d and os.path.exists(full) and os.access(full, os.W_OK)
+        ):
+            out.append(f"{where}: directory {d} is not writable")
+    return out
 
 
 def worker_suffix(secrets_: dict[str, Any] | None) -> str:

@@ -16,6 +16,7 @@ import asyncio
 import importlib
 import logging
 import os
+import re
 import sys
 from typing import Any, Sequence
 
@@ -106,17 +107,57 @@ def check_config(path: str) -> list[str]:
         except ValueError as e:
             problems.append(f"{path}: {e}")
 
-    async def build() -> None:
-        from gateway.runtime import build_runtime
+    from gateway.audit import audit_path_problems
 
-        rt = build_runtime(cfg, None)
-        await rt.close()
+    problems += [f"{path}: {p}" for p in audit_path_problems(cfg)]
+
+    async def build() -> None:
+        from gateway.chain import BuildEnv
+        from gateway.runtime import STAGE_MODULES, _component_builders, build_runtime
+
+        try:
+            rt = build_runtime(cfg, None)
+        except Exception as first:  # reported, never a traceback
+            first_problem = _build_problem(path, first)
+        else:
+            await rt.close()
+            return
+        # build_runtime stops at the first error: build each stage and component on its own
+        # to list every one that cannot be built.
+        env = BuildEnv(config=cfg, base_dir=os.path.dirname(os.path.abspath(path)), secrets={})
+        builders = [getattr(importlib.import_module(m), "build_stage", None) for m in STAGE_MODULES]
+        builders += list(_component_builders().values())
+        found: list[str] = []
+        for builder in builders:
+            if builder is None:
+                continue
+            try:
+                part = builder(env)
+            except Exception as e:
+                found.append(_build_problem(path, e))
+                continue
+            close = getattr(part, "close", None)
+            if close is not None:
+                await close()
+        problems.extend(found or [first_problem])
 
     try:
         asyncio.run(build())
     except Exception as e:  # reported, never a traceback
-        problems.append(f"{path}: runtime: {type(e).__name__}: {e}")
+        problems.append(_build_problem(path, e))
     return problems
+
+
+# A build error whose message starts with the yaml path it is about ("issuers.x.jwks_file: ...").
+_PATHED = re.compile(r"^[A-Za-z_][\w-]*(?:\.[\w-]+|\[\d+\])*: ")
+
+
+def _build_problem(path: str, e: BaseException) -> str:
+    """``file: yaml.path: reason`` when the error names its yaml path, else ``file: runtime: ...``."""
+    msg = str(e)
+    if isinstance(e, ValueError) and _PATHED.match(msg):
+        return f"{path}: {msg}"
+    return f"{path}: runtime: {type(e).__name__}: {msg}"
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

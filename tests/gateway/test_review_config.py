@@ -1,0 +1,66 @@
+"""Review: files referenced by the config (audit keys, JWKS files, CRLs, the audit directory) are
+reported by `portvakt check-config` as ``file: yaml.path: reason``, all at once, never echoing a
+secret."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.cli import check_config
+
+PLAIN = """\
+server: {listen: "127.0.0.1:8443", plain_http: true}
+upstreams: {demo: {url: "http://127.0.0.1:9001"}}
+routes: [{name: demo, upstream: demo}]
+"""
+
+
+def write(tmp_path: Path, extra: str) -> Path:
+    f = tmp_path / "gw.yaml"
+    f.write_text(PLAIN + extra)
+    return f
+
+
+def test_every_missing_referenced_file_is_listed_with_its_yaml_path(tmp_path):
+    f = write(tmp_path, f"""\
+audit: {{path: {tmp_path}/audit/audit.jsonl, key_file: {tmp_path}/no-such-key}}
+issuers:
+  mp: {{kind: maskinporten, issuer: "https://maskinporten.no/", jwks_file: {tmp_path}/no-such-jwks.json}}
+certificates: {{ca_file: {tmp_path}/no-such-ca.pem}}
+""")
+    problems = check_config(str(f))
+    paths = sorted(p.split(": ")[1] for p in problems)
+    assert paths == ["audit.key_file", "certificates", "issuers.mp.jwks_file"], problems
+    assert all(p.startswith(f"{f}: ") and "runtime:" not in p for p in problems), problems
+
+
+def test_short_audit_key_from_env_names_the_key_not_its_value(tmp_path, monkeypatch):
+    monkeypatch.setenv("REVIEW_AUDIT_KEY", "s3cr3t-v4lue")
+    f = write(tmp_path, f'audit: {{path: {tmp_path}/a.jsonl, key: "${{REVIEW_AUDIT_KEY}}"}}\n')
+    problems = check_config(str(f))
+    assert problems == [f"{f}: audit.key: audit key must be at least 16 characters"]
+    (tmp_path / "k").write_text("too-short\n")
+    f = write(tmp_path, f"audit: {{path: {tmp_path}/a.jsonl, key_file: {tmp_path}/k}}\n")
+    problems = check_config(str(f))
+    assert len(problems) == 1 and problems[0].startswith(f"{f}: audit.key_file: "), problems
+    assert "too-short" not in problems[0]
+
+
+def test_auditor_public_key_that_is_not_a_key(tmp_path):
+    (tmp_path / "auditor.pem").write_text("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
+    f = write(tmp_path, f'audit: {{path: {tmp_path}/a.jsonl, key: "0123456789abcdef", '
+                        f"auditor_public_key: {tmp_path}/auditor.pem}}\n")
+    assert check_config(str(f)) == [
+        f"{f}: audit.auditor_public_key: {tmp_path}/auditor.pem is not a PEM X25519 or RSA public key"
+    ]
+    f = write(tmp_path, f'audit: {{path: {tmp_path}/a.jsonl, key: "0123456789abcdef", '
+                        f"auditor_public_key: {tmp_path}/missing.pem}}\n")
+    problems = check_config(str(f))
+    assert len(problems) == 1 and problems[0].startswith(f"{f}: audit.auditor_public_key: cannot read "), problems
+
+
+def test_audit_path_under_a_regular_file(tmp_path):
+    (tmp_path / "plainfile").write_text("x")
+    f = write(tmp_path, f'audit: {{path: {tmp_path}/plainfile/audit.jsonl, key: "0123456789abcdef"}}\n')
+    problems = check_config(str(f))
+    assert problems == [f"{f}: audit.path: {tmp_path}/plainfile is not a directory"]
