@@ -188,6 +188,13 @@ class Rule:
     fast: bool = False  # prefilter decides at rule level (positive @rx/@pm, cacheable targets)
     tx_num: tuple | None = None  # (tx key, compare, constant) for "TX:key @lt N" style rules
     mm_pipes: tuple = ()  # multiMatch: every step's pipeline, when each has a prefilter Set
+    # Compiled dispatch (Ruleset._compile_program): 0 general; 1 prefilter-rejectable starter
+    # (the pipeline's universe scan decides "no match" with two lookups); 2 a pure TX gate
+    # ("TX:x @lt N", pass, nolog, skipAfter, no chain/setvar/ctl) run inline; 3 another TX
+    # compare whose no-match is decided inline.
+    kind: int = 0
+    jump: int = 0  # index in the phase program after this rule's skipAfter marker
+    gate_name: tuple = ()  # (MATCHED_VAR_NAME str, its bytes) for kind 2
 
 
 @dataclass(slots=True)
@@ -221,6 +228,7 @@ class Ruleset:
         self.scache: dict[tuple[int, bytes], Any] = {}
         self.plain_cache: dict[bytes, bool] = {}
         self.universe: dict[int, tuple[tuple[str, frozenset[str] | None], ...]] = {}
+        self.program: dict[int, list[Rule]] = {p: [] for p in range(1, 6)}
 
     # ----- building
     @classmethod
@@ -238,6 +246,7 @@ class Ruleset:
             raise WafLoadError(str(e)) from None
         rs._build(directives)
         rs._compile_prefilter(prefilter)
+        rs._compile_program()
         return rs
 
     @classmethod
@@ -249,6 +258,7 @@ class Ruleset:
             raise WafLoadError(str(e)) from None
         rs._build(directives)
         rs._compile_prefilter(prefilter)
+        rs._compile_program()
         return rs
 
     def pipeline(self, names: tuple[str, ...]) -> Pipeline:
@@ -534,6 +544,36 @@ class Ruleset:
         self.universe = {k: tuple(sorted((c, frozenset(keys) if keys is not None else None) for c, keys in v.items()))
                          for k, v in universe.items()}
 
+    def _compile_program(self) -> None:
+        """Per phase: the starters without markers, each skipAfter resolved to a program index,
+        and each rule's dispatch kind (see ``Rule.kind``). Same order and jumps as the items list."""
+        for ph, items in self.phases.items():
+            prog = [it for it in items if type(it) is Rule]
+            before = [0] * (len(items) + 1)  # rules among items[:k]
+            for k, it in enumerate(items):
+                before[k + 1] = before[k] + (type(it) is Rule)
+            markers = self.markers.get(ph, {})
+            for k, r in enumerate(items):
+                if type(r) is not Rule:
+                    continue
+                r.jump = len(prog)
+                if r.skip_after:
+                    pos = markers.get(r.skip_after)
+                    if pos:
+                        j = bisect.bisect_left(pos, k + 1)
+                        if j < len(pos):
+                            r.jump = before[pos[j] + 1]
+                r.kind = 0
+                if r.fast and r.pid is not None and r.pipeline.idx in self.prefilter:
+                    r.kind = 1
+                elif r.tx_num is not None and not r.tx_num[3]:
+                    pure = (r.chain is None and not r.setvars and not r.ctls and not r.log and r.skip_after
+                            and r.disruptive not in ("deny", "drop", "allow"))
+                    r.kind = 2 if pure else 3
+                    name = "TX:" + r.tx_num[0]
+                    r.gate_name = (name, name.encode("latin-1", "replace"))
+            self.program[ph] = prog
+
     @property
     def prefilter_state(self) -> str:
         return "on" if self.prefilter else "off"
@@ -559,6 +599,8 @@ def _excl_plan(excludes: list[VarSpec]) -> dict:
 
 
 _EMPTY: frozenset[int] = frozenset()
+_NO_MATCHES: tuple = ()  # MATCHED_VARS after a rule that did not match (never mutated)
+_ATOI: dict[bytes, int] = {}  # atoi of TX values (pure; bounded)
 # Values no decoding/normalising transformation changes (lower-case words, numbers, dotted names).
 _PLAIN = re.compile(rb"(?:[a-z0-9_][a-z0-9_.@:=]*)?\Z")
 
@@ -1206,19 +1248,52 @@ class Transaction:
     def run_phase(self, phase: int) -> None:
         if self.allow_all or self.interrupted:
             return
-        items = self.rs.phases[phase]
-        markers = self.rs.markers[phase]
-        i, n = 0, len(items)
+        rules = self.rs.program[phase]
+        i, n = 0, len(rules)
         removed = self.removed_ids
+        ucache = self._ucache  # cleared in place when variables change
+        tx = self.tx
+        ints = _ATOI
         while i < n:
-            r = items[i]
+            r = rules[i]
             i += 1
-            if type(r) is Marker:
-                continue
             if self.engine == "Off":
                 return
             if r.id in removed or (self.removed_tags and self.removed_tags.intersection(r.tags)):
                 continue
+            k = r.kind
+            if k == 1:
+                # the universe scan of this pipeline did not see the pattern: no value can match
+                u = ucache.get(r.pipeline.idx)
+                if u is None:
+                    u = self._universe(r.pipeline)
+                if r.pid not in u:
+                    self.matched_vars = _NO_MATCHES
+                    continue
+            elif k:
+                g = r.tx_num
+                v = tx.get(g[0])
+                if v is None:
+                    self.matched_vars = _NO_MATCHES
+                    continue
+                iv = ints.get(v)
+                if iv is None:
+                    iv = _atoi(v)
+                    if len(ints) < 4096:
+                        ints[v] = iv
+                if g[1](iv, g[2]) == r.op.negated:
+                    self.matched_vars = _NO_MATCHES
+                    continue
+                if k == 2:
+                    # what _confirm + the action tail below do for a pass/nolog/skipAfter gate
+                    name = r.gate_name
+                    s = self.s
+                    s["MATCHED_VAR"] = v
+                    s["MATCHED_VAR_NAME"] = name[1]
+                    self.matched_vars = [(name[0], v)]
+                    self._rule = r
+                    i = r.jump
+                    continue
             if r.chain is None:
                 self.matched_vars = []
                 if not self._eval_link(r):
@@ -1241,18 +1316,9 @@ class Transaction:
                 self.allow_all = True
                 return
             if r.skip_after:
-                pos = markers.get(r.skip_after)
-                if pos:
-                    j = bisect.bisect_left(pos, i)
-                    i = pos[j] + 1 if j < len(pos) else n
-                else:
-                    i = n
+                i = r.jump
             elif r.skip:
-                k = r.skip
-                while k and i < n:
-                    if type(items[i]) is Rule:
-                        k -= 1
-                    i += 1
+                i = min(n, i + r.skip)
 
     def process_request(self) -> Outcome:
         """Run phase 1, parse the body, run phase 2."""
