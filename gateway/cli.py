@@ -33,6 +33,26 @@ COMMAND_MODULES = (
 )
 
 
+class _BadRequestRedactor(logging.Filter):
+    """aiohttp logs a request it cannot parse (header line too long, invalid characters, ...)
+    with a traceback whose message quotes the offending bytes: the start of an Authorization,
+    IntegrasjonPassord or Cookie value, or a fødselsnummer. Keep one line without them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "bad HTTP request from %s: %s (%s)"
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.args = (peer, type(exc).__name__, getattr(exc, "code", 400))
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def _configure_logging(level: str = "INFO") -> None:
     from gateway import accesslog
 
@@ -42,6 +62,9 @@ def _configure_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _BadRequestRedactor) for f in server_log.filters):
+        server_log.addFilter(_BadRequestRedactor())
     accesslog.configure()
 
 
