@@ -80,8 +80,13 @@ def _all_seqs(tfs: list[TrailFile]) -> set[int]:
     return out
 
 
-def verify(files: list[str], key: bytes | list[bytes], head: str | None = None) -> dict[str, Any]:
+def verify(
+    files: list[str], key: bytes | list[bytes], head: str | None = None, require_head: bool = False
+) -> dict[str, Any]:
     """Verify a trail. Returns a summary; raises VerifyError naming the first bad record.
+
+    ``require_head`` (the CLI's default): a trail whose head file is missing fails, since
+    without it records cut from the end (and the head deleted with them) go unnoticed.
 
     ``key`` may be several audit keys (the trail spans a key change): a record passes when one
     of them made its MAC."""
@@ -153,14 +158,22 @@ def verify(files: list[str], key: bytes | list[bytes], head: str | None = None) 
         for tf in tfs:
             if os.path.exists(head_path(tf.path)):
                 hp = head_path(tf.path)
+    if hp is None and require_head:
+        end = (last_loc[0], last_loc[1] + 1)
+        raise VerifyError(
+            end,
+            f"no head file {head_path(tfs[-1].path)}: records cut from the end would go unnoticed "
+            "(give --head FILE, or --no-head to check the records alone)",
+        )
     if hp is not None:
         try:
             with open(hp, encoding="utf-8") as f:
                 h = json.load(f)
             hmac_ = h.pop("mac")
-        except (OSError, ValueError, KeyError) as e:
-            raise VerifyError((hp, 1), f"head unreadable: {e}") from None
-        if not mac_ok(hmac_, canonical(h)):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            why = str(e) if isinstance(e, (OSError, ValueError)) else "not a head record"
+            raise VerifyError((hp, 1), f"head unreadable: {why}") from None
+        if not isinstance(hmac_, str) or not mac_ok(hmac_, canonical(h)):
             raise VerifyError((hp, 1), "head MAC does not match (edited or wrong key)")
         last = summary["last_seq"] or 0
         if h["seq"] > last:
@@ -264,7 +277,7 @@ def _load_audit_keys(args: argparse.Namespace) -> list[bytes]:
 def _cmd_verify(args: argparse.Namespace) -> int:
     try:
         key = _load_audit_keys(args)
-        s = verify(args.files, key, args.head)
+        s = verify(args.files, key, args.head, require_head=not args.no_head)
     except VerifyError as e:
         print(f"FAIL {e}")
         return 1
@@ -330,6 +343,11 @@ def register_commands(subparsers: Any) -> None:
         "--key-env", action="append", help="Environment variable holding the audit key (default PORTVAKT_AUDIT_KEY)"
     )
     v.add_argument("--head", help="Chain head file (default: <file>.head beside the files)")
+    v.add_argument(
+        "--no-head",
+        action="store_true",
+        help="Accept a trail without its head file (records cut from the end then go unnoticed)",
+    )
     v.add_argument("files", nargs="+", metavar="FILE")
     v.set_defaults(func=_cmd_verify)
     q = sub.add_parser("query", help="Records concerning one organisation, as JSON lines")
