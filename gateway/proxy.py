@@ -28,6 +28,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import metrics
+from gateway.accesslog import ip_text
 from gateway.problems import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Problem
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -83,7 +84,6 @@ def normalise(name: str) -> str:
 # every connection's peer is a new address object.
 _MEMO_MAX = 4096
 _normalised: dict[str, str] = {}
-_ip_texts: dict[int, tuple[Any, str]] = {}
 
 
 def _normalised_name(name: str) -> str:
@@ -93,19 +93,6 @@ def _normalised_name(name: str) -> str:
             _normalised.clear()
         n = _normalised[name] = normalise(name)
     return n
-
-
-def ip_text(ip: Any) -> str:
-    """``str(ip)`` (about 2 µs for an ipaddress object), memoised by identity: the server's
-    ``parse_ip`` cache hands out the same object for the same peer."""
-    hit = _ip_texts.get(id(ip))
-    if hit is not None and hit[0] is ip:
-        return hit[1]
-    if len(_ip_texts) >= _MEMO_MAX:
-        _ip_texts.clear()
-    text = str(ip)
-    _ip_texts[id(ip)] = (ip, text)  # holds the object: its id cannot be reused while cached
-    return text
 
 
 class _Wait:
