@@ -429,12 +429,17 @@ def _orgs(values: list[str] | None, default: Sequence[str]) -> list[str]:
 
 
 def _cmd_dev_certs(args: argparse.Namespace) -> int:
-    pki, written = generate(
-        args.dir,
-        seid2_orgs=_orgs(args.org, DEFAULT_SEID2_ORGS),
-        seid1_orgs=_orgs(args.seid1_org, DEFAULT_SEID1_ORGS),
-        force=args.force,
-    )
+    try:
+        pki, written = generate(
+            args.dir,
+            seid2_orgs=_orgs(args.org, DEFAULT_SEID2_ORGS),
+            seid1_orgs=_orgs(args.seid1_org, DEFAULT_SEID1_ORGS),
+            force=args.force,
+        )
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        print(f"portvakt dev-certs: cannot write{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
     if written:
         for p in written:
             print(f"wrote {p}")
