@@ -227,6 +227,9 @@ class Ruleset:
         self.tcache: dict[tuple[int, bytes], bytes] = {}
         self.scache: dict[tuple[int, bytes], Any] = {}
         self.plain_cache: dict[bytes, bool] = {}
+        self.mm_cache: dict[tuple, bytes | None] = {}
+        self.uvalue_cache: dict[tuple[int, bytes], Any] = {}  # (pipeline, raw value) -> its Set result
+        self.uvalue_seen: dict[tuple[int, bytes], None] = {}  # values met once (cached when met again)  # (pipeline, pure operator, raw value) -> matching step
         self.universe: dict[int, tuple[tuple[str, frozenset[str] | None], ...]] = {}
         self.program: dict[int, list[Rule]] = {p: [] for p in range(1, 6)}
 
@@ -382,6 +385,12 @@ class Ruleset:
             self.scache.clear()
         if len(self.plain_cache) > self.CACHE_ENTRIES:
             self.plain_cache.clear()
+        if len(self.mm_cache) > self.CACHE_ENTRIES:
+            self.mm_cache.clear()
+        if len(self.uvalue_cache) > 2 * self.CACHE_ENTRIES:
+            self.uvalue_cache.clear()
+        if len(self.uvalue_seen) > 4 * self.CACHE_ENTRIES:
+            self.uvalue_seen.clear()
 
     def ctl_targets(self, kind: str, value: str) -> tuple[tuple[int, ...], tuple[VarSpec, ...]]:
         """Resolve ``ctl:ruleRemoveTarget{ById,ByTag}=sel;TARGETS`` once per rule set (memoised)."""
@@ -1019,18 +1028,54 @@ class Transaction:
         return r
 
     def _universe(self, p: Pipeline):
-        """Candidate pattern ids for pipeline ``p`` over all variables its rules read."""
+        """Candidate pattern ids for pipeline ``p`` over all variables its rules read.
+
+        A value seen in an earlier request (header values, cookie and argument names repeat)
+        has its own exact Set result kept per (pipeline, raw value) across requests; the other
+        values are transformed and scanned together, joined by newlines (a pattern that matches
+        one of them also matches the joined buffer). Only "not a candidate" is acted on."""
         spec = self.rs.universe.get(p.idx, ())
         vals = self._uvals.get(spec)
         if vals is None:
             vals = self._uvals[spec] = self._universe_values(spec)
         if not vals:
+            self._ucache[p.idx] = _EMPTY
+            return _EMPTY
+        pidx = p.idx
+        rs = self.rs
+        uc = rs.uvalue_cache
+        seen = rs.uvalue_seen
+        found: list[Any] = []
+        fresh: list[bytes] = []
+        tf = self.transform
+        big = rs.SHARED_MAX
+        for v in vals:
+            k = (pidx, v)
+            c = uc.get(k)
+            if c is not None:
+                if c:
+                    found.append(c)
+            elif k in seen:
+                c = uc[k] = self.candidates(pidx, tf(v, p))
+                if c:
+                    found.append(c)
+            else:
+                if len(v) <= big:
+                    seen[k] = None
+                fresh.append(tf(v, p))
+        if fresh:
+            c = self.candidates(pidx, fresh[0] if len(fresh) == 1 else b"\n".join(fresh))
+            if c:
+                found.append(c)
+        if not found:
             r: Any = _EMPTY
+        elif len(found) == 1:
+            r = found[0]
+        elif any(c is prefilter.ALL for c in found):
+            r = prefilter.ALL
         else:
-            tf = self.transform
-            buf = b"\n".join([tf(v, p) for v in vals])
-            r = self.candidates(p.idx, buf)
-        self._ucache[p.idx] = r
+            r = set().union(*found)
+        self._ucache[pidx] = r
         return r
 
     def _universe_values(self, spec: tuple) -> list[bytes]:
@@ -1126,8 +1171,37 @@ class Transaction:
         use_pf = pid is not None and pid not in self.rs.prefilter_unsafe and rule.pipeline.idx in self.rs.prefilter
         matched = False
         new_matches: list[tuple[str, bytes]] = []
+        # multiMatch with a pure operator (libinjection): the verdict over all steps is a function
+        # of (pipeline, operator, raw value), kept across requests; a hit that matched replays the
+        # operator on the matching step (cached too) so captures are set as before.
+        mmc = self.rs.mm_cache if (rule.multi_match and op.pure and not neg and hot is None) else None
         for name, v in vals:
-            if rule.multi_match:
+            if mmc is not None:
+                ck = (rule.pipeline.idx, type(op), v)
+                tv = mmc.get(ck, False)
+                if tv is not False:
+                    if tv is None or not op.match(self, tv, rule.capture):
+                        continue
+                else:
+                    tv = None
+                    p = rule.pipeline
+                    steps = []
+                    while p is not None:
+                        steps.append(self.transform(v, p))
+                        p = p.parent
+                    seen_tv: set[bytes] = set()
+                    for t in reversed(steps):
+                        if t in seen_tv:
+                            continue
+                        seen_tv.add(t)
+                        if op.match(self, t, rule.capture):
+                            tv = t
+                            break
+                    if len(v) <= self.rs.SHARED_MAX:
+                        mmc[ck] = tv
+                    if tv is None:
+                        continue
+            elif rule.multi_match:
                 # the operator runs after every transformation step (and on the raw value)
                 steps = []
                 p = rule.pipeline

@@ -55,6 +55,7 @@ class Operator:
     rx_source: list[bytes] | None = None  # patterns for the prefilter (any match -> candidate)
     rx_caseless = False
     capture_capable = False
+    pure = False  # match() depends on the value only (no parameter macro, no transaction state)
 
     def __init__(self, arg: str, negated: bool, ctx: dict[str, Any]):
         self.arg = arg
@@ -155,24 +156,62 @@ class PmFromFile(Pm):
         super().__init__(arg, negated, ctx, phrases)
 
 
+# libinjection verdicts are pure functions of the value: kept across requests (header values,
+# argument names and enum-like values repeat), bounded by clearing when large.
+_SQLI_CACHE: dict[bytes, bytes | None] = {}
+_XSS_CACHE: dict[bytes, bool] = {}
+_LIBINJ_CACHE_MAX = 20_000
+_LIBINJ_VALUE_MAX = 1024  # longer values are not kept
+
+
+def sqli_fingerprint(value: bytes) -> bytes | None:
+    """libinjection's SQLi fingerprint of ``value``, or None when it is not SQLi."""
+    r = _SQLI_CACHE.get(value, False)
+    if r is not False:
+        return r  # type: ignore[return-value]
+    res = libinjection.is_sql_injection(value.decode("latin-1"))
+    fp = None
+    if res["is_sqli"]:
+        fp = res["fingerprint"]
+        fp = fp.encode() if isinstance(fp, str) else bytes(fp)
+    if len(value) <= _LIBINJ_VALUE_MAX:
+        if len(_SQLI_CACHE) >= _LIBINJ_CACHE_MAX:
+            _SQLI_CACHE.clear()
+        _SQLI_CACHE[value] = fp
+    return fp
+
+
+def is_xss(value: bytes) -> bool:
+    r = _XSS_CACHE.get(value)
+    if r is None:
+        r = bool(libinjection.is_xss(value.decode("latin-1"))["is_xss"])
+        if len(value) <= _LIBINJ_VALUE_MAX:
+            if len(_XSS_CACHE) >= _LIBINJ_CACHE_MAX:
+                _XSS_CACHE.clear()
+            _XSS_CACHE[value] = r
+    return r
+
+
 class DetectSQLi(Operator):
     name = "detectSQLi"
     capture_capable = True
+    pure = True  # the verdict depends on the value only (captures replay through match)
 
     def match(self, tx, value, capture):
-        r = libinjection.is_sql_injection(value.decode("latin-1"))
-        if not r["is_sqli"]:
+        fp = sqli_fingerprint(value)
+        if fp is None:
             return False
         if capture:
-            tx.set_captures([r["fingerprint"].encode() if isinstance(r["fingerprint"], str) else r["fingerprint"]])
+            tx.set_captures([fp])
         return True
 
 
 class DetectXSS(Operator):
     name = "detectXSS"
+    pure = True
 
     def match(self, tx, value, capture):
-        return bool(libinjection.is_xss(value.decode("latin-1"))["is_xss"])
+        return is_xss(value)
 
 
 class StrEq(Operator):
