@@ -165,7 +165,7 @@ class OrgSource:
 def compile_org_source(spec: str) -> OrgSource:
     if spec.startswith("header:"):
         name = spec[len("header:"):]
-        if not re.match(r"^[A-Za-z0-9-]+$", name):
+        if not re.match(r"^[A-Za-z0-9-]+\Z", name):
             raise ValueError("header name must be letters, digits and '-'")
         return OrgSource(header=name)
     return OrgSource(path=compile_path_template(spec, "organization"))

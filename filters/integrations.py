@@ -54,8 +54,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("portvakt.integrations")
 
-UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-ORG_RE = re.compile(r"^[0-9]{9}$")
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+ORG_RE = re.compile(r"^[0-9]{9}\Z")
 _now = time.monotonic  # the clock for caches and lockouts (tests substitute their own)
 MAX_PASSWORD_LENGTH = 1024  # longer values are refused before argon2 (cheap DoS guard)
 

@@ -226,7 +226,7 @@ def _cross_checks(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
             errs.append((("routes", i, "name"), f"duplicate route name {r.name!r}"))
         names.add(r.name)
         errs += [(("routes", i) + loc, msg) for loc, msg in route_policy_problems(r)]
-        if r.organization_from and not re.match(r"^(path:/.*\{organization\}.*|header:[A-Za-z0-9-]+)$", r.organization_from):
+        if r.organization_from and not re.match(r"^(path:/.*\{organization\}.*|header:[A-Za-z0-9-]+)\Z", r.organization_from):
             errs.append(
                 (("routes", i, "organization_from"), 'must be "path:/.../{organization}/..." or "header:Name"')
             )

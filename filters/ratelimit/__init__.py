@@ -85,8 +85,8 @@ log = logging.getLogger("portvakt.ratelimit")
 RATE_LIMITED = problems.register("rate_limited", 429, "Too many requests")
 RATE_LIMIT_UNAVAILABLE = problems.register("rate_limit_unavailable", 503, "Rate limiting is unavailable")
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+_PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 PRE_AUTH_SUBJECTS = ("client_ip", "route")
 
 

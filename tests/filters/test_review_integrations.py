@@ -1,0 +1,53 @@
+"""Review: integration ids and org numbers in the config are exact (a YAML block scalar's
+trailing newline made an integration that could never authenticate, silently)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import ConfigError, parse_config
+
+HASH = "$argon2id$v=19$m=65536,t=3,p=4$DN12ithEb5mZ4DYJSdXWbw$6g//KzkTNVDy7l+6q9Zuilsd4Na4m/VsTckgqvkjz/A"
+
+
+def config(iid: str, org: str, grant_org: str) -> str:
+    return f"""\
+server: {{plain_http: true}}
+upstreams: {{demo: {{url: "http://127.0.0.1:9001"}}}}
+routes: [{{name: demo, upstream: demo}}]
+integrations:
+  - id: {iid}
+    password_hash: "{HASH}"
+    authorized_org: {org}
+    grants: [{{organization: {grant_org}, services: [innsyn]}}]
+"""
+
+
+def test_trailing_newlines_are_config_errors():
+    text = config('"7b1c9a52-0d3e-4a8f-9c61-2f5e8d4b1a07\\n"', '"991825827\\n"', '"958935420\\n"')
+    with pytest.raises(ConfigError) as e:
+        parse_config(text)
+    where = sorted(p.split(": ")[1] for p in e.value.problems)
+    assert where == ["integrations[0].authorized_org", "integrations[0].grants[0].organization", "integrations[0].id"]
+
+
+def test_exact_values_still_load():
+    cfg = parse_config(config('"7B1C9A52-0d3e-4a8f-9c61-2f5e8d4b1a07"', '"991825827"', '"958935420"'))
+    assert cfg.integrations[0].id == "7b1c9a52-0d3e-4a8f-9c61-2f5e8d4b1a07"
+
+
+def test_header_name_of_organization_from_is_exact():
+    text = config('"7b1c9a52-0d3e-4a8f-9c61-2f5e8d4b1a07"', '"991825827"', '"958935420"').replace(
+        "routes: [{name: demo, upstream: demo}]",
+        'routes: [{name: demo, upstream: demo, organization_from: "header:FiksOrgId\\n"}]',
+    )
+    with pytest.raises(ConfigError) as e:
+        parse_config(text)
+    assert [p.split(": ")[1] for p in e.value.problems] == ["routes[0].organization_from"]
+
+
+def test_rate_limit_key_prefix_is_exact():
+    text = config('"7b1c9a52-0d3e-4a8f-9c61-2f5e8d4b1a07"', '"991825827"', '"958935420"')
+    with pytest.raises(ConfigError) as e:
+        parse_config(text + 'rate_limit: {key_prefix: "portvakt\\n"}\n')
+    assert [p.split(": ")[1] for p in e.value.problems] == ["rate_limit.key_prefix"]
