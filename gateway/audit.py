@@ -389,7 +389,13 @@ class AuditSink:
             self.redis.refs = 1
         if self.writer is None:
             w = ChainWriter(self.file_settings, self.mac_key)
-            await loop.run_in_executor(None, w.start, loop)
+            try:
+                await loop.run_in_executor(None, w.start, loop)
+            except OSError as e:
+                where = f"{e.filename}: " if e.filename else ""
+                raise ValueError(
+                    f"audit.path: cannot open the audit file {self.file_settings.path}: {where}{e.strerror or e}"
+                ) from None
             w.refs = 1
             self.writer = w
             started: dict[str, Any] = {

@@ -64,3 +64,17 @@ def test_audit_path_under_a_regular_file(tmp_path):
     f = write(tmp_path, f'audit: {{path: {tmp_path}/plainfile/audit.jsonl, key: "0123456789abcdef"}}\n')
     problems = check_config(str(f))
     assert problems == [f"{f}: audit.path: {tmp_path}/plainfile is not a directory"]
+
+
+async def test_audit_file_that_cannot_be_opened_names_audit_path(tmp_path):
+    import pytest
+
+    from gateway.chain import BuildEnv
+    from gateway.config import load_config
+    from gateway.audit import build_audit
+
+    (tmp_path / "plainfile").write_text("x")
+    f = write(tmp_path, f'audit: {{path: {tmp_path}/plainfile/audit.jsonl, key: "0123456789abcdef"}}\n')
+    sink = build_audit(BuildEnv(config=load_config(f), base_dir=str(tmp_path), secrets={}))
+    with pytest.raises(ValueError, match=r"^audit\.path: cannot open the audit file "):
+        await sink.start()
