@@ -507,7 +507,20 @@ def build_stage(env: BuildEnv) -> RateLimitStage | None:
     if cfg.backend == "memory":
         backend = MemoryBackend(cfg)
     else:
-        backend = RedisBackend(cfg, env.config.resolve_path)
+        for field in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            p = getattr(cfg, field)
+            if p is None:
+                continue
+            full = env.config.resolve_path(p)
+            try:
+                with open(full, "rb"):
+                    pass
+            except OSError as e:
+                raise ValueError(f"rate_limit.{field}: cannot read {full}: {e.strerror or e}") from None
+        try:
+            backend = RedisBackend(cfg, env.config.resolve_path)
+        except ValueError as e:  # redis-py's URL parsing: names no field, never echoes the URL
+            raise ValueError(f"rate_limit.backend: {e}") from None
     stage = RateLimitStage(cfg, backend, key)
     for r in routes:  # compile once now so a bad rule fails the load, not the first request
         stage.filters_for_route(r)
