@@ -133,6 +133,18 @@ def check_config(path: str) -> list[str]:
     from gateway.audit import audit_path_problems
 
     problems += [f"{path}: {p}" for p in audit_path_problems(cfg)]
+    # Upstream CA bundles are read when the runtime starts (not at build): check them here.
+    import ssl
+
+    for name, up in cfg.upstreams.items():
+        if up.ca_file and up.url.startswith("https://"):
+            ca = cfg.resolve_path(up.ca_file)
+            try:
+                ssl.create_default_context(cafile=ca)
+            except ssl.SSLError:  # (an OSError too: first)
+                problems.append(f"{path}: upstreams.{name}.ca_file: {ca} holds no usable PEM certificate")
+            except OSError as e:
+                problems.append(f"{path}: upstreams.{name}.ca_file: cannot read {ca}: {e.strerror or e}")
 
     async def build() -> None:
         from gateway.chain import BuildEnv

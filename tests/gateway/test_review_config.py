@@ -78,3 +78,13 @@ async def test_audit_file_that_cannot_be_opened_names_audit_path(tmp_path):
     sink = build_audit(BuildEnv(config=load_config(f), base_dir=str(tmp_path), secrets={}))
     with pytest.raises(ValueError, match=r"^audit\.path: cannot open the audit file "):
         await sink.start()
+
+
+def test_upstream_ca_file_is_checked(tmp_path):
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    for ca, reason in (("missing.pem", "cannot read"), ("junk.pem", "holds no usable PEM certificate")):
+        f = tmp_path / "gw.yaml"
+        f.write_text(PLAIN.replace('{url: "http://127.0.0.1:9001"}', f'{{url: "https://127.0.0.1:9001", ca_file: {ca}}}'))
+        problems = check_config(str(f))
+        assert len(problems) == 1 and problems[0].startswith(f"{f}: upstreams.demo.ca_file: "), problems
+        assert reason in problems[0]
