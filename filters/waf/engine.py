@@ -228,9 +228,11 @@ class Ruleset:
         self.scache: dict[tuple[int, bytes], Any] = {}
         self.plain_cache: dict[bytes, bool] = {}
         self.mm_cache: dict[tuple, bytes | None] = {}
-        self.uvalue_cache: dict[tuple[int, bytes], Any] = {}  # (pipeline, raw value) -> its Set result
+        self.uvalue_cache: dict[tuple[int, bytes], Any] = {}  # (variable group, raw value) -> Set results
         self.uvalue_seen: dict[tuple[int, bytes], None] = {}  # values met once (cached when met again)  # (pipeline, pure operator, raw value) -> matching step
         self.universe: dict[int, tuple[tuple[str, frozenset[str] | None], ...]] = {}
+        self.uni_plan: tuple = ()  # (variable, (group id, pipelines), {key: (group id, pipelines)})
+        self.uni_pipes: tuple[int, ...] = ()
         self.program: dict[int, list[Rule]] = {p: [] for p in range(1, 6)}
 
     # ----- building
@@ -552,6 +554,27 @@ class Ruleset:
         # collections, before exclusions): one scan of all of them rules most rules out at once.
         self.universe = {k: tuple(sorted((c, frozenset(keys) if keys is not None else None) for c, keys in v.items()))
                          for k, v in universe.items()}
+        # The same, per variable: which pipelines' universes read it (whole, or by key). One pass
+        # over the request's variables then serves every pipeline (see Transaction._universe).
+        full: dict[str, list[int]] = {}
+        keyed: dict[str, dict[str, list[int]]] = {}
+        for pidx, spec in self.universe.items():
+            for c, keys in spec:
+                if keys is None:
+                    full.setdefault(c, []).append(pidx)
+                else:
+                    for k in keys:
+                        keyed.setdefault(c, {}).setdefault(k, []).append(pidx)
+        groups: dict[tuple[int, ...], int] = {}
+
+        def group(pids: list[int]) -> tuple[int, tuple[int, ...]]:
+            t = tuple(sorted(set(pids)))
+            return groups.setdefault(t, len(groups)), t
+
+        self.uni_plan = tuple(
+            (c, group(full.get(c, [])), {k: group(full.get(c, []) + ps) for k, ps in keyed.get(c, {}).items()})
+            for c in sorted(set(full) | set(keyed)))
+        self.uni_pipes = tuple(sorted(self.universe))
 
     def _compile_program(self) -> None:
         """Per phase: the starters without markers, each skipAfter resolved to a program index,
@@ -612,6 +635,19 @@ _NO_MATCHES: tuple = ()  # MATCHED_VARS after a rule that did not match (never m
 _ATOI: dict[bytes, int] = {}  # atoi of TX values (pure; bounded)
 # Values no decoding/normalising transformation changes (lower-case words, numbers, dotted names).
 _PLAIN = re.compile(rb"(?:[a-z0-9_][a-z0-9_.@:=]*)?\Z")
+
+
+def _union(sets: list[Any]) -> Any:
+    """Union of candidate sets (prefilter.ALL absorbs); never mutates its inputs."""
+    sets = [c for c in sets if c]
+    if not sets:
+        return _EMPTY
+    if len(sets) == 1:
+        return sets[0]
+    for c in sets:
+        if c is prefilter.ALL:
+            return c
+    return frozenset().union(*sets)
 
 
 def _id_in(rid: int, spec: str) -> bool:
@@ -1028,54 +1064,73 @@ class Transaction:
         return r
 
     def _universe(self, p: Pipeline):
-        """Candidate pattern ids for pipeline ``p`` over all variables its rules read.
+        """Candidate pattern ids over the variables the prefiltered rules read, for every
+        pipeline at once (pattern ids are unique to a pipeline's Set, multiMatch steps aside,
+        where it only widens which steps are tried): one pass over the request's variables.
 
-        A value seen in an earlier request (header values, cookie and argument names repeat)
-        has its own exact Set result kept per (pipeline, raw value) across requests; the other
-        values are transformed and scanned together, joined by newlines (a pattern that matches
-        one of them also matches the joined buffer). Only "not a candidate" is acted on."""
-        spec = self.rs.universe.get(p.idx, ())
-        vals = self._uvals.get(spec)
-        if vals is None:
-            vals = self._uvals[spec] = self._universe_values(spec)
-        if not vals:
-            self._ucache[p.idx] = _EMPTY
-            return _EMPTY
-        pidx = p.idx
+        A value met in an earlier request (client headers, cookie and argument names) keeps
+        its Set results, over every pipeline that reads its variable, per (variable group, raw
+        value) across requests; new values are transformed and scanned per pipeline joined by
+        newlines (a pattern that matches one of them also matches the joined buffer). Only
+        "not a candidate" is acted on."""
         rs = self.rs
-        uc = rs.uvalue_cache
+        gc = rs.uvalue_cache
         seen = rs.uvalue_seen
-        found: list[Any] = []
-        fresh: list[bytes] = []
-        tf = self.transform
         big = rs.SHARED_MAX
-        for v in vals:
-            k = (pidx, v)
-            c = uc.get(k)
-            if c is not None:
-                if c:
-                    found.append(c)
-            elif k in seen:
-                c = uc[k] = self.candidates(pidx, tf(v, p))
-                if c:
-                    found.append(c)
+        plist = rs.pipeline_list
+        tf = self.transform
+        cand = self.candidates
+        s = self.s
+        found: list[Any] = []
+        fresh: dict[int, list[bytes]] = {}
+        for coll, grp, keyed in rs.uni_plan:
+            v = s.get(coll)
+            if v is not None:
+                pairs: Any = ((grp, v),)
+            elif coll == "XML":
+                pairs = [(grp, x) for x in self.xml_text] + [(grp, x) for x in self.xml_attrs]
+            elif coll in SCALARS:
+                continue
             else:
-                if len(v) <= big:
-                    seen[k] = None
-                fresh.append(tf(v, p))
-        if fresh:
-            c = self.candidates(pidx, fresh[0] if len(fresh) == 1 else b"\n".join(fresh))
+                items = self._collection(coll)
+                if not items:
+                    continue
+                if keyed:
+                    pairs = [(keyed.get(k.lower(), grp), x) for k, x in items]
+                else:
+                    pairs = [(grp, x) for _, x in items]
+            for g, v in pairs:
+                pipes = g[1]
+                if not pipes:
+                    continue
+                k = (g[0], v)
+                c = gc.get(k)
+                if c is not None:
+                    if c:
+                        found.append(c)
+                elif k in seen:
+                    cs = [cand(q, tf(v, plist[q])) for q in pipes]
+                    c = gc[k] = _union(cs)
+                    if c:
+                        found.append(c)
+                else:
+                    if len(v) <= big:
+                        seen[k] = None
+                    for q in pipes:
+                        fl = fresh.get(q)
+                        if fl is None:
+                            fresh[q] = [tf(v, plist[q])]
+                        else:
+                            fl.append(tf(v, plist[q]))
+        for q, fl in fresh.items():
+            c = cand(q, fl[0] if len(fl) == 1 else b"\n".join(fl))
             if c:
                 found.append(c)
-        if not found:
-            r: Any = _EMPTY
-        elif len(found) == 1:
-            r = found[0]
-        elif any(c is prefilter.ALL for c in found):
-            r = prefilter.ALL
-        else:
-            r = set().union(*found)
-        self._ucache[pidx] = r
+        r = _union(found)
+        uc = self._ucache
+        for q in rs.uni_pipes:
+            uc[q] = r
+        uc[p.idx] = r
         return r
 
     def _universe_values(self, spec: tuple) -> list[bytes]:
