@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from gateway import problems
 from gateway.auditsinks import ChainWriter, FileSettings, RedisSettings, RedisStreamSink, _iso
@@ -75,6 +75,21 @@ class AuditRedisConfig(Model):
     maxlen: int | None = Field(None, gt=0, description="Approximate MAXLEN trim (absent: keep all)")
     spool_path: str = Field("audit-redis.spool", description="Local spool file while Redis is down")
     spool_max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Spool bound; beyond it records are dropped")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        # Checked at load (redis-py would refuse it only when the sink starts); never echoed:
+        # the URL may carry a password.
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        try:
+            from redis.connection import parse_url
+
+            parse_url(v)
+        except ValueError:
+            raise ValueError("not a valid Redis URL (host, port or database number)") from None
+        return v
 
 
 class AuditConfig(Model):

@@ -88,3 +88,11 @@ def test_upstream_ca_file_is_checked(tmp_path):
         problems = check_config(str(f))
         assert len(problems) == 1 and problems[0].startswith(f"{f}: upstreams.demo.ca_file: "), problems
         assert reason in problems[0]
+
+
+def test_audit_redis_url_is_checked_at_load_without_echoing_it(tmp_path):
+    for url in ("http://:pw-s3cret@127.0.0.1:6379/0", "redis://:pw-s3cret@127.0.0.1:99999/0"):
+        f = write(tmp_path, f'audit: {{path: {tmp_path}/a.jsonl, key: "0123456789abcdef", redis: {{url: "{url}"}}}}\n')
+        problems = check_config(str(f))
+        assert len(problems) == 1 and problems[0].startswith(f"{f}: audit.redis.url: "), problems
+        assert "pw-s3cret" not in problems[0]
