@@ -96,3 +96,24 @@ def test_audit_redis_url_is_checked_at_load_without_echoing_it(tmp_path):
         problems = check_config(str(f))
         assert len(problems) == 1 and problems[0].startswith(f"{f}: audit.redis.url: "), problems
         assert "pw-s3cret" not in problems[0]
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_winning():
+    import pytest
+
+    from gateway.config import ConfigError, parse_config
+
+    text = PLAIN + """\
+integrations:
+  - id: "7b1c9a52-0d3e-4a8f-9c61-2f5e8d4b1a07"
+    password_hash: "$argon2id$v=19$m=65536,t=3,p=4$DN12ithEb5mZ4DYJSdXWbw$6g//KzkTNVDy7l+6q9Zuilsd4Na4m/VsTckgqvkjz/A"
+    authorized_org: "991825827"
+    grants: [{organization: "958935420", services: [innsyn]}]
+    grants: []
+"""
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "gw.yaml")
+    assert e.value.problems == ["gw.yaml: line 9 column 5: invalid YAML: duplicate key 'grants'"]
+    # merge keys (<<) are not duplicates
+    cfg = parse_config(PLAIN + "ingress: {<<: {max_headers: 50}, max_uri_bytes: 4096}\n")
+    assert cfg.ingress.max_headers == 50 and cfg.ingress.max_uri_bytes == 4096
