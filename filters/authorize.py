@@ -393,6 +393,7 @@ class AuthorizeStage(Stage):
 
     def __init__(self, grants: frozenset[tuple[str, str, str]]):
         self.grants = grants
+        self._grant_changes: list[tuple[str, str, str, str]] = []
 
     def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
         if route.access is None or route.access.mode is Mode.off:
@@ -400,12 +401,17 @@ class AuthorizeStage(Stage):
         return [AuthorizeFilter(self, route)]
 
     def adopt(self, previous: Stage) -> None:
+        """Note the grant changes; they are logged when this runtime starts (a reload that
+        fails to build or start changes no grant, so it must not log one)."""
         if not isinstance(previous, AuthorizeStage):
             return
-        for iid, org, service in sorted(self.grants - previous.grants):
-            grant_log.info("grant added: integration=%s organization=%s service=%s", iid, org, service)
-        for iid, org, service in sorted(previous.grants - self.grants):
-            grant_log.info("grant withdrawn: integration=%s organization=%s service=%s", iid, org, service)
+        self._grant_changes = [("added", *g) for g in sorted(self.grants - previous.grants)]
+        self._grant_changes += [("withdrawn", *g) for g in sorted(previous.grants - self.grants)]
+
+    async def start(self) -> None:
+        changes, self._grant_changes = self._grant_changes, []
+        for what, iid, org, service in changes:
+            grant_log.info("grant %s: integration=%s organization=%s service=%s", what, iid, org, service)
 
 
 def compile_grants(integrations: list[Any]) -> frozenset[tuple[str, str, str]]:

@@ -142,13 +142,23 @@ async def test_grant_removed_on_reload_stops_the_next_request(caplog):
     new, new_flt = build(integrations=[integration()])  # same integration, grant withdrawn
     caplog.set_level(logging.INFO, logger="portvakt.grants")
     new.adopt(old)
+    await new.start()  # the runtime starts: the change is logged
     denied(await new_flt.check(integration_ctx()), 403, "missing_privilege")
     assert f"grant withdrawn: integration={INTEGRATION_ID} organization={GRANTING_ORG} service=innsyn" in caplog.text
     # ...and granted again: the next request passes.
     again, again_flt = build()
     again.adopt(new)
+    await again.start()
     assert await again_flt.check(integration_ctx()) is ALLOW
     assert "grant added" in caplog.text
+
+
+async def test_a_reload_that_never_starts_logs_no_grant_change(caplog):
+    old, _ = build()
+    failed, _ = build(integrations=[integration()])  # would withdraw the grant
+    caplog.set_level(logging.INFO, logger="portvakt.grants")
+    failed.adopt(old)  # the reload's build or start fails after this: nothing changed
+    assert "grant withdrawn" not in caplog.text
 
 
 async def test_missing_scope_is_403_insufficient_scope():
