@@ -970,7 +970,17 @@ class Transaction:
             if spec.key is not None:
                 sel = self._index(coll, items).get(spec.key, ())
             elif spec.key_rx is not None:
-                sel = [kv for kv in items if self._key_rx(spec.key_rx, kv[0])]
+                # _key_rx's cache lookup inline (TX:/regex/ walks every TX variable)
+                kc = self.rs.key_rx_cache
+                rx = spec.key_rx
+                rid = id(rx)
+                sel = []
+                for kv in items:
+                    hit = kc.get((rid, kv[0]))
+                    if hit is None:
+                        hit = self._key_rx(rx, kv[0])
+                    if hit:
+                        sel.append(kv)
             else:
                 sel = items
             if ex:
