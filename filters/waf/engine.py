@@ -1090,6 +1090,7 @@ class Transaction:
         plist = rs.pipeline_list
         tf = self.transform
         cand = self.candidates
+        plain = self._plain
         s = self.s
         found: list[Any] = []
         fresh: dict[int, list[bytes]] = {}
@@ -1126,12 +1127,20 @@ class Transaction:
                 else:
                     if len(v) <= big:
                         seen[k] = None
+                    # a plain value (see _PLAIN) is its own transform in plain-identity pipelines
+                    pv = plain.get(v)
+                    if pv is None:
+                        pv = _PLAIN.match(v) is not None
+                        if len(v) <= big:
+                            plain[v] = pv
                     for q in pipes:
+                        pq = plist[q]
+                        tv = v if (pv and pq.plain_identity) else tf(v, pq)
                         fl = fresh.get(q)
                         if fl is None:
-                            fresh[q] = [tf(v, plist[q])]
+                            fresh[q] = [tv]
                         else:
-                            fl.append(tf(v, plist[q]))
+                            fl.append(tv)
         for q, fl in fresh.items():
             c = cand(q, fl[0] if len(fl) == 1 else b"\n".join(fl))
             if c:
@@ -1393,12 +1402,18 @@ class Transaction:
         ucache = self._ucache  # cleared in place when variables change
         tx = self.tx
         ints = _ATOI
+        rtags = self.removed_tags  # grows in place (ctl:ruleRemoveByTag)
+        # the engine mode changes only through ctl, i.e. in a general evaluation (below): it is
+        # checked before the first rule and before each rule that follows such an evaluation
+        check_engine = True
         while i < n:
             r = rules[i]
             i += 1
-            if self.engine == "Off":
-                return
-            if r.id in removed or (self.removed_tags and self.removed_tags.intersection(r.tags)):
+            if check_engine:
+                if self.engine == "Off":
+                    return
+                check_engine = False
+            if r.id in removed or (rtags and rtags.intersection(r.tags)):
                 continue
             k = r.kind
             if k == 1:
@@ -1433,6 +1448,7 @@ class Transaction:
                     self._rule = r
                     i = r.jump
                     continue
+            check_engine = True
             if r.chain is None:
                 self.matched_vars = []
                 if not self._eval_link(r):
