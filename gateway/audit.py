@@ -367,6 +367,9 @@ class AuditSink:
         self._sealed: dict[str, str] = {}  # pseudonym -> sealed pid (insertion-ordered, bounded)
         self._pending_events: list[dict[str, Any]] = []
         self._previous: AuditSink | None = None
+        self._took_writer_from: AuditSink | None = None  # the sink whose writer start() took over
+        self._written_events: list[dict[str, Any]] = []  # privilege changes start() wrote
+        self._served = False  # a request was recorded: this sink's runtime was swapped in
         self._started = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -402,6 +405,7 @@ class AuditSink:
             pw.mac_key = self.mac_key
             pw.refs += 1
             self.writer = pw
+            self._took_writer_from = prev
         pr = prev.redis if prev is not None and prev._started else None
         if pr is not None and self.redis_settings == prev.redis_settings:  # type: ignore[union-attr]
             pr.refs += 1
@@ -445,7 +449,7 @@ class AuditSink:
         self._started = True
         for ev in self._pending_events:
             self._submit(ev)
-        self._pending_events = []
+        self._written_events, self._pending_events = self._pending_events, []
 
     async def close(self) -> None:
         """Give up this sink's references; the last user flushes and closes the writer."""
@@ -454,6 +458,20 @@ class AuditSink:
         self._started = False
         loop = asyncio.get_running_loop()
         w, r = self.writer, self.redis
+        prev, self._took_writer_from = self._took_writer_from, None
+        if (
+            w is not None and prev is not None and prev._started and not self._served
+            and w.settings is self.file_settings
+        ):
+            # Closed while the sink we took the writer from still serves: our runtime never
+            # took over (its reload failed to start). Give the writer back its key and settings,
+            # and say in the trail that the privilege changes we wrote did not happen.
+            assert prev.file_settings is not None
+            w.settings = prev.file_settings
+            w.mac_key = prev.mac_key
+            if self._written_events:
+                prev._submit({"type": "reload_aborted", "reverted": self._written_events})
+        self._written_events = []
         if w is not None:
             w.refs -= 1
             if w.refs <= 0:
@@ -497,6 +515,7 @@ class AuditSink:
 
     async def before_forward(self, ctx: "RequestContext") -> Problem | None:
         """strict: write this request's record and wait for its fsync; 503 Problem on failure."""
+        self._served = True
         if not self.strict:
             return None
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -521,6 +540,7 @@ class AuditSink:
 
     def record(self, ctx: "RequestContext") -> None:
         """The request's audit event (called once, after the response). Never blocks or raises."""
+        self._served = True
         if not self.active:
             return
         try:

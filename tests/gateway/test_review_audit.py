@@ -53,3 +53,46 @@ async def test_damaged_head_is_a_fail_line(tmp_path, capsys, monkeypatch):
             f.write(text)
         rc, out = _run(capsys, *files)
         assert rc == 1 and out.startswith("FAIL ") and ".head:1: head" in out, (text, out)
+
+
+async def test_reload_that_fails_to_start_leaves_the_writer_as_it_was(tmp_path):
+    # A reload whose audit sink started but whose runtime then failed to start (a later
+    # component) is closed while the old sink still serves: the old sink's records must stay
+    # MAC'd with the old key, and the trail must say the privilege changes did not happen.
+    from gateway.auditcli import verify
+    from tests.gateway.helpers_audit import AUDIT_KEY, integration
+
+    integ = {
+        "id": integration().id,
+        "password_hash": "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+        "authorized_org": "991825827",
+        "grants": [{"organization": "958935420", "services": ["arkiv"]}],
+    }
+    cfg1 = make_config(audit=audit_cfg(tmp_path), integrations=[integ])
+    cfg2 = make_config(audit=audit_cfg(tmp_path, key="another-audit-key-0123456789"), integrations=[{**integ, "grants": []}])
+    s1 = await started(cfg1)
+    failed = await started(cfg2, previous=s1)
+    await failed.close()  # the reload failed after the audit sink started
+    s1.record(outcome(make_ctx(cfg1, request_id="still-old"), 200, "allow"))
+    await s1.close()
+    import json
+
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    kinds = [r["type"] for r in recs]
+    assert "grant_withdrawn" in kinds and "reload_aborted" in kinds
+    aborted = next(r for r in recs if r["type"] == "reload_aborted")
+    assert [e["type"] for e in aborted["reverted"]] == ["grant_withdrawn"]
+    # Records up to the failed start carry the new key's MACs only where the failed sink wrote;
+    # everything the serving sink wrote after it (the request, the abort, the stop) verifies
+    # with the old key: check from the abort record on.
+    verify(trail(tmp_path), [AUDIT_KEY.encode(), b"another-audit-key-0123456789"])
+    from gateway.audit import derive_keys
+    from gateway.auditsinks import line_body
+    import hmac as _hmac, hashlib
+
+    old_mac = derive_keys(AUDIT_KEY.encode())[0]
+    lines_ = (tmp_path / "audit.jsonl").read_bytes().splitlines()
+    start = kinds.index("reload_aborted")
+    for line in lines_[start:]:
+        body, mac = line_body(line)
+        assert _hmac.compare_digest(mac, _hmac.new(old_mac, body, hashlib.sha256).hexdigest()), line[:80]
