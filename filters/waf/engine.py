@@ -227,9 +227,10 @@ class Ruleset:
         self.tcache: dict[tuple[int, bytes], bytes] = {}
         self.scache: dict[tuple[int, bytes], Any] = {}
         self.plain_cache: dict[bytes, bool] = {}
-        self.mm_cache: dict[tuple, bytes | None] = {}
+        self.mm_cache: dict[tuple, bytes | None] = {}  # (pipeline, pure operator, raw value) -> matching step
         self.uvalue_cache: dict[tuple[int, bytes], Any] = {}  # (variable group, raw value) -> Set results
-        self.uvalue_seen: dict[tuple[int, bytes], None] = {}  # values met once (cached when met again)  # (pipeline, pure operator, raw value) -> matching step
+        self.uvalue_seen: dict[tuple[int, bytes], int] = {}  # value -> the universe pass that met it
+        self.serial = 0  # universe pass counter
         self.universe: dict[int, tuple[tuple[str, frozenset[str] | None], ...]] = {}
         self.uni_plan: tuple = ()  # (variable, (group id, pipelines), {key: (group id, pipelines)})
         self.uni_pipes: tuple[int, ...] = ()
@@ -389,9 +390,9 @@ class Ruleset:
             self.plain_cache.clear()
         if len(self.mm_cache) > self.CACHE_ENTRIES:
             self.mm_cache.clear()
-        if len(self.uvalue_cache) > 2 * self.CACHE_ENTRIES:
+        if len(self.uvalue_cache) > self.CACHE_ENTRIES:
             self.uvalue_cache.clear()
-        if len(self.uvalue_seen) > 4 * self.CACHE_ENTRIES:
+        if len(self.uvalue_seen) > self.CACHE_ENTRIES:
             self.uvalue_seen.clear()
 
     def ctl_targets(self, kind: str, value: str) -> tuple[tuple[int, ...], tuple[VarSpec, ...]]:
@@ -1086,6 +1087,8 @@ class Transaction:
         rs = self.rs
         gc = rs.uvalue_cache
         seen = rs.uvalue_seen
+        rs.serial += 1
+        serial = rs.serial  # this pass: tells its own values from earlier passes' in uvalue_seen
         big = rs.SHARED_MAX
         plist = rs.pipeline_list
         tf = self.transform
@@ -1119,14 +1122,18 @@ class Transaction:
                 if c is not None:
                     if c:
                         found.append(c)
-                elif k in seen:
+                    continue
+                met = seen.get(k)
+                if met == serial:
+                    continue  # the same value of the same variable group: already in this pass
+                if met is not None:  # met in an earlier pass: keep its own results
                     cs = [cand(q, tf(v, plist[q])) for q in pipes]
                     c = gc[k] = _union(cs)
                     if c:
                         found.append(c)
                 else:
                     if len(v) <= big:
-                        seen[k] = None
+                        seen[k] = serial
                     # a plain value (see _PLAIN) is its own transform in plain-identity pipelines
                     pv = plain.get(v)
                     if pv is None:

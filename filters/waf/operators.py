@@ -160,7 +160,7 @@ class PmFromFile(Pm):
 # argument names and enum-like values repeat), bounded by clearing when large.
 _SQLI_CACHE: dict[bytes, bytes | None] = {}
 _XSS_CACHE: dict[bytes, bool] = {}
-_LIBINJ_CACHE_MAX = 20_000
+_LIBINJ_CACHE_MAX = 10_000  # entries per cache (values <= 1 KB: about 10 MB at most)
 _LIBINJ_VALUE_MAX = 1024  # longer values are not kept
 
 

@@ -84,3 +84,17 @@ def test_multimatch_libinjection_cache_replays_the_capture():
         fps.append(tx.tx.get("0"))
     assert fps[0] and fps[0] == fps[1]
     assert tx_for(rs, uri="/?a=fine").process_request().matched == []
+
+
+def test_values_scanned_in_phase_1_are_scanned_again_after_the_body():
+    # the body processor clears the per-request caches: phase 2's universe pass must still
+    # see the header value phase 1's pass met (same request, an earlier pass)
+    rules = (
+        'SecRule REQUEST_HEADERS "@rx nothing-here" "id:1,phase:1,pass"\n'
+        'SecRule REQUEST_HEADERS|ARGS "@rx evil" "id:2,phase:2,pass"\n'
+    )
+    rs = Ruleset.from_text(DEFAULTS + rules)
+    for _ in range(3):
+        tx = Transaction(rs, method="POST", uri="/", body=b"a=fine",
+                         headers=[("Host", "x"), ("X-T", "evil"), ("Content-Type", "application/x-www-form-urlencoded")])
+        assert tx.process_request().matched == [2]
