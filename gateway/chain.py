@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("portvakt.chain")
 
+_RETRY_SOON = {"Retry-After": "1"}  # a 503 says when to come back
+
 
 class Mode(str, Enum):
     off = "off"
@@ -130,7 +132,7 @@ async def run_chain(filters: tuple[Filter, ...], ctx: RequestContext) -> Deny | 
                     decision = await _Resumed(coro, suspended_on)
         except TimeoutError:
             log.error("filter %s timed out after %.1fs (request %s)", f.name, f.timeout, ctx.request_id)
-            decision = Deny(Problem(FILTER_TIMEOUT, internal_reason=f"{f.name}_timeout"))
+            decision = Deny(Problem(FILTER_TIMEOUT, internal_reason=f"{f.name}_timeout", headers=_RETRY_SOON))
         except asyncio.CancelledError:
             raise
         except Exception:  # fail closed: a bug in a policy stage denies

@@ -146,41 +146,44 @@ def check_config(path: str) -> list[str]:
             except OSError as e:
                 problems.append(f"{path}: upstreams.{name}.ca_file: cannot read {ca}: {e.strerror or e}")
 
-    async def build() -> None:
-        from gateway.chain import BuildEnv
-        from gateway.runtime import STAGE_MODULES, _component_builders, build_runtime
-
-        try:
-            rt = build_runtime(cfg, None)
-        except Exception as first:  # reported, never a traceback
-            first_problem = _build_problem(path, first)
-        else:
-            await rt.close()
-            return
-        # build_runtime stops at the first error: build each stage and component on its own
-        # to list every one that cannot be built.
-        env = BuildEnv(config=cfg, base_dir=os.path.dirname(os.path.abspath(path)), secrets={})
-        builders = [getattr(importlib.import_module(m), "build_stage", None) for m in STAGE_MODULES]
-        builders += list(_component_builders().values())
-        found: list[str] = []
-        for builder in builders:
-            if builder is None:
-                continue
-            try:
-                part = builder(env)
-            except Exception as e:
-                found.append(_build_problem(path, e))
-                continue
-            close = getattr(part, "close", None)
-            if close is not None:
-                await close()
-        problems.extend(found or [first_problem])
-
     try:
-        asyncio.run(build())
+        problems += asyncio.run(build_problems(cfg, path))
     except Exception as e:  # reported, never a traceback
         problems.append(_build_problem(path, e))
     return problems
+
+
+async def build_problems(cfg: Any, path: str) -> list[str]:
+    """Build (without starting) the runtime of a loaded config; every stage or component that
+    cannot be built, each as ``file: yaml.path: reason``. Used by check-config and by reload."""
+    from gateway.chain import BuildEnv
+    from gateway.runtime import STAGE_MODULES, _component_builders, build_runtime
+
+    try:
+        rt = build_runtime(cfg, None)
+    except Exception as first:  # reported, never a traceback
+        first_problem = _build_problem(path, first)
+    else:
+        await rt.close()
+        return []
+    # build_runtime stops at the first error: build each stage and component on its own
+    # to list every one that cannot be built.
+    env = BuildEnv(config=cfg, base_dir=os.path.dirname(os.path.abspath(path)), secrets={})
+    builders = [getattr(importlib.import_module(m), "build_stage", None) for m in STAGE_MODULES]
+    builders += list(_component_builders().values())
+    found: list[str] = []
+    for builder in builders:
+        if builder is None:
+            continue
+        try:
+            part = builder(env)
+        except Exception as e:
+            found.append(_build_problem(path, e))
+            continue
+        close = getattr(part, "close", None)
+        if close is not None:
+            await close()
+    return found or [first_problem]
 
 
 # A build error whose message starts with the yaml path it is about ("issuers.x.jwks_file: ...").

@@ -249,7 +249,7 @@ class Forwarder:
         strip.add(normalize_header_name(self.assertion_header))
         strip.update({"client-cert", "client-cert-chain"})
         # Credentials the gateway consumed never travel on: the upstream gets the verified facts.
-        strip.add("integrasjonpassord")
+        strip.update({"integrasjonpassord", "integrasjon-passord"})
         strip.update(normalize_header_name(n) for n in config.strip_extra)
         self.strip_names: frozenset[str] = frozenset(strip)
         # Anything under our prefix is ours, even a name we do not set today.

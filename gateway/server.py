@@ -367,15 +367,19 @@ class Gateway:
         old = self.runtime
         try:
             rt = build_runtime(cfg, old, secrets=self.secrets)
-        except Exception as e:
-            log.exception("building the new runtime failed")
-            return False, [f"{self.config_path}: runtime: {type(e).__name__}: {e}"]
+        except Exception:
+            from gateway.cli import build_problems
+
+            log.warning("building the new runtime failed", exc_info=log.isEnabledFor(logging.DEBUG))
+            return False, await build_problems(cfg, str(self.config_path))
         try:
             await rt.start()
         except Exception as e:
-            log.exception("starting the new runtime failed")
+            from gateway.cli import _build_problem
+
+            log.warning("starting the new runtime failed", exc_info=log.isEnabledFor(logging.DEBUG))
             await rt.close()
-            return False, [f"{self.config_path}: runtime start: {type(e).__name__}: {e}"]
+            return False, [_build_problem(str(self.config_path), e)]
         for key in ("listen", "workers", "plain_http"):
             if getattr(cfg.server, key) != getattr(self.config.server, key):
                 log.warning("server.%s changed: takes effect after a restart", key)

@@ -69,6 +69,7 @@ async def test_exception_is_a_500_deny_not_a_pass():
 async def test_timeout_is_a_503_deny():
     out = await run_chain((Fixed("t_slow", "sleep", timeout=0.05),), make_ctx())
     assert out is not None and out.problem.status == 503 and out.problem.reason == "filter_timeout"
+    assert out.problem.headers.get("Retry-After") == "1"
 
 
 async def test_detect_mode_records_and_continues():
