@@ -22,10 +22,11 @@ import re
 import signal
 import ssl
 import time
+import uuid
 from functools import lru_cache
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import accesslog, metrics, problems, tlsutil
@@ -92,6 +93,29 @@ def split_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]"), int(port)
 
+
+
+class _ProblemRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering what its HTTP parser rejects as problem+json.
+
+    aiohttp's own error page is text/plain and quotes the offending bytes (which can be the start
+    of an ``Authorization`` or ``IntegrasjonPassord`` value); ours is the generic 400 problem
+    with a request id, and the connection is closed as aiohttp does.
+    """
+
+    def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[no-untyped-def]
+        resp = super().handle_error(request, status, exc, message)
+        reason = problems.BAD_REQUEST if 400 <= status < 500 else problems.INTERNAL
+        rid = uuid.uuid4().hex
+        out = problems.render(Problem(reason, status=status), rid, {"Server": "portvakt"})
+        out.force_close()
+        del resp
+        return out
+
+
+class _ProblemServer(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
 
 class _Labels:
     """Cached metric label children: the request path never builds a label tuple twice."""
@@ -298,7 +322,7 @@ class Gateway:
     async def start(self) -> None:
         cfg = self.config
         ing = cfg.ingress
-        server = web.Server(
+        server = _ProblemServer(
             self.handle,
             handler_cancellation=True,  # a client disconnect cancels the upstream call
             # aiohttp's own parser limits sit above the ingress limits so ingress answers first

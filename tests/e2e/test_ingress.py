@@ -118,7 +118,8 @@ async def test_smuggling_shapes_and_path_tricks_get_400_and_reach_nothing(start_
         answers = len(re.findall(rb"HTTP/1\.[01] \d{3} ", resp))
         if answers != 1:
             failures.append(f"{name}: {answers} responses on one connection")
-        if problem is not None:
+        parser_layer = problem is not None and problem.get("reason") == "bad_request" and name not in FILTER_LAYER
+        if problem is not None and not parser_layer:  # aiohttp's parser answers with the generic 400 problem
             by_filter.add(name)
             if problem.get("reason") != reason:
                 failures.append(f"{name}: reason {problem.get('reason')!r}, expected {reason!r}")
