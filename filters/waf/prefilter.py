@@ -39,17 +39,21 @@ ALL = AllPatterns()
 
 
 class PipelineSet:
-    __slots__ = ("set", "pids")
+    __slots__ = ("set", "pids", "_match")
 
     def __init__(self, rset, pids: list[int]):
         self.set = rset
         self.pids = pids
+        # the compiled RE2::Set's own Match (bytes in, list of indexes out), without the
+        # wrapper's str check; the wrapper's Match when that object is not there
+        inner = getattr(rset, "_set", None)
+        self._match = getattr(inner, "Match", None) or rset.Match
 
     def scan(self, value: bytes):
         if len(value) > MAX_SCAN:
             return ALL
         try:
-            hits = self.set.Match(value)
+            hits = self._match(value)
         except Exception:  # pragma: no cover - DFA budget exhausted: be conservative
             return ALL
         pids = self.pids
