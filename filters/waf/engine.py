@@ -1315,13 +1315,7 @@ class Transaction:
                     continue
             matched = True
             new_matches.append((name, tv))
-            self.s["MATCHED_VAR"] = tv
-            self.s["MATCHED_VAR_NAME"] = name.encode("latin-1", "replace")
-            self._rule = rule
-            if rule.setvars:
-                self._setvars(rule)
-            if rule.ctls:
-                self._ctls(rule)
+            self._on_match(rule, name, tv)
         if matched:
             self.matched_vars = new_matches
         return matched
@@ -1336,16 +1330,20 @@ class Transaction:
                 continue
             matched = True
             new_matches.append((name, tv))
-            self.s["MATCHED_VAR"] = tv
-            self.s["MATCHED_VAR_NAME"] = name.encode("latin-1", "replace")
-            self._rule = rule
-            if rule.setvars:
-                self._setvars(rule)
-            if rule.ctls:
-                self._ctls(rule)
+            self._on_match(rule, name, tv)
         if matched:
             self.matched_vars = new_matches
         return matched
+
+    def _on_match(self, rule: Rule, name: str, tv: bytes) -> None:
+        """One value matched: expose it as MATCHED_VAR(_NAME) and run the rule's per-match actions."""
+        self.s["MATCHED_VAR"] = tv
+        self.s["MATCHED_VAR_NAME"] = name.encode("latin-1", "replace")
+        self._rule = rule
+        if rule.setvars:
+            self._setvars(rule)
+        if rule.ctls:
+            self._ctls(rule)
 
     def _setvars(self, rule: Rule) -> None:
         for sv in rule.setvars:
