@@ -36,7 +36,7 @@ from pydantic import Field, field_validator, model_validator
 
 from filters.jwks import VERIFIERS, JwksStore, KeysUnavailable, VerifyKey, check_algorithms, check_jwks_uri
 from gateway import problems
-from gateway.chain import ALLOW, POS_TOKENS, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage
+from gateway.chain import ALLOW, POS_TOKENS, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage, release, share
 from gateway.configbase import Model
 from gateway.context import Detection, RequestContext, TokenIdentity
 from gateway.metrics import REGISTRY
@@ -475,8 +475,7 @@ class TokensStage(Stage):
         if not self._took_refs:
             self._took_refs = True
             for name in self._adopted:
-                store = self.issuers[name].store
-                store.refs = getattr(store, "refs", 1) + 1
+                share(self.issuers[name].store)
         stores = [rt.store for rt in self.issuers.values() if rt.mode is not Mode.off]
         await asyncio.gather(*(s.start() for s in stores))
 
@@ -487,10 +486,7 @@ class TokensStage(Stage):
         for name, rt in self.issuers.items():
             if name in self._adopted and not self._took_refs:
                 continue  # never started: the store still belongs to the previous stage alone
-            store = rt.store
-            store.refs = getattr(store, "refs", 1) - 1
-            if store.refs <= 0:
-                await store.close()
+            await release(rt.store)
 
     def readiness(self) -> dict[str, str]:
         return {f"jwks.{name}": rt.store.readiness() for name, rt in self.issuers.items() if rt.mode is not Mode.off}

@@ -106,6 +106,22 @@ class Stage:
         state worth keeping (JWKS caches, connections) when the relevant config is unchanged."""
 
 
+def share(resource: Any) -> None:
+    """A stage started with a resource adopted from the previous runtime: count it as a user.
+
+    Resources kept across reloads (key stores, Redis clients) carry ``refs``, the number of
+    started stages using them (1 for the stage that made them). ``release`` closes on the last.
+    """
+    resource.refs = getattr(resource, "refs", 1) + 1
+
+
+async def release(resource: Any) -> None:
+    """A started stage is done with a shared resource; the last user closes it."""
+    resource.refs = getattr(resource, "refs", 1) - 1
+    if resource.refs <= 0:
+        await resource.close()
+
+
 @dataclass(slots=True)
 class BuildEnv:
     """What a stage may use while building: the whole config and its file's directory."""

@@ -72,7 +72,7 @@ from filters.ratelimit.redis_store import (
     RedisBackend,
 )
 from gateway import problems
-from gateway.chain import ALLOW, POS_RATE_LIMIT, POS_RATE_LIMIT_PRE, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage
+from gateway.chain import ALLOW, POS_RATE_LIMIT, POS_RATE_LIMIT_PRE, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage, release, share
 from gateway.configbase import Model
 from gateway.problems import Problem
 
@@ -423,7 +423,7 @@ class RateLimitStage(Stage):
         if self._adopted:
             if not self._took_ref:  # already started by the previous stage: share it
                 self._took_ref = True
-                self.backend.refs = getattr(self.backend, "refs", 1) + 1
+                share(self.backend)
             return
         await self.backend.start()
 
@@ -433,10 +433,7 @@ class RateLimitStage(Stage):
         self._closed = True
         if self._adopted and not self._took_ref:
             return  # never started: the backend still belongs to the previous stage alone
-        b = self.backend
-        b.refs = getattr(b, "refs", 1) - 1
-        if b.refs <= 0:
-            await b.close()
+        await release(self.backend)
 
     def readiness(self) -> dict[str, str]:
         return self.backend.readiness(self.cfg.on_backend_error)
