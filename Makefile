@@ -1,7 +1,7 @@
 # Portvakt. `make run` (demo gateway) and `make test` do all set-up on a fresh Debian/Ubuntu
 # machine with Python 3.11+. Targets:
 #   run              venv + dev certificates, then the demo (gateway + echo upstream) in the foreground
-#   test             venv + redis-server present, then pytest (PYTEST_ARGS=... to narrow)
+#   test             venv + redis-server and nginx present, then pytest (PYTEST_ARGS=... to narrow)
 #   bench            venv + wrk + redis-server, then bench/run.py (BENCH_ARGS=... e.g. --duration 1)
 #   crs-conformance  replay ../shared/waf/crs-regression.jsonl against Portvakt running CRS
 #   dev-certs        (re)generate missing dev certificates in certs/dev
@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 CERTS ?= certs/dev
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' gateway/__init__.py)
 
-.PHONY: venv run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present
+.PHONY: venv run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present nginx-present
 
 # The venv is (re)built whenever pyproject.toml changes: the stamp is older than it then.
 $(STAMP): pyproject.toml
@@ -45,6 +45,14 @@ redis-server-present:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server is missing and the tests need it: sudo apt-get install redis-server"; exit 1; fi; }
 
+# The edge tests put a real nginx (which normalises paths) behind the gateway.
+nginx-present:
+	@test -x /usr/sbin/nginx || command -v nginx >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing nginx-light (the edge tests use a real nginx upstream)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; \
+	  else echo "nginx is missing and the tests need it: sudo apt-get install nginx-light"; exit 1; fi; }
+
 wrk-present:
 	@command -v wrk >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -62,7 +70,7 @@ run: venv $(CERTS)/ca.pem
 	$(VPY) -m gateway demo
 
 # pytest exits 5 when it collected no tests: that is a failure here, said out loud.
-test: venv redis-server-present
+test: venv redis-server-present nginx-present
 	@$(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc = 5 ]; then echo "pytest collected no tests: treating that as a failure"; fi; \
 	  exit $$rc

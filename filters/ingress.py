@@ -299,7 +299,9 @@ class IngressFilter(Filter):
                 )
             )
 
-        uri_len = len(ctx.raw_path) + (len(ctx.query_string) + 1 if ctx.query_string else 0)
+        # The target as sent (the canonical form the server put in ctx.raw_path can be shorter).
+        sent = getattr(ctx.request, "raw_path", None)
+        uri_len = len(sent) if isinstance(sent, str) else len(ctx.raw_path) + (len(ctx.query_string) + 1 if ctx.query_string else 0)
         if uri_len > self._max_uri:
             return Deny(Problem(URI_TOO_LONG, detail=f"Request target over {self._max_uri} bytes"))
 

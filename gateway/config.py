@@ -25,6 +25,7 @@ from filters.ratelimit import RateLimitConfig, RateLimitRule
 from filters.tokens import IssuerConfig
 from filters.waf.config import RouteWafConfig, WafConfig
 from gateway.audit import AuditConfig
+from gateway.canonical import HttpConfig, NotCanonical, canonical_path, route_host
 from gateway.configbase import Model
 from gateway.identity import IdentityConfig, RouteForwardConfig
 
@@ -146,6 +147,9 @@ class Config(Model):
     waf: WafConfig = Field(default_factory=WafConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    http: HttpConfig = Field(
+        default_factory=HttpConfig, description="Canonical request (path normalisation) and client headers never forwarded"
+    )
 
     # Set by load_config: where the file was, so relative paths resolve against it.
     source_path: str | None = Field(None, exclude=True)
@@ -226,6 +230,7 @@ def _cross_checks(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
             errs.append((("routes", i, "name"), f"duplicate route name {r.name!r}"))
         names.add(r.name)
         errs += [(("routes", i) + loc, msg) for loc, msg in route_policy_problems(r)]
+        errs += _route_canonical_problems(i, r, cfg)
         if r.organization_from and not re.match(r"^(path:/.*\{organization\}.*|header:[A-Za-z0-9-]+)\Z", r.organization_from):
             errs.append(
                 (("routes", i, "organization_from"), 'must be "path:/.../{organization}/..." or "header:Name"')
@@ -235,6 +240,26 @@ def _cross_checks(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
         if integ.id.lower() in ids:
             errs.append((("integrations", i, "id"), f"duplicate integration id {integ.id!r}"))
         ids.add(integ.id.lower())
+    return errs
+
+
+def _route_canonical_problems(i: int, r: RouteConfig, cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
+    """A route names a canonical path prefix and valid hosts: requests are matched in canonical
+    form, so any other spelling would never match (or would match what it does not say)."""
+    errs: list[tuple[tuple[Any, ...], str]] = []
+    prefix = r.match.path_prefix
+    try:
+        canon = canonical_path(prefix, cfg.http)[0]
+    except Exception as e:  # NotCanonical or Redirect
+        errs.append((("routes", i, "match", "path_prefix"), f"not a canonical path ({getattr(e, 'reason', 'escaped slash')})"))
+    else:
+        if canon != prefix:
+            errs.append((("routes", i, "match", "path_prefix"), f"not canonical: write {canon!r}"))
+    for j, h in enumerate(r.match.hosts):
+        try:
+            route_host(h)
+        except NotCanonical:
+            errs.append((("routes", i, "match", "hosts", j), f"not a host name or address: {h!r}"))
     return errs
 
 

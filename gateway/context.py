@@ -138,6 +138,13 @@ class RequestContext:
     bytes_in: int = 0
     bytes_out: int = 0
 
+    # The canonical request target (gateway.canonical): path + "?" + query as sent upstream;
+    # set by the server before routing ("" until then).
+    target: str = ""
+    # X-Forwarded-Host / -Port for the upstream: the trusted proxy's (validated) or the gateway's own.
+    forwarded_host: str | None = None
+    forwarded_port: str | None = None
+
     @property
     def organization(self) -> str | None:
         """The authenticated organisation: the token's consumer org, else the certificate's."""

@@ -49,7 +49,15 @@ HOP_BY_HOP = frozenset(
 # Request fields never copied from the client: hop-by-hop, recomputed (host, content-length,
 # expect: 100-continue is answered by the gateway), and the ones the gateway sets itself.
 GATEWAY_REQUEST_HEADERS = frozenset(
-    {"x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"}
+    {"x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "forwarded"}
+)
+# Forwarded client-certificate headers (Envoy XFCC, RFC 9440, nginx, IIS/ARR...): dropped when the
+# peer is not a trusted proxy (Envoy's SANITIZE), whether or not ``certificates`` reads them.
+FORWARDED_CERT_HEADERS = frozenset(
+    {"x-forwarded-client-cert", "client-cert", "client-cert-chain", "x-ssl-client-cert", "ssl-client-cert",
+     "x-client-cert", "x-ssl-cert", "x-client-certificate", "x-arr-clientcert", "x-ssl-client-verify",
+     "x-client-verify", "x-ssl-client-dn", "x-ssl-client-s-dn", "x-ssl-client-i-dn", "x-client-dn",
+     "x-ssl-client-serial", "x-ssl-client-fingerprint"}
 )
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"} | GATEWAY_REQUEST_HEADERS
 # Response fields never copied from the upstream.
@@ -274,14 +282,21 @@ def upstream_headers(
             if (memo(k) or _normalised_name(k)) not in drop:
                 out.add(k, v)
     peer = ip_text(ctx.peer_ip)
-    xff = headers.get("X-Forwarded-For") if ctx.from_trusted_proxy else None
-    out["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
-    proto = headers.get("X-Forwarded-Proto") if ctx.from_trusted_proxy else None
-    out["X-Forwarded-Proto"] = proto or ctx.scheme
-    fhost = headers.get("X-Forwarded-Host") if ctx.from_trusted_proxy else None
-    host = fhost or ctx.host
+    if ctx.from_trusted_proxy:
+        # Every X-Forwarded-For line is part of one list (RFC 9110 5.3); the gateway's client-IP
+        # resolution reads it the same way, so audit and upstream agree.
+        xff = ", ".join(v.strip() for v in headers.getall("X-Forwarded-For", ()) if v.strip())
+        out["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
+    else:
+        out["X-Forwarded-For"] = peer
+    # Scheme, host and port: the gateway's own view, or the trusted proxy's (already resolved by
+    # the server into ctx.scheme / ctx.forwarded_host / ctx.forwarded_port).
+    out["X-Forwarded-Proto"] = ctx.scheme
+    host = ctx.forwarded_host or ctx.host
     if host:
         out["X-Forwarded-Host"] = host
+    if ctx.forwarded_port:
+        out["X-Forwarded-Port"] = ctx.forwarded_port
     out["X-Request-Id"] = ctx.request_id
     if forwarder is not None:
         for k, v in forwarder.headers(ctx).items():
@@ -329,7 +344,8 @@ async def forward(
         data = ctx.body
     else:
         data = None
-    target = request.raw_path if request.raw_path.startswith("/") else request.rel_url.raw_path_qs
+    # The canonical target (gateway.canonical): the path the route and its policy were chosen on.
+    target = ctx.target or (request.raw_path if request.raw_path.startswith("/") else request.rel_url.raw_path_qs)
     url = URL(upstream.base + target, encoded=True)
     t0 = time.perf_counter()
     try:

@@ -16,9 +16,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.canonical import host_for_match, route_host
 from gateway.chain import BuildEnv, Filter, Stage
 from gateway.config import Config, RouteConfig, UpstreamConfig
-from gateway.proxy import REQUEST_DROP, UpstreamPool
+from gateway.proxy import FORWARDED_CERT_HEADERS, REQUEST_DROP, UpstreamPool
 
 log = logging.getLogger("portvakt.runtime")
 
@@ -68,6 +69,9 @@ class Runtime:
     trusted_networks: tuple[Any, ...] = ()
     request_drop: frozenset[str] = frozenset()  # client headers never forwarded (lower-case, '-')
     request_drop_prefixes: tuple[str, ...] = ()  # ...nor any whose name starts with one of these
+    # request_drop plus the forwarded client-certificate headers: what a peer that is not a
+    # trusted proxy never gets through (Envoy's XFCC SANITIZE).
+    request_drop_untrusted: frozenset[str] = frozenset()
     max_body_bytes: int = 0
     inflight: int = 0
     _drained: asyncio.Event | None = field(default=None, repr=False)
@@ -104,8 +108,9 @@ class Runtime:
         await self.close()
 
     def match(self, host: str, path: str) -> CompiledRoute | None:
-        """First route, in config order, whose host list (if any) and path prefix match."""
-        h = host.rsplit(":", 1)[0].lower() if host and not host.startswith("[") else (host or "").lower()
+        """First route, in config order, whose host list (if any) and path prefix match. ``host``
+        and ``path`` are canonical (gateway.canonical)."""
+        h = host_for_match(host)
         for r in self.routes:
             if r.hosts and h not in r.hosts:
                 continue
@@ -199,7 +204,7 @@ def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict
                 name=rc.name,
                 prefix=rc.match.path_prefix,
                 methods=frozenset(rc.match.methods),
-                hosts=frozenset(h.lower() for h in rc.match.hosts),
+                hosts=frozenset(route_host(h) for h in rc.match.hosts),
                 upstream_name=rc.upstream,
                 upstream=config.upstreams[rc.upstream],
                 filters=tuple(filters),
@@ -218,6 +223,11 @@ def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict
     components["upstreams"] = UpstreamPool(config)
     forwarder = components.get("forwarder")
     strip = frozenset(getattr(forwarder, "strip_names", frozenset())) if forwarder is not None else frozenset()
+    strip |= config.http.strip_names()
+    cert_headers = set(FORWARDED_CERT_HEADERS)
+    fwd_cert = config.certificates.forwarded_header
+    if fwd_cert:
+        cert_headers |= {fwd_cert.lower().replace("_", "-"), fwd_cert.lower().replace("_", "-") + "-chain"}
     gen = previous.generation + 1 if previous is not None else 1
     return Runtime(
         config=config,
@@ -227,6 +237,7 @@ def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict
         generation=gen,
         trusted_networks=tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies),
         request_drop=REQUEST_DROP | strip,
+        request_drop_untrusted=REQUEST_DROP | strip | cert_headers,
         request_drop_prefixes=tuple(getattr(forwarder, "strip_prefixes", ()) or ()),
         max_body_bytes=max_body,
     )

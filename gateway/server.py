@@ -27,21 +27,27 @@ from functools import lru_cache
 from typing import Any
 
 from aiohttp import web, web_protocol
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, HttpProcessingError, InvalidURLError, LineTooLong
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import accesslog, metrics, problems, tlsutil
+from gateway.canonical import (
+    HOST_NOT_CANONICAL, PATH_NOT_CANONICAL, NotCanonical, Redirect, canonical_host, canonical_path,
+)
 from gateway.chain import run_chain
 from gateway.config import HTTP_METHODS, Config, ConfigError, load_config
 from gateway.context import RequestContext
 from gateway.problems import BAD_REQUEST, NOT_FOUND, Problem
 from gateway.proxy import BODY_TOO_LARGE, BodyTooLarge, ClientBodyError, UpstreamError, forward
 from gateway.runtime import Runtime, build_runtime
+from filters.ingress import HEADERS_TOO_LARGE, REQUEST_SMUGGLING, URI_TOO_LONG
 
 log = logging.getLogger("portvakt.server")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _METHOD_LABELS = frozenset(HTTP_METHODS)
 _NO_ROUTE = "(none)"
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 _getrandbits = random.getrandbits
 # UUIDv4 layout (version 4, RFC 4122 variant) from the process's PRNG: request ids must be
 # unique, not secret, and this is several times cheaper than uuid.uuid4() (an os.urandom call
@@ -89,6 +95,41 @@ def resolve_client(rt: Runtime, peer: Any, headers: Any) -> tuple[Any, bool]:
     return client, True
 
 
+HTTP_VERSION_NOT_SUPPORTED = problems.register("http_version_not_supported", 505, "HTTP version not supported")
+INVALID_HEADER_VALUE = problems.register("invalid_header_value", 400, "Header value is not valid UTF-8")
+_HTTP_VERSIONS = ((1, 1), (1, 0))
+
+
+def _last_value(headers: Any, name: str) -> str | None:
+    """The last element of a (possibly repeated, comma-separated) header: the one the nearest
+    trusted proxy wrote."""
+    values = headers.getall(name, ())
+    if not values:
+        return None
+    return values[-1].rsplit(",", 1)[-1].strip() or None
+
+
+def forwarded_view(request: web.BaseRequest, ctx: RequestContext) -> None:
+    """``ctx.forwarded_host`` / ``ctx.forwarded_port`` for the upstream: a trusted proxy's values
+    when it sent valid ones, else the gateway's own (canonical Host, listening port)."""
+    headers = ctx.headers
+    if ctx.from_trusted_proxy:
+        fh = _last_value(headers, "X-Forwarded-Host")
+        if fh is not None:
+            try:
+                ctx.forwarded_host = canonical_host(fh, ctx.scheme) or None
+            except NotCanonical:
+                pass
+        fp = _last_value(headers, "X-Forwarded-Port")
+        if fp is not None and fp.isascii() and fp.isdigit() and 0 < int(fp) <= 65535:
+            ctx.forwarded_port = str(int(fp))
+    if ctx.forwarded_port is None:
+        transport = request.transport
+        sock = transport.get_extra_info("sockname") if transport is not None else None
+        if sock:
+            ctx.forwarded_port = str(sock[1])
+
+
 def split_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]"), int(port)
@@ -99,18 +140,63 @@ class _ProblemRequestHandler(web_protocol.RequestHandler):
     """aiohttp's connection handler, answering what its HTTP parser rejects as problem+json.
 
     aiohttp's own error page is text/plain and quotes the offending bytes (which can be the start
-    of an ``Authorization`` or ``IntegrasjonPassord`` value); ours is the generic 400 problem
-    with a request id, and the connection is closed as aiohttp does.
+    of an ``Authorization`` or ``IntegrasjonPassord`` value); ours is the problem of the precise
+    reason (414, 431, 400 ``request_smuggling``...) with a request id, and the refusal is
+    recorded like every other request (access log, audit, metrics) by the server's
+    ``record_refused``. The connection is closed as aiohttp does.
     """
 
     def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[no-untyped-def]
         resp = super().handle_error(request, status, exc, message)
-        reason = problems.BAD_REQUEST if 400 <= status < 500 else problems.INTERNAL
-        rid = uuid.uuid4().hex
-        out = problems.render(Problem(reason, status=status), rid, {"Server": "portvakt"})
-        out.force_close()
         del resp
+        record = getattr(self._manager, "record_refused", None)
+        if record is not None and isinstance(exc, HttpProcessingError):
+            out = record(request, exc)
+        else:
+            reason = problems.BAD_REQUEST if 400 <= status < 500 else problems.INTERNAL
+            out = problems.render(Problem(reason, status=status), uuid.uuid4().hex, {"Server": "portvakt"})
+        out.force_close()
         return out
+
+
+def classify_parser_error(exc: HttpProcessingError) -> tuple[str, str]:
+    """(reason, internal reason) for what aiohttp's parser (llhttp) refused. Told apart by type
+    and message (aiohttp 3.14; tests/e2e/test_parser_errors.py pins each shape)."""
+    msg = str(getattr(exc, "message", "") or exc).lower()
+    if isinstance(exc, LineTooLong):
+        # The request line arrives as a bytearray buffer, header names and values as bytes.
+        if isinstance(exc.args[0] if exc.args else None, bytearray):
+            return URI_TOO_LONG, "request_line_too_long"
+        return HEADERS_TOO_LARGE, "header_line_too_long"
+    if "too many headers" in msg:
+        return HEADERS_TOO_LARGE, "too_many_headers"
+    if isinstance(exc, InvalidURLError):
+        return PATH_NOT_CANONICAL, "invalid_target"
+    if isinstance(exc, BadHttpMethod):
+        return problems.BAD_REQUEST, "bad_method"
+    if isinstance(exc, BadStatusLine):
+        return problems.BAD_REQUEST, "bad_request_line"
+    for needle, internal in _FRAMING_ERRORS:
+        if needle in msg:
+            return REQUEST_SMUGGLING, internal
+    if "duplicate 'host'" in msg:
+        return HOST_NOT_CANONICAL, "duplicate_host"
+    if "missing 'host'" in msg:
+        return HOST_NOT_CANONICAL, "missing_host"
+    if "header" in msg:
+        return problems.BAD_REQUEST, "invalid_header"
+    return problems.BAD_REQUEST, "malformed_request"
+
+
+_FRAMING_ERRORS = (
+    ("transfer-encoding can't be present with content-length", "te_and_cl"),
+    ("content-length can't be present with transfer-encoding", "te_and_cl"),
+    ("duplicate content-length", "duplicate_content_length"),
+    ("whitespace after header value", "obs_fold"),
+    ("chunk", "bad_chunk_size"),
+    ("transfer-encoding", "bad_transfer_encoding"),
+    ("content-length", "invalid_content_length"),
+)
 
 
 class _ProblemServer(web.Server):
@@ -175,7 +261,7 @@ class Gateway:
         host = headers.get("Host", "")
         scheme = self.scheme
         if trusted and scheme == "http":
-            fp = headers.get("X-Forwarded-Proto")
+            fp = _last_value(headers, "X-Forwarded-Proto")
             if fp in ("https", "http"):
                 scheme = fp
         ctx = RequestContext(
@@ -218,8 +304,50 @@ class Gateway:
         resp.headers["Server"] = "portvakt"  # not aiohttp's default (it names versions)
         return resp
 
+    def _canonicalise(self, rt: Runtime, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse | None:
+        """Bring the request to its one canonical form (gateway.canonical) before anything routes
+        on it: ``ctx.host``, ``ctx.raw_path``, ``ctx.path`` and ``ctx.target`` are set, or the
+        request is refused (or redirected, when configured). Header values that are not UTF-8
+        are refused: aiohttp would forward them with the offending bytes silently dropped."""
+        try:
+            ctx.host = canonical_host(ctx.host, ctx.scheme)
+        except NotCanonical as e:
+            return self._deny(ctx, Problem(HOST_NOT_CANONICAL, internal_reason=e.reason))
+        for name, value in ctx.headers.items():
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return self._deny(ctx, Problem(INVALID_HEADER_VALUE, detail=f"{name} is not valid UTF-8",
+                                                   internal_reason="header_invalid_utf8"))
+        url = request.rel_url
+        query = url.raw_query_string
+        sent = ctx.raw_path
+        try:
+            path, decoded = canonical_path(sent, rt.config.http)
+        except NotCanonical as e:
+            return self._deny(ctx, Problem(PATH_NOT_CANONICAL, detail="Request path is ambiguous or malformed",
+                                           internal_reason=e.reason))
+        except Redirect as r:
+            location = r.path + ("?" + query if query else "")
+            ctx.status, ctx.decision, ctx.reason = 308, "deny", "escaped_slash_redirect"
+            return web.Response(status=308, headers={"Location": location, "X-Request-Id": ctx.request_id,
+                                                     "Server": "portvakt", "Cache-Control": "no-store"})
+        ctx.raw_path, ctx.path = path, decoded
+        ctx.target = path + ("?" + query if query or "?" in request.raw_path else "")
+        forwarded_view(request, ctx)
+        return None
+
     async def _serve(self, rt: Runtime, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse:
         method = ctx.method
+        if request.version not in _HTTP_VERSIONS:
+            # HTTP/0.9 (a request line without version, then nothing) and anything past 1.1 on an
+            # HTTP/1 connection: never forwarded; the connection is closed after the answer.
+            protocol = request.protocol
+            if protocol is not None:
+                protocol.close()
+            return self._deny(ctx, Problem(HTTP_VERSION_NOT_SUPPORTED, internal_reason="http_version",
+                                           headers={"Connection": "close"}))
         if method == "CONNECT":
             return self._deny(ctx, Problem(BAD_REQUEST, detail="CONNECT is not supported", internal_reason="connect_method"))
         target = request.raw_path
@@ -227,10 +355,13 @@ class Gateway:
             # Absolute-form (or asterisk/authority-form): never act as a forward proxy. Only an
             # absolute-form target naming this very Host is read as its path.
             abs_host = _absolute_host(target)
-            if abs_host is None or abs_host != ctx.host.lower():
+            if abs_host is None or not _same_host(abs_host, ctx.host, ctx.scheme):
                 return self._deny(ctx, Problem(BAD_REQUEST, detail="Request target must be a path", internal_reason="absolute_form_target"))
             ctx.raw_path = request.rel_url.raw_path
-        route = rt.match(ctx.host, ctx.path)
+        refused = self._canonicalise(rt, request, ctx)
+        if refused is not None:
+            return refused
+        route = rt.match(ctx.host, ctx.raw_path)
         if route is None:
             return self._deny(ctx, Problem(NOT_FOUND))
         ctx.route = route
@@ -280,7 +411,8 @@ class Gateway:
         try:
             resp = await forward(
                 ctx, request, components["upstreams"].get(route.upstream_name), body_limit=limit,
-                has_more_body=more_body, drop=rt.request_drop, forwarder=components.get("forwarder"),
+                has_more_body=more_body, forwarder=components.get("forwarder"),
+                drop=rt.request_drop if ctx.from_trusted_proxy else (rt.request_drop_untrusted or rt.request_drop),
                 drop_prefixes=rt.request_drop_prefixes,
             )
         except BodyTooLarge:
@@ -317,6 +449,28 @@ class Gateway:
                 metrics.IN_FLIGHT.dec()
             rt.leave()
 
+    def record_refused(self, request: web.BaseRequest, exc: HttpProcessingError) -> web.Response:
+        """The answer to a request aiohttp's parser refused, recorded like any other request:
+        one access-log line, one audit record with the precise reason, the request metrics."""
+        rt = self.runtime
+        reason, internal = classify_parser_error(exc)
+        peer = parse_ip(request.remote or "") or ipaddress.IPv4Address(0)
+        ctx = RequestContext(
+            request_id=new_request_id(), method="UNKNOWN", raw_path="", path="", query_string="", host="",
+            scheme=self.scheme, peer_ip=peer, client_ip=peer, headers=_NO_HEADERS, request=request,  # type: ignore[arg-type]
+            runtime=rt, tls=tlsutil.peer_info(request.transport),
+        )
+        rt.inflight += 1
+        self.inflight += 1
+        if self._count_inflight:
+            metrics.IN_FLIGHT.inc()
+        resp: web.Response | None = None
+        try:
+            resp = self._deny(ctx, Problem(reason, internal_reason=internal))
+            return resp
+        finally:
+            self._finish(rt, ctx, resp)
+
     # ---- listener ----------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -334,6 +488,7 @@ class Gateway:
             keepalive_timeout=cfg.server.keepalive_timeout_seconds,
             access_log=None,
         )
+        server.record_refused = self.record_refused  # type: ignore[attr-defined]
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.server.shutdown_grace_seconds)
         await self._runner.setup()
         host, port = split_listen(cfg.server.listen)
@@ -445,6 +600,13 @@ class Gateway:
 def headers_expect_continue(request: web.BaseRequest) -> bool:
     exp = request.headers.get("Expect")
     return exp is not None and exp.lower() == "100-continue" and request.version >= (1, 1)
+
+
+def _same_host(a: str, b: str, scheme: str) -> bool:
+    try:
+        return canonical_host(a, scheme) == canonical_host(b, scheme)
+    except NotCanonical:
+        return False
 
 
 def _absolute_host(target: str) -> str | None:

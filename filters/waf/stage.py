@@ -221,7 +221,8 @@ class WafFilter(Filter):
         req = ctx.request
         version = getattr(req, "version", None)
         protocol = f"HTTP/{version.major}.{version.minor}" if version is not None else "HTTP/1.1"
-        uri = getattr(req, "raw_path", None) or (ctx.raw_path + ("?" + ctx.query_string if ctx.query_string else ""))
+        # The canonical target (what routing chose on and what the upstream gets), else as sent.
+        uri = ctx.target or getattr(req, "raw_path", None) or (ctx.raw_path + ("?" + ctx.query_string if ctx.query_string else ""))
         tx = Transaction(
             self.engine.ruleset, method=ctx.method, uri=uri, protocol=protocol, headers=list(ctx.headers.items()),
             body=body, remote_addr=str(ctx.client_ip), unique_id=ctx.request_id, removed_ids=self.removed_ids,

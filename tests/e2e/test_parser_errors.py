@@ -1,10 +1,12 @@
 """What aiohttp's HTTP parser refuses is still answered as problem+json, without echoing bytes."""
 
+import asyncio
 import json
+import re
 import socket
 import ssl
 
-from tests.fixtures.gateway import basic_config
+from tests.fixtures.gateway import basic_config, parse_metrics
 
 
 async def test_oversized_header_gets_a_problem_without_the_header_bytes(start_gateway, upstream, pki):
@@ -27,12 +29,119 @@ async def test_oversized_header_gets_a_problem_without_the_header_bytes(start_ga
                     break
                 data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith((b"HTTP/1.1 400", b"HTTP/1.0 400")), head[:200]
+    assert head.startswith((b"HTTP/1.1 431", b"HTTP/1.0 431")), head[:200]
     assert b"server: portvakt" in head.lower()
     assert b"application/problem+json" in head.lower()
     assert b"x-request-id" in head.lower()
     doc = json.loads(body)
-    assert doc["status"] == 400 and doc["reason"] == "bad_request"
+    assert doc["status"] == 431 and doc["reason"] == "headers_too_large"
     assert b"hemmelig" not in data
     assert "hemmelig" not in gw.output()
     assert upstream.requests == []
+
+
+# What the parser (or the version check right after it) refuses, with the documented status, the
+# public reason and the precise internal reason that the access log, the audit record and the
+# metrics carry.
+HOST = b"Host: localhost\r\n"
+REFUSALS = [
+    ("te_and_cl", b"POST /x HTTP/1.1\r\n" + HOST + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+     400, "request_smuggling", "te_and_cl"),
+    ("cl_and_te", b"POST /x HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+     400, "request_smuggling", "te_and_cl"),
+    ("duplicate_cl", b"POST /x HTTP/1.1\r\n" + HOST + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+     400, "request_smuggling", "duplicate_content_length"),
+    ("obs_fold", b"GET /x HTTP/1.1\r\n" + HOST + b"X-A: b\r\n c\r\n\r\n", 400, "request_smuggling", "obs_fold"),
+    ("chunk_overflow", b"POST /x HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\nabc",
+     400, "request_smuggling", "bad_chunk_size"),
+    ("uri_too_long", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n" + HOST + b"\r\n", 414, "uri_too_long",
+     "request_line_too_long"),
+    ("header_too_long", b"GET /x HTTP/1.1\r\n" + HOST + b"X-A: " + b"a" * 17000 + b"\r\n\r\n", 431,
+     "headers_too_large", "header_line_too_long"),
+    ("too_many_headers", b"GET /x HTTP/1.1\r\n" + HOST + b"".join(b"X-%d: a\r\n" % i for i in range(250)) + b"\r\n",
+     431, "headers_too_large", "too_many_headers"),
+    ("raw_non_ascii_target", b"GET /a\xe9b HTTP/1.1\r\n" + HOST + b"\r\n", 400, "path_not_canonical", "invalid_target"),
+    ("duplicate_host", b"GET /x HTTP/1.1\r\n" + HOST + b"Host: other\r\n\r\n", 400, "host_not_canonical",
+     "duplicate_host"),
+    ("missing_host", b"GET /x HTTP/1.1\r\n\r\n", 400, "host_not_canonical", "missing_host"),
+    ("http_0_9", b"GET /c\r\n\r\n", 505, "http_version_not_supported", "http_version"),
+    ("http_2_0_text", b"GET /c HTTP/2.0\r\n" + HOST + b"\r\n", 505, "http_version_not_supported", "http_version"),
+]
+
+
+async def _exchange(gw, pki, raw: bytes) -> bytes:
+    r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost")
+    try:
+        w.write(raw)
+        await w.drain()
+        data = b""
+        try:
+            async with asyncio.timeout(20):
+                while chunk := await r.read(65536):
+                    data += chunk
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+        return data
+    finally:
+        w.close()
+
+
+async def test_every_parser_refusal_leaves_its_record(start_gateway, upstream, pki, tmp_path):
+    cfg = basic_config(upstream.url)
+    cfg["audit"] = {"path": str(tmp_path / "audit.jsonl"), "key": "parser-errors-audit-key-0123456789"}
+    gw = await start_gateway(cfg)
+    before = parse_metrics(await gw.metrics_text())
+    failures, rids = [], {}
+    for name, raw, status, reason, internal in REFUSALS:
+        data = await _exchange(gw, pki, raw)
+        head, _, body = data.partition(b"\r\n\r\n")
+        m = re.match(rb"HTTP/\d\.\d (\d{3})", head)
+        got = int(m.group(1)) if m else 0
+        doc = json.loads(body) if b"problem+json" in head.lower() else {}
+        if (got, doc.get("reason")) != (status, reason):
+            failures.append(f"{name}: {got} {doc.get('reason')!r}, expected {status} {reason!r}: {data[:150]!r}")
+        if len(re.findall(rb"HTTP/\d\.\d \d{3} ", data)) != 1:
+            failures.append(f"{name}: not exactly one response")
+        rids[doc.get("request_id")] = (name, status, internal)
+    assert not failures, "\n".join(failures)
+    assert upstream.started == 0 and upstream.requests == []
+
+    await asyncio.sleep(0.3)
+    lines = {e["request_id"]: e for e in gw.access_log()}
+    for rid, (name, status, internal) in rids.items():
+        assert rid in lines, f"{name}: no access-log line"
+        assert (lines[rid]["status"], lines[rid]["reason"], lines[rid]["decision"]) == (status, internal, "deny"), name
+    after = parse_metrics(await gw.metrics_text())
+    for status in {s for _, _, s, _, _ in REFUSALS}:
+        counted = sum(v - before.get(k, 0.0) for k, v in after.items()
+                      if k[0] == "portvakt_requests_total" and dict(k[1]).get("status") == str(status))
+        assert counted == sum(1 for r in REFUSALS if r[2] == status), status
+    assert await gw.stop_async() == 0
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines() if x.endswith("}")]
+    audited = {r["request_id"]: r for r in recs if r.get("type") == "request"}
+    for rid, (name, status, internal) in rids.items():
+        assert rid in audited, f"{name}: no audit record"
+        assert (audited[rid]["status"], audited[rid]["reason"]) == (status, internal), name
+    assert "aaaaaaaaaaaaaaaa" not in gw.output()  # no offending bytes echoed into the logs
+
+
+async def test_http_0_9_request_line_alone_is_never_forwarded(start_gateway, upstream, pki):
+    gw = await start_gateway(basic_config(upstream.url))
+    r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost")
+    w.write(b"GET /c\r\n")
+    await w.drain()
+    await asyncio.sleep(0.5)
+    try:
+        w.write_eof()
+    except (OSError, NotImplementedError):
+        pass
+    data = b""
+    try:  # llhttp may wait for more; whatever happens, nothing is answered 200 or forwarded
+        async with asyncio.timeout(3):
+            while chunk := await r.read(65536):
+                data += chunk
+    except (TimeoutError, ConnectionResetError, ssl.SSLError):
+        pass
+    w.close()
+    assert b" 200 " not in data
+    assert upstream.started == 0
