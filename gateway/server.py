@@ -380,10 +380,13 @@ class Gateway:
         self._edge_sweep = asyncio.create_task(self.edge.run(server))
         log.info("public listener on %s://%s:%d", self.scheme, host, port)
 
-    async def shutdown(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded grace), close the runtime."""
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (bounded grace), close the runtime.
+        ``grace``: a shorter drain than ``server.shutdown_grace_seconds`` (an orphaned worker)."""
         self.stopping = True
         if self._runner is not None:
+            if grace is not None:
+                self._runner._shutdown_timeout = grace  # aiohttp's runner keeps it there
             await self._runner.cleanup()
         if self._edge_sweep is not None:
             self._edge_sweep.cancel()
@@ -555,13 +558,21 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    from gateway import parentwatch
+
+    orphan_watch = asyncio.create_task(parentwatch.watch(stop.set)) if worker_index is not None else None
     log.info("portvakt ready (config %s, generation %d)", config_path, rt.generation)
     if on_ready is not None:
         on_ready()
     await stop.wait()
-    log.info("shutting down: draining in-flight requests (at most %.1fs)", cfg.server.shutdown_grace_seconds)
+    grace = cfg.server.shutdown_grace_seconds
+    if worker_index is not None and parentwatch.orphaned():
+        grace = min(grace, parentwatch.ORPHAN_GRACE_SECONDS)  # free the port and audit lock for the next supervisor
+    if orphan_watch is not None:
+        orphan_watch.cancel()
+    log.info("shutting down: draining in-flight requests (at most %.1fs)", grace)
     gw.stopping = True
-    await gw.shutdown()
+    await gw.shutdown(grace)
     if admin_runner is not None:
         await admin_runner.cleanup()
     return 0
