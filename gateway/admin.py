@@ -2,7 +2,8 @@
 
 - ``GET /metrics``: Prometheus exposition of ``gateway.metrics.REGISTRY`` (with ``--workers N``
   the supervisor serves the multiprocess aggregate; see gateway/supervisor.py).
-- ``GET /healthz``: 200 while the process runs.
+- ``GET /healthz``: 200 while the process runs; under the supervisor, 200 only while every
+  configured worker is live (else 503 ``degraded`` with the counts).
 - ``GET /readyz``: 200 when a config is loaded and no dependency reports ``down: ...``; the body
   lists each dependency's state. 503 otherwise (also while shutting down).
 - ``POST /-/reload``: reload the config now; 200 ``{"result": "success"}`` or 500 with the list
@@ -45,7 +46,11 @@ def build_admin_app(target: Any) -> web.Application:
         return resp
 
     async def healthz(_: web.Request) -> web.Response:
-        return _json({"status": "ok"})
+        healthy = getattr(target, "healthy", None)  # the supervisor: are all its workers alive?
+        if healthy is None:
+            return _json({"status": "ok"})
+        ok, detail = healthy()
+        return _json({"status": "ok" if ok else "degraded", **detail}, 200 if ok else 503)
 
     async def readyz(_: web.Request) -> web.Response:
         ok, detail = target.ready()

@@ -96,8 +96,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return supervise(args.config, workers, log_level=args.log_level)
     from gateway.server import serve
 
-    _install_uvloop()
     in_supervisor = args.worker_index is not None
+    if in_supervisor:
+        from gateway import parentwatch
+
+        parentwatch.arm()  # SIGTERM when the supervisor dies, even by kill -9
+    _install_uvloop()
     return asyncio.run(
         serve(
             args.config,

@@ -61,6 +61,24 @@ class ServerConfig(Model):
     workers: int = Field(1, ge=1, le=64, description="Worker processes sharing the port (SO_REUSEPORT)")
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="How long SIGTERM waits for in-flight requests")
     keepalive_timeout_seconds: float = Field(75.0, gt=0)
+    # Edge bounds (gateway/edge.py). Defaults after Envoy's edge recommendations and nginx.
+    request_headers_timeout_seconds: float = Field(
+        10.0, gt=0, description="From a request's first byte until its headers are complete (Envoy request_headers_timeout)"
+    )
+    request_body_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest silence while the gateway waits for request body bytes: 408 (nginx client_body_timeout)"
+    )
+    response_write_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest time a client may leave response bytes unread: its stream is aborted (nginx send_timeout)"
+    )
+    tls_handshake_timeout_seconds: float = Field(10.0, gt=0, description="Bound on a client's TLS handshake")
+    max_connections: int = Field(4096, gt=0, description="Open client connections per listener (per worker); beyond: 503 overloaded, closed")
+    max_concurrent_requests: int = Field(1024, gt=0, description="Requests in flight per worker; beyond: 503 overloaded")
+    overload_retry_after_seconds: int = Field(1, ge=1, description="Retry-After of the 503 overloaded problem")
+    body_on_bodiless_methods: Literal["refuse", "forward"] = Field(
+        "refuse", description="A body on GET/HEAD/DELETE/OPTIONS: refuse (400 body_not_allowed) or forward "
+        "with an exact Content-Length on an upstream connection closed after the exchange (chunked is refused)",
+    )
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
 
@@ -76,6 +94,9 @@ class UpstreamConfig(Model):
     connect_timeout_seconds: float = Field(2.0, gt=0)
     timeout_seconds: float = Field(30.0, gt=0, description="Total time for the upstream's response headers")
     max_connections: int = Field(100, gt=0)
+    pool_timeout_seconds: float = Field(
+        5.0, gt=0, description="Longest wait for a free connection when max_connections are busy: 503 overloaded"
+    )
     ca_file: str | None = Field(None, description="CA bundle for an https upstream")
 
     @field_validator("url")

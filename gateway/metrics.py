@@ -43,6 +43,25 @@ UPSTREAM_DURATION = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+UPSTREAM_DISCARDED = Counter(
+    "portvakt_upstream_connections_discarded_total",
+    "Pooled upstream connections closed instead of reused (unsolicited_bytes: bytes arrived while "
+    "idle; dirty_on_reuse: bytes queued or waiting when taken from the pool)",
+    ["reason"],
+    registry=REGISTRY,
+)
+OVERLOAD = Counter(
+    "portvakt_overload_rejections_total",
+    "Connections or requests refused by overload protection (connections, requests, upstream_pool)",
+    ["limit"],
+    registry=REGISTRY,
+)
+TIMEOUTS = Counter(
+    "portvakt_edge_timeouts_total",
+    "Client-side phases that ran out of time (request_headers, request_body, response_write)",
+    ["phase"],
+    registry=REGISTRY,
+)
 # multiprocess_mode only matters under --workers N (prometheus multiprocess mode, see
 # gateway/supervisor.py): in-flight is summed over live workers, the last reload is the latest.
 IN_FLIGHT = Gauge(

@@ -29,7 +29,9 @@ from yarl import URL
 
 from gateway import metrics
 from gateway.accesslog import ip_text
+from gateway.edge import BODILESS_METHODS, OVERLOADED
 from gateway.problems import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Problem
+from gateway.upstream_conn import GuardedConnector
 
 if TYPE_CHECKING:  # pragma: no cover
     from gateway.config import Config, UpstreamConfig
@@ -173,7 +175,7 @@ class HeaderDeadlines:
 
 
 class Upstream:
-    __slots__ = ("name", "base", "config", "session", "timeout_seconds", "duration", "deadlines")
+    __slots__ = ("name", "base", "config", "session", "timeout_seconds", "duration", "deadlines", "slots")
 
     def __init__(self, name: str, config: "UpstreamConfig"):
         self.name = name
@@ -183,13 +185,30 @@ class Upstream:
         self.session: aiohttp.ClientSession | None = None
         self.duration = metrics.histogram_recorder(metrics.UPSTREAM_DURATION, name)
         self.deadlines = HeaderDeadlines(config.timeout_seconds)
+        # One slot per upstream connection: a request waits at most pool_timeout_seconds for one
+        # (then 503 overloaded), instead of queueing inside the connector without a bound of its own.
+        self.slots = asyncio.Semaphore(config.max_connections)
+
+    async def acquire_slot(self) -> None:
+        slots = self.slots
+        if not slots.locked():
+            await slots.acquire()  # free: returns without suspending
+            return
+        try:
+            async with asyncio.timeout(self.config.pool_timeout_seconds):
+                await slots.acquire()
+        except TimeoutError:
+            metrics.OVERLOAD.labels("upstream_pool").inc()
+            log.warning("upstream %s: no free connection within %.1fs", self.name, self.config.pool_timeout_seconds)
+            raise UpstreamError(Problem(OVERLOADED, detail="Try again shortly", headers={"Retry-After": "1"},
+                                        internal_reason="overloaded_upstream_pool")) from None
 
     def open(self, resolve: Any) -> None:
         c = self.config
         ssl_ctx: ssl.SSLContext | bool = True
         if c.url.startswith("https://") and c.ca_file:
             ssl_ctx = ssl.create_default_context(cafile=resolve(c.ca_file))
-        connector = aiohttp.TCPConnector(
+        connector = GuardedConnector(
             limit=c.max_connections, limit_per_host=0, ssl=ssl_ctx, ttl_dns_cache=60, keepalive_timeout=30
         )
         self.session = aiohttp.ClientSession(
@@ -347,6 +366,23 @@ async def forward(
     # The canonical target (gateway.canonical): the path the route and its policy were chosen on.
     target = ctx.target or (request.raw_path if request.raw_path.startswith("/") else request.rel_url.raw_path_qs)
     url = URL(upstream.base + target, encoded=True)
+    if data is not None and request.method in BODILESS_METHODS:
+        # A body on a method without body semantics (forwarded only in "forward" mode of
+        # server.body_on_bodiless_methods, with an exact length): the connection is closed after
+        # this exchange (gateway/upstream_conn.py), so a backend that read the body as a second
+        # request has nobody to answer.
+        headers["Connection"] = "close"
+    await upstream.acquire_slot()  # raises UpstreamError (503 overloaded) after pool_timeout_seconds
+    try:
+        return await _exchange(ctx, request, upstream, session, url, headers, data, state)
+    finally:
+        upstream.slots.release()
+
+
+async def _exchange(
+    ctx: "RequestContext", request: web.BaseRequest, upstream: Upstream, session: aiohttp.ClientSession,
+    url: URL, headers: CIMultiDict[str], data: Any, state: BodyState,
+) -> web.StreamResponse:
     t0 = time.perf_counter()
     try:
         deadlines = upstream.deadlines

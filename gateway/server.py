@@ -34,6 +34,7 @@ from gateway import accesslog, metrics, problems, tlsutil
 from gateway.canonical import (
     HOST_NOT_CANONICAL, PATH_NOT_CANONICAL, NotCanonical, Redirect, canonical_host, canonical_path,
 )
+from gateway.edge import REQUEST_TIMEOUT, EdgeLimits, EdgeRequestHandler, EdgeTCPSite
 from gateway.chain import run_chain
 from gateway.config import HTTP_METHODS, Config, ConfigError, load_config
 from gateway.context import RequestContext
@@ -136,7 +137,7 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 
-class _ProblemRequestHandler(web_protocol.RequestHandler):
+class _ProblemRequestHandler(EdgeRequestHandler):
     """aiohttp's connection handler, answering what its HTTP parser rejects as problem+json.
 
     aiohttp's own error page is text/plain and quotes the offending bytes (which can be the start
@@ -241,6 +242,8 @@ class Gateway:
         self._runner: web.ServerRunner | None = None
         self.reload_count = 0
         self.stopping = False
+        self.edge = EdgeLimits(config.server)  # connection/request caps and client-side timeouts
+        self._edge_sweep: asyncio.Task[None] | None = None
         self.inflight = 0
         # Single process: the gauge reads self.inflight when scraped (no lock per request). Under
         # the supervisor (prometheus multiprocess mode) it must be counted in the shared files.
@@ -277,6 +280,8 @@ class Gateway:
             metrics.IN_FLIGHT.inc()
         try:
             resp = await self._serve(rt, request, ctx)
+            if self.stopping:
+                resp.force_close()  # draining: this connection's last response says Connection: close
             if "Upgrade" in headers:
                 # Never forwarded (h2c, websocket): answered as plain HTTP/1.1, then the connection
                 # is closed, since the parser may have stopped reading it as HTTP.
@@ -284,7 +289,8 @@ class Gateway:
             return resp
         except asyncio.CancelledError:
             # The client went away (handler cancellation): the upstream call is cancelled with us.
-            ctx.decision, ctx.reason = "error", ctx.reason or "client_disconnected"
+            timed_out = getattr(request.protocol, "timeout_reason", None)
+            ctx.decision, ctx.reason = "error", ctx.reason or timed_out or "client_disconnected"
             if not ctx.status:
                 ctx.status = 499
             raise
@@ -294,6 +300,9 @@ class Gateway:
             resp = problems.render(Problem(problems.INTERNAL, internal_reason="gateway_error"), rid)
             return resp
         finally:
+            proto = request.protocol
+            if proto is not None:
+                proto.body_request = None  # type: ignore[attr-defined]
             self._finish(rt, ctx, resp)
 
     def _deny(self, ctx: RequestContext, problem: Problem, decision: str = "deny") -> web.Response:
@@ -348,6 +357,9 @@ class Gateway:
                 protocol.close()
             return self._deny(ctx, Problem(HTTP_VERSION_NOT_SUPPORTED, internal_reason="http_version",
                                            headers={"Connection": "close"}))
+        edge = self.edge
+        if self.inflight > edge.max_requests:
+            return self._deny(ctx, edge.overloaded("requests"))
         if method == "CONNECT":
             return self._deny(ctx, Problem(BAD_REQUEST, detail="CONNECT is not supported", internal_reason="connect_method"))
         target = request.raw_path
@@ -369,7 +381,14 @@ class Gateway:
         # Body prefix: read before the chain (the WAF inspects it) and before any upstream contact.
         limit = rt.max_body_bytes
         more_body = False
+        if request.body_exists or "Transfer-Encoding" in request.headers:
+            refused = edge.body_problem(request)
+            if refused is not None:
+                resp = self._deny(ctx, refused)
+                resp.force_close()  # the unread body would be read as the next request
+                return resp
         if request.body_exists:
+            request.protocol.body_request = request  # type: ignore[union-attr]  # the edge sweep's body timeout
             clen = request.content_length
             ctx.body_size_hint = clen
             if clen is not None and clen > limit:
@@ -388,8 +407,7 @@ class Gateway:
                     ctx.body, ctx.body_complete = body, complete
                     more_body = not complete
             except (asyncio.IncompleteReadError, ConnectionError, HttpProcessingError) as e:
-                return self._deny(ctx, Problem(BAD_REQUEST, detail="The request body could not be read",
-                                               internal_reason=f"body_read_failed:{type(e).__name__}"))
+                return self._body_failed(ctx, type(e).__name__)
             ctx.bytes_in = len(ctx.body)
             if len(ctx.body) > limit:
                 return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
@@ -418,13 +436,22 @@ class Gateway:
         except BodyTooLarge:
             return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
         except ClientBodyError as e:
-            return self._deny(ctx, Problem(BAD_REQUEST, detail="The request body could not be read",
-                                           internal_reason=f"body_read_failed:{e}"))
+            return self._body_failed(ctx, str(e))
         except UpstreamError as e:
             return self._deny(ctx, e.problem, decision="error")
         ctx.decision = "allow"
         if ctx.reason is None and ctx.detections:
             ctx.reason = ctx.detections[0].reason
+        return resp
+
+    def _body_failed(self, ctx: RequestContext, error: str) -> web.Response:
+        if error == "BodyTimeout":
+            resp = self._deny(ctx, Problem(REQUEST_TIMEOUT, detail="Request body not received in time",
+                                           internal_reason="request_body_timeout"))
+        else:
+            resp = self._deny(ctx, Problem(BAD_REQUEST, detail="The request body could not be read",
+                                           internal_reason=f"body_read_failed:{error}"))
+        resp.force_close()  # the rest of the body is unread: the connection cannot carry another request
         return resp
 
     def _finish(self, rt: Runtime, ctx: RequestContext, resp: web.StreamResponse | None) -> None:
@@ -489,6 +516,7 @@ class Gateway:
             access_log=None,
         )
         server.record_refused = self.record_refused  # type: ignore[attr-defined]
+        server.edge = self.edge  # type: ignore[attr-defined]  # read by each connection's handler
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.server.shutdown_grace_seconds)
         await self._runner.setup()
         host, port = split_listen(cfg.server.listen)
@@ -498,18 +526,25 @@ class Gateway:
             ssl_ctx = self.tls.front
         else:
             self.scheme = "http"
-        site = web.TCPSite(
+        site = EdgeTCPSite(
             self._runner, host, port, ssl_context=ssl_ctx, backlog=1024,
             reuse_port=self.reuse_port or None, shutdown_timeout=cfg.server.shutdown_grace_seconds,
+            ssl_handshake_timeout=cfg.server.tls_handshake_timeout_seconds,
         )
         await site.start()
+        self._edge_sweep = asyncio.create_task(self.edge.run(server))
         log.info("public listener on %s://%s:%d", self.scheme, host, port)
 
-    async def shutdown(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded grace), close the runtime."""
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (bounded grace), close the runtime.
+        ``grace``: a shorter drain than ``server.shutdown_grace_seconds`` (an orphaned worker)."""
         self.stopping = True
         if self._runner is not None:
+            if grace is not None:
+                self._runner._shutdown_timeout = grace  # aiohttp's runner keeps it there
             await self._runner.cleanup()
+        if self._edge_sweep is not None:
+            self._edge_sweep.cancel()
         for t in list(self._retiring):
             t.cancel()
         await self.runtime.close()
@@ -568,6 +603,7 @@ class Gateway:
             self.tls.front.verify_mode = new_tls.verify_mode
             self.tls.current = new_tls
         self.config = cfg
+        self.edge.configure(cfg.server)
         self.runtime = rt  # the swap: one assignment
         task = asyncio.create_task(old.retire(max(60.0, cfg.server.shutdown_grace_seconds)))
         self._retiring.add(task)
@@ -684,13 +720,21 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    from gateway import parentwatch
+
+    orphan_watch = asyncio.create_task(parentwatch.watch(stop.set)) if worker_index is not None else None
     log.info("portvakt ready (config %s, generation %d)", config_path, rt.generation)
     if on_ready is not None:
         on_ready()
     await stop.wait()
-    log.info("shutting down: draining in-flight requests (at most %.1fs)", cfg.server.shutdown_grace_seconds)
+    grace = cfg.server.shutdown_grace_seconds
+    if worker_index is not None and parentwatch.orphaned():
+        grace = min(grace, parentwatch.ORPHAN_GRACE_SECONDS)  # free the port and audit lock for the next supervisor
+    if orphan_watch is not None:
+        orphan_watch.cancel()
+    log.info("shutting down: draining in-flight requests (at most %.1fs)", grace)
     gw.stopping = True
-    await gw.shutdown()
+    await gw.shutdown(grace)
     if admin_runner is not None:
         await admin_runner.cleanup()
     return 0

@@ -17,7 +17,12 @@ Each worker is ``python -m gateway run --worker-index I`` binding the public lis
   (including workers that exited), the in-flight gauge is summed over live workers, the last
   reload timestamp is the latest of any worker; other gauges a stage declares are exported per
   worker with a ``pid`` label (prometheus-client's default). The build info,
-  ``portvakt_workers`` and ``portvakt_worker_restarts_total`` come from the supervisor itself.
+  ``portvakt_workers`` (workers live now: process running, admin socket answering) and
+  ``portvakt_worker_restarts_total`` come from the supervisor itself; ``/healthz`` is 503 while
+  fewer than the configured workers are live.
+- Workers die with it: each gets ``PORTVAKT_SUPERVISOR_PID`` and asks for a parent-death signal
+  (gateway/parentwatch.py), so a ``kill -9`` of the supervisor leaves no worker serving, holding
+  the port or the audit-file lock.
 
 Worker I also gets ``PORTVAKT_WORKER_INDEX=I`` (the audit trail writes one chain per worker).
 """
@@ -38,7 +43,7 @@ from typing import Any
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from gateway import __version__
+from gateway import __version__, parentwatch
 
 log = logging.getLogger("portvakt.supervisor")
 
@@ -64,19 +69,23 @@ class Supervisor:
         self.stopping = False
         self.registry = CollectorRegistry()
         self.restarts = Counter("portvakt_worker_restarts_total", "Workers restarted after an exit", registry=self.registry)
-        self.workers_gauge = Gauge("portvakt_workers", "Configured worker processes", registry=self.registry)
-        self.workers_gauge.set(workers)
+        self.workers_gauge = Gauge(
+            "portvakt_workers", "Worker processes running and answering on their admin socket", registry=self.registry
+        )
+        self.workers_gauge.set_function(lambda: len(self.live_workers()))
         self.build = Gauge("portvakt_build_info", "Portvakt build information", ["version"], registry=self.registry)
         self.build.labels(__version__).set(1)
 
     # -- workers -------------------------------------------------------------------------------
 
     async def spawn(self, w: Worker) -> None:
+        getattr(self, "_ready_cache", {}).pop(w.index, None)  # the new process has not answered yet
         if os.path.exists(w.socket_path):
             os.unlink(w.socket_path)
         env = dict(os.environ)
         env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         env["PORTVAKT_WORKER_INDEX"] = str(w.index)
+        env[parentwatch.ENV] = str(os.getpid())  # the worker dies with this process (gateway/parentwatch.py)
         w.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "run", "--config", self.config_path,
             "--worker-index", str(w.index), "--admin-socket", w.socket_path, "--log-level", self.log_level,
@@ -91,6 +100,7 @@ class Supervisor:
         while True:
             assert w.proc is not None
             rc = await w.proc.wait()
+            self._ready_cache.pop(w.index, None)
             multiprocess.mark_process_dead(w.proc.pid, self.metrics_dir)
             if self.stopping:
                 return
@@ -110,6 +120,21 @@ class Supervisor:
                     w.proc.send_signal(sig)
                 except ProcessLookupError:
                     pass
+
+    def live_workers(self) -> list[Worker]:
+        """Workers whose process runs and whose admin socket answered the last readiness poll
+        (ready or not: a worker waiting for a dependency is alive; one crash-looping is not)."""
+        cache = getattr(self, "_ready_cache", {})
+        return [
+            w for w in self.workers
+            if w.proc is not None and w.proc.returncode is None
+            and cache.get(w.index, (False, {"status": "unreachable"}))[1].get("status") not in (None, "unreachable")
+        ]
+
+    def healthy(self) -> tuple[bool, dict[str, Any]]:
+        """``/healthz``: every configured worker is live."""
+        live = len(self.live_workers())
+        return (not self.stopping and live == self.n), {"workers": {"live": live, "configured": self.n}}
 
     # -- admin target ----------------------------------------------------------------------------
 

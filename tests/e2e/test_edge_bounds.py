@@ -1,0 +1,282 @@
+"""Issue 11, findings 3 and 4: every client-side phase bounded, overload refused, memory bounded.
+
+Slow readers, stalled bodies, half-sent headers, idle floods and TLS handshakes that never
+finish, against the real gateway process. Counts and time are bounded; assertions are on
+outcomes and on the gateway's RSS (read from /proc, with a generous bound), never on durations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import aiohttp
+import pytest
+
+from tests.fixtures.adversarial import AdversarialUpstream
+from tests.fixtures.gateway import basic_config
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+async def hostile():
+    up = await AdversarialUpstream().start()
+    try:
+        yield up
+    finally:
+        await up.close()
+
+
+def _config(url: str, upstream: dict | None = None, **server) -> dict:
+    cfg = basic_config(url)
+    cfg["server"] = {"plain_http": True, **server}
+    cfg["upstreams"]["demo"].update(upstream or {})
+    return cfg
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def raw_connect(port: int, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: small window
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def read_until_closed(sock: socket.socket, deadline: float, limit: int = 65536) -> bytes:
+    """What the gateway wrote before closing (b"" + closed counts too); raises on the deadline."""
+    loop = asyncio.get_running_loop()
+    out = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"connection still open; got {out[:120]!r}")
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), left)
+        except ConnectionResetError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+        if len(out) > limit:
+            return out
+
+
+def _status(raw: bytes) -> int:
+    return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.1 ") else -1
+
+
+def _problem(raw: bytes) -> dict:
+    return json.loads(raw.split(b"\r\n\r\n", 1)[1])
+
+
+async def test_slow_readers_neither_take_the_pool_nor_the_memory(start_gateway, hostile):
+    """120 clients ask for a 32 MiB answer and never read (the issue's 105 took every upstream
+    connection, everyone else got 504 and RSS grew from 79 to 451 MB)."""
+    hostile.big_size = 32 * MiB
+    gw = await start_gateway(_config(
+        hostile.url, {"max_connections": 100, "pool_timeout_seconds": 1},
+        response_write_timeout_seconds=2,
+    ))
+    async with aiohttp.ClientSession() as s:
+        for i in range(20):  # warm up: imports, pools, caches
+            async with s.get(gw.url + f"/plain/w{i}") as r:
+                assert r.status == 200
+        rss_before = rss_mib(gw.pid)
+        slow = []
+        for i in range(120):
+            sock = await raw_connect(gw.port, rcvbuf=4096)
+            await asyncio.get_running_loop().sock_sendall(sock, b"GET /slow/s%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+            slow.append(sock)
+        peak = rss_before
+        seen: dict[int, int] = {}
+        served_after_cut = 0
+        n = 0
+        deadline = time.monotonic() + 90
+        try:
+            while time.monotonic() < deadline:
+                peak = max(peak, rss_mib(gw.pid))
+                n += 1
+                async with s.get(gw.url + f"/plain/f{n}", timeout=aiohttp.ClientTimeout(total=20)) as r:
+                    body = await r.read()
+                    seen[r.status] = seen.get(r.status, 0) + 1
+                    if r.status == 503:
+                        assert _problem(b"\r\n\r\n" + body)["reason"] == "overloaded"
+                        assert r.headers["Retry-After"] == "1"
+                    elif r.status == 200:
+                        assert body == f"marker=f{n}".encode()
+                cut = await gw.metric("portvakt_edge_timeouts_total", {"phase": "response_write"})
+                if cut >= 50 and r.status == 200:
+                    served_after_cut += 1
+                    if served_after_cut >= 5:
+                        break
+                await asyncio.sleep(0.1)
+            rss_after = rss_mib(gw.pid)
+        finally:
+            for sock in slow:
+                sock.close()
+    pool_refused = await gw.metric("portvakt_overload_rejections_total", {"limit": "upstream_pool"})
+    print(f"slow readers: RSS before {rss_before:.0f} MiB, peak {peak:.0f}, after {rss_after:.0f}; "
+          f"fast client got {seen}; write timeouts {cut:.0f}, pool refusals {pool_refused:.0f}")
+    assert set(seen) <= {200, 503}, seen  # never a 504 after a long wait, never a hang
+    assert served_after_cut >= 5
+    assert cut >= 50  # the slow readers lost their streams
+    assert peak - rss_before < 150, (rss_before, peak)
+
+
+async def test_stalled_bodies_get_408_and_memory_stays_bounded(start_gateway, hostile):
+    """1,000 requests that send headers and a few body bytes, then nothing (the issue: held
+    over 60 s, +185 MB)."""
+    gw = await start_gateway(_config(hostile.url, request_body_timeout_seconds=2))
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as s:
+        for i in range(20):
+            async with s.post(gw.url + f"/plain/w{i}", data=b"warm") as r:
+                assert r.status == 200
+        rss_before = rss_mib(gw.pid)
+        socks = []
+        for i in range(1000):
+            sock = await raw_connect(gw.port)
+            await loop.sock_sendall(sock, b"POST /plain/b%d HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nyyyy" % i)
+            socks.append(sock)
+        peak = rss_mib(gw.pid)
+        async with s.get(gw.url + "/plain/other") as r:  # others are served meanwhile
+            assert r.status == 200 and await r.read() == b"marker=other"
+        deadline = time.monotonic() + 120
+        try:
+            answers = []
+            for sock in socks:
+                answers.append(await read_until_closed(sock, deadline))
+                if len(answers) % 100 == 0:
+                    peak = max(peak, rss_mib(gw.pid))
+        finally:
+            for sock in socks:
+                sock.close()
+        rss_after = rss_mib(gw.pid)
+        async with s.get(gw.url + "/plain/after") as r:
+            assert r.status == 200
+    statuses = [_status(a) for a in answers]
+    print(f"stalled bodies: RSS before {rss_before:.0f} MiB, peak {peak:.0f}, after {rss_after:.0f}; "
+          f"{statuses.count(408)} of {len(statuses)} got 408")
+    assert statuses.count(408) == 1000
+    assert {_problem(a)["reason"] for a in answers} == {"request_timeout"}
+    assert await gw.metric("portvakt_edge_timeouts_total", {"phase": "request_body"}) == 1000
+    assert peak - rss_before < 150, (rss_before, peak)
+    # the record: access log and metrics carry every one of them
+    assert await gw.metric("portvakt_requests_total",
+                           {"route": "demo", "method": "POST", "status": "408", "decision": "deny"}) == 1000
+    assert not [p for _, p in hostile.requests if p.startswith("/plain/b")]  # never forwarded
+
+
+async def test_body_stalled_while_streaming_upstream(start_gateway, hostile):
+    gw = await start_gateway(_config(hostile.url, request_body_timeout_seconds=1))
+    sock = await raw_connect(gw.port)
+    await asyncio.get_running_loop().sock_sendall(
+        sock, b"POST /plain/big HTTP/1.1\r\nHost: x\r\nContent-Length: 400000\r\n\r\n" + b"z" * 200000)
+    try:
+        raw = await read_until_closed(sock, time.monotonic() + 30)
+    finally:
+        sock.close()
+    assert _status(raw) == 408 and _problem(raw)["reason"] == "request_timeout"
+
+
+async def test_connection_flood_and_half_sent_headers(start_gateway, hostile):
+    gw = await start_gateway(_config(hostile.url, max_connections=50, request_headers_timeout_seconds=1.5))
+    loop = asyncio.get_running_loop()
+    held = [await raw_connect(gw.port) for _ in range(50)]
+    await asyncio.sleep(0.3)
+    extra = [await raw_connect(gw.port) for _ in range(30)]
+    deadline = time.monotonic() + 30
+    try:
+        refused = [await read_until_closed(s, deadline) for s in extra]
+        for raw in refused:
+            assert _status(raw) == 503, raw[:200]
+            assert _problem(raw)["reason"] == "overloaded"
+            assert b"\r\nRetry-After: 1\r\n" in raw and b"\r\nConnection: close\r\n" in raw
+        assert await gw.metric("portvakt_overload_rejections_total", {"limit": "connections"}) >= 30
+        # half of the held connections start a request and never finish the headers: 408
+        for s in held[:25]:
+            await loop.sock_sendall(s, b"GET /plain/h HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        timed_out = [await read_until_closed(s, deadline) for s in held[:25]]
+        assert {_status(r) for r in timed_out} == {408}
+        assert {_problem(r)["reason"] for r in timed_out} == {"request_timeout"}
+        assert await gw.metric("portvakt_edge_timeouts_total", {"phase": "request_headers"}) >= 25
+        # the cap has room again: a normal client is served
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.url + "/plain/ok") as r:
+                assert r.status == 200 and await r.read() == b"marker=ok"
+    finally:
+        for s in held + extra:
+            s.close()
+    assert not [p for _, p in hostile.requests if p == "/plain/h"]
+
+
+async def test_tls_handshake_timeout(start_gateway, hostile):
+    cfg = basic_config(hostile.url)
+    cfg["server"] = {"tls_handshake_timeout_seconds": 1}
+    gw = await start_gateway(cfg)
+    silent = [await raw_connect(gw.port) for _ in range(20)]
+    try:
+        deadline = time.monotonic() + 30
+        for s in silent:
+            await read_until_closed(s, deadline)  # closed by the gateway, not by us
+    finally:
+        for s in silent:
+            s.close()
+    async with gw.session() as s:
+        async with s.get(gw.url + "/plain/tls") as r:
+            assert r.status == 200
+
+
+async def test_concurrent_request_cap(start_gateway, hostile):
+    hostile.hold_delay = 2.0
+    gw = await start_gateway(_config(hostile.url, max_concurrent_requests=4, overload_retry_after_seconds=3))
+
+    async def one(i: int, s: aiohttp.ClientSession) -> tuple[int, str | None, bytes]:
+        async with s.get(gw.url + f"/hold/q{i}") as r:
+            return r.status, r.headers.get("Retry-After"), await r.read()
+
+    sessions = [aiohttp.ClientSession() for _ in range(12)]
+    try:
+        results = await asyncio.gather(*(one(i, sessions[i]) for i in range(12)))
+    finally:
+        for s in sessions:
+            await s.close()
+    ok = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 503]
+    assert len(ok) + len(refused) == 12
+    assert 1 <= len(ok) <= 4 and len(refused) >= 8
+    assert {r[1] for r in refused} == {"3"}
+    assert {json.loads(r[2])["reason"] for r in refused} == {"overloaded"}
+    assert await gw.metric("portvakt_overload_rejections_total", {"limit": "requests"}) == len(refused)
+    assert await gw.metric("portvakt_requests_total",
+                           {"route": "(none)", "method": "GET", "status": "503", "decision": "deny"}) == len(refused)
+
+
+async def test_pool_wait_is_bounded(start_gateway, hostile):
+    hostile.hold_delay = 3.0
+    gw = await start_gateway(_config(hostile.url, {"max_connections": 2, "pool_timeout_seconds": 0.5}))
+
+    async def one(i: int) -> tuple[int, str | None, bytes]:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.url + f"/hold/p{i}") as r:
+                return r.status, r.headers.get("Retry-After"), await r.read()
+
+    results = await asyncio.gather(*(one(i) for i in range(6)))
+    statuses = sorted(r[0] for r in results)
+    assert statuses == [200, 200, 503, 503, 503, 503]
+    for status, retry_after, body in results:
+        if status == 503:
+            assert retry_after == "1" and json.loads(body)["reason"] == "overloaded"
+    assert await gw.metric("portvakt_overload_rejections_total", {"limit": "upstream_pool"}) == 4

@@ -1,0 +1,115 @@
+"""gateway/upstream_conn.py against the hostile upstream (tests/fixtures/adversarial.py), in process.
+
+The control cases show the hole with aiohttp's stock connector (so these tests fail if the
+attack stops reproducing, and the guard would then need a second look); the guarded connector
+must never hand a forged answer to the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from gateway import metrics
+from gateway.upstream_conn import GuardedConnector
+from tests.fixtures.adversarial import AdversarialUpstream
+
+
+@pytest.fixture
+async def hostile():
+    up = await AdversarialUpstream(late_delay=0.05, smuggled_delay=0.02).start()
+    try:
+        yield up
+    finally:
+        await up.close()
+
+
+async def _get(s: aiohttp.ClientSession, url: str, **kw) -> str:
+    async with s.get(url, **kw) as r:
+        return (await r.read()).decode()
+
+
+def _discarded(reason: str) -> float:
+    return metrics.REGISTRY.get_sample_value(
+        "portvakt_upstream_connections_discarded_total", {"reason": reason}) or 0.0
+
+
+# "trail" (forged answer in the same write) is caught by aiohttp itself: the forged message is
+# queued before the connection is released, and a non-empty queue closes it.
+@pytest.mark.parametrize("mode", ["late", "after"])
+async def test_stock_connector_hands_the_forged_answer_to_the_next_request(hostile, mode):
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+        assert await _get(s, f"{hostile.url}/{mode}/first") == "marker=first"
+        await asyncio.sleep(0.2)
+        assert (await _get(s, f"{hostile.url}/plain/second")).startswith("marker=EVIL-")
+
+
+@pytest.mark.parametrize("mode", ["late", "trail", "after"])
+async def test_guarded_connector_never_reuses_a_dirty_connection(hostile, mode):
+    before = _discarded("unsolicited_bytes") + _discarded("dirty_on_reuse")
+    async with aiohttp.ClientSession(connector=GuardedConnector(limit=1)) as s:
+        for i in range(5):
+            assert await _get(s, f"{hostile.url}/{mode}/a{i}") == f"marker=a{i}"
+            await asyncio.sleep(0.1)
+            assert await _get(s, f"{hostile.url}/plain/b{i}") == f"marker=b{i}"
+    assert hostile.evil_sent >= 5
+    if mode != "trail":  # (trail: closed by aiohttp's own queue check, not counted by us)
+        assert _discarded("unsolicited_bytes") + _discarded("dirty_on_reuse") - before >= 5
+    assert hostile.connections >= 6  # every forged answer cost its connection
+
+
+async def test_guarded_connector_reuses_clean_connections(hostile):
+    async with aiohttp.ClientSession(connector=GuardedConnector(limit=1)) as s:
+        for i in range(20):
+            assert await _get(s, f"{hostile.url}/plain/k{i}") == f"marker=k{i}"
+    assert hostile.connections == 1
+
+
+async def test_reuse_right_after_a_trailing_forgery(hostile):
+    # No pause: the next request takes the connection from the pool at once. The forged bytes
+    # are queued (same write) or waiting in the socket: either way the connection is dropped.
+    async with aiohttp.ClientSession(connector=GuardedConnector(limit=1)) as s:
+        for i in range(30):
+            mode = ("trail", "after")[i % 2]
+            assert await _get(s, f"{hostile.url}/{mode}/x{i}") == f"marker=x{i}"
+            assert await _get(s, f"{hostile.url}/plain/y{i}") == f"marker=y{i}"
+
+
+@pytest.mark.parametrize("connector", [aiohttp.TCPConnector, GuardedConnector])
+async def test_connection_close_request_on_a_cl0_backend(hostile, connector):
+    """A GET body (sent with Connection: close, as the gateway's forward mode does) that the
+    backend reads as a second request: that second answer must reach nobody."""
+    smuggled = b"GET /plain/EVIL-smuggled HTTP/1.1\r\nHost: u\r\n\r\n"
+    got = []
+    async with aiohttp.ClientSession(connector=connector(limit=1)) as s:
+        for i in range(10):
+            async with s.get(f"{hostile.url}/plain/g{i}", data=smuggled, headers={"Connection": "close"}) as r:
+                assert (await r.read()) == f"marker=g{i}".encode()
+            got.append(await _get(s, f"{hostile.url}/plain/n{i}"))
+    assert sum(1 for _, p in hostile.requests if "EVIL-smuggled" in p) == 10  # the backend answered them
+    if connector is GuardedConnector:
+        assert got == [f"marker=n{i}" for i in range(10)]
+    else:  # control: aiohttp pools it regardless, and the next request reads the smuggled answer
+        assert any(g.startswith("marker=EVIL-smuggled") for g in got)
+
+
+@pytest.mark.parametrize("connector", [aiohttp.TCPConnector, GuardedConnector])
+async def test_error_answer_before_the_body_was_read(hostile, connector):
+    """401 before reading a POST body, which the backend then reads as a request: after an
+    error answer to a request with a body the connection is not reused."""
+    got, want = [], []
+    async with aiohttp.ClientSession(connector=connector(limit=1)) as s:
+        for i in range(10):
+            body = f"GET /plain/EVIL-early-{i} HTTP/1.1\r\nHost: u\r\n\r\n".encode()
+            async with s.post(f"{hostile.url}/early/e{i}", data=body) as r:
+                got.append((r.status, await r.read()))
+            await asyncio.sleep(0.05)
+            async with s.get(f"{hostile.url}/plain/n{i}") as r:
+                got.append((r.status, await r.read()))
+            want += [(401, f"marker=e{i}".encode()), (200, f"marker=n{i}".encode())]
+    if connector is GuardedConnector:
+        assert got == want
+    else:  # control: the smuggled request's answer goes to the next request
+        assert any(b"EVIL-early" in body for _, body in got)
