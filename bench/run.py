@@ -177,6 +177,7 @@ def mint_token(pki: Path, ttl: int = 7200) -> str:
         "iss": "https://test.maskinporten.no/",
         "consumer": {"authority": "iso6523-actorid-upis", "ID": f"0192:{sc.CALLER_ORG}"},
         "scope": "ks:fiks",
+        "aud": sc.AUDIENCE,
         "client_amr": "private_key_jwt",
         "client_id": "bench-client",
         "token_type": "Bearer",

@@ -136,12 +136,16 @@ def _route(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg["routes"][0]
 
 
+AUDIENCE = "https://bench.portvakt.invalid/"  # what the bench issuer requires and its tokens carry
+
+
 def with_identity(cfg: dict[str, Any], env: Env) -> dict[str, Any]:
     cfg["issuers"] = {
         "maskinporten": {
             "kind": "maskinporten",
             "issuer": "https://test.maskinporten.no/",
             "jwks_file": f"{env.pki_dir}/issuer-jwks.json",
+            "audience": AUDIENCE,
         }
     }
     cfg["integrations"] = [

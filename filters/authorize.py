@@ -98,6 +98,11 @@ class AccessRule(Model):
 class AccessPolicy(Model):
     any_of: list[AccessRule] = Field(description="The request passes when one rule admits it")
     mode: Mode = Field(Mode.enforce, description="off | detect | enforce for this route's authorization")
+    allow_certificate_org_mismatch: bool = Field(
+        False,
+        description="Admit a client certificate whose org differs from the token's consumer (and supplier) org; "
+        "both orgs then reach the upstream. Default: such a request gets 401 (token_certificate_org_mismatch)",
+    )
 
     @field_validator("any_of")
     @classmethod

@@ -1,6 +1,9 @@
 """Bearer token validation (Maskinporten, ID-porten). Config section ``issuers:``.
 
-The filter ``tokens`` runs on every route that has an ``access:`` policy. ``Authorization:
+The filter ``tokens`` runs on every route, public ones too: a bearer token that is presented is
+verified (a forged, expired or foreign one answers 401 even where no credential is required), and
+the proxy never forwards it (``gateway.identity``: consumed credentials stay at the gate unless a
+route sets ``forward.bearer_token``). ``Authorization:
 Bearer <jwt>`` is parsed strictly (one header, a compact JWS of three base64url parts); no
 Authorization header, or another scheme, is not this filter's business (Skip). The token's
 unverified ``iss`` only selects which issuer config (and key set) to verify against; nothing in the
@@ -14,6 +17,18 @@ lookup per request. Every failure answers the same 401 ``invalid_token`` with
 ``token_bad_signature``...) goes to ``internal_reason`` for audit, log and metrics. An issuer whose
 keys were never obtained answers 503 ``issuer_keys_unavailable``.
 
+Whose token it is: every issuer names its ``audience`` (one value or several; one of them must
+be in the token's ``aud``). ID-porten issuers must; a Maskinporten issuer may instead say
+``tokens_without_audience: bound_by_scope`` (its tokens often carry no ``aud``), and then only a
+token *without* ``aud`` is accepted on scope alone; one that names another audience is refused.
+Access tokens are told apart from id_tokens (``_is_access_token``): a JOSE ``typ`` other than
+``JWT``/``at+jwt`` is refused (``require_typ_at_jwt`` demands RFC 9068 ``at+jwt``), and so is any
+token carrying an id_token claim (``nonce``, ``at_hash``, ``c_hash``, ``s_hash``) or whose ``aud``
+is its own ``client_id``/``azp``. Binding (``binding_problem``, checked on every request, cache
+hits too): ``cnf.x5t#S256`` must be the client certificate's thumbprint (RFC 8705), and a client
+certificate's org must be the token's consumer (or supplier) org unless the route's
+``access.allow_certificate_org_mismatch`` relaxes it.
+
 ``acr_rank(acr)`` orders ID-porten levels for the route policy.
 """
 
@@ -23,6 +38,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import math
 import re
@@ -55,7 +71,21 @@ class IssuerConfig(Model):
         default_factory=lambda: ["RS256", "RS384", "RS512"],
         description="Accepted `alg` values: RS*, PS*, ES* only (never HMAC or none)",
     )
-    audience: str | None = Field(None, description="Required `aud` when set")
+    audience: str | list[str] | None = Field(
+        None,
+        description="Who this issuer's tokens must be for: one `aud` value or several (any one must be in the "
+        "token's `aud`). Required for idporten; for maskinporten unless tokens_without_audience: bound_by_scope",
+    )
+    tokens_without_audience: Literal["refuse", "bound_by_scope"] = Field(
+        "refuse",
+        description="maskinporten only: bound_by_scope accepts tokens that carry no `aud` at all (Maskinporten "
+        "issues such tokens unless the client asks for an audience); only the route's required scopes then bind "
+        "them to this API. A token that carries an `aud` must still match `audience`. check-config warns",
+    )
+    require_typ_at_jwt: bool = Field(
+        False,
+        description="Accept only tokens whose JOSE `typ` is at+jwt (RFC 9068): for issuers that mark every access token",
+    )
     leeway_seconds: int = Field(30, ge=0, le=600, description="Clock skew tolerated on exp, nbf and iat")
     jwks_cache_seconds: int = Field(3600, gt=0, description="Age after which the key set is refreshed")
     jwks_refetch_min_seconds: float = Field(
@@ -77,11 +107,37 @@ class IssuerConfig(Model):
     def _uri(cls, v: str | None) -> str | None:
         return None if v is None else check_jwks_uri(v)
 
+    @field_validator("audience")
+    @classmethod
+    def _audience(cls, v: str | list[str] | None) -> str | list[str] | None:
+        values = [v] if isinstance(v, str) else v
+        if values is not None and (not values or any(not a.strip() for a in values)):
+            raise ValueError("must name at least one non-empty audience")
+        return v
+
     @model_validator(mode="after")
     def _one_source(self) -> "IssuerConfig":
         if (self.jwks_uri is None) == (self.jwks_file is None):
             raise ValueError("set exactly one of jwks_uri and jwks_file")
+        if self.kind == "idporten":
+            if self.tokens_without_audience != "refuse":
+                raise ValueError("tokens_without_audience: bound_by_scope is for maskinporten only")
+            if self.audience is None:
+                raise ValueError(
+                    "audience is required for an idporten issuer: without it a token issued for another API "
+                    "(or an id_token of another client) would be accepted"
+                )
+        elif self.audience is None and self.tokens_without_audience != "bound_by_scope":
+            raise ValueError(
+                "set audience (who this API is, as the issuer writes it in `aud`), or say explicitly that scope "
+                "alone binds this issuer's tokens: tokens_without_audience: bound_by_scope"
+            )
         return self
+
+    @property
+    def audiences(self) -> frozenset[str]:
+        a = self.audience
+        return frozenset() if a is None else frozenset([a] if isinstance(a, str) else a)
 
 
 # -- reasons ---------------------------------------------------------------------------------
@@ -101,10 +157,13 @@ TOKEN_NOT_YET_VALID = "token_not_yet_valid"
 TOKEN_BAD_AUDIENCE = "token_bad_audience"
 TOKEN_CLAIMS_INVALID = "token_claims_invalid"
 TOKEN_KIND_MISMATCH = "token_kind_mismatch"
+TOKEN_NOT_ACCESS_TOKEN = "token_not_access_token"  # an id_token (or another JWT type) offered as access token
+TOKEN_CERTIFICATE_ORG_MISMATCH = "token_certificate_org_mismatch"  # client cert names another organisation
+TOKEN_CNF_MISMATCH = "token_cnf_mismatch"  # cnf.x5t#S256 does not name the client certificate (RFC 8705)
 INTERNAL_REASONS = (
     TOKEN_MALFORMED, TOKEN_UNKNOWN_ISSUER, TOKEN_ALG_NOT_ALLOWED, TOKEN_CRIT_UNSUPPORTED, TOKEN_UNKNOWN_KID,
     TOKEN_BAD_SIGNATURE, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, TOKEN_BAD_AUDIENCE, TOKEN_CLAIMS_INVALID,
-    TOKEN_KIND_MISMATCH,
+    TOKEN_KIND_MISMATCH, TOKEN_NOT_ACCESS_TOKEN, TOKEN_CERTIFICATE_ORG_MISMATCH, TOKEN_CNF_MISMATCH,
 )
 
 VERIFICATIONS = Counter(
@@ -229,6 +288,52 @@ def _str_list(v: Any) -> tuple[str, ...]:
     raise _ClaimsError(TOKEN_CLAIMS_INVALID)
 
 
+_ACCESS_TYPS = frozenset({"jwt", "at+jwt", "application/at+jwt"})
+_AT_JWT = frozenset({"at+jwt", "application/at+jwt"})
+# Claims only an OpenID Connect id_token carries (OIDC Core 2, 3.1.3.6, 3.3.2.11): never an access token's.
+ID_TOKEN_MARKERS = ("nonce", "at_hash", "c_hash", "s_hash")
+
+
+def _is_access_token(header: dict[str, Any], claims: dict[str, Any], auds: tuple[str, ...], require_at_jwt: bool) -> bool:
+    """Whether a verified JWT is an access token and not an id_token (or a logout token, an
+    assertion...). RFC 9068: a JOSE ``typ`` other than JWT / at+jwt is another kind of token, and
+    ``require_at_jwt`` demands at+jwt. Whatever the ``typ`` says, a token carrying an id_token
+    claim (``nonce``, ``at_hash``, ``c_hash``, ``s_hash``) or whose audience is its own client
+    (``client_id``/``azp`` in ``aud``: an id_token is addressed to the client that logged in) is
+    refused."""
+    typ = header.get("typ")
+    if typ is not None:
+        if not isinstance(typ, str) or typ.lower() not in _ACCESS_TYPS:
+            return False
+    if require_at_jwt and (not isinstance(typ, str) or typ.lower() not in _AT_JWT):
+        return False
+    if any(name in claims for name in ID_TOKEN_MARKERS):
+        return False
+    for name in ("client_id", "azp"):
+        client = claims.get(name)
+        if isinstance(client, str) and client in auds:
+            return False
+    return True
+
+
+def _cnf_thumbprint(claims: dict[str, Any]) -> str | None:
+    """The token's ``cnf.x5t#S256`` (RFC 8705 3.1), or None when the token is not certificate-bound.
+    Raises _ClaimsError for a ``cnf`` that is present but not shaped as RFC 7800 says."""
+    cnf = claims.get("cnf")
+    if cnf is None:
+        return None
+    if not isinstance(cnf, dict):
+        raise _ClaimsError(TOKEN_CLAIMS_INVALID)
+    x5t = cnf.get("x5t#S256")
+    if x5t is None:
+        if cnf:  # a confirmation method we cannot check (jkt: DPoP, jwk...): fail closed
+            raise _ClaimsError(TOKEN_CNF_MISMATCH)
+        return None
+    if not isinstance(x5t, str) or not x5t:
+        raise _ClaimsError(TOKEN_CLAIMS_INVALID)
+    return x5t
+
+
 def identity_from_claims(kind: str, issuer_name: str, claims: dict[str, Any]) -> TokenIdentity:
     """Verified claims -> TokenIdentity. Raises _ClaimsError when the token is not shaped like a
     token of ``kind`` (Maskinporten needs ``consumer``; ID-porten needs ``pid``)."""
@@ -240,6 +345,7 @@ def identity_from_claims(kind: str, issuer_name: str, claims: dict[str, Any]) ->
         scopes=_scopes(claims.get("scope")),
         client_id=_str_or_none(claims.get("client_id")),
         jti=_str_or_none(claims.get("jti")),
+        cnf_x5t_s256=_cnf_thumbprint(claims),
     )
     if kind == "maskinporten":
         if "consumer" not in claims:
@@ -275,6 +381,7 @@ class IssuerRuntime:
     config: IssuerConfig
     store: JwksStore
     algorithms: frozenset[str]
+    audiences: frozenset[str] = frozenset()
 
     @property
     def mode(self) -> Mode:
@@ -299,6 +406,18 @@ class TokensFilter(Filter):
         self.mode = mode
 
     async def check(self, ctx: RequestContext) -> Decision:
+        decision = await self._verify(ctx)
+        token = ctx.token
+        if decision is ALLOW and token is not None:
+            reason = binding_problem(ctx, token)
+            if reason is not None:
+                ctx.token = None  # not this connection's token: nothing downstream may use it
+                decision = self.stage.fail(ctx, self.stage.issuers.get(token.issuer), reason)
+                if decision is SKIP:  # this issuer only detects
+                    ctx.token = token
+        return decision
+
+    async def _verify(self, ctx: RequestContext) -> Decision:
         values = ctx.headers.getall("Authorization", ())
         if not values:
             return SKIP
@@ -321,6 +440,32 @@ class TokensFilter(Filter):
             return self.stage.fail(ctx, None, TOKEN_MALFORMED)
         token = m.group(1)
         return await stage.verify(ctx, token, digest or hashlib.sha256(token.encode("ascii")).digest())
+
+
+def binding_problem(ctx: RequestContext, token: TokenIdentity) -> str | None:
+    """Why a verified token may not be used on this connection, or None.
+
+    - ``cnf.x5t#S256`` (RFC 8705): the token is bound to one client certificate; the request's
+      client certificate (TLS, or forwarded by a trusted proxy) must have that SHA-256 thumbprint.
+    - A client certificate and a Maskinporten token both name an organisation: they must agree
+      (the certificate's org is the token's consumer, or the supplier acting for it), unless the
+      route sets ``access.allow_certificate_org_mismatch``.
+    """
+    cert = ctx.certificate
+    if token.cnf_x5t_s256 is not None:
+        if cert is None or not cert.der:
+            return TOKEN_CNF_MISMATCH
+        got = base64.urlsafe_b64encode(hashlib.sha256(cert.der).digest()).rstrip(b"=").decode("ascii")
+        if not hmac.compare_digest(got, token.cnf_x5t_s256):
+            return TOKEN_CNF_MISMATCH
+    if cert is not None and cert.org_number and token.consumer_org and cert.org_number != token.consumer_org:
+        if cert.org_number == token.supplier_org:
+            return None
+        route = ctx.route
+        access = route.config.access if route is not None else None
+        if access is None or not access.allow_certificate_org_mismatch:
+            return TOKEN_CERTIFICATE_ORG_MISMATCH
+    return None
 
 
 class TokensStage(Stage):
@@ -348,7 +493,9 @@ class TokensStage(Stage):
 
     # -- chain ------------------------------------------------------------------------------
     def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
-        if self._filter is None or route.access is None:
+        # Every route, public ones too: a presented bearer token is verified (a forged or foreign
+        # one gets 401) rather than passed on unchecked; the proxy strips it either way.
+        if self._filter is None:
             return []
         return [self._filter]
 
@@ -450,16 +597,25 @@ class TokensStage(Stage):
                     return self.fail(ctx, rt, TOKEN_CLAIMS_INVALID)
                 if v > now + leeway:
                     return self.fail(ctx, rt, TOKEN_NOT_YET_VALID)
-        if cfg.audience is not None:
-            aud = claims.get("aud")
-            if not (aud == cfg.audience or (isinstance(aud, list) and cfg.audience in aud)):
+        try:
+            auds = _str_list(claims.get("aud"))
+        except _ClaimsError:
+            return self.fail(ctx, rt, TOKEN_CLAIMS_INVALID)
+        if auds:
+            if rt.audiences.isdisjoint(auds):
                 return self.fail(ctx, rt, TOKEN_BAD_AUDIENCE)
+        elif "aud" in claims or cfg.tokens_without_audience != "bound_by_scope":
+            return self.fail(ctx, rt, TOKEN_BAD_AUDIENCE)
+        if not _is_access_token(header, claims, auds, cfg.require_typ_at_jwt):
+            return self.fail(ctx, rt, TOKEN_NOT_ACCESS_TOKEN)
         try:
             identity = identity_from_claims(cfg.kind, rt.name, claims)
         except _ClaimsError as e:
             return self.fail(ctx, rt, e.reason)
 
         audit = {"issuer": rt.name, "kind": cfg.kind, "kid": key.kid}
+        if not auds:
+            audit["audience"] = "none: bound by scope"
         if identity.consumer_org:
             audit["consumer_org"] = identity.consumer_org
         if len(self._cache) >= self.cache_max:
@@ -542,5 +698,7 @@ def build_stage(env: BuildEnv) -> TokensStage | None:
                 store.load_sync()
             except Exception as e:
                 raise ValueError(f"issuers.{name}.jwks_file: {e}") from None
-        issuers[name] = IssuerRuntime(name=name, config=cfg, store=store, algorithms=frozenset(cfg.algorithms))
+        issuers[name] = IssuerRuntime(
+            name=name, config=cfg, store=store, algorithms=frozenset(cfg.algorithms), audiences=cfg.audiences
+        )
     return TokensStage(issuers)

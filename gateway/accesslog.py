@@ -2,8 +2,8 @@
 
 Fields: time, request_id, client_ip, route, method, path (no query string), status, decision,
 reason, duration_ms, upstream_ms, bytes_in, bytes_out. Never headers, tokens, passwords or the
-query string; any run of 11 or more digits in the path (a fødselsnummer or D-number has 11) is
-masked with ``*``.
+query string; every possible person number in the path (``norid.mask_person_numbers``, the
+same function the audit log and error paths use) is masked with ``*``.
 """
 
 from __future__ import annotations
@@ -11,26 +11,51 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import sys
 import time
 from typing import TYPE_CHECKING, Any
+
+from gateway.norid import mask_person_numbers
 
 if TYPE_CHECKING:  # pragma: no cover
     from gateway.context import RequestContext
 
 log = logging.getLogger("portvakt.access")
 
-_ELEVEN = re.compile(r"\d{11,}")
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 _enc = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
 def mask_path(path: str) -> str:
-    """The path with every run of 11+ digits replaced by as many ``*``."""
-    if _ELEVEN.search(path) is None:  # the usual case: no substitution machinery
-        return path
-    return _ELEVEN.sub(lambda m: "*" * len(m.group()), path)
+    """The path with every possible person number (``norid.mask_person_numbers``: 11 digits,
+    6+5 with a space, dash or dot, embedded in longer digit runs) replaced by as many ``*``."""
+    return mask_person_numbers(path)
+
+
+class PersonNumberRedactor(logging.Filter):
+    """Masks possible person numbers in a log line and its traceback (error paths: an exception
+    message may quote a path or a header value)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a broken format string: leave the record as it is
+            return True
+        masked = mask_person_numbers(msg)
+        if masked is not msg and masked != msg:
+            record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = mask_person_numbers(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = mask_person_numbers(record.exc_text)
+        return True
+
+
+def install_log_redactor(logger: logging.Logger | None = None) -> None:
+    """Put ``PersonNumberRedactor`` on every handler of ``logger`` (default: the root logger)."""
+    for h in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, PersonNumberRedactor) for f in h.filters):
+            h.addFilter(PersonNumberRedactor())
 
 
 _IP_TEXT_MAX = 4096
@@ -128,3 +153,4 @@ def configure(stream: Any = None) -> None:
     global _direct
     _direct = BatchWriter(stream or sys.stdout)
     log.propagate = False
+    install_log_redactor()

@@ -22,8 +22,9 @@ A person never appears in clear: ``caller.person`` is ``{"pseudonym": HMAC-SHA25
 hex], "sealed": ...}``; ``sealed`` is the pid encrypted to ``audit.auditor_public_key`` (X25519:
 ``x25519:`` base64url(ephemeral public || nonce || AES-256-GCM ciphertext), key from
 HKDF-SHA256 over the shared secret, AAD the pseudonym; RSA: ``rsa-oaep:`` RSA-OAEP-SHA256 with
-the pseudonym as label). One sealing per person per process (cached by pseudonym). ``portvakt audit reveal`` opens it. Any 11-digit run in the path or
-query string is replaced by ``~p:<pseudonym>``; query strings are kept only where the route sets
+the pseudonym as label). One sealing per person per process (cached by pseudonym). ``portvakt audit reveal`` opens it. Every possible person number in the
+path or query string (``norid.mask_person_numbers``: 11 digits, 6+5 with a space, dash or dot,
+runs embedded in longer digit strings) is replaced by ``~p:<pseudonym>`` of its digits; query strings are kept only where the route sets
 ``audit.query_string``, with values of secret-looking parameters replaced by ``REDACTED``.
 
 Keys: ``audit.key`` (or ``key_file``) is the audit key; the record MAC key and the pseudonym key
@@ -54,6 +55,7 @@ from pydantic import Field, field_validator
 from gateway import problems
 from gateway.auditsinks import ChainWriter, FileSettings, RedisSettings, RedisStreamSink, _iso
 from gateway.configbase import Model
+from gateway.norid import PERSON_NUMBER_LIKE, mask_person_numbers
 from gateway.problems import Problem
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -204,24 +206,22 @@ def _b64u(b: bytes) -> str:
     return base64.urlsafe_b64encode(b).rstrip(b"=").decode("ascii")
 
 
-_ELEVEN_DIGITS = re.compile(r"(?<!\d)\d{11}(?!\d)")
 _SECRET_PARAM = re.compile(
     r"(?i)^(.*(token|passord|password|passwd|secret|apikey|api_key|signature|sig|assertion|session|cookie|auth).*|code|key|state)$"
 )
 
 
 def scrub(text: str, pseudo_key: bytes) -> str:
-    """Replace every 11-digit run (a possible fødselsnummer / D-number) by its pseudonym. A
-    percent-encoded run (``%32%34917397852``) counts too: then the decoded text is scrubbed."""
+    """Replace every possible person number (``norid.mask_person_numbers``: every spelling, and
+    digit runs embedded in longer ones) by its pseudonym. A percent-encoded one
+    (``%32%34917397852``) counts too: then the decoded text is scrubbed."""
     if not text:
         return text
     if "%" in text:
         decoded = unquote(text)
-        if decoded != text and _ELEVEN_DIGITS.search(decoded):
+        if decoded != text and PERSON_NUMBER_LIKE.search(decoded):
             text = decoded
-    if not _ELEVEN_DIGITS.search(text):
-        return text
-    return _ELEVEN_DIGITS.sub(lambda m: "~p:" + pseudonym(pseudo_key, m.group(0))[:16], text)
+    return mask_person_numbers(text, lambda digits: "~p:" + pseudonym(pseudo_key, digits)[:16])
 
 
 def scrub_query(qs: str, pseudo_key: bytes) -> str:

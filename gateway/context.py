@@ -50,6 +50,7 @@ class TokenIdentity:
     acr: str | None = None
     amr: tuple[str, ...] = ()
     jti: str | None = None
+    cnf_x5t_s256: str | None = None  # RFC 8705 certificate binding: SHA-256 thumbprint of the client cert
 
 
 @dataclass(slots=True, frozen=True)

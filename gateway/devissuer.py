@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import serialization
 DEV_MASKINPORTEN_ISS = "https://maskinporten.dev.portvakt.invalid/"
 DEV_IDPORTEN_ISS = "https://idporten.dev.portvakt.invalid"
 DEV_ISS = {"maskinporten": DEV_MASKINPORTEN_ISS, "idporten": DEV_IDPORTEN_ISS}
+# The audience the demo config's issuers require: what `portvakt dev-token` puts in `aud` by default.
+DEV_AUDIENCE = "https://api.dev.portvakt.invalid/"
 DEFAULT_KEY = "certs/dev/issuer-key.pem"
 DEFAULT_ORG = "991825827"
 DEFAULT_CLIENT_ID = "3f6c0a55-5d2e-4c1e-9a43-0c7f2b9d8e11"
@@ -149,6 +151,8 @@ def _cmd_dev_token(args: argparse.Namespace) -> int:
         print(f"dev-token: cannot read the issuer key {key_path}: {e} (run `portvakt dev-certs certs/dev`)",
               file=sys.stderr)
         return 2
+    if args.aud is None:
+        args.aud = [DEV_AUDIENCE]
     if args.kind == "idporten" and not args.pid:
         print("dev-token: --pid is required for --kind idporten", file=sys.stderr)
         return 2
@@ -162,7 +166,7 @@ def _cmd_dev_token(args: argparse.Namespace) -> int:
         pid=args.pid,
         acr=args.acr,
         ttl=args.ttl,
-        audience=args.aud,
+        audience=(args.aud or None) if len(args.aud) != 1 else (args.aud[0] or None),
     )
     print(token)
     return 0
@@ -189,7 +193,12 @@ def register_commands(subparsers: "argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--key", default=DEFAULT_KEY, help=f"issuer private key PEM (default {DEFAULT_KEY})")
     p.add_argument("--kid", help="key id (default: the kid of this key in issuer-jwks.json beside it)")
     p.add_argument("--iss", help="issuer (default the dev iss of the kind)")
-    p.add_argument("--aud", help="audience claim (default none)")
+    p.add_argument(
+        "--aud",
+        action="append",
+        default=None,
+        help=f"audience claim; repeat for several; --aud '' for a token without aud (default {DEV_AUDIENCE})",
+    )
     p.set_defaults(func=_cmd_dev_token)
 
 

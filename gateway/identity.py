@@ -17,7 +17,12 @@ only from facts the chain verified. All headers live under one prefix (default `
 ``<p>Person``               the person's pid: only where the route sets ``forward.person``
 ``<p>Assertion``            the signed identity assertion (ES256 JWT, below)
 ``Client-Cert`` (+``-Chain``) RFC 9440, only where the route sets ``forward.client_cert``
+``Authorization``           the verified bearer token, only where the route sets ``forward.bearer_token``
 ==========================  ===========================================================
+
+Consumed credentials stay at the gate: ``Authorization`` (any scheme) and the Fiks integration
+headers (``IntegrasjonId``/``IntegrasjonPassord`` in any case, with ``-`` or ``_``) are stripped
+on every route; the signed assertion is how the upstream learns who called.
 
 Values outside printable ASCII (and ``%``) are percent-encoded UTF-8; the assertion carries the
 raw values. The assertion's claims: ``iss`` (``identity.assertion.issuer``), ``aud`` (the
@@ -100,7 +105,20 @@ class IdentityConfig(Model):
 class RouteForwardConfig(Model):
     person: bool = Field(False, description="Forward the person's identity (pid) to this upstream")
     client_cert: bool = Field(False, description="Forward the client certificate as RFC 9440 Client-Cert")
+    bearer_token: bool = Field(
+        False,
+        description="Pass the verified bearer token on as Authorization (default: stripped). For an upstream that "
+        "must call further APIs with the caller's token or re-checks it itself; the token then leaves the gate and "
+        "can be replayed by the upstream until it expires. An unverified token is never forwarded",
+    )
 
+
+# Client headers holding credentials the gateway checks (normalised: lower case, "_" as "-"):
+# stripped on every route. Authorization covers every scheme: one Portvakt cannot verify (Basic,
+# Digest...) would otherwise reach the upstream unchecked.
+CONSUMED_CREDENTIALS = frozenset(
+    {"authorization", "integrasjonid", "integrasjon-id", "integrasjonpassord", "integrasjon-passord"}
+)
 
 # Header suffixes (after the prefix) in the order they are documented.
 SUFFIXES = (
@@ -248,8 +266,10 @@ class Forwarder:
         strip = {normalize_header_name(n) for n in self.names.values()}
         strip.add(normalize_header_name(self.assertion_header))
         strip.update({"client-cert", "client-cert-chain"})
-        # Credentials the gateway consumed never travel on: the upstream gets the verified facts.
-        strip.update({"integrasjonpassord", "integrasjon-passord"})
+        # Credentials the gateway consumed never travel on: the upstream gets the verified facts
+        # (the headers and the signed assertion). A route may opt in to the verified bearer token
+        # (forward.bearer_token, re-added in headers()); any other Authorization is never forwarded.
+        strip.update(CONSUMED_CREDENTIALS)
         strip.update(normalize_header_name(n) for n in config.strip_extra)
         self.strip_names: frozenset[str] = frozenset(strip)
         # Anything under our prefix is ours, even a name we do not set today.
@@ -347,6 +367,11 @@ class Forwarder:
             if v:
                 out[n[suffix]] = _header_value(v)
         route = ctx.route
+        if route is not None and route.config.forward.bearer_token and ctx.token is not None:
+            # ctx.token is set only after the one Authorization header verified (and bound).
+            auth = ctx.headers.get("Authorization")
+            if auth is not None:
+                out["Authorization"] = auth
         if route is not None and route.config.forward.client_cert and ctx.certificate is not None and ctx.certificate.der:
             out["Client-Cert"] = ":" + base64.b64encode(ctx.certificate.der).decode() + ":"
             if ctx.certificate.source == "tls" and len(ctx.tls.peer_chain_der) > 1:

@@ -144,3 +144,30 @@ def generate_fnr(birthdate: _dt.date, individual: int | None = None, **kw: bool)
         if n is not None:
             return n
     raise AssertionError("unreachable: some individual number always has valid check digits")
+
+
+# -- masking -----------------------------------------------------------------------------------
+
+import re as _re  # noqa: E402
+from collections.abc import Callable as _Callable  # noqa: E402
+
+# A possible national identity number in free text, in every common spelling: 11 digits, or
+# 6 + 5 digits with one separator between them (space, '-', '.', '+' as a space in a query
+# string, or their percent-encodings %20/%2D/%2E/%2B). Digits running on either side belong to the
+# match, so a number embedded in a longer digit string (an account or case number) is masked
+# whole, in every sink alike. No check-digit test: a mistyped number is still personal data.
+PERSON_NUMBER_LIKE = _re.compile(r"\d{6,}(?:[ .+\-]|%20|%2[BbDdEe])\d{5,}|\d{11,}", _re.ASCII)
+_SEPARATORS = _re.compile(r"%2[0BbDdEe]|\D+")
+
+
+def mask_person_numbers(text: str, replace: _Callable[[str], str] | None = None) -> str:
+    """``text`` with every possible person number (``PERSON_NUMBER_LIKE``) replaced: by as many
+    ``*`` as the match is long (default), or by ``replace(digits)`` where ``digits`` is the match
+    without its separator (so ``018790 45602`` and ``01879045602`` give the same value: the audit
+    log uses it for a keyed pseudonym). The one masking function of the access log, the audit
+    log, problem bodies and log lines."""
+    if not text or PERSON_NUMBER_LIKE.search(text) is None:  # the usual case: nothing to replace
+        return text
+    if replace is None:
+        return PERSON_NUMBER_LIKE.sub(lambda m: "*" * len(m.group()), text)
+    return PERSON_NUMBER_LIKE.sub(lambda m: replace(_SEPARATORS.sub("", m.group())), text)

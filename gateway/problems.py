@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from gateway.norid import mask_person_numbers
+
 PROBLEM_BASE = "https://portvakt.dev/problems/"
 CONTENT_TYPE = "application/problem+json"
 
@@ -79,12 +81,14 @@ class Problem:
             "reason": self.reason,
             "request_id": request_id,
         }
+        # Error bodies never carry a person number, whatever a detail quotes (one masking function
+        # serves this, the access log, the audit log and log lines).
         if self.detail:
-            doc["detail"] = self.detail
+            doc["detail"] = mask_person_numbers(self.detail)
         if instance:
-            doc["instance"] = instance
+            doc["instance"] = mask_person_numbers(instance)
         for k, v in self.extra.items():
-            doc.setdefault(k, v)
+            doc.setdefault(k, mask_person_numbers(v) if isinstance(v, str) else v)
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 

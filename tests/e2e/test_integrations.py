@@ -51,8 +51,6 @@ async def test_every_failure_is_one_identical_401_and_nothing_reaches_upstream(s
         "integration_unknown": (None, {**bearer(good), **creds(UNKNOWN_ID)}),
         "integration_bad_password": (None, {**bearer(good), **creds(password="feil-passord")}),
         "integration_org_mismatch": (None, {**bearer(issuer.mint(org=OTHER_ORG, scope="ks:fiks")), **creds()}),
-        # The SEID 1 client certificate belongs to 958935420, not the integration's 991825827.
-        "integration_cert_mismatch": ((pki.client_seid1_cert, pki.client_seid1_key), {**bearer(good), **creds()}),
         "integration_token_missing": (None, creds()),
     }
     bodies = {}
@@ -69,10 +67,16 @@ async def test_every_failure_is_one_identical_401_and_nothing_reaches_upstream(s
     assert first["reason"] == "integration_auth_failed"
     assert all(b == first for b in bodies.values()), bodies
     assert upstream.started == 0
+    # The SEID 1 client certificate belongs to 958935420, not the token's (and the integration's)
+    # 991825827: the token binding refuses it before the integration is looked at.
+    async with gw.session(pki.client_seid1_cert, pki.client_seid1_key) as s:
+        status, body, resp_headers = await call(s, gw.url + URL, {**bearer(good), **creds()})
+    assert status == 401 and body["reason"] == "invalid_token"
+    assert upstream.started == 0
     # The precise reason is in the access log, never the password.
     await asyncio.sleep(0.2)
     logged = {line.get("reason") for line in gw.access_log()}
-    assert set(cases) <= logged
+    assert set(cases) | {"token_certificate_org_mismatch"} <= logged
     assert PASSWORD not in gw.output() and "feil-passord" not in gw.output()
 
 

@@ -70,7 +70,7 @@ async def test_broken_config_keeps_the_old_runtime_and_counts_the_failure(start_
     assert any("routes[0].upstream" in p for p in doc["problems"])
     # A file that validates but cannot be built (a missing JWKS file) names its YAML path too.
     cfg = basic_config(upstream.url)
-    cfg["issuers"] = {"mp": {"kind": "maskinporten", "issuer": "https://mp.example/", "jwks_file": "missing-jwks.json"}}
+    cfg["issuers"] = {"mp": {"kind": "maskinporten", "issuer": "https://mp.example/", "jwks_file": "missing-jwks.json", "audience": "a"}}
     gw.write_config(cfg)
     status, doc = await gw.admin_reload()
     assert status == 500 and doc["result"] == "failure"

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.devissuer import DEV_MASKINPORTEN_ISS
+from gateway.devissuer import DEV_AUDIENCE, DEV_MASKINPORTEN_ISS
 from tests.fixtures.gateway import basic_config
 from tests.fixtures.issuer import TEST_PID, new_rsa_key
 
@@ -203,10 +203,12 @@ async def test_dev_token_cli_against_jwks_file(start_gateway, upstream, pki):
         sys.executable, "-m", "gateway", "dev-token", "--key", pki.issuer_key, "--org", ORG, "--scope", "ks:fiks",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    issuers = {"dev": {"kind": "maskinporten", "issuer": DEV_MASKINPORTEN_ISS, "jwks_file": pki.issuer_jwks}}
+    issuers = {"dev": {"kind": "maskinporten", "issuer": DEV_MASKINPORTEN_ISS, "jwks_file": pki.issuer_jwks,
+                       "audience": DEV_AUDIENCE}}
     gw = await start_gateway(config(upstream.url, issuers))
     out, err = await asyncio.wait_for(cli.communicate(), 60)
     assert cli.returncode == 0, err
     token = out.decode().strip()
     assert claims_of(token)["consumer"]["ID"] == f"0192:{ORG}"
+    assert claims_of(token)["aud"] == DEV_AUDIENCE  # minted for the audience the demo requires
     assert (await get(gw, token))[0] == 200

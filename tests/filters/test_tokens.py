@@ -174,10 +174,11 @@ async def test_no_authorization_header_skips(stage):
     assert await f.check(make_ctx("Basic dXNlcjpwYXNz")) is SKIP
 
 
-async def test_only_routes_with_access_get_the_filter(stage):
+async def test_every_route_gets_the_filter_public_ones_too(stage):
+    # A token presented on a public route is verified, never passed on unchecked.
     routes = config({}).routes
     assert [f.name for f in stage.filters_for_route(routes[0])] == ["tokens"]
-    assert stage.filters_for_route(routes[1]) == []
+    assert [f.name for f in stage.filters_for_route(routes[1])] == ["tokens"]
 
 
 @pytest.mark.parametrize(
@@ -301,9 +302,9 @@ async def test_audience_checked_when_configured(issuer):
         await s.close()
 
 
-async def test_audience_ignored_when_not_configured(stage, issuer):
-    d, _ = await run(stage, issuer.mint(audience="anything"))
-    assert d is ALLOW
+async def test_foreign_audience_refused_by_default_config(stage, issuer):
+    d, ctx = await run(stage, issuer.mint(audience="anything"))
+    denied(d, ctx, "token_bad_audience")
 
 
 # -- keys: unknown kid, rotation, outages ----------------------------------------------------
@@ -517,15 +518,15 @@ async def test_jwks_file_issuer(issuer, tmp_path):
 def test_unusable_jwks_file_fails_the_build(tmp_path):
     (tmp_path / "bad.json").write_text('{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "x"}]}')
     for path in (str(tmp_path / "missing.json"), str(tmp_path / "bad.json")):
-        cfg = config({"m": {"kind": "maskinporten", "issuer": "https://m/", "jwks_file": path}})
+        cfg = config({"m": {"kind": "maskinporten", "issuer": "https://m/", "jwks_file": path, "audience": "a"}})
         with pytest.raises(ValueError, match="jwks_file"):
             build_stage(BuildEnv(config=cfg, base_dir=".", secrets={}))
 
 
 def test_duplicate_iss_fails_the_build(tmp_path):
     cfg = config({
-        "a": {"kind": "maskinporten", "issuer": "https://m/", "jwks_uri": "https://m/jwk"},
-        "b": {"kind": "idporten", "issuer": "https://m/", "jwks_uri": "https://m/jwk2"},
+        "a": {"kind": "maskinporten", "issuer": "https://m/", "jwks_uri": "https://m/jwk", "audience": "a"},
+        "b": {"kind": "idporten", "issuer": "https://m/", "jwks_uri": "https://m/jwk2", "audience": "a"},
     })
     with pytest.raises(ValueError, match="same iss"):
         build_stage(BuildEnv(config=cfg, base_dir=".", secrets={}))
@@ -547,17 +548,26 @@ def test_no_issuers_no_stage():
         ({"jwks_uri": "ftp://127.0.0.1/jwk"}, "https"),
         ({"leeway_seconds": -1}, "greater than or equal"),
         ({"unknown": 1}, "Extra inputs"),
+        ({"audience": None}, "tokens_without_audience: bound_by_scope"),
+        ({"audience": []}, "at least one"),
+        ({"audience": ["ok", " "]}, "at least one"),
+        ({"kind": "idporten", "audience": None}, "audience is required for an idporten issuer"),
+        ({"kind": "idporten", "audience": None, "tokens_without_audience": "bound_by_scope"}, "maskinporten only"),
+        ({"kind": "idporten", "tokens_without_audience": "bound_by_scope"}, "maskinporten only"),
+        ({"tokens_without_audience": "sometimes"}, "refuse"),
     ],
 )
 def test_issuer_config_validation(fields, message):
-    raw = {"kind": "maskinporten", "issuer": "https://maskinporten.no/", "jwks_uri": "https://maskinporten.no/jwk"}
+    raw = {"kind": "maskinporten", "issuer": "https://maskinporten.no/", "jwks_uri": "https://maskinporten.no/jwk",
+           "audience": "https://api.example/"}
     raw.update(fields)
     with pytest.raises(ValidationError, match=message):
         IssuerConfig.model_validate(raw)
 
 
 def test_issuer_config_accepts_loopback_http_and_defaults():
-    c = IssuerConfig.model_validate({"kind": "idporten", "issuer": "https://idporten.no", "jwks_uri": "http://127.0.0.1:1/jwk"})
+    c = IssuerConfig.model_validate({"kind": "idporten", "issuer": "https://idporten.no", "jwks_uri": "http://127.0.0.1:1/jwk",
+                                     "audience": "https://api.example/"})
     assert c.algorithms == ["RS256", "RS384", "RS512"] and c.jwks_refetch_min_seconds == 30 and c.leeway_seconds == 30
 
 

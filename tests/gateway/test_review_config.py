@@ -25,7 +25,7 @@ def test_every_missing_referenced_file_is_listed_with_its_yaml_path(tmp_path):
     f = write(tmp_path, f"""\
 audit: {{path: {tmp_path}/audit/audit.jsonl, key_file: {tmp_path}/no-such-key}}
 issuers:
-  mp: {{kind: maskinporten, issuer: "https://maskinporten.no/", jwks_file: {tmp_path}/no-such-jwks.json}}
+  mp: {{kind: maskinporten, issuer: "https://maskinporten.no/", jwks_file: {tmp_path}/no-such-jwks.json, audience: a}}
 certificates: {{ca_file: {tmp_path}/no-such-ca.pem}}
 """)
     problems = check_config(str(f))
