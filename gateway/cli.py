@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import logging
 import os
 import re
@@ -110,17 +111,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def check_config(path: str) -> list[str]:
-    """Every problem in the config file (empty when it is fine), each ``file: yaml.path: reason``.
+    """Every error in the config file (empty when it is fine), each ``file: yaml.path: reason``:
+    schema, cross-checks and files/build in one run (gateway/configcheck.py); warnings left out."""
+    from gateway import configcheck
 
-    Runs the same loader as ``run``, then builds (without starting) the runtime and the TLS
-    context, so missing files and stage build errors are reported too.
-    """
-    from gateway.config import ConfigError, load_config
+    report = configcheck.check(path)
+    return [f.line(path) for f in report.errors]
 
-    try:
-        cfg = load_config(path)
-    except ConfigError as e:
-        return list(e.problems)
+
+def file_problems(cfg: Any, path: str) -> list[str]:
+    """The files and the build of a loaded config: TLS context, audit paths, upstream CA bundles,
+    then the runtime built (not started). Each ``file: yaml.path: reason``."""
     problems: list[str] = []
     if cfg.server.tls is not None and not cfg.server.plain_http:
         from gateway import tlsutil
@@ -199,13 +200,29 @@ def _build_problem(path: str, e: BaseException) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway import configcheck
+
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    problems = check_config(args.file)
-    if problems:
-        for p in problems:
-            print(p)
-        return 1
-    print("ok")
+    report = configcheck.check(args.file)
+    if args.format == "json":
+        print(configcheck.render_json(report))
+    else:
+        for line in configcheck.render_text(report):
+            print(line)
+    return 1 if report.errors or (args.strict and report.warnings) else 0
+
+
+def cmd_config_schema(_: argparse.Namespace) -> int:
+    from gateway import configdoc
+
+    print(json.dumps(configdoc.json_schema(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_config_reference(_: argparse.Namespace) -> int:
+    from gateway import configdoc
+
+    sys.stdout.write(configdoc.reference_markdown())
     return 0
 
 
@@ -234,9 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-socket", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check-config", help="validate a config file; lists every problem")
+    p = sub.add_parser(
+        "check-config", help="validate a config file; lists every error and warning",
+        description="Schema, cross-checks and files/build in one run. Exit 0: no errors (warnings "
+        "may be printed); 1: errors (or warnings with --strict); 2: usage error.",
+    )
     p.add_argument("file")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="output format (json for CI)")
+    p.add_argument("--strict", action="store_true", help="warnings count as errors (exit 1)")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("config", help="the config model: JSON Schema, reference")
+    csub = p.add_subparsers(dest="config_command", metavar="WHAT")
+    csub.required = True
+    c = csub.add_parser("schema", help="print the JSON Schema of the config file (for editors)")
+    c.set_defaults(func=cmd_config_schema)
+    c = csub.add_parser("reference", help="print the config reference (docs/config-reference.md)")
+    c.set_defaults(func=cmd_config_reference)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
