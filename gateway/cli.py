@@ -131,6 +131,13 @@ def file_problems(cfg: Any, path: str) -> list[str]:
         except ValueError as e:
             problems.append(f"{path}: {e}")
 
+    from gateway.admin import resolve_reload_token
+
+    try:
+        resolve_reload_token(cfg)
+    except ValueError as e:
+        problems.append(f"{path}: {e}")
+
     from gateway.audit import audit_path_problems
 
     problems += [f"{path}: {p}" for p in audit_path_problems(cfg)]

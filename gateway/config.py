@@ -75,6 +75,13 @@ class AdminConfig(Model):
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
 
+    @field_validator("reload_token")
+    @classmethod
+    def _token(cls, v: str | None) -> str | None:
+        if v is not None and len(v.strip()) < 16:
+            raise ValueError("must be at least 16 characters (or leave it unset)")
+        return v.strip() if v is not None else None
+
 
 class UpstreamConfig(Model):
     url: str = Field(description="Base URL of the upstream service (http:// or https://)")

@@ -372,14 +372,30 @@ class Gateway:
                 log.info("config reloaded: runtime generation %d", self.runtime.generation)
             else:
                 metrics.CONFIG_RELOADS.labels("failure").inc()
-                log.error("config reload failed, keeping generation %d:\n  %s", self.runtime.generation, "\n  ".join(errors))
+                log.error("config reload failed (%d problems), keeping generation %d", len(errors), self.runtime.generation)
+                for problem in errors:  # one line each
+                    log.error("config reload problem: %s", problem.replace("\n", " "))
             return ok, errors
 
     async def _reload(self) -> tuple[bool, list[str]]:
+        from gateway.admin import resolve_reload_token
+
         try:
             cfg = load_config(self.config_path)
         except ConfigError as e:
-            return False, list(e.problems)
+            # Every layer at once, as check-config lists it (not only the schema's share).
+            from gateway.cli import check_config
+
+            try:
+                every = await asyncio.to_thread(check_config, str(self.config_path))
+            except Exception:  # the short list is still the truth
+                log.debug("listing every problem failed", exc_info=True)
+                every = []
+            return False, every or list(e.problems)
+        try:
+            token = resolve_reload_token(cfg)
+        except ValueError as e:
+            return False, [f"{self.config_path}: {e}"]
         new_tls = None
         if self.tls is not None:
             if cfg.server.tls is None:
@@ -413,6 +429,7 @@ class Gateway:
             self.tls.front.verify_mode = new_tls.verify_mode
             self.tls.current = new_tls
         self.config = cfg
+        self._reload_token = token
         self.runtime = rt  # the swap: one assignment
         task = asyncio.create_task(old.retire(max(60.0, cfg.server.shutdown_grace_seconds)))
         self._retiring.add(task)
@@ -420,6 +437,12 @@ class Gateway:
         return True, []
 
     # ---- admin target interface (see gateway/admin.py) --------------------------------------
+
+    _reload_token: str | None = None
+    guard_reload = True  # False in a worker: its unix-socket admin answers only its supervisor
+
+    def reload_token(self) -> str | None:
+        return self._reload_token if self.guard_reload else None
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         rt = self.runtime
@@ -498,6 +521,14 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
         return 2
     gw = Gateway(config_path, cfg, rt, reuse_port=reuse_port)
     gw.secrets = secrets
+    gw.guard_reload = admin  # a worker's unix-socket admin is private to its supervisor
+    if admin:
+        try:
+            gw._reload_token = admin_mod.resolve_reload_token(cfg)
+        except ValueError as e:
+            print(f"{config_path}: {e}", flush=True)
+            await rt.close()
+            return 2
     metrics.CONFIG_LAST_SUCCESS.set(time.time())
     try:
         await gw.start()

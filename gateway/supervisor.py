@@ -150,7 +150,24 @@ class Supervisor:
                     self._ready_cache[w.index] = (False, {"status": "unreachable"})
             await asyncio.sleep(0.25)
 
+    _reload_token: str | None = None
+
+    def reload_token(self) -> str | None:
+        return self._reload_token
+
     async def reload(self) -> tuple[bool, list[str]]:
+        problems = await self._reload_workers()
+        if not problems:
+            from gateway.admin import resolve_reload_token
+            from gateway.config import ConfigError, load_config
+
+            try:  # the workers took the file: the token it names holds from now on
+                self._reload_token = resolve_reload_token(load_config(self.config_path))
+            except (ConfigError, ValueError) as e:
+                log.error("supervisor: keeping the previous reload token: %s", str(e).replace("\n", " "))
+        return not problems, problems
+
+    async def _reload_workers(self) -> list[str]:
         problems: list[str] = []
         for w in self.workers:
             try:
@@ -160,7 +177,7 @@ class Supervisor:
                 continue
             if status != 200:
                 problems += [f"worker {w.index}: {p}" for p in doc.get("problems", [])] or [f"worker {w.index}: failed"]
-        return not problems, problems
+        return problems
 
     async def jwks(self) -> Any:
         keys: dict[str, Any] = {}
@@ -187,6 +204,11 @@ class Supervisor:
         except ConfigError as e:
             for p in e.problems:
                 print(p, file=sys.stderr)
+            return 2
+        try:
+            self._reload_token = admin_mod.resolve_reload_token(cfg)
+        except ValueError as e:
+            print(f"{self.config_path}: {e}", file=sys.stderr)
             return 2
         self._ready_cache = {}
         loop = asyncio.get_running_loop()
