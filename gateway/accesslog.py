@@ -1,7 +1,8 @@
 """One structured JSON access-log line per request (stdout, or the ``portvakt.access`` logger).
 
 Fields: time, request_id, client_ip, route, method, path (no query string), status, decision,
-reason, duration_ms, upstream_ms, bytes_in, bytes_out. Never headers, tokens, passwords or the
+reason, duration_ms, upstream_ms, bytes_in, bytes_out, and detections when a stage in detect
+mode would have denied (documented in docs/logging.md). Never headers, tokens, passwords or the
 query string; any run of 11 or more digits in the path (a fødselsnummer or D-number has 11) is
 masked with ``*``.
 """
@@ -128,3 +129,11 @@ def configure(stream: Any = None) -> None:
     global _direct
     _direct = BatchWriter(stream or sys.stdout)
     log.propagate = False
+
+
+def unconfigure() -> None:
+    """Back to the ``portvakt.access`` logger (``logging.access_log: logging | off``)."""
+    global _direct
+    if _direct is not None:
+        _direct.flush()
+    _direct = None

@@ -54,19 +54,16 @@ class _BadRequestRedactor(logging.Filter):
         return True
 
 
-def _configure_logging(level: str = "INFO") -> None:
-    from gateway import accesslog
+def _configure_logging(level: str | None = None) -> None:
+    """Text logs until the config is loaded (gateway/logsetup.py; ``logging:`` then applies).
+    ``level`` (--log-level / PORTVAKT_LOG_LEVEL) wins over the config's ``logging.level``."""
+    from gateway import logsetup
 
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logsetup.LEVEL_OVERRIDE = level
+    logsetup.configure("text", level or "INFO")
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _BadRequestRedactor) for f in server_log.filters):
         server_log.addFilter(_BadRequestRedactor())
-    accesslog.configure()
 
 
 def _install_uvloop() -> None:
@@ -253,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="serve with a config file")
     p.add_argument("--config", "-c", required=True, help="YAML config file")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: server.workers)")
-    p.add_argument("--log-level", default=os.environ.get("PORTVAKT_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-level", default=os.environ.get("PORTVAKT_LOG_LEVEL"),
+                   help="DEBUG | INFO | WARNING | ERROR (default: logging.level of the config)")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--admin-socket", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)

@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway import accesslog, metrics, problems, tlsutil
+from gateway import accesslog, logsetup, metrics, problems, tlsutil
 from gateway.chain import run_chain
 from gateway.config import HTTP_METHODS, Config, ConfigError, load_config
 from gateway.context import RequestContext
@@ -38,6 +38,7 @@ from gateway.proxy import BODY_TOO_LARGE, BodyTooLarge, ClientBodyError, Upstrea
 from gateway.runtime import Runtime, build_runtime
 
 log = logging.getLogger("portvakt.server")
+_set_log_request_id = logsetup.REQUEST_ID.set
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _METHOD_LABELS = frozenset(HTTP_METHODS)
@@ -172,6 +173,7 @@ class Gateway:
         rid = headers.get("X-Request-Id") if trusted else None
         if rid is None or _REQUEST_ID.fullmatch(rid) is None:
             rid = new_request_id()
+        _set_log_request_id(rid)  # this request's task only (gateway/logsetup.py)
         host = headers.get("Host", "")
         scheme = self.scheme
         if trusted and scheme == "http":
@@ -428,6 +430,10 @@ class Gateway:
         if new_tls is not None and self.tls is not None and cfg.server.tls is not None:
             self.tls.front.verify_mode = new_tls.verify_mode
             self.tls.current = new_tls
+        if cfg.logging != self.config.logging:
+            from gateway import logsetup
+
+            logsetup.apply(cfg)
         self.config = cfg
         self._reload_token = token
         self.runtime = rt  # the swap: one assignment
@@ -509,6 +515,7 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
         for p in e.problems:
             print(p, flush=True)
         return 2
+    logsetup.apply(cfg)
     secrets: dict[str, Any] = {}
     if worker_index is not None:
         secrets["worker_index"] = worker_index

@@ -53,7 +53,7 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, config_path: str, workers: int, log_level: str = "INFO"):
+    def __init__(self, config_path: str, workers: int, log_level: str | None = None):
         self.config_path = config_path
         self.n = workers
         self.log_level = log_level
@@ -79,7 +79,8 @@ class Supervisor:
         env["PORTVAKT_WORKER_INDEX"] = str(w.index)
         w.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "run", "--config", self.config_path,
-            "--worker-index", str(w.index), "--admin-socket", w.socket_path, "--log-level", self.log_level,
+            "--worker-index", str(w.index), "--admin-socket", w.socket_path,
+            *(("--log-level", self.log_level) if self.log_level else ()),
             env=env,
         )
         w.started_at = time.monotonic()
@@ -205,6 +206,9 @@ class Supervisor:
             for p in e.problems:
                 print(p, file=sys.stderr)
             return 2
+        from gateway import logsetup
+
+        logsetup.apply(cfg)
         try:
             self._reload_token = admin_mod.resolve_reload_token(cfg)
         except ValueError as e:
@@ -242,5 +246,5 @@ class Supervisor:
         return 0
 
 
-def supervise(config_path: str, workers: int, log_level: str = "INFO") -> int:
+def supervise(config_path: str, workers: int, log_level: str | None = None) -> int:
     return asyncio.run(Supervisor(config_path, workers, log_level).run())
