@@ -368,9 +368,11 @@ class Gateway:
         async with self._reload_lock:
             ok, errors = await self._reload()
             self.reload_count += 1
+            metrics.CONFIG_LAST_SUCCESSFUL.set(1 if ok else 0)
             if ok:
                 metrics.CONFIG_RELOADS.labels("success").inc()
                 metrics.CONFIG_LAST_SUCCESS.set(time.time())
+                metrics.init_route_series([r.name for r in self.runtime.routes], self.config.upstreams)
                 log.info("config reloaded: runtime generation %d", self.runtime.generation)
             else:
                 metrics.CONFIG_RELOADS.labels("failure").inc()
@@ -537,6 +539,8 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
             await rt.close()
             return 2
     metrics.CONFIG_LAST_SUCCESS.set(time.time())
+    metrics.CONFIG_LAST_SUCCESSFUL.set(1)
+    metrics.init_route_series([r.name for r in rt.routes], cfg.upstreams)
     try:
         await gw.start()
     except (OSError, ValueError, ssl.SSLError) as e:

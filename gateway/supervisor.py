@@ -68,6 +68,9 @@ class Supervisor:
         self.workers_gauge.set(workers)
         self.build = Gauge("portvakt_build_info", "Portvakt build information", ["version"], registry=self.registry)
         self.build.labels(__version__).set(1)
+        from gateway.metrics import add_process_collectors
+
+        add_process_collectors(self.registry)  # the supervisor's own process
 
     # -- workers -------------------------------------------------------------------------------
 
