@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 CERTS ?= certs/dev
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' gateway/__init__.py)
 
-.PHONY: venv run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present
+.PHONY: venv run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present promtool-present
 
 # The venv is (re)built whenever pyproject.toml changes: the stamp is older than it then.
 $(STAMP): pyproject.toml
@@ -45,6 +45,14 @@ redis-server-present:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server is missing and the tests need it: sudo apt-get install redis-server"; exit 1; fi; }
 
+# promtool (Debian package prometheus) checks deploy/prometheus/ in the tests.
+promtool-present:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing prometheus (the tests run its promtool on deploy/prometheus/)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool is missing and the tests need it: sudo apt-get install prometheus"; exit 1; fi; }
+
 wrk-present:
 	@command -v wrk >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -62,7 +70,7 @@ run: venv $(CERTS)/ca.pem
 	$(VPY) -m gateway demo
 
 # pytest exits 5 when it collected no tests: that is a failure here, said out loud.
-test: venv redis-server-present
+test: venv redis-server-present promtool-present
 	@$(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc = 5 ]; then echo "pytest collected no tests: treating that as a failure"; fi; \
 	  exit $$rc

@@ -78,9 +78,11 @@ class AdminConfig(Model):
     @field_validator("reload_token")
     @classmethod
     def _token(cls, v: str | None) -> str | None:
-        if v is not None and len(v.strip()) < 16:
+        if v is None or not v.strip():  # "${PORTVAKT_ADMIN_TOKEN:-}" with the variable unset: no token
+            return None
+        if len(v.strip()) < 16:
             raise ValueError("must be at least 16 characters (or leave it unset)")
-        return v.strip() if v is not None else None
+        return v.strip()
 
 
 class UpstreamConfig(Model):

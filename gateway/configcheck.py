@@ -364,6 +364,10 @@ def warnings(cfg: Config, raw: dict[str, Any], pr: _Pruned) -> list[tuple[str, s
     if cfg.server.plain_http and not _loopback(cfg.server.listen) and not cfg.trusted_proxies:
         out.append(("server.plain_http", f"plain HTTP on {cfg.server.listen} with no trusted_proxies: "
                                          "clients reach Portvakt unencrypted"))
+    audit = cfg.audit
+    if audit.enabled and audit.path and not audit.key and not audit.key_file:
+        out.append(("audit.key", "no audit key: a random one per start, so `portvakt audit verify` cannot check "
+                                 "the chain across restarts and pseudonyms change (set key or key_file)"))
     admin = cfg.admin
     if not _loopback(admin.listen) and not (getattr(admin, "reload_token", None) or getattr(admin, "reload_token_file", None)):
         out.append(("admin.listen", f"{admin.listen} is beyond loopback and POST /-/reload has no token "
