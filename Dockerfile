@@ -1,18 +1,26 @@
 # Portvakt container image.
 #
-#   docker build -t portvakt .
-#   docker run --rm -p 8443:8443 -p 9090:9090 \
+#   docker build -t portvakt .                  # or: make docker
+#   portvakt dev-certs deploy/certs             # try it with development certificates (git-ignored)
+#   docker run --rm -p 8443:8443 -p 127.0.0.1:9090:9090 \
 #     -v "$PWD/deploy/portvakt.yaml:/etc/portvakt/portvakt.yaml:ro" \
-#     -v "$PWD/deploy/certs:/etc/portvakt/certs:ro" portvakt
+#     -v "$PWD/deploy/certs:/etc/portvakt/certs:ro" \
+#     -e PORTVAKT_AUDIT_KEY="$(openssl rand -hex 32)" -e PORTVAKT_ADMIN_TOKEN="$(openssl rand -hex 32)" \
+#     portvakt
 #
 # The config is read from /etc/portvakt/portvakt.yaml (mount it; relative paths inside it resolve
-# against /etc/portvakt). Inside a container the listeners must bind 0.0.0.0 to be reachable:
-#   server: {listen: "0.0.0.0:8443", tls: {certificate: certs/server.pem, private_key: certs/server-key.pem}}
-#   admin:  {listen: "0.0.0.0:9090"}     # publish 9090 only to the monitoring network
+# against /etc/portvakt). deploy/portvakt.yaml is a starting point: listeners on 0.0.0.0 (inside a
+# container they must be, to be reachable), TLS from /etc/portvakt/certs, JSON logs.
+# Publish the admin port (9090: metrics, health, reload) only to the monitoring network.
 # The HEALTHCHECK calls the admin /healthz on 127.0.0.1:9090 (override with PORTVAKT_HEALTH_URL).
 # Writable state goes under /var/lib/portvakt (a volume, owned by the non-root user): give such
 # paths absolutely, e.g. audit: {path: /var/lib/portvakt/audit/audit.jsonl}, since /etc/portvakt
 # is mounted read-only. Secrets: ${ENV_VAR} in the YAML, passed with `docker run -e`.
+#
+# OWASP CRS is NOT in the image (the built-in rule pack is). To run CRS, mount a CRS v4 checkout
+# (its rules/ directory with *.conf and *.data) read-only and point the config at it:
+#   -v /srv/coreruleset-4:/opt/crs:ro      waf: {rules: crs, crs_path: /opt/crs}
+# File layout on a host, Kubernetes and systemd: deploy/README.md.
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 

@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 CERTS ?= certs/dev
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' gateway/__init__.py)
 
-.PHONY: venv run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present nginx-present
+.PHONY: venv run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present nginx-present promtool-present
 
 # The venv is (re)built whenever pyproject.toml changes: the stamp is older than it then.
 $(STAMP): pyproject.toml
@@ -53,6 +53,14 @@ nginx-present:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; \
 	  else echo "nginx is missing and the tests need it: sudo apt-get install nginx-light"; exit 1; fi; }
 
+# promtool (Debian package prometheus) checks deploy/prometheus/ in the tests.
+promtool-present:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing prometheus (the tests run its promtool on deploy/prometheus/)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool is missing and the tests need it: sudo apt-get install prometheus"; exit 1; fi; }
+
 wrk-present:
 	@command -v wrk >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -70,7 +78,7 @@ run: venv $(CERTS)/ca.pem
 	$(VPY) -m gateway demo
 
 # pytest exits 5 when it collected no tests: that is a failure here, said out loud.
-test: venv redis-server-present nginx-present
+test: venv redis-server-present nginx-present promtool-present
 	@$(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc = 5 ]; then echo "pytest collected no tests: treating that as a failure"; fi; \
 	  exit $$rc

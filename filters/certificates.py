@@ -58,7 +58,7 @@ DEFAULT_HEADERS = {
 
 
 class CertificatesConfig(Model):
-    mode: Mode = Mode.enforce
+    mode: Mode = Field(Mode.enforce, description="off | detect | enforce")
     crl_files: list[str] = Field(default_factory=list, description="CRL files (PEM or DER); revoked certs are refused")
     forwarded_format: Literal["none", "xfcc", "client-cert", "nginx"] = Field(
         "none", description="Header format of a client cert forwarded by a trusted TLS-terminating proxy"

@@ -1,7 +1,8 @@
 """One structured JSON access-log line per request (stdout, or the ``portvakt.access`` logger).
 
 Fields: time, request_id, client_ip, route, method, path (no query string), status, decision,
-reason, duration_ms, upstream_ms, bytes_in, bytes_out. Never headers, tokens, passwords or the
+reason, duration_ms, upstream_ms, bytes_in, bytes_out, and detections when a stage in detect
+mode would have denied (documented in docs/logging.md). Never headers, tokens, passwords or the
 query string; every possible person number in the path (``norid.mask_person_numbers``, the
 same function the audit log and error paths use) is masked with ``*``.
 """
@@ -154,3 +155,11 @@ def configure(stream: Any = None) -> None:
     _direct = BatchWriter(stream or sys.stdout)
     log.propagate = False
     install_log_redactor()
+
+
+def unconfigure() -> None:
+    """Back to the ``portvakt.access`` logger (``logging.access_log: logging | off``)."""
+    global _direct
+    if _direct is not None:
+        _direct.flush()
+    _direct = None

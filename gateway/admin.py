@@ -6,25 +6,59 @@
   configured worker is live (else 503 ``degraded`` with the counts).
 - ``GET /readyz``: 200 when a config is loaded and no dependency reports ``down: ...``; the body
   lists each dependency's state. 503 otherwise (also while shutting down).
-- ``POST /-/reload``: reload the config now; 200 ``{"result": "success"}`` or 500 with the list
-  of problems (the old config stays in force).
+- ``POST /-/reload``: reload the config now; 200 ``{"result": "success"}``, or for a rejected
+  config 422 ``application/problem+json`` (reason ``config_rejected``) whose ``problems`` lists
+  every problem as ``file: yaml.path: reason`` (the old config stays in force). When
+  ``admin.reload_token`` or ``admin.reload_token_file`` is set, the call needs
+  ``Authorization: Bearer <token>`` (401 ``admin_token_required`` otherwise); the token is
+  compared in constant time and never logged.
 - ``GET /.well-known/jwks.json``: the identity assertion keys (404 when identity forwarding is
   not configured).
 
 A target object provides ``ready() -> (bool, dict)``, ``async reload() -> (bool, [problems])``,
-``async jwks() -> dict | None`` and optionally ``metrics() -> (bytes, content_type)``.
+``async jwks() -> dict | None`` and optionally ``metrics() -> (bytes, content_type)`` and
+``reload_token() -> str | None``. Every admin response says ``Server: portvakt`` (not aiohttp's
+default, which names the Python and aiohttp versions).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway import metrics
-from gateway.server import split_listen
+from gateway import metrics, problems
+from gateway.server import new_request_id, split_listen
+
+CONFIG_REJECTED = problems.CONFIG_REJECTED
+ADMIN_TOKEN_REQUIRED = problems.ADMIN_TOKEN_REQUIRED
+
+
+def resolve_reload_token(cfg: Any) -> str | None:
+    """The token ``POST /-/reload`` requires under ``cfg`` (None: no token). Raises ValueError
+    naming the yaml path when the token file cannot be read or holds too short a token."""
+    admin = cfg.admin
+    token = getattr(admin, "reload_token", None)
+    path = getattr(admin, "reload_token_file", None)
+    if path:
+        full = cfg.resolve_path(path)
+        try:
+            with open(full, encoding="utf-8") as fh:
+                token = fh.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"admin.reload_token_file: cannot read {full}: {getattr(e, 'strerror', None) or e}") from None
+        if len(token) < 16:
+            raise ValueError(f"admin.reload_token_file: {full} must hold a token of at least 16 characters")
+    return token or None
+
+
+def _problem(reason: str, request_id: str, extra: dict[str, Any] | None = None,
+             headers: dict[str, str] | None = None) -> web.Response:
+    p = problems.Problem(reason, extra=extra or {}, headers=headers or {})
+    return problems.render(p, request_id)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -56,11 +90,19 @@ def build_admin_app(target: Any) -> web.Application:
         ok, detail = target.ready()
         return _json({"status": "ready" if ok else "not ready", **detail}, 200 if ok else 503)
 
-    async def reload(_: web.Request) -> web.Response:
-        ok, problems = await target.reload()
+    async def reload(request: web.Request) -> web.Response:
+        rid = new_request_id()
+        get_token = getattr(target, "reload_token", None)
+        token = get_token() if get_token is not None else None
+        if token is not None:
+            given = request.headers.get("Authorization", "")
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+                return _problem(ADMIN_TOKEN_REQUIRED, rid, headers={"WWW-Authenticate": 'Bearer realm="portvakt-admin"'})
+        ok, found = await target.reload()
         if ok:
             return _json({"result": "success"})
-        return _json({"result": "failure", "problems": problems}, 500)
+        return _problem(CONFIG_REJECTED, rid, {"result": "failure", "problems": found})
 
     async def jwks(_: web.Request) -> web.Response:
         doc = await target.jwks()
@@ -68,7 +110,11 @@ def build_admin_app(target: Any) -> web.Application:
             return _json({"error": "identity assertions are not configured"}, 404)
         return _json(doc)
 
+    async def server_header(_: web.Request, resp: web.StreamResponse) -> None:
+        resp.headers["Server"] = "portvakt"
+
     app = web.Application()
+    app.on_response_prepare.append(server_header)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

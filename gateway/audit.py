@@ -96,7 +96,7 @@ class AuditRedisConfig(Model):
 
 
 class AuditConfig(Model):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Write the audit trail")
     path: str | None = Field(None, description="Append-only audit file (hash-chained)")
     durability: Literal["batch", "strict"] = Field(
         "batch", description="batch: loss window = batch interval; strict: forward only after the fsync"

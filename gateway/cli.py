@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import logging
 import os
 import re
@@ -53,19 +54,16 @@ class _BadRequestRedactor(logging.Filter):
         return True
 
 
-def _configure_logging(level: str = "INFO") -> None:
-    from gateway import accesslog
+def _configure_logging(level: str | None = None) -> None:
+    """Text logs until the config is loaded (gateway/logsetup.py; ``logging:`` then applies).
+    ``level`` (--log-level / PORTVAKT_LOG_LEVEL) wins over the config's ``logging.level``."""
+    from gateway import logsetup
 
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logsetup.LEVEL_OVERRIDE = level
+    logsetup.configure("text", level or "INFO")
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _BadRequestRedactor) for f in server_log.filters):
         server_log.addFilter(_BadRequestRedactor())
-    accesslog.configure()
 
 
 def _install_uvloop() -> None:
@@ -114,17 +112,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def check_config(path: str) -> list[str]:
-    """Every problem in the config file (empty when it is fine), each ``file: yaml.path: reason``.
+    """Every error in the config file (empty when it is fine), each ``file: yaml.path: reason``:
+    schema, cross-checks and files/build in one run (gateway/configcheck.py); warnings left out."""
+    from gateway import configcheck
 
-    Runs the same loader as ``run``, then builds (without starting) the runtime and the TLS
-    context, so missing files and stage build errors are reported too.
-    """
-    from gateway.config import ConfigError, load_config
+    report = configcheck.check(path)
+    return [f.line(path) for f in report.errors]
 
-    try:
-        cfg = load_config(path)
-    except ConfigError as e:
-        return list(e.problems)
+
+def file_problems(cfg: Any, path: str) -> list[str]:
+    """The files and the build of a loaded config: TLS context, audit paths, upstream CA bundles,
+    then the runtime built (not started). Each ``file: yaml.path: reason``."""
     problems: list[str] = []
     if cfg.server.tls is not None and not cfg.server.plain_http:
         from gateway import tlsutil
@@ -133,6 +131,13 @@ def check_config(path: str) -> list[str]:
             tlsutil.build_context(cfg.server.tls, cfg.resolve_path)
         except ValueError as e:
             problems.append(f"{path}: {e}")
+
+    from gateway.admin import resolve_reload_token
+
+    try:
+        resolve_reload_token(cfg)
+    except ValueError as e:
+        problems.append(f"{path}: {e}")
 
     from gateway.audit import audit_path_problems
 
@@ -203,13 +208,29 @@ def _build_problem(path: str, e: BaseException) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway import configcheck
+
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    problems = check_config(args.file)
-    if problems:
-        for p in problems:
-            print(p)
-        return 1
-    print("ok")
+    report = configcheck.check(args.file)
+    if args.format == "json":
+        print(configcheck.render_json(report))
+    else:
+        for line in configcheck.render_text(report):
+            print(line)
+    return 1 if report.errors or (args.strict and report.warnings) else 0
+
+
+def cmd_config_schema(_: argparse.Namespace) -> int:
+    from gateway import configdoc
+
+    print(json.dumps(configdoc.json_schema(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_config_reference(_: argparse.Namespace) -> int:
+    from gateway import configdoc
+
+    sys.stdout.write(configdoc.reference_markdown())
     return 0
 
 
@@ -233,14 +254,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="serve with a config file")
     p.add_argument("--config", "-c", required=True, help="YAML config file")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: server.workers)")
-    p.add_argument("--log-level", default=os.environ.get("PORTVAKT_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-level", default=os.environ.get("PORTVAKT_LOG_LEVEL"),
+                   help="DEBUG | INFO | WARNING | ERROR (default: logging.level of the config)")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--admin-socket", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check-config", help="validate a config file; lists every problem")
+    p = sub.add_parser(
+        "check-config", help="validate a config file; lists every error and warning",
+        description="Schema, cross-checks and files/build in one run. Exit 0: no errors (warnings "
+        "may be printed); 1: errors (or warnings with --strict); 2: usage error.",
+    )
     p.add_argument("file")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="output format (json for CI)")
+    p.add_argument("--strict", action="store_true", help="warnings count as errors (exit 1)")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("config", help="the config model: JSON Schema, reference")
+    csub = p.add_subparsers(dest="config_command", metavar="WHAT")
+    csub.required = True
+    c = csub.add_parser("schema", help="print the JSON Schema of the config file (for editors)")
+    c.set_defaults(func=cmd_config_schema)
+    c = csub.add_parser("reference", help="print the config reference (docs/config-reference.md)")
+    c.set_defaults(func=cmd_config_reference)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

@@ -46,7 +46,7 @@ class TLSConfig(Model):
     client_certificate: Literal["off", "optional", "required"] = Field(
         "off", description="mTLS: off | optional | required"
     )
-    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = Field("TLSv1.2", description="Lowest TLS version accepted")
 
     @field_validator("client_certificate")
     @classmethod
@@ -60,7 +60,7 @@ class ServerConfig(Model):
     plain_http: bool = Field(False, description="Serve plain HTTP (only behind a TLS-terminating load balancer)")
     workers: int = Field(1, ge=1, le=64, description="Worker processes sharing the port (SO_REUSEPORT)")
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="How long SIGTERM waits for in-flight requests")
-    keepalive_timeout_seconds: float = Field(75.0, gt=0)
+    keepalive_timeout_seconds: float = Field(75.0, gt=0, description="Idle time before a client keep-alive connection is closed")
     # Edge bounds (gateway/edge.py). Defaults after Envoy's edge recommendations and nginx.
     request_headers_timeout_seconds: float = Field(
         10.0, gt=0, description="From a request's first byte until its headers are complete (Envoy request_headers_timeout)"
@@ -85,15 +85,30 @@ class ServerConfig(Model):
 
 class AdminConfig(Model):
     listen: str = Field("127.0.0.1:9090", description="Admin listener (metrics, health, reload); never public")
+    reload_token: str | None = Field(
+        None, description="Bearer token POST /-/reload requires (use ${ENV_VAR}); unset: no token (loopback only)"
+    )
+    reload_token_file: str | None = Field(
+        None, description="File holding that token (e.g. a mounted Secret); read at load and on reload"
+    )
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+    @field_validator("reload_token")
+    @classmethod
+    def _token(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():  # "${PORTVAKT_ADMIN_TOKEN:-}" with the variable unset: no token
+            return None
+        if len(v.strip()) < 16:
+            raise ValueError("must be at least 16 characters (or leave it unset)")
+        return v.strip()
 
 
 class UpstreamConfig(Model):
     url: str = Field(description="Base URL of the upstream service (http:// or https://)")
-    connect_timeout_seconds: float = Field(2.0, gt=0)
+    connect_timeout_seconds: float = Field(2.0, gt=0, description="Time to open a connection to the upstream")
     timeout_seconds: float = Field(30.0, gt=0, description="Total time for the upstream's response headers")
-    max_connections: int = Field(100, gt=0)
+    max_connections: int = Field(100, gt=0, description="Pooled connections to this upstream (per worker)")
     pool_timeout_seconds: float = Field(
         5.0, gt=0, description="Longest wait for a free connection when max_connections are busy: 503 overloaded"
     )
@@ -109,7 +124,10 @@ class UpstreamConfig(Model):
 
 class MatchConfig(Model):
     path_prefix: str = Field("/", description="Route matches paths starting with this prefix")
-    methods: list[str] = Field(default_factory=lambda: list(HTTP_METHODS))
+    methods: list[str] = Field(
+        default_factory=lambda: list(HTTP_METHODS),
+        description="Methods this route serves; checked after the match (others get 405, no fall-through)",
+    )
     hosts: list[str] = Field(default_factory=list, description="Host header values (empty: any)")
 
     @field_validator("path_prefix")
@@ -135,7 +153,7 @@ class RouteAuditConfig(Model):
 
 class RouteConfig(Model):
     name: str = Field(description="Route name: a metric label and audit field")
-    match: MatchConfig = Field(default_factory=MatchConfig)
+    match: MatchConfig = Field(default_factory=MatchConfig, description="What requests this route takes (first match in file order wins)")
     upstream: str = Field(description="Name of an entry under upstreams:")
     service: str | None = Field(None, description="The service this route exposes (what grants name)")
     legal_basis: str | None = Field(None, description="Legal basis recorded in audit (e.g. 'offentleglova § 3')")
@@ -143,31 +161,61 @@ class RouteConfig(Model):
         None, description='Where the target organisation is: "path:/orgs/{organization}/" or "header:FiksOrgId"'
     )
     access: AccessPolicy | None = Field(None, description="Who may call; absent: no credential required")
-    rate_limits: list[RateLimitRule] = Field(default_factory=list)
-    waf: RouteWafConfig = Field(default_factory=RouteWafConfig)
-    forward: RouteForwardConfig = Field(default_factory=RouteForwardConfig)
-    audit: RouteAuditConfig = Field(default_factory=RouteAuditConfig)
+    rate_limits: list[RateLimitRule] = Field(default_factory=list, description="Rate limits of this route")
+    waf: RouteWafConfig = Field(default_factory=RouteWafConfig, description="WAF exclusions for this route")
+    forward: RouteForwardConfig = Field(default_factory=RouteForwardConfig, description="What identity this route forwards upstream")
+    audit: RouteAuditConfig = Field(default_factory=RouteAuditConfig, description="Audit options of this route")
+
+
+class LoggingConfig(Model):
+    format: Literal["text", "json"] = Field(
+        "text", description="Application logs: text (one line per event) or json (one JSON object per line)"
+    )
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Application log level (--log-level / PORTVAKT_LOG_LEVEL override it)"
+    )
+    access_log: Literal["stdout", "logging", "off"] = Field(
+        "stdout",
+        description="Access log: stdout (bare JSON lines, batched), logging (the portvakt.access logger, "
+        "in logging.format) or off",
+    )
+
+
+class ProblemsConfig(Model):
+    type_base: str = Field(
+        "https://portvakt.dev/problems/",
+        description="Prefix of the problem+json type; the reason id is appended (host docs/reasons.md there)",
+    )
+
+    @field_validator("type_base")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        if not re.match(r"^(https?://[^\s]+|urn:[^\s]+|tag:[^\s]+)\Z", v):
+            raise ValueError("must be an http(s):// URL, a urn: or a tag: URI prefix")
+        return v
 
 
 class Config(Model):
-    server: ServerConfig = Field(default_factory=ServerConfig)
-    admin: AdminConfig = Field(default_factory=AdminConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig, description="The public listener")
+    admin: AdminConfig = Field(default_factory=AdminConfig, description="The admin listener")
     trusted_proxies: list[str] = Field(
         default_factory=list, description="CIDRs whose X-Forwarded-For / forwarded client certs are believed"
     )
-    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
-    routes: list[RouteConfig] = Field(default_factory=list)
-    ingress: IngressConfig = Field(default_factory=IngressConfig)
-    issuers: dict[str, IssuerConfig] = Field(default_factory=dict)
-    integrations: list[IntegrationConfig] = Field(default_factory=list)
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict, description="Upstream services by name")
+    routes: list[RouteConfig] = Field(default_factory=list, description="Routes, first match in file order wins")
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="Client address, host and size limits")
+    issuers: dict[str, IssuerConfig] = Field(default_factory=dict, description="Token issuers (Maskinporten, ID-porten) by name")
+    integrations: list[IntegrationConfig] = Field(default_factory=list, description="Fiks integrations and their grants")
     integrations_policy: IntegrationsPolicyConfig = Field(
         default_factory=IntegrationsPolicyConfig, description="Integrations filter mode and brute-force limits"
     )
-    certificates: CertificatesConfig = Field(default_factory=CertificatesConfig)
-    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
-    waf: WafConfig = Field(default_factory=WafConfig)
-    audit: AuditConfig = Field(default_factory=AuditConfig)
-    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    certificates: CertificatesConfig = Field(default_factory=CertificatesConfig, description="Enterprise client certificates")
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig, description="Rate limiter backend and behaviour")
+    waf: WafConfig = Field(default_factory=WafConfig, description="Web application firewall")
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="Audit trail")
+    identity: IdentityConfig = Field(default_factory=IdentityConfig, description="Identity headers and the signed assertion forwarded upstream")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Application and access logs")
+    problems: ProblemsConfig = Field(default_factory=ProblemsConfig, description="Problem+json responses")
     http: HttpConfig = Field(
         default_factory=HttpConfig, description="Canonical request (path normalisation) and client headers never forwarded"
     )
@@ -302,8 +350,63 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
-    """Parse and validate YAML text. Raises ConfigError with every problem found."""
+def allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the model accepts at the mapping ``loc`` points into (``("routes", 0, "match")``);
+    empty when ``loc`` does not lead to a model."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    def models(tp: Any) -> list[Any]:
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType) or origin is typing.Annotated:
+            return [m for a in typing.get_args(tp) for m in models(a)]
+        return [tp]
+
+    current: list[Any] = [Config]
+    for part in loc:
+        nxt: list[Any] = []
+        for tp in current:
+            origin = typing.get_origin(tp)
+            if isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(part, str):
+                f = tp.model_fields.get(part) or next(
+                    (f for f in tp.model_fields.values() if f.alias == part), None
+                )
+                if f is not None:
+                    nxt += models(f.annotation)
+            elif origin is dict and isinstance(part, str):
+                nxt += models(typing.get_args(tp)[1])
+            elif origin in (list, tuple) and isinstance(part, int):
+                nxt += models(typing.get_args(tp)[0])
+        current = nxt
+    keys: list[str] = []
+    for tp in current:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            keys += [f.alias or n for n, f in tp.model_fields.items() if not f.exclude]
+    return keys
+
+
+def schema_message(err: Any) -> str:
+    """The message for one pydantic error: "unknown key" (with a did-you-mean when a known key is
+    close), "required", or pydantic's own."""
+    if err["type"] == "missing":
+        return "required"
+    if err["type"] != "extra_forbidden":
+        return str(err["msg"])
+    import difflib
+
+    loc = tuple(err["loc"])
+    if loc and isinstance(loc[-1], str):
+        close = difflib.get_close_matches(loc[-1], allowed_keys(loc[:-1]), n=1, cutoff=0.6)
+        if close:
+            return f"unknown key (did you mean {close[0]!r}?)"
+    return "unknown key"
+
+
+def load_raw(text: str, source: str = "<config>") -> tuple[dict[str, Any], list[str]]:
+    """YAML text -> (interpolated mapping, ``${ENV}`` problems). Raises ConfigError when the text
+    is not YAML or not a mapping (nothing further can be checked then)."""
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
@@ -316,17 +419,16 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raise ConfigError([f"{source}: (root): must be a mapping of sections"])
     env_errors: list[tuple[tuple[Any, ...], str]] = []
     raw = _interpolate(raw, (), env_errors)
-    problems = [f"{source}: {_yaml_path(loc)}: {msg}" for loc, msg in env_errors]
+    return raw, [f"{source}: {_yaml_path(loc)}: {msg}" for loc, msg in env_errors]
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse and validate YAML text. Raises ConfigError with every problem found."""
+    raw, problems = load_raw(text, source)
     try:
         cfg = Config.model_validate({**raw, "source_path": source if source != "<config>" else None})
     except ValidationError as e:
-        for err in e.errors():
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            elif err["type"] == "missing":
-                msg = "required"
-            problems.append(f"{source}: {_yaml_path(tuple(err['loc']))}: {msg}")
+        problems += [f"{source}: {_yaml_path(tuple(err['loc']))}: {schema_message(err)}" for err in e.errors()]
         raise ConfigError(problems) from None
     problems += [f"{source}: {_yaml_path(loc)}: {msg}" for loc, msg in _cross_checks(cfg)]
     if problems:

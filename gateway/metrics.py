@@ -10,12 +10,40 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 from prometheus_client import values as _values
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 from gateway import __version__
 
+# No ``*_created`` series: they double the series count and nothing here reads them.
+disable_created_metrics()
+
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+def add_process_collectors(registry: CollectorRegistry) -> None:
+    """``process_*`` (CPU, RSS, fds, start time), ``python_info`` and ``python_gc_*`` series of
+    this process. Under ``--workers N`` the supervisor's registry has them (its own process)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+
+
+add_process_collectors(REGISTRY)
+del GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR  # (the default registry's, unused here)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 FILTER_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1)
@@ -83,12 +111,31 @@ FILTER_DURATION = Histogram(
 CONFIG_RELOADS = Counter(
     "portvakt_config_reloads_total", "Config reloads by result", ["result"], registry=REGISTRY
 )
+for _result in ("success", "failure"):  # known label values: present before the first reload
+    CONFIG_RELOADS.labels(_result)
 CONFIG_LAST_SUCCESS = Gauge(
     "portvakt_config_last_reload_success_timestamp_seconds",
     "Unix time of the last successful config load",
     registry=REGISTRY,
     multiprocess_mode="max",
 )
+# 1 when the last load or reload succeeded, 0 when the last one was rejected (the running config
+# is then older than the file). Under --workers: the lowest over live workers.
+CONFIG_LAST_SUCCESSFUL = Gauge(
+    "portvakt_config_last_reload_successful",
+    "Whether the last config reload succeeded (1) or was rejected (0)",
+    registry=REGISTRY,
+    multiprocess_mode="livemin",
+)
+
+
+def init_route_series(route_names: Any, upstream_names: Any) -> None:
+    """Create the per-route and per-upstream series with zero counts, so they exist (and rate()
+    works) before the first request; called when a config is loaded."""
+    for name in route_names:
+        histogram_recorder(REQUEST_DURATION, name)
+    for name in upstream_names:
+        UPSTREAM_DURATION.labels(name)
 
 # ---- the request path's recorders ----------------------------------------------------------
 #

@@ -40,6 +40,9 @@ FILTER_TIMEOUT = register("filter_timeout", 503, "A policy stage did not answer 
 UPSTREAM_UNAVAILABLE = register("upstream_unavailable", 502, "Upstream service unavailable")
 UPSTREAM_TIMEOUT = register("upstream_timeout", 504, "Upstream service timed out")
 SHUTTING_DOWN = register("shutting_down", 503, "Gateway is shutting down")
+# The admin listener's own (gateway/admin.py).
+CONFIG_REJECTED = register("config_rejected", 422, "The new configuration was rejected; the running one stays in force")
+ADMIN_TOKEN_REQUIRED = register("admin_token_required", 401, "This admin call needs the reload token")
 
 
 @dataclass(slots=True)

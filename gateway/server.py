@@ -30,7 +30,7 @@ from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, HttpProcessingError, InvalidURLError, LineTooLong
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import accesslog, metrics, problems, tlsutil
+from gateway import accesslog, logsetup, metrics, problems, tlsutil
 from gateway.canonical import (
     HOST_NOT_CANONICAL, PATH_NOT_CANONICAL, NotCanonical, Redirect, canonical_host, canonical_path,
 )
@@ -44,6 +44,7 @@ from gateway.runtime import Runtime, build_runtime
 from filters.ingress import HEADERS_TOO_LARGE, REQUEST_SMUGGLING, URI_TOO_LONG
 
 log = logging.getLogger("portvakt.server")
+_set_log_request_id = logsetup.REQUEST_ID.set
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _METHOD_LABELS = frozenset(HTTP_METHODS)
@@ -261,6 +262,7 @@ class Gateway:
         rid = headers.get("X-Request-Id") if trusted else None
         if rid is None or _REQUEST_ID.fullmatch(rid) is None:
             rid = new_request_id()
+        _set_log_request_id(rid)  # this request's task only (gateway/logsetup.py)
         host = headers.get("Host", "")
         scheme = self.scheme
         if trusted and scheme == "http":
@@ -556,20 +558,38 @@ class Gateway:
         async with self._reload_lock:
             ok, errors = await self._reload()
             self.reload_count += 1
+            metrics.CONFIG_LAST_SUCCESSFUL.set(1 if ok else 0)
             if ok:
                 metrics.CONFIG_RELOADS.labels("success").inc()
                 metrics.CONFIG_LAST_SUCCESS.set(time.time())
+                metrics.init_route_series([r.name for r in self.runtime.routes], self.config.upstreams)
                 log.info("config reloaded: runtime generation %d", self.runtime.generation)
             else:
                 metrics.CONFIG_RELOADS.labels("failure").inc()
-                log.error("config reload failed, keeping generation %d:\n  %s", self.runtime.generation, "\n  ".join(errors))
+                log.error("config reload failed (%d problems), keeping generation %d", len(errors), self.runtime.generation)
+                for problem in errors:  # one line each
+                    log.error("config reload problem: %s", problem.replace("\n", " "))
             return ok, errors
 
     async def _reload(self) -> tuple[bool, list[str]]:
+        from gateway.admin import resolve_reload_token
+
         try:
             cfg = load_config(self.config_path)
         except ConfigError as e:
-            return False, list(e.problems)
+            # Every layer at once, as check-config lists it (not only the schema's share).
+            from gateway.cli import check_config
+
+            try:
+                every = await asyncio.to_thread(check_config, str(self.config_path))
+            except Exception:  # the short list is still the truth
+                log.debug("listing every problem failed", exc_info=True)
+                every = []
+            return False, every or list(e.problems)
+        try:
+            token = resolve_reload_token(cfg)
+        except ValueError as e:
+            return False, [f"{self.config_path}: {e}"]
         new_tls = None
         if self.tls is not None:
             if cfg.server.tls is None:
@@ -602,8 +622,13 @@ class Gateway:
         if new_tls is not None and self.tls is not None and cfg.server.tls is not None:
             self.tls.front.verify_mode = new_tls.verify_mode
             self.tls.current = new_tls
+        if cfg.logging != self.config.logging:
+            from gateway import logsetup
+
+            logsetup.apply(cfg)
         self.config = cfg
         self.edge.configure(cfg.server)
+        self._reload_token = token
         self.runtime = rt  # the swap: one assignment
         task = asyncio.create_task(old.retire(max(60.0, cfg.server.shutdown_grace_seconds)))
         self._retiring.add(task)
@@ -611,6 +636,12 @@ class Gateway:
         return True, []
 
     # ---- admin target interface (see gateway/admin.py) --------------------------------------
+
+    _reload_token: str | None = None
+    guard_reload = True  # False in a worker: its unix-socket admin answers only its supervisor
+
+    def reload_token(self) -> str | None:
+        return self._reload_token if self.guard_reload else None
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         rt = self.runtime
@@ -684,6 +715,7 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
         for p in e.problems:
             print(p, flush=True)
         return 2
+    logsetup.apply(cfg)
     secrets: dict[str, Any] = {}
     if worker_index is not None:
         secrets["worker_index"] = worker_index
@@ -696,7 +728,17 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
         return 2
     gw = Gateway(config_path, cfg, rt, reuse_port=reuse_port)
     gw.secrets = secrets
+    gw.guard_reload = admin  # a worker's unix-socket admin is private to its supervisor
+    if admin:
+        try:
+            gw._reload_token = admin_mod.resolve_reload_token(cfg)
+        except ValueError as e:
+            print(f"{config_path}: {e}", flush=True)
+            await rt.close()
+            return 2
     metrics.CONFIG_LAST_SUCCESS.set(time.time())
+    metrics.CONFIG_LAST_SUCCESSFUL.set(1)
+    metrics.init_route_series([r.name for r in rt.routes], cfg.upstreams)
     try:
         await gw.start()
     except (OSError, ValueError, ssl.SSLError) as e:

@@ -58,7 +58,7 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, config_path: str, workers: int, log_level: str = "INFO"):
+    def __init__(self, config_path: str, workers: int, log_level: str | None = None):
         self.config_path = config_path
         self.n = workers
         self.log_level = log_level
@@ -75,6 +75,9 @@ class Supervisor:
         self.workers_gauge.set_function(lambda: len(self.live_workers()))
         self.build = Gauge("portvakt_build_info", "Portvakt build information", ["version"], registry=self.registry)
         self.build.labels(__version__).set(1)
+        from gateway.metrics import add_process_collectors
+
+        add_process_collectors(self.registry)  # the supervisor's own process
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -88,7 +91,8 @@ class Supervisor:
         env[parentwatch.ENV] = str(os.getpid())  # the worker dies with this process (gateway/parentwatch.py)
         w.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "run", "--config", self.config_path,
-            "--worker-index", str(w.index), "--admin-socket", w.socket_path, "--log-level", self.log_level,
+            "--worker-index", str(w.index), "--admin-socket", w.socket_path,
+            *(("--log-level", self.log_level) if self.log_level else ()),
             env=env,
         )
         w.started_at = time.monotonic()
@@ -175,7 +179,24 @@ class Supervisor:
                     self._ready_cache[w.index] = (False, {"status": "unreachable"})
             await asyncio.sleep(0.25)
 
+    _reload_token: str | None = None
+
+    def reload_token(self) -> str | None:
+        return self._reload_token
+
     async def reload(self) -> tuple[bool, list[str]]:
+        problems = await self._reload_workers()
+        if not problems:
+            from gateway.admin import resolve_reload_token
+            from gateway.config import ConfigError, load_config
+
+            try:  # the workers took the file: the token it names holds from now on
+                self._reload_token = resolve_reload_token(load_config(self.config_path))
+            except (ConfigError, ValueError) as e:
+                log.error("supervisor: keeping the previous reload token: %s", str(e).replace("\n", " "))
+        return not problems, problems
+
+    async def _reload_workers(self) -> list[str]:
         problems: list[str] = []
         for w in self.workers:
             try:
@@ -185,7 +206,7 @@ class Supervisor:
                 continue
             if status != 200:
                 problems += [f"worker {w.index}: {p}" for p in doc.get("problems", [])] or [f"worker {w.index}: failed"]
-        return not problems, problems
+        return problems
 
     async def jwks(self) -> Any:
         keys: dict[str, Any] = {}
@@ -212,6 +233,14 @@ class Supervisor:
         except ConfigError as e:
             for p in e.problems:
                 print(p, file=sys.stderr)
+            return 2
+        from gateway import logsetup
+
+        logsetup.apply(cfg)
+        try:
+            self._reload_token = admin_mod.resolve_reload_token(cfg)
+        except ValueError as e:
+            print(f"{self.config_path}: {e}", file=sys.stderr)
             return 2
         self._ready_cache = {}
         loop = asyncio.get_running_loop()
@@ -245,5 +274,5 @@ class Supervisor:
         return 0
 
 
-def supervise(config_path: str, workers: int, log_level: str = "INFO") -> int:
+def supervise(config_path: str, workers: int, log_level: str | None = None) -> int:
     return asyncio.run(Supervisor(config_path, workers, log_level).run())

@@ -64,12 +64,19 @@ BATCH_SIZE = Histogram(
 )
 BREAKER_STATE = Gauge(
     "portvakt_rate_limit_breaker_state",
-    "Redis circuit breaker: 0 closed, 1 half-open, 2 open",
+    "Redis circuit breaker state set: 1 on the current state (closed, half_open, open), 0 on the others",
+    ["state"],
     registry=REGISTRY,
 )
 
 CLOSED, HALF_OPEN, OPEN = 0, 1, 2
 STATE_NAMES = {CLOSED: "closed", HALF_OPEN: "half-open", OPEN: "open"}
+STATE_LABELS = {CLOSED: "closed", HALF_OPEN: "half_open", OPEN: "open"}
+
+
+def _show_state(state: int) -> None:
+    for s, label in STATE_LABELS.items():
+        BREAKER_STATE.labels(label).set(1 if s == state else 0)
 
 
 class BackendUnavailable(Exception):
@@ -256,6 +263,7 @@ class RedisBackend:
     async def start(self) -> None:
         """Connect and load the script. Never raises: an unreachable Redis opens the breaker."""
         self._loop = asyncio.get_running_loop()
+        _show_state(self.state)  # every state present from the start (a state set)
         if self.client is None:
             self._sentinel, self.client = self._factory()
         try:
@@ -298,7 +306,7 @@ class RedisBackend:
         if state != self.state:
             log.warning("rate limit: redis breaker %s -> %s", STATE_NAMES[self.state], STATE_NAMES[state])
         self.state = state
-        BREAKER_STATE.set(state)
+        _show_state(state)
 
     def _open(self) -> None:
         self._set_state(OPEN)

@@ -179,7 +179,9 @@ async def test_redis_killed_under_load_then_back(start_gateway, upstream, issuer
         redis_server.kill()
         await asyncio.sleep(1.2)
         status, ready = await _readyz(gw)
-        assert await gw.metric("portvakt_rate_limit_breaker_state") in (1.0, 2.0)
+        states = {st: await gw.metric("portvakt_rate_limit_breaker_state", {"state": st})
+                  for st in ("closed", "half_open", "open")}
+        assert states["closed"] == 0 and states["half_open"] + states["open"] == 1, states
         assert await gw.metric("portvakt_rate_limit_checks_total", {"result": "fallback"}) > fallback0
         state = ready.get("rate_limit.redis") or str(ready)
         if mode == "deny":

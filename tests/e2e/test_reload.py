@@ -66,14 +66,14 @@ async def test_broken_config_keeps_the_old_runtime_and_counts_the_failure(start_
     assert status == 200 and doc["result"] == "success"
     gw.write_config("upstreams: {}\nroutes: [{name: a, upstream: b}]\n", raw=True)
     status, doc = await gw.admin_reload()
-    assert status == 500 and doc["result"] == "failure"
+    assert status == 422 and doc["result"] == "failure"
     assert any("routes[0].upstream" in p for p in doc["problems"])
     # A file that validates but cannot be built (a missing JWKS file) names its YAML path too.
     cfg = basic_config(upstream.url)
     cfg["issuers"] = {"mp": {"kind": "maskinporten", "issuer": "https://mp.example/", "jwks_file": "missing-jwks.json", "audience": "a"}}
     gw.write_config(cfg)
     status, doc = await gw.admin_reload()
-    assert status == 500 and doc["result"] == "failure"
+    assert status == 422 and doc["result"] == "failure"
     assert any(p.startswith(f"{gw.config_path}: issuers.mp.jwks_file: ") for p in doc["problems"]), doc["problems"]
 
 
