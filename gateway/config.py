@@ -25,10 +25,8 @@ from filters.ratelimit import RateLimitConfig, RateLimitRule
 from filters.tokens import IssuerConfig
 from filters.waf.config import RouteWafConfig, WafConfig
 from gateway.audit import AuditConfig
-from gateway.configbase import Model
+from gateway.configbase import HTTP_METHODS, Model
 from gateway.identity import IdentityConfig, RouteForwardConfig
-
-HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 def _check_listen(v: str) -> str:
