@@ -10,7 +10,10 @@ Reason ids (status):
 =====================  ======  ================================================================
 ``ip_denied``          403     client IP in ``deny_cidrs``, or not in a non-empty ``allow_cidrs``
 ``host_not_allowed``   421     Host not in ``ingress.allowed_hosts`` or the route's ``match.hosts``
-``method_not_allowed`` 405     method not in the route's ``match.methods`` (``Allow`` header set)
+``method_not_allowed`` 405     method not in ``ingress.allowed_methods`` and the route's
+                               ``match.methods`` (``Allow`` header set). A method token the HTTP
+                               parser does not know (``CUST``) gets the same answer from the
+                               server (gateway/server.py), counted and audited alike
 ``uri_too_long``       414     request target (path + ``?`` + query) over ``max_uri_bytes``
 ``headers_too_large``  431     more than ``max_headers`` lines or over ``max_header_bytes``
 ``body_too_large``     413     ``Content-Length`` over ``max_body_bytes`` (the proxy enforces the
@@ -44,7 +47,7 @@ from pydantic import Field, field_validator
 
 from gateway import problems
 from gateway.chain import ALLOW, POS_INGRESS, BuildEnv, Decision, Deny, Filter, Mode, Stage
-from gateway.configbase import Model
+from gateway.configbase import HTTP_METHODS, Model
 from gateway.problems import METHOD_NOT_ALLOWED, Problem
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,11 +63,25 @@ class IngressConfig(Model):
     max_header_bytes: int = Field(16384, gt=0, description="Largest total size of request headers accepted")
     max_headers: int = Field(100, gt=0, description="Most request header lines accepted")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=0, description="Largest request body accepted (413 above)")
+    allowed_methods: list[str] = Field(
+        default_factory=lambda: list(HTTP_METHODS),
+        description="Methods any route may be called with (a route's match.methods narrows this further); "
+        "others answer 405 method_not_allowed with Allow, unknown method tokens included",
+    )
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Host header values (without port) any route may be called with; empty: any. "
         "A route's match.hosts narrows this further. A mismatch answers 421.",
     )
+
+    @field_validator("allowed_methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        out = [m.upper() for m in v]
+        bad = [m for m in out if m not in HTTP_METHODS]
+        if bad:
+            raise ValueError(f"unknown methods {bad}; allowed: {', '.join(HTTP_METHODS)}")
+        return out
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -271,8 +288,9 @@ class IngressFilter(Filter):
         self._max_headers = cfg.max_headers
         self._max_body = cfg.max_body_bytes
         self._prefix = route.match.path_prefix
-        self._methods = frozenset(route.match.methods)
-        self._allow_header = ", ".join(route.match.methods)
+        methods = [m for m in route.match.methods if m in cfg.allowed_methods]
+        self._methods = frozenset(methods)
+        self._allow_header = ", ".join(methods)
         route_hosts = frozenset(_norm_host(h) for h in route.match.hosts)
         global_hosts = frozenset(cfg.allowed_hosts)
         # Both lists must admit the host: the route's list narrows the global one.

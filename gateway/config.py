@@ -26,10 +26,8 @@ from filters.tokens import IssuerConfig
 from filters.waf.config import RouteWafConfig, WafConfig
 from gateway.audit import AuditConfig
 from gateway.canonical import HttpConfig, NotCanonical, canonical_path, route_host
-from gateway.configbase import Model
+from gateway.configbase import HTTP_METHODS, Model
 from gateway.identity import IdentityConfig, RouteForwardConfig
-
-HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 def _check_listen(v: str) -> str:

@@ -50,6 +50,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _METHOD_LABELS = frozenset(HTTP_METHODS)
 _NO_ROUTE = "(none)"
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+# The method of a request line the parser refused, as aiohttp quotes it: "b'CUST / HTTP/1.1'"
+_METHOD_TOKEN = re.compile(r"b'([!#$%&*+.^_`|~0-9A-Za-z-]{1,20}) ")
 _getrandbits = random.getrandbits
 # UUIDv4 layout (version 4, RFC 4122 variant) from the process's PRNG: request ids must be
 # unique, not secret, and this is several times cheaper than uuid.uuid4() (an os.urandom call
@@ -149,6 +151,13 @@ class _ProblemRequestHandler(EdgeRequestHandler):
     """
 
     def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[no-untyped-def]
+        gateway = getattr(self._manager, "gateway", None)
+        if isinstance(exc, BadHttpMethod) and gateway is not None:
+            # A method token the C parser (llhttp) does not know, e.g. CUST: the same 405 that
+            # ingress gives a known method outside its allow-list, counted and audited.
+            out = gateway.refuse_unknown_method(request, exc)
+            out.force_close()  # the parser stopped reading this connection as HTTP
+            return out
         resp = super().handle_error(request, status, exc, message)
         del resp
         record = getattr(self._manager, "record_refused", None)
@@ -202,6 +211,8 @@ _FRAMING_ERRORS = (
 
 
 class _ProblemServer(web.Server):
+    gateway: "Gateway | None" = None
+
     def __call__(self) -> web_protocol.RequestHandler:
         return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
 
@@ -305,6 +316,31 @@ class Gateway:
             proto = request.protocol
             if proto is not None:
                 proto.body_request = None  # type: ignore[attr-defined]
+            self._finish(rt, ctx, resp)
+
+    def refuse_unknown_method(self, request: web.BaseRequest, exc: BadHttpMethod) -> web.Response:
+        """405 ``method_not_allowed`` for a request line whose method the HTTP parser refused;
+        counted and audited like any request. The method token (as the parser quoted it) is
+        kept only when it is a short RFC 9110 token."""
+        rt = self.runtime
+        m = _METHOD_TOKEN.search(str(getattr(exc, "message", "")))
+        peer = parse_ip(request.remote or "") or ipaddress.IPv4Address(0)
+        ctx = RequestContext(
+            request_id=new_request_id(), method=m.group(1) if m else "OTHER", raw_path="", path="", query_string="",
+            host="", scheme=self.scheme, peer_ip=peer, client_ip=peer, headers=request.headers,
+            request=request, runtime=rt, tls=tlsutil.peer_info(request.transport),  # type: ignore[arg-type]
+        )
+        allow = ", ".join(rt.config.ingress.allowed_methods)
+        rt.inflight += 1  # _finish leaves the runtime and counts the request out
+        self.inflight += 1
+        if self._count_inflight:
+            metrics.IN_FLIGHT.inc()
+        resp = None
+        try:
+            resp = self._deny(ctx, Problem(problems.METHOD_NOT_ALLOWED, detail=f"Allowed methods: {allow}",
+                                           internal_reason="unknown_method", headers={"Allow": allow}))
+            return resp
+        finally:
             self._finish(rt, ctx, resp)
 
     def _deny(self, ctx: RequestContext, problem: Problem, decision: str = "deny") -> web.Response:
@@ -519,6 +555,7 @@ class Gateway:
         )
         server.record_refused = self.record_refused  # type: ignore[attr-defined]
         server.edge = self.edge  # type: ignore[attr-defined]  # read by each connection's handler
+        server.gateway = self
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.server.shutdown_grace_seconds)
         await self._runner.setup()
         host, port = split_listen(cfg.server.listen)

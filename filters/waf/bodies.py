@@ -5,13 +5,23 @@ Each parser takes the inspected body bytes (already cut at the inspection limit)
 ``json.a.b`` / ``json.a.array_0``; multipart fields become ``ARGS_POST``, file parts ``FILES``
 (field name -> file name) and ``FILES_NAMES``, with each part's header lines in
 ``MULTIPART_PART_HEADERS``; XML yields ``/*`` (all text of the document) and ``//@*`` (each
-attribute value) for the ``XML`` variable. XML external entities are never resolved (expat is
-run without a resolver and with parameter-entity parsing off). A parse error sets
-``REQBODY_ERROR``.
+attribute value) for the ``XML`` variable. A parse error sets ``REQBODY_ERROR``.
+
+Hostile bodies are bounded here, before any rule sees them:
+
+- XML is parsed with defusedxml's stance: a DTD may be present but declares no entities (an
+  ``<!ENTITY`` is a parse error, so billion-laughs and quadratic-blowup bodies cost
+  microseconds), and external entities are never resolved. A document declaring an encoding
+  that expat does not read itself (Shift_JIS, EUC-JP, GBK, Big5, EUC-KR, UTF-7, ...) is decoded
+  by Python's codec and parsed as UTF-8; an unknown encoding or bytes that do not decode are a
+  parse error, never an exception.
+- ``limit`` on a ``BodyResult`` names the first limit a body went over (``too_many_args``,
+  ``json_too_deep``, ``json_too_large``, ``too_many_parts``); the parser stops there.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from dataclasses import dataclass, field
@@ -30,24 +40,41 @@ class BodyResult:
     xml_text: list[bytes] = field(default_factory=list)
     xml_attrs: list[bytes] = field(default_factory=list)
     error: str | None = None
+    limit: str | None = None  # the limit the body went over (the parser stopped there)
     flags: dict[str, int] = field(default_factory=dict)  # MULTIPART_* error flags
 
 
-def parse_urlencoded(data: bytes) -> list[tuple[str, bytes]]:
-    """``a=1&b=2`` -> [("a", b"1"), ("b", b"2")]; names and values URL-decoded, ``+`` is space."""
+def count_urlencoded(data: bytes) -> int:
+    """How many arguments ``parse_urlencoded`` would return (no decoding)."""
+    if not data:
+        return 0
+    pieces = data.split(b"&")
+    return len(pieces) - pieces.count(b"")
+
+
+def parse_urlencoded(data: bytes, limit: int = 0) -> list[tuple[str, bytes]]:
+    """``a=1&b=2`` -> [("a", b"1"), ("b", b"2")]; names and values URL-decoded, ``+`` is space.
+    ``limit`` (0: none): at most that many arguments are decoded."""
     out: list[tuple[str, bytes]] = []
     if not data:
         return out
     for piece in data.split(b"&"):
         if not piece:
             continue
+        if limit and len(out) >= limit:
+            break
         k, eq, v = piece.partition(b"=")
         out.append((url_decode(k).decode("latin-1"), url_decode(v)))
     return out
 
 
-def urlencoded(body: bytes) -> BodyResult:
-    return BodyResult(args=parse_urlencoded(body))
+def urlencoded(body: bytes, max_args: int | None = None) -> BodyResult:
+    res = BodyResult()
+    if max_args is not None and count_urlencoded(body) > max_args:
+        res.limit = "too_many_args"
+        return res
+    res.args = parse_urlencoded(body)
+    return res
 
 
 def _json_scalar(v: object) -> bytes:
@@ -62,22 +89,64 @@ def _json_scalar(v: object) -> bytes:
     return str(v).encode()
 
 
-def json_body(body: bytes, max_depth: int = 10000) -> BodyResult:
+_JSON_OPEN = re.compile(rb"[\[{]")
+
+
+def _json_depth_over(body: bytes, max_depth: int) -> bool:
+    """Whether brackets nest deeper than ``max_depth`` (strings skipped). A cheap pre-check: the
+    parser itself recurses, and a deep document should cost nothing before it is refused."""
+    if body.count(b"[") + body.count(b"{") <= max_depth:
+        return False
+    depth = 0
+    in_str = esc = False
+    for ch in body:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == 0x5C:  # backslash
+                esc = True
+            elif ch == 0x22:
+                in_str = False
+        elif ch == 0x22:
+            in_str = True
+        elif ch == 0x5B or ch == 0x7B:
+            depth += 1
+            if depth > max_depth:
+                return True
+        elif ch == 0x5D or ch == 0x7D:
+            depth -= 1
+    return False
+
+
+def json_body(body: bytes, max_depth: int = 0, max_values: int = 0, max_args: int | None = None) -> BodyResult:
+    """``max_depth``: deepest nesting; ``max_values``: most JSON values (containers and
+    scalars), 0: no limit; ``max_args``: most scalars (each becomes an argument), None: no limit."""
     res = BodyResult()
+    if max_depth and _json_depth_over(body, max_depth):
+        res.limit = "json_too_deep"
+        return res
     try:
         doc = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+    except RecursionError:
+        res.limit = "json_too_deep"
+        return res
+    except (UnicodeDecodeError, ValueError) as e:
         res.error = f"JSON parsing error: {str(e)[:80]}"
         return res
     args = res.args
     # Iterative walk (no recursion limit games): (prefix, value, depth)
     stack: list[tuple[str, object, int]] = [("json", doc, 0)]
     out_rev: list[tuple[str, bytes]] = []
+    seen = 0
     while stack:
         path, val, depth = stack.pop()
-        if depth > max_depth:
-            res.error = "JSON depth limit exceeded"
-            break
+        seen += 1
+        if max_depth and depth > max_depth:
+            res.limit = "json_too_deep"
+            return res
+        if max_values and seen > max_values:
+            res.limit = "json_too_large"
+            return res
         if isinstance(val, dict):
             items = list(val.items())
             for k, v in reversed(items):
@@ -87,6 +156,9 @@ def json_body(body: bytes, max_depth: int = 10000) -> BodyResult:
                 stack.append((f"{path}.array_{i}", val[i], depth + 1))
         else:
             out_rev.append((path, _json_scalar(val)))
+            if max_args is not None and len(out_rev) > max_args:
+                res.limit = "too_many_args"
+                return res
     args.extend((k.encode("utf-8", "surrogatepass").decode("latin-1"), v) for k, v in out_rev)
     return res
 
@@ -111,7 +183,8 @@ def multipart_boundary(content_type: str) -> str | None:
     return m.group(1) or m.group(2)
 
 
-def multipart(body: bytes, content_type: str) -> BodyResult:
+def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
+    """``max_parts`` (0: none): more parts than that is the ``too_many_parts`` limit."""
     res = BodyResult()
     flags = res.flags
     for k in ("MULTIPART_STRICT_ERROR", "MULTIPART_BOUNDARY_QUOTED", "MULTIPART_BOUNDARY_WHITESPACE",
@@ -128,6 +201,9 @@ def multipart(body: bytes, content_type: str) -> BodyResult:
     if '"' in content_type.split("boundary", 1)[-1][:3]:
         flags["MULTIPART_BOUNDARY_QUOTED"] = 1
     delim = b"--" + boundary.encode("latin-1")
+    if max_parts and body.count(delim) > max_parts + 1:  # + the closing delimiter
+        res.limit = "too_many_parts"
+        return res
     chunks = body.split(delim)
     if len(chunks) < 2:
         res.error = "Multipart: no boundaries found"
@@ -200,25 +276,71 @@ def multipart(body: bytes, content_type: str) -> BodyResult:
     return res
 
 
-def xml_body(body: bytes) -> BodyResult:
+# Encodings expat reads itself; any other declared encoding is decoded by Python first.
+_EXPAT_NATIVE = ("utf_8", "utf-8", "utf-16", "utf-16-le", "utf-16-be")
+_XML_DECL = re.compile(rb"""\A(?:\xef\xbb\xbf)?\s*<\?xml\b[^>]{0,200}?\bencoding\s*=\s*["']([^"'>]{1,40})["']""")
+
+
+class _Forbidden(Exception):
+    """A construct the XML processor refuses (entity declarations, external entities)."""
+
+
+def _forbid(*_args: object) -> None:
+    raise _Forbidden("entity declarations are not accepted")
+
+
+def _forbid_external(*_args: object) -> int:
+    raise _Forbidden("external entities are not accepted")
+
+
+def _xml_input(body: bytes) -> tuple[bytes, str | None]:
+    """(bytes for expat, the encoding to parse them as). A declared encoding expat does not
+    read is decoded here and parsed as UTF-8. Raises LookupError / UnicodeError."""
+    m = _XML_DECL.match(body)
+    if m is None:
+        return body, None
+    name = codecs.lookup(m.group(1).decode("ascii", "replace")).name
+    if name in _EXPAT_NATIVE:
+        return body, None
+    text = body.decode(name)
+    return text.encode("utf-8"), "UTF-8"
+
+
+def xml_body(body: bytes, max_values: int | None = None) -> BodyResult:
+    """``max_values`` (None: no limit): most attribute values (each a value the rules inspect)."""
     res = BodyResult()
     text: list[str] = []
     attrs: list[bytes] = []
-    p = expat.ParserCreate()
+    try:
+        data, encoding = _xml_input(body)
+    except (LookupError, UnicodeError, ValueError) as e:
+        res.error = f"XML parsing error: {type(e).__name__}: {str(e)[:80]}"
+        return res
+    p = expat.ParserCreate(encoding)
     p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
-    p.ExternalEntityRefHandler = lambda *a: 1  # never fetch: treat as handled, empty
+    p.EntityDeclHandler = _forbid
+    p.UnparsedEntityDeclHandler = _forbid
+    p.ExternalEntityRefHandler = _forbid_external
     p.buffer_text = True
+
+    class _TooMany(Exception):
+        pass
 
     def start(_name, attributes):
         for v in attributes.values():
             attrs.append(v.encode("utf-8"))
+        if max_values is not None and len(attrs) > max_values:
+            raise _TooMany
 
     p.StartElementHandler = start
     p.CharacterDataHandler = text.append
     try:
-        p.Parse(body, True)
-    except expat.ExpatError as e:
-        res.error = f"XML parsing error: {e}"
+        p.Parse(data, True)
+    except _TooMany:
+        res.limit = "too_many_args"
+        return res
+    except (expat.ExpatError, _Forbidden, ValueError, LookupError, UnicodeError) as e:
+        res.error = f"XML parsing error: {str(e)[:120]}"
         return res
     res.xml_text = [("".join(text)).encode("utf-8")]
     res.xml_attrs = attrs

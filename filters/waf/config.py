@@ -23,17 +23,27 @@ class WafConfig(Model):
     anomaly_threshold: int = Field(5, ge=1, description="Inbound anomaly score that blocks")
     inspection_limit_bytes: int = Field(131072, ge=0, description="Body bytes buffered and inspected")
     on_inspection_limit: Literal["reject", "inspect_partial"] = Field(
-        "inspect_partial", description="A larger body: reject (413 waf_body_limit) or inspect the first bytes"
+        "reject", description="A larger body (or more than max_args arguments): reject (413 waf_body_limit, "
+        "400 waf_too_many_args; ModSecurity's SecRequestBodyLimitAction Reject) or inspect_partial: inspect the "
+        "first bytes / arguments and pass the rest uninspected (warned at startup and by check-config)"
     )
     on_unparsable_body: Literal["inspect_raw", "reject"] = Field(
-        "inspect_raw", description="A body that does not parse as its Content-Type (invalid JSON/XML): "
-        "inspect_raw (as REQUEST_BODY and URL-encoded ARGS) or reject (400 waf_body_unparsable)"
+        "reject", description="A body that does not parse as its Content-Type (invalid JSON/XML, an XML entity "
+        "declaration, an unknown encoding): reject (400 waf_body_unparsable, before any rule runs; "
+        "ModSecurity's 200002) or inspect_raw (as REQUEST_BODY and URL-encoded ARGS; warned)"
     )
     max_args: int = Field(
-        1000, ge=0, description="Most arguments (query + body) inspected (ModSecurity's SecArgumentsLimit); "
-        "more are handled as on_inspection_limit says. 0: no limit (a body of thousands of arguments "
-        "costs seconds of CPU with CRS)"
+        1000, ge=0, description="Most arguments (query + body) a request may have (ModSecurity's "
+        "SecArgumentsLimit): more is 400 waf_too_many_args before any rule runs (or, with inspect_partial, "
+        "the first ones are inspected). 0: no limit (thousands of arguments cost seconds of CPU with CRS)"
     )
+    max_headers: int = Field(100, ge=0, description="Most request header lines: more is 400 waf_too_many_headers. 0: no limit")
+    max_json_depth: int = Field(64, ge=0, description="Deepest JSON nesting: deeper is 400 waf_json_too_deep. "
+                                "0: no limit (the parser still stops near 1000)")
+    max_json_values: int = Field(10000, ge=0, description="Most JSON values (objects, arrays and scalars) in a "
+                                 "body: more is 400 waf_json_too_large. 0: no limit")
+    max_multipart_parts: int = Field(200, ge=0, description="Most parts in a multipart body: more is 400 "
+                                     "waf_too_many_parts. 0: no limit")
     prefilter: bool = Field(
         True, description="Multi-pattern prefilter (one RE2 Set per transformation pipeline): only rules "
         "whose pattern the scan saw run their regex. false: every rule runs its regex (same results, slower)."

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from filters.waf import bodies, prefilter, transforms
+from filters.waf.limits import NO_LIMITS, InspectionLimits
 from filters.waf.macros import Constant, Macro, value_template
 from filters.waf.operators import OperatorError, Operator, _atoi, _Num, compile_rx, parse_operator
 from filters.waf.seclang import Action, Directive, SecLangError, parse_actions, parse_file, parse_text
@@ -395,6 +396,12 @@ class Ruleset:
         if len(self.uvalue_seen) > self.CACHE_ENTRIES:
             self.uvalue_seen.clear()
 
+    def clear_caches(self) -> None:
+        """Forget every value met so far (benchmarks: the cost of values never seen before)."""
+        for cache in (self.tcache, self.scache, self.plain_cache, self.mm_cache, self.uvalue_cache,
+                      self.uvalue_seen, self.key_rx_cache):
+            cache.clear()
+
     def ctl_targets(self, kind: str, value: str) -> tuple[tuple[int, ...], tuple[VarSpec, ...]]:
         """Resolve ``ctl:ruleRemoveTarget{ById,ByTag}=sel;TARGETS`` once per rule set (memoised)."""
         key = (kind, value)
@@ -698,6 +705,7 @@ class Outcome:
     status: int | None
     rule_id: int | None  # the rule that interrupted
     score: int
+    limit: str | None = None  # the inspection limit the request went over (no rule ran)
 
 
 class Transaction:
@@ -720,6 +728,7 @@ class Transaction:
         detection_only: bool = False,
         body_processor: str | None = None,
         max_args: int = 0,
+        limits: InspectionLimits | None = None,
     ):
         self.rs = rs
         self.c: dict[str, list[tuple[str, bytes]]] = {}
@@ -753,15 +762,27 @@ class Transaction:
         self._plain = rs.plain_cache
         self.body = body
         self.body_processor = body_processor
-        # SecArgumentsLimit: at most this many arguments are inspected (0: no limit); beyond,
-        # args_limit_exceeded is set and the caller decides (the gateway rejects or inspects
-        # the first ones, as for the body inspection limit).
-        self.max_args = max_args
+        # The hostile-shape limits (see limits.py). ``max_args`` alone (older callers) means
+        # SecArgumentsLimit with partial inspection: the first ones are inspected and
+        # args_limit_exceeded is set. A limit reached otherwise sets limit_exceeded, and
+        # process_request then runs no rule.
+        if limits is None:
+            limits = InspectionLimits(max_args=max_args, args_partial=True) if max_args else NO_LIMITS
+        self.limits = limits
+        self.max_args = limits.max_args
         self.args_limit_exceeded = False
+        self.limit_exceeded: str | None = None
+        self._parsed_body: tuple[str, bodies.BodyResult] | None = None  # parsed before phase 1
         self.phase_allow = False
         self.force_body_var = False
         self.allow_all = False
         self._set_request(method, uri, protocol, headers or [], remote_addr, unique_id)
+        if self.limit_exceeded is None and body and self.body_processor:
+            # Parsed now, so a body over a limit is refused before any rule runs; phase 2 uses
+            # this result unless a phase-1 ctl chose another processor.
+            res = self._parse_body(self.body_processor)
+            self._parsed_body = (self.body_processor, res)
+            self._check_body_limits(res)
         for k, v in (tx_vars or {}).items():
             self.tx[k.lower()] = v.encode() if isinstance(v, str) else v
 
@@ -796,6 +817,9 @@ class Transaction:
         s["REQBODY_PROCESSOR_ERROR"] = b"0"
         s["INBOUND_DATA_ERROR"] = b"0"
         hdrs = [(str(k) if isinstance(k, str) else k.decode("latin-1"), _b(v)) for k, v in headers]
+        lim = self.limits
+        if lim.max_headers and len(hdrs) > lim.max_headers:
+            self.limit_exceeded = "too_many_headers"
         c["REQUEST_HEADERS"] = hdrs
         self.headers_lower: dict[str, bytes] = {}
         for k, v in hdrs:
@@ -809,10 +833,13 @@ class Transaction:
                     ck, eq, cv = piece.partition(b"=")
                     cookies.append((ck.strip().decode("latin-1"), cv.strip() if eq else b""))
         c["REQUEST_COOKIES"] = cookies
-        args_get = bodies.parse_urlencoded(query)
-        if self.max_args and len(args_get) > self.max_args:
-            args_get = args_get[: self.max_args]
+        if lim.max_args and bodies.count_urlencoded(query) > lim.max_args:
+            args_get = bodies.parse_urlencoded(query, lim.max_args)
             self.args_limit_exceeded = True
+            if not lim.args_partial:
+                self.limit_exceeded = self.limit_exceeded or "too_many_args"
+        else:
+            args_get = bodies.parse_urlencoded(query)
         c["ARGS_GET"] = args_get
         c["ARGS_POST"] = []
         c["ARGS"] = list(args_get)
@@ -861,19 +888,16 @@ class Transaction:
                 self._clear_caches()
             return
         self._clear_caches()
-        ct = self.headers_lower.get("content-type", b"").decode("latin-1")
-        if proc == "URLENCODED":
-            res = bodies.urlencoded(body)
-        elif proc == "JSON":
-            res = bodies.json_body(body)
-        elif proc == "MULTIPART":
-            res = bodies.multipart(body, ct)
-            for k, v in res.flags.items():
-                s[k] = str(v).encode()
-        elif proc == "XML":
-            res = bodies.xml_body(body)
-        else:
+        if proc not in ("URLENCODED", "JSON", "MULTIPART", "XML"):
             return
+        if self._parsed_body is not None and self._parsed_body[0] == proc:
+            res = self._parsed_body[1]
+        else:  # a phase-1 ctl chose this processor: parse and check the limits now
+            res = self._parse_body(proc)
+            if self._check_body_limits(res):
+                return
+        for k, v in res.flags.items():
+            s[k] = str(v).encode()
         if res.error:
             s["REQBODY_ERROR"] = b"1"
             s["REQBODY_PROCESSOR_ERROR"] = b"1"
@@ -885,7 +909,7 @@ class Transaction:
             if not res.args and proc in ("JSON", "XML"):
                 res.args = bodies.parse_urlencoded(body)
         args = res.args
-        if self.max_args and len(c["ARGS_GET"]) + len(args) > self.max_args:
+        if self.max_args and len(c["ARGS_GET"]) + len(args) > self.max_args:  # args_partial
             args = args[: max(0, self.max_args - len(c["ARGS_GET"]))]
             self.args_limit_exceeded = True
         c["ARGS_POST"] = args
@@ -900,6 +924,40 @@ class Transaction:
         s["ARGS_COMBINED_SIZE"] = str(sum(len(k) + len(v) for k, v in c["ARGS"])).encode()
         self.xml_text = res.xml_text
         self.xml_attrs = res.xml_attrs
+
+    def _parse_body(self, proc: str) -> bodies.BodyResult:
+        """The body through processor ``proc``, within the limits. Never raises: a processor
+        failing unexpectedly is a body that does not parse (fail closed)."""
+        lim = self.limits
+        body = self.body
+        # arguments the body may still add (None: no limit; args_partial: cut later instead)
+        room = None if (not lim.max_args or lim.args_partial) else max(0, lim.max_args - len(self.c["ARGS_GET"]))
+        try:
+            if proc == "URLENCODED":
+                return bodies.urlencoded(body, room)
+            if proc == "JSON":
+                return bodies.json_body(body, lim.max_json_depth, lim.max_json_values, room)
+            if proc == "MULTIPART":
+                ct = self.headers_lower.get("content-type", b"").decode("latin-1")
+                res = bodies.multipart(body, ct, lim.max_multipart_parts)
+                if room is not None and res.limit is None and len(res.args) > room:
+                    res.limit = "too_many_args"
+                return res
+            if proc == "XML":
+                return bodies.xml_body(body, room)
+        except Exception as e:  # noqa: BLE001 - a body processor bug must not become a 500
+            log.warning("WAF body processor %s failed: %s", proc, type(e).__name__)
+            return bodies.BodyResult(error=f"{proc} body processor failed")
+        return bodies.BodyResult()
+
+    def _check_body_limits(self, res: bodies.BodyResult) -> bool:
+        """Record the limit a parsed body went over (or, when refused, its parse error)."""
+        if res.limit is not None:
+            self.limit_exceeded = res.limit
+        elif res.error and self.limits.reject_unparsable:
+            self.limit_exceeded = "body_unparsable"
+            self.s["REQBODY_ERROR"] = b"1"
+        return self.limit_exceeded is not None
 
     # ----- variable access
     def _collection(self, name: str) -> list[tuple[str, bytes]]:
@@ -1481,17 +1539,22 @@ class Transaction:
                 i = min(n, i + r.skip)
 
     def process_request(self) -> Outcome:
-        """Run phase 1, parse the body, run phase 2."""
-        self.run_phase(1)
-        if not self.interrupted and not self.allow_all:
-            self._process_body()
-            self.run_phase(2)
+        """Run phase 1, parse the body, run phase 2. A request over an inspection limit runs
+        no rule (``Outcome.limit``); one whose body goes over a limit only a phase-1 ctl made
+        it parse runs phase 1 only."""
+        if self.limit_exceeded is None:
+            self.run_phase(1)
+            if not self.interrupted and not self.allow_all:
+                self._process_body()
+                if self.limit_exceeded is None:
+                    self.run_phase(2)
         return self.outcome()
 
     def outcome(self) -> Outcome:
         wi = self.would_interrupt
         score = _int(self.tx.get("blocking_inbound_anomaly_score", self.tx.get("anomaly_score", b"0")))
-        return Outcome(list(self.logged), wi is not None, wi[1] if wi else None, wi[0] if wi else None, score)
+        return Outcome(list(self.logged), wi is not None, wi[1] if wi else None, wi[0] if wi else None, score,
+                       self.limit_exceeded)
 
 
 def _b(v: str | bytes) -> bytes:

@@ -15,8 +15,11 @@ denial is recorded by the chain runner. Matched rule ids go to ``ctx.waf`` and
 conformance run) adds ``X-Portvakt-Waf-Matches: id,id,...`` to the response.
 
 Bodies: the server buffers ``body_inspection_bytes`` (= ``inspection_limit_bytes``) before the
-chain runs; a larger body is rejected (413 ``waf_body_limit``) or inspected up to the limit,
-as ``on_inspection_limit`` says.
+chain runs; a larger body is refused (413 ``waf_body_limit``, the default) or, as an explicit
+opt-in (``on_inspection_limit: inspect_partial``, warned at load), inspected up to the limit.
+A request over a hostile-shape limit (arguments, headers, JSON depth and size, multipart
+parts; see limits.py) or with a body that does not parse is answered 400 with its own reason
+before any rule runs.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from gateway.context import WafResult
 from gateway.problems import Problem
 
 from filters.waf.engine import Outcome, Ruleset, Transaction, VarSpec, WafLoadError, parse_targets
+from filters.waf.limits import REASONS as LIMIT_REASONS
+from filters.waf.limits import InspectionLimits
 
 if TYPE_CHECKING:  # pragma: no cover
     from gateway.config import RouteConfig
@@ -44,6 +49,16 @@ log = logging.getLogger("portvakt.waf")
 WAF_BLOCKED = problems.register("waf_blocked", 403, "Request blocked by the web application firewall")
 WAF_BODY_LIMIT = problems.register("waf_body_limit", 413, "Request body larger than the WAF inspects")
 WAF_BODY_UNPARSABLE = problems.register("waf_body_unparsable", 400, "Request body does not parse as its Content-Type")
+LIMIT_PROBLEMS = {
+    "too_many_args": problems.register("waf_too_many_args", 400, "Request has more arguments than the WAF inspects"),
+    "too_many_headers": problems.register("waf_too_many_headers", 400,
+                                          "Request has more header fields than the WAF inspects"),
+    "json_too_deep": problems.register("waf_json_too_deep", 400, "JSON body nested deeper than the WAF inspects"),
+    "json_too_large": problems.register("waf_json_too_large", 400, "JSON body has more values than the WAF inspects"),
+    "too_many_parts": problems.register("waf_too_many_parts", 400, "Multipart body has more parts than the WAF inspects"),
+    "body_unparsable": WAF_BODY_UNPARSABLE,
+}
+assert set(LIMIT_PROBLEMS) == set(LIMIT_REASONS)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rules")
@@ -198,7 +213,8 @@ class WafFilter(Filter):
     position = POS_WAF
 
     def __init__(self, engine: WafEngine, mode: Mode, removed_ids: frozenset[int], removed_targets: dict[int, list[VarSpec]],
-                 limit: int, on_limit: str, expose: bool, max_args: int = 1000, on_unparsable: str = "inspect_raw"):
+                 limit: int, on_limit: str, expose: bool, max_args: int = 1000, on_unparsable: str = "reject",
+                 limits: InspectionLimits | None = None):
         self.engine = engine
         self.mode = mode
         self.removed_ids = removed_ids
@@ -209,6 +225,17 @@ class WafFilter(Filter):
         self.max_args = max_args
         self.on_unparsable = on_unparsable
         self.detection_only = mode is Mode.detect
+        base = limits or InspectionLimits()
+        partial = on_limit == "inspect_partial"
+        # two variants: a body cut at the inspection limit is expected not to parse
+        self.limits = InspectionLimits(
+            max_args=max_args, max_headers=base.max_headers, max_json_depth=base.max_json_depth,
+            max_json_values=base.max_json_values, max_multipart_parts=base.max_multipart_parts,
+            args_partial=partial, reject_unparsable=on_unparsable == "reject")
+        self.limits_truncated = InspectionLimits(
+            max_args=max_args, max_headers=base.max_headers, max_json_depth=base.max_json_depth,
+            max_json_values=base.max_json_values, max_multipart_parts=base.max_multipart_parts,
+            args_partial=partial, reject_unparsable=False)
 
     async def check(self, ctx: "RequestContext") -> Decision:
         body = ctx.body or b""
@@ -226,19 +253,18 @@ class WafFilter(Filter):
         tx = Transaction(
             self.engine.ruleset, method=ctx.method, uri=uri, protocol=protocol, headers=list(ctx.headers.items()),
             body=body, remote_addr=str(ctx.client_ip), unique_id=ctx.request_id, removed_ids=self.removed_ids,
-            removed_targets=self.removed_targets, detection_only=self.detection_only, max_args=self.max_args,
+            removed_targets=self.removed_targets, detection_only=self.detection_only,
+            limits=self.limits_truncated if truncated else self.limits,
         )
-        if tx.args_limit_exceeded and self.on_limit == "reject":
-            ctx.audit["waf"] = {"reason": "too_many_arguments", "limit": self.max_args}
-            return Deny(Problem(WAF_BODY_LIMIT, internal_reason="waf_args_over_limit"))
         out = tx.process_request()
-        if tx.args_limit_exceeded and self.on_limit == "reject":  # body arguments (parsed in phase 2)
-            ctx.audit["waf"] = {"reason": "too_many_arguments", "limit": self.max_args}
-            return Deny(Problem(WAF_BODY_LIMIT, internal_reason="waf_args_over_limit"))
-        # on_unparsable_body: reject = modsecurity.conf-recommended rule 200002 (a body that does
-        # not parse as its Content-Type is denied, 400). inspect_raw (default): the engine
-        # inspects it as REQUEST_BODY and as URL-encoded ARGS instead. A body cut at the
-        # inspection limit (inspect_partial) is expected not to parse and is never rejected here.
+        if out.limit is not None:
+            # Over a hostile-shape limit, or (on_unparsable_body: reject, modsecurity.conf-
+            # recommended rule 200002) a body that does not parse: no rule ran.
+            ctx.waf = WafResult(score=0, matched_rule_ids=[], blocked=not self.detection_only)
+            ctx.audit["waf"] = {"reason": out.limit, "blocked": ctx.waf.blocked}
+            return Deny(Problem(LIMIT_PROBLEMS[out.limit], internal_reason=LIMIT_REASONS[out.limit]))
+        # on_unparsable_body: inspect_raw: the engine inspects it as REQUEST_BODY and as
+        # URL-encoded ARGS instead. A body that only a phase-1 ctl made parse is refused here.
         unparsable = (self.on_unparsable == "reject" and tx.s.get("REQBODY_ERROR") == b"1" and not truncated
                       and not out.interrupted)
         ctx.waf = WafResult(score=out.score, matched_rule_ids=out.matched,
@@ -255,6 +281,18 @@ class WafFilter(Filter):
         return ALLOW
 
 
+def config_warnings(cfg: Any) -> list[str]:
+    """What in a ``waf:`` section weakens inspection on purpose (startup log, check-config)."""
+    out: list[str] = []
+    if cfg.mode is not Mode.off and cfg.on_inspection_limit == "inspect_partial":
+        out.append(f"waf.on_inspection_limit: inspect_partial: bytes after the first {cfg.inspection_limit_bytes} "
+                   f"of a body and arguments after the first {cfg.max_args} pass uninspected")
+    if cfg.mode is not Mode.off and cfg.on_unparsable_body == "inspect_raw":
+        out.append("waf.on_unparsable_body: inspect_raw: a body that does not parse as its Content-Type "
+                   "goes upstream, inspected only as raw text")
+    return out
+
+
 class WafStage(Stage):
     name = "waf"
 
@@ -267,9 +305,12 @@ class WafStage(Stage):
         if self.cfg.mode is Mode.off:
             return []
         ids, targets = route_exclusions(self.engine.ruleset, route.waf)
-        return [WafFilter(self.engine, self.cfg.mode, ids, targets, self.cfg.inspection_limit_bytes,
-                          self.cfg.on_inspection_limit, self.cfg.expose_matches_header, self.cfg.max_args,
-                          self.cfg.on_unparsable_body)]
+        cfg = self.cfg
+        limits = InspectionLimits(max_headers=cfg.max_headers, max_json_depth=cfg.max_json_depth,
+                                  max_json_values=cfg.max_json_values, max_multipart_parts=cfg.max_multipart_parts)
+        return [WafFilter(self.engine, cfg.mode, ids, targets, cfg.inspection_limit_bytes,
+                          cfg.on_inspection_limit, cfg.expose_matches_header, cfg.max_args,
+                          cfg.on_unparsable_body, limits)]
 
     def readiness(self) -> dict[str, str]:
         return {"rules": "ok"}
@@ -293,4 +334,6 @@ def build_stage(env: BuildEnv) -> Stage | None:
                            prefilter="on" if cfg.prefilter else "off")
         source = "builtin"
     log.info("WAF rules loaded: %s, %d rules, prefilter %s", source, len(rs.by_id), rs.prefilter_state)
+    for warning in config_warnings(cfg):
+        log.warning("%s", warning)
     return WafStage(cfg, WafEngine(rs), source)

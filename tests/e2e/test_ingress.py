@@ -168,7 +168,7 @@ async def test_limits_methods_and_hosts(start_gateway, upstream):
         ("GET", "/api/h", {f"X-Extra-{i}": "1" for i in range(25)}, None, 431, "headers_too_large"),
         ("GET", "/api/h", {"X-Big": "v" * 2100}, None, 431, "headers_too_large"),
         ("POST", "/api/b", {"Content-Type": "application/json"}, b"x" * 1001, 413, "body_too_large"),
-        ("POST", "/api/b", {"Content-Type": "application/json"}, b"x" * 1000, 200, None),
+        ("POST", "/api/b", {"Content-Type": "application/json"}, b'"' + b"x" * 998 + b'"', 200, None),
         ("DELETE", "/api/m", {}, None, 405, "method_not_allowed"),
         ("GET", "/api/host", {"Host": "evil.example"}, None, 421, "host_not_allowed"),
         ("GET", "/api/host", {"Host": "LOCALHOST:8443"}, None, 200, None),
@@ -240,3 +240,31 @@ async def test_client_ip_rules_through_trusted_proxies(start_gateway, upstream):
     assert await gw.metric(
         "portvakt_filter_decisions_total", {"filter": "ingress", "decision": "detect", "reason": "ip_in_deny_list"}
     ) == 1
+
+
+@pytest.mark.parametrize("parser", ["c", "python"])
+async def test_unknown_and_disallowed_methods_get_405_counted_and_audited(start_gateway, upstream, pki, parser, tmp_path):
+    """``CUST`` is refused by aiohttp's C parser (llhttp) before any handler, by ingress with the
+    Python parser; either way the answer is 405 method_not_allowed with Allow, counted and audited.
+    ``ingress.allowed_methods`` narrows every route."""
+    env = {"AIOHTTP_NO_EXTENSIONS": "1"} if parser == "python" else None
+    cfg = _routes(upstream.url)
+    cfg["ingress"] = {"allowed_methods": ["GET", "POST", "OPTIONS"]}
+    cfg["audit"] = {"path": str(tmp_path / "audit.jsonl"), "key": "e2e-audit-key-0123456789abcdef"}
+    gw = await start_gateway(cfg, env=env)
+    for line in (b"CUST /api/x HTTP/1.1", b"DELETE /api/x HTTP/1.1", b"FOO_BAR /api/x HTTP/1.1"):
+        resp = await _raw(gw, pki, line + b"\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        assert _status(resp) == 405, (line, resp[:300])
+        doc = _problem(resp)
+        assert doc is not None and doc["reason"] == "method_not_allowed", resp[:300]
+        head = resp.split(b"\r\n\r\n", 1)[0].lower()
+        assert b"allow: get, post, options" in head
+    assert upstream.started == 0
+    text = await gw.metrics_text()
+    assert 'method="OTHER"' in text and 'status="405"' in text
+    assert await gw.stop_async() == 0
+    records = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines() if x.endswith("}")]
+    refused = [r for r in records if r.get("type") == "request" and r.get("status") == 405]
+    # the precise cause: unknown_method where the C parser refused the token, else the reason id
+    assert len(refused) == 3 and {r["reason"] for r in refused} <= {"method_not_allowed", "unknown_method"}
+    assert all(r["decision"] == "deny" for r in refused)

@@ -58,3 +58,36 @@ async def test_crs_detect_mode_reports_matches_and_forwards(start_gateway, upstr
     ids = [int(x) for x in r.headers[MATCHES_HEADER].split(",")]
     assert 942100 in ids and 949110 in ids
     assert len(upstream.requests) == 1
+
+
+async def _post(shared, body: bytes, content_type: str):
+    async with shared.gw.session() as s:
+        r = await s.post(shared.gw.url + "/api/docs", data=body, headers={"Content-Type": content_type})
+        return r.status, await r.read()
+
+
+async def test_billion_laughs_refused_before_upstream(shared):
+    from tests.filters.waf.hostile_shapes import _billion_laughs
+
+    status, body = await _post(shared, _billion_laughs(), "application/xml")
+    assert status == 400 and json.loads(body)["reason"] == "waf_body_unparsable"
+    assert shared.up.requests == []
+
+
+@pytest.mark.parametrize("encoding", ["Shift_JIS", "EUC-JP", "GBK", "Big5", "EUC-KR", "UTF-7"])
+async def test_xml_in_a_declared_multibyte_encoding_is_inspected_and_forwarded(shared, encoding):
+    doc = f'<?xml version="1.0" encoding="{encoding}"?><soknad>byggetillatelse 日本</soknad>'.encode(encoding)
+    status, _ = await _post(shared, doc, "application/xml")
+    assert status == 200 and len(shared.up.requests) == 1 and shared.up.requests[0]["body"] == doc
+
+
+async def test_xml_in_an_unknown_encoding_is_a_problem_not_a_500(shared):
+    status, body = await _post(shared, b'<?xml version="1.0" encoding="x-nope"?><a>1</a>', "text/xml")
+    assert status == 400 and json.loads(body)["reason"] == "waf_body_unparsable"
+    assert shared.up.requests == []
+
+
+async def test_deep_json_refused_with_its_own_reason(shared):
+    status, body = await _post(shared, b"[" * 100 + b"]" * 100, "application/json")
+    assert status == 400 and json.loads(body)["reason"] == "waf_json_too_deep"
+    assert shared.up.requests == []

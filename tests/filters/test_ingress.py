@@ -369,3 +369,27 @@ def test_cidr_set_matches_ipaddress_membership():
 def test_headers_over_agrees_with_exact_byte_count(value, limit):
     headers = CIMultiDictProxy(CIMultiDict([("X-A", value), ("Host", "h")]))
     assert ingress.headers_over(headers, limit) is (ingress.header_bytes(headers) > limit)
+
+
+@pytest.mark.parametrize(
+    "allowed, route_methods, method, expect_allow",
+    [
+        (["GET", "POST"], None, "GET", None),
+        (["GET", "POST"], None, "PUT", "GET, POST"),
+        (["GET", "POST"], ["POST", "PUT"], "PUT", "POST"),  # both lists must admit the method
+        (["GET", "POST"], ["POST", "PUT"], "POST", None),
+    ],
+)
+async def test_global_method_allow_list_narrows_every_route(allowed, route_methods, method, expect_allow):
+    match = {"path_prefix": "/api/"} | ({"methods": route_methods} if route_methods else {})
+    d = await _filter({"allowed_methods": allowed}, match=match).check(_ctx(method=method))
+    if expect_allow is None:
+        assert isinstance(d, Allow)
+    else:
+        assert isinstance(d, Deny) and d.problem.reason == "method_not_allowed" and d.problem.status == 405
+        assert d.problem.headers["Allow"] == expect_allow
+
+
+def test_allowed_methods_must_be_known():
+    with pytest.raises(Exception, match="unknown methods"):
+        ingress.IngressConfig(allowed_methods=["GET", "CUST"])

@@ -131,8 +131,9 @@ async def test_arguments_limit(on_limit):
     body = b"&".join(b"a%d=x" % i for i in range(10)) + b"&q=%3Cscript%3Ealert(1)%3C/script%3E"
     c = ctx("/x", "POST", {"Host": "x", "Content-Type": "application/x-www-form-urlencoded"}, body)
     d = await f.check(c)
-    if on_limit == "reject":
-        assert type(d) is Deny and d.problem.reason == "waf_body_limit"
+    if on_limit == "reject":  # before any rule runs, with its own reason
+        assert type(d) is Deny and d.problem.reason == "waf_too_many_args" and d.problem.status == 400
+        assert c.waf.matched_rule_ids == [] and c.audit["waf"]["reason"] == "too_many_args"
     else:  # the first five arguments are inspected; the attack in the eleventh is not seen
         assert type(d) is Allow and c.audit["waf"]["truncated"]
 
@@ -140,9 +141,23 @@ async def test_arguments_limit(on_limit):
 async def test_unparsable_json_body_inspected_raw_or_rejected():
     body = b'{"q": "<script>alert(1)</script>"'  # no closing brace: the JSON processor fails
     c = ctx("/x", "POST", {"Host": "x", "Content-Type": "application/json"}, body)
-    d = await filt().check(c)
+    d = await filt(on_unparsable_body="inspect_raw").check(c)
     assert type(d) is Deny and d.problem.reason == "waf_blocked"  # seen through the raw fallback
     c = ctx("/x", "POST", {"Host": "x", "Content-Type": "application/json"}, b'{"a": 1')
-    assert type(await filt().check(c)) is Allow
-    d = await filt(on_unparsable_body="reject").check(c)
+    assert type(await filt(on_unparsable_body="inspect_raw").check(c)) is Allow
+    d = await filt().check(c)  # the default: refused before any rule runs
     assert type(d) is Deny and d.problem.reason == "waf_body_unparsable" and d.problem.status == 400
+    assert c.waf.matched_rule_ids == []
+
+
+def test_check_config_warns_about_partial_inspection(tmp_path):
+    import subprocess
+    import sys
+
+    f = tmp_path / "c.yaml"
+    f.write_text("upstreams: {u: {url: 'http://127.0.0.1:9'}}\nroutes: [{name: r, upstream: u}]\n"
+                 "server: {plain_http: true}\nwaf: {on_inspection_limit: inspect_partial}\n")
+    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(f)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok"
+    assert "waf.on_inspection_limit: inspect_partial" in out.stderr
