@@ -2,7 +2,8 @@
 # machine with Python 3.11+. Targets:
 #   run              venv + dev certificates, then the demo (gateway + echo upstream) in the foreground
 #   test             venv + redis-server and nginx present, then pytest (PYTEST_ARGS=... to narrow)
-#   bench            venv + wrk + redis-server, then bench/run.py (BENCH_ARGS=... e.g. --duration 1)
+#   bench            venv + bench extra (py-spy) + wrk, redis-server, nginx-light + ModSecurity, then
+#                    bench/run.py (BENCH_ARGS=... e.g. --quick, --profile); results in bench/out/
 #   crs-conformance  replay ../shared/waf/crs-regression.jsonl against Portvakt running CRS
 #   dev-certs        (re)generate missing dev certificates in certs/dev
 #   docker           build the container image portvakt:$(VERSION)
@@ -19,7 +20,7 @@ STAMP := $(VENV)/.installed
 CERTS ?= certs/dev
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' gateway/__init__.py)
 
-.PHONY: venv run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present nginx-present promtool-present
+.PHONY: venv run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present nginx-present promtool-present modsecurity-present
 
 # The venv is (re)built whenever pyproject.toml changes: the stamp is older than it then.
 $(STAMP): pyproject.toml
@@ -68,6 +69,19 @@ wrk-present:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
 	  else echo "wrk is missing: sudo apt-get install wrk"; exit 1; fi; }
 
+# The WAF table's reference row: Debian nginx-light + the ModSecurity module (libmodsecurity3).
+modsecurity-present:
+	@{ command -v nginx >/dev/null 2>&1 && ls /usr/lib/nginx/modules/ngx_http_modsecurity_module.so >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing nginx-light + libnginx-mod-http-modsecurity (the WAF table's reference row)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light libnginx-mod-http-modsecurity >/dev/null; \
+	  else echo "the WAF table needs: sudo apt-get install nginx-light libnginx-mod-http-modsecurity (row skipped)"; fi; }
+
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): pyproject.toml | $(STAMP)
+	$(VPY) -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
 $(CERTS)/ca.pem: | $(STAMP)
 	$(VPY) -m gateway.devca $(CERTS)
 
@@ -83,7 +97,7 @@ test: venv redis-server-present nginx-present promtool-present
 	  if [ $$rc = 5 ]; then echo "pytest collected no tests: treating that as a failure"; fi; \
 	  exit $$rc
 
-bench: venv wrk-present redis-server-present
+bench: venv $(BENCH_STAMP) wrk-present redis-server-present modsecurity-present
 	$(VPY) bench/run.py $(BENCH_ARGS)
 
 crs-conformance: venv
@@ -93,5 +107,5 @@ docker:
 	docker build -t portvakt:$(VERSION) -t portvakt:latest .
 
 clean:
-	rm -rf $(VENV) $(CERTS) var .pytest_cache bench/.work
+	rm -rf $(VENV) $(CERTS) var .pytest_cache bench/.work bench/out
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

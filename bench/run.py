@@ -1,19 +1,31 @@
-"""``make bench``: Portvakt against a bare aiohttp proxy, measured with wrk in one run on loopback.
+"""``make bench``: the gateway's CPU time per request, row by row, against a bare aiohttp proxy
+measured in the same run.
 
-Usage: ``python bench/run.py [--duration 5] [--warmup 1] [--connections 32] [--only WORD ...]
-[--markdown FILE] [--json FILE] [--no-pin] [--keep]``
+Usage: ``python bench/run.py [--quick] [--profile] [--rounds 3] [--duration 3] [--only WORD ...]
+[--no-waf-table] [--no-latency] [--no-workers] [--out DIR] [--no-pin] [--keep]``
 
-Each row of ``bench/scenarios.py`` is started fresh (its own process), checked with one preflight
-request (it must answer 2xx from the upstream, and every filter the row is about must show
-decisions in ``/metrics``), warmed up, then measured by wrk with a generated Lua script. With
-two or more CPUs the process under test is pinned to one CPU and wrk, the upstream and Redis to
-another (``taskset``), so a row's requests/s is what one core of the proxy does and
-1e6 / (requests/s) approximates its CPU time per request. Ratios are against the bare proxy with
-the same request shape, measured in the same run, and against the row's reference.
+What it measures, and why that way: on a small machine where the load generator, the upstream and
+the gateway share cores, requests/s moves by 2-4x between runs and flatters cheap rows (the load
+generator's core fills first). What holds is the **CPU time the process under test spends per
+request**: utime+stime from ``/proc/<pid>/stat`` (the process and its children, all threads) read
+right before and right after each measured window, divided by the requests wrk completed in it.
+Every row's process is started once, checked (a preflight request that must reach the upstream,
+and decisions from every filter the row is about in ``/metrics``) and warmed up (not measured);
+then the rows are measured in interleaved rounds (A B C ... A B C ...), and each row reports the
+median over rounds with the spread (min-max), beside its ratio to the bare proxy of the same
+request shape (per round, then the median), req/s and wrk's latency percentiles.
 
-A row whose feature is not there yet (a stage module that does not import, a config section the
+With two or more CPUs the process under test runs on the first CPU (``taskset``), wrk, the
+upstream and Redis on the others; the header of the output says what was pinned where.
+
+Further sections (each can be turned off): latency against offered load for a few rows, the WAF
+table (Portvakt CRS PL1 against nginx + libmodsecurity3 + the same CRS, on three corpora and two
+request shapes), and ``--workers 2`` against one worker. ``--profile`` records every Python row
+with py-spy and writes a flame graph per row. Plots (SVG) go next to the table in ``--out``.
+
+A row whose feature is not there (a stage module that does not import, a config section the
 model rejects, Redis/CRS/nginx absent) prints "skipped: why"; a row that was set up but did not
-work (no start, non-2xx answers) prints "failed: why". Neither stops the run.
+work prints "failed: why". Neither stops the run. Nothing here is a test: no speed is asserted.
 """
 
 from __future__ import annotations
@@ -25,10 +37,12 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +59,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+import procstat  # noqa: E402
 import scenarios as sc  # noqa: E402
+import svg  # noqa: E402
+import waftable  # noqa: E402
 from scenarios import Env, Request, Scenario  # noqa: E402
 
 PY = sys.executable
@@ -60,7 +77,7 @@ def free_port() -> int:
 
 
 class Cpus:
-    """Which CPU runs the process under test and which runs everything else."""
+    """Which CPU runs the process under test and which run everything else."""
 
     def __init__(self, pin: bool) -> None:
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -69,8 +86,13 @@ class Cpus:
         self.aux = ",".join(str(c) for c in cpus[1:]) if self.enabled else None
 
     def wrap(self, cmd: list[str], role: str) -> list[str]:
-        cpu = self.sut if role == "sut" else self.aux
+        cpu = {"sut": self.sut, "aux": self.aux}.get(role)
         return ["taskset", "-c", cpu, *cmd] if cpu is not None else cmd
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "not pinned (fewer than 2 CPUs, taskset missing, or --no-pin)"
+        return f"process under test pinned to CPU {self.sut}; wrk, upstream, Redis and py-spy to CPU {self.aux}"
 
 
 @dataclass
@@ -78,6 +100,10 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -196,7 +222,8 @@ def integration_credentials() -> tuple[str, str]:
 
 
 def find_crs() -> Path | None:
-    for cand in (os.environ.get("PORTVAKT_CRS_DIR"), str(ROOT.parent / "shared" / "waf" / "crs")):
+    for cand in (os.environ.get("PORTVAKT_CRS_DIR"), str(ROOT.parent / "shared" / "waf" / "crs"),
+                 "/work/shared/waf/crs"):
         if cand and (Path(cand) / "rules").is_dir():
             return Path(cand).resolve()
     return None
@@ -230,43 +257,97 @@ end
 """
 
 
-def wrk_script(req: Request, path: Path) -> Path:
+def wrk_script(req: Request, path: Path, delay_ms: float | None = None) -> Path:
+    """A wrk Lua script sending ``req``; with ``delay_ms`` each connection waits that long before
+    each request (the offered-load points of the latency plot)."""
     lines = [f"wrk.method = {lua_string(req.method.encode())}", f"wrk.path = {lua_string(req.path.encode())}"]
     if req.body:
         lines.append(f"wrk.body = {lua_string(req.body)}")
     for k, v in req.headers.items():
         lines.append(f"wrk.headers[{lua_string(k.encode())}] = {lua_string(v.encode())}")
+    if delay_ms is not None:
+        lines.append(f"delay = function() return {delay_ms:.3f} end")
     path.write_text("\n".join(lines) + "\n" + DONE_LUA)
     return path
 
 
+def run_replay(url: str, slice_path: Path, cpus: Cpus, pid: int, connections: int = 8) -> Sample:
+    """``bench/replay.py`` sends exactly the slice's requests; CPU of ``pid``'s tree over that."""
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    cmd = cpus.wrap([PY, str(HERE / "replay.py"), host, port, str(slice_path), str(connections)], "aux")
+    c0 = procstat.tree_cpu_seconds(pid)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    c1 = procstat.tree_cpu_seconds(pid)
+    m = re.search(r"^REPLAY_JSON (\{.*\})$", out.stdout, re.M)
+    if m is None:
+        raise RuntimeError(f"replay gave no result (exit {out.returncode}): {out.stderr.strip()[-300:]}")
+    d = json.loads(m.group(1))
+    non2xx = sum(v for k, v in d["statuses"].items() if not k.startswith("2"))
+    errors = {k: v for k, v in (("status", non2xx), ("socket", d["errors"])) if v}
+    return Sample(d["requests"] + d["errors"], d["seconds"], c1 - c0, 0, 0, 0, errors)
+
+
 @dataclass
-class Measure:
-    rps: float
+class Sample:
+    """One measured window of one row."""
+
     requests: int
+    seconds: float
+    cpu_s: float  # process under test (and its children), utime+stime over the window
     p50_us: int
     p90_us: int
     p99_us: int
     errors: dict[str, int]
+    wrk_cpu_s: float = 0.0
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu_s * 1e6 / self.requests if self.requests else float("nan")
 
 
-def run_wrk(url: str, script: Path, seconds: float, args: argparse.Namespace, cpus: Cpus) -> Measure:
-    cmd = cpus.wrap(
-        ["wrk", "-t", str(args.threads), "-c", str(args.connections), "-d", f"{max(1, round(seconds))}s",
-         "--timeout", "10s", "-s", str(script), url],
-        "aux",
-    )
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    m = re.search(r"^BENCH_JSON (\{.*\})$", out.stdout, re.M)
+def run_wrk(url: str, script: Path, seconds: float, args: argparse.Namespace, cpus: Cpus, pid: int | None = None,
+            connections: int | None = None, pin: bool = True) -> Sample:
+    """wrk against ``url`` for ``seconds`` (or until the script stops it); with ``pid``, that
+    process tree's CPU time over exactly the window wrk ran."""
+    cmd = ["wrk", "-t", str(args.threads), "-c", str(connections or args.connections),
+           "-d", f"{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script), url]
+    if pin:
+        cmd = cpus.wrap(cmd, "aux")
+    c0 = procstat.tree_cpu_seconds(pid) if pid else 0.0
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=seconds + 120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+    c1 = procstat.tree_cpu_seconds(pid) if pid else 0.0
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    m = re.search(r"^BENCH_JSON (\{.*\})$", out, re.M)
     if m is None:
-        raise RuntimeError(f"wrk gave no result (exit {out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
+        raise RuntimeError(f"wrk gave no result (exit {p.returncode}): {err.strip() or out.strip()}"[:400])
     d = json.loads(m.group(1))
-    dur = d["duration_us"] / 1e6
+    dur = d["duration_us"] / 1e6 or (time.monotonic() - t0)
     errors = {k: d[k] for k in ("connect", "read", "write", "status", "timeout") if d[k]}
-    return Measure(d["requests"] / dur if dur else 0.0, d["requests"], d["p50"], d["p90"], d["p99"], errors)
+    s = Sample(d["requests"], dur, c1 - c0, d["p50"], d["p90"], d["p99"], errors)
+    s.wrk_cpu_s = ru.ru_utime + ru.ru_stime  # cumulative over all waited-for children; diffed by caller
+    return s
 
 
-# ---- one row --------------------------------------------------------------------------------
+class WrkClock:
+    """Cumulative CPU time of the harness's waited-for children (wrk, py-spy): diff around a run."""
+
+    @staticmethod
+    def now() -> float:
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+
+
+# ---- rows -----------------------------------------------------------------------------------
 
 @dataclass
 class Row:
@@ -274,8 +355,25 @@ class Row:
     scenario: Scenario
     status: str = "pending"  # ok | skipped | failed
     why: str = ""
-    m: Measure | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    samples: list[Sample] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)  # per round, against the bare proxy's CPU
+    proc: Proc | None = None
+    url: str = ""
+    script: Path | None = None
+    request: Request | None = None
+    profile: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> str:
+        return self.request.method if self.request else "GET"
+
+    def median(self, attr: str) -> float:
+        vals = [getattr(s, attr) for s in self.samples]
+        return statistics.median(vals) if vals else float("nan")
+
+    def spread(self, attr: str) -> tuple[float, float]:
+        vals = [getattr(s, attr) for s in self.samples]
+        return (min(vals), max(vals)) if vals else (float("nan"), float("nan"))
 
 
 def client_ssl(pki: Path) -> ssl.SSLContext:
@@ -329,7 +427,7 @@ def why_skipped(s: Scenario, env: Env, have: dict[str, bool]) -> str | None:
             return {
                 "redis": "redis-server not found (apt-get install redis-server)",
                 "crs": "CRS not found at ../shared/waf/crs (or PORTVAKT_CRS_DIR)",
-                "nginx": "nginx not installed (apt-get install nginx adds this reference row)",
+                "nginx": "nginx not installed (apt-get install nginx-light)",
             }.get(need, f"{need} unavailable")
     for spec in s.modules:
         modname, _, attr = spec.partition(":")
@@ -342,13 +440,19 @@ def why_skipped(s: Scenario, env: Env, have: dict[str, bool]) -> str | None:
     return None
 
 
-def portvakt_config(s: Scenario, env: Env, port: int, admin: int) -> dict[str, Any]:
+def portvakt_config(s: Scenario, env: Env, port: int, admin: int, plain: bool = False,
+                    workers: int | None = None) -> dict[str, Any]:
     assert s.config is not None
     cfg = s.config(env)
-    cfg["server"] = {
-        "listen": f"127.0.0.1:{port}",
-        "tls": {"certificate": f"{env.pki_dir}/server.pem", "private_key": f"{env.pki_dir}/server-key.pem"},
-    }
+    if plain:
+        cfg["server"] = {"listen": f"127.0.0.1:{port}", "plain_http": True}
+    else:
+        cfg["server"] = {
+            "listen": f"127.0.0.1:{port}",
+            "tls": {"certificate": f"{env.pki_dir}/server.pem", "private_key": f"{env.pki_dir}/server-key.pem"},
+        }
+    if workers:
+        cfg["server"]["workers"] = workers
     cfg["admin"] = {"listen": f"127.0.0.1:{admin}"}
     return cfg
 
@@ -356,18 +460,20 @@ def portvakt_config(s: Scenario, env: Env, port: int, admin: int) -> dict[str, A
 def nginx_conf(work: Path, pki: Path, port: int, upstream: str) -> Path:
     user = "user root root;" if os.geteuid() == 0 else ""
     up = upstream.removeprefix("http://")
-    conf = work / "nginx.conf"
+    d = work / f"nginx-{port}"
+    d.mkdir(exist_ok=True)
+    conf = d / "nginx.conf"
     conf.write_text(
         f"""{user}
 worker_processes 1;
 daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
   access_log off;
-  client_body_temp_path {work}/nginx-body;
-  proxy_temp_path {work}/nginx-proxy;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
   upstream bench {{ server {up}; keepalive 64; }}
   server {{
     listen 127.0.0.1:{port} ssl;
@@ -388,128 +494,200 @@ http {{
     return conf
 
 
-def run_row(row: Row, env: Env, work: Path, args: argparse.Namespace, cpus: Cpus, have: dict[str, bool]) -> None:
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
+
+
+def launch(row: Row, env: Env, work: Path, cpus: Cpus, have: dict[str, bool], plain: bool = False,
+           workers: int | None = None, role: str = "sut") -> str | None:
+    """Start the row's process (not yet waited for). Sets row.proc/url; returns why it cannot."""
     s = row.scenario
     why = why_skipped(s, env, have)
     if why:
         row.status, row.why = "skipped", why
-        return
+        return why
     pki = Path(env.pki_dir)
-    req = s.request(env)
-    slug = re.sub(r"[^a-z0-9]+", "-", s.name.lower()).strip("-")[:40]
+    row.request = s.request(env)
+    name = f"{row.n:02d}-{slug(s.name)}"
     port = free_port()
-    ctx: ssl.SSLContext | None = client_ssl(pki)
-    admin_url = None
     if s.kind == "upstream":
-        proc = start(f"{row.n:02d}-{slug}", cpus.wrap([PY, str(HERE / "upstream.py"), str(port)], "sut"), work)
-        url, ctx = f"http://127.0.0.1:{port}", None
-        err = wait_port(port, proc, 20)
+        row.proc = start(name, cpus.wrap([PY, str(HERE / "upstream.py"), str(port)], role), work)
+        row.url = f"http://127.0.0.1:{port}"
     elif s.kind == "bare":
         cmd = [PY, str(HERE / "bareproxy.py"), str(port), env.upstream_url, str(pki / "server.pem"), str(pki / "server-key.pem")]
-        proc = start(f"{row.n:02d}-{slug}", cpus.wrap(cmd, "sut"), work)
-        url = f"https://127.0.0.1:{port}"
-        err = wait_port(port, proc, 20)
+        row.proc = start(name, cpus.wrap(cmd, role), work)
+        row.url = f"https://127.0.0.1:{port}"
     elif s.kind == "nginx":
         conf = nginx_conf(work, pki, port, env.upstream_url)
-        proc = start(f"{row.n:02d}-{slug}", cpus.wrap(["nginx", "-c", str(conf), "-p", str(work)], "sut"), work)
-        url = f"https://127.0.0.1:{port}"
-        err = wait_port(port, proc, 20)
+        row.proc = start(name, cpus.wrap(["nginx", "-c", str(conf), "-p", str(conf.parent)], role), work)
+        row.url = f"https://127.0.0.1:{port}"
+    elif s.kind == "modsec":
+        assert env.crs_dir
+        conf = waftable.modsec_conf(work, port, env.upstream_url, Path(env.crs_dir))
+        row.proc = start(name, cpus.wrap(["nginx", "-c", str(conf), "-p", str(conf.parent)], role), work)
+        row.url = f"http://127.0.0.1:{port}"
     else:
         from gateway.config import ConfigError, parse_config
 
         import yaml
 
         admin = free_port()
-        cfg = portvakt_config(s, env, port, admin)
-        cfg_path = work / f"{row.n:02d}-{slug}.yaml"
+        cfg = portvakt_config(s, env, port, admin, plain=plain, workers=workers)
+        cfg_path = work / f"{name}.yaml"
         text = yaml.safe_dump(cfg, sort_keys=False)
         cfg_path.write_text(text)
         try:
             parse_config(text, str(cfg_path))
         except ConfigError as e:
-            row.status, row.why = "skipped", "config not accepted yet: " + "; ".join(e.problems[:3])
-            return
+            row.status, row.why = "skipped", "config not accepted: " + "; ".join(e.problems[:3])
+            return row.why
         cmd = [PY, "-m", "gateway", "run", "--config", str(cfg_path), "--log-level", "WARNING"]
-        proc = start(f"{row.n:02d}-{slug}", cpus.wrap(cmd, "sut"), work)
-        url = f"https://127.0.0.1:{port}"
-        admin_url = f"http://127.0.0.1:{admin}"
-        err = wait_http(admin_url + "/readyz", proc, 120)
+        row.proc = start(name, cpus.wrap(cmd, role), work)
+        row.url = f"{'http' if plain else 'https'}://127.0.0.1:{port}"
+        row.profile["admin"] = f"http://127.0.0.1:{admin}"
+    return None
+
+
+def ready(row: Row, env: Env, work: Path) -> None:
+    """Wait for the row's process, then prove it does what the row says (or mark it)."""
+    s, proc = row.scenario, row.proc
+    assert proc is not None and row.request is not None
+    admin = row.profile.get("admin")
+    port = int(row.url.rsplit(":", 1)[1])
+    err = wait_http(admin + "/readyz", proc, 240) if admin else wait_port(port, proc, 30)
+    if err:
+        row.status, row.why = "failed", err
+        return
+    ctx = client_ssl(Path(env.pki_dir)) if row.url.startswith("https") else None
+    err = preflight(row.url, row.request, ctx, s.expect_upstream_headers)
+    if err:
+        row.status, row.why = ("skipped", err[6:]) if err.startswith("skip: ") else ("failed", err)
+        return
+    if admin and s.expect_filters:
+        seen = filters_seen(admin)
+        missing = [f for f in s.expect_filters if not any(v > 0 for k, v in seen.get(f, {}).items() if k != "deny")]
+        if missing:
+            row.status, row.why = "skipped", f"feature inactive: no decisions from filter(s) {', '.join(missing)}"
+            return
+    for name in s.expect_files:
+        f = work / name
+        deadline = time.monotonic() + 10
+        while not (f.exists() and f.stat().st_size > 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not (f.exists() and f.stat().st_size > 0):
+            row.status, row.why = "skipped", f"feature inactive: {name} was not written"
+            return
+
+
+def measure_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus) -> Sample | None:
+    assert row.proc is not None and row.script is not None
     try:
-        if err:
-            row.status, row.why = "failed", err
-            return
-        err = preflight(url, req, ctx, s.expect_upstream_headers)
-        if err:
-            row.status, row.why = ("skipped", err[6:]) if err.startswith("skip: ") else ("failed", err)
-            return
-        if admin_url and s.expect_filters:
-            seen = filters_seen(admin_url)
-            missing = [f for f in s.expect_filters if not any(v > 0 for k, v in seen.get(f, {}).items() if k != "deny")]
-            if missing:
-                row.status, row.why = "skipped", f"feature inactive: no decisions from filter(s) {', '.join(missing)}"
-                return
-        for name in s.expect_files:
-            f = work / name
-            deadline = time.monotonic() + 5
-            while not (f.exists() and f.stat().st_size > 0) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if not (f.exists() and f.stat().st_size > 0):
-                row.status, row.why = "skipped", f"feature inactive: {name} was not written"
-                return
-        script = wrk_script(req, work / f"{row.n:02d}-{slug}.lua")
-        if args.warmup > 0:
-            run_wrk(url, script, args.warmup, args, cpus)
-        m = run_wrk(url, script, args.duration, args, cpus)
-        bad = sum(m.errors.values())
-        if m.requests == 0:
-            row.status, row.why = "failed", f"no request completed in {args.duration:g} s ({m.errors or 'no errors'})"
-            return
-        if bad > 0.01 * m.requests:
-            row.status, row.why = "failed", f"{bad} of {m.requests} requests failed ({m.errors})"
-            return
-        if not proc.alive():
-            row.status, row.why = "failed", f"process died during the run: {proc.tail()}"
-            return
-        row.status, row.m = "ok", m
-        if m.errors:
-            row.extra["errors"] = m.errors
+        m = run_wrk(row.url, row.script, seconds, args, cpus, pid=row.proc.pid)
     except Exception as e:  # noqa: BLE001 - one broken row must not end the run
         row.status, row.why = "failed", f"{type(e).__name__}: {e}"
+        return None
+    bad = sum(v for k, v in m.errors.items() if k != "status") + m.errors.get("status", 0)
+    if m.requests == 0:
+        row.status, row.why = "failed", f"no request completed in {seconds:g} s ({m.errors or 'no errors'})"
+        return None
+    if bad > 0.01 * m.requests:
+        row.status, row.why = "failed", f"{bad} of {m.requests} requests failed ({m.errors})"
+        return None
+    if not row.proc.alive():
+        row.status, row.why = "failed", f"process died during the run: {row.proc.tail()}"
+        return None
+    return m
+
+
+# ---- profiles -------------------------------------------------------------------------------
+
+def profile_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus, out: Path) -> str | None:
+    """py-spy (sampling, non-blocking) on the row's process while wrk loads it: collapsed stacks
+    and a flame graph SVG. Returns the SVG path or why there is none."""
+    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    if not os.path.exists(spy):
+        return "py-spy not installed (pip install py-spy; `make bench` installs the bench extra)"
+    assert row.proc is not None and row.script is not None
+    raw = out / f"profile-{row.n:02d}-{slug(row.scenario.name)}.txt"
+    cmd = cpus.wrap([spy, "record", "--pid", str(row.proc.pid), "--rate", "200", "--nonblocking",
+                     "--format", "raw", "--output", str(raw), "--duration", str(max(1, round(seconds)))], "aux")
+    spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # let py-spy attach before the load starts
+    try:
+        run_wrk(row.url, row.script, seconds, args, cpus, pid=row.proc.pid)
     finally:
-        proc.stop()
+        try:
+            _, err = spy_proc.communicate(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            spy_proc.kill()
+            _, err = spy_proc.communicate()
+    if not raw.exists():
+        return f"py-spy wrote nothing: {err.strip()[-300:]}"
+    stacks: dict[str, int] = {}
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks[stack] = stacks.get(stack, 0) + int(count)
+    path = out / f"flame-{row.n:02d}-{slug(row.scenario.name)}.svg"
+    path.write_text(svg.flame_graph(row.scenario.name, stacks))
+    row.profile["top"] = svg.top_frames(stacks, 25)
+    row.profile["svg"] = str(path)
+    return str(path)
 
 
 # ---- report ---------------------------------------------------------------------------------
 
-def fmt_us(us: int) -> str:
-    return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us} µs"
+def fmt_us(us: float) -> str:
+    return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
 
 
-def table(rows: list[Row], cpus: Cpus) -> str:
+def bare_rows(rows: list[Row]) -> dict[str, Row]:
+    return {r.shape: r for r in rows if r.scenario.kind == "bare" and r.status == "ok"}
+
+
+def compute_ratios(rows: list[Row]) -> None:
+    """Per round: a row's CPU per request over the bare proxy's of the same shape, same round."""
+    bare = bare_rows(rows)
+    for r in rows:
+        b = bare.get(r.shape)
+        r.ratios = []
+        if b is None or r.status != "ok":
+            continue
+        for s, bs in zip(r.samples, b.samples):
+            if bs.cpu_us and bs.cpu_us == bs.cpu_us:
+                r.ratios.append(s.cpu_us / bs.cpu_us)
+
+
+def _cpu_cell(r: Row) -> tuple[str, str]:
+    lo, hi = r.spread("cpu_us")
+    cpu = f"{r.median('cpu_us'):,.0f}"
+    spread = f"{lo:,.0f}–{hi:,.0f}" if len(r.samples) > 1 else "–"
+    return cpu, spread
+
+
+def main_table(rows: list[Row]) -> str:
     by_name = {r.scenario.name: r for r in rows}
-    bare = {"GET": by_name.get(sc.BARE_GET), "POST": by_name.get(sc.BARE_POST)}
-    head = "| # | scenario | req/s | p50 | p99 | × bare proxy | vs reference |"
-    sep = "|---|---|---:|---:|---:|---:|---|"
-    if cpus.enabled:
-        head += " CPU µs/req |"
-        sep += "---:|"
-    lines = [head, sep]
+    lines = [
+        "| # | row | CPU µs/req | spread | × bare proxy | + vs reference | req/s | p50 | p99 |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
     for r in rows:
         s = r.scenario
-        if r.status != "ok" or r.m is None:
-            cells = [str(r.n), s.name, f"{r.status}: {r.why}".replace("|", "/").replace("\n", " ")[:300], "", "", "", ""]
-            if cpus.enabled:
-                cells.append("")
-            lines.append("| " + " | ".join(cells) + " |")
+        if r.status != "ok" or not r.samples:
+            lines.append(f"| {r.n} | {s.name} | {r.status}: {r.why}".replace("\n", " ")[:300] + " | | | | | | | |")
             continue
-        b = bare.get(s.request(Env("", "", "")).method)
-        vs_bare = f"{r.m.rps / b.m.rps:.2f}" if b and b.status == "ok" and b.m else "–"
+        cpu, spread = _cpu_cell(r)
+        ratio = "–"
+        if r.ratios:
+            ratio = f"{statistics.median(r.ratios):.2f}"
+            if len(r.ratios) > 1:
+                ratio += f" ({min(r.ratios):.2f}–{max(r.ratios):.2f})"
         ref = by_name.get(s.compare) if s.compare else None
-        vs_ref = f"{r.m.rps / ref.m.rps:.2f} of #{ref.n}" if ref and ref.status == "ok" and ref.m else "–"
-        cells = [str(r.n), s.name, f"{r.m.rps:,.0f}", fmt_us(r.m.p50_us), fmt_us(r.m.p99_us), vs_bare, vs_ref]
-        if cpus.enabled:
-            cells.append(f"{1e6 / r.m.rps:.0f}" if r.m.rps else "–")
-        lines.append("| " + " | ".join(cells) + " |")
+        vs = "–"
+        if ref and ref.status == "ok" and ref.samples:
+            vs = f"{r.median('cpu_us') - ref.median('cpu_us'):+,.0f} µs vs #{ref.n}"
+        lines.append(f"| {r.n} | {s.name} | {cpu} | {spread} | {ratio} | {vs} | {r.median('rps'):,.0f} | "
+                     f"{fmt_us(r.median('p50_us'))} | {fmt_us(r.median('p99_us'))} |")
     return "\n".join(lines)
 
 
@@ -522,62 +700,328 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({model}), Python {platform.python_version()}"
+    load = ""
+    try:
+        load = ", load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({model}), Python {platform.python_version()}{load}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- sections -------------------------------------------------------------------------------
+
+def rounds_over(rows: list[Row], args: argparse.Namespace, cpus: Cpus, label: str,
+                measure=None) -> None:
+    """Interleaved rounds: every live row once per round, in order, ``args.rounds`` times."""
+    measure = measure or (lambda r: measure_row(r, args.duration, args, cpus))
+    for rnd in range(1, args.rounds + 1):
+        t0 = time.monotonic()
+        for row in rows:
+            if row.status != "pending":
+                continue
+            m = measure(row)
+            if m is None:
+                say(f"  {label} round {rnd}: [{row.n}] {row.scenario.name}: {row.status}: {row.why}")
+                continue
+            row.samples.append(m)
+        done = [f"{r.n}:{r.samples[-1].cpu_us:,.0f}" for r in rows if r.status == "pending" and r.samples]
+        say(f"  {label} round {rnd}/{args.rounds} ({time.monotonic() - t0:.0f}s): CPU µs/req " + " ".join(done))
+    for row in rows:
+        if row.status == "pending" and row.samples:
+            row.status = "ok"
+
+
+def start_rows(rows: list[Row], env: Env, work: Path, cpus: Cpus, have: dict[str, bool], args: argparse.Namespace,
+               plain: bool = False, workers: int | None = None, role: str = "sut") -> None:
+    """Start every row's process, then wait for each, check it and warm it up (unmeasured)."""
+    for row in rows:
+        launch(row, env, work, cpus, have, plain=plain, workers=workers, role=role)
+    for row in rows:
+        if row.status != "pending":
+            say(f"  [{row.n}] {row.scenario.name}: {row.status}: {row.why}")
+            continue
+        ready(row, env, work)
+        if row.status != "pending":
+            say(f"  [{row.n}] {row.scenario.name}: {row.status}: {row.why}")
+            continue
+        assert row.request is not None
+        row.script = wrk_script(row.request, work / f"{row.n:02d}-{slug(row.scenario.name)}.lua")
+        if args.warmup > 0:
+            try:
+                run_wrk(row.url, row.script, args.warmup, args, cpus, pin=role == "sut")
+            except Exception as e:  # noqa: BLE001
+                row.status, row.why = "failed", f"warm-up: {e}"
+
+
+def stop_rows(rows: list[Row]) -> None:
+    for r in rows:
+        if r.proc is not None:
+            r.proc.stop()
+
+
+def latency_section(rows: list[Row], args: argparse.Namespace, cpus: Cpus, work: Path, out: Path) -> tuple[str, dict]:
+    """Latency against offered load for a few rows: each connection waits before each request
+    (wrk ``delay()``), at fractions of the row's own saturated rate. Closed loop with think
+    time, so the x axis is the rate achieved, not the rate asked for."""
+    names = [sc.BARE_GET, sc.PV_GET, sc.IDENTITY_GET, "upstream direct (HTTP, no proxy)"]
+    picked = [r for r in rows if r.scenario.name in names and r.status == "ok" and r.samples]
+    fractions = (0.25, 0.5, 0.75, 0.9) if not args.quick else (0.5,)
+    conns = 16
+    series, table_rows, doc = [], [], {}
+    upstream_row = next((r for r in picked if r.scenario.kind == "upstream"), None)
+    ident = next((r for r in picked if r.scenario.name == sc.IDENTITY_GET), None)
+    for r in picked:
+        if r.scenario.kind == "upstream":
+            continue
+        sat = r.median("rps")
+        pts50, pts99 = [], []
+        for fr in fractions:
+            delay = conns * 1000.0 / (sat * fr)
+            script = wrk_script(r.request, work / f"lat-{r.n}-{fr}.lua", delay_ms=delay)  # type: ignore[arg-type]
+            m = run_wrk(r.url, script, args.latency_duration, args, cpus, pid=r.proc.pid, connections=conns)  # type: ignore[union-attr]
+            pts50.append((m.rps, m.p50_us / 1000))
+            pts99.append((m.rps, m.p99_us / 1000))
+            table_rows.append(f"| {r.scenario.name} | {fr:.0%} | {m.rps:,.0f} | {fmt_us(m.p50_us)} | {fmt_us(m.p99_us)} | {m.cpu_us:,.0f} |")
+            doc.setdefault(r.scenario.name, []).append({"fraction": fr, "rps": m.rps, "p50_us": m.p50_us,
+                                                        "p99_us": m.p99_us, "cpu_us": m.cpu_us})
+            if r is ident and fr == 0.5 and upstream_row is not None:
+                um = run_wrk(upstream_row.url, wrk_script(upstream_row.request, work / "lat-up.lua", delay_ms=delay),  # type: ignore[arg-type]
+                             args.latency_duration, args, cpus, connections=conns)
+                doc["added_p99_at_half"] = {"gateway_p99_us": m.p99_us, "upstream_direct_p99_us": um.p99_us,
+                                            "added_us": m.p99_us - um.p99_us, "rps": m.rps}
+        label = r.scenario.name.split(" (")[0][:24]
+        series.append((f"{label} p50", pts50, False))
+        series.append((f"{label} p99", pts99, True))
+    (out / "latency-vs-load.svg").write_text(svg.line_chart(
+        "Latency vs offered load (GET, TLS keep-alive, 16 connections)", series,
+        "achieved requests/s", "latency, ms (solid p50, dashed p99)"))
+    text = ["| row | offered (of saturation) | achieved req/s | p50 | p99 | CPU µs/req |", "|---|---:|---:|---:|---:|---:|", *table_rows]
+    if "added_p99_at_half" in doc:
+        a = doc["added_p99_at_half"]
+        text.append("")
+        text.append(f"Identity pipeline at half of its saturation ({a['rps']:,.0f} req/s): p99 {fmt_us(a['gateway_p99_us'])}; "
+                    f"upstream direct at the same pacing: p99 {fmt_us(a['upstream_direct_p99_us'])}; "
+                    f"added p99 ≈ {fmt_us(a['added_us'])}.")
+    return "\n".join(text), doc
+
+
+WAF_TARGETS = [
+    Scenario("nginx + ModSecurity 3 + CRS PL1 (reference)", "modsec", sc.get_plain, needs=("crs", "modsec")),
+    Scenario("Portvakt + CRS PL1", "portvakt", sc.get_plain,
+             sc._c(sc.catch_all, lambda c, e: sc.with_waf(c, e, "crs")), modules=sc.WAF, expect_filters=("waf",),
+             needs=("crs",)),
+    Scenario("Portvakt minimal, no WAF (for scale)", "portvakt", sc.get_plain, sc._c(sc.catch_all),
+             expect_filters=("ingress",)),
+]
+
+
+def waf_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], args: argparse.Namespace) -> tuple[str, dict]:
+    """The WAF table: every target on every workload, interleaved; plain HTTP (the WAF and the
+    proxy, not TLS); CPU per request of the process under test."""
+    shared = Path(env.crs_dir).parent if env.crs_dir else None
+    corpora = [("(a) CRS regression corpus", shared / "crs-regression.jsonl" if shared else None),
+               ("(b) benign corpus", shared / "benign.jsonl" if shared else None),
+               ("(c) keyword-dense corpus", HERE / "data" / "waf-dense.jsonl")]
+    targets = [Row(100 + i, s) for i, s in enumerate(WAF_TARGETS)]
+    start_rows(targets, env, work, cpus, have, args, plain=True)
+    live = [t for t in targets if t.status == "pending"]
+    if not any(t.scenario.kind == "modsec" for t in live) or not any(t.scenario.name.startswith("Portvakt + CRS") for t in live):
+        why = "; ".join(f"{t.scenario.name}: {t.why}" for t in targets if t.status != "pending")
+        stop_rows(targets)
+        return f"WAF table skipped: {why}", {}
+    workloads: list[tuple[str, Any]] = []
+    for name, path in corpora:
+        if path is None or not path.exists():
+            continue
+        reqs, left_out = waftable.load_corpus(path)
+        workloads.append((f"{name}, {len(reqs)} requests ({left_out} unsendable left out)", reqs))
+    workloads.append(("small GET", sc.get_plain(env)))
+    workloads.append(("1 KB JSON POST", sc.post_json(env)))
+    results: dict[tuple[str, str], list[Sample]] = {}
+    n = args.waf_requests
+    for rnd in range(args.rounds):
+        t0 = time.monotonic()
+        for wname, wl in workloads:
+            if isinstance(wl, list):
+                sl = waftable.write_slice(wl, rnd * n, n, work / f"waf-{slug(wname)}-{rnd}.bin")
+            else:
+                script = wrk_script(wl, work / f"waf-{slug(wname)}.lua")
+            for t in live:
+                try:
+                    if isinstance(wl, list):
+                        m = run_replay(t.url, sl, cpus, t.proc.pid)  # type: ignore[union-attr]
+                    else:
+                        m = run_wrk(t.url, script, args.duration, args, cpus, pid=t.proc.pid, connections=8)  # type: ignore[union-attr]
+                except Exception as e:  # noqa: BLE001
+                    say(f"  WAF {t.scenario.name} on {wname}: {e}")
+                    continue
+                results.setdefault((t.scenario.name, wname), []).append(m)
+        say(f"  WAF round {rnd + 1}/{args.rounds} ({time.monotonic() - t0:.0f}s)")
+    stop_rows(targets)
+    ref, pv = WAF_TARGETS[0].name, WAF_TARGETS[1].name
+    lines = ["| workload | target | CPU µs/req (median) | spread | × ModSecurity | answered non-2xx | requests/round |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    doc: dict[str, Any] = {}
+    for wname, _ in workloads:
+        base = results.get((ref, wname), [])
+        for t in live:
+            ms = results.get((t.scenario.name, wname), [])
+            if not ms:
+                continue
+            cpus_ = [m.cpu_us for m in ms]
+            ratios = [m.cpu_us / b.cpu_us for m, b in zip(ms, base) if b.cpu_us]
+            ratio = f"{statistics.median(ratios):.2f}" if ratios and t.scenario.name != ref else "1.00" if t.scenario.name == ref else "–"
+            if ratios and len(ratios) > 1 and t.scenario.name != ref:
+                ratio += f" ({min(ratios):.2f}–{max(ratios):.2f})"
+            blocked = statistics.median([m.errors.get("status", 0) / m.requests for m in ms if m.requests])
+            other = sum(v for m in ms for k, v in m.errors.items() if k != "status")  # closed without answer
+            lines.append(f"| {wname} | {t.scenario.name} | {statistics.median(cpus_):,.0f} | "
+                         f"{min(cpus_):,.0f}–{max(cpus_):,.0f} | {ratio} | {blocked:.0%}"
+                         + (f" (+{other} socket errors)" if other else "") + f" | {statistics.median([m.requests for m in ms]):,.0f} |")
+            doc.setdefault(wname, {})[t.scenario.name] = {"cpu_us": cpus_, "ratio_vs_modsec": ratios, "non_2xx_share": blocked}
+    return "\n".join(lines), doc
+
+
+def workers_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], args: argparse.Namespace) -> tuple[str, dict]:
+    """The identity pipeline (GET) with one worker and with ``--workers 2``, nothing pinned: both
+    cores are shared by the gateway, wrk, the upstream and Redis, and the table says how much each
+    took."""
+    base = next(s for s in sc.SCENARIOS if s.name == sc.IDENTITY_GET)
+    rows = []
+    for i, w in enumerate((1, 2)):
+        def config(e: Env, w: int = w) -> dict[str, Any]:
+            cfg = base.config(e)  # type: ignore[misc]
+            cfg["audit"]["path"] = e.path(f"audit-workers-{w}.jsonl")  # one trail per gateway
+            return cfg
+
+        s = Scenario(f"identity pipeline, {w} worker{'s' if w > 1 else ''}", "portvakt", base.request, config,
+                     modules=base.modules, needs=base.needs, expect_upstream_headers=base.expect_upstream_headers)
+        rows.append((w, Row(200 + i, s)))
+    for w, r in rows:
+        launch(r, env, work, cpus, have, workers=w, role="none")
+    for w, r in rows:
+        if r.status == "pending":
+            ready(r, env, work)
+        if r.status == "pending":
+            r.script = wrk_script(r.request, work / f"workers-{w}.lua")  # type: ignore[arg-type]
+            run_wrk(r.url, r.script, max(args.warmup, 1), args, cpus, pin=False)
+    live = [(w, r) for w, r in rows if r.status == "pending"]
+    if len(live) < 2:
+        stop_rows([r for _, r in rows])
+        return "workers figure skipped: " + "; ".join(f"{r.scenario.name}: {r.why}" for _, r in rows if r.why), {}
+    aux: dict[int, list[tuple[float, float, float]]] = {w: [] for w, _ in live}  # (wrk cpu, upstream+redis cpu, wall)
+    others = [p for p in env.aux_pids if p]
+    for rnd in range(args.rounds):
+        for w, r in live:
+            o0, k0 = sum(procstat.tree_cpu_seconds(p) for p in others), WrkClock.now()
+            m = run_wrk(r.url, r.script, args.duration, args, cpus, pid=r.proc.pid, pin=False)  # type: ignore[arg-type,union-attr]
+            aux[w].append((WrkClock.now() - k0, sum(procstat.tree_cpu_seconds(p) for p in others) - o0, m.seconds))
+            r.samples.append(m)
+    stop_rows([r for _, r in rows])
+    lines = ["| gateway | req/s (median) | spread | CPU µs/req | gateway cores busy | wrk cores | upstream+Redis cores |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    doc = {}
+    for w, r in live:
+        lo, hi = r.spread("rps")
+        busy = statistics.median([s.cpu_s / s.seconds for s in r.samples])
+        wrk_c = statistics.median([a[0] / a[2] for a in aux[w]])
+        oth = statistics.median([a[1] / a[2] for a in aux[w]])
+        lines.append(f"| {w} worker{'s' if w > 1 else ''} | {r.median('rps'):,.0f} | {lo:,.0f}–{hi:,.0f} | "
+                     f"{r.median('cpu_us'):,.0f} | {busy:.2f} | {wrk_c:.2f} | {oth:.2f} |")
+        doc[w] = {"rps": [s.rps for s in r.samples], "cpu_us": [s.cpu_us for s in r.samples], "cores": busy,
+                  "wrk_cores": wrk_c, "aux_cores": oth}
+    if len(doc) == 2:
+        lines.append("")
+        lines.append(f"2 workers / 1 worker: throughput {statistics.median(doc[2]['rps']) / statistics.median(doc[1]['rps']):.2f}×, "
+                     f"CPU per request {statistics.median(doc[2]['cpu_us']) / statistics.median(doc[1]['cpu_us']):.2f}×.")
+    return "\n".join(lines), doc
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+def select(args: argparse.Namespace) -> list[Scenario]:
+    chosen = [s for s in sc.SCENARIOS if (not args.quick or "quick" in s.tags)]
+    if args.only:
+        chosen = [s for s in chosen if s.kind == "bare" or any(w.lower() in s.name.lower() or w in s.tags for w in args.only)]
+        names = {s.name for s in chosen}
+        by_name = {s.name: s for s in sc.SCENARIOS}
+        for s in list(chosen):  # a row's reference runs too, so its difference has a partner
+            ref = s.compare
+            while ref and ref not in names:
+                names.add(ref)
+                ref = by_name[ref].compare
+        chosen = [s for s in sc.SCENARIOS if s.name in names]
+    return chosen
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per row (default 5)")
-    ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each row (default 1)")
+    ap.add_argument("--quick", action="store_true", help="CI smoke: a few rows, one short round, small WAF samples")
+    ap.add_argument("--duration", type=float, default=None, help="measured seconds per row and round (default 3; quick 1)")
+    ap.add_argument("--warmup", type=float, default=None, help="unmeasured seconds per row before the rounds (default 1.5)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; quick 1)")
     ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=1, help="measure every row this many times (default 1)")
-    ap.add_argument("--pick", choices=("median", "best"), default="median",
-                    help="which round a row reports: median, or best (highest req/s: other load only slows "
-                    "a row down, so on a busy shared machine the best round is closest to the truth)")
-    ap.add_argument("--threads", type=int, default=None, help="wrk threads (default: 1 when pinned, else 2)")
-    ap.add_argument("--only", nargs="*", default=None, help="run rows whose name contains one of these words (the bare rows always run)")
+    ap.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    ap.add_argument("--only", nargs="*", default=None, help="rows whose name or tag contains one of these words (bare rows always)")
+    ap.add_argument("--profile", action="store_true", help="after the rounds, a py-spy flame graph (SVG) per Python row")
+    ap.add_argument("--no-waf-table", action="store_true", help="skip the WAF table")
+    ap.add_argument("--no-latency", action="store_true", help="skip latency vs offered load")
+    ap.add_argument("--no-workers", action="store_true", help="skip the --workers 2 figure")
+    ap.add_argument("--waf-requests", type=int, default=None, help="corpus requests per target and round (default 300; quick 60)")
+    ap.add_argument("--latency-duration", type=float, default=None, help="seconds per offered-load point (default 2)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    ap.add_argument("--markdown", help="also write the table to this file")
+    ap.add_argument("--out", default=str(HERE / "out"), help="where the table, JSON, plots and profiles go (default bench/out)")
+    ap.add_argument("--markdown", help="also write the report to this file")
     ap.add_argument("--json", help="also write the results as JSON to this file")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, wrk scripts)")
     args = ap.parse_args(argv)
+    q = args.quick
+    args.duration = args.duration if args.duration is not None else (1.0 if q else 3.0)
+    args.warmup = args.warmup if args.warmup is not None else (0.5 if q else 1.5)
+    args.rounds = args.rounds if args.rounds is not None else (1 if q else 3)
+    args.waf_requests = args.waf_requests if args.waf_requests is not None else (60 if q else 300)
+    args.latency_duration = args.latency_duration if args.latency_duration is not None else (1.0 if q else 2.0)
+    if q:
+        args.no_workers = True
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if shutil.which("wrk") is None:
-        print("wrk is not installed (Debian: apt-get install wrk; `make bench` does it as root)", file=sys.stderr)
+        say("wrk is not installed (Debian: apt-get install wrk; `make bench` does it as root)")
         return 2
     # SIGTERM/SIGHUP end the run like Ctrl-C does, so the processes it started are stopped.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(130))
     cpus = Cpus(not args.no_pin)
-    if args.threads is None:
-        args.threads = 1 if cpus.enabled else 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="portvakt-bench-"))
     procs: list[Proc] = []
+    rows: list[Row] = []
+    t_start = time.monotonic()
     try:
         pki = prepare_pki(work)
         password, pw_hash = integration_credentials()
         crs = find_crs()
-        have = {"redis": shutil.which("redis-server") is not None, "crs": crs is not None, "nginx": shutil.which("nginx") is not None}
-
-        wanted = {s.name for s in sc.SCENARIOS if args.only is None or s.kind == "bare"
-                  or any(w.lower() in s.name.lower() or w in s.tags for w in args.only)}
-        by_name = {s.name: s for s in sc.SCENARIOS}
-        for name in list(wanted):  # a row's reference runs too, so its ratio has a partner
-            ref = by_name[name].compare
-            while ref and ref not in wanted:
-                wanted.add(ref)
-                ref = by_name[ref].compare
-        selected = [s for s in sc.SCENARIOS if s.name in wanted]
+        have = {"redis": shutil.which("redis-server") is not None, "crs": crs is not None,
+                "nginx": shutil.which("nginx") is not None, "modsec": waftable.modsec_available() is None}
+        selected = select(args)
 
         up_port = free_port()
         upstream = start("upstream", cpus.wrap([PY, str(HERE / "upstream.py"), str(up_port)], "aux"), work)
         procs.append(upstream)
         err = wait_port(up_port, upstream, 20)
         if err:
-            print(f"bench upstream did not start: {err}", file=sys.stderr)
+            say(f"bench upstream did not start: {err}")
             return 1
-        redis_url = None
-        if have["redis"] and any("redis" in s.needs for s in selected):
+        redis_url, redis_pid = None, None
+        if have["redis"]:
             rport = free_port()
             rdir = work / "redis"
             rdir.mkdir()
@@ -585,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "--appendonly", "no", "--dir", str(rdir)], "aux"), work)
             procs.append(redis)
             if wait_port(rport, redis, 20) is None:
-                redis_url = f"redis://127.0.0.1:{rport}/0"
+                redis_url, redis_pid = f"redis://127.0.0.1:{rport}/0", redis.pid
             else:
                 have["redis"] = False
         env = Env(
@@ -593,64 +1037,93 @@ def main(argv: list[str] | None = None) -> int:
             integration_password=password, integration_hash=pw_hash, redis_url=redis_url,
             crs_dir=str(crs) if crs else None,
         )
+        env.aux_pids = [upstream.pid, redis_pid or 0]
 
-        print(f"# Portvakt bench — {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", file=sys.stderr)
-        pin = f"process under test on CPU {cpus.sut}, wrk/upstream/Redis on CPU {cpus.aux}" if cpus.enabled else "not pinned"
-        print(f"{machine()}; wrk -t{args.threads} -c{args.connections}, {args.duration:g} s per row "
-              f"after {args.warmup:g} s warm-up; {pin}", file=sys.stderr)
+        now = dt.datetime.now(dt.timezone.utc)
+        header = [
+            f"Portvakt bench, {now:%Y-%m-%d %H:%M} UTC: {machine()}.",
+            f"{cpus.describe()}.",
+            f"wrk -t{args.threads} -c{args.connections}, TLS keep-alive on loopback; {args.rounds} interleaved round(s) of "
+            f"{args.duration:g} s per row after {args.warmup:g} s warm-up (not measured).",
+            "CPU µs/req: utime+stime of the process under test over the measured window / requests completed "
+            "(median over rounds; spread = min–max). × bare proxy: that CPU over the bare aiohttp proxy's, same "
+            "request shape, same round (median of the per-round ratios, min–max).",
+        ]
+        say("\n".join(header))
         rows = [Row(i + 1, s) for i, s in enumerate(selected)]
-        # Several rounds over all rows, then the median per row: load from other processes on a
-        # shared machine shifts single rows, rarely the same row in every round.
-        runs: dict[int, list[Measure]] = {r.n: [] for r in rows}
-        for rnd in range(1, args.rounds + 1):
-            for row in rows:
-                if row.status in ("skipped", "failed"):
-                    continue
-                t0 = time.monotonic()
-                attempt = Row(row.n, row.scenario)
-                run_row(attempt, env, work, args, cpus, have)
-                if attempt.m is not None:
-                    runs[row.n].append(attempt.m)
-                    res = f"{attempt.m.rps:,.0f} req/s, p50 {fmt_us(attempt.m.p50_us)}, p99 {fmt_us(attempt.m.p99_us)}"
-                else:
-                    row.status, row.why = attempt.status, attempt.why
-                    res = f"{attempt.status}: {attempt.why}"
-                tag = f"round {rnd}/{args.rounds} " if args.rounds > 1 else ""
-                print(f"  {tag}[{row.n:2d}] {row.scenario.name}: {res} ({time.monotonic() - t0:.1f}s)",
-                      file=sys.stderr, flush=True)
-        for row in rows:
-            ms = sorted(runs[row.n], key=lambda m: m.rps)
-            if row.status == "pending" and ms:
-                row.status, row.m = "ok", ms[-1] if args.pick == "best" else ms[len(ms) // 2]
-                row.extra["rps_all"] = [round(m.rps) for m in runs[row.n]]
+        t0 = time.monotonic()
+        start_rows(rows, env, work, cpus, have, args)
+        say(f"  {sum(r.status == 'pending' for r in rows)} rows started, checked and warmed up in {time.monotonic() - t0:.0f}s")
+        rounds_over(rows, args, cpus, "rows")
+        compute_ratios(rows)
+        report = ["\n".join(header), "", main_table(rows), ""]
+        ok = [r for r in rows if r.status == "ok" and r.samples]
+        bars = [(f"#{r.n} {r.scenario.name}", r.median("cpu_us"), *r.spread("cpu_us"),
+                 {"upstream": "reference", "nginx": "reference", "bare": "bare proxy"}.get(r.scenario.kind, "Portvakt"))
+                for r in ok]
+        (out / "cpu-per-row.svg").write_text(svg.bar_chart("Gateway CPU per request (TLS keep-alive)", bars, "CPU µs per request"))
+        report.append("Plot: `cpu-per-row.svg`.")
+        doc: dict[str, Any] = {"header": header, "rows": [
+            {"n": r.n, "row": r.scenario.name, "status": r.status, "why": r.why,
+             "cpu_us": [s.cpu_us for s in r.samples], "ratio_vs_bare": r.ratios, "rps": [s.rps for s in r.samples],
+             "p50_us": [s.p50_us for s in r.samples], "p99_us": [s.p99_us for s in r.samples]} for r in rows]}
 
-        md = "\n".join([
-            f"Portvakt bench ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d}): {machine()}.",
-            f"wrk -t{args.threads} -c{args.connections}, {args.duration:g} s per row"
-            + (f", {args.pick} of {args.rounds} rounds" if args.rounds > 1 else "")
-            + f", keep-alive over TLS on loopback; {pin}.",
-            "× bare proxy: requests/s relative to the bare aiohttp TLS proxy with the same request shape, same run.",
-            "",
-            table(rows, cpus),
-            "",
-        ])
+        if args.profile:
+            say("profiles (py-spy, non-blocking sampling at 200 Hz):")
+            for r in ok:
+                if r.scenario.kind in ("bare", "portvakt") and r.proc and r.proc.alive():
+                    res = profile_row(r, max(args.duration, 3.0), args, cpus, out)
+                    say(f"  [{r.n}] {r.scenario.name}: {res}")
+            report += ["", "Profiles (py-spy, inclusive % of samples, top frames):", ""]
+            for r in ok:
+                if r.profile.get("top") and r.scenario.tags and "pipeline" in r.scenario.tags:
+                    report.append(f"#{r.n} {r.scenario.name} — flame graph `{Path(r.profile['svg']).name}`")
+                    report.append("")
+                    report.append("| frame | inclusive | self |")
+                    report.append("|---|---:|---:|")
+                    report += [f"| `{f[:110]}` | {i:.1f} % | {s:.1f} % |" for f, i, s in r.profile["top"]]
+                    report.append("")
+        if not args.no_latency:
+            say("latency vs offered load:")
+            text, ldoc = latency_section(rows, args, cpus, work, out)
+            report += ["", "Latency vs offered load (wrk delay() per connection, 16 connections; closed loop, so the "
+                       "x axis is the achieved rate). Plot: `latency-vs-load.svg`.", "", text]
+            doc["latency"] = ldoc
+        stop_rows(rows)
+
+        if not args.no_waf_table:
+            say("WAF table (plain HTTP, 8 connections):")
+            text, wdoc = waf_section(env, work, cpus, have, args)
+            report += ["", f"WAF table: CPU µs per request of the process under test, plain HTTP, 8 connections, "
+                       f"{args.rounds} interleaved round(s); corpora replayed {args.waf_requests} requests per target "
+                       f"and round (a different slice each round, the same for every target), GET/POST "
+                       f"{args.duration:g} s. × ModSecurity: per round, then the median.", "", text]
+            doc["waf"] = wdoc
+        if not args.no_workers:
+            say("workers (nothing pinned):")
+            text, kdoc = workers_section(env, work, cpus, have, args)
+            report += ["", f"Workers: identity pipeline GET, wrk -c{args.connections} -t{args.threads}; nothing pinned, "
+                       "so the gateway, wrk, the upstream and Redis share both cores (their shares below, in cores "
+                       "busy over the window).", "", text]
+            doc["workers"] = kdoc
+        report.append("")
+        report.append(f"Whole run: {time.monotonic() - t_start:.0f} s.")
+        md = "\n".join(report)
         print(md)
+        (out / "bench.md").write_text(md)
+        (out / "bench.json").write_text(json.dumps(doc, indent=1, default=str))
         if args.markdown:
             Path(args.markdown).write_text(md)
         if args.json:
-            Path(args.json).write_text(json.dumps([
-                {"n": r.n, "scenario": r.scenario.name, "status": r.status, "why": r.why,
-                 **({"rps": r.m.rps, "p50_us": r.m.p50_us, "p90_us": r.m.p90_us, "p99_us": r.m.p99_us,
-                     "requests": r.m.requests, "errors": r.m.errors, "rps_rounds": r.extra.get("rps_all")}
-                    if r.m else {})}
-                for r in rows
-            ], indent=2))
+            Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
+        say(f"written: {out}/bench.md, bench.json, cpu-per-row.svg" + (", latency-vs-load.svg" if not args.no_latency else ""))
         return 0
     finally:
+        stop_rows(rows)
         for p in reversed(procs):
             p.stop()
         if args.keep:
-            print(f"work directory kept: {work}", file=sys.stderr)
+            say(f"work directory kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -33,6 +33,7 @@ class Env:
     integration_hash: str = ""
     redis_url: str | None = None
     crs_dir: str | None = None  # .../waf/crs (rules/ and crs-setup.conf.example inside)
+    aux_pids: list[int] = field(default_factory=list)  # upstream, Redis: their CPU share is reported
 
     def path(self, name: str) -> str:
         return f"{self.work}/{name}"
@@ -205,6 +206,12 @@ def with_assertion(cfg: dict[str, Any], env: Env) -> dict[str, Any]:
     return cfg
 
 
+def catch_all(cfg: dict[str, Any], env: Env) -> dict[str, Any]:
+    """One route for every path (the WAF corpora use /get, /post, /anything...)."""
+    _route(cfg)["match"] = {"path_prefix": "/"}
+    return cfg
+
+
 def _c(*steps: Callable[[dict[str, Any], Env], dict[str, Any]]) -> Callable[[Env], dict[str, Any]]:
     def build(env: Env) -> dict[str, Any]:
         cfg = minimal(env)
@@ -215,78 +222,117 @@ def _c(*steps: Callable[[dict[str, Any], Env], dict[str, Any]]) -> Callable[[Env
     return build
 
 
-TOKENS = ("filters.tokens:build_stage", "filters.integrations:build_stage", "filters.authorize:build_stage")
+TOKENS = ("filters.tokens:build_stage", "filters.authorize:build_stage")
+INTEGRATIONS = TOKENS + ("filters.integrations:build_stage",)
 RATELIMIT = ("filters.ratelimit:build_stage",)
 WAF = ("filters.waf:build_stage",)
 AUDIT = ("gateway.audit:build_audit",)
+ASSERTION = ("gateway.identity:build_forwarder",)
 IDENTITY_FILTERS = ("tokens", "integrations", "authorize")
 
 BARE_GET = "bare aiohttp proxy, TLS"
 BARE_POST = "bare aiohttp proxy, TLS, 1 KB JSON POST"
 PV_GET = "Portvakt, TLS, minimal config"
 PV_POST = "Portvakt, TLS, minimal, 1 KB JSON POST"
-RL_MEMORY = "+ rate limiter, in-process (no Redis)"
+IDENTITY_GET = "identity pipeline (TLS, token, integration, authorize, Redis limit, assertion, audit batch)"
+IDENTITY_POST = "identity pipeline, 1 KB JSON POST"
 
+
+def with_token_only(cfg: dict[str, Any], env: Env) -> dict[str, Any]:
+    """The Maskinporten token alone: issuer configured, route admits the scope (authorize runs too,
+    it is what reads the verified token)."""
+    cfg = with_identity(cfg, env)
+    del cfg["integrations"]
+    r = _route(cfg)
+    r["access"] = {"any_of": [{"organizations": [CALLER_ORG], "scopes": ["ks:fiks"]}]}
+    del r["organization_from"]
+    return cfg
+
+
+def identity_pipeline(cfg: dict[str, Any], env: Env, tag: str) -> dict[str, Any]:
+    """TLS + Maskinporten token + integration + authorize + Redis rate limit (client IP before,
+    integration after authentication) + signed assertion + audit batch: the Fiks call without WAF."""
+    cfg = with_identity(cfg, env)
+    cfg = with_rate_limit(cfg, env.redis_url or "", identity=True)
+    cfg = with_assertion(cfg, env)
+    return with_audit(cfg, env, "batch", tag)
+
+
+def _token_only_get(env: Env) -> Request:
+    r = get_plain(env)
+    r.headers["Authorization"] = f"Bearer {env.token}"
+    return r
+
+
+IDENTITY_EXPECT = dict(
+    modules=INTEGRATIONS + RATELIMIT + AUDIT + ASSERTION,
+    expect_filters=IDENTITY_FILTERS + ("rate_limit_pre", "rate_limit"),
+    needs=("redis",),
+    expect_upstream_headers=("x-portvakt-assertion",),
+)
+
+# Rows tagged "quick" are the --quick (CI smoke) set. Every Portvakt row is compared with the
+# bare proxy of its request shape (the ratio the targets are stated in) and, where it adds one
+# stage, with the minimal row ("compare").
 SCENARIOS: list[Scenario] = [
-    Scenario("upstream direct (HTTP, no proxy)", "upstream", get_plain),
-    Scenario(BARE_GET, "bare", get_plain),
-    Scenario("nginx proxy, TLS (reference)", "nginx", get_plain, needs=("nginx",)),
-    Scenario(PV_GET, "portvakt", get_plain, _c(), compare=BARE_GET, expect_filters=("ingress",)),
+    Scenario("upstream direct (HTTP, no proxy)", "upstream", get_plain, tags=("reference",)),
+    Scenario(BARE_GET, "bare", get_plain, tags=("quick",)),
+    Scenario("nginx proxy, TLS (reference)", "nginx", get_plain, needs=("nginx",), tags=("reference",)),
+    Scenario(PV_GET, "portvakt", get_plain, _c(), compare=BARE_GET, expect_filters=("ingress",), tags=("quick",)),
     Scenario(
-        "+ Maskinporten token + integration", "portvakt", get_fiks, _c(with_identity),
-        compare=PV_GET, modules=TOKENS, expect_filters=IDENTITY_FILTERS, tags=("identity",),
+        "+ token (Maskinporten RS256, verified once, cached)", "portvakt", _token_only_get, _c(with_token_only),
+        compare=PV_GET, modules=TOKENS, expect_filters=("tokens", "authorize"), tags=("identity", "stage"),
     ),
     Scenario(
-        RL_MEMORY, "portvakt", get_plain, _c(lambda c, e: with_rate_limit(c, "memory")),
-        compare=PV_GET, modules=RATELIMIT, expect_filters=("rate_limit_pre",), tags=("ratelimit",),
+        "+ token + integration + authorize (grant)", "portvakt", get_fiks, _c(with_identity),
+        compare=PV_GET, modules=INTEGRATIONS, expect_filters=IDENTITY_FILTERS, tags=("identity", "stage"),
     ),
     Scenario(
-        "+ rate limiter, Redis", "portvakt", get_plain,
+        "+ rate limit, in-process", "portvakt", get_plain, _c(lambda c, e: with_rate_limit(c, "memory")),
+        compare=PV_GET, modules=RATELIMIT, expect_filters=("rate_limit_pre",), tags=("ratelimit", "stage"),
+    ),
+    Scenario(
+        "+ rate limit, Redis", "portvakt", get_plain,
         _c(lambda c, e: with_rate_limit(c, e.redis_url or "")),
-        compare=RL_MEMORY, modules=RATELIMIT, expect_filters=("rate_limit_pre",), needs=("redis",),
-        tags=("ratelimit",),
+        compare=PV_GET, modules=RATELIMIT, expect_filters=("rate_limit_pre",), needs=("redis",),
+        tags=("ratelimit", "stage"),
     ),
     Scenario(
-        "+ signed identity assertion (ES256 JWT per request)", "portvakt", get_plain, _c(with_assertion),
-        compare=PV_GET, modules=("gateway.identity:build_forwarder",),
-        expect_upstream_headers=("x-portvakt-assertion",), tags=("identity", "assertion"),
+        "+ signed identity assertion (ES256)", "portvakt", get_plain, _c(with_assertion),
+        compare=PV_GET, modules=ASSERTION,
+        expect_upstream_headers=("x-portvakt-assertion",), tags=("identity", "assertion", "stage"),
     ),
     Scenario(
         "+ audit, batch (group commit)", "portvakt", get_plain,
         _c(lambda c, e: with_audit(c, e, "batch", "batch")), compare=PV_GET, modules=AUDIT,
-        expect_files=("audit-batch.jsonl",), tags=("audit",),
+        expect_files=("audit-batch.jsonl",), tags=("audit", "stage"),
     ),
     Scenario(
-        "+ audit, strict (fsync before forward)", "portvakt", get_plain,
-        _c(lambda c, e: with_audit(c, e, "strict", "strict")), compare=PV_GET, modules=AUDIT,
-        expect_files=("audit-strict.jsonl",), tags=("audit",),
+        IDENTITY_GET, "portvakt", get_fiks, _c(lambda c, e: identity_pipeline(c, e, "identity-get")),
+        compare=PV_GET, expect_files=("audit-identity-get.jsonl",), tags=("identity", "pipeline", "quick"),
+        **IDENTITY_EXPECT,
     ),
-    Scenario(BARE_POST, "bare", post_json),
+    Scenario(BARE_POST, "bare", post_json, tags=("quick",)),
     Scenario(PV_POST, "portvakt", post_json, _c(), compare=BARE_POST, expect_filters=("ingress",)),
     Scenario(
-        "+ WAF built-in pack, PL1, 1 KB JSON POST", "portvakt", post_json,
-        _c(lambda c, e: with_waf(c, e, "builtin")), compare=PV_POST, modules=WAF, expect_filters=("waf",),
-        tags=("waf",),
+        IDENTITY_POST, "portvakt", post_fiks, _c(lambda c, e: identity_pipeline(c, e, "identity-post")),
+        compare=PV_POST, expect_files=("audit-identity-post.jsonl",), tags=("identity", "pipeline"),
+        **IDENTITY_EXPECT,
     ),
     Scenario(
-        "+ WAF OWASP CRS v4, PL1, 1 KB JSON POST", "portvakt", post_json,
-        _c(lambda c, e: with_waf(c, e, "crs")), compare=PV_POST, modules=WAF, expect_filters=("waf",),
-        needs=("crs",), tags=("waf",),
-    ),
-    Scenario(
-        "full pipeline: token + integration + WAF PL1 + Redis limiter + audit + assertion, 1 KB JSON POST",
-        "portvakt",
-        post_fiks,
-        _c(
-            with_identity,
-            with_assertion,
-            lambda c, e: with_waf(c, e, "builtin"),
-            lambda c, e: with_rate_limit(c, e.redis_url or "", identity=True),
-            lambda c, e: with_audit(c, e, "batch", "full"),
-        ),
-        compare=PV_POST, modules=TOKENS + RATELIMIT + WAF + AUDIT,
+        "full pipeline: identity pipeline + WAF built-in PL1, 1 KB JSON POST", "portvakt", post_fiks,
+        _c(lambda c, e: identity_pipeline(c, e, "full"), lambda c, e: with_waf(c, e, "builtin")),
+        compare=IDENTITY_POST, modules=INTEGRATIONS + RATELIMIT + WAF + AUDIT + ASSERTION,
         expect_filters=IDENTITY_FILTERS + ("waf", "rate_limit_pre", "rate_limit"), needs=("redis",),
         expect_files=("audit-full.jsonl",), expect_upstream_headers=("x-portvakt-assertion",),
-        tags=("identity", "ratelimit", "waf", "audit"),
+        tags=("identity", "ratelimit", "waf", "audit", "pipeline", "quick"),
+    ),
+    Scenario(
+        "full pipeline: identity pipeline + WAF OWASP CRS v4 PL1, 1 KB JSON POST", "portvakt", post_fiks,
+        _c(lambda c, e: identity_pipeline(c, e, "full-crs"), lambda c, e: with_waf(c, e, "crs")),
+        compare=IDENTITY_POST, modules=INTEGRATIONS + RATELIMIT + WAF + AUDIT + ASSERTION,
+        expect_filters=IDENTITY_FILTERS + ("waf", "rate_limit_pre", "rate_limit"), needs=("redis", "crs"),
+        expect_files=("audit-full-crs.jsonl",), expect_upstream_headers=("x-portvakt-assertion",),
+        tags=("identity", "ratelimit", "waf", "audit", "pipeline"),
     ),
 ]

@@ -132,40 +132,120 @@ class BuildEnv:
 
 
 async def run_chain(filters: tuple[Filter, ...], ctx: RequestContext) -> Deny | None:
-    """Run filters in order. Returns the first enforced Deny, or None when the request may pass."""
-    for f in filters:
-        t0 = time.perf_counter()
-        try:
-            coro = f.check(ctx)
+    """Run filters in order. Returns the first enforced Deny, or None when the request may pass.
+
+    Each filter gets its own ``timeout``; the chain arms at most one timer per request for them
+    (see ``_Deadline``), and none when no filter suspends."""
+    deadline: _Deadline | None = None
+    try:
+        for f in filters:
+            t0 = time.perf_counter()
             try:
-                # Most checks finish without suspending (cache hits, CPU-only stages): take the
-                # result directly and skip arming a timer, which costs more than such a check.
-                suspended_on = coro.send(None)
-            except StopIteration as done:
-                decision = done.value
-            else:
-                async with asyncio.timeout(f.timeout):
-                    decision = await _Resumed(coro, suspended_on)
-        except TimeoutError:
-            log.error("filter %s timed out after %.1fs (request %s)", f.name, f.timeout, ctx.request_id)
-            decision = Deny(Problem(FILTER_TIMEOUT, internal_reason=f"{f.name}_timeout", headers=_RETRY_SOON))
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # fail closed: a bug in a policy stage denies
-            log.exception("filter %s failed (request %s)", f.name, ctx.request_id)
-            decision = Deny(Problem(INTERNAL, internal_reason=f"{f.name}_error"))
-        elapsed = time.perf_counter() - t0
-        ctx.filter_durations[f.name] = ctx.filter_durations.get(f.name, 0.0) + elapsed
-        if type(decision) is Deny:
-            reason = decision.problem.log_reason
-            if f.mode is Mode.detect:
-                ctx.detections.append(Detection(f.name, reason))
-                metrics.observe_filter(f.name, "detect", reason, elapsed)
-                continue
-            metrics.observe_filter(f.name, "deny", reason, elapsed)
-            return decision
-        metrics.observe_filter(f.name, "allow" if type(decision) is Allow else "skip", "", elapsed)
-    return None
+                coro = f.check(ctx)
+                try:
+                    # Most checks finish without suspending (cache hits, CPU-only stages): take the
+                    # result directly and skip arming a timer, which costs more than such a check.
+                    suspended_on = coro.send(None)
+                except StopIteration as done:
+                    decision = done.value
+                else:
+                    if deadline is None:
+                        deadline = _Deadline()
+                    deadline.arm(f.timeout)
+                    try:
+                        decision = await _Resumed(coro, suspended_on)
+                    except asyncio.CancelledError:
+                        if deadline.expired():
+                            raise TimeoutError from None
+                        raise
+                    else:
+                        if deadline.fired:  # it answered as its deadline passed: settle our cancel
+                            deadline.expired()
+                    finally:
+                        deadline.active = False
+            except TimeoutError:
+                log.error("filter %s timed out after %.1fs (request %s)", f.name, f.timeout, ctx.request_id)
+                decision = Deny(Problem(FILTER_TIMEOUT, internal_reason=f"{f.name}_timeout", headers=_RETRY_SOON))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # fail closed: a bug in a policy stage denies
+                log.exception("filter %s failed (request %s)", f.name, ctx.request_id)
+                decision = Deny(Problem(INTERNAL, internal_reason=f"{f.name}_error"))
+            elapsed = time.perf_counter() - t0
+            ctx.filter_durations[f.name] = ctx.filter_durations.get(f.name, 0.0) + elapsed
+            if type(decision) is Deny:
+                reason = decision.problem.log_reason
+                if f.mode is Mode.detect:
+                    ctx.detections.append(Detection(f.name, reason))
+                    metrics.observe_filter(f.name, "detect", reason, elapsed)
+                    continue
+                metrics.observe_filter(f.name, "deny", reason, elapsed)
+                return decision
+            metrics.observe_filter(f.name, "allow" if type(decision) is Allow else "skip", "", elapsed)
+        return None
+    finally:
+        if deadline is not None:
+            deadline.close()
+
+
+class _Deadline:
+    """One timer per request for every suspending filter of the chain.
+
+    ``asyncio.timeout`` per suspending filter schedules and cancels a timer each time (~8 µs).
+    Here the first suspending filter schedules one at its deadline; a later filter only moves the
+    deadline (``arm``), and the timer, when it fires before the current deadline, re-arms itself
+    for the rest (rare: only requests whose chain takes longer than a filter's timeout). Only a
+    filter whose deadline is *earlier* than the armed one pays for a new timer. When the deadline
+    of the filter being awaited has passed, the task is cancelled, and ``run_chain`` turns that
+    cancellation (and only that one: ``uncancel`` bookkeeping as in ``asyncio.Timeout``) into the
+    filter's timeout.
+    """
+
+    __slots__ = ("loop", "task", "when", "handle", "active", "fired", "cancelling")
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.handle: asyncio.TimerHandle | None = None
+        self.when = 0.0
+        self.active = False
+        self.fired = False
+        self.cancelling = 0
+
+    def arm(self, timeout: float) -> None:
+        self.when = when = self.loop.time() + timeout
+        self.active, self.fired = True, False
+        assert self.task is not None
+        self.cancelling = self.task.cancelling()
+        h = self.handle
+        if h is None or h.when() > when:
+            if h is not None:
+                h.cancel()
+            self.handle = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self.handle = None
+        if not self.active:
+            return  # between suspending filters; the next arm schedules again
+        if self.loop.time() < self.when:
+            self.handle = self.loop.call_at(self.when, self._fire)
+            return
+        self.fired = True
+        assert self.task is not None
+        self.task.cancel()
+
+    def expired(self) -> bool:
+        """The cancellation being handled is ours (the deadline passed), not the client's."""
+        if not self.fired:
+            return False
+        self.fired = False
+        assert self.task is not None
+        return self.task.uncancel() <= self.cancelling
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 class _Resumed:

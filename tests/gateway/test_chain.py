@@ -145,3 +145,50 @@ async def test_cancelling_the_request_cancels_a_suspended_filter():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cancelled.is_set()
+
+
+class Sleeps(Filter):
+    """Suspends for ``seconds`` (0: one trip through the event loop), then allows."""
+
+    def __init__(self, name, seconds, timeout):
+        self.fname, self.seconds, self.timeout, self.mode = name, seconds, timeout, Mode.enforce
+
+    @property
+    def name(self):  # type: ignore[override]
+        return self.fname
+
+    async def check(self, ctx):
+        await asyncio.sleep(self.seconds)
+        return ALLOW
+
+
+async def test_each_suspending_filter_keeps_its_own_timeout_under_one_timer():
+    # The first filter arms the request's timer at its (short) deadline; the second, slower but
+    # within its own longer timeout, must not be cut off when that first deadline passes.
+    out = await run_chain((Sleeps("t_quick", 0, 0.3), Sleeps("t_long", 0.8, 10.0)), make_ctx())
+    assert out is None
+    # A later filter with a shorter deadline than the armed one still times out on time.
+    out = await run_chain((Sleeps("t_first", 0, 10.0), Fixed("t_stuck", "sleep", timeout=0.1)), make_ctx())
+    assert out is not None and out.problem.reason == "filter_timeout" and out.problem.log_reason == "t_stuck_timeout"
+
+
+async def test_no_timer_outlives_the_chain():
+    out = await run_chain((Sleeps("t_fast", 0, 0.1),), make_ctx())
+    assert out is None
+    await asyncio.sleep(0.4)  # a leftover timer would cancel this task here
+    assert asyncio.current_task().cancelling() == 0
+
+
+async def test_client_cancellation_is_not_a_filter_timeout():
+    task = asyncio.create_task(run_chain((Fixed("t_wait", "sleep", timeout=10.0),), make_ctx()))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_timeout_leaves_the_task_uncancelled():
+    out = await run_chain((Fixed("t_slow2", "sleep", timeout=0.05),), make_ctx())
+    assert out is not None and out.problem.reason == "filter_timeout"
+    assert asyncio.current_task().cancelling() == 0
+    await asyncio.sleep(0)  # and no cancellation is pending either

@@ -127,7 +127,7 @@ def test_assertion_verifies_against_jwks_with_claims():
     )
     token = fwd.headers(ctx)["X-Portvakt-Assertion"]
     claims = decode(token, fwd)
-    assert claims["request_id"] == "rid-42"
+    assert "request_id" not in claims  # per request: the X-Request-Id header
     assert claims["route"] == "cases" and claims["service"] == "saksbehandling"
     assert claims["consumer_org"] == "991825827" and claims["integration_id"] == integration().id
     assert claims["target_org"] == "958935420" and claims["legal_basis"] == "forvaltningsloven § 13b"
@@ -136,6 +136,56 @@ def test_assertion_verifies_against_jwks_with_claims():
     assert ctx.audit["identity"]["assertion_jti"] == claims["jti"]
     with pytest.raises(jwt.InvalidAudienceError):
         decode(token, fwd, aud="other-upstream")
+
+
+def test_assertion_is_signed_once_per_principal_and_window():
+    fwd = forwarder(lifetime_seconds=60)
+    now = [1_000_000.0]
+    fwd.clock = lambda: now[0]
+    cfg = make_config()
+    a = make_ctx(cfg, request_id="r1", token=maskinporten(), integration=integration(), target_org="958935420")
+    b = make_ctx(cfg, request_id="r2", token=maskinporten(), integration=integration(), target_org="958935420")
+    ta, tb = fwd.headers(a)["X-Portvakt-Assertion"], fwd.headers(b)["X-Portvakt-Assertion"]
+    assert ta == tb
+    assert a.audit["identity"]["assertion_jti"] == b.audit["identity"]["assertion_jti"]
+    # another principal (target organisation), another route: another assertion with its own facts
+    other = make_ctx(cfg, token=maskinporten(), integration=integration(), target_org="974760673")
+    to = fwd.headers(other)["X-Portvakt-Assertion"]
+    assert to != ta and jwt.decode(to, options={"verify_signature": False})["target_org"] == "974760673"
+    elsewhere = make_ctx(cfg, "open", token=maskinporten(), integration=integration(), target_org="958935420")
+    assert fwd.headers(elsewhere)["X-Portvakt-Assertion"] != ta
+    # half the lifetime later a fresh one is signed: a reused assertion always has >= 30 s left
+    now[0] += 29
+    assert fwd.headers(make_ctx(cfg, token=maskinporten(), integration=integration(), target_org="958935420"))[
+        "X-Portvakt-Assertion"] == ta
+    now[0] += 1
+    fresh = fwd.headers(make_ctx(cfg, token=maskinporten(), integration=integration(), target_org="958935420"))[
+        "X-Portvakt-Assertion"]
+    assert fresh != ta
+    assert jwt.decode(fresh, options={"verify_signature": False})["iat"] == 1_000_030
+    # a clock stepping back does not stretch a cached assertion's life either
+    now[0] -= 100
+    back = fwd.headers(make_ctx(cfg, token=maskinporten(), integration=integration(), target_org="958935420"))
+    assert back["X-Portvakt-Assertion"] not in (ta, fresh)
+
+
+def test_assertion_per_request_when_reuse_is_off():
+    fwd = forwarder(reuse_seconds=0)
+    cfg = make_config()
+    tokens = {fwd.headers(make_ctx(cfg, token=maskinporten()))["X-Portvakt-Assertion"] for _ in range(3)}
+    assert len(tokens) == 3
+
+
+def test_assertion_facts_never_leak_between_principals():
+    """A person's assertion must never be served to another person on the same route."""
+    fwd = forwarder()
+    cfg = make_config()
+    one = fwd.headers(make_ctx(cfg, "cases", token=idporten()))["X-Portvakt-Assertion"]
+    other = "01017000027" if PID != "01017000027" else "01017000035"
+    two = fwd.headers(make_ctx(cfg, "cases", token=idporten(pid=other)))["X-Portvakt-Assertion"]
+    assert one != two
+    assert jwt.decode(one, options={"verify_signature": False})["pid"] == PID
+    assert jwt.decode(two, options={"verify_signature": False})["pid"] == other
 
 
 def test_assertion_expires():
