@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator
 from filters.authorize import AccessPolicy, route_policy_problems
 from filters.certificates import CertificatesConfig
 from filters.ingress import IngressConfig
+from filters.persons.config import PersonsConfig, RoutePersonPolicy
 from filters.integrations import IntegrationConfig, IntegrationsPolicyConfig
 from filters.ratelimit import RateLimitConfig, RateLimitRule
 from filters.tokens import IssuerConfig
@@ -125,6 +126,7 @@ class RouteConfig(Model):
     waf: RouteWafConfig = Field(default_factory=RouteWafConfig)
     forward: RouteForwardConfig = Field(default_factory=RouteForwardConfig)
     audit: RouteAuditConfig = Field(default_factory=RouteAuditConfig)
+    person: RoutePersonPolicy | None = Field(None, description="A logged-in person is required (persons: login)")
 
 
 class Config(Model):
@@ -146,6 +148,7 @@ class Config(Model):
     waf: WafConfig = Field(default_factory=WafConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    persons: PersonsConfig | None = Field(None, description="Persons' login: OIDC relying party (ID-porten)")
 
     # Set by load_config: where the file was, so relative paths resolve against it.
     source_path: str | None = Field(None, exclude=True)
@@ -230,6 +233,9 @@ def _cross_checks(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
             errs.append(
                 (("routes", i, "organization_from"), 'must be "path:/.../{organization}/..." or "header:Name"')
             )
+    from filters.persons import config_problems as persons_problems
+
+    errs += persons_problems(cfg)
     ids: set[str] = set()
     for i, integ in enumerate(cfg.integrations):
         if integ.id.lower() in ids:

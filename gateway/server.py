@@ -230,6 +230,9 @@ class Gateway:
             if abs_host is None or abs_host != ctx.host.lower():
                 return self._deny(ctx, Problem(BAD_REQUEST, detail="Request target must be a path", internal_reason="absolute_form_target"))
             ctx.raw_path = request.rel_url.raw_path
+        persons = rt.persons
+        if persons is not None and ctx.path.startswith(persons.prefix + "/"):
+            return await persons.serve(ctx, request)  # login endpoints: never proxied
         route = rt.match(ctx.host, ctx.path)
         if route is None:
             return self._deny(ctx, Problem(NOT_FOUND))

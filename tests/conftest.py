@@ -13,4 +13,5 @@ pytest_plugins = [
     "tests.fixtures.upstream",
     "tests.fixtures.gateway",
     "tests.fixtures.issuer",
+    "tests.fixtures.persons",
 ]
