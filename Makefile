@@ -20,7 +20,7 @@ STAMP := $(VENV)/.installed
 CERTS ?= certs/dev
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' gateway/__init__.py)
 
-.PHONY: venv run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present nginx-present promtool-present modsecurity-present
+.PHONY: venv run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present nginx-present promtool-present modsecurity-present chromium-present oidc-provider-deps
 
 # The venv is (re)built whenever pyproject.toml changes: the stamp is older than it then.
 $(STAMP): pyproject.toml
@@ -62,6 +62,20 @@ promtool-present:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool is missing and the tests need it: sudo apt-get install prometheus"; exit 1; fi; }
 
+# The persons' login tests drive Debian's chromium (Playwright with executable_path; no download).
+chromium-present:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium (the login tests drive a real browser)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing and the login tests need it: sudo apt-get install chromium"; exit 1; fi; }
+
+# npm oidc-provider (pinned by tests/oidc-provider/package-lock.json) for the generic OIDC tests.
+oidc-provider-deps:
+	@if command -v npm >/dev/null 2>&1; then \
+	  [ -d tests/oidc-provider/node_modules/oidc-provider ] || (cd tests/oidc-provider && npm ci --no-audit --no-fund --silent); \
+	else echo "npm missing: the oidc-provider conformance tests will be skipped (apt-get install nodejs npm)"; fi
+
 wrk-present:
 	@command -v wrk >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -92,7 +106,7 @@ run: venv $(CERTS)/ca.pem
 	$(VPY) -m gateway demo
 
 # pytest exits 5 when it collected no tests: that is a failure here, said out loud.
-test: venv redis-server-present nginx-present promtool-present
+test: venv redis-server-present nginx-present promtool-present chromium-present oidc-provider-deps
 	@$(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc = 5 ]; then echo "pytest collected no tests: treating that as a failure"; fi; \
 	  exit $$rc

@@ -553,6 +553,20 @@ class AuditSink:
         except Exception:  # a bug here must not turn a served request into a 500
             log.exception("audit record for request %s failed", ctx.request_id)
 
+    def event(self, rec: dict[str, Any], pid: str | None = None) -> None:
+        """A record that is not a request (login, logout, step-up...): into the chain as it is,
+        with ``time`` and, for a person, ``person`` (pseudonym, sealed). Never blocks or raises."""
+        if not self.active:
+            return
+        try:
+            out = dict(rec)
+            out.setdefault("time", _iso(time.time()))
+            if pid:
+                out["person"] = self._person(pid)
+            self._submit(out)
+        except Exception:
+            log.exception("audit event %s failed", rec.get("type"))
+
     def _person(self, pid: str) -> dict[str, str]:
         ps = pseudonym(self.pseudo_key, pid)
         p = {"pseudonym": ps}

@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator
 from filters.authorize import AccessPolicy, route_policy_problems
 from filters.certificates import CertificatesConfig
 from filters.ingress import IngressConfig
+from filters.persons.config import PersonsConfig, RoutePersonPolicy
 from filters.integrations import IntegrationConfig, IntegrationsPolicyConfig
 from filters.ratelimit import RateLimitConfig, RateLimitRule
 from filters.tokens import IssuerConfig
@@ -163,6 +164,7 @@ class RouteConfig(Model):
     waf: RouteWafConfig = Field(default_factory=RouteWafConfig, description="WAF exclusions for this route")
     forward: RouteForwardConfig = Field(default_factory=RouteForwardConfig, description="What identity this route forwards upstream")
     audit: RouteAuditConfig = Field(default_factory=RouteAuditConfig, description="Audit options of this route")
+    person: RoutePersonPolicy | None = Field(None, description="A logged-in person is required (persons: login)")
 
 
 class LoggingConfig(Model):
@@ -217,6 +219,7 @@ class Config(Model):
     http: HttpConfig = Field(
         default_factory=HttpConfig, description="Canonical request (path normalisation) and client headers never forwarded"
     )
+    persons: PersonsConfig | None = Field(None, description="Persons' login: OIDC relying party (ID-porten)")
 
     # Set by load_config: where the file was, so relative paths resolve against it.
     source_path: str | None = Field(None, exclude=True)
@@ -302,6 +305,9 @@ def _cross_checks(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
             errs.append(
                 (("routes", i, "organization_from"), 'must be "path:/.../{organization}/..." or "header:Name"')
             )
+    from filters.persons import config_problems as persons_problems
+
+    errs += persons_problems(cfg)
     ids: set[str] = set()
     for i, integ in enumerate(cfg.integrations):
         if integ.id.lower() in ids:

@@ -130,6 +130,10 @@ class RequestContext:
     # Free-form facts for audit (filter name -> small dict). No secrets, no personal numbers.
     audit: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     filter_durations: dict[str, float] = field(default_factory=dict)
+    # Set (value) or removed (None) on the upstream request, applied after the client's headers
+    # were filtered (persons: the session's bearer token, the Cookie header without ours).
+    upstream_headers: dict[str, str | None] | None = None
+    person: Any = None  # filters.persons.PersonFacts of a logged-in person
 
     # Outcome, filled by the server.
     status: int = 0

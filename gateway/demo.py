@@ -5,7 +5,12 @@
    path, query, headers and body it received.
 3. The dev token issuer's JWKS on ``http://127.0.0.1:9002/jwks.json`` (the public key of
    ``certs/dev/issuer-key.pem``, which ``portvakt dev-token`` signs with).
-4. The gateway on ``config/demo.yaml`` in this process, then one working example call printed.
+4. The dev OpenID Provider (``gateway.devprovider``, ID-porten-like) on ``127.0.0.1:9003`` (the
+   browser meets it as ``localhost:9003``), with the gateway registered as client
+   ``portvakt-demo`` (``private_key_jwt``, key ``certs/dev/persons-client-key.pem``, made when
+   missing) and "client B" for SSO, when the config has a ``persons:`` section.
+5. The gateway on ``config/demo.yaml`` in this process, then one working example call printed,
+   and the URL to open in a browser to log in as a person.
 
 Ctrl-C (SIGINT) or SIGTERM stops the gateway (draining), then the upstream and the JWKS server.
 """
@@ -29,6 +34,8 @@ log = logging.getLogger("portvakt.demo")
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_LISTEN = ("127.0.0.1", 9001)
 JWKS_LISTEN = ("127.0.0.1", 9002)
+PROVIDER_LISTEN = ("127.0.0.1", 9003)
+PERSONS_CLIENT_KEY = "persons-client-key.pem"
 
 
 async def echo(request: web.BaseRequest) -> web.Response:
@@ -109,6 +116,44 @@ def example_call(config_path: Path, certs: Path) -> str:
     return f"curl -sS {tls}'{base}{prefix}/hello?name=portvakt'"
 
 
+def persons_client_key(certs: Path) -> Any:
+    """The demo gateway's private_key_jwt key (RSA 2048), made once in the certs directory."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    path = certs / PERSONS_CLIENT_KEY
+    if path.exists():
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return key
+
+
+async def start_provider(config_path: Path, certs: Path) -> tuple[Any, str | None]:
+    """The dev OpenID Provider, when the config has ``persons:``; returns (provider, person URL)."""
+    from gateway.config import load_config
+    from gateway.devprovider import DevClient, DevProvider
+
+    cfg = load_config(config_path)
+    if cfg.persons is None or not cfg.persons.enabled:
+        return None, None
+    host, _, port = cfg.server.listen.rpartition(":")
+    gw = f"https://{host}:{port}{cfg.persons.prefix}"
+    op = DevProvider(host=PROVIDER_LISTEN[0], port=PROVIDER_LISTEN[1], login_host="localhost")
+    op.register(DevClient(
+        cfg.persons.provider.client_id, [f"{gw}/callback"], [f"{gw}/logout/callback"], f"{gw}/logout/frontchannel",
+        True, public_key=persons_client_key(certs).public_key(), scopes=("openid", "profile"),
+    ))
+    op.add_client_b()
+    await op.start()
+    route = next((r for r in cfg.routes if r.person is not None), None)
+    url = f"https://{host}:{port}{route.match.path_prefix}" if route else None
+    return op, url
+
+
 def main(args: argparse.Namespace) -> int:
     config = Path(args.config) if args.config else ROOT / "config" / "demo.yaml"
     certs = Path(args.certs) if args.certs else ROOT / "certs" / "dev"
@@ -126,10 +171,13 @@ async def _run(config: Path, certs: Path) -> int:
     try:
         runners.append(await start_upstream())
         runners.append(await start_jwks(certs / devca.ISSUER_JWKS))
+        provider, person_url = await start_provider(config, certs)
+        if provider is not None:
+            runners.append(provider)
     except OSError as e:
-        print(f"cannot start the demo upstream/JWKS on 127.0.0.1:9001/9002: {e}", flush=True)
+        print(f"cannot start the demo upstream/JWKS/provider on 127.0.0.1:9001/9002/9003: {e}", flush=True)
         for r in runners:
-            await r.cleanup()
+            await (r.stop() if hasattr(r, "stop") else r.cleanup())
         return 2
     admin = None
     try:
@@ -142,6 +190,10 @@ async def _run(config: Path, certs: Path) -> int:
     def ready() -> None:
         print("\nPortvakt demo is running. Try:\n", flush=True)
         print("  " + example_call(config, certs) + "\n", flush=True)
+        if person_url:
+            print(f"  log in as a person: open {person_url} in a browser (accept the dev certificate),", flush=True)
+            print("  pick a level at the dev ID-porten, see what the upstream receives; log out at /portvakt/logout\n",
+                  flush=True)
         if admin:
             print(f"  metrics: curl -s http://{admin}/metrics    readiness: curl -s http://{admin}/readyz", flush=True)
         print("\nCtrl-C stops everything.\n", flush=True)
@@ -150,4 +202,4 @@ async def _run(config: Path, certs: Path) -> int:
         return await serve(str(config), on_ready=ready)
     finally:
         for r in reversed(runners):
-            await r.cleanup()
+            await (r.stop() if hasattr(r, "stop") else r.cleanup())

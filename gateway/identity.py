@@ -137,6 +137,9 @@ SUFFIXES = (
     "Target-Org",
     "Legal-Basis",
     "Person",
+    "Amr",
+    "Auth-Time",
+    "Session",
 )
 
 
@@ -417,6 +420,13 @@ class Forwarder:
                 f["legal_basis"] = route.config.legal_basis
             if route.config.forward.person and t is not None and t.pid:
                 f["pid"] = t.pid
+        p = ctx.person  # a logged-in person (filters.persons): how and when they authenticated
+        if p is not None:
+            if p.amr:
+                f["amr"] = " ".join(p.amr)
+            if p.auth_time is not None:
+                f["auth_time"] = str(int(p.auth_time))
+            f["session"] = p.session
         return f
 
     def sign(self, ctx: "RequestContext", facts: dict[str, str] | None = None) -> str:
@@ -480,6 +490,9 @@ _FACT_HEADERS = (
     ("target_org", "Target-Org"),
     ("legal_basis", "Legal-Basis"),
     ("pid", "Person"),
+    ("amr", "Amr"),
+    ("auth_time", "Auth-Time"),
+    ("session", "Session"),
 )
 
 

@@ -317,6 +317,12 @@ def upstream_headers(
     if ctx.forwarded_port:
         out["X-Forwarded-Port"] = ctx.forwarded_port
     out["X-Request-Id"] = ctx.request_id
+    if ctx.upstream_headers:
+        for k, v in ctx.upstream_headers.items():
+            if v is None:
+                out.popall(k, None)
+            else:
+                out[k] = v
     if forwarder is not None:
         for k, v in forwarder.headers(ctx).items():
             out[k] = v

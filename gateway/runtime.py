@@ -33,6 +33,7 @@ STAGE_MODULES = (
     "filters.tokens",
     "filters.integrations",
     "filters.authorize",
+    "filters.persons",
 )
 
 
@@ -73,6 +74,7 @@ class Runtime:
     # trusted proxy never gets through (Envoy's XFCC SANITIZE).
     request_drop_untrusted: frozenset[str] = frozenset()
     max_body_bytes: int = 0
+    persons: Any = None  # filters.persons.PersonsStage: its endpoints are served before routing
     inflight: int = 0
     _drained: asyncio.Event | None = field(default=None, repr=False)
     _trust_cache: dict[Any, bool] = field(default_factory=dict, repr=False)
@@ -240,4 +242,12 @@ def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict
         request_drop_untrusted=REQUEST_DROP | strip | cert_headers,
         request_drop_prefixes=tuple(getattr(forwarder, "strip_prefixes", ()) or ()),
         max_body_bytes=max_body,
+        persons=_attach_persons(stages, components),
     )
+
+
+def _attach_persons(stages: list[Stage], components: dict[str, Any]) -> Any:
+    persons = next((s for s in stages if s.name == "persons"), None)
+    if persons is not None:
+        persons.attach_audit(components.get("audit"))  # type: ignore[attr-defined]
+    return persons

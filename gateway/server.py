@@ -412,6 +412,9 @@ class Gateway:
         refused = self._canonicalise(rt, request, ctx)
         if refused is not None:
             return refused
+        persons = rt.persons
+        if persons is not None and ctx.path.startswith(persons.prefix + "/"):
+            return await persons.serve(ctx, request)  # login endpoints: never proxied
         route = rt.match(ctx.host, ctx.raw_path)
         if route is None:
             return self._deny(ctx, Problem(NOT_FOUND))

@@ -14,4 +14,5 @@ pytest_plugins = [
     "tests.fixtures.gateway",
     "tests.fixtures.issuer",
     "tests.fixtures.nginx",
+    "tests.fixtures.persons",
 ]

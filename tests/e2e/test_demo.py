@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO_PORTS = (8443, 9090, 9001, 9002)
+DEMO_PORTS = (8443, 9090, 9001, 9002, 9003)
 
 
 def _port_free(port: int) -> bool:

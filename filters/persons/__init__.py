@@ -1,0 +1,241 @@
+"""Persons log in: an OpenID Connect relying party for ID-porten inside the gateway.
+
+Config ``persons:`` (``filters.persons.config``) and a route's ``person:`` block. The stage owns
+the OP client (``oidc``), the session store (``store``) and the sessions (``sessions``); it adds
+
+- to every route a filter that removes Portvakt's own cookies from the upstream request, and
+- to routes with ``person:`` the filter that requires a live session at the route's ``min_acr``:
+  a navigation without one is sent to login (step-up: with ``acr_values``), any other request
+  gets 401 with ``WWW-Authenticate`` and a problem body. The session's access token is refreshed
+  before it expires (single-flight), the upstream gets it as ``Authorization: Bearer``, and the
+  identity forwarder sees the person (``ctx.token`` kind ``idporten``, ``ctx.person``).
+
+The endpoints under ``persons.prefix`` (default ``/portvakt``) are served by ``serve`` before
+routing (``endpoints``): ``login``, ``callback``, ``logout``, ``logout/callback``,
+``logout/frontchannel``, ``session`` and ``session/refresh``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode
+
+from filters.persons.config import PersonsConfig, RoutePersonPolicy
+from filters.persons.cookies import strip_cookies
+from filters.persons.oidc import Provider, ProviderUnavailable, acr_rank
+from filters.persons.sessions import RefreshFailed, SessionManager, session_hash
+from filters.persons.store import StoreUnavailable, build_store
+from filters.tokens import ACR_RANKS
+from gateway import problems
+from gateway.chain import ALLOW, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage, release, share
+from gateway.context import RequestContext, TokenIdentity
+from gateway.problems import Problem
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gateway.config import Config, RouteConfig
+
+log = logging.getLogger("portvakt.persons")
+
+POS_COOKIES = 1  # before anything: the upstream never sees Portvakt's cookies
+POS_PERSONS = 45  # after client certificates, before bearer tokens
+LOGIN_COOKIE = "__Host-portvakt-login"
+
+LOGIN_REQUIRED = problems.register("login_required", 401, "Login required")
+STEP_UP_REQUIRED = problems.register("step_up_required", 401, "A higher authentication level is required")
+SESSION_UNAVAILABLE = problems.register("session_store_unavailable", 503, "Sessions are unavailable right now")
+PROVIDER_UNAVAILABLE = problems.register("login_provider_unavailable", 503, "The login provider is unavailable right now")
+BEARER_ON_SESSION_ROUTE = problems.register(
+    "authorization_on_session_route", 400, "This route uses the login session; do not send Authorization"
+)
+
+CANONICAL_ACR = {"Level3": "idporten-loa-substantial", "Level4": "idporten-loa-high", "Level2": "idporten-loa-low"}
+
+
+def canonical_acr(acr: str) -> str:
+    return CANONICAL_ACR.get(acr, acr)
+
+
+@dataclass(slots=True, frozen=True)
+class PersonFacts:
+    """What the chain knows of the logged-in person (beside ``ctx.token``)."""
+
+    session: str  # hashed session id
+    auth_time: int | None
+    amr: tuple[str, ...]
+    locale: str | None
+
+
+def is_navigation(ctx: RequestContext) -> bool:
+    """A top-level browser navigation (send it to login) rather than XHR/fetch (answer 401)."""
+    if ctx.method not in ("GET", "HEAD"):
+        return False
+    h = ctx.headers
+    mode = h.get("Sec-Fetch-Mode")
+    if mode is not None:
+        return mode == "navigate" and h.get("Sec-Fetch-Dest", "document") in ("document", "")
+    return "text/html" in h.get("Accept", "")
+
+
+class CookieStripFilter(Filter):
+    name = "persons_cookies"
+    position = POS_COOKIES
+
+    def __init__(self, names: frozenset[str]):
+        self.names = names
+        self.mode = Mode.enforce
+
+    async def check(self, ctx: RequestContext) -> Decision:
+        values = ctx.headers.getall("Cookie", ())
+        if values and any("portvakt" in v for v in values):
+            kept = strip_cookies(values, self._ours)
+            hdrs = ctx.upstream_headers if ctx.upstream_headers is not None else {}
+            hdrs["Cookie"] = kept
+            ctx.upstream_headers = hdrs
+        return SKIP
+
+    def _ours(self, name: str) -> bool:
+        return name in self.names or name.startswith("__Host-portvakt")
+
+
+class PersonFilter(Filter):
+    name = "persons"
+    position = POS_PERSONS
+    timeout = 30.0
+
+    def __init__(self, stage: "PersonsStage", policy: RoutePersonPolicy):
+        self.stage = stage
+        self.policy = policy
+        self.min_acr = canonical_acr(policy.min_acr or stage.cfg.provider.acr_values_default)
+        self.mode = Mode.enforce
+
+    async def check(self, ctx: RequestContext) -> Decision:
+        st = self.stage
+        if "Authorization" in ctx.headers:
+            return Deny(Problem(BEARER_ON_SESSION_ROUTE))
+        try:
+            s = await st.sessions.load(ctx.headers)
+            if s is None:
+                return self._login(ctx, LOGIN_REQUIRED)
+            if acr_rank(s.acr, st.cfg.provider.eidas_high_as_high) < acr_rank(self.min_acr):
+                ctx.audit["persons"] = {"session": session_hash(s.id), "acr": s.acr or "", "required": self.min_acr}
+                return self._login(ctx, STEP_UP_REQUIRED)
+            s = await st.sessions.ensure_fresh(s)
+        except StoreUnavailable:
+            return Deny(Problem(SESSION_UNAVAILABLE, headers={"Retry-After": "2"}))
+        except RefreshFailed:
+            return self._login(ctx, LOGIN_REQUIRED, internal="session_refresh_refused")
+        except ProviderUnavailable:
+            return Deny(Problem(PROVIDER_UNAVAILABLE, headers={"Retry-After": "5"}))
+        d = s.data
+        ctx.token = TokenIdentity(
+            kind="idporten", issuer="persons", iss=d["iss"], exp=int(d["at_exp"]), pid=d.get("pid"),
+            acr=d.get("acr"), amr=tuple(d.get("amr") or ()), client_id=st.cfg.provider.client_id,
+        )
+        ctx.person = PersonFacts(session_hash(s.id), d.get("auth_time"), tuple(d.get("amr") or ()), d.get("locale"))
+        hdrs = ctx.upstream_headers if ctx.upstream_headers is not None else {}
+        hdrs["Authorization"] = f"Bearer {d['access_token']}" if self.policy.forward_access_token and d.get("access_token") else None
+        ctx.upstream_headers = hdrs
+        ctx.audit["persons"] = {"session": ctx.person.session}
+        return ALLOW
+
+    def _login(self, ctx: RequestContext, reason: str, internal: str | None = None) -> Decision:
+        st = self.stage
+        target = ctx.raw_path + (f"?{ctx.query_string}" if ctx.query_string else "")
+        q = {"redirect": target, "level": self.min_acr}
+        if self.policy.prompt:
+            q["prompt"] = self.policy.prompt
+        login = f"{st.prefix}/login?{urlencode(q, quote_via=quote)}"
+        if is_navigation(ctx):
+            return Deny(Problem(reason, status=302, internal_reason=internal, headers={"Location": login, "Cache-Control": "no-store"}))
+        if reason == STEP_UP_REQUIRED:
+            www = (f'Bearer error="insufficient_user_authentication", '
+                   f'error_description="A higher authentication level is required", acr_values="{self.min_acr}"')
+        else:
+            www = 'Bearer realm="portvakt"'
+        return Deny(Problem(reason, internal_reason=internal, headers={"WWW-Authenticate": www, "Location": login},
+                            extra={"login": login, "acr_values": self.min_acr}))
+
+
+class PersonsStage(Stage):
+    name = "persons"
+
+    def __init__(self, cfg: PersonsConfig, provider: Provider, env: BuildEnv):
+        self.cfg = cfg
+        self.prefix = cfg.prefix
+        self.provider = provider
+        self.store = build_store(cfg.store)
+        self._audit: Any = None
+        self.sessions = SessionManager(cfg, self.store, provider, self.audit_event)
+        self.cookie_filter = CookieStripFilter(frozenset({cfg.cookie_name, LOGIN_COOKIE}))
+        self.allowed_redirect_hosts = frozenset(h.lower() for h in cfg.allowed_redirect_hosts)
+        self.locales = frozenset(cfg.ui_locales)
+        self._route_filters: dict[str, PersonFilter] = {}
+
+    def attach_audit(self, audit: Any) -> None:
+        self._audit = audit
+
+    def audit_event(self, rec: dict[str, Any], pid: str | None = None) -> None:
+        a = self._audit
+        if a is not None:
+            a.event(rec, pid)
+
+    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+        out: list[Filter] = [self.cookie_filter]
+        policy = getattr(route, "person", None)
+        if policy is not None:
+            f = PersonFilter(self, policy)
+            self._route_filters[route.name] = f
+            out.append(f)
+        return out
+
+    def adopt(self, previous: Stage) -> None:
+        # Sessions outlive a reload: the same store (and, for memory, the same sessions) is kept.
+        if isinstance(previous, PersonsStage) and previous.cfg.store == self.cfg.store:
+            self.store = previous.store
+            self.sessions.store = previous.store
+            self._adopted = True
+
+    async def start(self) -> None:
+        if getattr(self, "_adopted", False):
+            share(self.store)
+        else:
+            await self.store.start()
+        await self.provider.start()
+
+    async def close(self) -> None:
+        await self.provider.close()
+        await release(self.store)
+
+    def readiness(self) -> dict[str, str]:
+        return {"provider": self.provider.readiness(), "store": self.store.readiness()}
+
+    async def serve(self, ctx: RequestContext, request: Any) -> Any:
+        from filters.persons.endpoints import serve
+
+        return await serve(self, ctx, request)
+
+
+def config_problems(cfg: "Config") -> list[tuple[tuple[Any, ...], str]]:
+    """Cross-section checks (called from gateway.config)."""
+    errs: list[tuple[tuple[Any, ...], str]] = []
+    p = getattr(cfg, "persons", None)
+    for i, r in enumerate(cfg.routes):
+        if getattr(r, "person", None) is not None and (p is None or not p.enabled):
+            errs.append((("routes", i, "person"), "needs the persons: section (login)"))
+        if p is not None and p.enabled and r.match.path_prefix.startswith(p.prefix + "/"):
+            errs.append((("routes", i, "match", "path_prefix"), f"{p.prefix}/ is reserved for the login endpoints"))
+    if p is not None and p.enabled and p.store.backend == "memory" and cfg.server.workers > 1:
+        errs.append((("persons", "store", "backend"), "memory sessions are per process: use redis with workers > 1"))
+    return errs
+
+
+def build_stage(env: BuildEnv) -> PersonsStage | None:
+    cfg: PersonsConfig | None = getattr(env.config, "persons", None)
+    if cfg is None or not cfg.enabled:
+        return None
+    return PersonsStage(cfg, Provider(cfg.provider, env.config.resolve_path), env)
+
+
+__all__ = ["PersonsConfig", "RoutePersonPolicy", "PersonsStage", "build_stage", "ACR_RANKS", "LOGIN_COOKIE"]
