@@ -41,7 +41,7 @@ routes:
   - {{name: noupstream, match: {{path_prefix: "/n/"}}}}
   - {{name: lost, upstream: demo, match: {{path_prefix: "/y/"}}}}
 issuers:
-  mp: {{kind: maskinporten, issuer: "https://maskinporten.no/", jwks_file: {d}/no-jwks.json}}
+  mp: {{kind: maskinporten, issuer: "https://maskinporten.no/", audience: "https://api.example.no", jwks_file: {d}/no-jwks.json}}
 ingress: {{allow_cidrs: ["192.168.1.1/24"]}}
 waf: {{mode: detect}}
 """
