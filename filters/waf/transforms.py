@@ -378,7 +378,9 @@ FUNCTIONS = {
 }
 
 
-# Transformations that leave a value matching engine._PLAIN (``[a-z0-9_][a-z0-9_.@:=]*``) unchanged.
+# Values no decoding/normalising transformation changes (lower-case words, numbers, dotted names).
+PLAIN_VALUE = re.compile(rb"(?:[a-z0-9_][a-z0-9_.@:=]*)?\Z")
+# Transformations that leave a value matching PLAIN_VALUE unchanged.
 PLAIN_IDENTITY = frozenset({
     "none", "lowercase", "urldecode", "urldecodeuni", "htmlentitydecode", "jsdecode", "cssdecode",
     "escapeseqdecode", "utf8tounicode", "removenulls", "replacenulls", "removewhitespace", "compresswhitespace",
