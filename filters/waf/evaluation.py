@@ -16,8 +16,9 @@ have been denied and runs everything (CRS's own test mode).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from filters.waf import prefilter
 from filters.waf.caches import SHARED_MAX, ValueCaches
 from filters.waf.limits import NO_LIMITS, InspectionLimits
 from filters.waf.operators import atoi
@@ -26,7 +27,7 @@ from filters.waf.scanning import NO_CANDIDATES, ValueScanner
 from filters.waf.variables import VarSpec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from filters.waf.rules import Rule
+    from filters.waf.rules import Pipeline, Rule
     from filters.waf.ruleset import Ruleset
 
 NO_MATCHES: tuple = ()  # MATCHED_VARS after a rule that did not match (never mutated)
@@ -110,23 +111,23 @@ class Transaction(ValueScanner):
             entry = self.target_scan_cache.get(key)
             if entry is None:
                 p = rule.pipeline
-                tvals = [(name, self.transform(v, p)) for name, v in self.values(rule)]
+                tvals = self.transformed_values(self.values(rule), p)
                 if not tvals:
-                    entry = (tvals, NO_CANDIDATES)
+                    entry = [tvals, NO_CANDIDATES, None]
                 else:
-                    # One Set scan over all values of this target set, joined by newlines: every
-                    # pattern that matches one value also matches the joined buffer (patterns run
-                    # multi-line, so ^/$ hold at value edges); extra hits are confirmed per value.
-                    buf = tvals[0][1] if len(tvals) == 1 else b"\n".join(tv for _, tv in tvals)
-                    entry = (tvals, self.candidates(p.idx, buf))
+                    # Set scans over all values of this target set at once (scan_values); extra
+                    # hits are confirmed per value.
+                    entry = [tvals, self.scan_values(p.idx, [tv for _, tv in tvals]), None]
                 self.target_scan_cache[key] = entry
             pid = rule.pattern_id
             if pid not in entry[1]:
                 return False
             tvals = entry[0]
-            if len(tvals) > 1:  # which values: per-value scans (cached, shared by all rules)
-                pidx = rule.pipeline.idx
-                tvals = [nt for nt in tvals if pid in self.candidates(pidx, nt[1])]
+            if len(tvals) > 1:  # which values: per-value scans, once per target set for all rules
+                by_pattern = entry[2]
+                if by_pattern is None:
+                    by_pattern = entry[2] = self.values_by_pattern(rule.pipeline.idx, tvals, entry[1])
+                tvals = by_pattern.get(pid, ()) if by_pattern is not prefilter.ALL else tvals
             return self.confirm(rule, tvals)
         hot = None
         if rule.multi_match_pipelines:
@@ -216,6 +217,44 @@ class Transaction(ValueScanner):
         if matched:
             self.matched_vars = new_matches
         return matched
+
+    def transformed_values(self, values: list[tuple[str, bytes]], p: "Pipeline") -> list[tuple[str, bytes]]:
+        """(name, value through ``p``) pairs: ``transform`` with its two cache hits inline
+        (a plain value in a plain-identity pipeline; a value transformed before)."""
+        if p.fn is None:
+            return list(values)
+        pidx = p.idx
+        cache = self.transform_cache
+        plain = self.plain_cache if p.plain_identity else {}
+        tf = self.transform
+        out = []
+        for name, v in values:
+            if plain.get(v):
+                out.append((name, v))
+                continue
+            r = cache.get((pidx, v))
+            out.append((name, r if r is not None else tf(v, p)))
+        return out
+
+    def values_by_pattern(self, pidx: int, tvals: list[tuple[str, bytes]], wanted: Any) -> Any:
+        """pattern id -> the (name, transformed value) pairs whose own Set scan saw it, in value
+        order, for the patterns in ``wanted`` (the joined buffer's candidates). prefilter.ALL
+        when a value's scan cannot rule anything out (then every value is a candidate)."""
+        out: dict[int, list[tuple[str, bytes]]] = {}
+        if wanted is prefilter.ALL:
+            return prefilter.ALL
+        for nt in tvals:
+            found = self.candidates(pidx, nt[1])
+            if found is prefilter.ALL:
+                return prefilter.ALL
+            for q in found:
+                if q in wanted:
+                    hits = out.get(q)
+                    if hits is None:
+                        out[q] = [nt]
+                    else:
+                        hits.append(nt)
+        return out
 
     def confirm(self, rule: Rule, tvals: list[tuple[str, bytes]], check: bool = True) -> bool:
         """Run a rule's operator on (already transformed) candidate values; act on matches."""

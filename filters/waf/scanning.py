@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from filters.waf import prefilter
 from filters.waf.caches import SHARED_MAX, ValueCaches
+from filters.waf.prefilter import MAX_SCAN
 from filters.waf.request import RequestVariables
 from filters.waf.transforms import PLAIN_VALUE
 from filters.waf.variables import SCALARS
@@ -45,7 +46,9 @@ class ValueScanner(RequestVariables):
     def __init__(self, ruleset: "Ruleset", caches: ValueCaches | None, **request: Any) -> None:
         self.transform_cache_large: dict[tuple[int, bytes], bytes] = {}  # values over SHARED_MAX: this request only
         self.scan_cache_large: dict[tuple[int, bytes], Any] = {}
-        self.target_scan_cache: dict[tuple, tuple[list, Any]] = {}  # (targets, pipeline, exclusions) -> scan
+        # (targets, pipeline, exclusions) -> [transformed values, joined-buffer candidates,
+        # pattern id -> values (built when a rule first needs it)]
+        self.target_scan_cache: dict[tuple, list] = {}
         self.universe_cache: dict[int, Any] = {}  # pipeline -> candidates of the universe pass
         super().__init__(ruleset, caches, **request)
         self.transform_cache = self.caches.transformed
@@ -164,7 +167,7 @@ class ValueScanner(RequestVariables):
                         else:
                             fl.append(tv)
         for q, fl in fresh.items():
-            c = cand(q, fl[0] if len(fl) == 1 else b"\n".join(fl))
+            c = self.scan_values(q, fl)
             if c:
                 found.append(c)
         r = union_candidates(found)
@@ -173,6 +176,27 @@ class ValueScanner(RequestVariables):
             uc[q] = r
         uc[p.idx] = r
         return r
+
+    def scan_values(self, pidx: int, values: list[bytes]) -> Any:
+        """Candidates of pipeline ``pidx`` over several values: joined by newlines (a pattern
+        that matches one value also matches the joined buffer; patterns run multi-line, so ^/$
+        hold at value edges), in pieces no longer than the Set scans whole, so a thousand short
+        values never make one buffer too long to rule anything out."""
+        if len(values) == 1:
+            return self.candidates(pidx, values[0])
+        found: list[Any] = []
+        piece: list[bytes] = []
+        size = 0
+        for v in values:
+            n = len(v) + 1
+            if piece and size + n > MAX_SCAN:
+                found.append(self.candidates(pidx, piece[0] if len(piece) == 1 else b"\n".join(piece)))
+                piece, size = [], 0
+            piece.append(v)
+            size += n
+        if piece:
+            found.append(self.candidates(pidx, piece[0] if len(piece) == 1 else b"\n".join(piece)))
+        return union_candidates(found)
 
     def candidates(self, pidx: int, v: bytes):
         """Pattern ids of pipeline ``pidx`` that match ``v`` (or prefilter.ALL)."""
