@@ -88,47 +88,63 @@ class Transaction(ValueScanner):
             self.tx_vars[k.lower()] = v.encode() if isinstance(v, str) else v
 
     def evaluate_link(self, rule: Rule) -> bool:
-        txn = rule.tx_compare
-        if txn is not None:
-            # TX:name compared with a constant number (CRS's paranoia/threshold gates)
-            v = self.tx_vars.get(txn[0])
-            if txn[3]:  # &TX:name: 1 when set, else 0
-                v = b"1" if v is not None else b"0"
-                if txn[1](int(v), txn[2]) == rule.op.negated:
-                    return False
-                return self.confirm(rule, [("TX", v)], check=False)
-            if v is None or (txn[1](atoi(v), txn[2]) == rule.op.negated):
-                return False
-            return self.confirm(rule, [("TX:" + txn[0], v)], check=False)
+        """Whether one rule (or chain link) matches; runs its per-match actions on each
+        matching value and sets MATCHED_VARS."""
+        if rule.tx_compare is not None:
+            return self.evaluate_tx_compare(rule)
         if rule.prefilter_decides and rule.pipeline.idx in self.ruleset.prefilter:
-            u = self.universe_cache.get(rule.pipeline.idx)
-            if u is None:
-                u = self.universe_candidates(rule.pipeline)
-            if rule.pattern_id not in u:
+            return self.evaluate_prefiltered(rule)
+        return self.evaluate_values(rule)
+
+    def evaluate_tx_compare(self, rule: Rule) -> bool:
+        """``TX:name @lt N`` and the like: one TX value against a constant."""
+        txn = rule.tx_compare  # (key, compare, constant, &TX count): CRS's paranoia/threshold gates
+        assert txn is not None
+        v = self.tx_vars.get(txn[0])
+        if txn[3]:  # &TX:name: 1 when set, else 0
+            v = b"1" if v is not None else b"0"
+            if txn[1](int(v), txn[2]) == rule.op.negated:
                 return False
-            extra = self.removed_targets.get(rule.id) if self.removed_targets else None
-            key = (rule.target_signature, rule.pipeline.idx, id(extra) if extra else 0)
-            entry = self.target_scan_cache.get(key)
-            if entry is None:
-                p = rule.pipeline
-                tvals = self.transformed_values(self.values(rule), p)
-                if not tvals:
-                    entry = [tvals, NO_CANDIDATES, None]
-                else:
-                    # Set scans over all values of this target set at once (scan_values); extra
-                    # hits are confirmed per value.
-                    entry = [tvals, self.scan_values(p.idx, [tv for _, tv in tvals]), None]
-                self.target_scan_cache[key] = entry
-            pid = rule.pattern_id
-            if pid not in entry[1]:
-                return False
-            tvals = entry[0]
-            if len(tvals) > 1:  # which values: per-value scans, once per target set for all rules
-                by_pattern = entry[2]
-                if by_pattern is None:
-                    by_pattern = entry[2] = self.values_by_pattern(rule.pipeline.idx, tvals, entry[1])
-                tvals = by_pattern.get(pid, ()) if by_pattern is not prefilter.ALL else tvals
-            return self.confirm(rule, tvals)
+            return self.confirm(rule, [("TX", v)], check=False)
+        if v is None or (txn[1](atoi(v), txn[2]) == rule.op.negated):
+            return False
+        return self.confirm(rule, [("TX:" + txn[0], v)], check=False)
+
+    def evaluate_prefiltered(self, rule: Rule) -> bool:
+        """A positive @rx/@pm over request variables: the Set scans decide which values the
+        rule's own regex confirms."""
+        u = self.universe_cache.get(rule.pipeline.idx)
+        if u is None:
+            u = self.universe_candidates(rule.pipeline)
+        if rule.pattern_id not in u:
+            return False
+        extra = self.removed_targets.get(rule.id) if self.removed_targets else None
+        key = (rule.target_signature, rule.pipeline.idx, id(extra) if extra else 0)
+        entry = self.target_scan_cache.get(key)
+        if entry is None:
+            p = rule.pipeline
+            tvals = self.transformed_values(self.values(rule), p)
+            if not tvals:
+                entry = [tvals, NO_CANDIDATES, None]
+            else:
+                # Set scans over all values of this target set at once (scan_values); extra
+                # hits are confirmed per value.
+                entry = [tvals, self.scan_values(p.idx, [tv for _, tv in tvals]), None]
+            self.target_scan_cache[key] = entry
+        pid = rule.pattern_id
+        if pid not in entry[1]:
+            return False
+        tvals = entry[0]
+        if len(tvals) > 1:  # which values: per-value scans, once per target set for all rules
+            by_pattern = entry[2]
+            if by_pattern is None:
+                by_pattern = entry[2] = self.values_by_pattern(rule.pipeline.idx, tvals, entry[1])
+            tvals = by_pattern.get(pid, ()) if by_pattern is not prefilter.ALL else tvals
+        return self.confirm(rule, tvals)
+
+    def evaluate_values(self, rule: Rule) -> bool:
+        """Any other rule: its operator over each of its values (multiMatch: over every
+        transformation step), the prefilter skipping values it rules out."""
         hot = None
         if rule.multi_match_pipelines:
             # multiMatch: only steps whose universe scan saw the pattern can match
