@@ -79,3 +79,33 @@ def test_ctl_request_body_processor():
              'SecRule ARGS:json.k "@streq v" "id:2,phase:2,pass"\n')
     out, _ = run(rules, method="POST", body=b'{"k":"v"}', headers=[("Host", "x"), ("Content-Type", "text/plain")])
     assert out.matched == [2]
+
+
+def test_json_value_count_matches_the_parsed_document():
+    """The byte-counting pre-check (bodies.json_value_count) agrees with the parsed document."""
+    import random
+
+    from filters.waf.bodies import json_value_count
+
+    def count(doc) -> int:
+        n, stack = 0, [doc]
+        while stack:
+            v = stack.pop()
+            n += 1
+            stack.extend(v.values() if isinstance(v, dict) else v if isinstance(v, list) else ())
+        return n
+
+    rnd = random.Random(3)
+
+    def gen(depth=0):
+        r = rnd.random()
+        if depth > 4 or r < 0.4:
+            return rnd.choice([1, "a,b[]{}\\\"", None, True, 2.5, "", "x\"y"])
+        if r < 0.7:
+            return [gen(depth + 1) for _ in range(rnd.randint(0, 4))]
+        return {f"k,{i}[": gen(depth + 1) for i in range(rnd.randint(0, 4))}
+
+    for _ in range(500):
+        doc = gen()
+        for text in (json.dumps(doc), json.dumps(doc, indent=2)):
+            assert json_value_count(text.encode()) == count(doc), text
