@@ -47,7 +47,7 @@ async def measure(f, shape, runs: int) -> tuple[str, list[float]]:
     times = []
     answer = ""
     for _ in range(runs):
-        f.engine.ruleset.clear_caches()
+        f.engine.caches.clear()
         c = shape_ctx(shape)
         t0 = time.process_time()
         d = await f.check(c)

@@ -10,7 +10,7 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from filters.waf.engine import Transaction
+    from filters.waf.evaluation import Transaction
 
 _REF = re.compile(r"%\{([^}]+)\}")
 

@@ -7,7 +7,7 @@ semantics with ``(?s)`` dot-all and ``(?m)`` multi-line as libmodsecurity3 compi
 rule can be driven into catastrophic backtracking. Operators whose argument contains a macro
 (``%{tx.x}``) expand it per request.
 
-``rx_source`` is set for operators a multi-pattern prefilter can use (engine.Prefilter): the
+``rx_source`` is set for operators a multi-pattern prefilter can use (prefilter.py): the
 prefilter may only say "cannot match"; the operator itself always confirms.
 """
 
@@ -41,7 +41,7 @@ def compile_rx(pattern: bytes) -> Any:
         raise OperatorError(f"regex not supported by RE2: {e}") from None
 
 
-def _atoi(v: bytes) -> int:
+def atoi(v: bytes) -> int:
     """C ``atoi``: optional sign and leading digits; anything else is 0."""
     m = _INT.match(v)
     return int(m.group(0)) if m else 0
@@ -271,32 +271,32 @@ class Within(Operator):
         return value in self.param(tx)
 
 
-class _Num(Operator):
+class NumericCompare(Operator):
     def match(self, tx, value, capture):
-        return self.cmp(_atoi(value), _atoi(self.param(tx)))
+        return self.cmp(atoi(value), atoi(self.param(tx)))
 
 
-class Eq(_Num):
+class Eq(NumericCompare):
     name = "eq"
     cmp = staticmethod(lambda a, b: a == b)
 
 
-class Ge(_Num):
+class Ge(NumericCompare):
     name = "ge"
     cmp = staticmethod(lambda a, b: a >= b)
 
 
-class Gt(_Num):
+class Gt(NumericCompare):
     name = "gt"
     cmp = staticmethod(lambda a, b: a > b)
 
 
-class Le(_Num):
+class Le(NumericCompare):
     name = "le"
     cmp = staticmethod(lambda a, b: a <= b)
 
 
-class Lt(_Num):
+class Lt(NumericCompare):
     name = "lt"
     cmp = staticmethod(lambda a, b: a < b)
 

@@ -36,7 +36,7 @@ from gateway.chain import ALLOW, POS_WAF, BuildEnv, Decision, Deny, Filter, Mode
 from gateway.context import WafResult
 from gateway.problems import Problem
 
-from filters.waf.engine import Outcome, Ruleset, Transaction, VarSpec, WafLoadError, parse_targets
+from filters.waf.engine import Outcome, Ruleset, Transaction, ValueCaches, VarSpec, WafLoadError, parse_targets
 from filters.waf.limits import REASONS as LIMIT_REASONS
 from filters.waf.limits import InspectionLimits
 
@@ -146,10 +146,12 @@ class Inspection:
 
 
 class WafEngine:
-    """A Ruleset plus the mode to run it in. ``inspect`` runs phases 1 and 2 of one request."""
+    """A Ruleset plus the mode to run it in and the value caches its requests share.
+    ``inspect`` runs phases 1 and 2 of one request."""
 
     def __init__(self, ruleset: Ruleset, detection_only: bool = False):
         self.ruleset = ruleset
+        self.caches = ValueCaches(ruleset)
         self.detection_only = detection_only
 
     @classmethod
@@ -176,7 +178,7 @@ class WafEngine:
         return Transaction(
             self.ruleset, method=method, uri=uri, protocol=protocol, headers=headers, body=body,
             remote_addr=remote_addr, unique_id=unique_id, removed_ids=removed_ids, removed_targets=removed_targets,
-            detection_only=self.detection_only if detection_only is None else detection_only,
+            detection_only=self.detection_only if detection_only is None else detection_only, caches=self.caches,
         )
 
     def inspect(self, method: str, uri: str, protocol: str = "HTTP/1.1", headers: list[tuple[str, str]] | None = None,
@@ -254,7 +256,7 @@ class WafFilter(Filter):
             self.engine.ruleset, method=ctx.method, uri=uri, protocol=protocol, headers=list(ctx.headers.items()),
             body=body, remote_addr=str(ctx.client_ip), unique_id=ctx.request_id, removed_ids=self.removed_ids,
             removed_targets=self.removed_targets, detection_only=self.detection_only,
-            limits=self.limits_truncated if truncated else self.limits,
+            limits=self.limits_truncated if truncated else self.limits, caches=self.engine.caches,
         )
         out = tx.process_request()
         if out.limit is not None:
@@ -265,7 +267,7 @@ class WafFilter(Filter):
             return Deny(Problem(LIMIT_PROBLEMS[out.limit], internal_reason=LIMIT_REASONS[out.limit]))
         # on_unparsable_body: inspect_raw: the engine inspects it as REQUEST_BODY and as
         # URL-encoded ARGS instead. A body that only a phase-1 ctl made parse is refused here.
-        unparsable = (self.on_unparsable == "reject" and tx.s.get("REQBODY_ERROR") == b"1" and not truncated
+        unparsable = (self.on_unparsable == "reject" and tx.scalars.get("REQBODY_ERROR") == b"1" and not truncated
                       and not out.interrupted)
         ctx.waf = WafResult(score=out.score, matched_rule_ids=out.matched,
                             blocked=(out.interrupted or unparsable) and not self.detection_only)

@@ -43,24 +43,47 @@ def _fullwidth(hex4: bytes) -> int:
     return low
 
 
+# "%XX" (any case) -> its byte: a lookup per escape instead of int() and bytes()
+_HEX_ESCAPES = {b"%" + bytes((a, b)): bytes((int(bytes((a, b)), 16),))
+                for a in b"0123456789abcdefABCDEF" for b in b"0123456789abcdefABCDEF"}
+_UNI_ESCAPES: dict[bytes, bytes] = dict(_HEX_ESCAPES)  # grows with the %uHHHH met (bounded)
+
+
 def url_decode(v: bytes) -> bytes:
     if b"%" not in v and b"+" not in v:
         return v
     v = v.replace(b"+", b" ")
-    return _PCT.sub(lambda m: bytes((int(m.group(1), 16),)), v)
+    if b"%" not in v:
+        return v
+    parts = v.split(b"%")
+    out = [parts[0]]
+    escape = _HEX_ESCAPES.get
+    for item in parts[1:]:
+        byte = escape(b"%" + item[:2])
+        if byte is None:  # not an escape: the '%' stays
+            out.append(b"%")
+            out.append(item)
+        else:
+            out.append(byte)
+            out.append(item[2:])
+    return b"".join(out)
+
+
+def _uni_escape(m: re.Match[bytes]) -> bytes:
+    k = m.group(0)
+    r = _UNI_ESCAPES.get(k)
+    if r is None:
+        r = bytes((_fullwidth(m.group(2)),))
+        if len(_UNI_ESCAPES) < 100_000:
+            _UNI_ESCAPES[k] = r
+    return r
 
 
 def url_decode_uni(v: bytes) -> bytes:
     if b"%" not in v and b"+" not in v:
         return v
     v = v.replace(b"+", b" ")
-
-    def sub(m: re.Match[bytes]) -> bytes:
-        if m.group(1) is not None:
-            return bytes((int(m.group(1), 16),))
-        return bytes((_fullwidth(m.group(2)),))
-
-    return _PCT_U.sub(sub, v)
+    return _PCT_U.sub(_uni_escape, v)
 
 
 def url_encode(v: bytes) -> bytes:
@@ -378,7 +401,9 @@ FUNCTIONS = {
 }
 
 
-# Transformations that leave a value matching engine._PLAIN (``[a-z0-9_][a-z0-9_.@:=]*``) unchanged.
+# Values no decoding/normalising transformation changes (lower-case words, numbers, dotted names).
+PLAIN_VALUE = re.compile(rb"(?:[a-z0-9_][a-z0-9_.@:=]*)?\Z")
+# Transformations that leave a value matching PLAIN_VALUE unchanged.
 PLAIN_IDENTITY = frozenset({
     "none", "lowercase", "urldecode", "urldecodeuni", "htmlentitydecode", "jsdecode", "cssdecode",
     "escapeseqdecode", "utf8tounicode", "removenulls", "replacenulls", "removewhitespace", "compresswhitespace",

@@ -92,10 +92,11 @@ async def test_chunked_body_over_limit_is_413_and_upstream_sees_nothing(shared):
 
 
 async def test_no_route_is_a_404_problem_and_a_large_chunked_body_is_cut_off_at_the_limit(start_gateway, upstream):
-    # Limit above the 64 KiB prefix: the excess is found while streaming to the upstream.
-    # WAF off: this is about streaming past the 128 KiB WAF inspection limit, which the WAF
-    # refuses by default (waf.on_inspection_limit: reject).
-    cfg = basic_config(upstream.url, ingress={"max_body_bytes": 200_000}, waf={"mode": "off"})
+    # Limit above the 64 KiB prefix: the excess is found while streaming to the upstream. The WAF
+    # refuses bodies over its inspection limit (128 KiB) by default; here it inspects the prefix
+    # and lets the rest stream (the explicit opt-in).
+    cfg = basic_config(upstream.url, ingress={"max_body_bytes": 200_000},
+                       waf={"on_inspection_limit": "inspect_partial"})
     cfg["routes"][0]["match"] = {"path_prefix": "/upload"}
     gw = await start_gateway(cfg)
     async with gw.session() as s:

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from filters.waf.engine import Ruleset, Transaction
 from filters.waf.stage import WafEngine, shared_dir
 
 
@@ -32,3 +33,15 @@ def crs_engine():
         return _crs_engine(pl, dpl or pl, detection_only, tuple(sorted((extra_tx or {}).items())))
 
     return make
+
+
+DEFAULTS = 'SecDefaultAction "phase:1,log,auditlog,pass"\nSecDefaultAction "phase:2,log,auditlog,pass"\n'
+
+
+def run(rules: str, *, method="GET", uri="/", headers=None, body=b"", detection_only=False, **kw):
+    """Rules (with pass/log defaults) over one request: (Outcome, the Transaction)."""
+    rs = Ruleset.from_text(DEFAULTS + rules)
+    tx = Transaction(rs, method=method, uri=uri, headers=headers or [("Host", "x")], body=body,
+                     detection_only=detection_only, **kw)
+    out = tx.process_request()
+    return out, tx

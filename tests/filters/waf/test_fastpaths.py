@@ -27,7 +27,7 @@ GATED = (
 
 def test_compiled_program_gates_skip_after_and_skip():
     rs = Ruleset.from_text(DEFAULTS + GATED)
-    kinds = {rid: rs.by_id[rid].kind for rid in (10, 11, 12)}
+    kinds = {rid: rs.by_id[rid].dispatch for rid in (10, 11, 12)}
     assert kinds == {10: 2, 11: 1, 12: 2}  # inline gates and prefilter rejection are in use
     out = tx_for(rs, uri="/?a=one&b=two").process_request()
     # 10 does not skip (pl is 1), 12 skips 13 and sets MATCHED_VAR_NAME as a matching rule does;
@@ -79,9 +79,9 @@ def test_multimatch_libinjection_cache_replays_the_capture():
     fps = []
     for _ in range(2):
         tx = tx_for(rs, uri="/?a=fine&b=1%27%20OR%20%271%27%3D%271")
-        tx.tx.pop("0", None)
+        tx.tx_vars.pop("0", None)
         assert tx.process_request().matched == [1]
-        fps.append(tx.tx.get("0"))
+        fps.append(tx.tx_vars.get("0"))
     assert fps[0] and fps[0] == fps[1]
     assert tx_for(rs, uri="/?a=fine").process_request().matched == []
 

@@ -46,8 +46,30 @@ def test_names_are_case_insensitive():
 @pytest.mark.parametrize("name", sorted(T.PLAIN_IDENTITY))
 @pytest.mark.parametrize("value", [b"", b"abc", b"json.a.array_0", b"x@y.no", b"a=b:c", b"_9.9"])
 def test_plain_identity_claim_holds(name, value):
-    # engine.Transaction.transform skips these transformations for such values
-    from filters.waf.engine import _PLAIN
-
-    assert _PLAIN.match(value)
+    # scanning.ValueScanner.transform skips these transformations for such values
+    assert T.PLAIN_VALUE.match(value)
     assert T.get(name)(value) == value
+
+
+def test_url_decoders_agree_with_the_plain_regex_reading():
+    """The lookup-table decoders give what the one-regex definition gives, on random escapes."""
+    import random
+    import re
+
+    pct = re.compile(rb"%([0-9a-fA-F]{2})")
+
+    def reference(v: bytes, uni: bool) -> bytes:
+        if b"%" not in v and b"+" not in v:
+            return v
+        v = v.replace(b"+", b" ")
+        if not uni:
+            return pct.sub(lambda m: bytes((int(m.group(1), 16),)), v)
+        return T._PCT_U.sub(lambda m: bytes((int(m.group(1), 16),)) if m.group(1) is not None
+                            else bytes((T._fullwidth(m.group(2)),)), v)
+
+    rnd = random.Random(7)
+    alphabet = b"%%%uU+0123456789abcdefABCDEFgxyz \n\xff"
+    for _ in range(20000):
+        v = bytes(rnd.choice(alphabet) for _ in range(rnd.randint(0, 12)))
+        assert T.url_decode(v) == reference(v, False), v
+        assert T.url_decode_uni(v) == reference(v, True), v

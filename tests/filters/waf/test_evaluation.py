@@ -1,31 +1,20 @@
-"""Engine semantics on small hand-written rule sets: chains, setvar/scoring, markers, ctl, bodies."""
+"""Rule evaluation (filters/waf/evaluation.py) on small hand-written rule sets: chains,
+setvar/scoring, markers, ctl, exclusions, captures and macros, the prefilter."""
 
-import json
+from filters.waf.engine import Ruleset, Transaction, ValueCaches
 
-from filters.waf.engine import Ruleset, Transaction
-
-DEFAULTS = 'SecDefaultAction "phase:1,log,auditlog,pass"\nSecDefaultAction "phase:2,log,auditlog,pass"\n'
-
-
-def run(rules: str, *, method="GET", uri="/", headers=None, body=b"", detection_only=False, **kw):
-    rs = Ruleset.from_text(DEFAULTS + rules)
-    tx = Transaction(rs, method=method, uri=uri, headers=headers or [("Host", "x")], body=body,
-                     detection_only=detection_only, **kw)
-    out = tx.process_request()
-    return out, tx
-
-
+from .conftest import DEFAULTS, run
 def test_rule_matches_args_and_logs():
     out, _ = run('SecRule ARGS "@rx evil" "id:1,phase:2,block"')
     assert out.matched == []
     out, tx = run('SecRule ARGS "@rx evil" "id:1,phase:2,block"', uri="/?a=good&b=evil")
     assert out.matched == [1] and not out.interrupted
-    assert tx.s["MATCHED_VAR_NAME"] == b"ARGS:b"
+    assert tx.scalars["MATCHED_VAR_NAME"] == b"ARGS:b"
 
 
 def test_nolog_rule_matches_silently():
     out, tx = run('SecRule ARGS "@rx e" "id:1,phase:2,pass,nolog,setvar:tx.hit=1"', uri="/?a=e")
-    assert out.matched == [] and tx.tx["hit"] == b"1"
+    assert out.matched == [] and tx.tx_vars["hit"] == b"1"
 
 
 def test_transformations_apply_in_order():
@@ -54,14 +43,14 @@ def test_setvar_scoring_and_threshold_deny():
         'SecRule TX:score "@ge 8" "id:5,phase:2,deny,status:403"\n'
     )
     out, tx = run(rules, uri="/?x=a&y=b")
-    assert out.matched == [2, 3, 5] and out.interrupted and tx.tx["score"] == b"8"
+    assert out.matched == [2, 3, 5] and out.interrupted and tx.tx_vars["score"] == b"8"
     out, tx = run(rules, uri="/?x=a&y=b&w=z")
-    assert out.matched == [2, 3, 4] and not out.interrupted and "threshold" not in tx.tx
+    assert out.matched == [2, 3, 4] and not out.interrupted and "threshold" not in tx.tx_vars
 
 
 def test_setvar_runs_per_matching_value_like_libmodsecurity3():
     out, tx = run('SecRule ARGS "@rx a" "id:1,phase:2,pass,setvar:tx.n=+1"', uri="/?p=a&q=a&r=b")
-    assert tx.tx["n"] == b"2"
+    assert tx.tx_vars["n"] == b"2"
 
 
 def test_skip_after_marker_and_skip():
@@ -131,83 +120,7 @@ def test_capture_and_macro_expansion():
     )
     out, tx = run(rules, uri="/?q=12-34")
     assert out.matched == [1, 2, 3]
-    assert tx.tx["msg"] == b"TX:sum=1234"
-
-
-def test_request_variables():
-    _, tx = run("", method="GET", uri="/a%20b/c.php?x=1&y", protocol="HTTP/1.0")
-    s = tx.s
-    assert s["REQUEST_URI"] == b"/a%20b/c.php?x=1&y"
-    assert s["REQUEST_FILENAME"] == b"/a b/c.php" and s["REQUEST_BASENAME"] == b"c.php"
-    assert s["QUERY_STRING"] == b"x=1&y" and s["REQUEST_LINE"] == b"GET /a%20b/c.php?x=1&y HTTP/1.0"
-    assert tx.c["ARGS_GET"] == [("x", b"1"), ("y", b"")]
-
-
-# ----- body processors
-
-
-def test_urlencoded_body():
-    rules = 'SecRule ARGS_POST:name "@streq a b" "id:1,phase:2,pass"\nSecRule REQUEST_BODY "@contains name=" "id:2,phase:2,pass"\n'
-    out, tx = run(rules, method="POST", body=b"name=a+b&x=%41",
-                  headers=[("Host", "x"), ("Content-Type", "application/x-www-form-urlencoded")])
-    assert out.matched == [1, 2] and ("x", b"A") in tx.c["ARGS"]
-
-
-def test_json_body_flattened_like_modsecurity():
-    body = json.dumps({"a": {"b": "deep"}, "list": [1, "two", {"k": True}], "n": None}).encode()
-    _, tx = run("", method="POST", body=body, headers=[("Host", "x"), ("Content-Type", "application/json")])
-    assert tx.c["ARGS_POST"] == [
-        ("json.a.b", b"deep"), ("json.list.array_0", b"1"), ("json.list.array_1", b"two"),
-        ("json.list.array_2.k", b"true"), ("json.n", b""),
-    ]
-    assert tx.s["REQBODY_PROCESSOR"] == b"JSON" and "REQUEST_BODY" not in tx.s
-
-
-def test_json_parse_error_sets_reqbody_error():
-    _, tx = run("", method="POST", body=b"{bad", headers=[("Host", "x"), ("Content-Type", "application/json")])
-    assert tx.s["REQBODY_ERROR"] == b"1" and b"JSON" in tx.s["REQBODY_ERROR_MSG"]
-
-
-def test_multipart_body():
-    body = (
-        b"--XyZ\r\nContent-Disposition: form-data; name=\"field\"\r\n\r\nvalue one\r\n"
-        b"--XyZ\r\nContent-Disposition: form-data; name=\"up\"; filename=\"..\\\\a.php\"\r\n"
-        b"Content-Type: application/x-php\r\n\r\n<?php echo 1; ?>\r\n--XyZ--\r\n"
-    )
-    rules = 'SecRule FILES "@rx \\.php$" "id:1,phase:2,pass"\nSecRule MULTIPART_PART_HEADERS "@rx ^content-type\\s*:" "id:2,phase:2,pass,t:lowercase"\n'
-    out, tx = run(rules, method="POST", body=body, headers=[("Host", "x"), ("Content-Type", "multipart/form-data; boundary=XyZ")])
-    assert tx.c["ARGS_POST"] == [("field", b"value one")]
-    assert tx.c["FILES"] == [("up", b"..\\a.php")] and tx.c["FILES_NAMES"] == [("up", b"up")]
-    assert tx.s["MULTIPART_STRICT_ERROR"] == b"0"
-    assert out.matched == [1, 2]
-
-
-def test_multipart_without_closing_boundary_is_strict_error():
-    body = b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nx\r\n"
-    _, tx = run("", method="POST", body=body, headers=[("Host", "x"), ("Content-Type", "multipart/form-data; boundary=B")])
-    assert tx.s["MULTIPART_UNMATCHED_BOUNDARY"] == b"1" and tx.s["MULTIPART_STRICT_ERROR"] == b"1"
-
-
-def test_xml_body_text_and_attributes_no_external_entities(tmp_path):
-    secret = tmp_path / "secret.txt"
-    secret.write_text("TOPSECRET")
-    body = (f'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY x SYSTEM "file://{secret}">]>'
-            '<r a="attr1"><b c="attr2">hello</b>&x;<d>world</d></r>').encode()
-    rules = 'SecRule XML:/* "@contains helloworld" "id:1,phase:2,pass"\nSecRule XML://@* "@streq attr2" "id:2,phase:2,pass"\n'
-    out, tx = run(rules, method="POST", body=body, headers=[("Host", "x"), ("Content-Type", "application/xml")])
-    # an entity declaration is refused (defusedxml's stance): a parse error, nothing resolved
-    assert out.matched == [] and tx.s["REQBODY_ERROR"] == b"1"
-    assert b"TOPSECRET" not in b"".join(tx.xml_text) + b"".join(v for _, v in tx.c["ARGS"])
-    plain = b'<?xml version="1.0"?><r a="attr1"><b c="attr2">hello</b><d>world</d></r>'
-    out, tx = run(rules, method="POST", body=plain, headers=[("Host", "x"), ("Content-Type", "application/xml")])
-    assert out.matched == [1, 2]
-
-
-def test_ctl_request_body_processor():
-    rules = ('SecRule REQUEST_HEADERS:Content-Type "@rx ^text/plain" "id:1,phase:1,pass,nolog,ctl:requestBodyProcessor=JSON"\n'
-             'SecRule ARGS:json.k "@streq v" "id:2,phase:2,pass"\n')
-    out, _ = run(rules, method="POST", body=b'{"k":"v"}', headers=[("Host", "x"), ("Content-Type", "text/plain")])
-    assert out.matched == [2]
+    assert tx.tx_vars["msg"] == b"TX:sum=1234"
 
 
 def test_prefilter_and_plain_re2_agree():
@@ -221,3 +134,31 @@ def test_prefilter_and_plain_re2_agree():
         ra = Transaction(a, method="GET", uri=uri, headers=[("Host", "x")]).process_request().matched
         rb = Transaction(b, method="GET", uri=uri, headers=[("Host", "x")]).process_request().matched
         assert ra == rb
+
+
+def _fingerprint(rs: Ruleset) -> dict:
+    out = {}
+    for name, value in vars(rs).items():
+        out[name] = len(value) if hasattr(value, "__len__") else value
+    return out
+
+
+def test_the_compiled_ruleset_does_not_change_while_requests_run():
+    """Per-request state lives in the transaction, values met across requests in ValueCaches."""
+    rs = Ruleset.from_text(DEFAULTS + 'SecRule ARGS|REQUEST_HEADERS "@rx (?i)union\\s+select" "id:1,phase:2,t:lowercase,'
+                           'setvar:tx.score=+5,ctl:ruleRemoveTargetById=2;ARGS:q"\n'
+                           'SecRule ARGS "@rx evil" "id:2,phase:2,t:urlDecodeUni"\n')
+    before = _fingerprint(rs)
+    caches = ValueCaches(rs)
+    for uri in ("/?q=1+union+select+2", "/?a=evil&q=evil", "/?x=%u0065vil"):
+        Transaction(rs, method="GET", uri=uri, headers=[("Host", "x")], caches=caches).process_request()
+    assert _fingerprint(rs) == before
+    assert caches.transformed  # what the requests learnt went to the caches
+
+
+def test_value_caches_belong_to_one_ruleset():
+    import pytest
+
+    a, b = Ruleset.from_text(DEFAULTS), Ruleset.from_text(DEFAULTS)
+    with pytest.raises(ValueError):
+        Transaction(a, method="GET", uri="/", caches=ValueCaches(b))

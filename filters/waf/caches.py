@@ -1,0 +1,60 @@
+"""Value caches shared by consecutive requests on one compiled rule set.
+
+Everything here is a pure function of a raw value (and of the rule set the caches belong to):
+a value's transformation through a pipeline, its RE2-Set scan, whether it is "plain", a
+libinjection verdict over a multiMatch chain, the universe scan of a variable group's value,
+a key-regex verdict, a TX value's ``atoi``. Header values, cookie and argument names repeat
+from request to request, so they are kept across requests (inspection is synchronous: no
+other request touches them meanwhile) and bounded by clearing a cache when it grows large.
+
+The compiled ``Ruleset`` itself holds no per-request state; the gateway keeps one
+``ValueCaches`` per loaded rule set (``WafEngine.caches``) and hands it to each
+``Transaction``. A transaction made without one gets its own, empty: the same verdicts, only
+slower.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from filters.waf.ruleset import Ruleset
+
+CACHE_ENTRIES = 10_000  # per cache; cleared beyond
+SHARED_MAX = 1024  # bytes: larger values are cached for their own request only
+KEY_REGEX_ENTRIES = 50_000
+TX_INT_ENTRIES = 4096
+
+
+class ValueCaches:
+    __slots__ = ("ruleset", "transformed", "scanned", "plain", "multi_match_step", "universe_results",
+                 "universe_seen", "universe_pass", "key_regex", "tx_ints")
+
+    def __init__(self, ruleset: "Ruleset") -> None:
+        self.ruleset = ruleset  # pipeline indexes and pattern ids only mean something there
+        self.transformed: dict[tuple[int, bytes], bytes] = {}  # (pipeline, value) -> transformed
+        self.scanned: dict[tuple[int, bytes], Any] = {}  # (pipeline, value) -> Set candidates
+        self.plain: dict[bytes, bool] = {}  # value -> matches transforms.PLAIN_VALUE
+        self.multi_match_step: dict[tuple, bytes | None] = {}  # (pipeline, pure operator, value) -> matching step
+        self.universe_results: dict[tuple[int, bytes], Any] = {}  # (variable group, value) -> Set results
+        self.universe_seen: dict[tuple[int, bytes], int] = {}  # (variable group, value) -> the pass that met it
+        self.universe_pass = 0  # counts universe passes
+        self.key_regex: dict[tuple[int, str], bool] = {}  # (id of a key regex, key) -> matched
+        self.tx_ints: dict[bytes, int] = {}  # TX value -> atoi
+
+    def trim(self) -> None:
+        """Bound the caches (a few length checks per request)."""
+        for cache in (self.transformed, self.scanned, self.plain, self.multi_match_step, self.universe_results,
+                      self.universe_seen):
+            if len(cache) > CACHE_ENTRIES:
+                cache.clear()
+        if len(self.key_regex) > KEY_REGEX_ENTRIES:
+            self.key_regex.clear()
+        if len(self.tx_ints) > TX_INT_ENTRIES:
+            self.tx_ints.clear()
+
+    def clear(self) -> None:
+        """Forget every value met so far (benchmarks: the cost of values never seen before)."""
+        for cache in (self.transformed, self.scanned, self.plain, self.multi_match_step, self.universe_results,
+                      self.universe_seen, self.key_regex, self.tx_ints):
+            cache.clear()
