@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 from typing import Literal
 from urllib.parse import unquote_to_bytes
 
@@ -217,6 +218,7 @@ _IPV6 = re.compile(r"\[[0-9a-f:.]+\]")
 _DEFAULT_PORT = {"http": "80", "https": "443"}
 
 
+@lru_cache(maxsize=1024)  # a handful of Host values per deployment; failures are not cached
 def canonical_host(host: str, scheme: str) -> str:
     """Canonical ``Host``: lower case, trailing dot removed, default port of ``scheme`` removed.
     "" stays "" (an HTTP/1.0 request without Host). Raises ``NotCanonical``."""

@@ -37,6 +37,7 @@ from gateway.canonical import (
 from gateway.chain import run_chain
 from gateway.config import HTTP_METHODS, Config, ConfigError, load_config
 from gateway.context import RequestContext
+from gateway.framing import ChunkGuard, ChunkSizeOutOfRange
 from gateway.problems import BAD_REQUEST, NOT_FOUND, Problem
 from gateway.proxy import BODY_TOO_LARGE, BodyTooLarge, ClientBodyError, UpstreamError, forward
 from gateway.runtime import Runtime, build_runtime
@@ -145,6 +146,31 @@ class _ProblemRequestHandler(web_protocol.RequestHandler):
     recorded like every other request (access log, audit, metrics) by the server's
     ``record_refused``. The connection is closed as aiohttp does.
     """
+
+    def data_received(self, data: bytes) -> None:
+        """The parser first; then ``ChunkGuard`` follows the same bytes and fails the body of a
+        request that declares an out-of-range chunk (gateway.framing), before its handler (which
+        runs only after this returns) can forward anything. After that nothing more is parsed."""
+        d = self.__dict__
+        if d.get("_chunk_refused"):
+            return
+        super().data_received(data)
+        guard = d.get("_chunk_guard")
+        if guard is None:
+            limit = getattr(self._manager, "chunk_limit", None)
+            if limit is None:
+                return
+            guard = d["_chunk_guard"] = ChunkGuard(limit())
+        if guard.done:
+            return
+        if self._messages:
+            d["_body_payload"] = self._messages[-1][1]
+        size = guard.feed(data)
+        if size is not None:
+            d["_chunk_refused"] = True
+            payload = d.get("_body_payload")
+            if payload is not None:
+                payload.set_exception(ChunkSizeOutOfRange(size, guard.limit))
 
     def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[no-untyped-def]
         resp = super().handle_error(request, status, exc, message)
@@ -388,6 +414,8 @@ class Gateway:
                     ctx.body, ctx.body_complete = body, complete
                     more_body = not complete
             except (asyncio.IncompleteReadError, ConnectionError, HttpProcessingError) as e:
+                if isinstance(e, ChunkSizeOutOfRange):
+                    return self._refuse_chunk(request, ctx)
                 return self._deny(ctx, Problem(BAD_REQUEST, detail="The request body could not be read",
                                                internal_reason=f"body_read_failed:{type(e).__name__}"))
             ctx.bytes_in = len(ctx.body)
@@ -418,6 +446,8 @@ class Gateway:
         except BodyTooLarge:
             return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
         except ClientBodyError as e:
+            if str(e) == ChunkSizeOutOfRange.__name__:
+                return self._refuse_chunk(request, ctx)
             return self._deny(ctx, Problem(BAD_REQUEST, detail="The request body could not be read",
                                            internal_reason=f"body_read_failed:{e}"))
         except UpstreamError as e:
@@ -426,6 +456,14 @@ class Gateway:
         if ctx.reason is None and ctx.detections:
             ctx.reason = ctx.detections[0].reason
         return resp
+
+    def _refuse_chunk(self, request: web.BaseRequest, ctx: RequestContext) -> web.Response:
+        """400 ``request_smuggling`` for a chunk size out of range; the connection closes after it
+        (nothing after that chunk line is parsed)."""
+        if request.protocol is not None:
+            request.protocol.close()
+        return self._deny(ctx, Problem(REQUEST_SMUGGLING, detail="Chunk size out of range",
+                                       internal_reason="chunk_size_out_of_range", headers={"Connection": "close"}))
 
     def _finish(self, rt: Runtime, ctx: RequestContext, resp: web.StreamResponse | None) -> None:
         if not ctx.status and resp is not None:
@@ -489,6 +527,7 @@ class Gateway:
             access_log=None,
         )
         server.record_refused = self.record_refused  # type: ignore[attr-defined]
+        server.chunk_limit = lambda: self.runtime.max_body_bytes  # type: ignore[attr-defined]
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.server.shutdown_grace_seconds)
         await self._runner.setup()
         host, port = split_listen(cfg.server.listen)

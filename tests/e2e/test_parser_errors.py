@@ -145,3 +145,36 @@ async def test_http_0_9_request_line_alone_is_never_forwarded(start_gateway, ups
     w.close()
     assert b" 200 " not in data
     assert upstream.started == 0
+
+
+CHUNKED = b"POST /up HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n"
+
+
+async def test_out_of_range_chunk_sizes_are_refused_before_anything_is_forwarded(start_gateway, upstream, pki):
+    gw = await start_gateway(basic_config(upstream.url, ingress={"max_body_bytes": 100000}))
+    cases = [
+        ("2^64-1", CHUNKED + b"ffffffffffffffff\r\n" + b"a" * 70000),
+        ("over_the_body_limit", CHUNKED + b"186a1\r\n" + b"a" * 70000),  # 100001
+        ("second_chunk", CHUNKED + b"3\r\nabc\r\nFFFFFFFFFFFF;x=y\r\n" + b"a" * 70000),
+        ("pipelined_behind_a_get", b"GET /first HTTP/1.1\r\n" + HOST + b"\r\n" + CHUNKED + b"ffffffffff\r\n" + b"a" * 70000),
+    ]
+    for name, raw in cases:
+        upstream.clear()
+        data = await _exchange(gw, pki, raw)
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", data)
+        want = [b"200", b"400"] if name.startswith("pipelined") else [b"400"]
+        assert statuses == want, (name, data[:300])
+        doc = json.loads(data.rpartition(b"\r\n\r\n")[2])
+        assert doc["reason"] == "request_smuggling", name
+        assert [r["path"] for r in upstream.requests] == (["/first"] if name.startswith("pipelined") else []), name
+        assert upstream.started == len(upstream.requests), name  # nothing half-sent either
+    await asyncio.sleep(0.3)
+    refused = [e for e in gw.access_log() if e["status"] == 400]
+    assert [e["reason"] for e in refused] == ["chunk_size_out_of_range"] * 4
+
+    # Chunked bodies within range still pass, whatever their chunking.
+    upstream.clear()
+    body = b"".join(b"%x\r\n%s\r\n" % (n, b"b" * n) for n in (1, 4096, 65536, 30000)) + b"0\r\n\r\n"
+    data = await _exchange(gw, pki, CHUNKED.replace(HOST, HOST + b"Connection: close\r\n") + body)
+    assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    assert upstream.requests[-1]["body"] == b"b" * (1 + 4096 + 65536 + 30000)
