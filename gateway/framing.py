@@ -11,8 +11,10 @@ request's body with ``ChunkSizeOutOfRange`` before the handler forwards anything
 runs only after ``data_received`` returned), answers 400 ``request_smuggling`` and closes.
 
 The guard never decides what a message *is*: the parser does. Where the guard cannot follow the
-stream (an upgrade, a header block over 64 KiB, anything it does not understand) it stops
-watching that connection (``done``), and the parser's own checks remain.
+stream (an upgrade, HTTP/0.9, a header block over ``max_head`` bytes, a ``Content-Length`` it
+cannot read) it stops watching (``done`` with ``lost`` set) and the server closes the connection
+after the current request, so nothing pipelined behind it goes unwatched. A chunk-size line over
+4 KiB (extensions) counts as out of range.
 """
 
 from __future__ import annotations
@@ -34,17 +36,20 @@ class ChunkSizeOutOfRange(BadHttpMessage):
 
 
 class ChunkGuard:
-    __slots__ = ("limit", "state", "buf", "remaining", "done", "violation")
+    __slots__ = ("limit", "max_head", "state", "buf", "remaining", "done", "lost", "lost_mid_head", "violation")
 
     HEAD, BODY, SIZE, DATA, DATA_END, TRAILER = range(6)
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, max_head: int = _MAX_HEAD):
         self.limit = limit
+        self.max_head = max(max_head, _MAX_HEAD)
         self.state = self.HEAD
         self.buf = b""
         self.remaining = 0
-        self.done = False  # stopped watching (cannot follow, or reported a violation)
-        self.violation: int | None = None  # the chunk size that was out of range
+        self.done = False  # stopped watching (lost the framing, or reported a violation)
+        self.lost = False  # stopped because it could not follow the stream
+        self.lost_mid_head = False  # ...inside a header block the parser has not finished either
+        self.violation: int | None = None  # the chunk size that was out of range (-1: size line too long)
 
     def feed(self, data: bytes) -> int | None:
         """Follow ``data``; the declared size of an out-of-range chunk when one starts in it."""
@@ -89,8 +94,11 @@ class ChunkGuard:
         term = b"\r\n" if st == self.SIZE or (st == self.TRAILER and data.startswith(b"\r\n", pos)) else b"\r\n\r\n"
         end = data.find(term, pos)
         if end < 0:
-            if len(data) - pos > (_MAX_HEAD if st != self.SIZE else _MAX_SIZE_LINE):
-                self.done = True
+            if st == self.SIZE and len(data) - pos > _MAX_SIZE_LINE:
+                self.violation, self.done = -1, True
+            elif len(data) - pos > self.max_head:
+                self._lose()
+                self.lost_mid_head = st == self.HEAD
             self.buf = data[pos:]
             return len(data) - carried
         line = data[pos:end]
@@ -107,25 +115,32 @@ class ChunkGuard:
         lower = block.lower()
         eol = lower.find(b"\r\n")
         if lower.find(b" http/1.", 0, eol if eol >= 0 else len(lower)) < 0 or b"\nupgrade:" in lower:
-            self.done = True  # HTTP/0.9, or a switch of protocol: not ours to follow
+            self._lose()  # HTTP/0.9, or a switch of protocol: not ours to follow
             return
         if b"\ntransfer-encoding:" in lower:
             self.state = self.SIZE
         elif b"\ncontent-length:" in lower:
             m = _CONTENT_LENGTH.search(lower + b"\r\n")
             if m is None:
-                self.done = True  # a form the parser will judge
+                self._lose()  # a form the parser (or the ingress filter) refuses
                 return
             self.remaining = int(m.group(1))
             self.state = self.BODY if self.remaining else self.HEAD
         # else: no body; the next message starts right after this block
 
+    def _lose(self) -> None:
+        self.done = self.lost = True
+
     def _size(self, line: bytes) -> None:
-        text = line.split(b";", 1)[0].strip(b" \t")
-        if not text or len(text) > 16 or text.strip(b"0123456789abcdefABCDEF"):
-            self.done = True  # malformed: llhttp refuses it
+        if len(line) > _MAX_SIZE_LINE:
+            self.violation, self.done = -1, True
             return
-        size = int(text, 16)
+        text = line.split(b";", 1)[0].strip(b" \t")
+        if not text or text.strip(b"0123456789abcdefABCDEF"):
+            self._lose()  # malformed: llhttp refuses it
+            return
+        digits = text.lstrip(b"0")
+        size = int(digits or b"0", 16) if len(digits) <= 16 else 1 << 64  # llhttp refuses > 2^64-1 too
         if size > self.limit:
             self.violation = size
             self.done = True

@@ -155,12 +155,16 @@ class _ProblemRequestHandler(web_protocol.RequestHandler):
         if d.get("_chunk_refused"):
             return
         super().data_received(data)
+        close_after = d.get("_close_after_request")
+        if close_after is not None and self._request_count > close_after:
+            d["_close_after_request"] = None
+            self.close()  # the request the guard lost track in is queued: it is the last one
         guard = d.get("_chunk_guard")
         if guard is None:
             limit = getattr(self._manager, "chunk_limit", None)
             if limit is None:
                 return
-            guard = d["_chunk_guard"] = ChunkGuard(limit())
+            guard = d["_chunk_guard"] = ChunkGuard(*limit())
         if guard.done:
             return
         if self._messages:
@@ -171,6 +175,13 @@ class _ProblemRequestHandler(web_protocol.RequestHandler):
             payload = d.get("_body_payload")
             if payload is not None:
                 payload.set_exception(ChunkSizeOutOfRange(size, guard.limit))
+        elif guard.lost:
+            # Framing the guard cannot follow (HTTP/0.9, an upgrade, an oversized or unreadable
+            # header block): this request is answered, and nothing behind it goes unwatched.
+            if guard.lost_mid_head:  # the parser has not finished this request's headers yet
+                d["_close_after_request"] = self._request_count
+            else:
+                self.close()
 
     def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[no-untyped-def]
         resp = super().handle_error(request, status, exc, message)
@@ -527,7 +538,8 @@ class Gateway:
             access_log=None,
         )
         server.record_refused = self.record_refused  # type: ignore[attr-defined]
-        server.chunk_limit = lambda: self.runtime.max_body_bytes  # type: ignore[attr-defined]
+        server.chunk_limit = lambda: (  # type: ignore[attr-defined]
+            self.runtime.max_body_bytes, self.config.ingress.max_header_bytes + self.config.ingress.max_uri_bytes + 1024)
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.server.shutdown_grace_seconds)
         await self._runner.setup()
         host, port = split_listen(cfg.server.listen)

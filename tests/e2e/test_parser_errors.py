@@ -178,3 +178,29 @@ async def test_out_of_range_chunk_sizes_are_refused_before_anything_is_forwarded
     data = await _exchange(gw, pki, CHUNKED.replace(HOST, HOST + b"Connection: close\r\n") + body)
     assert data.startswith(b"HTTP/1.1 200"), data[:200]
     assert upstream.requests[-1]["body"] == b"b" * (1 + 4096 + 65536 + 30000)
+
+
+async def test_a_connection_the_chunk_guard_cannot_follow_ends_after_its_request(start_gateway, upstream, pki):
+    """An oversized header block arriving in pieces (the ingress answers 431) makes the guard give
+    up following the framing: then the connection ends after that request, and nothing
+    pipelined behind it (here: a 2^64-1 chunk) is served."""
+    gw = await start_gateway(basic_config(upstream.url))
+    r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost")
+    w.write(b"GET /big HTTP/1.1\r\n" + HOST)
+    for i in range(5):  # 75 KB of legal header lines, in separate reads
+        w.write(b"X-Pad-%d: %s\r\n" % (i, b"p" * 15000))
+        await w.drain()
+        await asyncio.sleep(0.1)
+    w.write(b"\r\n" + CHUNKED + b"ffffffffffffffff\r\n" + b"a" * 70000)
+    data = b""
+    try:
+        await w.drain()
+        async with asyncio.timeout(20):
+            while chunk := await r.read(65536):
+                data += chunk
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    finally:
+        w.close()
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", data) == [b"431"], data[:300]
+    assert upstream.started == 0

@@ -42,6 +42,10 @@ CASES = [
     ("http09", b"GET /c\r\n\r\nffffffffff\r\n", None, False),
     ("upgrade", b"GET / HTTP/1.1\r\n" + H + b"Upgrade: websocket\r\n\r\nffffffffff\r\n", None, False),
     ("garbage_size", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", None, False),
+    ("leading_zeros", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n" + b"0" * 30 + b"5\r\nhello\r\n"
+     + b"0" * 20 + b"ffffff\r\n", 0xFFFFFF, False),
+    ("seventeen_digits", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\n", 1 << 64, False),
+    ("long_extension", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5;" + b"e" * 5000 + b"\r\n", -1, False),
 ]
 
 
@@ -56,4 +60,7 @@ def test_chunk_guard(name, stream, violation, following, split):
 def test_header_block_without_end_stops_watching_when_too_large():
     g = ChunkGuard(LIMIT)
     g.feed(b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 70000)
-    assert g.done and g.violation is None
+    assert g.done and g.lost and g.violation is None
+    g = ChunkGuard(LIMIT, max_head=200000)  # the operator allows larger headers
+    g.feed(b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 70000)
+    assert not g.done
