@@ -64,3 +64,47 @@ def test_header_block_without_end_stops_watching_when_too_large():
     g = ChunkGuard(LIMIT, max_head=200000)  # the operator allows larger headers
     g.feed(b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 70000)
     assert not g.done
+
+
+def _random_stream(rnd, n_messages: int) -> tuple[bytes, list[int]]:
+    """Pipelined messages of every framing, bodies full of lines that look like chunk sizes."""
+    noise = [b"ffffffffffffffff\r\n", b"\r\n\r\n", b"0\r\n\r\n", b"GET / HTTP/1.1\r\n", b"x", b"Transfer-Encoding: chunked\r\n"]
+    out, sizes = b"", []
+    for _ in range(n_messages):
+        kind = rnd.choice(["get", "cl", "chunked"])
+        body = b"".join(rnd.choice(noise) for _ in range(rnd.randint(0, 20)))
+        if kind == "get":
+            out += b"\r\n" * rnd.randint(0, 1) + b"GET /g HTTP/1.1\r\n" + H + b"\r\n"
+        elif kind == "cl":
+            out += b"POST /c HTTP/1.1\r\n" + H + b"content-length: %d\r\n\r\n" % len(body) + body
+        else:
+            out += b"POST /t HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+            pos = 0
+            while pos < len(body):
+                n = rnd.randint(1, 40)
+                part = body[pos : pos + n]
+                ext = rnd.choice([b"", b";a=b", b";q=\"x\""])
+                out += b"%s%x%s\r\n%s\r\n" % (b"0" * rnd.randint(0, 3), len(part), ext, part)
+                sizes.append(len(part))
+                pos += n
+            out += b"0\r\n" + rnd.choice([b"", b"X-Trailer: 1\r\n"]) + b"\r\n"
+    return out, sizes
+
+
+def test_random_pipelined_traffic_is_followed_without_false_alarms_at_any_split():
+    import random
+
+    rnd = random.Random(20261207)
+    for _ in range(300):
+        stream, _ = _random_stream(rnd, rnd.randint(1, 8))
+        g = ChunkGuard(LIMIT)
+        pos = 0
+        while pos < len(stream):
+            step = rnd.randint(1, 300)
+            g.feed(stream[pos : pos + step])
+            pos += step
+        assert g.violation is None and not g.done, stream[:200]
+        assert g.state == ChunkGuard.HEAD and g.buf == b""
+        # ...and a request with an out-of-range chunk after all of that is caught
+        g.feed(b"POST /z HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3e9\r\n")
+        assert g.violation == 1001
