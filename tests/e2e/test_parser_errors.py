@@ -249,3 +249,17 @@ async def test_pipelined_mixed_traffic_passes_the_chunk_guard_untouched(start_ga
     w.close()
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", data) == [b"200"] * 25
     assert [q["body"] for q in upstream.requests[:24]] == bodies
+
+
+async def test_parser_refusals_are_counted_under_the_supervisor_too(start_gateway, upstream, pki):
+    gw = await start_gateway(basic_config(upstream.url), workers=2)
+    before = await gw.metric("portvakt_requests_total", {"route": "(none)", "method": "OTHER", "status": "400",
+                                                          "decision": "deny"})
+    for _ in range(4):
+        data = await _exchange(gw, pki, REFUSALS[0][1])
+        assert data.startswith(b"HTTP/1.0 400") and b"request_smuggling" in data, data[:200]
+    after = await gw.metric("portvakt_requests_total", {"route": "(none)", "method": "OTHER", "status": "400",
+                                                         "decision": "deny"})
+    assert after - before == 4
+    await asyncio.sleep(0.3)
+    assert sum(1 for e in gw.access_log() if e["reason"] == "te_and_cl") == 4
