@@ -252,7 +252,8 @@ async def test_pipelined_mixed_traffic_passes_the_chunk_guard_untouched(start_ga
 
 
 async def test_parser_refusals_are_counted_under_the_supervisor_too(start_gateway, upstream, pki):
-    gw = await start_gateway(basic_config(upstream.url), workers=2)
+    gw = await start_gateway(basic_config(upstream.url), workers=2, wait_ready=False)
+    await gw.wait_ready(timeout=90)  # two workers start slowly on a loaded machine
     before = await gw.metric("portvakt_requests_total", {"route": "(none)", "method": "OTHER", "status": "400",
                                                           "decision": "deny"})
     for _ in range(4):
