@@ -15,7 +15,7 @@ and the upstream request all use it (the upstream gets the canonical form, re-en
   with ``normalize_path`` / ``merge_slashes`` false they are refused instead (never passed on);
 - refused (``NotCanonical``, reason ``path_not_canonical`` with a precise internal reason):
   an encoded ``/`` or ``\\`` and a raw ``\\`` (unless ``path_with_escaped_slashes_action``
-  unescapes them), ``;`` path parameters (unless ``path_parameters: keep``), ``%`` not followed
+  unescapes them), ``;`` and ``%3B`` path parameters (unless ``path_parameters: keep``), ``%`` not followed
   by two hex digits, double encoding (``%25`` followed by two hex digits), NUL and other
   control characters raw or encoded, a fragment (``#``), raw non-ASCII bytes, percent-encoded
   bytes that are not UTF-8 (overlong forms such as ``%C0%AE`` included), and non-ASCII
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 from typing import Literal
 from urllib.parse import unquote_to_bytes
 
@@ -68,7 +69,7 @@ class HttpConfig(Model):
         "normalised), unescape_and_redirect (308 to the unescaped canonical path)",
     )
     path_parameters: Literal["reject", "keep"] = Field(
-        "reject", description="';' in the path: reject (400; Tomcat/Spring strip ';...' parameters), keep (a plain character)")
+        "reject", description="';' or %3B in the path: reject (400; Tomcat/Spring strip ';...' parameters), keep (a plain character)")
     strip_request_headers: list[str] = Field(
         default_factory=list, description="More client headers never forwarded (added to the built-in list)")
     forward_request_headers: list[str] = Field(
@@ -143,6 +144,7 @@ def canonical_path(raw: str, policy: HttpConfig) -> tuple[str, str]:
         raw = _REENCODE.sub(lambda m: "%%%02X" % ord(m.group()), raw)
 
     non_ascii = False
+    params_rejected = policy.path_parameters == "reject"
 
     def decode(m: re.Match[str]) -> str:
         nonlocal unescaped_slash, non_ascii
@@ -156,6 +158,8 @@ def canonical_path(raw: str, policy: HttpConfig) -> tuple[str, str]:
             return "/"
         if b < 0x20 or b == 0x7F:
             raise NotCanonical("control_character")
+        if b == 0x3B and params_rejected:  # Spring strips ';...' after decoding: %3B is ';' there
+            raise NotCanonical("path_parameters")
         if b >= 0x80:
             non_ascii = True
         return "%%%02X" % b
@@ -217,6 +221,7 @@ _IPV6 = re.compile(r"\[[0-9a-f:.]+\]")
 _DEFAULT_PORT = {"http": "80", "https": "443"}
 
 
+@lru_cache(maxsize=1024)  # a handful of Host values per deployment; failures are not cached
 def canonical_host(host: str, scheme: str) -> str:
     """Canonical ``Host``: lower case, trailing dot removed, default port of ``scheme`` removed.
     "" stays "" (an HTTP/1.0 request without Host). Raises ``NotCanonical``."""

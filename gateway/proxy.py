@@ -329,6 +329,15 @@ def upstream_headers(
     return out
 
 
+def _is_utf8(value: str) -> bool:
+    """Whether a header value the parser decoded (UTF-8, surrogateescape) was valid UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def response_headers(up_headers: Any, ctx: "RequestContext") -> CIMultiDict[str]:
     drop = RESPONSE_DROP
     conn = up_headers.get("Connection")
@@ -337,6 +346,11 @@ def response_headers(up_headers: Any, ctx: "RequestContext") -> CIMultiDict[str]
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in up_headers.items():
         if k.lower() not in drop:
+            if not v.isascii() and not _is_utf8(v):
+                # aiohttp's writer would drop the bytes that are not UTF-8 without a word (a
+                # Latin-1 "\xe9t\xe9" would reach the client as "t"): refused, never altered.
+                log.warning("upstream response header %r is not valid UTF-8 (request %s)", k, ctx.request_id)
+                raise UpstreamError(Problem(UPSTREAM_UNAVAILABLE, internal_reason="upstream_header_invalid_utf8"))
             out.add(k, v)
     out["X-Request-Id"] = ctx.request_id
     out["Server"] = "portvakt"

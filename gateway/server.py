@@ -39,6 +39,7 @@ from gateway.edge import REQUEST_TIMEOUT, EdgeLimits, EdgeRequestHandler, EdgeTC
 from gateway.chain import run_chain
 from gateway.config import HTTP_METHODS, Config, ConfigError, load_config
 from gateway.context import RequestContext
+from gateway.framing import ChunkGuard, ChunkSizeOutOfRange
 from gateway.problems import BAD_REQUEST, NOT_FOUND, Problem
 from gateway.proxy import BODY_TOO_LARGE, BodyTooLarge, ClientBodyError, UpstreamError, forward
 from gateway.runtime import Runtime, build_runtime
@@ -150,6 +151,42 @@ class _ProblemRequestHandler(EdgeRequestHandler):
     recorded like every other request (access log, audit, metrics) by the server's
     ``record_refused``. The connection is closed as aiohttp does.
     """
+
+    def data_received(self, data: bytes) -> None:
+        """The parser first; then ``ChunkGuard`` follows the same bytes and fails the body of a
+        request that declares an out-of-range chunk (gateway.framing), before its handler (which
+        runs only after this returns) can forward anything. After that nothing more is parsed."""
+        d = self.__dict__
+        if d.get("_chunk_refused"):
+            return
+        super().data_received(data)
+        close_after = d.get("_close_after_request")
+        if close_after is not None and self._request_count > close_after:
+            d["_close_after_request"] = None
+            self.close()  # the request the guard lost track in is queued: it is the last one
+        guard = d.get("_chunk_guard")
+        if guard is None:
+            limit = getattr(self._manager, "chunk_limit", None)
+            if limit is None:
+                return
+            guard = d["_chunk_guard"] = ChunkGuard(*limit())
+        if guard.done:
+            return
+        if self._messages:
+            d["_body_payload"] = self._messages[-1][1]
+        size = guard.feed(data)
+        if size is not None:
+            d["_chunk_refused"] = True
+            payload = d.get("_body_payload")
+            if payload is not None:
+                payload.set_exception(ChunkSizeOutOfRange(size, guard.limit))
+        elif guard.lost:
+            # Framing the guard cannot follow (HTTP/0.9, an upgrade, an oversized or unreadable
+            # header block): this request is answered, and nothing behind it goes unwatched.
+            if guard.lost_mid_head:  # the parser has not finished this request's headers yet
+                d["_close_after_request"] = self._request_count
+            else:
+                self.close()
 
     def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[no-untyped-def]
         gateway = getattr(self._manager, "gateway", None)
@@ -449,6 +486,8 @@ class Gateway:
                     ctx.body, ctx.body_complete = body, complete
                     more_body = not complete
             except (asyncio.IncompleteReadError, ConnectionError, HttpProcessingError) as e:
+                if isinstance(e, ChunkSizeOutOfRange):
+                    return self._refuse_chunk(request, ctx)
                 return self._body_failed(ctx, type(e).__name__)
             ctx.bytes_in = len(ctx.body)
             if len(ctx.body) > limit:
@@ -478,6 +517,8 @@ class Gateway:
         except BodyTooLarge:
             return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
         except ClientBodyError as e:
+            if str(e) == ChunkSizeOutOfRange.__name__:
+                return self._refuse_chunk(request, ctx)
             return self._body_failed(ctx, str(e))
         except UpstreamError as e:
             return self._deny(ctx, e.problem, decision="error")
@@ -495,6 +536,14 @@ class Gateway:
                                            internal_reason=f"body_read_failed:{error}"))
         resp.force_close()  # the rest of the body is unread: the connection cannot carry another request
         return resp
+
+    def _refuse_chunk(self, request: web.BaseRequest, ctx: RequestContext) -> web.Response:
+        """400 ``request_smuggling`` for a chunk size out of range; the connection closes after it
+        (nothing after that chunk line is parsed)."""
+        if request.protocol is not None:
+            request.protocol.close()
+        return self._deny(ctx, Problem(REQUEST_SMUGGLING, detail="Chunk size out of range",
+                                       internal_reason="chunk_size_out_of_range", headers={"Connection": "close"}))
 
     def _finish(self, rt: Runtime, ctx: RequestContext, resp: web.StreamResponse | None) -> None:
         if not ctx.status and resp is not None:
@@ -560,6 +609,8 @@ class Gateway:
         server.record_refused = self.record_refused  # type: ignore[attr-defined]
         server.edge = self.edge  # type: ignore[attr-defined]  # read by each connection's handler
         server.gateway = self
+        server.chunk_limit = lambda: (  # type: ignore[attr-defined]
+            self.runtime.max_body_bytes, self.config.ingress.max_header_bytes + self.config.ingress.max_uri_bytes + 1024)
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.server.shutdown_grace_seconds)
         await self._runner.setup()
         host, port = split_listen(cfg.server.listen)

@@ -127,3 +127,39 @@ async def test_header_bytes_pass_verbatim_or_are_refused(start_gateway, upstream
     assert upstream.requests[-1]["headers"]["X-A"].encode("utf-8", "surrogateescape") == b"\xc3\xa9t\xc3\xa9 \xe2\x9c\x93"
     await asyncio.sleep(0.2)
     assert [e["reason"] for e in gw.access_log() if e["status"] == 400] == ["header_invalid_utf8"]
+
+
+async def test_upstream_response_header_bytes_pass_verbatim_or_the_response_is_refused(start_gateway, pki):
+    """A raw upstream answering with a Latin-1 header value: aiohttp would have sent the client
+    'X-A: t'. Now 502 (upstream_header_invalid_utf8); a UTF-8 value passes byte for byte."""
+    values = {b"/latin": b"\xe9t\xe9", b"/utf8": b"\xc3\xa9t\xc3\xa9"}
+
+    async def serve(reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ", 2)[1]
+            writer.write(b"HTTP/1.1 200 OK\r\nX-A: " + values.get(path, b"x") + b"\r\nContent-Length: 2\r\n"
+                         b"Connection: close\r\n\r\nok")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await start_gateway(basic_config(f"http://127.0.0.1:{port}"))
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost")
+        w.write(b"GET /latin HTTP/1.1\r\nHost: a\r\n\r\nGET /utf8 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        data = b""
+        async with asyncio.timeout(20):
+            while chunk := await r.read(65536):
+                data += chunk
+        w.close()
+    finally:
+        server.close()
+    responses = re.split(rb"(?=HTTP/1\.1 \d{3} )", data)[1:]
+    assert [x[9:12] for x in responses] == [b"502", b"200"], data[:500]
+    assert b"upstream_unavailable" in responses[0]
+    assert b"\r\nX-A: \xc3\xa9t\xc3\xa9\r\n" in responses[1]
+    await asyncio.sleep(0.2)
+    assert [e["reason"] for e in gw.access_log() if e["status"] == 502] == ["upstream_header_invalid_utf8"]
