@@ -14,4 +14,5 @@ pytest_plugins = [
     "tests.fixtures.gateway",
     "tests.fixtures.issuer",
     "tests.fixtures.persons",
+    "tests.fixtures.oidc_provider",
 ]

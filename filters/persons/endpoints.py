@@ -323,6 +323,9 @@ async def logout(st: "PersonsStage", ctx: "RequestContext") -> web.StreamRespons
               "post_logout_redirect_uri": cfg.post_logout_redirect_uri or f"{ctx.scheme}://{ctx.host}{st.prefix}/logout/callback"}
     if id_token:
         fields["id_token_hint"] = id_token
+    if cfg.provider.end_session_method == "get":  # for OPs without POST support (puts the hint in URLs)
+        resp = _redirect(end + ("&" if "?" in end else "?") + urlencode(fields), [clear])
+        return _done(ctx, resp, "allow", "logout_rp")
     u = urlsplit(end)
     resp = pages.post_form_page(end, fields, f"{u.scheme}://{u.netloc}")
     resp.headers.add("Set-Cookie", clear)

@@ -92,9 +92,11 @@ class Provider:
                 key = serialization.load_pem_private_key(f.read(), password=None)
             if not isinstance(key, rsa.RSAPrivateKey) or key.key_size < 2048:
                 raise ValueError("persons.provider.client_key_file: must be an RSA key of 2048 bits or more")
-            self._key = key.private_bytes(
+            from joserfc.jwk import RSAKey
+
+            self._key = RSAKey.import_key(key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
+            ))
         self._ssl: ssl.SSLContext | bool = True
         if cfg.ca_file:
             self._ssl = ssl.create_default_context(cafile=resolve(cfg.ca_file))
@@ -121,9 +123,23 @@ class Provider:
         try:
             await self.ensure_metadata()
         except ProviderUnavailable as e:
-            log.warning("persons: OP metadata not obtained at start (%s); retried on the first login", e)
+            log.warning("persons: OP metadata not obtained at start (%s); retrying in the background", e)
+            self._retry_task = asyncio.get_running_loop().create_task(self._retry_metadata())
+
+    async def _retry_metadata(self) -> None:
+        delay = 0.25
+        while self.metadata is None:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            try:
+                await self.ensure_metadata()
+            except ProviderUnavailable:
+                continue
 
     async def close(self) -> None:
+        t = getattr(self, "_retry_task", None)
+        if t is not None and not t.done():
+            t.cancel()
         if self.jwks is not None:
             await self.jwks.close()
         if self._session is not None and not self._session.closed:
