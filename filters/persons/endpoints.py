@@ -355,6 +355,8 @@ async def frontchannel(st: "PersonsStage", ctx: "RequestContext") -> web.StreamR
     try:
         ended = await st.sessions.end_by_sid(issuer, sid)
     except StoreUnavailable:
+        # Accepted: retried in the background (up to 10 min) so the logout still happens.
+        st.retry_frontchannel(issuer, sid, ctx.request_id)
         resp.set_status(202)
         return _done(ctx, resp, "error", "frontchannel_store_unavailable")
     if ended:

@@ -242,3 +242,25 @@ async def test_open_redirect_corpus_always_lands_on_a_same_origin_path(persons_e
         assert not bad, bad[:10]
     finally:
         await b.close()
+
+
+async def test_frontchannel_during_a_redis_hang_is_accepted_and_done_when_it_is_back(persons_env, redis_server):
+    env = await persons_env(store={"backend": "redis", "url": redis_server.url, "timeout_seconds": 0.5})
+    b = HttpBrowser(env.gw)
+    try:
+        await b.login()
+        sso = next(iter(env.op.sessions.values()))
+        os.kill(redis_server.pid, signal.SIGSTOP)
+        try:
+            async with env.gw.session(cookie_jar=aiohttp.DummyCookieJar()) as raw:
+                async with raw.get(env.url + "/portvakt/logout/frontchannel",
+                                   params={"iss": env.op.issuer, "sid": sso.sid}) as r:
+                    assert r.status == 202 and r.headers["Cache-Control"] == "no-store"
+        finally:
+            os.kill(redis_server.pid, signal.SIGCONT)
+        ev = await env.events("logout_frontchannel", timeout=15)
+        assert ev and ev[-1]["retried"] is True
+        r = await b.get(env.url + "/app/")
+        assert r.status == 302 and "/portvakt/login" in r.headers["Location"]
+    finally:
+        await b.close()
