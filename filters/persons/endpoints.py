@@ -9,6 +9,7 @@
 ``GET  <p>/logout/frontchannel``   the OP ends a session: ``iss`` + ``sid``, no cookie needed
 ``GET  <p>/session``               the session's times and level for a single-page app
 ``POST <p>/session/refresh``       refresh the tokens now
+``GET  <p>/auth?level=``           forward-auth for another proxy: 204 + identity headers, 401, 403
 =================================  ===========================================================
 """
 
@@ -93,6 +94,8 @@ async def serve(st: "PersonsStage", ctx: "RequestContext", request: Any) -> web.
             return await session_info(st, ctx)
         if sub == "/session/refresh" and m == "POST":
             return await session_info(st, ctx, refresh=True)
+        if sub == "/auth" and m in ("GET", "HEAD"):
+            return await forward_auth(st, ctx)
     except StoreUnavailable:
         if sub == "/logout/frontchannel":
             raise
@@ -393,6 +396,37 @@ async def session_info(st: "PersonsStage", ctx: "RequestContext", refresh: bool 
     }
     resp = web.json_response(doc, headers={"Cache-Control": "no-store"})
     return _done(ctx, resp, "allow", None)
+
+
+async def forward_auth(st: "PersonsStage", ctx: "RequestContext") -> web.StreamResponse:
+    """For a proxy in front of another app (nginx ``auth_request``, Traefik forwardAuth): 204 with
+    the person's level, amr and hashed session (never the pid, never a token); 401 without a live
+    session; 403 when ``level`` is above the session's (step-up needed)."""
+    from filters.persons import canonical_acr
+
+    s = await st.sessions.load(ctx.headers)
+    if s is None:
+        return _problem(ctx, Problem("login_required", headers={"WWW-Authenticate": 'Bearer realm="portvakt"'}))
+    level = ctx.request.query.get("level")
+    if level is not None:
+        level = canonical_acr(level) if level in ACR_RANKS else None
+        if level is None:
+            return _problem(ctx, Problem(problems.BAD_REQUEST, detail="unknown level"))
+        if acr_rank(s.acr, st.cfg.provider.eidas_high_as_high) < acr_rank(level):
+            www = f'Bearer error="insufficient_user_authentication", acr_values="{level}"'
+            return _problem(ctx, Problem("step_up_required", status=403, headers={"WWW-Authenticate": www}))
+    try:
+        s = await st.sessions.ensure_fresh(s)
+    except RefreshFailed:
+        return _problem(ctx, Problem("login_required", internal_reason="session_refresh_refused",
+                                     headers={"WWW-Authenticate": 'Bearer realm="portvakt"'}))
+    d = s.data
+    h = {"Cache-Control": "no-store", "X-Portvakt-Acr": d.get("acr") or "", "X-Portvakt-Session": session_hash(s.id)}
+    if d.get("amr"):
+        h["X-Portvakt-Amr"] = " ".join(d["amr"])
+    if d.get("auth_time") is not None:
+        h["X-Portvakt-Auth-Time"] = str(int(d["auth_time"]))
+    return _done(ctx, web.Response(status=204, headers=h), "allow", None)
 
 
 def _iso(t: float) -> str:

@@ -77,3 +77,21 @@ async def test_audit_chain_with_login_events_verifies(persons_env):
     assert out.returncode == 0, out.stdout + out.stderr
     text = "".join(open(f).read() for f in files)
     assert "24917397852" not in text and "eyJ" not in text
+
+
+async def test_forward_auth_endpoint(persons_env):
+    env = await persons_env()
+    b = HttpBrowser(env.gw)
+    try:
+        async with b.session.get(env.url + "/portvakt/auth") as r:
+            assert r.status == 401
+        await b.login()
+        async with b.session.get(env.url + "/portvakt/auth?level=idporten-loa-substantial") as r:
+            assert r.status == 204 and r.headers["X-Portvakt-Acr"] == "idporten-loa-substantial"
+            assert "X-Portvakt-Person" not in r.headers and "Authorization" not in r.headers
+        async with b.session.get(env.url + "/portvakt/auth?level=Level4") as r:
+            assert r.status == 403 and 'acr_values="idporten-loa-high"' in r.headers["WWW-Authenticate"]
+        async with b.session.get(env.url + "/portvakt/auth?level=bogus") as r:
+            assert r.status == 400
+    finally:
+        await b.close()

@@ -44,13 +44,14 @@ async def test_refresh_keeps_the_session_past_many_access_token_lifetimes(person
 
 
 async def test_twenty_parallel_requests_at_expiry_make_one_refresh_across_two_workers(persons_env, redis_server):
-    env = await persons_env(op_kwargs={"access_ttl": 4}, refresh_leeway_seconds=2, workers=2,
+    # A 10 s token refreshed 5 s before expiry: stragglers have 5 s before the new one is due too.
+    env = await persons_env(op_kwargs={"access_ttl": 10}, refresh_leeway_seconds=5, workers=2,
                             store={"backend": "redis", "url": redis_server.url})
     b = HttpBrowser(env.gw)
     try:
         await b.login()
         cookie = b.cookie(SESSION)
-        await asyncio.sleep(2.5)  # now inside the leeway: every request wants a refresh
+        await asyncio.sleep(5.5)  # now inside the leeway: every request wants a refresh
         before = env.op.grants["refresh_token"]
 
         async def one(i: int) -> tuple[int, str]:
