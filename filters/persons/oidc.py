@@ -28,8 +28,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from authlib.oauth2.rfc7523 import private_key_jwt_sign
-from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from filters.jwks import VERIFIERS, JwksStore, KeysUnavailable, check_algorithms
 from filters.persons.config import ProviderConfig
@@ -61,6 +59,9 @@ class IdTokenInvalid(Exception):
 
 
 def pkce_challenge(verifier: str) -> str:
+    # authlib is imported where it is used: a gateway without persons: never pays its import.
+    from authlib.oauth2.rfc7636 import create_s256_code_challenge
+
     return create_s256_code_challenge(verifier)
 
 
@@ -147,7 +148,8 @@ class Provider:
 
     def readiness(self) -> str:
         if self.metadata is None:
-            return f"down: metadata not obtained ({self._last_error or 'not fetched'})"
+            # Degraded, not down: routes without person: keep working while logins answer 503.
+            return f"fallback: metadata not obtained ({self._last_error or 'not fetched'}); logins answer 503"
         return "ok"
 
     # -- discovery ----------------------------------------------------------------------------
@@ -247,6 +249,8 @@ class Provider:
         cfg = self.cfg
         form["client_id"] = cfg.client_id
         if cfg.client_auth == "private_key_jwt":
+            from authlib.oauth2.rfc7523 import private_key_jwt_sign
+
             header = {"alg": "RS256"}
             if cfg.client_key_id:
                 header["kid"] = cfg.client_key_id
