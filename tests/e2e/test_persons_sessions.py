@@ -265,3 +265,17 @@ async def test_frontchannel_during_a_redis_hang_is_accepted_and_done_when_it_is_
         assert r.status == 302 and "/portvakt/login" in r.headers["Location"]
     finally:
         await b.close()
+
+
+async def test_refresh_never_downgrades_the_level(persons_env):
+    env = await persons_env(op_kwargs={"access_ttl": 3}, refresh_leeway_seconds=2)
+    b = HttpBrowser(env.gw)
+    try:
+        await b.login("/app/high/x", acr="idporten-loa-high")
+        env.op.force_acr = "idporten-loa-substantial"  # the refreshed id_token says less
+        await asyncio.sleep(1.5)
+        status, _, doc = await _json(b, env.url + "/app/high/x")
+        assert status == 200 and doc["headers"]["X-Portvakt-Acr"] == "idporten-loa-high"
+        assert env.op.grants["refresh_token"] >= 1
+    finally:
+        await b.close()
