@@ -149,7 +149,7 @@ async def start_provider(config_path: Path, certs: Path) -> tuple[Any, str | Non
     ))
     op.add_client_b()
     await op.start()
-    route = next((r for r in cfg.routes if r.person is not None), None)
+    route = min((r for r in cfg.routes if r.person is not None), key=lambda r: len(r.match.path_prefix), default=None)
     url = f"https://{host}:{port}{route.match.path_prefix}" if route else None
     return op, url
 

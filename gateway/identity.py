@@ -15,6 +15,9 @@ only from facts the chain verified. All headers live under one prefix (default `
 ``<p>Target-Org``           the organisation the request concerns
 ``<p>Legal-Basis``          the route's legal basis
 ``<p>Person``               the person's pid: only where the route sets ``forward.person``
+``<p>Amr``                  a logged-in person's ``amr`` (filters.persons), space-separated
+``<p>Auth-Time``            when that person authenticated (Unix seconds)
+``<p>Session``              the login session id, hashed
 ``<p>Assertion``            the signed identity assertion (ES256 JWT, below)
 ``Client-Cert`` (+``-Chain``) RFC 9440, only where the route sets ``forward.client_cert``
 ``Authorization``           the verified bearer token, only where the route sets ``forward.bearer_token``
@@ -29,7 +32,8 @@ raw values. The assertion's claims: ``iss`` (``identity.assertion.issuer``), ``a
 upstream's name), ``iat``, ``exp`` (``iat + lifetime_seconds``), ``jti``, ``request_id``,
 ``route``, ``service`` and, when known, ``consumer_org``, ``integration_id``,
 ``integration_org``, ``certificate_org``, ``scope``, ``acr``, ``client_amr``, ``token_kind``,
-``target_org``, ``legal_basis`` and (opt-in routes only) ``pid``. The public keys are served as a
+``target_org``, ``legal_basis``, for a logged-in person ``amr``, ``auth_time`` and ``session``, and
+(opt-in routes only) ``pid``. The public keys are served as a
 JWKS by the admin listener at ``/.well-known/jwks.json`` (``Forwarder.jwks()``).
 
 Keys: ``identity.assertion.key_dir`` holds PEM keys and ``manifest.json`` managed by

@@ -172,6 +172,32 @@ class PersonsStage(Stage):
         self.allowed_redirect_hosts = frozenset(h.lower() for h in cfg.allowed_redirect_hosts)
         self.locales = frozenset(cfg.ui_locales)
         self._route_filters: dict[str, PersonFilter] = {}
+        self._retries: set[Any] = set()
+
+    def retry_frontchannel(self, iss: str, sid: str, request_id: str) -> None:
+        """End (iss, sid)'s sessions once the store is back: every 2 s, for at most 10 minutes."""
+        import asyncio
+
+        async def run() -> None:
+            from filters.persons.sessions import session_hash, sid_index_key
+
+            for _ in range(300):
+                await asyncio.sleep(2)
+                try:
+                    ended = await self.sessions.end_by_sid(iss, sid)
+                except StoreUnavailable:
+                    continue
+                if ended:
+                    self.audit_event({"type": "logout_frontchannel", "request_id": request_id, "retried": True,
+                                      "op_session": sid_index_key(iss, sid)[:32],
+                                      "sessions": [session_hash(i) for i in ended], "cookie_seen": False})
+                return
+            log.error("persons: front-channel logout could not reach the session store for 10 minutes")
+
+        if len(self._retries) < 1000:
+            t = asyncio.get_running_loop().create_task(run())
+            self._retries.add(t)
+            t.add_done_callback(self._retries.discard)
 
     def attach_audit(self, audit: Any) -> None:
         self._audit = audit
@@ -205,6 +231,8 @@ class PersonsStage(Stage):
         await self.provider.start()
 
     async def close(self) -> None:
+        for t in list(self._retries):
+            t.cancel()
         await self.provider.close()
         await release(self.store)
 

@@ -39,6 +39,9 @@ class ProviderConfig(Model):
         default_factory=list,
         description="Origins allowed to frame the front-channel logout endpoint (default: the authorize endpoint's origin)",
     )
+    end_session_method: Literal["post", "get"] = Field(
+        "post", description="RP-initiated logout: an auto-submitted POST form (ID-porten recommends it) or a GET redirect"
+    )
     timeout_seconds: float = Field(5.0, gt=0, le=60, description="Each call to the OP (discovery, PAR, token, JWKS)")
     discovery_cache_seconds: float = Field(86400.0, gt=0, description="How long metadata is kept (ID-porten: 24 h)")
     leeway_seconds: int = Field(5, ge=0, le=300, description="Clock skew allowed on exp/iat/auth_time")

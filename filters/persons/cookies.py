@@ -56,7 +56,7 @@ class CookieCodec:
             raw = _b64d(parts[2])
         except (ValueError, TypeError):
             return None
-        if len(raw) < 12 + 16:
+        if len(raw) < 12 + 16 or _b64e(raw) != parts[2]:  # canonical encoding only: one spelling per value
             return None
         try:
             return aead.decrypt(raw[:12], raw[12:], f"{name}|{parts[1]}".encode())

@@ -9,6 +9,7 @@
 ``GET  <p>/logout/frontchannel``   the OP ends a session: ``iss`` + ``sid``, no cookie needed
 ``GET  <p>/session``               the session's times and level for a single-page app
 ``POST <p>/session/refresh``       refresh the tokens now
+``GET  <p>/auth?level=``           forward-auth for another proxy: 204 + identity headers, 401, 403
 =================================  ===========================================================
 """
 
@@ -93,6 +94,8 @@ async def serve(st: "PersonsStage", ctx: "RequestContext", request: Any) -> web.
             return await session_info(st, ctx)
         if sub == "/session/refresh" and m == "POST":
             return await session_info(st, ctx, refresh=True)
+        if sub == "/auth" and m in ("GET", "HEAD"):
+            return await forward_auth(st, ctx)
     except StoreUnavailable:
         if sub == "/logout/frontchannel":
             raise
@@ -323,6 +326,9 @@ async def logout(st: "PersonsStage", ctx: "RequestContext") -> web.StreamRespons
               "post_logout_redirect_uri": cfg.post_logout_redirect_uri or f"{ctx.scheme}://{ctx.host}{st.prefix}/logout/callback"}
     if id_token:
         fields["id_token_hint"] = id_token
+    if cfg.provider.end_session_method == "get":  # for OPs without POST support (puts the hint in URLs)
+        resp = _redirect(end + ("&" if "?" in end else "?") + urlencode(fields), [clear])
+        return _done(ctx, resp, "allow", "logout_rp")
     u = urlsplit(end)
     resp = pages.post_form_page(end, fields, f"{u.scheme}://{u.netloc}")
     resp.headers.add("Set-Cookie", clear)
@@ -352,6 +358,8 @@ async def frontchannel(st: "PersonsStage", ctx: "RequestContext") -> web.StreamR
     try:
         ended = await st.sessions.end_by_sid(issuer, sid)
     except StoreUnavailable:
+        # Accepted: retried in the background (up to 10 min) so the logout still happens.
+        st.retry_frontchannel(issuer, sid, ctx.request_id)
         resp.set_status(202)
         return _done(ctx, resp, "error", "frontchannel_store_unavailable")
     if ended:
@@ -388,6 +396,37 @@ async def session_info(st: "PersonsStage", ctx: "RequestContext", refresh: bool 
     }
     resp = web.json_response(doc, headers={"Cache-Control": "no-store"})
     return _done(ctx, resp, "allow", None)
+
+
+async def forward_auth(st: "PersonsStage", ctx: "RequestContext") -> web.StreamResponse:
+    """For a proxy in front of another app (nginx ``auth_request``, Traefik forwardAuth): 204 with
+    the person's level, amr and hashed session (never the pid, never a token); 401 without a live
+    session; 403 when ``level`` is above the session's (step-up needed)."""
+    from filters.persons import canonical_acr
+
+    s = await st.sessions.load(ctx.headers)
+    if s is None:
+        return _problem(ctx, Problem("login_required", headers={"WWW-Authenticate": 'Bearer realm="portvakt"'}))
+    level = ctx.request.query.get("level")
+    if level is not None:
+        level = canonical_acr(level) if level in ACR_RANKS else None
+        if level is None:
+            return _problem(ctx, Problem(problems.BAD_REQUEST, detail="unknown level"))
+        if acr_rank(s.acr, st.cfg.provider.eidas_high_as_high) < acr_rank(level):
+            www = f'Bearer error="insufficient_user_authentication", acr_values="{level}"'
+            return _problem(ctx, Problem("step_up_required", status=403, headers={"WWW-Authenticate": www}))
+    try:
+        s = await st.sessions.ensure_fresh(s)
+    except RefreshFailed:
+        return _problem(ctx, Problem("login_required", internal_reason="session_refresh_refused",
+                                     headers={"WWW-Authenticate": 'Bearer realm="portvakt"'}))
+    d = s.data
+    h = {"Cache-Control": "no-store", "X-Portvakt-Acr": d.get("acr") or "", "X-Portvakt-Session": session_hash(s.id)}
+    if d.get("amr"):
+        h["X-Portvakt-Amr"] = " ".join(d["amr"])
+    if d.get("auth_time") is not None:
+        h["X-Portvakt-Auth-Time"] = str(int(d["auth_time"]))
+    return _done(ctx, web.Response(status=204, headers=h), "allow", None)
 
 
 def _iso(t: float) -> str:

@@ -28,8 +28,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from authlib.oauth2.rfc7523 import private_key_jwt_sign
-from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from filters.jwks import VERIFIERS, JwksStore, KeysUnavailable, check_algorithms
 from filters.persons.config import ProviderConfig
@@ -61,6 +59,9 @@ class IdTokenInvalid(Exception):
 
 
 def pkce_challenge(verifier: str) -> str:
+    # authlib is imported where it is used: a gateway without persons: never pays its import.
+    from authlib.oauth2.rfc7636 import create_s256_code_challenge
+
     return create_s256_code_challenge(verifier)
 
 
@@ -92,9 +93,11 @@ class Provider:
                 key = serialization.load_pem_private_key(f.read(), password=None)
             if not isinstance(key, rsa.RSAPrivateKey) or key.key_size < 2048:
                 raise ValueError("persons.provider.client_key_file: must be an RSA key of 2048 bits or more")
-            self._key = key.private_bytes(
+            from joserfc.jwk import RSAKey
+
+            self._key = RSAKey.import_key(key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
+            ))
         self._ssl: ssl.SSLContext | bool = True
         if cfg.ca_file:
             self._ssl = ssl.create_default_context(cafile=resolve(cfg.ca_file))
@@ -121,9 +124,23 @@ class Provider:
         try:
             await self.ensure_metadata()
         except ProviderUnavailable as e:
-            log.warning("persons: OP metadata not obtained at start (%s); retried on the first login", e)
+            log.warning("persons: OP metadata not obtained at start (%s); retrying in the background", e)
+            self._retry_task = asyncio.get_running_loop().create_task(self._retry_metadata())
+
+    async def _retry_metadata(self) -> None:
+        delay = 0.25
+        while self.metadata is None:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            try:
+                await self.ensure_metadata()
+            except ProviderUnavailable:
+                continue
 
     async def close(self) -> None:
+        t = getattr(self, "_retry_task", None)
+        if t is not None and not t.done():
+            t.cancel()
         if self.jwks is not None:
             await self.jwks.close()
         if self._session is not None and not self._session.closed:
@@ -131,7 +148,8 @@ class Provider:
 
     def readiness(self) -> str:
         if self.metadata is None:
-            return f"down: metadata not obtained ({self._last_error or 'not fetched'})"
+            # Degraded, not down: routes without person: keep working while logins answer 503.
+            return f"fallback: metadata not obtained ({self._last_error or 'not fetched'}); logins answer 503"
         return "ok"
 
     # -- discovery ----------------------------------------------------------------------------
@@ -231,6 +249,8 @@ class Provider:
         cfg = self.cfg
         form["client_id"] = cfg.client_id
         if cfg.client_auth == "private_key_jwt":
+            from authlib.oauth2.rfc7523 import private_key_jwt_sign
+
             header = {"alg": "RS256"}
             if cfg.client_key_id:
                 header["kid"] = cfg.client_key_id

@@ -153,7 +153,9 @@ class RedisStore:
         await self.client.aclose()
 
     def readiness(self) -> str:
-        return "ok" if self._last_error is None else f"down: {self._last_error}"
+        # Not "down": every instance shares the store, and public routes must stay served while
+        # session routes answer 503. Readiness says what is degraded.
+        return "ok" if self._last_error is None else f"fallback: unreachable ({self._last_error}); session routes answer 503"
 
     async def get(self, key: str) -> bytes | None:
         return await self._run(self.client.get(key))

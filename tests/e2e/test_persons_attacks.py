@@ -256,3 +256,37 @@ async def test_authorization_header_on_session_route_is_refused(env):
             assert (await r.json())["reason"] == "authorization_on_session_route"
     finally:
         await b.close()
+
+
+async def test_hostile_inputs_to_the_login_endpoints_never_give_5xx(env):
+    import aiohttp
+
+    long = "A" * 6000
+    cases = [
+        ("GET", "/portvakt/callback?state=" + long + "&code=x"),
+        ("GET", "/portvakt/callback?state=a&state=b&code=x"),
+        ("GET", "/portvakt/callback?code=" + long),
+        ("GET", "/portvakt/callback?state=%FF%FE&code=%00"),
+        ("GET", "/portvakt/callback"),
+        ("GET", "/portvakt/login?redirect=" + long),
+        ("GET", "/portvakt/login?redirect=%0d%0aSet-Cookie:%20x=1&level=" + long + "&locale=" + long),
+        ("GET", "/portvakt/logout/frontchannel?iss=" + long + "&sid=" + long),
+        ("GET", "/portvakt/logout/callback?state=" + long),
+        ("GET", "/portvakt/nothing-here"),
+        ("POST", "/portvakt/login"),
+        ("DELETE", "/portvakt/session"),
+        ("GET", "/portvakt/../app/"),
+        ("GET", "/portvakt/session"),
+        ("POST", "/portvakt/session/refresh"),
+    ]
+    async with env.gw.session(cookie_jar=aiohttp.DummyCookieJar()) as s:
+        for method, path in cases:
+            hdrs = {"Cookie": "__Host-portvakt-session=" + "x" * 900 + "; __Host-portvakt-login=" + "y" * 43}
+            async with s.request(method, env.url + path, headers=hdrs, allow_redirects=False) as r:
+                body = await r.text()
+                assert r.status < 500, (method, path[:80], r.status, body[:200])
+                assert "Traceback" not in body
+                for v in r.headers.getall("Set-Cookie", ()):
+                    assert "x=1" not in v
+                loc = r.headers.get("Location", "")
+                assert "\r" not in loc and "\n" not in loc

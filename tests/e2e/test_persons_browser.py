@@ -136,3 +136,48 @@ async def test_frontchannel_logout_from_client_b_with_third_party_cookies_blocke
     assert len(ev) == 1 and ev[0]["cookie_seen"] is False and ev[0]["sessions"]
     await page.goto(env.url + "/app/")
     assert page.url.startswith(env.op.login_base + "/authorize")
+
+
+async def test_three_tabs_log_in_at_once_and_finish_in_order_2_1_3(persons_env, chromium):
+    env = await persons_env()
+    ctx = await chromium()
+    pages = [await ctx.new_page() for _ in range(3)]
+    targets = ["/app/one", "/app/two?t=2", "/app/three"]
+    for p, t in zip(pages, targets):
+        await p.goto(env.url + t)
+        await p.wait_for_selector("#login")
+    statuses = []
+    for i in (1, 0, 2):
+        await pages[i].click("#login")
+        await pages[i].wait_for_url(env.url + targets[i])
+        statuses.append((await _body_json(pages[i]))["path"])
+    assert statuses == ["/app/two", "/app/one", "/app/three"]
+    # One browser, one cookie: the last login's session; earlier ones were ended (at most one).
+    cookies = [c for c in await ctx.cookies(env.url) if c["name"] == "__Host-portvakt-session"]
+    assert len(cookies) == 1
+    for p, t in zip(pages, targets):
+        await p.reload()
+        assert p.url == env.url + t and (await _body_json(p))["headers"]["X-Portvakt-Person"] == "24917397852"
+    await env.settle()
+    assert not [e for e in env.audit() if e.get("type") == "login_failure"]
+
+
+async def test_logout_callback_with_a_wrong_state_lands_home_quietly(persons_env, chromium):
+    env = await persons_env()
+    ctx = await chromium()
+    page = await ctx.new_page()
+    r = await page.goto(env.url + "/portvakt/logout/callback?state=forged")
+    assert page.url == env.url + "/" and r.status == 200
+
+
+async def test_error_from_the_provider_shows_a_page_with_try_again(persons_env, chromium):
+    env = await persons_env()
+    ctx = await chromium()
+    page = await ctx.new_page()
+    await page.goto(env.url + "/app/")
+    await page.click("#cancel")
+    await page.wait_for_url(env.url + "/portvakt/callback**")
+    assert await page.locator("#retry").count() == 1
+    assert "access_denied" not in await page.content()
+    ev = await env.events("login_failure")
+    assert ev[-1]["reason"] == "provider_error:access_denied"

@@ -44,13 +44,14 @@ async def test_refresh_keeps_the_session_past_many_access_token_lifetimes(person
 
 
 async def test_twenty_parallel_requests_at_expiry_make_one_refresh_across_two_workers(persons_env, redis_server):
-    env = await persons_env(op_kwargs={"access_ttl": 4}, refresh_leeway_seconds=2, workers=2,
+    # A 10 s token refreshed 5 s before expiry: stragglers have 5 s before the new one is due too.
+    env = await persons_env(op_kwargs={"access_ttl": 10}, refresh_leeway_seconds=5, workers=2,
                             store={"backend": "redis", "url": redis_server.url})
     b = HttpBrowser(env.gw)
     try:
         await b.login()
         cookie = b.cookie(SESSION)
-        await asyncio.sleep(2.5)  # now inside the leeway: every request wants a refresh
+        await asyncio.sleep(5.5)  # now inside the leeway: every request wants a refresh
         before = env.op.grants["refresh_token"]
 
         async def one(i: int) -> tuple[int, str]:
@@ -240,5 +241,41 @@ async def test_open_redirect_corpus_always_lands_on_a_same_origin_path(persons_e
 
         bad = [x for x in await asyncio.gather(*(one(t) for t in lines)) if x]
         assert not bad, bad[:10]
+    finally:
+        await b.close()
+
+
+async def test_frontchannel_during_a_redis_hang_is_accepted_and_done_when_it_is_back(persons_env, redis_server):
+    env = await persons_env(store={"backend": "redis", "url": redis_server.url, "timeout_seconds": 0.5})
+    b = HttpBrowser(env.gw)
+    try:
+        await b.login()
+        sso = next(iter(env.op.sessions.values()))
+        os.kill(redis_server.pid, signal.SIGSTOP)
+        try:
+            async with env.gw.session(cookie_jar=aiohttp.DummyCookieJar()) as raw:
+                async with raw.get(env.url + "/portvakt/logout/frontchannel",
+                                   params={"iss": env.op.issuer, "sid": sso.sid}) as r:
+                    assert r.status == 202 and r.headers["Cache-Control"] == "no-store"
+        finally:
+            os.kill(redis_server.pid, signal.SIGCONT)
+        ev = await env.events("logout_frontchannel", timeout=15)
+        assert ev and ev[-1]["retried"] is True
+        r = await b.get(env.url + "/app/")
+        assert r.status == 302 and "/portvakt/login" in r.headers["Location"]
+    finally:
+        await b.close()
+
+
+async def test_refresh_never_downgrades_the_level(persons_env):
+    env = await persons_env(op_kwargs={"access_ttl": 3}, refresh_leeway_seconds=2)
+    b = HttpBrowser(env.gw)
+    try:
+        await b.login("/app/high/x", acr="idporten-loa-high")
+        env.op.force_acr = "idporten-loa-substantial"  # the refreshed id_token says less
+        await asyncio.sleep(1.5)
+        status, _, doc = await _json(b, env.url + "/app/high/x")
+        assert status == 200 and doc["headers"]["X-Portvakt-Acr"] == "idporten-loa-high"
+        assert env.op.grants["refresh_token"] >= 1
     finally:
         await b.close()
