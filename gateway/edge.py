@@ -49,6 +49,7 @@ BODY_NOT_ALLOWED = problems.register("body_not_allowed", 400, "This method takes
 # Methods whose request content has no generally defined semantics (RFC 9110 9.3.1, 9.3.2,
 # 9.3.5, 9.3.7): a backend may ignore the framing and read the body as the next request (CL.0).
 BODILESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+WRITE_BUFFER_HIGH = 65536
 
 
 class BodyTimeout(ConnectionError):
@@ -174,6 +175,12 @@ class EdgeRequestHandler(web_protocol.RequestHandler):
         edge = getattr(self._manager, "edge", None)
         if edge is None:
             return
+        # Write flow control at 64 KiB (TLS transports default to 512 KiB): a client that does
+        # not read holds that much of the response here, not more.
+        try:
+            transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
+        except (AttributeError, NotImplementedError):  # pragma: no cover - not a flow-controlled transport
+            pass
         self.edge = edge
         self.counted = True
         self.last_rx = time.monotonic()
