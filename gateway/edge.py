@@ -6,7 +6,8 @@ one sweep over the listener's connections (every ``interval`` seconds, not a tim
 - ``request_headers_timeout_seconds``: a connection that started a request (first byte while
   waiting for one) and has not completed its headers gets a 408 ``request_timeout`` problem and
   is closed (Envoy ``request_headers_timeout``). aiohttp's own keep-alive timeout bounds a
-  connection that sends nothing.
+  connection that sends nothing, and the start of a request that arrived in the same read as a
+  complete one (aiohttp's C parser does not show that it holds a partial request).
 - ``request_body_timeout_seconds``: while the gateway waits for body bytes (the request's
   buffer is empty, the body not complete) and none arrive for this long, the body stream fails
   with ``BodyTimeout``; the request ends with 408 ``request_timeout`` and the connection is
@@ -198,13 +199,19 @@ class EdgeRequestHandler(web_protocol.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if data:
-            now = self.last_rx = time.monotonic()
-            if self.msg_started is None and self._waiter is not None:
-                self.msg_started = now
+        if not data:
+            super().data_received(data)
+            return
+        now = self.last_rx = time.monotonic()
         super().data_received(data)
-        if self.msg_started is not None and self._messages:
-            self.msg_started = None
+        if self._messages:
+            self.msg_started = None  # a request's headers are complete
+        elif self.msg_started is None:
+            # Bytes that completed no request: the start of one, unless they are the body of the
+            # request being handled (pipelined bytes after a complete body start the next one).
+            current = self._current_request
+            if self._waiter is not None or current is None or current.content.is_eof():
+                self.msg_started = now
 
 
 class EdgeTCPSite(web.TCPSite):

@@ -352,3 +352,41 @@ async def test_slow_readers_over_tls(start_gateway, hostile):
     assert set(seen) <= {200, 503}, seen
     assert cut >= 20
     assert peak - rss_before < 150
+
+
+async def test_half_sent_headers_pipelined_behind_a_request(start_gateway, hostile):
+    """The start of a second request sent while the first is handled, never completed: bounded
+    by the headers timeout, not by the (long) keep-alive timeout. (Sent in the same segment as a
+    complete request, the start is not visible outside aiohttp's parser: keep-alive bounds it.)"""
+    hostile.hold_delay = 1.0
+    gw = await start_gateway(_config(hostile.url, request_headers_timeout_seconds=1.5, keepalive_timeout_seconds=120))
+    loop = asyncio.get_running_loop()
+    sock = await raw_connect(gw.port)
+    await loop.sock_sendall(sock, b"GET /hold/one HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.sleep(0.3)
+    await loop.sock_sendall(sock, b"GET /plain/two HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    try:
+        raw = await read_until_closed(sock, time.monotonic() + 60)
+    finally:
+        sock.close()
+    assert raw.startswith(b"HTTP/1.1 200") and b"marker=one" in raw
+    assert b"HTTP/1.1 408 " in raw and b'"reason":"request_timeout"' in raw
+    assert ("GET", "/plain/two") not in hostile.requests
+
+
+async def test_reload_applies_new_edge_bounds(start_gateway, hostile):
+    hostile.hold_delay = 1.5
+    gw = await start_gateway(_config(hostile.url))
+
+    async def burst() -> list[int]:
+        async def one(i: int) -> int:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(gw.url + f"/hold/r{i}") as r:
+                    await r.read()
+                    return r.status
+        return sorted(await asyncio.gather(*(one(i) for i in range(4))))
+
+    assert await burst() == [200, 200, 200, 200]
+    gw.write_config(_config(hostile.url, max_concurrent_requests=1))
+    assert await gw.reload() == "success"
+    assert await burst() == [200, 503, 503, 503]
