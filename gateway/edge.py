@@ -53,8 +53,12 @@ BODILESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 WRITE_BUFFER_HIGH = 65536
 
 
-class BodyTimeout(ConnectionError):
-    """The client stopped sending its request body (``request_body_timeout_seconds``)."""
+class BodyTimeout(ConnectionError, TimeoutError):
+    """The client stopped sending its request body (``request_body_timeout_seconds``).
+
+    A ``ConnectionError`` for the body readers (the request ends with 408); a ``TimeoutError``
+    for aiohttp, whose lingering read of an unread body after the response ignores timeouts
+    quietly instead of logging the exception as unhandled."""
 
 
 def _raw_problem(problem: Problem) -> bytes:
