@@ -6,7 +6,8 @@ one sweep over the listener's connections (every ``interval`` seconds, not a tim
 - ``request_headers_timeout_seconds``: a connection that started a request (first byte while
   waiting for one) and has not completed its headers gets a 408 ``request_timeout`` problem and
   is closed (Envoy ``request_headers_timeout``). aiohttp's own keep-alive timeout bounds a
-  connection that sends nothing.
+  connection that sends nothing, and the start of a request that arrived in the same read as a
+  complete one (aiohttp's C parser does not show that it holds a partial request).
 - ``request_body_timeout_seconds``: while the gateway waits for body bytes (the request's
   buffer is empty, the body not complete) and none arrive for this long, the body stream fails
   with ``BodyTimeout``; the request ends with 408 ``request_timeout`` and the connection is
@@ -49,10 +50,15 @@ BODY_NOT_ALLOWED = problems.register("body_not_allowed", 400, "This method takes
 # Methods whose request content has no generally defined semantics (RFC 9110 9.3.1, 9.3.2,
 # 9.3.5, 9.3.7): a backend may ignore the framing and read the body as the next request (CL.0).
 BODILESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+WRITE_BUFFER_HIGH = 65536
 
 
-class BodyTimeout(ConnectionError):
-    """The client stopped sending its request body (``request_body_timeout_seconds``)."""
+class BodyTimeout(ConnectionError, TimeoutError):
+    """The client stopped sending its request body (``request_body_timeout_seconds``).
+
+    A ``ConnectionError`` for the body readers (the request ends with 408); a ``TimeoutError``
+    for aiohttp, whose lingering read of an unread body after the response ignores timeouts
+    quietly instead of logging the exception as unhandled."""
 
 
 def _raw_problem(problem: Problem) -> bytes:
@@ -174,6 +180,12 @@ class EdgeRequestHandler(web_protocol.RequestHandler):
         edge = getattr(self._manager, "edge", None)
         if edge is None:
             return
+        # Write flow control at 64 KiB (TLS transports default to 512 KiB): a client that does
+        # not read holds that much of the response here, not more.
+        try:
+            transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
+        except (AttributeError, NotImplementedError):  # pragma: no cover - not a flow-controlled transport
+            pass
         self.edge = edge
         self.counted = True
         self.last_rx = time.monotonic()
@@ -191,13 +203,19 @@ class EdgeRequestHandler(web_protocol.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if data:
-            now = self.last_rx = time.monotonic()
-            if self.msg_started is None and self._waiter is not None:
-                self.msg_started = now
+        if not data:
+            super().data_received(data)
+            return
+        now = self.last_rx = time.monotonic()
         super().data_received(data)
-        if self.msg_started is not None and self._messages:
-            self.msg_started = None
+        if self._messages:
+            self.msg_started = None  # a request's headers are complete
+        elif self.msg_started is None:
+            # Bytes that completed no request: the start of one, unless they are the body of the
+            # request being handled (pipelined bytes after a complete body start the next one).
+            current = self._current_request
+            if self._waiter is not None or current is None or current.content.is_eof():
+                self.msg_started = now
 
 
 class EdgeTCPSite(web.TCPSite):

@@ -873,7 +873,16 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
         orphan_watch.cancel()
     log.info("shutting down: draining in-flight requests (at most %.1fs)", grace)
     gw.stopping = True
+    orphan = worker_index is not None and parentwatch.orphaned()
+    t0 = time.monotonic()
     await gw.shutdown(grace)
+    if orphan:
+        # The runtime is closed (audit records written): skip the admin socket's drain and the
+        # interpreter's teardown, which take seconds on a loaded machine while this process
+        # still holds the port and the audit-file lock the next supervisor's workers need.
+        log.info("orphaned worker exits (shutdown took %.2fs)", time.monotonic() - t0)
+        logging.shutdown()
+        os._exit(0)
     if admin_runner is not None:
         await admin_runner.cleanup()
     return 0

@@ -39,6 +39,13 @@ async def _admin(gw, path: str) -> tuple[int, dict]:
             return r.status, await r.json()
 
 
+async def _start(start_gateway, cfg: dict):
+    # two workers each loading the WAF take long on a loaded machine: a generous readiness wait
+    gw = await start_gateway(cfg, workers=2, wait_ready=False)
+    await gw.wait_ready(timeout=120)
+    return gw
+
+
 async def _wait(cond, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -57,7 +64,7 @@ def _config(url: str, tmp_path) -> dict:
 
 async def test_kill_9_of_the_supervisor_takes_its_workers(start_gateway, hostile, tmp_path):
     cfg = _config(hostile.url, tmp_path)
-    gw = await start_gateway(cfg, workers=2)
+    gw = await _start(start_gateway, cfg)
     status, doc = await _admin(gw, "/readyz")
     pids = [w["pid"] for w in doc["workers"].values()]
     assert status == 200 and len(pids) == 2 and all(_alive(p) for p in pids)
@@ -69,11 +76,16 @@ async def test_kill_9_of_the_supervisor_takes_its_workers(start_gateway, hostile
         async with s.get(gw.url + "/plain/before") as r:
             assert r.status == 200
 
+    t0 = time.monotonic()
     os.kill(gw.pid, signal.SIGKILL)
     await _wait(lambda: _no_survivor(pids), 15, f"workers {pids} outlived the supervisor")
+    print(f"workers gone {time.monotonic() - t0:.2f}s after kill -9 of the supervisor")  # a figure, not asserted
+    # the orphans closed their runtime before exiting: the request's audit record is on disk
+    files = [p for p in (tmp_path / "audit").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert any(b"/plain/before" in p.read_bytes() for p in files), [p.name for p in files]
 
     # a new supervisor on the same config (same audit files) starts clean
-    gw2 = await start_gateway(cfg, workers=2)
+    gw2 = await _start(start_gateway, cfg)
     async with gw2.session() as s:
         for i in range(6):
             async with s.get(gw2.url + f"/plain/after{i}", headers={"Connection": "close"}) as r:
@@ -90,7 +102,7 @@ async def _no_survivor(pids: list[int]) -> bool:
 
 
 async def test_healthz_and_workers_gauge_count_live_workers(start_gateway, hostile, tmp_path):
-    gw = await start_gateway(_config(hostile.url, tmp_path), workers=2)
+    gw = await _start(start_gateway, _config(hostile.url, tmp_path))
     _, doc = await _admin(gw, "/readyz")
     victim = doc["workers"]["0"]["pid"]
     # stop the worker without letting it exit: it is not live while it does not answer
@@ -99,14 +111,14 @@ async def test_healthz_and_workers_gauge_count_live_workers(start_gateway, hosti
         async def degraded() -> bool:
             status, body = await _admin(gw, "/healthz")
             return status == 503 and body["workers"] == {"live": 1, "configured": 2}
-        await _wait(degraded, 20, "healthz still ok with a stopped worker")
+        await _wait(degraded, 60, "healthz still ok with a stopped worker")
         assert await gw.metric("portvakt_workers") == 1
     finally:
         os.kill(victim, signal.SIGCONT)
 
     async def healthy() -> bool:
         return (await _admin(gw, "/healthz"))[0] == 200 and await gw.metric("portvakt_workers") == 2
-    await _wait(healthy, 20, "healthz not ok again")
+    await _wait(healthy, 60, "healthz not ok again")
 
 
 async def test_orphan_check_at_start_exits(tmp_path):

@@ -67,6 +67,19 @@ async def test_guarded_connector_reuses_clean_connections(hostile):
     assert hostile.connections == 1
 
 
+async def test_bytes_in_the_kernel_not_yet_delivered_are_seen_on_reuse(hostile):
+    # The forged answer is in the socket before the next request takes the connection, but the
+    # event loop has not delivered it (no yield in between): only the socket check sees it.
+    before = _discarded("dirty_on_reuse")
+    async with aiohttp.ClientSession(connector=GuardedConnector(limit=1)) as s:
+        for i in range(10):
+            assert await _get(s, f"{hostile.url}/plain/k{i}") == f"marker=k{i}"
+            hostile.forge_now()
+            assert await _get(s, f"{hostile.url}/plain/m{i}") == f"marker=m{i}"
+    assert hostile.evil_sent == 10
+    assert _discarded("dirty_on_reuse") - before == 10
+
+
 async def test_reuse_right_after_a_trailing_forgery(hostile):
     # No pause: the next request takes the connection from the pool at once. The forged bytes
     # are queued (same write) or waiting in the socket: either way the connection is dropped.
@@ -113,3 +126,36 @@ async def test_error_answer_before_the_body_was_read(hostile, connector):
         assert got == want
     else:  # control: the smuggled request's answer goes to the next request
         assert any(b"EVIL-early" in body for _, body in got)
+
+
+async def test_tls_upstream_keeps_its_connection(pki):
+    """Over TLS (1.3: session tickets and other records after the handshake) a clean
+    keep-alive connection is still reused (the socket peek sees nothing between exchanges)."""
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="marker=" + request.path.rsplit("/", 1)[1])
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=pki.server_ssl())
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    opened = []
+
+    class Counting(GuardedConnector):
+        async def _create_connection(self, req, traces, timeout):
+            opened.append(1)
+            return await super()._create_connection(req, traces, timeout)
+
+    try:
+        async with aiohttp.ClientSession(connector=Counting(limit=1, ssl=pki.client_ssl())) as s:
+            for i in range(20):
+                assert await _get(s, f"https://localhost:{port}/x/t{i}") == f"marker=t{i}"
+                if i % 5 == 4:
+                    await asyncio.sleep(0.1)  # idle in the pool for a while
+        assert len(opened) == 1
+    finally:
+        await runner.cleanup()
