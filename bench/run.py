@@ -308,36 +308,62 @@ class Sample:
         return self.cpu_s * 1e6 / self.requests if self.requests else float("nan")
 
 
+def upstream_count(url: str) -> int:
+    with urllib.request.urlopen(url + "/__bench/count", timeout=10) as r:
+        return int(r.read())
+
+
+SETTLE = 0.5  # seconds after wrk starts (connections up) and before it ends, outside the window
+
+
 def run_wrk(url: str, script: Path, seconds: float, args: argparse.Namespace, cpus: Cpus, pid: int | None = None,
-            connections: int | None = None, pin: bool = True) -> Sample:
-    """wrk against ``url`` for ``seconds`` (or until the script stops it); with ``pid``, that
-    process tree's CPU time over exactly the window wrk ran."""
+            connections: int | None = None, pin: bool = True, counter: str | None = None) -> Sample:
+    """wrk against ``url`` for ``seconds``; with ``pid``, that process tree's CPU time.
+
+    With ``counter`` (the bench upstream's URL) the window is the steady part of the run: wrk
+    runs ``settle + seconds + settle``, and CPU time and the upstream's request count are read
+    ``settle`` after the start and ``seconds`` later, so wrk's connection set-up (a TLS
+    handshake per connection, 1-3 ms each) and tear-down fall outside. Without it, the window is
+    wrk's whole run and the requests are wrk's count."""
+    settle = SETTLE if counter else 0.0
+    total = seconds + 2 * settle
     cmd = ["wrk", "-t", str(args.threads), "-c", str(connections or args.connections),
-           "-d", f"{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script), url]
+           "-d", f"{max(1, round(total))}s", "--timeout", "10s", "-s", str(script), url]
     if pin:
         cmd = cpus.wrap(cmd, "aux")
     c0 = procstat.tree_cpu_seconds(pid) if pid else 0.0
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    window = None
     try:
-        out, err = p.communicate(timeout=seconds + 120)
+        if counter:
+            time.sleep(settle)
+            n0, c0, w0 = upstream_count(counter), procstat.tree_cpu_seconds(pid) if pid else 0.0, time.monotonic()
+            time.sleep(seconds)
+            n1, c1, w1 = upstream_count(counter), procstat.tree_cpu_seconds(pid) if pid else 0.0, time.monotonic()
+            window = (n1 - n0, c1 - c0, w1 - w0)
+        out, err = p.communicate(timeout=total + 120)
     except subprocess.TimeoutExpired:
         p.kill()
         out, err = p.communicate()
-    c1 = procstat.tree_cpu_seconds(pid) if pid else 0.0
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    if window is None:
+        c1 = procstat.tree_cpu_seconds(pid) if pid else 0.0
     m = re.search(r"^BENCH_JSON (\{.*\})$", out, re.M)
     if m is None:
         raise RuntimeError(f"wrk gave no result (exit {p.returncode}): {err.strip() or out.strip()}"[:400])
     d = json.loads(m.group(1))
-    dur = d["duration_us"] / 1e6 or (time.monotonic() - t0)
     errors = {k: d[k] for k in ("connect", "read", "write", "status", "timeout") if d[k]}
-    s = Sample(d["requests"], dur, c1 - c0, d["p50"], d["p90"], d["p99"], errors)
-    s.wrk_cpu_s = ru.ru_utime + ru.ru_stime  # cumulative over all waited-for children; diffed by caller
-    return s
+    if window is not None:
+        return Sample(window[0], window[2], window[1], d["p50"], d["p90"], d["p99"], errors)
+    dur = d["duration_us"] / 1e6 or (time.monotonic() - t0)
+    return Sample(d["requests"], dur, c1 - c0, d["p50"], d["p90"], d["p99"], errors)
 
 
-class WrkClock:
+class ChildClock:
     """Cumulative CPU time of the harness's waited-for children (wrk, py-spy): diff around a run."""
 
     @staticmethod
@@ -581,7 +607,8 @@ def ready(row: Row, env: Env, work: Path) -> None:
 def measure_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus) -> Sample | None:
     assert row.proc is not None and row.script is not None
     try:
-        m = run_wrk(row.url, row.script, seconds, args, cpus, pid=row.proc.pid)
+        counter = row.url if row.scenario.kind == "upstream" else args.upstream_url  # where requests are counted
+        m = run_wrk(row.url, row.script, seconds, args, cpus, pid=row.proc.pid, counter=counter)
     except Exception as e:  # noqa: BLE001 - one broken row must not end the run
         row.status, row.why = "failed", f"{type(e).__name__}: {e}"
         return None
@@ -608,7 +635,7 @@ def profile_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus, 
         return "py-spy not installed (pip install py-spy; `make bench` installs the bench extra)"
     assert row.proc is not None and row.script is not None
     raw = out / f"profile-{row.n:02d}-{slug(row.scenario.name)}.txt"
-    cmd = cpus.wrap([spy, "record", "--pid", str(row.proc.pid), "--rate", "200", "--nonblocking",
+    cmd = cpus.wrap([spy, "record", "--pid", str(row.proc.pid), "--rate", "200", "--nonblocking", "--function",
                      "--format", "raw", "--output", str(raw), "--duration", str(max(1, round(seconds)))], "aux")
     spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)  # let py-spy attach before the load starts
@@ -781,7 +808,8 @@ def latency_section(rows: list[Row], args: argparse.Namespace, cpus: Cpus, work:
         for fr in fractions:
             delay = conns * 1000.0 / (sat * fr)
             script = wrk_script(r.request, work / f"lat-{r.n}-{fr}.lua", delay_ms=delay)  # type: ignore[arg-type]
-            m = run_wrk(r.url, script, args.latency_duration, args, cpus, pid=r.proc.pid, connections=conns)  # type: ignore[union-attr]
+            m = run_wrk(r.url, script, args.latency_duration, args, cpus, pid=r.proc.pid, connections=conns,  # type: ignore[union-attr]
+                        counter=args.upstream_url)
             pts50.append((m.rps, m.p50_us / 1000))
             pts99.append((m.rps, m.p99_us / 1000))
             table_rows.append(f"| {r.scenario.name} | {fr:.0%} | {m.rps:,.0f} | {fmt_us(m.p50_us)} | {fmt_us(m.p99_us)} | {m.cpu_us:,.0f} |")
@@ -854,7 +882,8 @@ def waf_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], args: a
                     if isinstance(wl, list):
                         m = run_replay(t.url, sl, cpus, t.proc.pid)  # type: ignore[union-attr]
                     else:
-                        m = run_wrk(t.url, script, args.duration, args, cpus, pid=t.proc.pid, connections=8)  # type: ignore[union-attr]
+                        m = run_wrk(t.url, script, args.duration, args, cpus, pid=t.proc.pid, connections=8,  # type: ignore[union-attr]
+                                    counter=args.upstream_url)
                 except Exception as e:  # noqa: BLE001
                     say(f"  WAF {t.scenario.name} on {wname}: {e}")
                     continue
@@ -916,9 +945,10 @@ def workers_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], arg
     others = [p for p in env.aux_pids if p]
     for rnd in range(args.rounds):
         for w, r in live:
-            o0, k0 = sum(procstat.tree_cpu_seconds(p) for p in others), WrkClock.now()
-            m = run_wrk(r.url, r.script, args.duration, args, cpus, pid=r.proc.pid, pin=False)  # type: ignore[arg-type,union-attr]
-            aux[w].append((WrkClock.now() - k0, sum(procstat.tree_cpu_seconds(p) for p in others) - o0, m.seconds))
+            o0, k0 = sum(procstat.tree_cpu_seconds(p) for p in others), ChildClock.now()
+            m = run_wrk(r.url, r.script, args.duration, args, cpus, pid=r.proc.pid, pin=False,  # type: ignore[arg-type,union-attr]
+                        counter=args.upstream_url)
+            aux[w].append((ChildClock.now() - k0, sum(procstat.tree_cpu_seconds(p) for p in others) - o0, m.seconds))
             r.samples.append(m)
     stop_rows([r for _, r in rows])
     lines = ["| gateway | req/s (median) | spread | CPU µs/req | gateway cores busy | wrk cores | upstream+Redis cores |",
@@ -1031,6 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
                 redis_url, redis_pid = f"redis://127.0.0.1:{rport}/0", redis.pid
             else:
                 have["redis"] = False
+        args.upstream_url = f"http://127.0.0.1:{up_port}"
         env = Env(
             work=str(work), pki_dir=str(pki), upstream_url=f"http://127.0.0.1:{up_port}", token=mint_token(pki),
             integration_password=password, integration_hash=pw_hash, redis_url=redis_url,
