@@ -31,6 +31,7 @@ work prints "failed: why". Neither stops the run. Nothing here is a test: no spe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib
 import json
@@ -136,12 +137,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def start(name: str, cmd: list[str], work: Path, env: dict[str, str] | None = None) -> Proc:
+def start(name: str, cmd: list[str], work: Path, env: dict[str, str] | None = None, root: Path = ROOT) -> Proc:
     log = work / f"{name}.log"
     f = open(log, "wb")
     p = subprocess.Popen(
-        cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(ROOT),
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(root),
+        env={**os.environ, "PYTHONPATH": str(root), **(env or {})},
         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )
     f.close()
@@ -567,7 +568,7 @@ def launch(row: Row, env: Env, work: Path, cpus: Cpus, have: dict[str, bool], pl
             row.status, row.why = "skipped", "config not accepted: " + "; ".join(e.problems[:3])
             return row.why
         cmd = [PY, "-m", "gateway", "run", "--config", str(cfg_path), "--log-level", "WARNING"]
-        row.proc = start(name, cpus.wrap(cmd, role), work)
+        row.proc = start(name, cpus.wrap(cmd, role), work, root=s.source or ROOT)
         row.url = f"{'http' if plain else 'https'}://127.0.0.1:{port}"
         row.profile["admin"] = f"http://127.0.0.1:{admin}"
     return None
@@ -972,6 +973,37 @@ def workers_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], arg
 
 # ---- main -----------------------------------------------------------------------------------
 
+def export_revision(rev: str, work: Path) -> Path:
+    """``git archive`` of the gateway code at ``rev`` (gateway/, filters/), to run beside this tree."""
+    d = work / f"rev-{re.sub(r'[^A-Za-z0-9._-]', '_', rev)}"
+    d.mkdir()
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "gateway", "filters"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(d)], input=tar.stdout, check=True)
+    return d
+
+
+def with_twins(chosen: list[Scenario], rev: str, source: Path) -> list[Scenario]:
+    """Each Portvakt row followed by the same row run from ``source`` (the code at ``rev``), so
+    both are measured in the same rounds, next to each other; the twin's reference is the row."""
+    out: list[Scenario] = []
+    for s in chosen:
+        out.append(s)
+        if s.kind == "portvakt":
+            out.append(dataclasses.replace(s, name=f"{s.name} [at {rev}]", compare=s.name, source=source,
+                                           config=_own_audit_file(s.config), tags=s.tags + ("twin",)))
+    return out
+
+
+def _own_audit_file(config: Any) -> Any:
+    def build(env: Env) -> dict[str, Any]:
+        cfg = config(env)
+        if cfg.get("audit", {}).get("enabled"):
+            cfg["audit"]["path"] = cfg["audit"]["path"].replace(".jsonl", "-twin.jsonl")
+        return cfg
+
+    return build
+
+
 def select(args: argparse.Namespace) -> list[Scenario]:
     chosen = [s for s in sc.SCENARIOS if (not args.quick or "quick" in s.tags)]
     if args.only:
@@ -1002,6 +1034,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-workers", action="store_true", help="skip the --workers 2 figure")
     ap.add_argument("--waf-requests", type=int, default=None, help="corpus requests per target and round (default 300; quick 60)")
     ap.add_argument("--latency-duration", type=float, default=None, help="seconds per offered-load point (default 2)")
+    ap.add_argument("--compare", metavar="REV", help="also run every selected Portvakt row from the code at git "
+                    "revision REV, next to the same row of this tree in every round (before/after in one run)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     ap.add_argument("--out", default=str(HERE / "out"), help="where the table, JSON, plots and profiles go (default bench/out)")
     ap.add_argument("--markdown", help="also write the report to this file")
@@ -1041,6 +1075,8 @@ def main(argv: list[str] | None = None) -> int:
         have = {"redis": shutil.which("redis-server") is not None, "crs": crs is not None,
                 "nginx": shutil.which("nginx") is not None, "modsec": waftable.modsec_available() is None}
         selected = select(args)
+        if args.compare:
+            selected = with_twins(selected, args.compare, export_revision(args.compare, work))
 
         up_port = free_port()
         upstream = start("upstream", cpus.wrap([PY, str(HERE / "upstream.py"), str(up_port)], "aux"), work)
