@@ -657,7 +657,8 @@ def profile_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus, 
             stacks[stack] = stacks.get(stack, 0) + int(count)
     path = out / f"flame-{row.n:02d}-{slug(row.scenario.name)}.svg"
     path.write_text(svg.flame_graph(row.scenario.name, stacks))
-    row.profile["top"] = svg.top_frames(stacks, 25)
+    row.profile["top"] = svg.top_frames(stacks, 80)
+    row.profile["by_self"] = sorted(svg.top_frames(stacks, 10_000), key=lambda t: -t[2])[:15]
     row.profile["svg"] = str(path)
     return str(path)
 
@@ -1032,7 +1033,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-waf-table", action="store_true", help="skip the WAF table")
     ap.add_argument("--no-latency", action="store_true", help="skip latency vs offered load")
     ap.add_argument("--no-workers", action="store_true", help="skip the --workers 2 figure")
-    ap.add_argument("--waf-requests", type=int, default=None, help="corpus requests per target and round (default 300; quick 60)")
+    ap.add_argument("--waf-requests", type=int, default=None, help="corpus requests per target and round (default 200; quick 60)")
     ap.add_argument("--latency-duration", type=float, default=None, help="seconds per offered-load point (default 2)")
     ap.add_argument("--compare", metavar="REV", help="also run every selected Portvakt row from the code at git "
                     "revision REV, next to the same row of this tree in every round (before/after in one run)")
@@ -1046,7 +1047,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.duration = args.duration if args.duration is not None else (1.0 if q else 3.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if q else 1.5)
     args.rounds = args.rounds if args.rounds is not None else (1 if q else 3)
-    args.waf_requests = args.waf_requests if args.waf_requests is not None else (60 if q else 300)
+    args.waf_requests = args.waf_requests if args.waf_requests is not None else (60 if q else 200)
     args.latency_duration = args.latency_duration if args.latency_duration is not None else (1.0 if q else 2.0)
     if q:
         args.no_workers = True
@@ -1142,12 +1143,18 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"  [{r.n}] {r.scenario.name}: {res}")
             report += ["", "Profiles (py-spy, inclusive % of samples, top frames):", ""]
             for r in ok:
-                if r.profile.get("top") and r.scenario.tags and "pipeline" in r.scenario.tags:
+                if r.profile.get("top") and ("pipeline" in r.scenario.tags or "twin" in r.scenario.tags
+                                             or r.scenario.kind == "bare"):
                     report.append(f"#{r.n} {r.scenario.name} — flame graph `{Path(r.profile['svg']).name}`")
                     report.append("")
-                    report.append("| frame | inclusive | self |")
+                    report.append("| Portvakt function | inclusive | self |")
                     report.append("|---|---:|---:|")
-                    report += [f"| `{f[:110]}` | {i:.1f} % | {s:.1f} % |" for f, i, s in r.profile["top"]]
+                    report += [f"| `{f[:110]}` | {i:.1f} % | {s:.1f} % |" for f, i, s in r.profile["top"]
+                               if ("gateway/" in f or "filters/" in f) and "cli.py" not in f and "__main__" not in f][:18]
+                    report.append("")
+                    report.append("| function (by self time) | self | inclusive |")
+                    report.append("|---|---:|---:|")
+                    report += [f"| `{f[:110]}` | {s:.1f} % | {i:.1f} % |" for f, i, s in r.profile["by_self"]]
                     report.append("")
         if not args.no_latency:
             say("latency vs offered load:")
