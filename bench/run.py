@@ -719,6 +719,24 @@ def main_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def twin_table(rows: list[Row]) -> str:
+    """``--compare``: each row against its twin at the other revision, per round."""
+    by_name = {r.scenario.name: r for r in rows}
+    lines = ["| row | this tree µs/req (spread) | at the revision (spread) | this / revision, per round (range) |",
+             "|---|---:|---:|---:|"]
+    for t in rows:
+        cur = by_name.get(t.scenario.compare or "") if "twin" in t.scenario.tags else None
+        if cur is None or not cur.samples or not t.samples:
+            continue
+        rat = [a.cpu_us / b.cpu_us for a, b in zip(cur.samples, t.samples) if b.cpu_us]
+        lo, hi = cur.spread("cpu_us")
+        tlo, thi = t.spread("cpu_us")
+        lines.append(f"| #{cur.n} {cur.scenario.name} | {cur.median('cpu_us'):,.0f} ({lo:,.0f}–{hi:,.0f}) | "
+                     f"{t.median('cpu_us'):,.0f} ({tlo:,.0f}–{thi:,.0f}) | "
+                     f"{statistics.median(rat):.2f} ({min(rat):.2f}–{max(rat):.2f}) |")
+    return "\n".join(lines)
+
+
 def machine() -> str:
     model = ""
     try:
@@ -1124,6 +1142,8 @@ def main(argv: list[str] | None = None) -> int:
         rounds_over(rows, args, cpus, "rows")
         compute_ratios(rows)
         report = ["\n".join(header), "", main_table(rows), ""]
+        if args.compare:
+            report += [f"This tree against {args.compare} (same rounds):", "", twin_table(rows), ""]
         ok = [r for r in rows if r.status == "ok" and r.samples]
         bars = [(f"#{r.n} {r.scenario.name}", r.median("cpu_us"), *r.spread("cpu_us"),
                  {"upstream": "reference", "nginx": "reference", "bare": "bare proxy"}.get(r.scenario.kind, "Portvakt"))
