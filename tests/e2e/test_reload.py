@@ -150,6 +150,8 @@ async def test_workers_share_the_port_and_a_crashed_worker_is_restarted(start_ga
         raise AssertionError(gw.output())
     await burst(4)
     assert await gw.metric("portvakt_worker_restarts_total") == 1
+    # The killed worker's counts (scraped above) stay in the sum: the counter does not fall.
+    assert await gw.metric("portvakt_requests_total", {"route": "demo", "method": "GET", "status": "200", "decision": "allow"}) == 14
     assert await gw.reload() == "success"
     assert await gw.stop_async() == 0
     for pid in [now["0"]["pid"], pids["1"]]:
