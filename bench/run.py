@@ -940,15 +940,20 @@ def workers_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], arg
     took."""
     base = next(s for s in sc.SCENARIOS if s.name == sc.IDENTITY_GET)
     rows = []
-    for i, w in enumerate((1, 2)):
-        def config(e: Env, w: int = w) -> dict[str, Any]:
-            cfg = base.config(e)  # type: ignore[misc]
-            cfg["audit"]["path"] = e.path(f"audit-workers-{w}.jsonl")  # one trail per gateway
-            return cfg
+    trees: list[tuple[str, Path | None]] = [("", None)]
+    if args.compare:
+        trees.append((f" [at {args.compare}]", args.compare_source))
+    for label, source in trees:
+        for w in (1, 2):
+            def config(e: Env, w: int = w, tag: str = slug(label) or "this") -> dict[str, Any]:
+                cfg = base.config(e)  # type: ignore[misc]
+                cfg["audit"]["path"] = e.path(f"audit-workers-{w}-{tag}.jsonl")  # one trail per gateway
+                return cfg
 
-        s = Scenario(f"identity pipeline, {w} worker{'s' if w > 1 else ''}", "portvakt", base.request, config,
-                     modules=base.modules, needs=base.needs, expect_upstream_headers=base.expect_upstream_headers)
-        rows.append((w, Row(200 + i, s)))
+            s = Scenario(f"{w} worker{'s' if w > 1 else ''}{label}", "portvakt", base.request, config,
+                         modules=base.modules, needs=base.needs, expect_upstream_headers=base.expect_upstream_headers,
+                         source=source)
+            rows.append((w, Row(200 + len(rows), s)))
     for w, r in rows:
         launch(r, env, work, cpus, have, workers=w, role="none")
     for w, r in rows:
@@ -958,35 +963,40 @@ def workers_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], arg
             r.script = wrk_script(r.request, work / f"workers-{w}.lua")  # type: ignore[arg-type]
             run_wrk(r.url, r.script, max(args.warmup, 1), args, cpus, pin=False)
     live = [(w, r) for w, r in rows if r.status == "pending"]
-    if len(live) < 2:
+    if len(live) < 2 or len(live) < len(rows):
         stop_rows([r for _, r in rows])
         return "workers figure skipped: " + "; ".join(f"{r.scenario.name}: {r.why}" for _, r in rows if r.why), {}
-    aux: dict[int, list[tuple[float, float, float]]] = {w: [] for w, _ in live}  # (wrk cpu, upstream+redis cpu, wall)
+    aux: dict[int, list[tuple[float, float, float]]] = {r.n: [] for _, r in live}  # (wrk cpu, upstream+redis cpu, wall)
     others = [p for p in env.aux_pids if p]
     for rnd in range(args.rounds):
         for w, r in live:
             o0, k0 = sum(procstat.tree_cpu_seconds(p) for p in others), ChildClock.now()
             m = run_wrk(r.url, r.script, args.duration, args, cpus, pid=r.proc.pid, pin=False,  # type: ignore[arg-type,union-attr]
                         counter=args.upstream_url)
-            aux[w].append((ChildClock.now() - k0, sum(procstat.tree_cpu_seconds(p) for p in others) - o0, m.seconds))
+            aux[r.n].append((ChildClock.now() - k0, sum(procstat.tree_cpu_seconds(p) for p in others) - o0, m.seconds))
             r.samples.append(m)
     stop_rows([r for _, r in rows])
     lines = ["| gateway | req/s (median) | spread | CPU µs/req | gateway cores busy | wrk cores | upstream+Redis cores |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    doc = {}
+    doc: dict[str, Any] = {}
     for w, r in live:
         lo, hi = r.spread("rps")
         busy = statistics.median([s.cpu_s / s.seconds for s in r.samples])
-        wrk_c = statistics.median([a[0] / a[2] for a in aux[w]])
-        oth = statistics.median([a[1] / a[2] for a in aux[w]])
-        lines.append(f"| {w} worker{'s' if w > 1 else ''} | {r.median('rps'):,.0f} | {lo:,.0f}–{hi:,.0f} | "
+        wrk_c = statistics.median([a[0] / a[2] for a in aux[r.n]])
+        oth = statistics.median([a[1] / a[2] for a in aux[r.n]])
+        lines.append(f"| {r.scenario.name} | {r.median('rps'):,.0f} | {lo:,.0f}–{hi:,.0f} | "
                      f"{r.median('cpu_us'):,.0f} | {busy:.2f} | {wrk_c:.2f} | {oth:.2f} |")
-        doc[w] = {"rps": [s.rps for s in r.samples], "cpu_us": [s.cpu_us for s in r.samples], "cores": busy,
-                  "wrk_cores": wrk_c, "aux_cores": oth}
-    if len(doc) == 2:
-        lines.append("")
-        lines.append(f"2 workers / 1 worker: throughput {statistics.median(doc[2]['rps']) / statistics.median(doc[1]['rps']):.2f}×, "
-                     f"CPU per request {statistics.median(doc[2]['cpu_us']) / statistics.median(doc[1]['cpu_us']):.2f}×.")
+        doc[r.scenario.name] = {"rps": [s.rps for s in r.samples], "cpu_us": [s.cpu_us for s in r.samples],
+                                "cores": busy, "wrk_cores": wrk_c, "aux_cores": oth}
+    for i in range(0, len(live) - 1, 2):
+        (_, one), (_, two) = live[i], live[i + 1]
+        tput = [b.rps / a.rps for a, b in zip(one.samples, two.samples) if a.rps]
+        cpu = [b.cpu_us / a.cpu_us for a, b in zip(one.samples, two.samples) if a.cpu_us]
+        if tput and cpu:
+            lines.append("")
+            lines.append(f"{two.scenario.name} / {one.scenario.name}, per round: throughput "
+                         f"{statistics.median(tput):.2f}× ({min(tput):.2f}–{max(tput):.2f}), CPU per request "
+                         f"{statistics.median(cpu):.2f}× ({min(cpu):.2f}–{max(cpu):.2f}).")
     return "\n".join(lines), doc
 
 
@@ -1095,7 +1105,8 @@ def main(argv: list[str] | None = None) -> int:
                 "nginx": shutil.which("nginx") is not None, "modsec": waftable.modsec_available() is None}
         selected = select(args)
         if args.compare:
-            selected = with_twins(selected, args.compare, export_revision(args.compare, work))
+            args.compare_source = export_revision(args.compare, work)
+            selected = with_twins(selected, args.compare, args.compare_source)
 
         up_port = free_port()
         upstream = start("upstream", cpus.wrap([PY, str(HERE / "upstream.py"), str(up_port)], "aux"), work)
