@@ -134,7 +134,8 @@ class Supervisor:
     async def metrics(self) -> tuple[bytes, str]:
         scraped = [x for x in await asyncio.gather(*(self._scrape(w) for w in self.workers)) if x is not None]
         agg = CollectorRegistry()
-        agg.register(MergedCollector(self.worker_metrics.merge(scraped)))
+        own = {m.name for m in self.registry.collect()}  # build info etc.: served once, by the supervisor
+        agg.register(MergedCollector(self.worker_metrics.merge(scraped, skip=own)))
         return generate_latest(agg) + generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def ready(self) -> tuple[bool, dict[str, Any]]:

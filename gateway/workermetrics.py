@@ -48,14 +48,16 @@ class WorkerMetrics:
         for k, v in self.last.pop(worker, {}).items():
             self.retired[k] = self.retired.get(k, 0.0) + v
 
-    def merge(self, scraped: Iterable[tuple[Any, int, str]]) -> list[Metric]:
-        """``scraped``: (worker key, pid, exposition text) of every live worker."""
+    def merge(self, scraped: Iterable[tuple[Any, int, str]], skip: Iterable[str] = ()) -> list[Metric]:
+        """``scraped``: (worker key, pid, exposition text) of every live worker. Families named in
+        ``skip`` are left out (the supervisor serves its own: build info)."""
+        skipped = set(skip)
         sums: dict[str, dict[Key, float]] = {}
         gauges: dict[str, list[tuple[int, str, dict[str, str], float]]] = {}
         for worker, pid, text in scraped:
             counted: dict[Key, float] = {}
             for fam in text_string_to_metric_families(text):
-                if fam.name.endswith("_created"):
+                if fam.name.endswith("_created") or fam.name in skipped:
                     continue
                 self.families.setdefault(fam.name, (fam.type, fam.documentation))
                 for s in fam.samples:

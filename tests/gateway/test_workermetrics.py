@@ -56,3 +56,12 @@ def test_a_restarted_worker_does_not_make_counters_fall():
     assert got[("portvakt_request_duration_seconds_count", (("route", "a"),))] == 1
     # its per-worker gauges are gone with it
     assert ("portvakt_jwks_keys", (("issuer", "mp"), ("pid", "11"))) not in got
+
+
+def test_families_the_supervisor_serves_itself_are_not_repeated():
+    r = CollectorRegistry()
+    Gauge("portvakt_build_info", "Build", ["version"], registry=r).labels("1").set(1)
+    Counter("portvakt_requests_total", "Requests", registry=r).inc()
+    wm = WorkerMetrics()
+    names = [m.name for m in wm.merge([((0, 5), 5, generate_latest(r).decode())], skip={"portvakt_build_info"})]
+    assert names == ["portvakt_requests"]
