@@ -31,6 +31,7 @@ work prints "failed: why". Neither stops the run. Nothing here is a test: no spe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib
 import json
@@ -136,12 +137,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def start(name: str, cmd: list[str], work: Path, env: dict[str, str] | None = None) -> Proc:
+def start(name: str, cmd: list[str], work: Path, env: dict[str, str] | None = None, root: Path = ROOT) -> Proc:
     log = work / f"{name}.log"
     f = open(log, "wb")
     p = subprocess.Popen(
-        cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(ROOT),
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(root),
+        env={**os.environ, "PYTHONPATH": str(root), **(env or {})},
         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )
     f.close()
@@ -309,36 +310,62 @@ class Sample:
         return self.cpu_s * 1e6 / self.requests if self.requests else float("nan")
 
 
+def upstream_count(url: str) -> int:
+    with urllib.request.urlopen(url + "/__bench/count", timeout=10) as r:
+        return int(r.read())
+
+
+SETTLE = 0.5  # seconds after wrk starts (connections up) and before it ends, outside the window
+
+
 def run_wrk(url: str, script: Path, seconds: float, args: argparse.Namespace, cpus: Cpus, pid: int | None = None,
-            connections: int | None = None, pin: bool = True) -> Sample:
-    """wrk against ``url`` for ``seconds`` (or until the script stops it); with ``pid``, that
-    process tree's CPU time over exactly the window wrk ran."""
+            connections: int | None = None, pin: bool = True, counter: str | None = None) -> Sample:
+    """wrk against ``url`` for ``seconds``; with ``pid``, that process tree's CPU time.
+
+    With ``counter`` (the bench upstream's URL) the window is the steady part of the run: wrk
+    runs ``settle + seconds + settle``, and CPU time and the upstream's request count are read
+    ``settle`` after the start and ``seconds`` later, so wrk's connection set-up (a TLS
+    handshake per connection, 1-3 ms each) and tear-down fall outside. Without it, the window is
+    wrk's whole run and the requests are wrk's count."""
+    settle = SETTLE if counter else 0.0
+    total = seconds + 2 * settle
     cmd = ["wrk", "-t", str(args.threads), "-c", str(connections or args.connections),
-           "-d", f"{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script), url]
+           "-d", f"{max(1, round(total))}s", "--timeout", "10s", "-s", str(script), url]
     if pin:
         cmd = cpus.wrap(cmd, "aux")
     c0 = procstat.tree_cpu_seconds(pid) if pid else 0.0
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    window = None
     try:
-        out, err = p.communicate(timeout=seconds + 120)
+        if counter:
+            time.sleep(settle)
+            n0, c0, w0 = upstream_count(counter), procstat.tree_cpu_seconds(pid) if pid else 0.0, time.monotonic()
+            time.sleep(seconds)
+            n1, c1, w1 = upstream_count(counter), procstat.tree_cpu_seconds(pid) if pid else 0.0, time.monotonic()
+            window = (n1 - n0, c1 - c0, w1 - w0)
+        out, err = p.communicate(timeout=total + 120)
     except subprocess.TimeoutExpired:
         p.kill()
         out, err = p.communicate()
-    c1 = procstat.tree_cpu_seconds(pid) if pid else 0.0
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    if window is None:
+        c1 = procstat.tree_cpu_seconds(pid) if pid else 0.0
     m = re.search(r"^BENCH_JSON (\{.*\})$", out, re.M)
     if m is None:
         raise RuntimeError(f"wrk gave no result (exit {p.returncode}): {err.strip() or out.strip()}"[:400])
     d = json.loads(m.group(1))
-    dur = d["duration_us"] / 1e6 or (time.monotonic() - t0)
     errors = {k: d[k] for k in ("connect", "read", "write", "status", "timeout") if d[k]}
-    s = Sample(d["requests"], dur, c1 - c0, d["p50"], d["p90"], d["p99"], errors)
-    s.wrk_cpu_s = ru.ru_utime + ru.ru_stime  # cumulative over all waited-for children; diffed by caller
-    return s
+    if window is not None:
+        return Sample(window[0], window[2], window[1], d["p50"], d["p90"], d["p99"], errors)
+    dur = d["duration_us"] / 1e6 or (time.monotonic() - t0)
+    return Sample(d["requests"], dur, c1 - c0, d["p50"], d["p90"], d["p99"], errors)
 
 
-class WrkClock:
+class ChildClock:
     """Cumulative CPU time of the harness's waited-for children (wrk, py-spy): diff around a run."""
 
     @staticmethod
@@ -542,7 +569,7 @@ def launch(row: Row, env: Env, work: Path, cpus: Cpus, have: dict[str, bool], pl
             row.status, row.why = "skipped", "config not accepted: " + "; ".join(e.problems[:3])
             return row.why
         cmd = [PY, "-m", "gateway", "run", "--config", str(cfg_path), "--log-level", "WARNING"]
-        row.proc = start(name, cpus.wrap(cmd, role), work)
+        row.proc = start(name, cpus.wrap(cmd, role), work, root=s.source or ROOT)
         row.url = f"{'http' if plain else 'https'}://127.0.0.1:{port}"
         row.profile["admin"] = f"http://127.0.0.1:{admin}"
     return None
@@ -582,7 +609,8 @@ def ready(row: Row, env: Env, work: Path) -> None:
 def measure_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus) -> Sample | None:
     assert row.proc is not None and row.script is not None
     try:
-        m = run_wrk(row.url, row.script, seconds, args, cpus, pid=row.proc.pid)
+        counter = row.url if row.scenario.kind == "upstream" else args.upstream_url  # where requests are counted
+        m = run_wrk(row.url, row.script, seconds, args, cpus, pid=row.proc.pid, counter=counter)
     except Exception as e:  # noqa: BLE001 - one broken row must not end the run
         row.status, row.why = "failed", f"{type(e).__name__}: {e}"
         return None
@@ -609,7 +637,7 @@ def profile_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus, 
         return "py-spy not installed (pip install py-spy; `make bench` installs the bench extra)"
     assert row.proc is not None and row.script is not None
     raw = out / f"profile-{row.n:02d}-{slug(row.scenario.name)}.txt"
-    cmd = cpus.wrap([spy, "record", "--pid", str(row.proc.pid), "--rate", "200", "--nonblocking",
+    cmd = cpus.wrap([spy, "record", "--pid", str(row.proc.pid), "--rate", "200", "--nonblocking", "--function",
                      "--format", "raw", "--output", str(raw), "--duration", str(max(1, round(seconds)))], "aux")
     spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)  # let py-spy attach before the load starts
@@ -630,7 +658,8 @@ def profile_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus, 
             stacks[stack] = stacks.get(stack, 0) + int(count)
     path = out / f"flame-{row.n:02d}-{slug(row.scenario.name)}.svg"
     path.write_text(svg.flame_graph(row.scenario.name, stacks))
-    row.profile["top"] = svg.top_frames(stacks, 25)
+    row.profile["top"] = svg.top_frames(stacks, 80)
+    row.profile["by_self"] = sorted(svg.top_frames(stacks, 10_000), key=lambda t: -t[2])[:15]
     row.profile["svg"] = str(path)
     return str(path)
 
@@ -688,6 +717,24 @@ def main_table(rows: list[Row]) -> str:
             vs = f"{r.median('cpu_us') - ref.median('cpu_us'):+,.0f} µs vs #{ref.n}"
         lines.append(f"| {r.n} | {s.name} | {cpu} | {spread} | {ratio} | {vs} | {r.median('rps'):,.0f} | "
                      f"{fmt_us(r.median('p50_us'))} | {fmt_us(r.median('p99_us'))} |")
+    return "\n".join(lines)
+
+
+def twin_table(rows: list[Row]) -> str:
+    """``--compare``: each row against its twin at the other revision, per round."""
+    by_name = {r.scenario.name: r for r in rows}
+    lines = ["| row | this tree µs/req (spread) | at the revision (spread) | this / revision, per round (range) |",
+             "|---|---:|---:|---:|"]
+    for t in rows:
+        cur = by_name.get(t.scenario.compare or "") if "twin" in t.scenario.tags else None
+        if cur is None or not cur.samples or not t.samples:
+            continue
+        rat = [a.cpu_us / b.cpu_us for a, b in zip(cur.samples, t.samples) if b.cpu_us]
+        lo, hi = cur.spread("cpu_us")
+        tlo, thi = t.spread("cpu_us")
+        lines.append(f"| #{cur.n} {cur.scenario.name} | {cur.median('cpu_us'):,.0f} ({lo:,.0f}–{hi:,.0f}) | "
+                     f"{t.median('cpu_us'):,.0f} ({tlo:,.0f}–{thi:,.0f}) | "
+                     f"{statistics.median(rat):.2f} ({min(rat):.2f}–{max(rat):.2f}) |")
     return "\n".join(lines)
 
 
@@ -782,7 +829,8 @@ def latency_section(rows: list[Row], args: argparse.Namespace, cpus: Cpus, work:
         for fr in fractions:
             delay = conns * 1000.0 / (sat * fr)
             script = wrk_script(r.request, work / f"lat-{r.n}-{fr}.lua", delay_ms=delay)  # type: ignore[arg-type]
-            m = run_wrk(r.url, script, args.latency_duration, args, cpus, pid=r.proc.pid, connections=conns)  # type: ignore[union-attr]
+            m = run_wrk(r.url, script, args.latency_duration, args, cpus, pid=r.proc.pid, connections=conns,  # type: ignore[union-attr]
+                        counter=args.upstream_url)
             pts50.append((m.rps, m.p50_us / 1000))
             pts99.append((m.rps, m.p99_us / 1000))
             table_rows.append(f"| {r.scenario.name} | {fr:.0%} | {m.rps:,.0f} | {fmt_us(m.p50_us)} | {fmt_us(m.p99_us)} | {m.cpu_us:,.0f} |")
@@ -855,7 +903,8 @@ def waf_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], args: a
                     if isinstance(wl, list):
                         m = run_replay(t.url, sl, cpus, t.proc.pid)  # type: ignore[union-attr]
                     else:
-                        m = run_wrk(t.url, script, args.duration, args, cpus, pid=t.proc.pid, connections=8)  # type: ignore[union-attr]
+                        m = run_wrk(t.url, script, args.duration, args, cpus, pid=t.proc.pid, connections=8,  # type: ignore[union-attr]
+                                    counter=args.upstream_url)
                 except Exception as e:  # noqa: BLE001
                     say(f"  WAF {t.scenario.name} on {wname}: {e}")
                     continue
@@ -892,15 +941,20 @@ def workers_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], arg
     took."""
     base = next(s for s in sc.SCENARIOS if s.name == sc.IDENTITY_GET)
     rows = []
-    for i, w in enumerate((1, 2)):
-        def config(e: Env, w: int = w) -> dict[str, Any]:
-            cfg = base.config(e)  # type: ignore[misc]
-            cfg["audit"]["path"] = e.path(f"audit-workers-{w}.jsonl")  # one trail per gateway
-            return cfg
+    trees: list[tuple[str, Path | None]] = [("", None)]
+    if args.compare:
+        trees.append((f" [at {args.compare}]", args.compare_source))
+    for label, source in trees:
+        for w in (1, 2):
+            def config(e: Env, w: int = w, tag: str = slug(label) or "this") -> dict[str, Any]:
+                cfg = base.config(e)  # type: ignore[misc]
+                cfg["audit"]["path"] = e.path(f"audit-workers-{w}-{tag}.jsonl")  # one trail per gateway
+                return cfg
 
-        s = Scenario(f"identity pipeline, {w} worker{'s' if w > 1 else ''}", "portvakt", base.request, config,
-                     modules=base.modules, needs=base.needs, expect_upstream_headers=base.expect_upstream_headers)
-        rows.append((w, Row(200 + i, s)))
+            s = Scenario(f"{w} worker{'s' if w > 1 else ''}{label}", "portvakt", base.request, config,
+                         modules=base.modules, needs=base.needs, expect_upstream_headers=base.expect_upstream_headers,
+                         source=source)
+            rows.append((w, Row(200 + len(rows), s)))
     for w, r in rows:
         launch(r, env, work, cpus, have, workers=w, role="none")
     for w, r in rows:
@@ -910,38 +964,75 @@ def workers_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], arg
             r.script = wrk_script(r.request, work / f"workers-{w}.lua")  # type: ignore[arg-type]
             run_wrk(r.url, r.script, max(args.warmup, 1), args, cpus, pin=False)
     live = [(w, r) for w, r in rows if r.status == "pending"]
-    if len(live) < 2:
+    if len(live) < 2 or len(live) < len(rows):
         stop_rows([r for _, r in rows])
         return "workers figure skipped: " + "; ".join(f"{r.scenario.name}: {r.why}" for _, r in rows if r.why), {}
-    aux: dict[int, list[tuple[float, float, float]]] = {w: [] for w, _ in live}  # (wrk cpu, upstream+redis cpu, wall)
+    aux: dict[int, list[tuple[float, float, float]]] = {r.n: [] for _, r in live}  # (wrk cpu, upstream+redis cpu, wall)
     others = [p for p in env.aux_pids if p]
     for rnd in range(args.rounds):
         for w, r in live:
-            o0, k0 = sum(procstat.tree_cpu_seconds(p) for p in others), WrkClock.now()
-            m = run_wrk(r.url, r.script, args.duration, args, cpus, pid=r.proc.pid, pin=False)  # type: ignore[arg-type,union-attr]
-            aux[w].append((WrkClock.now() - k0, sum(procstat.tree_cpu_seconds(p) for p in others) - o0, m.seconds))
+            o0, k0 = sum(procstat.tree_cpu_seconds(p) for p in others), ChildClock.now()
+            m = run_wrk(r.url, r.script, args.duration, args, cpus, pid=r.proc.pid, pin=False,  # type: ignore[arg-type,union-attr]
+                        counter=args.upstream_url)
+            aux[r.n].append((ChildClock.now() - k0, sum(procstat.tree_cpu_seconds(p) for p in others) - o0, m.seconds))
             r.samples.append(m)
     stop_rows([r for _, r in rows])
     lines = ["| gateway | req/s (median) | spread | CPU µs/req | gateway cores busy | wrk cores | upstream+Redis cores |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    doc = {}
+    doc: dict[str, Any] = {}
     for w, r in live:
         lo, hi = r.spread("rps")
         busy = statistics.median([s.cpu_s / s.seconds for s in r.samples])
-        wrk_c = statistics.median([a[0] / a[2] for a in aux[w]])
-        oth = statistics.median([a[1] / a[2] for a in aux[w]])
-        lines.append(f"| {w} worker{'s' if w > 1 else ''} | {r.median('rps'):,.0f} | {lo:,.0f}–{hi:,.0f} | "
+        wrk_c = statistics.median([a[0] / a[2] for a in aux[r.n]])
+        oth = statistics.median([a[1] / a[2] for a in aux[r.n]])
+        lines.append(f"| {r.scenario.name} | {r.median('rps'):,.0f} | {lo:,.0f}–{hi:,.0f} | "
                      f"{r.median('cpu_us'):,.0f} | {busy:.2f} | {wrk_c:.2f} | {oth:.2f} |")
-        doc[w] = {"rps": [s.rps for s in r.samples], "cpu_us": [s.cpu_us for s in r.samples], "cores": busy,
-                  "wrk_cores": wrk_c, "aux_cores": oth}
-    if len(doc) == 2:
-        lines.append("")
-        lines.append(f"2 workers / 1 worker: throughput {statistics.median(doc[2]['rps']) / statistics.median(doc[1]['rps']):.2f}×, "
-                     f"CPU per request {statistics.median(doc[2]['cpu_us']) / statistics.median(doc[1]['cpu_us']):.2f}×.")
+        doc[r.scenario.name] = {"rps": [s.rps for s in r.samples], "cpu_us": [s.cpu_us for s in r.samples],
+                                "cores": busy, "wrk_cores": wrk_c, "aux_cores": oth}
+    for i in range(0, len(live) - 1, 2):
+        (_, one), (_, two) = live[i], live[i + 1]
+        tput = [b.rps / a.rps for a, b in zip(one.samples, two.samples) if a.rps]
+        cpu = [b.cpu_us / a.cpu_us for a, b in zip(one.samples, two.samples) if a.cpu_us]
+        if tput and cpu:
+            lines.append("")
+            lines.append(f"{two.scenario.name} / {one.scenario.name}, per round: throughput "
+                         f"{statistics.median(tput):.2f}× ({min(tput):.2f}–{max(tput):.2f}), CPU per request "
+                         f"{statistics.median(cpu):.2f}× ({min(cpu):.2f}–{max(cpu):.2f}).")
     return "\n".join(lines), doc
 
 
 # ---- main -----------------------------------------------------------------------------------
+
+def export_revision(rev: str, work: Path) -> Path:
+    """``git archive`` of the gateway code at ``rev`` (gateway/, filters/), to run beside this tree."""
+    d = work / f"rev-{re.sub(r'[^A-Za-z0-9._-]', '_', rev)}"
+    d.mkdir()
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "gateway", "filters"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(d)], input=tar.stdout, check=True)
+    return d
+
+
+def with_twins(chosen: list[Scenario], rev: str, source: Path) -> list[Scenario]:
+    """Each Portvakt row followed by the same row run from ``source`` (the code at ``rev``), so
+    both are measured in the same rounds, next to each other; the twin's reference is the row."""
+    out: list[Scenario] = []
+    for s in chosen:
+        out.append(s)
+        if s.kind == "portvakt":
+            out.append(dataclasses.replace(s, name=f"{s.name} [at {rev}]", compare=s.name, source=source,
+                                           config=_own_audit_file(s.config), tags=s.tags + ("twin",)))
+    return out
+
+
+def _own_audit_file(config: Any) -> Any:
+    def build(env: Env) -> dict[str, Any]:
+        cfg = config(env)
+        if cfg.get("audit", {}).get("enabled"):
+            cfg["audit"]["path"] = cfg["audit"]["path"].replace(".jsonl", "-twin.jsonl")
+        return cfg
+
+    return build
+
 
 def select(args: argparse.Namespace) -> list[Scenario]:
     chosen = [s for s in sc.SCENARIOS if (not args.quick or "quick" in s.tags)]
@@ -971,8 +1062,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-waf-table", action="store_true", help="skip the WAF table")
     ap.add_argument("--no-latency", action="store_true", help="skip latency vs offered load")
     ap.add_argument("--no-workers", action="store_true", help="skip the --workers 2 figure")
-    ap.add_argument("--waf-requests", type=int, default=None, help="corpus requests per target and round (default 300; quick 60)")
+    ap.add_argument("--waf-requests", type=int, default=None, help="corpus requests per target and round (default 200; quick 60)")
     ap.add_argument("--latency-duration", type=float, default=None, help="seconds per offered-load point (default 2)")
+    ap.add_argument("--compare", metavar="REV", help="also run every selected Portvakt row from the code at git "
+                    "revision REV, next to the same row of this tree in every round (before/after in one run)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     ap.add_argument("--out", default=str(HERE / "out"), help="where the table, JSON, plots and profiles go (default bench/out)")
     ap.add_argument("--markdown", help="also write the report to this file")
@@ -983,7 +1076,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.duration = args.duration if args.duration is not None else (1.0 if q else 3.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if q else 1.5)
     args.rounds = args.rounds if args.rounds is not None else (1 if q else 3)
-    args.waf_requests = args.waf_requests if args.waf_requests is not None else (60 if q else 300)
+    args.waf_requests = args.waf_requests if args.waf_requests is not None else (60 if q else 200)
     args.latency_duration = args.latency_duration if args.latency_duration is not None else (1.0 if q else 2.0)
     if q:
         args.no_workers = True
@@ -1012,6 +1105,9 @@ def main(argv: list[str] | None = None) -> int:
         have = {"redis": shutil.which("redis-server") is not None, "crs": crs is not None,
                 "nginx": shutil.which("nginx") is not None, "modsec": waftable.modsec_available() is None}
         selected = select(args)
+        if args.compare:
+            args.compare_source = export_revision(args.compare, work)
+            selected = with_twins(selected, args.compare, args.compare_source)
 
         up_port = free_port()
         upstream = start("upstream", cpus.wrap([PY, str(HERE / "upstream.py"), str(up_port)], "aux"), work)
@@ -1032,6 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
                 redis_url, redis_pid = f"redis://127.0.0.1:{rport}/0", redis.pid
             else:
                 have["redis"] = False
+        args.upstream_url = f"http://127.0.0.1:{up_port}"
         env = Env(
             work=str(work), pki_dir=str(pki), upstream_url=f"http://127.0.0.1:{up_port}", token=mint_token(pki),
             integration_password=password, integration_hash=pw_hash, redis_url=redis_url,
@@ -1057,6 +1154,8 @@ def main(argv: list[str] | None = None) -> int:
         rounds_over(rows, args, cpus, "rows")
         compute_ratios(rows)
         report = ["\n".join(header), "", main_table(rows), ""]
+        if args.compare:
+            report += [f"This tree against {args.compare} (same rounds):", "", twin_table(rows), ""]
         ok = [r for r in rows if r.status == "ok" and r.samples]
         bars = [(f"#{r.n} {r.scenario.name}", r.median("cpu_us"), *r.spread("cpu_us"),
                  {"upstream": "reference", "nginx": "reference", "bare": "bare proxy"}.get(r.scenario.kind, "Portvakt"))
@@ -1076,12 +1175,18 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"  [{r.n}] {r.scenario.name}: {res}")
             report += ["", "Profiles (py-spy, inclusive % of samples, top frames):", ""]
             for r in ok:
-                if r.profile.get("top") and r.scenario.tags and "pipeline" in r.scenario.tags:
+                if r.profile.get("top") and ("pipeline" in r.scenario.tags or "twin" in r.scenario.tags
+                                             or r.scenario.kind == "bare"):
                     report.append(f"#{r.n} {r.scenario.name} — flame graph `{Path(r.profile['svg']).name}`")
                     report.append("")
-                    report.append("| frame | inclusive | self |")
+                    report.append("| Portvakt function | inclusive | self |")
                     report.append("|---|---:|---:|")
-                    report += [f"| `{f[:110]}` | {i:.1f} % | {s:.1f} % |" for f, i, s in r.profile["top"]]
+                    report += [f"| `{f[:110]}` | {i:.1f} % | {s:.1f} % |" for f, i, s in r.profile["top"]
+                               if ("gateway/" in f or "filters/" in f) and "cli.py" not in f and "__main__" not in f][:18]
+                    report.append("")
+                    report.append("| function (by self time) | self | inclusive |")
+                    report.append("|---|---:|---:|")
+                    report += [f"| `{f[:110]}` | {s:.1f} % | {i:.1f} % |" for f, i, s in r.profile["by_self"]]
                     report.append("")
         if not args.no_latency:
             say("latency vs offered load:")

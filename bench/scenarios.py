@@ -60,6 +60,7 @@ class Scenario:
     expect_upstream_headers: tuple[str, ...] = ()  # header names the upstream must receive
     needs: tuple[str, ...] = ()  # "redis", "crs", "nginx"
     tags: tuple[str, ...] = ()
+    source: Any = None  # a directory with another revision's gateway/ and filters/ (run.py --compare)
 
 
 # ---- request shapes ---------------------------------------------------------------------------

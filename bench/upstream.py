@@ -14,7 +14,17 @@ import sys
 from aiohttp import web
 
 
+COUNT_PATH = "/__bench/count"
+served = 0
+
+
 async def handle(request: web.BaseRequest) -> web.Response:
+    global served
+    if request.path == COUNT_PATH:
+        # How many requests reached this upstream: the harness reads it at the edges of a
+        # measured window (after wrk's connections are up), so TLS handshakes stay outside.
+        return web.Response(text=str(served))
+    served += 1
     body = await request.read()
     doc = {
         "method": request.method,

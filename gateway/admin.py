@@ -1,7 +1,7 @@
 """The admin listener (never the public port): metrics, health, readiness, reload, JWKS.
 
 - ``GET /metrics``: Prometheus exposition of ``gateway.metrics.REGISTRY`` (with ``--workers N``
-  the supervisor serves the multiprocess aggregate; see gateway/supervisor.py).
+  the supervisor serves the merge of its workers' registries; see gateway/workermetrics.py).
 - ``GET /healthz``: 200 while the process runs; under the supervisor, 200 only while every
   configured worker is live (else 503 ``degraded`` with the counts).
 - ``GET /readyz``: 200 when a config is loaded and no dependency reports ``down: ...``; the body
@@ -24,6 +24,7 @@ default, which names the Python and aiohttp versions).
 from __future__ import annotations
 
 import hmac
+import inspect
 import json
 from typing import Any
 
@@ -72,7 +73,8 @@ def build_admin_app(target: Any) -> web.Application:
     async def metrics_view(_: web.Request) -> web.Response:
         fn = getattr(target, "metrics", None)
         if fn is not None:
-            body, ctype = fn()
+            res = fn()
+            body, ctype = (await res) if inspect.isawaitable(res) else res
         else:
             body, ctype = generate_latest(metrics.REGISTRY), CONTENT_TYPE_LATEST
         resp = web.Response(body=body)

@@ -85,8 +85,8 @@ class AssertionConfig(Model):
     lifetime_seconds: int = Field(60, ge=1, le=3600, description="exp - iat of each assertion")
     reuse_seconds: int | None = Field(
         None, ge=0, description="How long one signed assertion serves further requests with the same verified "
-        "facts, route and key (default: half the lifetime, so a reused one has at least that left; 0: sign per "
-        "request). The per-request id travels in X-Request-Id, not in the assertion",
+        "facts, route and key (default: half the lifetime, so a reused one has at least that left; at most "
+        "lifetime - 1; 0: sign per request). The per-request id travels in X-Request-Id, not in the assertion",
     )
     key_dir: str | None = Field(
         None, description="Directory managed by `portvakt assertion-keys`; absent: ephemeral key"
@@ -289,7 +289,8 @@ class Forwarder:
         self.key_dir = key_dir
         self._lifetime = config.assertion.lifetime_seconds
         reuse = config.assertion.reuse_seconds
-        self._reuse = self._lifetime // 2 if reuse is None else min(reuse, self._lifetime)
+        # A reused assertion keeps at least a second to live (lifetime - reuse).
+        self._reuse = self._lifetime // 2 if reuse is None else max(0, min(reuse, self._lifetime - 1))
         # (kid, route, facts) -> (token, jti, iat): one signature per principal and window.
         self._signed: dict[tuple[Any, ...], tuple[str, str, int]] = {}
         self._issuer = config.assertion.issuer

@@ -90,8 +90,8 @@ TIMEOUTS = Counter(
     ["phase"],
     registry=REGISTRY,
 )
-# multiprocess_mode only matters under --workers N (prometheus multiprocess mode, see
-# gateway/supervisor.py): in-flight is summed over live workers, the last reload is the latest.
+# multiprocess_mode says how the supervisor merges a gauge over workers under --workers N (see
+# gateway/workermetrics.py): in-flight is summed over live workers, the last reload is the latest.
 IN_FLIGHT = Gauge(
     "portvakt_requests_in_flight", "Requests being handled now", registry=REGISTRY, multiprocess_mode="livesum"
 )
@@ -145,8 +145,8 @@ def init_route_series(route_names: Any, upstream_names: Any) -> None:
 # exposition, ``get_sample_value`` and the multiprocess files are exactly what prometheus-client
 # itself would produce), find the bucket by bisection, and, in a single process, swap the child's
 # lock-protected values for plain ones. That swap is only made for the series recorded here, which
-# are written from the event-loop thread alone; under ``--workers N`` (prometheus multiprocess
-# mode, see gateway/supervisor.py) the values are the shared mmap files and are left as they are.
+# are written from the event-loop thread alone. (Under ``--workers N`` each worker has its own
+# registry too; should PROMETHEUS_MULTIPROC_DIR be set by hand, the mmap values are kept as they are.)
 
 
 class _PlainValue:

@@ -296,7 +296,7 @@ class Gateway:
         self._edge_sweep: asyncio.Task[None] | None = None
         self.inflight = 0
         # Single process: the gauge reads self.inflight when scraped (no lock per request). Under
-        # the supervisor (prometheus multiprocess mode) it must be counted in the shared files.
+        # prometheus multiprocess mode (PROMETHEUS_MULTIPROC_DIR set by hand) it must be counted in the files.
         self._count_inflight = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         if not self._count_inflight:
             metrics.IN_FLIGHT.set_function(lambda: self.inflight)

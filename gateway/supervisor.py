@@ -11,15 +11,14 @@ Each worker is ``python -m gateway run --worker-index I`` binding the public lis
   admin endpoints on a private unix socket; the supervisor's ``/readyz`` is ready when every
   worker is, ``POST /-/reload`` reloads every worker and reports each one's problems, and
   ``/.well-known/jwks.json`` merges the workers' key sets.
-- ``/metrics`` is the sum over workers: the workers run prometheus-client in multiprocess mode
-  (``PROMETHEUS_MULTIPROC_DIR`` is a private temp directory the supervisor creates and removes)
-  and the supervisor aggregates the files. Counters and histograms are summed over workers
-  (including workers that exited), the in-flight gauge is summed over live workers, the last
-  reload timestamp is the latest of any worker; other gauges a stage declares are exported per
-  worker with a ``pid`` label (prometheus-client's default). The build info,
-  ``portvakt_workers`` (workers live now: process running, admin socket answering) and
-  ``portvakt_worker_restarts_total`` come from the supervisor itself; ``/healthz`` is 503 while
-  fewer than the configured workers are live.
+- ``/metrics`` is the merge over workers: each worker counts in its own in-process registry and
+  the supervisor scrapes them over their admin sockets (``gateway/workermetrics.py``; no
+  multiprocess files, no lock per increment). Counters and histograms are summed over workers
+  (including what exited workers had counted at the last scrape), the in-flight gauge is summed,
+  the last reload timestamp is the latest of any worker; other gauges a stage declares are
+  exported per worker with a ``pid`` label. The build info,
+  ``portvakt_workers`` and ``portvakt_worker_restarts_total`` come from the supervisor itself.
+  ``/healthz`` is 503 while fewer than the configured workers are live.
 - Workers die with it: each gets ``PORTVAKT_SUPERVISOR_PID`` and asks for a parent-death signal
   (gateway/parentwatch.py), so a ``kill -9`` of the supervisor leaves no worker serving, holding
   the port or the audit-file lock.
@@ -44,6 +43,7 @@ import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from gateway import __version__, parentwatch
+from gateway.workermetrics import MergedCollector, WorkerMetrics
 
 log = logging.getLogger("portvakt.supervisor")
 
@@ -63,8 +63,7 @@ class Supervisor:
         self.n = workers
         self.log_level = log_level
         self.dir = tempfile.mkdtemp(prefix="portvakt-")
-        self.metrics_dir = os.path.join(self.dir, "metrics")
-        os.mkdir(self.metrics_dir)
+        self.worker_metrics = WorkerMetrics()
         self.workers = [Worker(i, os.path.join(self.dir, f"worker-{i}.sock")) for i in range(workers)]
         self.stopping = False
         self.registry = CollectorRegistry()
@@ -86,7 +85,7 @@ class Supervisor:
         if os.path.exists(w.socket_path):
             os.unlink(w.socket_path)
         env = dict(os.environ)
-        env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # workers count in memory; see workermetrics
         env["PORTVAKT_WORKER_INDEX"] = str(w.index)
         env[parentwatch.ENV] = str(os.getpid())  # the worker dies with this process (gateway/parentwatch.py)
         w.proc = await asyncio.create_subprocess_exec(
@@ -99,13 +98,11 @@ class Supervisor:
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
 
     async def watch(self, w: Worker) -> None:
-        from prometheus_client import multiprocess
-
         while True:
             assert w.proc is not None
             rc = await w.proc.wait()
             self._ready_cache.pop(w.index, None)
-            multiprocess.mark_process_dead(w.proc.pid, self.metrics_dir)
+            self.worker_metrics.retire((w.index, w.proc.pid))
             if self.stopping:
                 return
             lived = time.monotonic() - w.started_at
@@ -148,11 +145,25 @@ class Supervisor:
             async with s.request(method, "http://worker" + path) as r:
                 return r.status, await r.json(content_type=None)
 
-    def metrics(self) -> tuple[bytes, str]:
-        from prometheus_client import multiprocess
+    async def _scrape(self, w: Worker) -> tuple[Any, int, str] | None:
+        proc = w.proc
+        if proc is None or proc.returncode is not None:
+            return None
+        conn = aiohttp.UnixConnector(path=w.socket_path)
+        try:
+            async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=5)) as s:
+                async with s.get("http://worker/metrics") as r:
+                    if r.status != 200:
+                        return None
+                    return (w.index, proc.pid), proc.pid, await r.text()
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            return None
 
+    async def metrics(self) -> tuple[bytes, str]:
+        scraped = [x for x in await asyncio.gather(*(self._scrape(w) for w in self.workers)) if x is not None]
         agg = CollectorRegistry()
-        multiprocess.MultiProcessCollector(agg, path=self.metrics_dir)
+        own = {m.name for m in self.registry.collect()}  # build info etc.: served once, by the supervisor
+        agg.register(MergedCollector(self.worker_metrics.merge(scraped, skip=own)))
         return generate_latest(agg) + generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def ready(self) -> tuple[bool, dict[str, Any]]:

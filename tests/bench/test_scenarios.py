@@ -252,3 +252,24 @@ def test_svg_outputs_are_well_formed_xml():
     top = svg.top_frames(stacks)
     assert top[0] == ("main (a.py:1)", 100.0, 0.0)
     assert ("other (b.py:9)", 37.5, 37.5) in top
+
+
+def test_compare_twins_each_portvakt_row_with_the_revision(tmp_path):
+    src = run.export_revision("HEAD", tmp_path)
+    assert (src / "gateway" / "server.py").exists() and (src / "filters" / "waf").is_dir()
+    chosen = run.select(run.parse_args(["--quick"]))
+    twins = run.with_twins(chosen, "HEAD", src)
+    pv = [s for s in chosen if s.kind == "portvakt"]
+    assert len(twins) == len(chosen) + len(pv)
+    for i, s in enumerate(twins):
+        if "twin" in s.tags:
+            assert twins[i - 1].name == s.compare and s.source == src and s.name.endswith("[at HEAD]")
+
+
+def test_twin_table_pairs_rounds_of_a_row_and_its_twin():
+    row = run.Row(1, sc.SCENARIOS[3])
+    twin = run.Row(2, run.with_twins([sc.SCENARIOS[3]], "X", None)[1])
+    row.samples = [run.Sample(100, 1, 0.05, 0, 0, 0, {}), run.Sample(100, 1, 0.06, 0, 0, 0, {})]
+    twin.samples = [run.Sample(100, 1, 0.10, 0, 0, 0, {}), run.Sample(100, 1, 0.06, 0, 0, 0, {})]
+    text = run.twin_table([row, twin])
+    assert "| 550 (500–600) | 800 (600–1,000) | 0.75 (0.50–1.00) |" in text

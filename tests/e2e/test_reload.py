@@ -139,6 +139,12 @@ async def test_workers_share_the_port_and_a_crashed_worker_is_restarted(start_ga
 
     await burst(10)
     assert await gw.metric("portvakt_requests_total", {"route": "demo", "method": "GET", "status": "200", "decision": "allow"}) == 10
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gw.admin_url + "/metrics") as r:
+            text = await r.text()
+    types = [line for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)), "a metric family is exposed twice"
+    assert "# TYPE portvakt_build_info gauge" in types and "# TYPE portvakt_workers gauge" in types
 
     os.kill(pids["0"], signal.SIGKILL)
     for _ in range(200):
@@ -150,6 +156,8 @@ async def test_workers_share_the_port_and_a_crashed_worker_is_restarted(start_ga
         raise AssertionError(gw.output())
     await burst(4)
     assert await gw.metric("portvakt_worker_restarts_total") == 1
+    # The killed worker's counts (scraped above) stay in the sum: the counter does not fall.
+    assert await gw.metric("portvakt_requests_total", {"route": "demo", "method": "GET", "status": "200", "decision": "allow"}) == 14
     assert await gw.reload() == "success"
     assert await gw.stop_async() == 0
     for pid in [now["0"]["pid"], pids["1"]]:

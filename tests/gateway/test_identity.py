@@ -302,3 +302,14 @@ def test_cli_commands(tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out.split("pruned nothing\n")[1])["keys"]) == 2
     args = ap.parse_args(["assertion-keys", "create", kd])
     assert args.func(args) == 1  # exists already: use rotate
+
+
+def test_reused_assertion_always_has_time_left():
+    fwd = forwarder(lifetime_seconds=10, reuse_seconds=3600)
+    now = [1_000_000.0]
+    fwd.clock = lambda: now[0]
+    cfg = make_config()
+    first = fwd.headers(make_ctx(cfg, token=maskinporten()))["X-Portvakt-Assertion"]
+    now[0] += 9.5  # 0.5 s before it expires: not served again
+    again = fwd.headers(make_ctx(cfg, token=maskinporten()))["X-Portvakt-Assertion"]
+    assert again != first
