@@ -198,9 +198,24 @@ def _build_problem(path: str, e: BaseException) -> str:
     return f"{path}: runtime: {type(e).__name__}: {msg}"
 
 
+def check_config_warnings(path: str) -> list[str]:
+    """Warnings (stderr, exit code unchanged) for a config that loads: weaker than it looks."""
+    from gateway.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(path)
+    except (ConfigError, OSError):
+        return []
+    from filters.tokens import config_warnings
+
+    return config_warnings(cfg)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     problems = check_config(args.file)
+    for w in check_config_warnings(args.file):
+        print(f"{args.file}: warning: {w}", file=sys.stderr)
     if problems:
         for p in problems:
             print(p)
