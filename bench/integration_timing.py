@@ -42,7 +42,7 @@ def config():
     doc = f"""
 server: {{plain_http: true}}
 upstreams: {{u: {{url: "http://127.0.0.1:9"}}}}
-routes: [{{name: r, upstream: u, access: {{any_of: [{{integration: true}}]}}}}]
+routes: [{{name: r, upstream: u, service: s, organization_from: "header:FiksOrgId", access: {{any_of: [{{integration: true}}]}}}}]
 integrations:
   - {{id: "{CHEAP_ID}", password_hash: "{cheap}", authorized_org: "{ORG}"}}
   - {{id: "{COSTLY_ID}", password_hash: "{costly}", authorized_org: "{ORG}"}}
