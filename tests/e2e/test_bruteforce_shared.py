@@ -41,7 +41,8 @@ async def storm(gateways: list, token: str) -> Counter:
 
 async def test_two_workers_on_one_redis_allow_exactly_max_failures(start_gateway, upstream, issuer, redis_server):
     cfg = identity_config(upstream.url, issuer, integrations_policy=policy(redis_server.url))
-    gw = await start_gateway(cfg, workers=2)
+    gw = await start_gateway(cfg, workers=2, wait_ready=False)
+    await gw.wait_ready(timeout=90)  # two workers start slowly on a loaded machine
     token = issuer.mint(scope="ks:fiks")
     got = await storm([gw], token)
     assert got == {401: MAX_FAILURES, 429: GUESSES - MAX_FAILURES}, got
