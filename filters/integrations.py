@@ -689,10 +689,18 @@ class IntegrationsFilter(Filter):
         # admitted (and counted); the others share its admission and its argon2 run, and leave
         # the accounting to it.
         guess = (iid, stage._digest(iid, password), ip) if usable else None
-        shared = guess is not None and guess in stage.admissions
-        if shared:
-            admission = await asyncio.shield(stage.admissions[guess])  # type: ignore[index]
-        else:
+        first = stage.admissions.get(guess) if guess is not None else None  # type: ignore[arg-type]
+        shared = False
+        if first is not None:
+            try:
+                admission = await asyncio.shield(first)
+                shared = True
+            except asyncio.CancelledError:
+                if not first.cancelled():
+                    raise  # this request itself was cancelled
+                # The first attempt was abandoned before its admission: admit this one alone.
+                guess = None
+        if not shared:
             pending: asyncio.Future[Admission] | None = None
             if guess is not None:
                 pending = stage.admissions[guess] = asyncio.get_running_loop().create_future()
