@@ -34,7 +34,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import argon2
 from argon2 import PasswordHasher, profiles
@@ -135,6 +135,23 @@ class BruteForceConfig(Model):
         86400.0, ge=0, description="An (id, IP) pair that authenticated is exempt from the per-id lockout this long"
     )
     max_tracked: int = Field(100_000, ge=100, description="Bound on remembered keys per table (LRU)")
+    redis_url: str | None = Field(
+        None,
+        description="redis:// or rediss:// URL (use ${ENV} for a password): counts and lockouts shared by every "
+        "worker and host using it. Absent: in-process (per process). Redis failing: in-process fallback",
+    )
+    redis_key_prefix: str = Field("portvakt", description="Prefix of the brute-force keys in Redis")
+    redis_timeout_ms: int = Field(
+        1000, gt=0, le=10_000,
+        description="Per Redis call; then the in-process fallback (which has mirrored this process's counts)",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
 
 
 class IntegrationsPolicyConfig(Model):
@@ -145,6 +162,11 @@ class IntegrationsPolicyConfig(Model):
     )
     max_concurrent_verifications: int = Field(
         0, ge=0, description="argon2 threads (0: the number of CPUs); further verifications queue"
+    )
+    password_hash_floor: Literal["owasp", "none"] = Field(
+        "owasp",
+        description="owasp: refuse argon2id hashes cheaper than OWASP's minimum (memory KiB per time cost: t=1 "
+        "47104, t=2 19456, t=3 12288, t=4 9216, t>=5 7168; parallelism 1 or more). none: accept any (tests only)",
     )
 
 
@@ -191,6 +213,7 @@ LOCKOUTS = Counter(
 
 _executors: dict[int, ThreadPoolExecutor] = {}
 _dummy_hashes: dict[tuple[int, int, int], str] = {}
+_dummy_costs: dict[tuple[int, int, int], float] = {}  # seconds making each dummy hash took
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
@@ -211,6 +234,15 @@ def _verify(hasher: PasswordHasher, pw_hash: str, password: str) -> bool:
 
 
 # --- brute-force accounting ------------------------------------------------------------------
+
+LOCK_PAIR, LOCK_IP, LOCK_ID = 1, 2, 4  # which lockouts a counted failure started
+
+
+def record_lockouts(locks: int) -> None:
+    for bit, scope in ((LOCK_PAIR, "pair"), (LOCK_IP, "ip"), (LOCK_ID, "id")):
+        if locks & bit:
+            LOCKOUTS.labels(scope).inc()
+
 
 
 @dataclass(slots=True)
@@ -273,15 +305,19 @@ class FailureTracker:
             until = max(until, c.blocked_until)
         return max(0.0, until - now)
 
-    def failure(self, iid: str, ip: Any, now: float) -> None:
+    def failure(self, iid: str, ip: Any, now: float, count_lockouts: bool = True) -> int:
+        """Count one failure. Returns the lockouts it started (``LOCK_PAIR | LOCK_IP | LOCK_ID``
+        bits), counted in the metric unless ``count_lockouts`` is False (an advance count: the
+        metric waits for the attempt to fail, see ``record_lockouts``)."""
         if not self.cfg.enabled:
-            return
+            return 0
         cfg = self.cfg
+        locks = 0
         pair = self._get(self.pairs, (iid, ip), now)
         pair.score += 1
         if pair.score >= cfg.max_failures:
             pair.blocked_until = now + cfg.lockout_seconds
-            LOCKOUTS.labels("pair").inc()
+            locks |= LOCK_PAIR
         elif pair.score > cfg.free_failures:
             # Space attempts out: 1 s, 2 s, 4 s ... before the lockout proper.
             delay = min(cfg.lockout_seconds, 2.0 ** (pair.score - cfg.free_failures - 1))
@@ -290,12 +326,40 @@ class FailureTracker:
         ipc.score += 1
         if ipc.score >= cfg.ip_max_failures:
             ipc.blocked_until = now + cfg.lockout_seconds
-            LOCKOUTS.labels("ip").inc()
+            locks |= LOCK_IP
         idc = self._get(self.ids, iid, now)
         idc.score += 1
         if idc.score >= cfg.id_max_failures:
             idc.blocked_until = now + cfg.lockout_seconds
-            LOCKOUTS.labels("id").inc()
+            locks |= LOCK_ID
+        if count_lockouts:
+            record_lockouts(locks)
+        return locks
+
+    def admit(self, iid: str, ip: Any, now: float, count: bool = True) -> tuple[float, int]:
+        """Refuse (the wait, > 0) or admit (0.0) one attempt. With ``count`` an admitted attempt
+        is counted as a failure at once, before its password is checked, and ``refund`` takes
+        it back when it succeeds: concurrent guesses can never all pass the check before the
+        first failure is recorded, so exactly ``max_failures`` guesses reach the password check."""
+        wait = self.retry_after(iid, ip, now)
+        locks = 0
+        if wait <= 0 and count:
+            locks = self.failure(iid, ip, now, count_lockouts=False)
+        return wait, locks
+
+    def refund(self, iid: str, ip: Any, admitted_at: float, now: float) -> None:
+        """The attempt admitted (and counted) at ``admitted_at`` succeeded: its count is taken
+        back, and a lockout that only it completed (started since ``admitted_at``) is lifted."""
+        if not self.cfg.enabled:
+            return
+        cfg = self.cfg
+        for table, key, limit in ((self.ips, ip, cfg.ip_max_failures), (self.ids, iid, cfg.id_max_failures)):
+            c = table.get(key)
+            if c is not None and c.score > 0:
+                c.score -= 1
+                if c.score < limit and c.blocked_until >= admitted_at + cfg.lockout_seconds:
+                    c.blocked_until = 0.0
+        self.success(iid, ip, now)
 
     def success(self, iid: str, ip: Any, now: float) -> None:
         if not self.cfg.enabled:
@@ -312,6 +376,48 @@ class FailureTracker:
             self.known_good.popitem(last=False)
 
 
+class Admission(NamedTuple):
+    """A brute-force store's answer to one attempt: ``wait`` > 0 refuses it; ``at`` is the
+    store's time of admission (for ``refund``); ``local``: the in-process store counted it."""
+
+    wait: float
+    at: float
+    local: bool
+    locks: int = 0  # lockouts the advance count started: recorded in the metric if the attempt fails
+    mirrored_at: float | None = None  # Redis admissions: when the in-process mirror counted it too
+
+
+class LocalFailureStore:
+    """The in-process ``FailureTracker`` behind the store interface the filter awaits (the
+    Redis store, ``filters.bruteforce_redis``, has the same methods and falls back to this)."""
+
+    def __init__(self, tracker: FailureTracker) -> None:
+        self.tracker = tracker
+
+    async def admit(self, iid: str, ip: Any, count: bool = True) -> Admission:
+        now = _now()
+        wait, locks = self.tracker.admit(iid, ip, now, count)
+        return Admission(wait, now, True, locks)
+
+    async def refund(self, iid: str, ip: Any, admission: Admission) -> None:
+        self.tracker.refund(iid, ip, admission.at, _now())
+
+    async def failure(self, iid: str, ip: Any) -> None:
+        self.tracker.failure(iid, ip, _now())
+
+    async def success(self, iid: str, ip: Any) -> None:
+        self.tracker.success(iid, ip, _now())
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def readiness(self) -> dict[str, str]:
+        return {}
+
+
 # --- the stage -------------------------------------------------------------------------------
 
 
@@ -321,6 +427,11 @@ class _Integration:
     password_hash: str
     authorized_org: str
     require_certificate: bool
+
+    @property
+    def params(self) -> tuple[int, int, int]:
+        p = argon2.extract_parameters(self.password_hash)
+        return (p.time_cost, p.memory_cost, p.parallelism)
 
     @property
     def identity(self) -> IntegrationIdentity:
@@ -341,6 +452,19 @@ class IntegrationsStage(Stage):
         }
         self.hasher = PasswordHasher()  # verify() reads the parameters from each hash
         self.tracker = FailureTracker(policy.brute_force)
+        self.store: Any = LocalFailureStore(self.tracker)
+        if policy.brute_force.redis_url is not None and policy.brute_force.enabled:
+            from filters.bruteforce_redis import RedisFailureStore
+
+            try:
+                self.store = RedisFailureStore(policy.brute_force, self.store)
+            except ValueError as e:  # redis-py's URL parsing: names no field, never echoes the URL
+                raise ValueError(f"integrations_policy.brute_force.redis_url: {e}") from None
+        # Every failure answers after about one argon2 run at the costliest configured parameters
+        # (the dummy hash has them): seconds, an estimate kept as a moving average of such runs.
+        self.failure_seconds = 0.0
+        self.good_seen: dict[tuple[str, Any], float] = {}  # (id, IP) -> when the store last heard of it
+        self.admissions: dict[tuple[str, bytes, Any], asyncio.Future[Admission]] = {}  # guesses in flight
         self._key = hmac_key
         # id -> keyed digest of the password that verified against the current hash.
         self._good: dict[str, bytes] = {}
@@ -362,12 +486,34 @@ class IntegrationsStage(Stage):
 
     async def start(self) -> None:
         await self._dummy_hash()
+        await self.store.start()
+        if self.failure_seconds == 0.0 and self.integrations:
+            # The first estimate of the failure time: what making the dummy hash cost (the same
+            # argon2 work as verifying against it), so no extra run delays the start.
+            self.failure_seconds = _dummy_costs.get(self._dummy_params, 0.0)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    def _observe_max_cost(self, seconds: float) -> None:
+        prev = self.failure_seconds
+        self.failure_seconds = seconds if prev == 0.0 else prev + 0.2 * (seconds - prev)
+
+    async def pad_failure(self, started: float) -> None:
+        """Sleep until a failed attempt has taken as long as an argon2 run at the costliest
+        configured parameters (unknown id, wrong password of a cheaper hash, answers from the
+        failure cache and lockouts all end alike). A sleep: no CPU is spent on it."""
+        left = self.failure_seconds - (time.perf_counter() - started)
+        if left > 0:
+            await asyncio.sleep(left)
 
     def adopt(self, previous: Stage) -> None:
         if not isinstance(previous, IntegrationsStage):
             return
         self._key = previous._key
         self.tracker.take_over(previous.tracker)
+        if self._dummy_params == previous._dummy_params:
+            self.failure_seconds = previous.failure_seconds
         unchanged = {
             iid for iid, integ in self.integrations.items() if previous.integrations.get(iid) == integ
         }
@@ -377,22 +523,22 @@ class IntegrationsStage(Stage):
                 self._bad[(iid, digest)] = exp
 
     def readiness(self) -> dict[str, str]:
-        return {}
+        return self.store.readiness()
 
     # Password checking
 
     def _common_params(self) -> tuple[int, int, int]:
-        """argon2 parameters for the dummy hash: the most common among configured hashes, so an
-        unknown id costs what a real one does."""
-        counts: dict[tuple[int, int, int], int] = {}
+        """argon2 parameters for the dummy hash: the costliest among configured hashes (time cost
+        x memory, then parallelism), so an unknown id costs what the slowest real one does and
+        ``pad_failure`` brings every cheaper failure up to it."""
+        params = set()
         for integ in self.integrations.values():
             p = argon2.extract_parameters(integ.password_hash)
-            k = (p.time_cost, p.memory_cost, p.parallelism)
-            counts[k] = counts.get(k, 0) + 1
-        if not counts:
+            params.add((p.time_cost, p.memory_cost, p.parallelism))
+        if not params:
             d = profiles.RFC_9106_LOW_MEMORY
             return (d.time_cost, d.memory_cost, d.parallelism)
-        return max(counts, key=lambda k: counts[k])
+        return max(params, key=lambda k: (k[0] * k[1], k[2]))
 
     async def _dummy_hash(self) -> str:
         h = _dummy_hashes.get(self._dummy_params)
@@ -400,9 +546,29 @@ class IntegrationsStage(Stage):
             t, m, p = self._dummy_params
             hasher = PasswordHasher(time_cost=t, memory_cost=m, parallelism=p)
             loop = asyncio.get_running_loop()
+            t0 = time.perf_counter()
             h = await loop.run_in_executor(_executor(self._workers), hasher.hash, os.urandom(24).hex())
+            _dummy_costs.setdefault(self._dummy_params, time.perf_counter() - t0)
             h = _dummy_hashes.setdefault(self._dummy_params, h)
         return h
+
+    def cached_good(self, iid: str, password: str) -> bool:
+        """Whether ``password`` verified for ``iid`` before (against the current hash)."""
+        good = self._good.get(iid)
+        return good is not None and hmac.compare_digest(good, self._digest(iid, password))
+
+    def good_refresh_due(self, iid: str, ip: Any) -> bool:
+        """For a known-good credential: whether to tell the store again that this (id, IP) pair
+        authenticated (at most once a minute per pair, so a shared store is not written per request)."""
+        key = (iid, ip)
+        now = time.monotonic()
+        last = self.good_seen.get(key)
+        if last is not None and now - last < 60.0:
+            return False
+        if len(self.good_seen) >= 100_000:
+            self.good_seen.clear()
+        self.good_seen[key] = now
+        return True
 
     def _digest(self, iid: str, password: str) -> bytes:
         return hmac.digest(self._key, iid.encode() + b"\0" + password.encode("utf-8"), "sha256")
@@ -437,14 +603,18 @@ class IntegrationsStage(Stage):
             integ = self.integrations.get(iid)
             loop = asyncio.get_running_loop()
             ex = _executor(self._workers)
+            t0 = time.perf_counter()
             if integ is None:
                 dummy = await self._dummy_hash()
                 await loop.run_in_executor(ex, _verify, self.hasher, dummy, password)
                 ARGON2_RUNS.labels("dummy").inc()
                 ok = False
+                self._observe_max_cost(time.perf_counter() - t0)
             else:
                 ok = await loop.run_in_executor(ex, _verify, self.hasher, integ.password_hash, password)
                 ARGON2_RUNS.labels("match" if ok else "mismatch").inc()
+                if integ.params == self._dummy_params:
+                    self._observe_max_cost(time.perf_counter() - t0)
             if ok:
                 self._good[iid] = digest
             elif self.policy.failure_cache_seconds > 0:
@@ -504,47 +674,104 @@ class IntegrationsFilter(Filter):
         if iid is None:
             return self._fail(ctx, INTEGRATION_ID_MALFORMED)
         stage = self.stage
+        started = time.perf_counter()
         ip = ctx.client_ip
-        now = _now()
-        wait = stage.tracker.retry_after(iid, ip, now)
-        if wait > 0:
-            ctx.audit["integrations"] = {"id": iid, "result": "refused", "reason": TOO_MANY_FAILED_ATTEMPTS}
-            return Deny(
-                Problem(
-                    TOO_MANY_FAILED_ATTEMPTS,
-                    detail="Too many failed attempts; retry later.",
-                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
-                )
-            )
         if ctx.token is None:
             # Checked before the password, so it reveals nothing about it: not counted.
             return self._fail(ctx, INTEGRATION_TOKEN_MISSING)
         password = pws[0]
         integ = stage.integrations.get(iid)
-        if _usable(password):
+        usable = _usable(password)
+        # A password this process verified before for this id needs no advance count (it cannot
+        # be a guess); it still has to wait out a lockout, or a lockout would be an oracle.
+        known_good = usable and integ is not None and stage.cached_good(iid, password)
+        # Concurrent attempts with the same (id, password, address) are one guess: the first is
+        # admitted (and counted); the others share its admission and its argon2 run, and leave
+        # the accounting to it.
+        guess = (iid, stage._digest(iid, password), ip) if usable else None
+        first = stage.admissions.get(guess) if guess is not None else None  # type: ignore[arg-type]
+        shared = False
+        if first is not None:
+            try:
+                admission = await asyncio.shield(first)
+                shared = True
+            except asyncio.CancelledError:
+                if not first.cancelled():
+                    raise  # this request itself was cancelled
+                # The first attempt was abandoned before its admission: admit this one alone.
+                guess = None
+        if not shared:
+            pending: asyncio.Future[Admission] | None = None
+            if guess is not None:
+                pending = stage.admissions[guess] = asyncio.get_running_loop().create_future()
+            try:
+                admission = await stage.store.admit(iid, ip, count=not known_good)
+            except BaseException:
+                if pending is not None:
+                    stage.admissions.pop(guess, None)  # type: ignore[arg-type]
+                    pending.cancel()
+                raise
+            if pending is not None:
+                pending.set_result(admission)
+        try:
+            return await self._attempt(ctx, iid, ip, password, integ, usable, known_good, shared, admission, started)
+        finally:
+            if not shared and guess is not None:
+                stage.admissions.pop(guess, None)
+
+    async def _attempt(
+        self, ctx: RequestContext, iid: str, ip: Any, password: str, integ: "_Integration | None", usable: bool,
+        known_good: bool, shared: bool, admission: Admission, started: float,
+    ) -> Decision:
+        stage = self.stage
+        if admission.wait > 0:
+            ctx.audit["integrations"] = {"id": iid, "result": "refused", "reason": TOO_MANY_FAILED_ATTEMPTS}
+            await stage.pad_failure(started)
+            return Deny(
+                Problem(
+                    TOO_MANY_FAILED_ATTEMPTS,
+                    detail="Too many failed attempts; retry later.",
+                    headers={"Retry-After": str(max(1, math.ceil(admission.wait)))},
+                )
+            )
+        if known_good:
+            _CACHE_HIT.inc()
+            ok = True
+        elif usable:
             ok = await stage.password_ok(iid, password)
-        else:  # nothing argon2 could match: answered without it (reveals nothing about the id)
+        else:  # nothing argon2 could match: answered without it (the padding hides that)
             ok = False
         reason: str | None = None
         if integ is None:
             reason = INTEGRATION_UNKNOWN
         elif not ok:
             reason = INTEGRATION_BAD_PASSWORD
-        elif not _same(ctx.token.consumer_org, integ.authorized_org):
+        elif ctx.token is None or not _same(ctx.token.consumer_org, integ.authorized_org):
             reason = INTEGRATION_ORG_MISMATCH
         elif ctx.certificate is not None or integ.require_certificate:
             if ctx.certificate is None:
                 reason = INTEGRATION_CERT_REQUIRED
             elif not _same(ctx.certificate.org_number, integ.authorized_org):
                 reason = INTEGRATION_CERT_MISMATCH
-        now = _now()
         if reason is not None:
-            # Every failure after the password check counts alike, so lockouts cannot tell an
-            # attacker which part failed.
-            stage.tracker.failure(iid, ip, now)
+            # Every failure after the password check counts alike (admit counted it already,
+            # unless the password was known good), so lockouts cannot tell an attacker which
+            # part failed; and every failure takes as long as the costliest argon2 run.
+            stage.good_seen.pop((iid, ip), None)
+            if known_good and not shared:
+                await stage.store.failure(iid, ip)
+            elif not shared:
+                record_lockouts(admission.locks)
+            await stage.pad_failure(started)
             return self._fail(ctx, reason)
-        assert integ is not None
-        stage.tracker.success(iid, ip, now)
+        assert integ is not None and ctx.token is not None
+        if shared:
+            pass  # the first attempt of this guess does the accounting
+        elif not known_good:
+            await stage.store.refund(iid, ip, admission)
+            stage.good_seen[(iid, ip)] = time.monotonic()
+        elif stage.good_refresh_due(iid, ip):
+            await stage.store.success(iid, ip)
         ctx.integration = integ.identity
         ctx.audit["integrations"] = {"id": integ.id, "result": "ok", "authorized_org": integ.authorized_org}
         return ALLOW
@@ -555,8 +782,30 @@ def build_stage(env: BuildEnv) -> IntegrationsStage | None:
     verify against, and requests with the headers fall to the authorize stage's rules)."""
     cfg = env.config
     policy: IntegrationsPolicyConfig = getattr(cfg, "integrations_policy", None) or IntegrationsPolicyConfig()
+    if policy.password_hash_floor == "owasp":
+        for i, integ in enumerate(cfg.integrations):
+            weak = below_floor(integ.password_hash)
+            if weak:
+                raise ValueError(f"integrations[{i}].password_hash: {weak}")
     key = env.secrets.setdefault("integrations.hmac_key", os.urandom(32))
     return IntegrationsStage(list(cfg.integrations), policy, key)
+
+
+# OWASP Password Storage Cheat Sheet, argon2id minimums: memory (KiB) for each time cost, all
+# equally strong; any parallelism of 1 or more. Costlier settings (RFC 9106's are) pass.
+ARGON2_FLOOR_KIB = {1: 47104, 2: 19456, 3: 12288, 4: 9216, 5: 7168}
+
+
+def below_floor(password_hash: str) -> str | None:
+    """Why an argon2id hash is weaker than the floor (``ARGON2_FLOOR_KIB``), or None."""
+    p = argon2.extract_parameters(password_hash)
+    need = ARGON2_FLOOR_KIB[min(p.time_cost, 5)]
+    if p.memory_cost < need:
+        return (
+            f"argon2 parameters m={p.memory_cost} KiB, t={p.time_cost} are below the floor (t={min(p.time_cost, 5)} "
+            f"needs m >= {need} KiB, OWASP's argon2id minimum): re-hash with `portvakt hash-password`"
+        )
+    return None
 
 
 # --- `portvakt hash-password` ----------------------------------------------------------------

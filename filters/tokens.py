@@ -670,6 +670,30 @@ class TokensStage(Stage):
         return len(self._cache)
 
 
+def config_warnings(cfg: Any) -> list[str]:
+    """What ``portvakt check-config`` warns about (valid, but weaker than it looks): issuers whose
+    tokens without ``aud`` are bound by scope alone, and routes that admit such tokens without
+    requiring a scope (any token of that issuer, meant for any API, would pass them)."""
+    out: list[str] = []
+    scope_bound = [name for name, ic in cfg.issuers.items() if ic.tokens_without_audience == "bound_by_scope"]
+    for name in scope_bound:
+        out.append(
+            f"issuers.{name}.tokens_without_audience: bound_by_scope: a token without `aud` is accepted on its "
+            "scopes alone; every route admitting it must require a scope that only this API's clients get"
+        )
+    if scope_bound:
+        for i, route in enumerate(cfg.routes):
+            if route.access is None:
+                continue
+            for j, rule in enumerate(route.access.any_of):
+                if (rule.integration or rule.organizations) and not rule.scopes:
+                    out.append(
+                        f"routes[{i}].access.any_of[{j}] (route {route.name!r}): admits Maskinporten tokens without "
+                        f"requiring a scope while {', '.join(scope_bound)} accepts tokens without `aud`"
+                    )
+    return out
+
+
 def build_stage(env: BuildEnv) -> TokensStage | None:
     """Build the tokens stage from ``issuers:``. ``jwks_file`` keys are read now; ``jwks_uri``
     keys are fetched by ``start()``. Raises ValueError (config problem) for duplicate ``issuer``

@@ -368,6 +368,13 @@ def warnings(cfg: Config, raw: dict[str, Any], pr: _Pruned) -> list[tuple[str, s
     if audit.enabled and audit.path and not audit.key and not audit.key_file:
         out.append(("audit.key", "no audit key: a random one per start, so `portvakt audit verify` cannot check "
                                  "the chain across restarts and pseudonyms change (set key or key_file)"))
+    # Stages say what in their own section is valid but weaker than it looks ("yaml.path: message").
+    from filters.tokens import config_warnings as token_warnings
+    from filters.waf.stage import config_warnings as waf_warnings
+
+    for text in token_warnings(cfg) + waf_warnings(cfg.waf):
+        where, _, msg = text.partition(": ")
+        out.append((where, msg))
     admin = cfg.admin
     if not _loopback(admin.listen) and not (getattr(admin, "reload_token", None) or getattr(admin, "reload_token_file", None)):
         out.append(("admin.listen", f"{admin.listen} is beyond loopback and POST /-/reload has no token "

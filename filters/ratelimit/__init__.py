@@ -31,13 +31,16 @@ Two filters per route: ``rate_limit_pre`` (``stage: pre_auth`` rules, which may 
 passwords never reaches argon2; ``rate_limit`` (the others) runs after authorisation. Rules are
 independent limiters: each rule of the filter is checked (in one Redis round trip), and a request
 refused by one rule still counts against the others of the same filter, as Envoy's descriptors do.
-Keys are per route and rule: ``{prefix}:rl:{{per}:{subject}}:{route}:{rule}``; the hash tag keeps
-one subject's keys on one Redis Cluster slot.
+Keys are per route, rule and policy: ``{prefix}:rl:{{per}:{subject}}:{route}:{rule}:{T}-{tau}``
+(the GCRA emission interval and tolerance in µs), so a limit changed by reload applies from the
+next request, raised or lowered, in Redis and in-process alike (the old key expires by its TTL
+or the in-process sweep); the hash tag keeps one subject's keys on one Redis Cluster slot.
 
 Headers (draft-ietf-httpapi-ratelimit-headers-09): every response of a route with applicable
 rules carries ``RateLimit-Policy: "integration";q=100;w=1`` and ``RateLimit:
-"integration";r=57;t=1`` (``r``: requests admissible right now; ``t``: seconds until the full
-quota is back, rounded up). A refusal is a 429 problem (reason ``rate_limited``) with
+"integration";r=57;t=1`` (``r``: requests admissible right now, never more than the policy's
+``q`` even when ``burst`` exceeds the limit; ``t``: seconds until the full quota is back, rounded
+up). A refusal is a 429 problem (reason ``rate_limited``) with
 ``Retry-After`` in whole seconds (>= 1).
 
 When Redis fails (timeout, error, breaker open), ``on_backend_error`` decides: ``local`` runs the
@@ -123,7 +126,12 @@ class RateLimitConfig(Model):
     max_inflight_batches: int = Field(4, ge=1, le=1024, description="Pipelined batches on the wire at once")
     breaker_failures: int = Field(3, ge=1, description="Consecutive failed round trips that open the breaker")
     breaker_backoff_ms: int = Field(1000, gt=0, description="First wait before a half-open probe")
-    breaker_max_backoff_ms: int = Field(30_000, gt=0, description="Longest wait between probes (doubling)")
+    breaker_max_backoff_ms: int = Field(
+        1000,
+        gt=0,
+        description="Longest wait between probes (doubling from breaker_backoff_ms). The default equals "
+        "breaker_backoff_ms: a probe every second, so the breaker closes within a second of Redis returning",
+    )
     pseudonym_key: str | None = Field(
         None,
         min_length=16,
@@ -223,22 +231,28 @@ class MemoryBackend:
 class _Rule:
     """A rule compiled for one route: subject extractor, key parts, header items."""
 
-    __slots__ = ("name", "per", "policy", "head", "tail", "subject", "policy_item", "state_prefix")
+    __slots__ = ("name", "per", "policy", "head", "tail", "subject", "policy_item", "state_prefix", "quota")
 
     def __init__(self, rule: RateLimitRule, name: str, route: str, prefix: str, subject: Callable[["RequestContext"], str | None]) -> None:
         self.name = name
         self.per = rule.per
         self.policy = Policy.of(rule.limit, rule.period_seconds, rule.burst)
         self.head = f"{prefix}:rl:{{{rule.per}:"
-        self.tail = f"}}:{route}:{name}"
+        # The state is keyed by the policy too (emission interval and tolerance, in µs): a
+        # reloaded limit starts from its own state on the next request, never from a schedule
+        # computed under the old numbers (5/hour used up must not outlive a change to 1000/s).
+        self.tail = f"}}:{route}:{name}:{self.policy.interval_us}-{self.policy.tolerance_us}"
         self.subject = subject
         w = max(1, math.ceil(rule.period_seconds))
         q = rule.limit if w == rule.period_seconds else max(1, math.floor(rule.limit * w / rule.period_seconds))
+        self.quota = q
         self.policy_item = f'"{name}";q={q};w={w}'
         self.state_prefix = f'"{name}";r='
 
     def state_item(self, v: Verdict) -> str:
-        return f"{self.state_prefix}{v.remaining};t={max(0, math.ceil(v.reset - 1e-6))}"
+        # A burst above the quota lets more through at once than q, but the announced remaining
+        # never exceeds the announced quota (clients size their sending by it).
+        return f"{self.state_prefix}{min(v.remaining, self.quota)};t={max(0, math.ceil(v.reset - 1e-6))}"
 
 
 def retry_after_seconds(seconds: float) -> int:

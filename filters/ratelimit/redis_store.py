@@ -14,7 +14,10 @@ Circuit breaker: ``breaker_failures`` consecutive failed round trips (error or t
 While open no request touches Redis. After ``breaker_backoff_ms`` a background probe (half-open:
 ``SCRIPT LOAD``, which also reconnects) runs off the request path with ``connect_timeout_ms``; it
 closes the breaker on success, or reopens it with the back-off doubled (up to
-``breaker_max_backoff_ms``). Recovery needs no traffic and no operator.
+``breaker_max_backoff_ms``, by default the same 1 s: the breaker closes within one probe interval
+of Redis returning). Recovery needs no traffic and no operator. ``start()`` and a successful probe
+open ``max_inflight_batches`` pool connections before traffic needs them (a cold pool connecting
+inside ``timeout_ms`` gave 503s at a healthy start in ``on_backend_error: deny``).
 """
 
 from __future__ import annotations
@@ -269,6 +272,7 @@ class RedisBackend:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await self._load_script()
+                await self._warm_pool()
         except Exception as e:  # noqa: BLE001 - any failure here means "not reachable now"
             self.last_error = _describe(e)
             log.warning("rate limit: redis %s unreachable at start (%s): breaker open", self.description, self.last_error)
@@ -291,6 +295,22 @@ class RedisBackend:
         if self._sentinel is not None:
             for s in self._sentinel.sentinels:
                 await s.aclose()
+
+    async def _warm_pool(self) -> None:
+        """Open the connections the first concurrent batches will use (``max_inflight`` of
+        them) before serving: a cold pool made the first batches connect inside their
+        ``timeout_ms``, and in ``on_backend_error: deny`` a slow connect was a 503 at a healthy
+        start."""
+        if not self.autopipeline:
+            return
+        pool = self.client.connection_pool
+        conns = []
+        try:
+            for _ in range(self.max_inflight):
+                conns.append(await pool.get_connection())
+        finally:
+            for c in conns:
+                await pool.release(c)
 
     async def _load_script(self) -> None:
         sha = await self.client.script_load(GCRA_LUA)
@@ -329,6 +349,11 @@ class RedisBackend:
                 self._set_state(OPEN)
                 continue
             BACKEND_SECONDS.observe(time.perf_counter() - t0)
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await self._warm_pool()
+            except Exception:  # noqa: BLE001 - the probe succeeded; batches connect as they need
+                pass
             self._consecutive = 0
             self._backoff = self.backoff_initial
             self.last_error = ""

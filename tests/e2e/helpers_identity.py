@@ -58,6 +58,8 @@ def integration_entry(password_hash: str | None = None, grants: list[dict] | Non
 
 
 def identity_config(upstream_url: str, issuer: Any, integrations: list[dict] | None = None, **sections: Any) -> dict:
+    # The cheap test hashes (FAST) are below the production floor on purpose.
+    sections["integrations_policy"] = {"password_hash_floor": "none", **sections.get("integrations_policy", {})}
     return basic_config(
         upstream_url,
         issuers=issuer.issuers_config(),

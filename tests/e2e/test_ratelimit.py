@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from filters.ratelimit.gcra import Policy
 from tests.e2e.helpers_identity import (
     GRANTING_ORG,
     ORG_URL,
@@ -94,7 +95,8 @@ async def test_exact_across_two_gateways_and_allowance_back_after_the_period(sta
                 m = STATE.match(h["RateLimit"])
                 assert m and m["name"] == "integration" and m["r"] == "0"
                 assert h["RateLimit-Policy"] == f'"integration";q={limit};w={int(period)}'
-            key = f"portvakt:rl:{{integration:{headers['IntegrasjonId']}}}:innsyn:integration"
+            pol = Policy.of(limit, period)
+            key = f"portvakt:rl:{{integration:{headers['IntegrasjonId']}}}:innsyn:integration:{pol.interval_us}-{pol.tolerance_us}"
             assert 0 < await rc.pttl(key) <= period * 1000  # one shared key, expiring when idle
             if round_ == 1:
                 await asyncio.sleep(period + 0.3)  # the whole allowance is back after the period
@@ -153,7 +155,8 @@ async def test_redis_killed_under_load_then_back(start_gateway, upstream, issuer
     gw = await start_gateway(cfg)
     headers = {**bearer(issuer.mint(scope="ks:fiks")), **creds()}
     # T = 60 ms: under this load the key lives for seconds (a 1 ms T would expire it within ms).
-    key = f"portvakt:rl:{{integration:{headers['IntegrasjonId']}}}:innsyn:integration"
+    pol = Policy.of(1000, 60)
+    key = f"portvakt:rl:{{integration:{headers['IntegrasjonId']}}}:innsyn:integration:{pol.interval_us}-{pol.tolerance_us}"
     samples: list[tuple[str, int, float, dict]] = []  # (phase, status, seconds, headers)
     phase = "up"
     errors: list[str] = []
@@ -227,7 +230,7 @@ async def test_redis_killed_under_load_then_back(start_gateway, upstream, issuer
 async def test_pre_auth_limit_stops_password_flood_before_argon2(start_gateway, upstream, issuer, redis_server):
     cfg = limited_config(upstream, issuer, redis_server.url,
                          [{"per": "client_ip", "limit": 3, "period_seconds": 60, "stage": "pre_auth"}])
-    cfg["integrations_policy"] = {"brute_force": {"enabled": False}}  # only the rate limit stands in the way
+    cfg["integrations_policy"] = {"brute_force": {"enabled": False}, "password_hash_floor": "none"}  # only the rate limit stands in the way
     gw = await start_gateway(cfg)
     token = issuer.mint(scope="ks:fiks")
     statuses = []
@@ -255,7 +258,8 @@ async def test_reload_keeps_in_process_state(start_gateway, upstream, issuer):
         assert await gw.reload() == "success"
         st, _, h = await call(s, gw.url + URL, headers)
         assert st == 429 and h["RateLimit"] == '"client_ip";r=0;t=60'
-        cfg["routes"][0]["rate_limits"][0]["burst"] = 4  # two more at once, same key
+        # A changed policy is keyed apart: it starts from its own state on the next request.
+        cfg["routes"][0]["rate_limits"][0]["burst"] = 4
         gw.write_config(cfg)
         assert await gw.reload() == "success"
-        assert [(await call(s, gw.url + URL, headers))[0] for _ in range(3)] == [200, 200, 429]
+        assert [(await call(s, gw.url + URL, headers))[0] for _ in range(5)] == [200, 200, 200, 200, 429]

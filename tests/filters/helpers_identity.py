@@ -48,8 +48,8 @@ def make_config(
         else [{"name": "r", "upstream": "u", "access": {"any_of": [{"integration": True}]}, "service": "innsyn",
                "organization_from": "header:FiksOrgId"}],
     }
-    if integrations_policy is not None:
-        doc["integrations_policy"] = integrations_policy
+    # The cheap test hashes (FAST) are below the production floor on purpose.
+    doc["integrations_policy"] = {"password_hash_floor": "none", **(integrations_policy or {})}
     return parse_config(yaml.safe_dump(doc))
 
 

@@ -250,7 +250,7 @@ async def test_subjects_organization_person_and_keys_hide_identities():
     assert not any(PID in k for k in keys)
     assert not any("192.0.2" in k for k in keys)
     person = [k for k in keys if k.startswith("portvakt:rl:{person:")]
-    assert len(person) == 1 and person[0].endswith("}:api:person")
+    assert len(person) == 1 and person[0].endswith("}:api:person:60000000-60000000")
 
 
 async def test_pre_and_post_headers_combine():
@@ -311,7 +311,7 @@ async def test_redis_decisions_keys_and_ttl(redis_server):
         d = await f.check(ctx(integration=INTEG, pid=PID))
         assert isinstance(d, Deny) and d.problem.headers["Retry-After"] == "30"
         keys = sorted(k.decode() for k in await client.keys("*"))
-        assert keys[0] == f"portvakt:rl:{{integration:{INTEG}}}:api:integration"
+        assert keys[0].startswith(f"portvakt:rl:{{integration:{INTEG}}}:api:integration:")  # + policy
         assert keys[1].startswith("portvakt:rl:{person:") and PID not in keys[1]
         assert 59_000 < await client.pttl(keys[0]) <= 60_000
         assert stage.readiness() == {"redis": "ok"}
@@ -507,7 +507,7 @@ async def test_password_acl_user_and_db(make_redis_server, monkeypatch):
         c = ctx()
         assert await stage.filters_for_route(cfg.routes[0])[0].check(c) is ALLOW
         assert c.rate_limit["source"] == "redis"
-        assert await client.exists("portvakt:rl:{route:-}:api:route")
+        assert await client.keys("portvakt:rl:{route:-}:api:route:*")
         assert "pw-1" not in stage.readiness()["redis"]
     finally:
         await client.aclose()
@@ -560,7 +560,7 @@ async def test_sentinel(make_redis_server, form):
     try:
         f = fs["rate_limit"]
         assert [await f.check(ctx()) is ALLOW for _ in range(3)] == [True, True, False]
-        assert await client.exists("portvakt:rl:{route:-}:api:route")
+        assert await client.keys("portvakt:rl:{route:-}:api:route:*")
     finally:
         await client.aclose()
         await stage.close()

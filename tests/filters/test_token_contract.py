@@ -247,3 +247,34 @@ async def test_detect_issuer_records_binding_failure(issuer):
         assert [x.reason for x in ctx.detections] == ["token_certificate_org_mismatch"]
     finally:
         await s.close()
+
+
+# -- dev-token CLI: mints for the demo audience ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, aud",
+    [
+        ([], "https://api.dev.portvakt.invalid/"),
+        (["--aud", "https://x.example/"], "https://x.example/"),
+        (["--aud", "a", "--aud", "b"], ["a", "b"]),
+        (["--aud", ""], None),
+    ],
+)
+def test_dev_token_audience(tmp_path, capsys, args, aud):
+    import json as _json
+
+    from cryptography.hazmat.primitives import serialization
+
+    from gateway.devissuer import DEV_AUDIENCE, main
+    from tests.fixtures.issuer import new_rsa_key
+
+    key = tmp_path / "issuer-key.pem"
+    key.write_bytes(new_rsa_key().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    assert main(["--key", str(key), *args]) == 0
+    token = capsys.readouterr().out.strip()
+    seg = token.split(".")[1]
+    claims = _json.loads(base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4)))
+    assert claims.get("aud") == aud
+    assert DEV_AUDIENCE == "https://api.dev.portvakt.invalid/"

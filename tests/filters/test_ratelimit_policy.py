@@ -1,0 +1,146 @@
+"""Rate limits follow the policy: a reloaded limit applies from the next request (raised or
+lowered, in-process and on a real Redis), the RateLimit header never announces more than the
+quota, the breaker recovers within one probe interval, and the Redis pool is warm before the
+first request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from filters.ratelimit import RateLimitConfig, build_stage
+from filters.ratelimit.redis_store import CLOSED, OPEN
+from gateway.chain import ALLOW, BuildEnv, Deny
+from tests.filters.test_ratelimit import ctx, make_config
+
+INTEG = "6f0b5c4e-3b7a-4f1e-9d2a-1c3b5d7e9f01"
+
+
+def rule(limit: int, period: float, burst: int | None = None) -> list[dict]:
+    r = {"per": "integration", "limit": limit, "period_seconds": period}
+    if burst is not None:
+        r["burst"] = burst
+    return [r]
+
+
+def build(rate_limit: dict, rules: list[dict], previous=None):
+    cfg = make_config(rate_limit, rules)
+    stage = build_stage(BuildEnv(config=cfg, base_dir=".", secrets={}))
+    assert stage is not None
+    if previous is not None:
+        stage.adopt(previous)
+    (flt,) = stage.filters_for_route(cfg.routes[0])
+    return stage, flt
+
+
+async def statuses(flt, n: int) -> list[int]:
+    out = []
+    for _ in range(n):
+        d = await flt.check(ctx(integration=INTEG))
+        out.append(200 if d is ALLOW else d.problem.status)
+    return out
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def backend(request):
+    if request.param == "memory":
+        yield {"backend": "memory"}
+    else:
+        srv = request.getfixturevalue("redis_server")
+        yield {"backend": srv.url, "timeout_ms": 2000}
+
+
+async def test_raised_limit_applies_from_the_next_request(backend):
+    old, flt = build(backend, rule(5, 3600))
+    await old.start()
+    try:
+        assert await statuses(flt, 6) == [200] * 5 + [429]
+        d = await flt.check(ctx(integration=INTEG))
+        assert isinstance(d, Deny) and int(d.problem.headers["Retry-After"]) > 600  # T = 720 s
+        new, flt2 = build(backend, rule(1000, 1), previous=old)
+        await new.start()
+        try:
+            assert await statuses(flt2, 50) == [200] * 50
+            # And back: the old policy's state is its own (5/hour still used up).
+            back, flt3 = build(backend, rule(5, 3600), previous=new)
+            await back.start()
+            assert await statuses(flt3, 1) == [429]
+            await back.close()
+        finally:
+            await new.close()
+    finally:
+        await old.close()
+
+
+async def test_lowered_limit_applies_from_the_next_request(backend):
+    old, flt = build(backend, rule(1000, 1))
+    await old.start()
+    try:
+        assert await statuses(flt, 20) == [200] * 20
+        new, flt2 = build(backend, rule(2, 3600), previous=old)
+        await new.start()
+        try:
+            assert await statuses(flt2, 5) == [200, 200, 429, 429, 429]
+        finally:
+            await new.close()
+    finally:
+        await old.close()
+
+
+@pytest.mark.parametrize("limit, period, burst", [(5, 1, 10), (5, 1, 50), (3, 60, 30), (100, 0.5, 400), (5, 1, 2)])
+async def test_remaining_never_exceeds_the_quota(limit, period, burst):
+    stage, flt = build({"backend": "memory"}, rule(limit, period, burst))
+    for _ in range(burst + 2):
+        c = ctx(integration=INTEG)
+        await flt.check(c)
+        policy = c.response_headers["RateLimit-Policy"]
+        q = int(policy.split(";q=")[1].split(";")[0])
+        r = int(c.response_headers["RateLimit"].split(";r=")[1].split(";")[0])
+        assert 0 <= r <= q, (policy, c.response_headers["RateLimit"])
+
+
+def test_breaker_probe_interval_is_fixed_by_default():
+    cfg = RateLimitConfig()
+    assert cfg.breaker_max_backoff_ms == cfg.breaker_backoff_ms == 1000
+
+
+async def test_breaker_recovers_within_one_probe_interval(redis_server):
+    stage, flt = build({"backend": redis_server.url, "timeout_ms": 300, "breaker_failures": 1,
+                        "breaker_backoff_ms": 150, "breaker_max_backoff_ms": 150,
+                        "on_backend_error": "deny"}, rule(1000, 1))
+    await stage.start()
+    b = stage.backend
+    try:
+        assert await statuses(flt, 3) == [200] * 3
+        redis_server.kill()
+        await statuses(flt, 2)
+        for _ in range(100):  # several probes fail while Redis is away
+            if b.state == OPEN:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        assert b.state != CLOSED
+        assert b._backoff == pytest.approx(0.15)  # the interval did not grow during the outage
+        redis_server.start()
+        deadline = time.monotonic() + 15
+        while b.state != CLOSED and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert b.state == CLOSED
+        assert await statuses(flt, 3) == [200] * 3
+    finally:
+        await stage.close()
+
+
+async def test_pool_is_warm_before_the_first_request(redis_server):
+    stage, _ = build({"backend": redis_server.url, "max_inflight_batches": 4}, rule(1000, 1))
+    await stage.start()
+    client = redis_server.client()
+    try:
+        clients = await client.client_list()
+        ours = [c for c in clients if c.get("name") == "portvakt-ratelimit"]
+        assert len(ours) >= 4, clients
+    finally:
+        await client.aclose()
+        await stage.close()
