@@ -15,4 +15,5 @@ pytest_plugins = [
     "tests.fixtures.issuer",
     "tests.fixtures.nginx",
     "tests.fixtures.persons",
+    "tests.fixtures.delegation",
 ]
