@@ -265,3 +265,40 @@ async def test_org_audit_view_own_records_only(delegation_env):
     await env.penv.settle()
     reads = [r for r in env.penv.audit() if r.get("type") == "audit_read"]
     assert len(reads) >= 5 and all(r["organization"] == ORG for r in reads)
+
+
+async def test_withdrawal_holds_on_another_gateway_process_sharing_redis(delegation_env, redis_server, start_gateway, tmp_path):
+    import copy
+
+    env = await delegation_env(store={"backend": "redis", "url": redis_server.url})
+    cfg2 = copy.deepcopy(env.config)
+    cfg2["audit"]["path"] = str(tmp_path / "audit2" / "audit.jsonl")
+    gw2 = await start_gateway(cfg2)
+    admin = await env.browser(ADMIN_PID)
+    second = await env.browser(SECOND_PID)
+    env.altinn.parties[SECOND_PID] = env.altinn.parties[ADMIN_PID]
+    st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants",
+                           {"subject": {"person": SECOND_PID}, "role": "admin", "service": "post"})
+    assert st == 201, doc
+    gid = doc["id"]
+
+    async def on_gw2(path: str) -> tuple[int, dict]:
+        # The same browser (cookie jar) against the second process: sessions, party and grants all in Redis.
+        async with second.session.get(gw2.url + path, headers={"Accept": "application/json"}) as r:
+            return r.status, await r.json(content_type=None)
+
+    st, doc, _ = await _choose(second, EAST)
+    assert st == 200
+    st, doc = await on_gw2("/post-admin/x")
+    assert st == 200 and doc["headers"]["X-Portvakt-Acting-Org"] == ORG
+    st, doc, _ = await api(admin, "DELETE", f"/portvakt/admin/orgs/{ORG}/grants/{gid}")  # on process 1
+    assert st == 204
+    st, doc = await on_gw2("/post-admin/x")  # the very next request, on process 2
+    assert st == 403 and doc["reason"] == "privilege_missing"
+    # The store holds no pid in clear.
+    c = redis_server.client()
+    try:
+        dump = b"".join([k + ((await c.dump(k)) or b"") async for k in c.scan_iter("*")])
+    finally:
+        await c.aclose()
+    assert SECOND_PID.encode() not in dump and ADMIN_PID.encode() not in dump
