@@ -76,5 +76,5 @@ async def render(st: "DelegationStage", persons: "PersonsStage", ctx: "RequestCo
     resp = web.Response(text="".join(out), content_type="text/html")
     resp.headers["Content-Security-Policy"] = CSP
     resp.headers["X-Frame-Options"] = "DENY"
-    resp.headers["Referrer-Policy"] = "no-referrer"
+    resp.headers["Referrer-Policy"] = "same-origin"  # no-referrer would make the form's Origin "null"
     return ep.done(ctx, resp, "allow", None)
