@@ -302,3 +302,35 @@ async def test_withdrawal_holds_on_another_gateway_process_sharing_redis(delegat
     finally:
         await c.aclose()
     assert SECOND_PID.encode() not in dump and ADMIN_PID.encode() not in dump
+
+
+async def test_rate_limit_cross_site_party_and_escaped_page(delegation_env):
+    env = await delegation_env(admin_api={"requests_per_minute": 6})
+    admin = await env.browser(ADMIN_PID)
+    # A hostile basis is stored as text and shown escaped on the page.
+    st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants",
+                           {"subject": {"person": SECOND_PID}, "role": "user", "service": "post",
+                            "basis": "<script>alert(1)</script>"})
+    assert st == 201
+    async with admin.session.get(env.url + "/portvakt/admin/", headers={"Accept": "text/html"}) as r:
+        body = await r.text()
+        assert r.status == 200 and "script-src" not in r.headers["Content-Security-Policy"]
+        assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+    assert "<script>" not in body and "&lt;script&gt;alert(1)&lt;/script&gt;" in body
+    assert SECOND_PID not in body and SECOND_PID[:6] + "*****" in body
+    # Choosing a party from another site is refused before anything is read.
+    st, doc, _ = await api(admin, "POST", "/portvakt/party", {"partyUuid": EAST}, csrf=None,
+                           headers={"Sec-Fetch-Site": "cross-site"})
+    assert st == 403 and doc["reason"] == "csrf_failed"
+    # Without a session: 401 JSON, never a party.
+    async with env.gw.session() as anon:
+        async with anon.post(env.url + "/portvakt/party", json={"partyUuid": EAST}) as r:
+            assert r.status == 401 and (await r.json())["reason"] == "login_required"
+        async with anon.get(env.url + "/portvakt/admin/orgs/910000005/grants", headers={"Accept": "application/json"}) as r:
+            assert r.status == 401
+    # The admin API is rate-limited per session: 429 with Retry-After.
+    statuses = []
+    for _ in range(8):
+        st, doc, h = await api(admin, "GET", f"/portvakt/admin/orgs/{ORG}/grants", csrf=None)
+        statuses.append(st)
+    assert statuses[-1] == 429 and h["Retry-After"] == "60" and doc["reason"] == "admin_rate_limited"
