@@ -74,7 +74,10 @@ class PartyFilter(Filter):
         if persons is None or not pid:
             return Deny(Problem(PARTY_REQUIRED, internal_reason="party_without_person"))
         try:
-            state = await parties.load(st, persons, ctx.headers, pid)
+            # No choice made: say so without asking Altinn. Else re-check against a fresh list.
+            state = await parties.load(st, persons, ctx.headers, pid, fresh=False)
+            if state is not None and state.chosen is not None:
+                state = await parties.load(st, persons, ctx.headers, pid)
         except AltinnUnavailable as e:
             log.warning("delegation: role source unavailable: %s", e)
             return Deny(Problem(ALTINN_UNAVAILABLE, headers={"Retry-After": "5"}))
@@ -287,3 +290,6 @@ def build_stage(env: BuildEnv) -> DelegationStage | None:
 
 
 __all__ = ["DelegationConfig", "RoutePartyPolicy", "RoutePrivilegePolicy", "DelegationStage", "build_stage"]
+
+# The endpoints' problem reasons are registered at import, like every other stage's.
+from filters.delegation import endpoints as _endpoints  # noqa: E402,F401

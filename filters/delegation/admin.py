@@ -9,6 +9,7 @@ config is withdrawn by changing the config. An organisation keeps at least one a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -257,8 +258,9 @@ async def read_audit(st: "DelegationStage", ctx: "RequestContext", org: str, aut
     base = audit.config.resolve_path(audit.cfg.path) if audit is not None and audit.cfg.path else None
     files = auditview.trail_files(base) if base else []
     view = auditview.View(st.subject_key, org)
-    records, nxt = auditview.read(files, org, view, since=since, until=until, services=services, service=service,
-                                  caller=caller, offset=offset, limit=limit)
+    # The scan reads files: off the event loop.
+    records, nxt = await asyncio.to_thread(auditview.read, files, org, view, since=since, until=until, services=services,
+                                           service=service, caller=caller, offset=offset, limit=limit)
     st.audit_event({"type": "audit_read", "request_id": ctx.request_id, "organization": org, "returned": len(records),
                     "filters": {k: v for k, v in (("since", q.get("since")), ("until", q.get("until")), ("service", service),
                                                   ("caller", caller), ("cursor", offset)) if v}}, pid)

@@ -38,7 +38,7 @@ def trail_files(base: str) -> list[str]:
 
 
 def org_concerns(rec: dict[str, Any], org: str) -> bool:
-    if rec.get("organization") == org and str(rec.get("type", "")).startswith(("privilege_", "audit_read", "party_")):
+    if rec.get("organization") == org and str(rec.get("type", "")).startswith(("privilege_", "audit_read", "party_", "admin_refused")):
         return True
     facts = rec.get("facts") or {}
     if (facts.get("party") or {}).get("acting_org") == org or (facts.get("privilege") or {}).get("organization") == org:

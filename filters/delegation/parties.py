@@ -41,8 +41,9 @@ class PartyState:
 
 async def load(st: "DelegationStage", persons: "PersonsStage", headers: Any, pid: str, *,
                fresh: bool = True) -> PartyState | None:
-    """The party state of the request's session (fetched from Altinn when missing or stale, with
-    ``fresh``); None without a session ticket. Raises AltinnUnavailable, StoreUnavailable."""
+    """The party state of the request's session: fetched from Altinn when missing or stale
+    (``fresh``), else as stored (``fresh=False``: never calls Altinn). None without a session
+    ticket. Raises AltinnUnavailable, StoreUnavailable."""
     t = persons.sessions.ticket_from_cookie(headers)
     if t is None:
         return None
@@ -58,6 +59,8 @@ async def load(st: "DelegationStage", persons: "PersonsStage", headers: Any, pid
     now = time.time()
     if doc is not None and (not fresh or now - doc["fetched"] < st.cache_seconds):
         return PartyState(key, dek, aad, doc["fetched"], doc["parties"], doc.get("chosen"))
+    if doc is None and not fresh:
+        return PartyState(key, dek, aad, 0.0, [], None)  # nothing fetched, nothing chosen
     assert st.altinn is not None
     parties = await st.altinn.parties(pid)
     state = PartyState(key, dek, aad, now, parties, doc.get("chosen") if doc else None)
