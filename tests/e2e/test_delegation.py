@@ -61,6 +61,7 @@ async def test_party_selection_with_fake_altinn(delegation_env):
     await asyncio.sleep(2.2)
     st, doc, _ = await api(b, "GET", "/org/x", csrf=None)
     assert st == 503 and doc["reason"] == "role_source_unavailable"
+    assert env.altinn.counts["parties"] >= 2  # the list older than the TTL was asked for again
     st, doc, _ = await api(b, "GET", "/app/own", csrf=None)
     assert st == 200
     # Altinn back, and the person lost the sub-unit: the next request is refused (re-checked).
@@ -328,6 +329,15 @@ async def test_rate_limit_cross_site_party_and_escaped_page(delegation_env):
             assert r.status == 401 and (await r.json())["reason"] == "login_required"
         async with anon.get(env.url + "/portvakt/admin/orgs/910000005/grants", headers={"Accept": "application/json"}) as r:
             assert r.status == 401
+    # Altinn down and no party chosen yet: the route says "choose one", not 503 (Altinn not asked).
+    env.altinn.down = True
+    fresh = await env.browser(SECOND_PID)
+    before = env.altinn.counts["parties"]
+    st, doc, _ = await api(fresh, "GET", "/org/x", csrf=None)
+    assert st == 403 and doc["reason"] == "party_required" and env.altinn.counts["parties"] == before
+    st, doc, _ = await api(fresh, "GET", "/portvakt/parties", csrf=None)
+    assert st == 503 and doc["reason"] == "role_source_unavailable"
+    env.altinn.down = False
     # The admin API is rate-limited per session: 429 with Retry-After.
     statuses = []
     for _ in range(8):
