@@ -344,3 +344,49 @@ async def test_rate_limit_cross_site_party_and_escaped_page(delegation_env):
         st, doc, h = await api(admin, "GET", f"/portvakt/admin/orgs/{ORG}/grants", csrf=None)
         statuses.append(st)
     assert statuses[-1] == 429 and h["Retry-After"] == "60" and doc["reason"] == "admin_rate_limited"
+
+
+async def test_integration_needs_the_orgs_run_time_grant_within_the_yaml_ceiling(delegation_env, issuer):
+    from tests.e2e.helpers_identity import GRANTING_ORG, INTEGRATION_ID, OTHER_ORG as NO_YAML_ORG, bearer, creds, integration_entry
+
+    def hook(cfg: dict) -> None:
+        cfg["issuers"] = issuer.issuers_config()
+        # The operator's YAML grant (the ceiling): GRANTING_ORG -> service post. NO_YAML_ORG has none.
+        cfg["integrations"] = [integration_entry(grants=[{"organization": GRANTING_ORG, "services": ["post"]}])]
+        cfg["routes"].insert(0, {
+            "name": "post-api", "match": {"path_prefix": "/post-api/"}, "upstream": "app", "service": "post",
+            "organization_from": "path:/post-api/orgs/{organization}/",
+            "access": {"any_of": [{"integration": True, "scopes": ["ks:fiks"]}]}, "privilege": {"role": "send"}})
+        cfg["delegation"]["admins"] += [{"organization": GRANTING_ORG, "person": ADMIN_PID},
+                                        {"organization": NO_YAML_ORG, "person": ADMIN_PID}]
+
+    env = await delegation_env(extra_hook=hook)
+    admin = await env.browser(ADMIN_PID)
+    headers = {**bearer(issuer.mint(scope="ks:fiks")), **creds()}
+
+    async def call(org: str) -> tuple[int, dict]:
+        async with env.gw.session() as s:
+            async with s.get(f"{env.url}/post-api/orgs/{org}/sendinger", headers=headers) as r:
+                return r.status, await r.json(content_type=None)
+
+    st, doc = await call(GRANTING_ORG)
+    assert st == 403 and doc["reason"] == "privilege_missing"  # the YAML grant alone is not the org's run-time grant
+    grants = {}
+    for org in (GRANTING_ORG, NO_YAML_ORG):
+        st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{org}/grants",
+                               {"subject": {"integration": INTEGRATION_ID}, "role": "send", "service": "post"})
+        assert st == 201, doc
+        grants[org] = doc["id"]
+    st, doc = await call(GRANTING_ORG)
+    assert st == 200 and doc["headers"]["X-Portvakt-Integration-Id"] == INTEGRATION_ID
+    st, doc = await call(NO_YAML_ORG)  # a run-time grant cannot open what the operator has not
+    assert st == 403 and doc["reason"] != "privilege_missing"
+    st, doc, _ = await api(admin, "DELETE", f"/portvakt/admin/orgs/{GRANTING_ORG}/grants/{grants[GRANTING_ORG]}")
+    assert st == 204
+    st, doc = await call(GRANTING_ORG)  # withdrawn: the next request is refused
+    assert st == 403 and doc["reason"] == "privilege_missing"
+    await env.penv.settle()
+    ev = [r for r in env.penv.audit() if r.get("type") in ("privilege_granted", "privilege_withdrawn")
+          and r.get("subject", {}).get("kind") == "integration"]
+    assert [r["type"] for r in ev] == ["privilege_granted", "privilege_granted", "privilege_withdrawn"]
+    assert ev[0]["subject"]["integration_id"] == INTEGRATION_ID
