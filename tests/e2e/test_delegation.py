@@ -217,8 +217,23 @@ async def test_last_admin_is_kept(delegation_env):
         except LastAdmin:
             pass
         assert [x["id"] for x in await store.grants(org)] == ["g-b"]
+        # Over HTTP: an organisation whose only administrator was granted at run time (no seed).
+        from filters.delegation import subject_ref
+        from tests.fixtures.delegation import SUBJECT_KEY
+
+        solo = "940000000"
+        await store.add({"id": "g-solo", "organization": solo, "role": "admin", "service": "*",
+                         "subject": {"kind": "person", "ref": subject_ref(SUBJECT_KEY.encode(), SECOND_PID), "display": "x"}})
     finally:
         await store.close()
+    second = await env.browser(SECOND_PID)
+    st, doc, _ = await api(second, "DELETE", f"/portvakt/admin/orgs/{solo}/grants/g-solo")
+    assert st == 409 and doc["reason"] == "last_admin"
+    st, doc, _ = await api(second, "GET", f"/portvakt/admin/orgs/{solo}/grants", csrf=None)
+    assert [g["id"] for g in doc["grants"]] == ["g-solo"]
+    await env.penv.settle()
+    refused = [r for r in env.penv.audit() if r.get("type") == "admin_refused"]
+    assert refused and refused[-1]["reason"] == "last_admin" and refused[-1]["organization"] == solo
 
 
 async def test_org_audit_view_own_records_only(delegation_env):
