@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator
 from filters.authorize import AccessPolicy, route_policy_problems
 from filters.certificates import CertificatesConfig
 from filters.ingress import IngressConfig
+from filters.delegation.config import DelegationConfig, RoutePartyPolicy, RoutePrivilegePolicy
 from filters.persons.config import PersonsConfig, RoutePersonPolicy
 from filters.integrations import IntegrationConfig, IntegrationsPolicyConfig
 from filters.ratelimit import RateLimitConfig, RateLimitRule
@@ -165,6 +166,8 @@ class RouteConfig(Model):
     forward: RouteForwardConfig = Field(default_factory=RouteForwardConfig, description="What identity this route forwards upstream")
     audit: RouteAuditConfig = Field(default_factory=RouteAuditConfig, description="Audit options of this route")
     person: RoutePersonPolicy | None = Field(None, description="A logged-in person is required (persons: login)")
+    party: RoutePartyPolicy | None = Field(None, description="The person acts for an organisation they chose (delegation:)")
+    privilege: RoutePrivilegePolicy | None = Field(None, description="A run-time grant for this route's service (delegation:)")
 
 
 class LoggingConfig(Model):
@@ -220,6 +223,9 @@ class Config(Model):
         default_factory=HttpConfig, description="Canonical request (path normalisation) and client headers never forwarded"
     )
     persons: PersonsConfig | None = Field(None, description="Persons' login: OIDC relying party (ID-porten)")
+    delegation: DelegationConfig | None = Field(
+        None, description="Acting for organisations (Altinn parties), run-time privileges, admin API, org audit view"
+    )
 
     # Set by load_config: where the file was, so relative paths resolve against it.
     source_path: str | None = Field(None, exclude=True)
@@ -308,6 +314,9 @@ def _cross_checks(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
     from filters.persons import config_problems as persons_problems
 
     errs += persons_problems(cfg)
+    from filters.delegation import config_problems as delegation_problems
+
+    errs += delegation_problems(cfg)
     ids: set[str] = set()
     for i, integ in enumerate(cfg.integrations):
         if integ.id.lower() in ids:

@@ -134,6 +134,7 @@ class RequestContext:
     # were filtered (persons: the session's bearer token, the Cookie header without ours).
     upstream_headers: dict[str, str | None] | None = None
     person: Any = None  # filters.persons.PersonFacts of a logged-in person
+    acting_org: str | None = None  # the party a person acts for (filters.delegation), checked this request
 
     # Outcome, filled by the server.
     status: int = 0

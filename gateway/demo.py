@@ -9,7 +9,9 @@
    browser meets it as ``localhost:9003``), with the gateway registered as client
    ``portvakt-demo`` (``private_key_jwt``, key ``certs/dev/persons-client-key.pem``, made when
    missing) and "client B" for SSO, when the config has a ``persons:`` section.
-5. The gateway on ``config/demo.yaml`` in this process, then one working example call printed,
+5. The fake Altinn (``gateway.devaltinn``) on ``127.0.0.1:9004`` when the config has
+   ``delegation.altinn`` (the gateway's Maskinporten key ``certs/dev/altinn-client-key.pem``).
+6. The gateway on ``config/demo.yaml`` in this process, then one working example call printed,
    and the URL to open in a browser to log in as a person.
 
 Ctrl-C (SIGINT) or SIGTERM stops the gateway (draining), then the upstream and the JWKS server.
@@ -36,6 +38,8 @@ UPSTREAM_LISTEN = ("127.0.0.1", 9001)
 JWKS_LISTEN = ("127.0.0.1", 9002)
 PROVIDER_LISTEN = ("127.0.0.1", 9003)
 PERSONS_CLIENT_KEY = "persons-client-key.pem"
+ALTINN_LISTEN = ("127.0.0.1", 9004)
+ALTINN_CLIENT_KEY = "altinn-client-key.pem"
 
 
 async def echo(request: web.BaseRequest) -> web.Response:
@@ -116,12 +120,12 @@ def example_call(config_path: Path, certs: Path) -> str:
     return f"curl -sS {tls}'{base}{prefix}/hello?name=portvakt'"
 
 
-def persons_client_key(certs: Path) -> Any:
+def persons_client_key(certs: Path, name: str = PERSONS_CLIENT_KEY) -> Any:
     """The demo gateway's private_key_jwt key (RSA 2048), made once in the certs directory."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    path = certs / PERSONS_CLIENT_KEY
+    path = certs / name
     if path.exists():
         return serialization.load_pem_private_key(path.read_bytes(), password=None)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -149,9 +153,23 @@ async def start_provider(config_path: Path, certs: Path) -> tuple[Any, str | Non
     ))
     op.add_client_b()
     await op.start()
-    route = min((r for r in cfg.routes if r.person is not None), key=lambda r: len(r.match.path_prefix), default=None)
+    route = min((r for r in cfg.routes if r.person is not None and r.party is None and r.privilege is None),
+                key=lambda r: len(r.match.path_prefix), default=None)
     url = f"https://{host}:{port}{route.match.path_prefix}" if route else None
     return op, url
+
+
+async def start_altinn(config_path: Path, certs: Path) -> Any:
+    """The fake Altinn (with its Maskinporten token endpoint) when the config has
+    ``delegation.altinn``; the gateway's Maskinporten key is made once in the certs directory."""
+    from gateway.config import load_config
+    from gateway.devaltinn import FakeAltinn
+
+    cfg = load_config(config_path)
+    if cfg.delegation is None or cfg.delegation.altinn is None:
+        return None
+    key = persons_client_key(certs, ALTINN_CLIENT_KEY)
+    return await FakeAltinn(key.public_key(), host=ALTINN_LISTEN[0], port=ALTINN_LISTEN[1]).start()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -174,8 +192,11 @@ async def _run(config: Path, certs: Path) -> int:
         provider, person_url = await start_provider(config, certs)
         if provider is not None:
             runners.append(provider)
+        altinn = await start_altinn(config, certs)
+        if altinn is not None:
+            runners.append(altinn)
     except OSError as e:
-        print(f"cannot start the demo upstream/JWKS/provider on 127.0.0.1:9001/9002/9003: {e}", flush=True)
+        print(f"cannot start the demo upstream/JWKS/provider/Altinn on 127.0.0.1:9001-9004: {e}", flush=True)
         for r in runners:
             await (r.stop() if hasattr(r, "stop") else r.cleanup())
         return 2
@@ -194,6 +215,11 @@ async def _run(config: Path, certs: Path) -> int:
             print(f"  log in as a person: open {person_url} in a browser (accept the dev certificate),", flush=True)
             print("  pick a level at the dev ID-porten, see what the upstream receives; log out at /portvakt/logout\n",
                   flush=True)
+            base = person_url.split("/", 3)
+            base = "/".join(base[:3])
+            print(f"  act for an organisation: {base}/portvakt/parties, then POST {base}/portvakt/party, then {base}/virksomhet/",
+                  flush=True)
+            print(f"  administer 910000005 (log in at high as 24917397852): {base}/portvakt/admin/\n", flush=True)
         if admin:
             print(f"  metrics: curl -s http://{admin}/metrics    readiness: curl -s http://{admin}/readyz", flush=True)
         print("\nCtrl-C stops everything.\n", flush=True)

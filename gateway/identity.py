@@ -18,6 +18,7 @@ only from facts the chain verified. All headers live under one prefix (default `
 ``<p>Amr``                  a logged-in person's ``amr`` (filters.persons), space-separated
 ``<p>Auth-Time``            when that person authenticated (Unix seconds)
 ``<p>Session``              the login session id, hashed
+``<p>Acting-Org``           the organisation a logged-in person acts for (``party:`` routes)
 ``<p>Assertion``            the signed identity assertion (ES256 JWT, below)
 ``Client-Cert`` (+``-Chain``) RFC 9440, only where the route sets ``forward.client_cert``
 ``Authorization``           the verified bearer token, only where the route sets ``forward.bearer_token``
@@ -144,6 +145,7 @@ SUFFIXES = (
     "Amr",
     "Auth-Time",
     "Session",
+    "Acting-Org",
 )
 
 
@@ -432,6 +434,8 @@ class Forwarder:
             if p.auth_time is not None:
                 f["auth_time"] = str(int(p.auth_time))
             f["session"] = p.session
+        if ctx.acting_org:  # the party the person chose (filters.delegation), re-checked this request
+            f["acting_org"] = ctx.acting_org
         return f
 
     def sign(self, ctx: "RequestContext", facts: dict[str, str] | None = None) -> str:
@@ -498,6 +502,7 @@ _FACT_HEADERS = (
     ("amr", "Amr"),
     ("auth_time", "Auth-Time"),
     ("session", "Session"),
+    ("acting_org", "Acting-Org"),
 )
 
 

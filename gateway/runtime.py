@@ -34,6 +34,7 @@ STAGE_MODULES = (
     "filters.integrations",
     "filters.authorize",
     "filters.persons",
+    "filters.delegation",
 )
 
 
@@ -75,6 +76,7 @@ class Runtime:
     request_drop_untrusted: frozenset[str] = frozenset()
     max_body_bytes: int = 0
     persons: Any = None  # filters.persons.PersonsStage: its endpoints are served before routing
+    delegation: Any = None  # filters.delegation.DelegationStage: parties + admin endpoints, under persons.prefix
     inflight: int = 0
     _drained: asyncio.Event | None = field(default=None, repr=False)
     _trust_cache: dict[Any, bool] = field(default_factory=dict, repr=False)
@@ -243,7 +245,15 @@ def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict
         request_drop_prefixes=tuple(getattr(forwarder, "strip_prefixes", ()) or ()),
         max_body_bytes=max_body,
         persons=_attach_persons(stages, components),
+        delegation=_attach_delegation(stages, components),
     )
+
+
+def _attach_delegation(stages: list[Stage], components: dict[str, Any]) -> Any:
+    d = next((s for s in stages if s.name == "delegation"), None)
+    if d is not None:
+        d.attach_audit(components.get("audit"))  # type: ignore[attr-defined]
+    return d
 
 
 def _attach_persons(stages: list[Stage], components: dict[str, Any]) -> Any:

@@ -451,6 +451,9 @@ class Gateway:
             return refused
         persons = rt.persons
         if persons is not None and ctx.path.startswith(persons.prefix + "/"):
+            deleg = rt.delegation
+            if deleg is not None and deleg.owns(ctx.path):
+                return await deleg.serve(ctx, request, persons)  # parties, admin API: never proxied
             return await persons.serve(ctx, request)  # login endpoints: never proxied
         route = rt.match(ctx.host, ctx.raw_path)
         if route is None:

@@ -16,4 +16,5 @@ pytest_plugins = [
     "tests.fixtures.nginx",
     "tests.fixtures.persons",
     "tests.fixtures.oidc_provider",
+    "tests.fixtures.delegation",
 ]
