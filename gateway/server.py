@@ -436,6 +436,7 @@ class Gateway:
             from gateway import logsetup
 
             logsetup.apply(cfg)
+        problems.set_type_base(cfg.problems.type_base)
         self.config = cfg
         self._reload_token = token
         self.runtime = rt  # the swap: one assignment
@@ -518,6 +519,7 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
             print(p, flush=True)
         return 2
     logsetup.apply(cfg)
+    problems.set_type_base(cfg.problems.type_base)
     secrets: dict[str, Any] = {}
     if worker_index is not None:
         secrets["worker_index"] = worker_index
