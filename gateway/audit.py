@@ -588,6 +588,8 @@ class AuditSink:
             "path": scrub(ctx.raw_path, self.pseudo_key),
             "client_ip": str(ctx.client_ip),
         }
+        if ctx.trace_id is not None:
+            rec["trace_id"] = ctx.trace_id
         if granted:
             rec["phase"] = "granted"
             rec["decision"] = "allow"

@@ -27,6 +27,7 @@ from filters.waf.config import RouteWafConfig, WafConfig
 from gateway.audit import AuditConfig
 from gateway.configbase import Model
 from gateway.identity import IdentityConfig, RouteForwardConfig
+from gateway.tracing import TracingConfig
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
@@ -194,6 +195,7 @@ class Config(Model):
     identity: IdentityConfig = Field(default_factory=IdentityConfig, description="Identity headers and the signed assertion forwarded upstream")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Application and access logs")
     problems: ProblemsConfig = Field(default_factory=ProblemsConfig, description="Problem+json responses")
+    tracing: TracingConfig = Field(default_factory=TracingConfig, description="W3C trace context (traceparent) to the upstream")
 
     # Set by load_config: where the file was, so relative paths resolve against it.
     source_path: str | None = Field(None, exclude=True)

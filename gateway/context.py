@@ -138,6 +138,13 @@ class RequestContext:
     bytes_in: int = 0
     bytes_out: int = 0
 
+    # W3C trace context (gateway/tracing.py): the trace this request belongs to, the gateway's
+    # span id (the upstream's parent), flags, and the tracestate passed on.
+    trace_id: str | None = None
+    span_id: str | None = None
+    trace_flags: str = "01"
+    tracestate: str | None = None
+
     @property
     def organization(self) -> str | None:
         """The authenticated organisation: the token's consumer org, else the certificate's."""

@@ -49,7 +49,8 @@ HOP_BY_HOP = frozenset(
 # Request fields never copied from the client: hop-by-hop, recomputed (host, content-length,
 # expect: 100-continue is answered by the gateway), and the ones the gateway sets itself.
 GATEWAY_REQUEST_HEADERS = frozenset(
-    {"x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"}
+    {"x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
+     "traceparent", "tracestate"}  # trace context: continued only from trusted peers (gateway/tracing.py)
 )
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"} | GATEWAY_REQUEST_HEADERS
 # Response fields never copied from the upstream.
@@ -283,6 +284,10 @@ def upstream_headers(
     if host:
         out["X-Forwarded-Host"] = host
     out["X-Request-Id"] = ctx.request_id
+    if ctx.trace_id is not None:
+        out["traceparent"] = f"00-{ctx.trace_id}-{ctx.span_id}-{ctx.trace_flags}"
+        if ctx.tracestate:
+            out["tracestate"] = ctx.tracestate
     if forwarder is not None:
         for k, v in forwarder.headers(ctx).items():
             out[k] = v

@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway import accesslog, logsetup, metrics, problems, tlsutil
+from gateway import accesslog, logsetup, metrics, problems, tlsutil, tracing
 from gateway.chain import run_chain
 from gateway.config import HTTP_METHODS, Config, ConfigError, load_config
 from gateway.context import RequestContext
@@ -39,6 +39,7 @@ from gateway.runtime import Runtime, build_runtime
 
 log = logging.getLogger("portvakt.server")
 _set_log_request_id = logsetup.REQUEST_ID.set
+_set_log_trace_id = logsetup.TRACE_ID.set
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _METHOD_LABELS = frozenset(HTTP_METHODS)
@@ -186,6 +187,10 @@ class Gateway:
             peer_ip=peer, client_ip=client, headers=headers, request=request,  # type: ignore[arg-type]
             runtime=rt, tls=tlsutil.peer_info(request.transport), from_trusted_proxy=trusted,
         )
+        tcfg = rt.config.tracing
+        if tcfg.propagate:
+            ctx.trace_id, ctx.span_id, ctx.trace_flags, ctx.tracestate = tracing.start(headers, trusted, tcfg)
+        _set_log_trace_id(ctx.trace_id)
         resp: web.StreamResponse | None = None
         rt.inflight += 1
         self.inflight += 1
