@@ -58,7 +58,8 @@ async def exposed(start_gateway, upstream) -> set[str]:
     """Series names of a single-process gateway and of a supervisor with workers (it adds its own)."""
     single = await start_gateway(basic_config(upstream.url))
     names = exposed_series(await single.metrics_text())
-    multi = await start_gateway(basic_config(upstream.url), workers=2)
+    multi = await start_gateway(basic_config(upstream.url), workers=2, wait_ready=False)
+    await multi.wait_ready(timeout=120)  # supervisor + 2 workers: slow on a loaded machine
     async with multi.session() as s:
         async with s.get(multi.url + "/x") as r:
             assert r.status == 200
@@ -183,6 +184,8 @@ def test_container_image_builds_where_a_builder_runs(tmp_path):
                     "(sudo deploy/container/debian-base.sh)")
     if engine.endswith("podman"):
         args += ["--isolation", "chroot"]
+    if os.path.exists("/etc/ssl/certs/ca-certificates.crt"):  # this host's CAs (a TLS-intercepting proxy)
+        args += ["--secret", "id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt"]
     out = subprocess.run([*args, str(ROOT)], capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     etc = tmp_path / "etc"
