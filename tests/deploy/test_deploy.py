@@ -208,7 +208,8 @@ def test_container_image_builds_where_a_builder_runs(tmp_path):
         inside = Path(mnt) / "tmp" / "portvakt-test-etc"
         shutil.copytree(etc, inside)
         try:
-            run = subprocess.run(["chroot", mnt, "/opt/portvakt/bin/portvakt", "check-config",
+            chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+            run = subprocess.run([chroot, mnt, "/opt/portvakt/bin/portvakt", "check-config",
                                   "/tmp/portvakt-test-etc/portvakt.yaml"], capture_output=True, text=True,
                                  timeout=300, env={"PATH": "/opt/portvakt/bin:/usr/bin:/bin", **secrets})
         finally:
