@@ -36,7 +36,11 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY filters ./filters
 # Runtime dependencies only (no test extras), installed as a regular (non-editable) package.
-RUN /opt/portvakt/bin/pip install --upgrade pip \
+# Behind a TLS-intercepting proxy, hand pip the CA bundle as a build secret (never a layer):
+#   --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt
+RUN --mount=type=secret,id=pip_ca \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+ && /opt/portvakt/bin/pip install --upgrade pip \
  && /opt/portvakt/bin/pip install .
 
 FROM ${PYTHON_IMAGE}

@@ -117,8 +117,10 @@ bench: venv $(BENCH_STAMP) wrk-present redis-server-present modsecurity-present
 crs-conformance: venv
 	$(VPY) bench/crs_conformance.py $(CRS_ARGS)
 
+# CONTAINER=podman to build with podman; PYTHON_IMAGE=... for another base (deploy/container/).
+CONTAINER ?= docker
 docker:
-	docker build -t portvakt:$(VERSION) -t portvakt:latest .
+	$(CONTAINER) build $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) -t portvakt:$(VERSION) -t portvakt:latest .
 
 clean:
 	rm -rf $(VENV) $(CERTS) var .pytest_cache bench/.work bench/out

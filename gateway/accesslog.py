@@ -138,6 +138,8 @@ def record(ctx: "RequestContext", duration: float) -> None:
         f'"duration_ms":{duration * 1000:.3f},"upstream_ms":{f"{up * 1000:.3f}" if up is not None else "null"},'
         f'"bytes_in":{int(ctx.bytes_in)},"bytes_out":{int(ctx.bytes_out)}'
     )
+    if ctx.trace_id is not None:
+        line += f',"trace_id":"{ctx.trace_id}"'
     if ctx.detections:
         line += ',"detections":' + _dumps([f"{d.filter}:{d.reason}" for d in ctx.detections])
     line += "}"

@@ -73,7 +73,7 @@ SEAL_CACHE_MAX = 10_000
 
 
 class AuditRedisConfig(Model):
-    url: str = Field(description="redis:// URL of the second sink (use ${ENV} for a password)")
+    url: str = Field(description="redis:// URL of the second sink, or redis+cluster://h:p[,h:p] (use ${ENV} for a password)")
     stream: str = Field("portvakt:audit", description="Stream key for XADD")
     maxlen: int | None = Field(None, gt=0, description="Approximate MAXLEN trim (absent: keep all)")
     spool_path: str = Field("audit-redis.spool", description="Local spool file while Redis is down")
@@ -84,8 +84,16 @@ class AuditRedisConfig(Model):
     def _url(cls, v: str) -> str:
         # Checked at load (redis-py would refuse it only when the sink starts); never echoed:
         # the URL may carry a password.
+        if v.startswith(("redis+cluster://", "rediss+cluster://")):
+            from filters.ratelimit.redis_store import parse_cluster_url
+
+            try:
+                parse_cluster_url(v)
+            except ValueError:
+                raise ValueError("not a valid Redis Cluster URL (host:port[,host:port...], no database)") from None
+            return v
         if not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+            raise ValueError("must be a redis://, rediss://, unix:// or redis+cluster:// URL")
         try:
             from redis.connection import parse_url
 
@@ -594,6 +602,8 @@ class AuditSink:
             "path": scrub(ctx.raw_path, self.pseudo_key),
             "client_ip": str(ctx.client_ip),
         }
+        if ctx.trace_id is not None:
+            rec["trace_id"] = ctx.trace_id
         if granted:
             rec["phase"] = "granted"
             rec["decision"] = "allow"

@@ -544,9 +544,21 @@ class RedisStreamSink:
         import redis  # imported here: only needed when configured
 
         self.settings = settings
-        self._client = redis.Redis.from_url(
-            settings.url, socket_timeout=settings.timeout_seconds, socket_connect_timeout=settings.timeout_seconds
-        )
+        timeouts = {"socket_timeout": settings.timeout_seconds, "socket_connect_timeout": settings.timeout_seconds}
+        self._client: Any
+        if settings.url.startswith(("redis+cluster://", "rediss+cluster://")):
+            # Redis Cluster: the stream is one key, so it lives on one slot's master; the cluster
+            # client follows MOVED after a failover or resharding.
+            from redis.cluster import ClusterNode, RedisCluster
+
+            from filters.ratelimit.redis_store import parse_cluster_url
+
+            c = parse_cluster_url(settings.url)
+            auth = {k: c[k] for k in ("username", "password") if c[k] is not None}
+            self._client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in c["hosts"]],
+                                        ssl=c["tls"], **auth, **timeouts)
+        else:
+            self._client = redis.Redis.from_url(settings.url, **timeouts)
         self._q: collections.deque[list[bytes]] = collections.deque()
         self._cond = threading.Condition()
         self._stop = threading.Event()

@@ -234,6 +234,13 @@ def cmd_config_reference(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reasons(_: argparse.Namespace) -> int:
+    from gateway import reasoncatalog
+
+    sys.stdout.write(reasoncatalog.render_markdown())
+    return 0
+
+
 def cmd_version(_: argparse.Namespace) -> int:
     print(f"portvakt {__version__}")
     return 0
@@ -277,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_config_schema)
     c = csub.add_parser("reference", help="print the config reference (docs/config-reference.md)")
     c.set_defaults(func=cmd_config_reference)
+
+    p = sub.add_parser("reasons", help="print the reason catalogue (docs/reasons.md)")
+    p.set_defaults(func=cmd_reasons)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

@@ -30,6 +30,7 @@ from gateway.audit import AuditConfig
 from gateway.canonical import HttpConfig, NotCanonical, canonical_path, route_host
 from gateway.configbase import HTTP_METHODS, Model
 from gateway.identity import IdentityConfig, RouteForwardConfig
+from gateway.tracing import TracingConfig
 
 
 def _check_listen(v: str) -> str:
@@ -226,6 +227,7 @@ class Config(Model):
     delegation: DelegationConfig | None = Field(
         None, description="Acting for organisations (Altinn parties), run-time privileges, admin API, org audit view"
     )
+    tracing: TracingConfig = Field(default_factory=TracingConfig, description="W3C trace context (traceparent) to the upstream")
 
     # Set by load_config: where the file was, so relative paths resolve against it.
     source_path: str | None = Field(None, exclude=True)

@@ -150,6 +150,12 @@ class RequestContext:
     # X-Forwarded-Host / -Port for the upstream: the trusted proxy's (validated) or the gateway's own.
     forwarded_host: str | None = None
     forwarded_port: str | None = None
+    # W3C trace context (gateway/tracing.py): the trace this request belongs to, the gateway's
+    # span id (the upstream's parent), flags, and the tracestate passed on.
+    trace_id: str | None = None
+    span_id: str | None = None
+    trace_flags: str = "01"
+    tracestate: str | None = None
 
     @property
     def organization(self) -> str | None:

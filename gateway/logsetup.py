@@ -26,6 +26,7 @@ import traceback
 from typing import Any
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("portvakt_request_id", default=None)
+TRACE_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("portvakt_trace_id", default=None)
 
 # --log-level / PORTVAKT_LOG_LEVEL: wins over logging.level from the config when set.
 LEVEL_OVERRIDE: str | None = None
@@ -39,6 +40,7 @@ class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = REQUEST_ID.get()
+            record.trace_id = TRACE_ID.get()
         return True
 
 
@@ -71,6 +73,9 @@ class JsonFormatter(logging.Formatter):
         rid = getattr(record, "request_id", None)
         if rid:
             doc["request_id"] = rid
+            tid = getattr(record, "trace_id", None)
+            if tid:
+                doc["trace_id"] = tid
         if record.exc_info and record.exc_info[0] is not None:
             doc["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
         elif record.exc_text:

@@ -16,6 +16,14 @@ from gateway.norid import mask_person_numbers
 
 PROBLEM_BASE = "https://portvakt.dev/problems/"
 CONTENT_TYPE = "application/problem+json"
+# The prefix of every problem ``type`` (config ``problems.type_base``; set when a config loads).
+_type_base = PROBLEM_BASE
+
+
+def set_type_base(base: str) -> None:
+    """Use ``base`` + reason id as the problem ``type`` from now on (per process)."""
+    global _type_base
+    _type_base = base
 
 # reason id -> (status, title). Registered by the modules that deny with them, listed in the
 # README. A reason not registered here is a programming error caught by tests.
@@ -78,7 +86,7 @@ class Problem:
 
     def body(self, request_id: str, instance: str | None = None) -> bytes:
         doc: dict[str, object] = {
-            "type": PROBLEM_BASE + self.reason,
+            "type": _type_base + self.reason,
             "title": self.title,
             "status": self.status,
             "reason": self.reason,

@@ -51,7 +51,8 @@ HOP_BY_HOP = frozenset(
 # Request fields never copied from the client: hop-by-hop, recomputed (host, content-length,
 # expect: 100-continue is answered by the gateway), and the ones the gateway sets itself.
 GATEWAY_REQUEST_HEADERS = frozenset(
-    {"x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "forwarded"}
+    {"x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "forwarded",
+     "traceparent", "tracestate"}  # trace context: continued only from trusted peers (gateway/tracing.py)
 )
 # Forwarded client-certificate headers (Envoy XFCC, RFC 9440, nginx, IIS/ARR...): dropped when the
 # peer is not a trusted proxy (Envoy's SANITIZE), whether or not ``certificates`` reads them.
@@ -323,6 +324,10 @@ def upstream_headers(
                 out.popall(k, None)
             else:
                 out[k] = v
+    if ctx.trace_id is not None:
+        out["traceparent"] = f"00-{ctx.trace_id}-{ctx.span_id}-{ctx.trace_flags}"
+        if ctx.tracestate:
+            out["tracestate"] = ctx.tracestate
     if forwarder is not None:
         for k, v in forwarder.headers(ctx).items():
             out[k] = v

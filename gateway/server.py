@@ -31,7 +31,7 @@ from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, HttpProcessingError, InvalidURLError, LineTooLong
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import accesslog, logsetup, metrics, problems, tlsutil
+from gateway import accesslog, logsetup, metrics, problems, tlsutil, tracing
 from gateway.canonical import (
     HOST_NOT_CANONICAL, PATH_NOT_CANONICAL, NotCanonical, Redirect, canonical_host, canonical_path,
 )
@@ -47,6 +47,7 @@ from filters.ingress import HEADERS_TOO_LARGE, REQUEST_SMUGGLING, URI_TOO_LONG
 
 log = logging.getLogger("portvakt.server")
 _set_log_request_id = logsetup.REQUEST_ID.set
+_set_log_trace_id = logsetup.TRACE_ID.set
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _METHOD_LABELS = frozenset(HTTP_METHODS)
@@ -324,6 +325,10 @@ class Gateway:
             peer_ip=peer, client_ip=client, headers=headers, request=request,  # type: ignore[arg-type]
             runtime=rt, tls=tlsutil.peer_info(request.transport), from_trusted_proxy=trusted,
         )
+        tcfg = rt.config.tracing
+        if tcfg.propagate:
+            ctx.trace_id, ctx.span_id, ctx.trace_flags, ctx.tracestate = tracing.start(headers, trusted, tcfg)
+        _set_log_trace_id(ctx.trace_id)
         resp: web.StreamResponse | None = None
         rt.inflight += 1
         self.inflight += 1
@@ -721,6 +726,7 @@ class Gateway:
             from gateway import logsetup
 
             logsetup.apply(cfg)
+        problems.set_type_base(cfg.problems.type_base)
         self.config = cfg
         self.edge.configure(cfg.server)
         self._reload_token = token
@@ -811,6 +817,7 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
             print(p, flush=True)
         return 2
     logsetup.apply(cfg)
+    problems.set_type_base(cfg.problems.type_base)
     secrets: dict[str, Any] = {}
     if worker_index is not None:
         secrets["worker_index"] = worker_index

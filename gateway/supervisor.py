@@ -248,6 +248,9 @@ class Supervisor:
         from gateway import logsetup
 
         logsetup.apply(cfg)
+        from gateway import problems
+
+        problems.set_type_base(cfg.problems.type_base)
         try:
             self._reload_token = admin_mod.resolve_reload_token(cfg)
         except ValueError as e:

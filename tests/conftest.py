@@ -10,6 +10,7 @@ if ROOT not in sys.path:
 pytest_plugins = [
     "tests.fixtures.pki",
     "tests.fixtures.redis",
+    "tests.fixtures.redis_cluster",
     "tests.fixtures.upstream",
     "tests.fixtures.gateway",
     "tests.fixtures.issuer",

@@ -106,7 +106,8 @@ class RateLimitConfig(Model):
     backend: str = Field(
         "memory",
         description='"memory" (in-process), redis://[user:pass@]host:port/db, rediss:// (TLS), '
-        'redis+sentinel://[user:pass@]h:p[,h:p]/service[/db], or "sentinel" (use the sentinel block)',
+        'redis+sentinel://[user:pass@]h:p[,h:p]/service[/db], redis+cluster://[user:pass@]h:p[,h:p] '
+        '(Redis Cluster; rediss+cluster:// with TLS), or "sentinel" (use the sentinel block)',
     )
     key_prefix: str = Field("portvakt", description="Prefix of every Redis key")
     timeout_ms: int = Field(50, gt=0, le=10_000, description="Per Redis operation; a request never waits longer")
@@ -160,8 +161,13 @@ class RateLimitConfig(Model):
             from filters.ratelimit.redis_store import parse_sentinel_url
 
             parse_sentinel_url(b)
+        elif b.startswith(("redis+cluster://", "rediss+cluster://")):
+            from filters.ratelimit.redis_store import parse_cluster_url
+
+            parse_cluster_url(b)
         elif b != "memory" and not b.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError('backend must be "memory", redis://, rediss://, unix://, redis+sentinel:// or "sentinel"')
+            raise ValueError('backend must be "memory", redis://, rediss://, unix://, redis+sentinel://, '
+                             'redis+cluster:// or "sentinel"')
         if self.autopipeline and self.max_inflight_batches > self.max_connections:
             raise ValueError("max_inflight_batches cannot exceed max_connections")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

@@ -134,8 +134,29 @@ def parse_sentinel_url(url: str) -> dict[str, Any]:
     }
 
 
+def parse_cluster_url(url: str) -> dict[str, Any]:
+    """``redis+cluster://[user:password@]host:port[,host:port...]`` (``rediss+cluster://`` for
+    TLS) -> parts: the startup nodes of a Redis Cluster (any few masters; the rest is discovered)."""
+    scheme, _, rest = url.partition("://")
+    userinfo, _, hosts_part = rest.rpartition("@")
+    hosts_part = hosts_part.rstrip("/")
+    if not hosts_part or "/" in hosts_part:
+        raise ValueError("redis+cluster:// needs host:port[,host:port...] (no database: a cluster has only db 0)")
+    username = password = None
+    if userinfo:
+        u, sep, p = userinfo.partition(":")
+        username, password = (unquote(u) or None), (unquote(p) if sep else None)
+    return {
+        "hosts": [parse_hostport(h, 6379) for h in hosts_part.split(",") if h],
+        "username": username,
+        "password": password,
+        "tls": scheme == "rediss+cluster",
+    }
+
+
 class RedisBackend:
-    """One Redis connection pool (or Sentinel-managed master) plus breaker and local GCRA."""
+    """One Redis connection pool (or Sentinel-managed master, or Redis Cluster client) plus
+    breaker and local GCRA."""
 
     kind = "redis"
 
@@ -153,6 +174,8 @@ class RedisBackend:
         self._factory = self._client_factory(cfg, resolve_path)  # parse + validate now (build at load)
         self.client: Any = None
         self._sentinel: Any = None
+        self.max_connections = cfg.max_connections
+        self._cluster_slots: asyncio.Semaphore | None = None
         self.sha: str | None = None
         self._evalsha_head = b""
         self._pending_since = 0.0
@@ -246,6 +269,26 @@ class RedisBackend:
 
             return make_sentinel
 
+        if cfg.backend.startswith(("redis+cluster://", "rediss+cluster://")):
+            c = parse_cluster_url(cfg.backend)
+            # Every GCRA key holds one hash tag, so each EVALSHA goes to the master of its slot;
+            # MOVED/ASK after a resharding are followed by the client.
+            cluster_kw: dict[str, Any] = {
+                k: v for k, v in common.items() if k not in ("health_check_interval",)
+            }
+            cluster_kw.update({k: v for k, v in (("username", c["username"]), ("password", c["password"])) if v is not None})
+            cluster_kw.update(creds)
+            if c["tls"] or tls:
+                cluster_kw.update(tls, ssl=True)
+
+            def make_cluster():
+                from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+                nodes = [ClusterNode(h, p) for h, p in c["hosts"]]
+                return None, RedisCluster(startup_nodes=nodes, **cluster_kw)
+
+            return make_cluster
+
         from redis.asyncio import BlockingConnectionPool
         from redis.asyncio.connection import parse_url
 
@@ -312,8 +355,14 @@ class RedisBackend:
             for c in conns:
                 await pool.release(c)
 
+    @property
+    def cluster(self) -> bool:
+        return self.client is not None and type(self.client).__name__ == "RedisCluster"
+
     async def _load_script(self) -> None:
-        sha = await self.client.script_load(GCRA_LUA)
+        sha = await self.client.script_load(GCRA_LUA)  # a cluster client loads it on every master
+        if isinstance(sha, dict):
+            sha = next(iter(sha.values()))
         if isinstance(sha, bytes):
             sha = sha.decode()
         self.sha = sha
@@ -456,7 +505,9 @@ class RedisBackend:
         try:
             if self.sha is None:
                 await self._load_script()
-            if len(items) == 1 and not self.autopipeline:
+            if self.cluster:
+                out = await self._cluster_round_trip(items)
+            elif len(items) == 1 and not self.autopipeline:
                 # The ordinary redis-py call: what an unbatched limiter does.
                 key, p = items[0]
                 try:
@@ -479,6 +530,31 @@ class RedisBackend:
             return out
         finally:
             BACKEND_SECONDS.observe(time.perf_counter() - t0)
+
+    async def _cluster_round_trip(self, items: Sequence[tuple[str, Policy]]) -> list[Any]:
+        """Redis Cluster: one cluster pipeline for the batch (redis-py groups the EVALSHAs by the
+        master of each key's slot: one connection and round trip per master involved). A master
+        without the script (new, restarted or failed over) gets it loaded; those checks run again."""
+
+        async def run(which: Sequence[int]) -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for i in which:
+                key, p = items[i]
+                pipe.evalsha(self.sha, 1, key, p.interval_us, p.tolerance_us, "")
+            return list(await pipe.execute(raise_on_error=False))
+
+        # A round trip holds at most one connection per master; the cluster client's pools do
+        # not wait for a free connection (they raise), so round trips wait here instead.
+        if self._cluster_slots is None:
+            self._cluster_slots = asyncio.Semaphore(self.max_connections)
+        async with self._cluster_slots:
+            out = await run(range(len(items)))
+            missing = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
+            if missing:
+                await self._load_script()
+                for i, r in zip(missing, await run(missing)):
+                    out[i] = r
+        return out
 
     async def _pipeline(self, items: Sequence[tuple[str, Policy]], which: Sequence[int]) -> list[Any]:
         """One ``pipeline(transaction=False)`` of EVALSHA commands, packed by hand.

@@ -83,7 +83,8 @@ async def test_reload_token_file_is_reread_on_reload(start_gateway, upstream, tm
 
 async def test_reload_token_under_workers(start_gateway, upstream):
     cfg = basic_config(upstream.url, admin={"reload_token": TOKEN})
-    gw = await start_gateway(cfg, workers=2)
+    gw = await start_gateway(cfg, workers=2, wait_ready=False)
+    await gw.wait_ready(timeout=120)  # supervisor + 2 workers: slow on a loaded machine
     assert (await post_reload(gw))[0] == 401
     status, _, doc = await post_reload(gw, {"Authorization": f"Bearer {TOKEN}"})
     assert status == 200, doc

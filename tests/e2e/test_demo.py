@@ -44,6 +44,8 @@ def test_demo_prints_a_call_that_exercises_token_integration_and_privilege():
             lines.append(line)
             if "TOKEN=" in line and "curl" in line:
                 call = line.strip()
+        if call is None and "address already in use" in "".join(lines):
+            pytest.skip("demo ports taken by another process between the check and the start")
         assert call, "demo printed no example call:\n" + "".join(lines)
         out = subprocess.run(["bash", "-c", call], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr

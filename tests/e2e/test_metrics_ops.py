@@ -44,7 +44,8 @@ async def test_last_reload_successful_follows_the_last_reload(start_gateway, ups
 
 
 async def test_under_workers_the_supervisor_exposes_process_series(start_gateway, upstream):
-    gw = await start_gateway(basic_config(upstream.url), workers=2)
+    gw = await start_gateway(basic_config(upstream.url), workers=2, wait_ready=False)
+    await gw.wait_ready(timeout=120)  # supervisor + 2 workers: slow on a loaded machine
     text = await gw.metrics_text()
     assert "_created" not in text
     assert "process_resident_memory_bytes" in text
