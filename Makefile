@@ -20,7 +20,7 @@ STAMP := $(VENV)/.installed
 CERTS ?= certs/dev
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' gateway/__init__.py)
 
-.PHONY: venv run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present nginx-present promtool-present modsecurity-present chromium-present oidc-provider-deps
+.PHONY: venv run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present nginx-present promtool-present modsecurity-present chromium-present oidc-provider-deps test-image
 
 # The venv is (re)built whenever pyproject.toml changes: the stamp is older than it then.
 $(STAMP): pyproject.toml
@@ -110,6 +110,10 @@ test: venv redis-server-present nginx-present promtool-present chromium-present 
 	@$(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc = 5 ]; then echo "pytest collected no tests: treating that as a failure"; fi; \
 	  exit $$rc
+
+# The container image built and checked in a test (~15 min; docker or podman; opt-in).
+test-image: venv
+	PORTVAKT_TEST_IMAGE=1 $(VPY) -m pytest -q -p no:cacheprovider tests/deploy/test_deploy.py -k container_image
 
 bench: venv $(BENCH_STAMP) wrk-present redis-server-present modsecurity-present
 	$(VPY) bench/run.py $(BENCH_ARGS)

@@ -171,6 +171,10 @@ def test_container_image_builds_where_a_builder_runs(tmp_path):
     """Builds the real image: from python:3.12-slim-bookworm when the registry answers, else from
     the Debian-packages base of deploy/container/debian-base.sh when it was made on this machine.
     Then runs `portvakt check-config` inside it on the container config."""
+    if os.environ.get("PORTVAKT_TEST_IMAGE") != "1":
+        # A build takes ~15 min on this kind of machine and pulls from package registries: opt-in
+        # (`make test-image`), so `make test` stays within CI's budget.
+        pytest.skip("set PORTVAKT_TEST_IMAGE=1 (make test-image) to build the container image")
     engine = _engine()
     if engine is None:
         pytest.skip("no container engine that can build here (docker/podman info fails): "
