@@ -60,17 +60,34 @@ class PipelineSet:
         return {pids[i] for i in hits} if hits else set()
 
 
-def build(patterns: list[Pattern]) -> tuple[set[int], dict[int, PipelineSet]]:
-    """Compile one Set per pipeline. Returns (pattern ids the Sets cannot judge, sets)."""
+SMALL_SET_MEM = 64 << 20
+LARGE_SET_MEM = 256 << 20
+LARGE_SET = 64  # patterns
+
+
+def set_options(n_patterns: int) -> "re2.Options":
+    """RE2 options for a Set of ``n_patterns``. A large Set (CRS's untransformed pipeline holds
+    ~180 patterns, urlDecodeUni ~70) has DFA states that each stand for many NFA states: with
+    64 MB, the lazy DFA's state cache filled on benign form bodies and RE2 threw it away and
+    rebuilt it over and over (8 ms per KB scanned instead of ~0.1). The budget is an upper
+    bound, allocated only as states are built (+26 MB RSS on the benign corpus)."""
     opts = re2.Options()
     opts.encoding = re2.Options.Encoding.LATIN1
-    opts.max_mem = 64 << 20
+    opts.max_mem = LARGE_SET_MEM if n_patterns >= LARGE_SET else SMALL_SET_MEM
+    return opts
+
+
+def build(patterns: list[Pattern]) -> tuple[set[int], dict[int, PipelineSet]]:
+    """Compile one Set per pipeline. Returns (pattern ids the Sets cannot judge, sets)."""
+    per_pipeline: dict[int, int] = {}
+    for pat in patterns:
+        per_pipeline[pat[0]] = per_pipeline.get(pat[0], 0) + 1
     unsafe: set[int] = set()
     building: dict[int, tuple[object, list[int]]] = {}
     for pidx, pid, srcs, caseless in patterns:
         entry = building.get(pidx)
         if entry is None:
-            entry = building[pidx] = (re2.Set.SearchSet(opts), [])
+            entry = building[pidx] = (re2.Set.SearchSet(set_options(per_pipeline[pidx])), [])
         pat = (b"(?i)(?:" + b"|".join(srcs) + b")") if caseless else (b"(?sm)" + srcs[0])
         try:
             idx = entry[0].Add(pat)

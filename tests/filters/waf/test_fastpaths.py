@@ -98,3 +98,21 @@ def test_values_scanned_in_phase_1_are_scanned_again_after_the_body():
         tx = Transaction(rs, method="POST", uri="/", body=b"a=fine",
                          headers=[("Host", "x"), ("X-T", "evil"), ("Content-Type", "application/x-www-form-urlencoded")])
         assert tx.process_request().matched == [2]
+
+
+def test_large_prefilter_sets_get_the_large_dfa_budget():
+    """A Set of many patterns gets the large RE2 memory budget (its lazy DFA cache otherwise
+    fills and is rebuilt over and over on ordinary text), a small Set the small one; both
+    judge the same way."""
+    from filters.waf import prefilter
+
+    assert prefilter.set_options(prefilter.LARGE_SET).max_mem == prefilter.LARGE_SET_MEM
+    assert prefilter.set_options(prefilter.LARGE_SET - 1).max_mem == prefilter.SMALL_SET_MEM
+    assert prefilter.LARGE_SET_MEM > prefilter.SMALL_SET_MEM
+    many = [(0, i, [b"k%03dw" % i], False) for i in range(prefilter.LARGE_SET)]
+    few = [(1, 1000 + i, [b"k%03dw" % i], False) for i in range(3)]
+    unsafe, sets = prefilter.build(many + few)
+    assert not unsafe
+    assert sets[0].scan(b"x k002w y") == {2}
+    assert sets[1].scan(b"x k002w y") == {1002}
+    assert sets[0].scan(b"nothing here") == set()
