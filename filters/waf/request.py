@@ -29,6 +29,7 @@ log = logging.getLogger("portvakt.waf")
 # Content types parsed as JSON besides application/json (lower-cased): structured-syntax
 # "+json" types (RFC 6839) and text/json; newline-delimited JSON is parsed line by line.
 _JSON_FAMILY = re.compile(rb"^\s*(?:application/[!#$&^_.+\w-]+\+json|text/json)\s*(?:;|$)")
+_XML_FAMILY = re.compile(rb"^\s*application/[!#$&^_.+\w-]+\+xml\s*(?:;|$)")
 _NDJSON = re.compile(rb"^\s*application/(?:x-ndjson|ndjson|jsonl|x-jsonlines|jsonlines)\s*(?:;|$)")
 
 
@@ -151,8 +152,8 @@ class RequestVariables:
             proc = "URLENCODED"
         elif ct.startswith(b"multipart/form-data"):
             proc = "MULTIPART"
-        elif re.match(rb"^(?:application(?:/soap\+|/)|text/)xml", ct):
-            proc = "XML"  # modsecurity.conf-recommended rule 200000
+        elif re.match(rb"^(?:application(?:/soap\+|/)|text/)xml", ct) or _XML_FAMILY.match(ct):
+            proc = "XML"  # modsecurity.conf-recommended rule 200000, and application/*+xml
         elif re.match(rb"^application/json", ct) or _JSON_FAMILY.match(ct) or _NDJSON.match(ct):
             # modsecurity.conf-recommended rule 200001, and the types JSON frameworks bind as
             # JSON (Spring, ASP.NET Core: application/*+json; text/json; ndjson line by line)

@@ -192,3 +192,11 @@ async def test_f07_broken_or_oversized_compressed_body():
     assert (await _check({}, "application/json", bomb, **{"Content-Encoding": "gzip"}))[0] == "waf_body_limit"
     # an empty body with a coding is nothing to decode
     assert (await _check({}, None, b"", **{"Content-Encoding": "zstd"}))[0] == "allowed"
+
+
+@pytest.mark.parametrize("ct", ["application/vnd.example+xml", "application/atom+xml", "application/rss+xml"])
+async def test_f03_xml_family_types_parsed_as_xml(pack, ct):
+    assert (await _check(pack, ct, b"<!DOCTYPE a SYSTEM 'http://127.0.0.1:9/x.dtd'><a>x</a>"))[0] == "waf_body_unparsable"
+    if not pack:
+        assert (await _check(pack, ct, b"<a>1' UNION SELECT password FROM users--</a>"))[0] == "waf_blocked"
+        assert (await _check(pack, ct, b"<a>byggesak</a>"))[0] == "allowed"
