@@ -11,7 +11,10 @@ Hostile bodies are bounded here, before any rule sees them:
 
 - XML is parsed with defusedxml's stance: a DTD may be present but declares no entities (an
   ``<!ENTITY`` is a parse error, so billion-laughs and quadratic-blowup bodies cost
-  microseconds), and external entities are never resolved. A document declaring an encoding
+  microseconds), and external entities are never resolved. A DOCTYPE with an external
+  identifier (``SYSTEM``/``PUBLIC``: an external DTD), a reference to an undeclared entity and
+  a document declaring the XInclude namespace are parse errors too (out-of-band XXE, SSRF and
+  file inclusion in a backend parser that would load them). A document declaring an encoding
   that expat does not read itself (Shift_JIS, EUC-JP, GBK, Big5, EUC-KR, UTF-7, ...) is decoded
   by Python's codec and parsed as UTF-8; an unknown encoding or bytes that do not decode are a
   parse error, never an exception.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import zlib
 from dataclasses import dataclass, field
 from xml.parsers import expat
 
@@ -68,8 +72,68 @@ def parse_urlencoded(data: bytes, limit: int = 0) -> list[tuple[str, bytes]]:
     return out
 
 
-def urlencoded(body: bytes, max_args: int | None = None) -> BodyResult:
+_CHARSET = re.compile(r';\s*charset\s*=\s*(?:"([^"]*)"|([^;\s]*))', re.I)
+_ASCII_PROBE = "azAZ09=&%+-_.*~!$'\"()<>;:,/?@[]\\ \t\r\n"
+
+
+def content_type_charset(content_type: str) -> str | None:
+    m = _CHARSET.search(content_type)
+    if m is None:
+        return None
+    return (m.group(1) if m.group(1) is not None else m.group(2)).strip()
+
+
+def form_text(body: bytes, charset: str | None) -> tuple[bytes, str | None]:
+    """(the bytes to read as a URL-encoded form, an error): a form declared in a charset that
+    does not spell ASCII as ASCII (EBCDIC ibm037/ibm500/cp1140/cp875/cp1026, UTF-16/32,
+    UTF-7) is decoded by that charset and read as UTF-8, as IIS/ASP.NET would read it (the
+    "IBM037 WAF bypass"). An ASCII-compatible charset, or a bytes-to-bytes codec no server
+    decodes forms with (rot13, base64: inspected raw), leaves the bytes as sent. A charset name
+    Python does not know, or bytes that do not decode, is an error (the body does not parse)."""
+    if not charset:
+        return body, None
+    try:
+        info = codecs.lookup(charset)
+    except LookupError:
+        return body, f"URLENCODED: unknown charset {charset[:40]!r}"
+    if not getattr(info, "_is_text_encoding", True):
+        return body, None
+    try:
+        if _ASCII_PROBE.encode(info.name) == _ASCII_PROBE.encode("ascii"):
+            return body, None
+    except (UnicodeError, ValueError):
+        pass
+    try:
+        return body.decode(info.name).encode("utf-8", "surrogatepass"), None
+    except (UnicodeError, ValueError) as e:
+        return body, f"URLENCODED: body does not decode as {info.name}: {str(e)[:60]}"
+
+
+def raw_text(body: bytes, charset: str | None) -> bytes | None:
+    """A body no processor reads (text/plain, octet-stream, unknown or no type) as the text the
+    rules inspect: decoded by a declared charset that is not ASCII-compatible, UTF-16/UTF-32
+    text (which Python's and Jackson's JSON parsers detect by themselves) decoded, or None for
+    binary data (a NUL byte that is not UTF-16/32 text: an upload no text parser reads)."""
+    text, err = form_text(body, charset)
+    if err is None and text is not body:
+        return text
+    if b"\x00" not in body:
+        return body
+    try:
+        enc = json.detect_encoding(body)
+        if enc.startswith("utf-16") or enc.startswith("utf-32"):
+            out = body.decode(enc).encode("utf-8", "surrogatepass")
+            return out if b"\x00" not in out else None
+    except (UnicodeError, ValueError):
+        pass
+    return None
+
+
+def urlencoded(body: bytes, max_args: int | None = None, charset: str | None = None) -> BodyResult:
     res = BodyResult()
+    body, res.error = form_text(body, charset)
+    if res.error:
+        return res
     if max_args is not None and count_urlencoded(body) > max_args:
         res.limit = "too_many_args"
         return res
@@ -131,9 +195,18 @@ def json_value_count(body: bytes) -> int:
     return (bare.count(b",") + bare.count(b"[") + bare.count(b"{") - bare.count(b"[]") - bare.count(b"{}") + 1)
 
 
-def json_body(body: bytes, max_depth: int = 0, max_values: int = 0, max_args: int | None = None) -> BodyResult:
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs in document order: every occurrence of a
+    duplicated key is inspected, not only the last one ``dict`` would keep (backends that keep
+    the first occurrence would otherwise get an uninspected value)."""
+
+
+def json_body(body: bytes, max_depth: int = 0, max_values: int = 0, max_args: int | None = None,
+              lines: bool = False) -> BodyResult:
     """``max_depth``: deepest nesting; ``max_values``: most JSON values (containers and
-    scalars), 0: no limit; ``max_args``: most scalars (each becomes an argument), None: no limit."""
+    scalars), 0: no limit; ``max_args``: most scalars (each becomes an argument), None: no limit.
+    ``lines``: newline-delimited JSON (``application/x-ndjson``): each non-empty line is one
+    document, inspected as the elements of one array (``json.array_0...``)."""
     res = BodyResult()
     if max_depth and _json_depth_over(body, max_depth):
         res.limit = "json_too_deep"
@@ -142,7 +215,11 @@ def json_body(body: bytes, max_depth: int = 0, max_values: int = 0, max_args: in
         res.limit = "json_too_large"
         return res
     try:
-        doc = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        if lines:
+            doc: object = [json.loads(line, object_pairs_hook=_Pairs) for line in text.split("\n") if line.strip()]
+        else:
+            doc = json.loads(text, object_pairs_hook=_Pairs)
     except RecursionError:
         res.limit = "json_too_deep"
         return res
@@ -163,9 +240,8 @@ def json_body(body: bytes, max_depth: int = 0, max_values: int = 0, max_args: in
         if max_values and seen > max_values:
             res.limit = "json_too_large"
             return res
-        if isinstance(val, dict):
-            items = list(val.items())
-            for k, v in reversed(items):
+        if isinstance(val, _Pairs):
+            for k, v in reversed(val):
                 stack.append((f"{path}.{k}", v, depth + 1))
         elif isinstance(val, list):
             for i in range(len(val) - 1, -1, -1):
@@ -309,6 +385,22 @@ def _forbid_external(*_args: object) -> int:
     raise _Forbidden("external entities are not accepted")
 
 
+def _doctype(_name: str, system_id: str | None, public_id: str | None, _internal: int) -> None:
+    # An external DTD (SYSTEM or PUBLIC identifier) is how out-of-band XXE and SSRF reach a
+    # backend parser that loads DTDs: refused, as external entities are.
+    if system_id is not None or public_id is not None:
+        raise _Forbidden("external DTDs are not accepted")
+
+
+def _skipped_entity(name: str, _is_parameter_entity: int) -> None:
+    # A reference to an entity nobody declared here (expat skips it when the DTD has a
+    # parameter-entity reference): only an external definition could give it a value.
+    raise _Forbidden(f"undeclared entity reference {name[:40]!r}")
+
+
+XINCLUDE_NS = "http://www.w3.org/2001/XInclude"
+
+
 def _xml_input(body: bytes) -> tuple[bytes, str | None]:
     """(bytes for expat, the encoding to parse them as). A declared encoding expat does not
     read is decoded here and parsed as UTF-8. Raises LookupError / UnicodeError."""
@@ -337,13 +429,17 @@ def xml_body(body: bytes, max_values: int | None = None) -> BodyResult:
     p.EntityDeclHandler = _forbid
     p.UnparsedEntityDeclHandler = _forbid
     p.ExternalEntityRefHandler = _forbid_external
+    p.StartDoctypeDeclHandler = _doctype
+    p.SkippedEntityHandler = _skipped_entity
     p.buffer_text = True
 
     class _TooMany(Exception):
         pass
 
     def start(_name, attributes):
-        for v in attributes.values():
+        for k, v in attributes.items():
+            if v.strip() == XINCLUDE_NS and k.startswith("xmlns"):
+                raise _Forbidden("XInclude is not accepted")  # xi:include href=file:///... in the backend
             attrs.append(v.encode("utf-8"))
         if max_values is not None and len(attrs) > max_values:
             raise _TooMany
@@ -361,3 +457,52 @@ def xml_body(body: bytes, max_values: int | None = None) -> BodyResult:
     res.xml_text = [("".join(text)).encode("utf-8")]
     res.xml_attrs = attrs
     return res
+
+
+class UnsupportedEncoding(Exception):
+    """A Content-Encoding the WAF does not decode (br, zstd, compress, an unknown token)."""
+
+
+def content_encodings(values: list[str]) -> list[str]:
+    """The codings of Content-Encoding header fields in the order applied, identity dropped."""
+    out = []
+    for v in values:
+        for tok in v.split(","):
+            tok = tok.strip().lower()
+            if tok and tok != "identity":
+                out.append(tok)
+    return out
+
+
+def decode_content(body: bytes, codings: list[str], limit: int, complete: bool = True) -> tuple[bytes, bool]:
+    """(the body with its Content-Encoding undone, whether it went over ``limit`` bytes: the
+    output stops at limit + 1, so a decompression bomb costs no more than the limit). gzip,
+    x-gzip and deflate (zlib or raw) are decoded; any other coding raises UnsupportedEncoding, a
+    stream that does not decode (or ends early in a complete body) raises ValueError."""
+    for coding in codings:
+        if coding not in ("gzip", "x-gzip", "deflate"):
+            raise UnsupportedEncoding(coding)
+    for coding in reversed(codings):
+        if coding in ("gzip", "x-gzip"):
+            wbits = [16 + zlib.MAX_WBITS]
+        elif coding == "deflate":
+            wbits = [zlib.MAX_WBITS, -zlib.MAX_WBITS]  # zlib-wrapped, as RFC 9110 says; raw, as some clients send
+        else:
+            raise UnsupportedEncoding(coding)
+        for i, wb in enumerate(wbits):
+            d = zlib.decompressobj(wb)
+            try:
+                out = d.decompress(body, limit + 1)
+            except zlib.error as e:
+                if i + 1 < len(wbits):
+                    continue
+                raise ValueError(f"{coding}: {e}") from None
+            break
+        if len(out) > limit or d.unconsumed_tail:
+            return out[: limit + 1], True
+        if complete and not d.eof:
+            raise ValueError(f"{coding}: stream ends early")
+        if d.unused_data:
+            raise ValueError(f"{coding}: data after the end of the stream")
+        body = out
+    return body, False

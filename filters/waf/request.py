@@ -26,6 +26,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("portvakt.waf")
 
+# Content types parsed as JSON besides application/json (lower-cased): structured-syntax
+# "+json" types (RFC 6839) and text/json; newline-delimited JSON is parsed line by line.
+_JSON_FAMILY = re.compile(rb"^\s*(?:application/[!#$&^_.+\w-]+\+json|text/json)\s*(?:;|$)")
+_XML_FAMILY = re.compile(rb"^\s*application/[!#$&^_.+\w-]+\+xml\s*(?:;|$)")
+_NDJSON = re.compile(rb"^\s*application/(?:x-ndjson|ndjson|jsonl|x-jsonlines|jsonlines)\s*(?:;|$)")
+
 
 class RequestVariables:
     """The variables of one request. Not thread-safe; one per request."""
@@ -66,6 +72,7 @@ class RequestVariables:
         self.body = body
         self.body_processor = body_processor
         self.force_body_var = False
+        self.raw_body = False  # a body the Content-Type names no processor for (inspected as text)
         # The hostile-shape limits (limits.py): a limit reached sets limit_exceeded, and
         # process_request then runs no rule. With args_partial the first max_args arguments
         # are inspected and args_limit_exceeded is set instead.
@@ -145,14 +152,22 @@ class RequestVariables:
             proc = "URLENCODED"
         elif ct.startswith(b"multipart/form-data"):
             proc = "MULTIPART"
-        elif re.match(rb"^(?:application(?:/soap\+|/)|text/)xml", ct):
-            proc = "XML"  # modsecurity.conf-recommended rule 200000
-        elif re.match(rb"^application/json", ct):
-            proc = "JSON"  # modsecurity.conf-recommended rule 200001
+        elif re.match(rb"^(?:application(?:/soap\+|/)|text/)xml", ct) or _XML_FAMILY.match(ct):
+            proc = "XML"  # modsecurity.conf-recommended rule 200000, and application/*+xml
+        elif re.match(rb"^application/json", ct) or _JSON_FAMILY.match(ct) or _NDJSON.match(ct):
+            # modsecurity.conf-recommended rule 200001, and the types JSON frameworks bind as
+            # JSON (Spring, ASP.NET Core: application/*+json; text/json; ndjson line by line)
+            proc = "JSON"
         if self.body_processor is None:
             self.body_processor = proc
         if self.body_processor:
             s["REQBODY_PROCESSOR"] = self.body_processor.encode()
+        elif self.body:
+            self.raw_body = True
+            # A body no processor reads (text/plain, octet-stream, unknown or no Content-Type):
+            # an empty REQBODY_PROCESSOR (ModSecurity v2), so that "!@rx URLENCODED|..." rules (CRS
+            # 901340/901350, built-in 9100020) match and the body is inspected as raw text.
+            s["REQBODY_PROCESSOR"] = b""
         s["REQUEST_BODY"] = b""
         s["REQUEST_BODY_LENGTH"] = str(len(self.body)).encode()
         s["ARGS_COMBINED_SIZE"] = str(sum(len(k) + len(v) for k, v in args_get)).encode()
@@ -199,7 +214,7 @@ class RequestVariables:
             # URL-encoded into ARGS (as CRS 901350 does for unknown types), so a broken JSON or XML
             # document cannot hide a payload from the argument rules.
             s["REQUEST_BODY"] = body
-            if not res.args and proc in ("JSON", "XML"):
+            if not res.args and proc in ("JSON", "XML", "URLENCODED"):
                 res.args = bodies.parse_urlencoded(body)
         args = res.args
         if self.max_args and len(c["ARGS_GET"]) + len(args) > self.max_args:  # args_partial
@@ -227,9 +242,15 @@ class RequestVariables:
         room = None if (not lim.max_args or lim.args_partial) else max(0, lim.max_args - len(self.collections["ARGS_GET"]))
         try:
             if proc == "URLENCODED":
-                return bodies.urlencoded(body, room)
+                ct = self.headers_lower.get("content-type", b"").decode("latin-1")
+                charset = bodies.content_type_charset(ct)
+                if self.raw_body:  # a phase-1 ctl (CRS 901350, built-in 9100020) chose URLENCODED
+                    text = bodies.raw_text(body, charset)
+                    return bodies.urlencoded(text, room) if text is not None else bodies.BodyResult()
+                return bodies.urlencoded(body, room, charset)
             if proc == "JSON":
-                return bodies.json_body(body, lim.max_json_depth, lim.max_json_values, room)
+                lines = bool(_NDJSON.match(self.headers_lower.get("content-type", b"").lower()))
+                return bodies.json_body(body, lim.max_json_depth, lim.max_json_values, room, lines)
             if proc == "MULTIPART":
                 ct = self.headers_lower.get("content-type", b"").decode("latin-1")
                 res = bodies.multipart(body, ct, lim.max_multipart_parts)

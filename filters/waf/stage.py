@@ -36,6 +36,7 @@ from gateway.chain import ALLOW, POS_WAF, BuildEnv, Decision, Deny, Filter, Mode
 from gateway.context import WafResult
 from gateway.problems import Problem
 
+from filters.waf import bodies
 from filters.waf.engine import Outcome, Ruleset, Transaction, ValueCaches, VarSpec, WafLoadError, parse_targets
 from filters.waf.limits import REASONS as LIMIT_REASONS
 from filters.waf.limits import InspectionLimits
@@ -49,6 +50,8 @@ log = logging.getLogger("portvakt.waf")
 WAF_BLOCKED = problems.register("waf_blocked", 403, "Request blocked by the web application firewall")
 WAF_BODY_LIMIT = problems.register("waf_body_limit", 413, "Request body larger than the WAF inspects")
 WAF_BODY_UNPARSABLE = problems.register("waf_body_unparsable", 400, "Request body does not parse as its Content-Type")
+UNSUPPORTED_ENCODING = problems.register("unsupported_content_encoding", 415,
+                                         "Request body Content-Encoding that the WAF does not decode")
 LIMIT_PROBLEMS = {
     "too_many_args": problems.register("waf_too_many_args", 400, "Request has more arguments than the WAF inspects"),
     "too_many_headers": problems.register("waf_too_many_headers", 400,
@@ -247,6 +250,24 @@ class WafFilter(Filter):
                 ctx.audit["waf"] = {"reason": "body_over_inspection_limit", "limit": self.body_inspection_bytes}
                 return Deny(Problem(WAF_BODY_LIMIT, internal_reason="waf_body_over_limit"))
             body = body[: self.body_inspection_bytes]
+        codings = bodies.content_encodings(ctx.headers.getall("Content-Encoding", [])) if body else []
+        if codings:
+            # The body goes upstream as sent; the rules read it decoded (gzip, deflate), within
+            # the inspection limit. A coding the WAF cannot decode (br, zstd, ...) is never passed
+            # on uninspected, nor answered with the HTTP library's own text.
+            try:
+                body, over = bodies.decode_content(body, codings, self.body_inspection_bytes, complete=not truncated)
+            except bodies.UnsupportedEncoding:
+                ctx.audit["waf"] = {"reason": "unsupported_content_encoding"}
+                return Deny(Problem(UNSUPPORTED_ENCODING, internal_reason="waf_unsupported_content_encoding"))
+            except ValueError:
+                ctx.audit["waf"] = {"reason": "body_unparsable"}
+                return Deny(Problem(WAF_BODY_UNPARSABLE, internal_reason="waf_body_undecodable"))
+            if over:
+                if self.on_limit == "reject":
+                    ctx.audit["waf"] = {"reason": "body_over_inspection_limit", "limit": self.body_inspection_bytes}
+                    return Deny(Problem(WAF_BODY_LIMIT, internal_reason="waf_body_over_limit"))
+                body, truncated = body[: self.body_inspection_bytes], True
         req = ctx.request
         version = getattr(req, "version", None)
         protocol = f"HTTP/{version.major}.{version.minor}" if version is not None else "HTTP/1.1"

@@ -125,7 +125,8 @@ def shapes() -> list[Shape]:
         Shape("xml quadratic blowup", "waf_body_unparsable", _quadratic_blowup(), "application/xml"),
         Shape("xml external entity", "waf_body_unparsable",
               b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]><r>&x;</r>', "text/xml"),
-        Shape("xml external dtd", "inspected", b'<?xml version="1.0"?><!DOCTYPE r SYSTEM "http://127.0.0.1:9/x.dtd"><r>1</r>',
+        # an external DTD is refused (red team F03: out-of-band XXE through the backend's parser)
+        Shape("xml external dtd", "waf_body_unparsable", b'<?xml version="1.0"?><!DOCTYPE r SYSTEM "http://127.0.0.1:9/x.dtd"><r>1</r>',
               "application/xml"),
         Shape("xml unknown encoding", "waf_body_unparsable", _xml("x-portvakt-unknown"), "application/xml"),
         Shape("xml shift_jis undecodable bytes", "waf_body_unparsable",
