@@ -451,6 +451,9 @@ class Gateway:
             return refused
         persons = rt.persons
         if persons is not None and ctx.path.startswith(persons.prefix + "/"):
+            denied = await persons.guard(ctx)  # ingress (+ rate limit on login/callback) first
+            if denied is not None:
+                return self._deny(ctx, denied.problem)
             return await persons.serve(ctx, request)  # login endpoints: never proxied
         route = rt.match(ctx.host, ctx.raw_path)
         if route is None:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("portvakt.persons.endpoints")
 
 _BINDING_LEN = 43  # token_urlsafe(32)
+CROSS_SITE_REFUSED = problems.register("cross_site_refused", 403, "Cross-site request refused")
 
 
 def _no_store(resp: web.StreamResponse) -> web.StreamResponse:
@@ -98,6 +99,8 @@ async def serve(st: "PersonsStage", ctx: "RequestContext", request: Any) -> web.
         if sub == "/session" and m in ("GET", "HEAD"):
             return await session_info(st, ctx)
         if sub == "/session/refresh" and m == "POST":
+            if _same_origin(ctx) is False:  # another site cannot spend the person's refresh token
+                return _problem(ctx, Problem(CROSS_SITE_REFUSED, internal_reason="session_refresh_cross_site"))
             return await session_info(st, ctx, refresh=True)
         if sub == "/auth" and m in ("GET", "HEAD"):
             return await forward_auth(st, ctx)
@@ -162,8 +165,10 @@ async def login(st: "PersonsStage", ctx: "RequestContext") -> web.StreamResponse
         return _done(ctx, resp, "deny", "too_many_open_logins")
     cookies: list[str] = []
     existing = None
-    if prompt == "login":
-        # Forced re-authentication: the local session goes first (as wonderwall does).
+    if prompt == "login" and ctx.headers.get("Sec-Fetch-Site") not in ("cross-site", "same-site"):
+        # Forced re-authentication: the local session goes first (as wonderwall does). Not when
+        # another site sent the browser here (a cross-site link would be a logout by GET); the
+        # callback replaces the session anyway.
         s = await st.sessions.load(ctx.headers, touch=False)
         if s is not None:
             await st.sessions.end(s)
