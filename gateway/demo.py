@@ -213,7 +213,7 @@ async def _run(config: Path, certs: Path) -> int:
         print("  " + example_call(config, certs) + "\n", flush=True)
         if person_url:
             print(f"  log in as a person: open {person_url} in a browser (accept the dev certificate),", flush=True)
-            print("  pick a level at the dev ID-porten, see what the upstream receives; log out at /portvakt/logout\n",
+            print("  pick a level at the dev ID-porten, see what the upstream receives; log out at /portvakt/logout (button)\n",
                   flush=True)
             base = person_url.split("/", 3)
             base = "/".join(base[:3])

@@ -10,6 +10,7 @@ Files written into one directory (``portvakt dev-certs DIR``; ``make run`` uses 
 ``client-<org>-seid1.pem`` (+ ``-key.pem``)  SEID 1: ``serialNumber=<org>``
 ``issuer-key.pem``             RSA private key of the dev token issuer (``portvakt dev-token``)
 ``issuer-jwks.json``           its public key as a JWKS (``{"keys": [{"kid": ...}]}``)
+``persons-client-key.pem``     RSA key of the demo's persons login client (``private_key_jwt``)
 =============================  ================================================================
 
 Private keys are written with mode 0600. Generation is idempotent: files already present are kept
@@ -50,6 +51,7 @@ KNOWN_ORG_NAMES = {
 CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
 SERVER_CERT, SERVER_KEY = "server.pem", "server-key.pem"
 ISSUER_KEY, ISSUER_JWKS = "issuer-key.pem", "issuer-jwks.json"
+PERSONS_CLIENT_KEY = "persons-client-key.pem"  # the demo's private_key_jwt key (config/demo.yaml persons:)
 CRL_FILE = "crl.pem"
 
 _CA_DAYS = 3650
@@ -399,6 +401,13 @@ def generate(
         jwks = {"keys": [rsa_public_jwk(ikey.public_key())]}
         _write_public(pki.issuer_jwks, (json.dumps(jwks, indent=2) + "\n").encode())
         written += [pki.issuer_key, pki.issuer_jwks]
+
+    # The demo gateway's private_key_jwt key at the dev ID-porten (config/demo.yaml `persons:`),
+    # so `portvakt check-config config/demo.yaml` passes before the first `make run`.
+    pkey_path = pki.dir / PERSONS_CLIENT_KEY
+    if force or not pkey_path.exists():
+        _write_private(pkey_path, rsa.generate_private_key(public_exponent=65537, key_size=2048))
+        written.append(pkey_path)
     return pki, written
 
 

@@ -260,4 +260,5 @@ def _attach_persons(stages: list[Stage], components: dict[str, Any]) -> Any:
     persons = next((s for s in stages if s.name == "persons"), None)
     if persons is not None:
         persons.attach_audit(components.get("audit"))  # type: ignore[attr-defined]
+        persons.attach_endpoint_filters(stages)  # type: ignore[attr-defined]
     return persons

@@ -456,6 +456,9 @@ class Gateway:
             return refused
         persons = rt.persons
         if persons is not None and ctx.path.startswith(persons.prefix + "/"):
+            denied = await persons.guard(ctx)  # ingress (+ rate limit on login/callback) first
+            if denied is not None:
+                return self._deny(ctx, denied.problem)
             deleg = rt.delegation
             if deleg is not None and deleg.owns(ctx.path):
                 return await deleg.serve(ctx, request, persons)  # parties, admin API: never proxied

@@ -88,7 +88,8 @@ class CookieStripFilter(Filter):
 
     async def check(self, ctx: RequestContext) -> Decision:
         values = ctx.headers.getall("Cookie", ())
-        if values and any("portvakt" in v for v in values):
+        # Any configured cookie name (``cookie_name`` need not contain "portvakt").
+        if values and any("portvakt" in v or any(n in v for n in self.names) for v in values):
             kept = strip_cookies(values, self._ours)
             hdrs = ctx.upstream_headers if ctx.upstream_headers is not None else {}
             hdrs["Cookie"] = kept
@@ -137,6 +138,9 @@ class PersonFilter(Filter):
         hdrs = ctx.upstream_headers if ctx.upstream_headers is not None else {}
         hdrs["Authorization"] = f"Bearer {d['access_token']}" if self.policy.forward_access_token and d.get("access_token") else None
         ctx.upstream_headers = hdrs
+        # A page made for this person: never kept by a shared cache nor reused from disk for the
+        # next person at the same browser (the upstream's own Cache-Control is overridden).
+        ctx.response_headers["Cache-Control"] = "no-store"
         ctx.audit["persons"] = {"session": ctx.person.session}
         return ALLOW
 
@@ -173,6 +177,8 @@ class PersonsStage(Stage):
         self.locales = frozenset(cfg.ui_locales)
         self._route_filters: dict[str, PersonFilter] = {}
         self._retries: set[Any] = set()
+        self.endpoint_filters: tuple[Filter, ...] = ()
+        self.login_filters: tuple[Filter, ...] = ()
 
     def retry_frontchannel(self, iss: str, sid: str, request_id: str) -> None:
         """End (iss, sid)'s sessions once the store is back: every 2 s, for at most 10 minutes."""
@@ -198,6 +204,31 @@ class PersonsStage(Stage):
             t = asyncio.get_running_loop().create_task(run())
             self._retries.add(t)
             t.add_done_callback(self._retries.discard)
+
+    def attach_endpoint_filters(self, stages: list[Stage]) -> None:
+        """The endpoints run before routing, so they get their own small chains: the ingress
+        stage's checks (CIDRs, hosts, methods, sizes) on every endpoint, plus the rate limit
+        (``persons.rate_limits``, per client IP by default) on login start and callback."""
+        from gateway.config import MatchConfig, RouteConfig
+
+        def route(name: str, rules: list[Any]) -> "RouteConfig":
+            return RouteConfig(name=name, upstream="-", rate_limits=rules,
+                               match=MatchConfig(path_prefix=self.prefix + "/", methods=["GET", "HEAD", "POST", "DELETE"]))
+
+        def chain(rc: "RouteConfig", names: tuple[str, ...]) -> tuple[Filter, ...]:
+            out = [f for s in stages if s.name in names for f in s.filters_for_route(rc) if f.mode.value != "off"]
+            return tuple(sorted(out, key=lambda f: f.position))
+
+        self.endpoint_filters = chain(route("portvakt", []), ("ingress",))
+        self.login_filters = chain(route("portvakt-login", list(self.cfg.rate_limits)), ("ingress", "rate_limit"))
+
+    async def guard(self, ctx: RequestContext) -> Any:
+        """The endpoints' chain: a ``Deny`` (the server renders it, audited once) or None."""
+        from gateway.chain import run_chain
+
+        sub = ctx.path[len(self.prefix):]
+        filters = self.login_filters if sub in ("/login", "/callback") else self.endpoint_filters
+        return await run_chain(filters, ctx) if filters else None
 
     def attach_audit(self, audit: Any) -> None:
         self._audit = audit

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from filters.ratelimit import RateLimitRule
 from filters.tokens import ACR_RANKS
 from gateway.configbase import Model
 
@@ -124,6 +125,12 @@ class PersonsConfig(Model):
     ui_locales: list[str] = Field(default_factory=lambda: list(LOCALES), description="ui_locales a ?locale= may ask for")
     allowed_redirect_hosts: list[str] = Field(default_factory=list, description="Absolute redirect targets allowed besides relative paths")
     after_logout_path: str = Field("/", description="Where the browser lands after logout")
+    rate_limits: list[RateLimitRule] = Field(
+        default_factory=lambda: [RateLimitRule(per="client_ip", limit=300, period_seconds=60, stage="pre_auth",
+                                               name="persons_login")],
+        description="Rate limits of login start and callback (one budget for both; through rate_limit:'s "
+        "backend); [] turns them off. The other login endpoints pass ingress only",
+    )
     revoke_on_logout: Literal["auto", "always", "never"] = Field(
         "auto", description="auto: revoke the refresh token when scopes go beyond openid profile"
     )

@@ -4,7 +4,10 @@
 ``GET  <p>/login``                 start a login: ``redirect`` (relative), ``level`` (acr),
                                    ``locale`` (ui_locales, allow-listed), ``prompt=login``
 ``GET  <p>/callback``              the OP's answer: state, RFC 9207 iss, code -> session
-``GET|POST <p>/logout``            end the local session, then RP-initiated logout (POST form)
+``GET  <p>/logout``                a confirmation page with a POST form (no state change)
+``POST <p>/logout``                end the local session, then RP-initiated logout (POST form);
+                                   same-origin only (``Sec-Fetch-Site``/``Origin``) or the
+                                   session's CSRF token from the confirmation page
 ``GET  <p>/logout/callback``       back from the OP: state checked, then ``after_logout_path``
 ``GET  <p>/logout/frontchannel``   the OP ends a session: ``iss`` + ``sid``, no cookie needed
 ``GET  <p>/session``               the session's times and level for a single-page app
@@ -44,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("portvakt.persons.endpoints")
 
 _BINDING_LEN = 43  # token_urlsafe(32)
+CROSS_SITE_REFUSED = problems.register("cross_site_refused", 403, "Cross-site request refused")
 
 
 def _no_store(resp: web.StreamResponse) -> web.StreamResponse:
@@ -84,7 +88,9 @@ async def serve(st: "PersonsStage", ctx: "RequestContext", request: Any) -> web.
             return await login(st, ctx)
         if sub == "/callback" and m in ("GET", "HEAD"):
             return await callback(st, ctx)
-        if sub == "/logout" and m in ("GET", "POST"):
+        if sub == "/logout" and m in ("GET", "HEAD"):
+            return await logout_confirm(st, ctx)
+        if sub == "/logout" and m == "POST":
             return await logout(st, ctx)
         if sub == "/logout/callback" and m in ("GET", "HEAD"):
             return await logout_callback(st, ctx)
@@ -93,6 +99,8 @@ async def serve(st: "PersonsStage", ctx: "RequestContext", request: Any) -> web.
         if sub == "/session" and m in ("GET", "HEAD"):
             return await session_info(st, ctx)
         if sub == "/session/refresh" and m == "POST":
+            if _same_origin(ctx) is False:  # another site cannot spend the person's refresh token
+                return _problem(ctx, Problem(CROSS_SITE_REFUSED, internal_reason="session_refresh_cross_site"))
             return await session_info(st, ctx, refresh=True)
         if sub == "/auth" and m in ("GET", "HEAD"):
             return await forward_auth(st, ctx)
@@ -157,8 +165,10 @@ async def login(st: "PersonsStage", ctx: "RequestContext") -> web.StreamResponse
         return _done(ctx, resp, "deny", "too_many_open_logins")
     cookies: list[str] = []
     existing = None
-    if prompt == "login":
-        # Forced re-authentication: the local session goes first (as wonderwall does).
+    if prompt == "login" and ctx.headers.get("Sec-Fetch-Site") not in ("cross-site", "same-site"):
+        # Forced re-authentication: the local session goes first (as wonderwall does). Not when
+        # another site sent the browser here (a cross-site link would be a logout by GET); the
+        # callback replaces the session anyway.
         s = await st.sessions.load(ctx.headers, touch=False)
         if s is not None:
             await st.sessions.end(s)
@@ -297,10 +307,64 @@ async def callback(st: "PersonsStage", ctx: "RequestContext") -> web.StreamRespo
 # -------------------------------------------------------------------------------------- logout
 
 
+def logout_csrf_token(session_id: str) -> str:
+    """The per-session token of the logout form (the session id itself never leaves the server)."""
+    return hashlib.sha256(b"portvakt-logout-csrf|" + session_id.encode()).hexdigest()
+
+
+def _same_origin(ctx: "RequestContext") -> bool | None:
+    """True/False when the browser says where the request comes from, None when it says nothing."""
+    sfs = ctx.headers.get("Sec-Fetch-Site")
+    if sfs is not None:
+        return sfs in ("same-origin", "none")
+    origin = ctx.headers.get("Origin")
+    if origin is not None:
+        return origin.lower() == f"{ctx.scheme}://{ctx.host}"
+    return None
+
+
+async def logout_confirm(st: "PersonsStage", ctx: "RequestContext", status: int = 200,
+                         reason: str | None = None) -> web.StreamResponse:
+    """GET: a page with the logout button (a POST form); nothing is ended by a GET."""
+    s = await st.sessions.load(ctx.headers, touch=False)
+    token = logout_csrf_token(s.id) if s is not None else ""
+    try:  # the POST may redirect to the OP (end_session_method get): form-action must allow it
+        end = (await st.provider.ensure_metadata()).get("end_session_endpoint")
+    except ProviderUnavailable:
+        end = None
+    u = urlsplit(end) if isinstance(end, str) else None
+    resp = pages.logout_confirm_page(f"{st.prefix}/logout", token, status,
+                                     f"{u.scheme}://{u.netloc}" if u is not None and u.netloc else None)
+    return _done(ctx, resp, "allow" if status < 400 else "deny", reason or "logout_confirm")
+
+
+async def _form_token(ctx: "RequestContext") -> str | None:
+    ctype = ctx.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        return None
+    try:
+        body = await ctx.request.read()
+    except Exception:  # noqa: BLE001 - an unreadable body is just no token
+        return None
+    if len(body) > 4096:
+        return None
+    from urllib.parse import parse_qs
+
+    vals = parse_qs(body.decode("latin-1"), max_num_fields=8).get("csrf")
+    return vals[0] if vals and len(vals) == 1 else None
+
+
 async def logout(st: "PersonsStage", ctx: "RequestContext") -> web.StreamResponse:
     cfg = st.cfg
     pfx = cfg.store.key_prefix
     s = await st.sessions.load(ctx.headers, touch=False)
+    # Logout CSRF: a cross-site page must not end the person's session (nor, through the OP, SSO).
+    # Allowed: the browser says same-origin, or the form carries this session's token.
+    same = _same_origin(ctx)
+    token = await _form_token(ctx)
+    token_ok = s is not None and token is not None and secrets.compare_digest(token, logout_csrf_token(s.id))
+    if same is False or (same is None and not token_ok):
+        return await logout_confirm(st, ctx, 403, "logout_csrf_refused")
     id_token = None
     if s is not None:
         id_token = s.data.get("id_token")

@@ -89,8 +89,16 @@ class Provider:
             from cryptography.hazmat.primitives import serialization
             from cryptography.hazmat.primitives.asymmetric import rsa
 
-            with open(resolve(cfg.client_key_file), "rb") as f:
-                key = serialization.load_pem_private_key(f.read(), password=None)
+            path = resolve(cfg.client_key_file)
+            try:
+                with open(path, "rb") as f:
+                    pem = f.read()
+            except OSError as e:
+                raise ValueError(
+                    f"persons.provider.client_key_file: cannot read {path}: {e.strerror or e}"
+                    " (the demo's key is made by `make dev-certs`, i.e. `portvakt dev-certs certs/dev`)"
+                ) from None
+            key = serialization.load_pem_private_key(pem, password=None)
             if not isinstance(key, rsa.RSAPrivateKey) or key.key_size < 2048:
                 raise ValueError("persons.provider.client_key_file: must be an RSA key of 2048 bits or more")
             from joserfc.jwk import RSAKey

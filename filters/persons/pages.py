@@ -49,3 +49,15 @@ def post_form_page(action: str, fields: dict[str, str], origin: str) -> web.Resp
         f'<script nonce="{nonce}">document.getElementById("f").submit()</script>'
     )
     return _page("Logger ut", body, 200, nonce=nonce, form_action=origin)
+
+
+def logout_confirm_page(action: str, csrf: str, status: int = 200, op_origin: str | None = None) -> web.Response:
+    """The answer to ``GET <prefix>/logout``: a button that POSTs the logout (with the session's
+    CSRF token); a GET never ends anything (a cross-site ``<img src>`` cannot log a person out)."""
+    body = (
+        "<h1>Logg ut / Log out</h1>"
+        f'<form id="logout" method="post" action="{html.escape(action)}">'
+        f'<input type="hidden" name="csrf" value="{html.escape(csrf)}">'
+        '<button id="logout-confirm" type="submit">Logg ut / Log out</button></form>'
+    )
+    return _page("Logg ut", body, status, form_action="'self'" + (f" {op_origin}" if op_origin else ""))

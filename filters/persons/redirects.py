@@ -18,12 +18,21 @@ def _safe_path(p: str) -> bool:
         return False
     # Decoded forms that a browser or upstream might resolve to another origin.
     d = p
-    for _ in range(3):
+    for _ in range(4):
         nd = unquote(d)
         if nd == d:
             break
         d = nd
+    else:
+        return False  # still encoded after 3 rounds: nobody's real path
     if d.startswith("//") or d.startswith("/\\") or any(c in _BAD_CHARS or ord(c) < 0x20 for c in d):
+        return False
+    # Dot segments and empty segments in the path (``/a/../..//evil`` resolves to ``//evil``):
+    # a canonical path has neither, so a target with them is not one the gateway sent.
+    path = p.split("?", 1)[0].split("#", 1)[0]
+    for _ in range(4):
+        path = unquote(path)
+    if "//" in path or any(seg in (".", "..") for seg in path.split("/")):
         return False
     u = urlsplit(p)
     return not u.scheme and not u.netloc

@@ -507,9 +507,12 @@ def build_stage(env: BuildEnv) -> RateLimitStage | None:
     if cfg.mode is Mode.off:
         return None
     routes = [r for r in env.config.routes if r.rate_limits]
-    if not routes:
+    persons = getattr(env.config, "persons", None)  # its login endpoints' own rules (filters.persons)
+    extra = list(persons.rate_limits) if persons is not None and persons.enabled else []
+    if not routes and not extra:
         return None
     pseudonymous = any(rule.per in ("person", "client_ip") for r in routes for rule in r.rate_limits)
+    pseudonymous = pseudonymous or any(rule.per in ("person", "client_ip") for rule in extra)
     if cfg.pseudonym_key is not None:
         key = hmac.digest(b"portvakt-rate-limit", cfg.pseudonym_key.encode(), "sha256")
     elif cfg.backend == "memory" or not pseudonymous:

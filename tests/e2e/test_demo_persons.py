@@ -61,6 +61,7 @@ async def test_demo_person_logs_in_with_a_browser(chromium):
         await page.wait_for_url(url + "hoy/")
         assert json.loads(await page.inner_text("body"))["headers"]["X-Portvakt-Acr"] == "idporten-loa-high"
         await page.goto("https://127.0.0.1:8443/portvakt/logout")
+        await page.click("#logout-confirm")
         await page.wait_for_url("https://127.0.0.1:8443/")
     finally:
         proc.send_signal(signal.SIGINT)

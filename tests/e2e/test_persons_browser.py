@@ -104,6 +104,7 @@ async def test_rp_logout_then_login_required_and_client_b_gone(persons_env, chro
     posted = []
     page.on("request", lambda req: posted.append(req) if req.url.startswith(env.op.login_base + "/logout") else None)
     await page.goto(env.url + "/portvakt/logout")
+    await page.click("#logout-confirm")
     await page.wait_for_url(env.url + "/")
     assert posted and posted[0].method == "POST"
     form = parse_qs(posted[0].post_data)

@@ -84,6 +84,7 @@ async def test_refresh_and_rp_logout_with_oidc_provider(start_gateway, upstream,
     assert (await op.counters())["refresh"] >= 1 and len(tokens) >= 2
     # RP-initiated logout: the OP asks for confirmation, then sends the browser back with state.
     await page.goto(gw.url + "/portvakt/logout")
+    await page.click("#logout-confirm")
     await page.wait_for_url(op.issuer + "/**")
     try:
         await page.click("#logout-yes")

@@ -214,7 +214,7 @@ async def test_redis_outage_gives_503_on_session_routes_never_anonymous(persons_
 
 
 async def test_open_redirect_corpus_always_lands_on_a_same_origin_path(persons_env):
-    env = await persons_env(login_loop_limit=100000, max_open_attempts=100)
+    env = await persons_env(login_loop_limit=100000, max_open_attempts=100, rate_limits=[])
     lines = [ln.rstrip("\n") for ln in CORPUS.read_text(encoding="utf-8", errors="replace").splitlines()]
     assert len(lines) >= 550
     b = HttpBrowser(env.gw)

@@ -168,3 +168,21 @@ def test_shipped_example_passes_its_own_check_without_etc_portvakt(tmp_path):
     assert "/etc/portvakt/" not in "".join(
         line.split("#", 1)[0] for line in (ROOT / "config" / "example.yaml").read_text().splitlines()
     )
+
+
+def test_demo_config_checks_cleanly_after_make_dev_certs_on_a_fresh_checkout(tmp_path):
+    """A fresh checkout (no certs/dev yet): `make dev-certs` (gateway.devca certs/dev) then
+    `portvakt check-config config/demo.yaml` passes; before it, the error names the command."""
+    (tmp_path / "config").mkdir()
+    demo = tmp_path / "config" / "demo.yaml"
+    demo.write_text((ROOT / "config" / "demo.yaml").read_text())
+    before = run("check-config", str(demo))
+    assert before.returncode == 1
+    assert "persons.provider.client_key_file: cannot read" in before.stdout + before.stderr
+    assert "make dev-certs" in before.stdout + before.stderr
+    subprocess.run([sys.executable, "-m", "gateway.devca", str(tmp_path / "certs" / "dev")], check=True,
+                   cwd=str(ROOT), capture_output=True, timeout=120)
+    key = tmp_path / "certs" / "dev" / "persons-client-key.pem"
+    assert key.exists() and (key.stat().st_mode & 0o077) == 0
+    after = run("check-config", str(demo))
+    assert after.returncode == 0, after.stdout + after.stderr
