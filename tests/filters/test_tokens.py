@@ -437,16 +437,16 @@ async def test_cached_token_expires(stage, issuer, monkeypatch):
 
 @pytest.mark.parametrize(
     "claims",
-    [
-        {"exp": int(time.time()) + 10**10},  # the red team's absurd lifetime
-        {"exp": 1e308},
-        {"exp": int(time.time()) + 3600 + 5 + 30, "iat": None},  # no iat: exp - now beyond bound + leeway
-        {"iat": int(time.time()) - 3500, "exp": int(time.time()) + 200},  # backdated iat: exp - iat 3700
+    [  # functions of now: computed when the test runs, not at collection (a slow suite would age them)
+        lambda now: {"exp": now + 10**10},  # the red team's absurd lifetime
+        lambda now: {"exp": 1e308},
+        lambda now: {"exp": now + 3600 + 5 + 30, "iat": None},  # no iat: exp - now beyond bound + leeway
+        lambda now: {"iat": now - 3500, "exp": now + 200},  # backdated iat: exp - iat 3700
     ],
     ids=["1e10s", "1e308", "no-iat", "backdated-iat"],
 )
 async def test_tokens_living_longer_than_the_bound_are_refused(stage, issuer, claims):
-    d, ctx = await run(stage, issuer.mint(claims=claims))
+    d, ctx = await run(stage, issuer.mint(claims=claims(int(time.time()))))
     denied(d, ctx, "token_lifetime_too_long")
     assert stage.cache_size == 0
 
