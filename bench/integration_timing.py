@@ -48,7 +48,7 @@ integrations:
   - {{id: "{COSTLY_ID}", password_hash: "{costly}", authorized_org: "{ORG}"}}
 integrations_policy:
   failure_cache_seconds: 0
-  brute_force: {{max_failures: 1000000, free_failures: 1000000, ip_max_failures: 1000000, id_max_failures: 1000000}}
+  brute_force: {{max_failures: 1000000, free_failures: 1000000, ip_free_failures: 1000000, ip_max_failures: 1000000, id_max_failures: 1000000}}
 """
     return parse_config(doc)
 
@@ -75,7 +75,7 @@ async def main(n: int) -> None:
     stage.tracker.cfg = cfg.integrations_policy.brute_force
 
     kinds = {
-        "unknown id": lambda i: ctx(UNKNOWN_ID, f"p{i}"),
+        "unknown id (no argon2, padded by a sleep)": lambda i: ctx(UNKNOWN_ID, f"p{i}"),
         "wrong password, cheap hash (t=2 m=19456 p=1)": lambda i: ctx(CHEAP_ID, f"p{i}"),
         "wrong password, costly hash (t=3 m=65536 p=4)": lambda i: ctx(COSTLY_ID, f"p{i}"),
         "locked out": lambda i: ctx(LOCKED_ID, f"p{i}", "198.51.100.9"),

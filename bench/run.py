@@ -194,7 +194,7 @@ def prepare_pki(work: Path) -> Path:
     return d
 
 
-def mint_token(pki: Path, ttl: int = 7200) -> str:
+def mint_token(pki: Path, ttl: int = 3600) -> str:  # issuers refuse > 3600 s by default
     """A Maskinporten-shaped access token signed by the dev issuer key (RS256, kid from the JWKS)."""
     import jwt
 

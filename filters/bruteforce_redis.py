@@ -2,7 +2,7 @@
 (``integrations_policy.brute_force.redis_url``), shared by every worker and host.
 
 The same leaky-bucket accounting as ``filters.integrations.FailureTracker`` (per (id, IP), per IP,
-per id; delays after ``free_failures``; lockouts), run atomically by one Lua script per call on the
+per id; delays after ``free_failures`` per pair and ``ip_free_failures`` per IP; lockouts), run atomically by one Lua script per call on the
 Redis server's clock, so processes on hosts with skewed clocks agree. An attempt is *admitted and
 counted in the same script call* (``admit``); a success takes the count back (``refund``). Two
 processes, or two workers, can therefore never both admit the guess that crosses a threshold:
@@ -44,6 +44,7 @@ local decay = tonumber(ARGV[7])
 local goodms = tonumber(ARGV[8])
 local admitted = tonumber(ARGV[9])
 local ttl = tonumber(ARGV[10])
+local ipfree = tonumber(ARGV[11])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -82,6 +83,8 @@ local function count()
   if is >= ipmax then
     ib = now + lockout
     locks = locks + 2
+  elseif is > ipfree then
+    ib = math.max(ib, now + math.min(lockout, (2 ^ (is - ipfree - 1)) * 1000))
   end
   save(KEYS[2], is, iu, ib)
   local ds, du, db = load(KEYS[3])
@@ -113,7 +116,8 @@ if mode == 'refund' then
     local s, u, b = load(KEYS[i])
     if s > 0 then
       s = s - 1
-      if s < limits[i - 1] and b >= admitted + lockout then b = 0 end
+      if s < limits[i - 1] and b >= admitted + lockout then b = 0
+      elseif i == 2 and s <= ipfree and b < admitted + lockout then b = 0 end
       save(KEYS[i], s, u, b)
     end
   end
@@ -200,7 +204,8 @@ class RedisFailureStore:
         try:
             async with asyncio.timeout(self.timeout):
                 out = await self._script(
-                    keys=self._keys(iid, ip), args=[mode, *self._static, f"{admitted_at:.0f}", self._ttl]
+                    keys=self._keys(iid, ip),
+                    args=[mode, *self._static, f"{admitted_at:.0f}", self._ttl, str(self.cfg.ip_free_failures)],
                 )
         except Exception as e:  # noqa: BLE001 - any failure: the in-process fallback decides
             self._down(e)

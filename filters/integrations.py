@@ -10,10 +10,15 @@ goes to ``internal_reason`` (audit, log, metrics).
 argon2id costs ~100-150 ms of CPU at default parameters, so it never runs on the event loop and
 never twice for the same credential: a success is remembered per integration (keyed digest of the
 password, process-random HMAC key) until that integration's hash changes; a failure is remembered
-briefly; concurrent first attempts share one verification (single flight). Unknown ids are
-verified against a dummy hash so the answer takes as long as a wrong password.
+briefly; concurrent first attempts share one verification (single flight). Unknown ids run no
+argon2 at all: their 401 is padded by a sleep (no CPU) to the calibrated cost of the costliest
+configured hash, measured once at load, so the answer takes as long as a wrong password's. At most
+``max_concurrent_verifications`` argon2 runs at once, and at most
+``max_concurrent_verifications_per_address`` of them for one client address (further ones from that
+address wait for its slot), so one address cannot take the verification capacity from the others.
 
-Brute force: failures are counted per (integration id, client IP) and per client IP strictly, and
+Brute force: failures are counted per (integration id, client IP) and per client IP strictly (every
+id alike, unknown ids included: an address spraying ids backs off after ``ip_free_failures``), and
 per integration id loosely (a higher threshold, and never against an (id, IP) pair that
 authenticated recently), so an attacker cannot lock the real integration out of its own address.
 Counts drain over time (leaky bucket); repeated failures first space attempts out (exponential
@@ -23,6 +28,7 @@ delays) and then refuse them for ``lockout_seconds`` (429 with ``Retry-After``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import hmac
 import logging
@@ -34,6 +40,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import argon2
@@ -123,6 +130,10 @@ class BruteForceConfig(Model):
     enabled: bool = Field(True, description="Count failed integration logins and refuse repeated ones")
     free_failures: int = Field(3, ge=0, description="Failures per (id, client IP) answered without any delay")
     max_failures: int = Field(10, ge=1, description="Failures per (id, client IP) that lock that pair out")
+    ip_free_failures: int = Field(
+        10, ge=0, description="Failures from one client IP (any id, unknown ids too) answered without delay; "
+        "each further one makes that IP wait 1 s, 2 s, 4 s ... (429 meanwhile) until ip_max_failures locks it",
+    )
     ip_max_failures: int = Field(30, ge=1, description="Failures from one client IP (any id) that lock the IP out")
     id_max_failures: int = Field(
         100,
@@ -163,6 +174,10 @@ class IntegrationsPolicyConfig(Model):
     max_concurrent_verifications: int = Field(
         0, ge=0, description="argon2 threads (0: the number of CPUs); further verifications queue"
     )
+    max_concurrent_verifications_per_address: int = Field(
+        1, ge=1, description="argon2 verifications one client address may have running or queued in the "
+        "pool at once; its further attempts wait for its own slot (unknown ids never take one)",
+    )
     password_hash_floor: Literal["owasp", "none"] = Field(
         "owasp",
         description="owasp: refuse argon2id hashes cheaper than OWASP's minimum (memory KiB per time cost: t=1 "
@@ -189,19 +204,21 @@ INTEGRATION_ID_MALFORMED = "integration_id_malformed"
 
 ARGON2_RUNS = Counter(
     "portvakt_argon2_verifications_total",
-    "argon2id verifications actually run, by result (match, mismatch, dummy for unknown ids)",
+    "argon2id verifications actually run, by result (match, mismatch; unknown ids run none)",
     ["result"],
     registry=REGISTRY,
 )
 CREDENTIAL_CACHE = Counter(
     "portvakt_integration_credential_cache_total",
-    "Integration password checks answered from memory (hit, negative_hit) or by argon2 (miss)",
+    "Integration password checks answered from memory (hit, negative_hit), by argon2 (miss) or without "
+    "argon2 for an unknown id (unknown: a padded sleep)",
     ["result"],
     registry=REGISTRY,
 )
 _CACHE_HIT = CREDENTIAL_CACHE.labels("hit")
 _CACHE_NEGATIVE_HIT = CREDENTIAL_CACHE.labels("negative_hit")
 _CACHE_MISS = CREDENTIAL_CACHE.labels("miss")
+_CACHE_UNKNOWN = CREDENTIAL_CACHE.labels("unknown")
 LOCKOUTS = Counter(
     "portvakt_integration_lockouts_total",
     "Brute-force lockouts started, by scope (pair, ip, id)",
@@ -327,6 +344,10 @@ class FailureTracker:
         if ipc.score >= cfg.ip_max_failures:
             ipc.blocked_until = now + cfg.lockout_seconds
             locks |= LOCK_IP
+        elif ipc.score > cfg.ip_free_failures:
+            # An address spraying ids (or guessing for many) is spaced out like a pair.
+            delay = min(cfg.lockout_seconds, 2.0 ** (ipc.score - cfg.ip_free_failures - 1))
+            ipc.blocked_until = max(ipc.blocked_until, now + delay)
         idc = self._get(self.ids, iid, now)
         idc.score += 1
         if idc.score >= cfg.id_max_failures:
@@ -359,6 +380,9 @@ class FailureTracker:
                 c.score -= 1
                 if c.score < limit and c.blocked_until >= admitted_at + cfg.lockout_seconds:
                     c.blocked_until = 0.0
+                elif (table is self.ips and c.score <= cfg.ip_free_failures
+                      and c.blocked_until < admitted_at + cfg.lockout_seconds):
+                    c.blocked_until = 0.0  # a back-off delay the address no longer earns
         self.success(iid, ip, now)
 
     def success(self, iid: str, ip: Any, now: float) -> None:
@@ -461,7 +485,8 @@ class IntegrationsStage(Stage):
             except ValueError as e:  # redis-py's URL parsing: names no field, never echoes the URL
                 raise ValueError(f"integrations_policy.brute_force.redis_url: {e}") from None
         # Every failure answers after about one argon2 run at the costliest configured parameters
-        # (the dummy hash has them): seconds, an estimate kept as a moving average of such runs.
+        # (calibrated once at load by hashing at them, then a moving average of real verifications
+        # at them): seconds. Unknown ids sleep this long instead of computing anything.
         self.failure_seconds = 0.0
         self.good_seen: dict[tuple[str, Any], float] = {}  # (id, IP) -> when the store last heard of it
         self.admissions: dict[tuple[str, bytes, Any], asyncio.Future[Admission]] = {}  # guesses in flight
@@ -473,6 +498,8 @@ class IntegrationsStage(Stage):
         self._bad_max = 10_000
         self._inflight: dict[tuple[str, bytes], asyncio.Future[bool]] = {}
         self._workers = policy.max_concurrent_verifications or (os.cpu_count() or 2)
+        # client address -> [its semaphore, holders + waiters]: argon2 capacity per address.
+        self._address_slots: dict[Any, list[Any]] = {}
         self._dummy_params = self._common_params()
         self._filter = IntegrationsFilter(self, policy.mode)
 
@@ -494,6 +521,23 @@ class IntegrationsStage(Stage):
 
     async def close(self) -> None:
         await self.store.close()
+
+    @contextlib.asynccontextmanager
+    async def address_slot(self, ip: Any) -> AsyncIterator[None]:
+        """Hold one of ``ip``'s ``max_concurrent_verifications_per_address`` verification slots."""
+        entry = self._address_slots.get(ip)
+        if entry is None:
+            entry = self._address_slots[ip] = [
+                asyncio.Semaphore(self.policy.max_concurrent_verifications_per_address), 0,
+            ]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self._address_slots.pop(ip, None)
 
     def _observe_max_cost(self, seconds: float) -> None:
         prev = self.failure_seconds
@@ -541,6 +585,8 @@ class IntegrationsStage(Stage):
         return max(params, key=lambda k: (k[0] * k[1], k[2]))
 
     async def _dummy_hash(self) -> str:
+        """Hash a random password at the costliest parameters once per process and parameter set:
+        the calibration of ``failure_seconds`` (the hash itself is no longer verified against)."""
         h = _dummy_hashes.get(self._dummy_params)
         if h is None:
             t, m, p = self._dummy_params
@@ -575,8 +621,12 @@ class IntegrationsStage(Stage):
 
     async def password_ok(self, iid: str, password: str) -> bool:
         """Whether ``password`` is the password of integration ``iid`` (False for unknown ids,
-        after the same work as a wrong password). argon2 runs at most once per (id, password)
-        while the answer is remembered; concurrent callers share one run."""
+        answered at once without argon2: the caller pads every failure with ``pad_failure``).
+        argon2 runs at most once per (id, password) while the answer is remembered; concurrent
+        callers share one run."""
+        if iid not in self.integrations:
+            _CACHE_UNKNOWN.inc()
+            return False
         digest = self._digest(iid, password)
         good = self._good.get(iid)
         if good is not None and hmac.compare_digest(good, digest):
@@ -604,12 +654,8 @@ class IntegrationsStage(Stage):
             loop = asyncio.get_running_loop()
             ex = _executor(self._workers)
             t0 = time.perf_counter()
-            if integ is None:
-                dummy = await self._dummy_hash()
-                await loop.run_in_executor(ex, _verify, self.hasher, dummy, password)
-                ARGON2_RUNS.labels("dummy").inc()
+            if integ is None:  # removed by a reload meanwhile: nothing to verify against
                 ok = False
-                self._observe_max_cost(time.perf_counter() - t0)
             else:
                 ok = await loop.run_in_executor(ex, _verify, self.hasher, integ.password_hash, password)
                 ARGON2_RUNS.labels("match" if ok else "mismatch").inc()
@@ -737,8 +783,12 @@ class IntegrationsFilter(Filter):
         if known_good:
             _CACHE_HIT.inc()
             ok = True
-        elif usable:
+        elif usable and (integ is None or shared):
+            # Unknown ids run no argon2 (padded below); a shared guess waits for its first's run.
             ok = await stage.password_ok(iid, password)
+        elif usable:
+            async with stage.address_slot(ip):  # this address's share of the argon2 capacity
+                ok = await stage.password_ok(iid, password)
         else:  # nothing argon2 could match: answered without it (the padding hides that)
             ok = False
         reason: str | None = None

@@ -11,7 +11,8 @@ token header chooses keys: ``jku``, ``x5u``, ``jwk`` and ``x5c`` are ignored, ``
 the issuer's asymmetric algorithms and fit the key's type, and any ``crit`` is refused.
 
 A verified token becomes ``ctx.token`` (``gateway.context.TokenIdentity``) and is cached by the
-SHA-256 of the token until its ``exp`` (bounded LRU), so a client reusing its token costs one dict
+SHA-256 of the token until its ``exp`` but never longer than ``max_token_lifetime_seconds`` from
+its verification (bounded LRU), so a client reusing its token costs one dict
 lookup per request. Every failure answers the same 401 ``invalid_token`` with
 ``WWW-Authenticate: Bearer error="invalid_token"``; the precise reason (``token_expired``,
 ``token_bad_signature``...) goes to ``internal_reason`` for audit, log and metrics. An issuer whose
@@ -87,6 +88,12 @@ class IssuerConfig(Model):
         description="Accept only tokens whose JOSE `typ` is at+jwt (RFC 9068): for issuers that mark every access token",
     )
     leeway_seconds: int = Field(30, ge=0, le=600, description="Clock skew tolerated on exp, nbf and iat")
+    max_token_lifetime_seconds: int | None = Field(
+        3600, ge=1,
+        description="Refuse tokens living longer (exp - iat, or exp - now beyond the leeway; reason "
+        "token_lifetime_too_long) and cache none longer than this. Maskinporten and ID-porten access tokens "
+        "live 120 s by default; null: no bound",
+    )
     jwks_cache_seconds: int = Field(3600, gt=0, description="Age after which the key set is refreshed")
     jwks_refetch_min_seconds: float = Field(
         30.0, ge=0, description="At most one on-demand refetch (unknown kid) per this many seconds"
@@ -160,10 +167,12 @@ TOKEN_KIND_MISMATCH = "token_kind_mismatch"
 TOKEN_NOT_ACCESS_TOKEN = "token_not_access_token"  # an id_token (or another JWT type) offered as access token
 TOKEN_CERTIFICATE_ORG_MISMATCH = "token_certificate_org_mismatch"  # client cert names another organisation
 TOKEN_CNF_MISMATCH = "token_cnf_mismatch"  # cnf.x5t#S256 does not name the client certificate (RFC 8705)
+TOKEN_LIFETIME_TOO_LONG = "token_lifetime_too_long"  # exp - iat (or exp - now) above max_token_lifetime_seconds
 INTERNAL_REASONS = (
     TOKEN_MALFORMED, TOKEN_UNKNOWN_ISSUER, TOKEN_ALG_NOT_ALLOWED, TOKEN_CRIT_UNSUPPORTED, TOKEN_UNKNOWN_KID,
     TOKEN_BAD_SIGNATURE, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, TOKEN_BAD_AUDIENCE, TOKEN_CLAIMS_INVALID,
     TOKEN_KIND_MISMATCH, TOKEN_NOT_ACCESS_TOKEN, TOKEN_CERTIFICATE_ORG_MISMATCH, TOKEN_CNF_MISMATCH,
+    TOKEN_LIFETIME_TOO_LONG,
 )
 
 VERIFICATIONS = Counter(
@@ -597,6 +606,12 @@ class TokensStage(Stage):
                     return self.fail(ctx, rt, TOKEN_CLAIMS_INVALID)
                 if v > now + leeway:
                     return self.fail(ctx, rt, TOKEN_NOT_YET_VALID)
+        bound = cfg.max_token_lifetime_seconds
+        if bound is not None:
+            # A leaked long-lived token keeps its value no longer than an honest one would.
+            iat = claims.get("iat")
+            if exp - now > bound + leeway or (iat is not None and exp - iat > bound):
+                return self.fail(ctx, rt, TOKEN_LIFETIME_TOO_LONG)
         try:
             auds = _str_list(claims.get("aud"))
         except _ClaimsError:
@@ -620,7 +635,10 @@ class TokensStage(Stage):
             audit["consumer_org"] = identity.consumer_org
         if len(self._cache) >= self.cache_max:
             self._cache.popitem(last=False)
-        self._cache[digest] = _Cached(identity, rt, key.kid, float(exp) + leeway, audit)
+        valid_until = float(exp) + leeway
+        if bound is not None:
+            valid_until = min(valid_until, now + bound)
+        self._cache[digest] = _Cached(identity, rt, key.kid, valid_until, audit)
         _VERIFIED.inc()
         ctx.token = identity
         ctx.audit["tokens"] = {**audit, "cached": False}

@@ -101,6 +101,9 @@ async def test_attack_table_is_401_and_never_reaches_upstream(start_gateway, ups
         "truncated signature": (good[:-12], "token_bad_signature"),
         "token for the other issuer's kind": (issuer.mint(kind="idporten", pid=TEST_PID), "token_kind_mismatch"),
         "malformed": ("abc.def", "token_malformed"),
+        # Red team I1: absurd lifetimes (cached until exp before) are refused by max_token_lifetime_seconds.
+        "exp 10^10 s ahead": (issuer.mint(claims={"exp": int(time.time()) + 10**10}), "token_lifetime_too_long"),
+        "exp 1e308": (issuer.mint(claims={"exp": 1e308}), "token_lifetime_too_long"),
     }
     bodies = []
     for label, (token, internal) in attacks.items():

@@ -148,12 +148,83 @@ async def test_concurrent_wrong_passwords_share_one_verification_and_are_remembe
     assert stage.hasher.calls == 1
 
 
-async def test_unknown_id_costs_one_dummy_verification_and_is_remembered():
+async def test_unknown_ids_run_no_argon2_and_are_padded_by_a_sleep(monkeypatch):
+    """F06: an unknown id burns no argon2 (not even a dummy one); its 401 is padded by a sleep to
+    the calibrated cost of the costliest configured hash, measured at load."""
     stage, flt = build()
-    for _ in range(4):
-        d = await flt.check(ctx(creds(UNKNOWN_ID), token=maskinporten()))
+    await stage.start()
+    assert stage.failure_seconds > 0  # calibrated at load
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(s, *a, **kw):
+        slept.append(s)
+        await real_sleep(0)
+
+    monkeypatch.setattr(mod.asyncio, "sleep", recording_sleep)
+    runs = REGISTRY.get_sample_value("portvakt_argon2_verifications_total", {"result": "dummy"}) or 0
+    for i in range(6):
+        d = await flt.check(ctx(creds(f"{i:08x}-0000-4000-8000-000000000000"), token=maskinporten()))
         assert isinstance(d, Deny) and d.problem.internal_reason == "integration_unknown"
+        assert d.problem.status == 401
+    assert stage.hasher.calls == 0
+    assert (REGISTRY.get_sample_value("portvakt_argon2_verifications_total", {"result": "dummy"}) or 0) == runs
+    assert len(slept) == 6 and all(0 < s <= stage.failure_seconds for s in slept)
+    await stage.close()
+
+
+async def test_unknown_ids_never_take_an_argon2_slot(monkeypatch):
+    """Known ids keep the verification capacity: unknown-id requests do not enter the argon2 pool
+    or an address slot, so a known id's verification runs while dozens of them are padded."""
+    stage, flt = build(make_config(integrations_policy={"max_concurrent_verifications": 1}))
+    stage.failure_seconds = 30.0  # unknown ids would sleep for 30 s: they must not hold anything
+    attackers = [
+        asyncio.ensure_future(flt.check(ctx(creds(f"{i:08x}-0000-4000-8000-000000000000"), token=maskinporten(),
+                                            ip="192.0.2.66")))
+        for i in range(8)
+    ]
+    await asyncio.sleep(0.05)
+    assert stage._address_slots == {}
+    assert await asyncio.wait_for(flt.check(ctx(creds(), token=maskinporten(), ip="192.0.2.66")), 60) is ALLOW
     assert stage.hasher.calls == 1
+    for t in attackers:
+        t.cancel()
+    await asyncio.gather(*attackers, return_exceptions=True)
+
+
+async def test_one_address_has_at_most_its_share_of_verifications(monkeypatch):
+    """Per-address cap: wrong passwords for known ids from one address run one at a time (default
+    1), while another address's verification is not queued behind them."""
+    one = integration()
+    two = integration(OTHER_ID, "annet-passord", OWNER_ORG)
+    stage, flt = build(make_config([one, two], integrations_policy={"failure_cache_seconds": 0}))
+    running: dict[str, int] = {}
+    peak: dict[str, int] = {}
+    orig_slot = stage.address_slot
+
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def slot(ip):
+        async with orig_slot(ip):
+            k = str(ip)
+            running[k] = running.get(k, 0) + 1
+            peak[k] = max(peak.get(k, 0), running[k])
+            await asyncio.sleep(0.01)  # let the others try to enter meanwhile
+            try:
+                yield
+            finally:
+                running[k] -= 1
+
+    monkeypatch.setattr(stage, "address_slot", slot)
+    attacker = [attempt(flt, iid=iid, password=f"gjett{i}", ip="192.0.2.66")
+                for i, iid in enumerate([INTEGRATION_ID, OTHER_ID] * 2)]
+    legit = attempt(flt, iid=OTHER_ID, password="annet-passord", ip="198.51.100.9")
+    results = await asyncio.gather(*attacker, legit)
+    assert results[-1] is ALLOW
+    assert all(isinstance(r, Deny) for r in results[:-1])
+    assert peak["192.0.2.66"] == 1 and peak["198.51.100.9"] == 1
+    assert stage._address_slots == {}  # bookkeeping is dropped when an address has nothing waiting
 
 
 async def test_failure_memory_expires(clock):
@@ -368,6 +439,42 @@ async def test_counts_decay_over_time(clock):
     d = await attempt(flt, password="tredje")
     assert d.problem.reason == "integration_auth_failed"
     assert retry_after(await attempt(flt, password="fjerde")) == 1
+
+
+async def test_one_ip_spraying_unknown_ids_backs_off_then_gets_429(clock):
+    """F06: failures are counted per address across ids, unknown ids included: after
+    ip_free_failures the address waits 1 s, 2 s, ... (429 meanwhile), then ip_max_failures locks it."""
+    bf = {**BF, "ip_free_failures": 3, "ip_max_failures": 8, "decay_seconds": 1000}
+    stage, flt = build(make_config(integrations_policy={"brute_force": bf}))
+    ids = iter(f"{i:08x}-0000-4000-8000-000000000000" for i in range(100))
+    for _ in range(4):  # 3 free + the 4th, which starts a 1 s delay
+        assert (await attempt(flt, iid=next(ids))).problem.reason == "integration_auth_failed"
+    assert retry_after(await attempt(flt, iid=next(ids))) == 1
+    assert retry_after(await attempt(flt, iid=next(ids), password=PASSWORD)) == 1  # every id waits
+    clock.t += 1
+    assert (await attempt(flt, iid=next(ids))).problem.reason == "integration_auth_failed"
+    assert retry_after(await attempt(flt, iid=next(ids))) == 2
+    assert await attempt(flt, password=PASSWORD, ip="198.51.100.7") is ALLOW  # other addresses unaffected
+    assert stage.hasher.calls == 1  # the unknown ids ran no argon2
+
+
+async def test_concurrent_spray_from_one_address_admits_exactly_ip_free_plus_one(clock):
+    bf = {**BF, "ip_free_failures": 3, "ip_max_failures": 8}
+    _, flt = build(make_config(integrations_policy={"brute_force": bf}))
+    got = await asyncio.gather(*(attempt(flt, iid=f"{i:08x}-0000-4000-8000-000000000000") for i in range(12)))
+    assert sum(1 for d in got if d.problem.status == 401) == 4
+    assert sum(1 for d in got if d.problem.status == 429) == 8
+
+
+async def test_a_success_lifts_the_address_delay_it_no_longer_earns(clock):
+    bf = {**BF, "ip_free_failures": 2, "ip_max_failures": 8, "decay_seconds": 1000}
+    _, flt = build(make_config(integrations_policy={"brute_force": bf}))
+    for i in range(2):
+        await attempt(flt, iid=f"{i:08x}-0000-4000-8000-000000000000")
+    # The right password is admitted as the 3rd counted attempt (which would start a delay), succeeds,
+    # and its refund brings the address back to 2: no delay for its next call.
+    assert await attempt(flt, password=PASSWORD) is ALLOW
+    assert await attempt(flt, password=PASSWORD) is ALLOW
 
 
 async def test_one_ip_guessing_many_ids_is_locked_out(clock):

@@ -432,6 +432,66 @@ async def test_cached_token_expires(stage, issuer, monkeypatch):
     assert stage.cache_size == 0
 
 
+# -- I1: token lifetime bound ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [  # functions of now: computed when the test runs, not at collection (a slow suite would age them)
+        lambda now: {"exp": now + 10**10},  # the red team's absurd lifetime
+        lambda now: {"exp": 1e308},
+        lambda now: {"exp": now + 3600 + 5 + 30, "iat": None},  # no iat: exp - now beyond bound + leeway
+        lambda now: {"iat": now - 3500, "exp": now + 200},  # backdated iat: exp - iat 3700
+    ],
+    ids=["1e10s", "1e308", "no-iat", "backdated-iat"],
+)
+async def test_tokens_living_longer_than_the_bound_are_refused(stage, issuer, claims):
+    d, ctx = await run(stage, issuer.mint(claims=claims(int(time.time()))))
+    denied(d, ctx, "token_lifetime_too_long")
+    assert stage.cache_size == 0
+
+
+async def test_the_default_bound_is_3600_seconds(stage, issuer):
+    d, ctx = await run(stage, issuer.mint(ttl=3601))
+    denied(d, ctx, "token_lifetime_too_long")
+    assert (await run(stage, issuer.mint(ttl=3600)))[0] is ALLOW
+
+
+async def test_lifetime_bound_is_configurable_and_can_be_lifted(issuer):
+    s = await make_stage({"m": issuer.config(max_token_lifetime_seconds=120)})
+    try:
+        d, ctx = await run(s, issuer.mint(ttl=121))
+        denied(d, ctx, "token_lifetime_too_long")
+        assert (await run(s, issuer.mint(ttl=120)))[0] is ALLOW
+    finally:
+        await s.close()
+    s = await make_stage({"m": issuer.config(max_token_lifetime_seconds=None)})
+    try:
+        assert (await run(s, issuer.mint(ttl=10**9)))[0] is ALLOW
+    finally:
+        await s.close()
+
+
+async def test_a_token_is_not_cached_beyond_the_bound(issuer, monkeypatch):
+    """Cached until min(exp + leeway, verification + max_token_lifetime_seconds): after the bound
+    the token is verified again (and still passes here: its exp is within the leeway)."""
+    s = await make_stage({"m": issuer.config(max_token_lifetime_seconds=120)})
+    try:
+        t0 = time.time()
+        token = issuer.mint(claims={"iat": None, "exp": int(t0) + 124})  # exp - now <= 120 + leeway 5
+        monkeypatch.setattr(tokens, "_now", lambda: t0)
+        d, ctx = await run(s, token)
+        assert d is ALLOW and ctx.audit["tokens"]["cached"] is False
+        monkeypatch.setattr(tokens, "_now", lambda: t0 + 119)
+        d, ctx = await run(s, token)
+        assert d is ALLOW and ctx.audit["tokens"]["cached"] is True
+        monkeypatch.setattr(tokens, "_now", lambda: t0 + 121)  # past the bound, before exp + leeway
+        d, ctx = await run(s, token)
+        assert d is ALLOW and ctx.audit["tokens"]["cached"] is False
+    finally:
+        await s.close()
+
+
 async def test_cache_is_bounded(stage, issuer):
     stage.cache_max = 3
     for i in range(6):
