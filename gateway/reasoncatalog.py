@@ -90,10 +90,12 @@ PUBLIC: dict[str, Entry] = {
     "waf_too_many_args": ("integrator", "More arguments (query and body) than waf.max_args; refused before any rule runs.", "Flere argumenter (spørrestreng og kropp) enn waf.max_args; avvist før noen regel kjøres.", "Send fewer parameters; operators may raise waf.max_args.", "Send færre parametere; drift kan øke waf.max_args."),
     "waf_too_many_headers": ("integrator", "More header lines than waf.max_headers; refused before any rule runs.", "Flere headerlinjer enn waf.max_headers; avvist før noen regel kjøres.", "Send fewer headers; operators may raise waf.max_headers.", "Send færre headere; drift kan øke waf.max_headers."),
     "waf_too_many_parts": ("integrator", "The multipart body has more parts than waf.max_multipart_parts.", "Multipart-kroppen har flere deler enn waf.max_multipart_parts.", "Send fewer parts per request; operators may raise waf.max_multipart_parts.", "Send færre deler per forespørsel; drift kan øke waf.max_multipart_parts."),
+    "cross_site_refused": ("integrator", "A state-changing request to a /portvakt/ endpoint came from another site (Sec-Fetch-Site or Origin).", "En tilstandsendrende forespørsel til et /portvakt/-endepunkt kom fra et annet nettsted (Sec-Fetch-Site eller Origin).", "Send the request from the application's own origin.", "Send forespørselen fra applikasjonens eget opphav (origin)."),
     "unsupported_content_encoding": ("integrator", "The body's Content-Encoding is one the WAF cannot decode for inspection (only gzip and deflate are); the body was not forwarded.", "Kroppens Content-Encoding er en som WAF-en ikke kan dekode for inspeksjon (bare gzip og deflate kan); kroppen ble ikke videresendt.", "Send the body uncompressed, or gzip- or deflate-compressed.", "Send kroppen ukomprimert, eller komprimert med gzip eller deflate."),
 }
 
 INTERNAL: dict[str, Entry] = {
+    "token_lifetime_too_long": ("invalid_token", "The token lives longer than the issuer's max_token_lifetime_seconds (exp - iat, or exp - now beyond the leeway).", "Tokenet lever lenger enn utstederens max_token_lifetime_seconds (exp - iat, eller exp - nå utover slingringsmonnet).", "Use a token with the provider's normal lifetime (Maskinporten and ID-porten issue 120 s tokens); operators may raise the limit.", "Bruk et token med leverandørens vanlige levetid (Maskinporten og ID-porten utsteder token på 120 s); drift kan øke grensen."),
     # persons' session endpoints
     "session_refresh_cross_site": ("cross_site_refused", "A cross-site POST /portvakt/session/refresh: another site may not spend the person's refresh token.", "En POST /portvakt/session/refresh fra et annet nettsted: et annet nettsted får ikke bruke personens fornyelsestoken.", "Call the refresh endpoint from the application's own origin.", "Kall fornyelsen fra applikasjonens eget opphav (origin)."),
     # WAF body decoding
@@ -187,7 +189,7 @@ PATTERNS: dict[str, Entry] = {
 
 MISSING: Entry = ("?", "NOT DESCRIBED YET: add it to gateway/reasoncatalog.py.", "IKKE BESKREVET ENNÅ.", "", "")
 
-MODULES = ("gateway.runtime", "gateway.audit", "gateway.auditsinks", "gateway.identity", "gateway.server", "gateway.admin")
+MODULES = ("gateway.runtime", "gateway.audit", "gateway.auditsinks", "gateway.identity", "gateway.server", "gateway.admin", "filters.persons.endpoints")
 
 
 def registered() -> dict[str, tuple[int, str]]:
