@@ -28,6 +28,8 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
+from gateway.devserver import LocalAppServer
+
 SCOPE = "altinn:accessmanagement/authorizedparties.resourceowner"
 DEMO_PID = "24917397852"
 
@@ -66,7 +68,7 @@ def demo_parties(pid: str = DEMO_PID) -> list[dict[str, Any]]:
     ]
 
 
-class FakeAltinn:
+class FakeAltinn(LocalAppServer):
     def __init__(self, client_public_key: Any, *, host: str = "127.0.0.1", port: int = 0,
                  parties: dict[str, list[dict[str, Any]]] | None = None):
         self.host, self.port = host, port
@@ -99,19 +101,6 @@ class FakeAltinn:
         app.router.add_post("/accessmanagement/api/v1/resourceowner/authorizedparties", self.h_parties)
         return app
 
-    async def start(self) -> "FakeAltinn":
-        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        if self.port == 0:
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     def _bearer(self, request: web.Request, table: dict[str, float]) -> bool:
         auth = request.headers.get("Authorization", "")

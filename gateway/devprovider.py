@@ -41,6 +41,8 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from gateway.devserver import LocalAppServer
+
 ACR_LEVELS = ("idporten-loa-substantial", "idporten-loa-high")
 DEFAULT_PID = "24917397852"  # synthetic test number (the demo's person)
 
@@ -80,7 +82,7 @@ class SsoSession:
     clients: set[str] = field(default_factory=set)
 
 
-class DevProvider:
+class DevProvider(LocalAppServer):
     def __init__(
         self, *, host: str = "127.0.0.1", port: int = 0, login_host: str = "localhost",
         access_ttl: int = 120, refresh_ttl: int = 600, grant_ttl: int = 7200, trailing_slash: bool = False,
@@ -185,19 +187,6 @@ class DevProvider:
         r.add_get("/clientb/frontchannel", self.h_clientb_frontchannel)
         return app
 
-    async def start(self) -> "DevProvider":
-        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        if self.port == 0:
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     # -- helpers -------------------------------------------------------------------------------
     def _authenticate(self, request: web.Request, form: Any, audiences: list[str]) -> DevClient | None:
