@@ -15,6 +15,14 @@
 - ``GET /.well-known/jwks.json``: the identity assertion keys (404 when identity forwarding is
   not configured).
 
+Every admin POST made by a web page is refused before anything else (403 ``admin_cross_origin``):
+a foreign ``Origin`` (``null`` included), ``Sec-Fetch-Site: cross-site|same-site``, a form
+content type (``application/x-www-form-urlencoded``, ``multipart/form-data``, ``text/plain``: what
+a cross-origin "simple" request can send without a CORS preflight), and, when the request carries
+browser headers (``Origin`` or ``Sec-Fetch-*``), a content type other than ``application/json`` or
+a ``Host`` that is not an IP literal or ``localhost`` (DNS rebinding). ``curl -X POST`` (no Origin,
+no content type) keeps working.
+
 A target object provides ``ready() -> (bool, dict)``, ``async reload() -> (bool, [problems])``,
 ``async jwks() -> dict | None`` and optionally ``metrics() -> (bytes, content_type)`` and
 ``reload_token() -> str | None``. Every admin response says ``Server: portvakt`` (not aiohttp's
@@ -25,7 +33,9 @@ from __future__ import annotations
 
 import hmac
 import inspect
+import ipaddress
 import json
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -36,6 +46,47 @@ from gateway.server import new_request_id, split_listen
 
 CONFIG_REJECTED = problems.CONFIG_REJECTED
 ADMIN_TOKEN_REQUIRED = problems.ADMIN_TOKEN_REQUIRED
+ADMIN_CROSS_ORIGIN = problems.ADMIN_CROSS_ORIGIN
+_FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
+
+
+def _loopback_or_literal(host: str) -> bool:
+    """Whether a Host header value names this machine by IP literal or ``localhost`` (a DNS
+    rebinding page's requests carry the attacker's name)."""
+    h = host.strip().lower()
+    if h.startswith("["):
+        return "]" in h
+    name = h.rpartition(":")[0] if h.count(":") == 1 else h
+    name = name.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def browser_post_refusal(request: web.BaseRequest) -> str | None:
+    """Why an admin POST looks like a web page's request (internal reason), or None."""
+    headers = request.headers
+    origin = headers.get("Origin")
+    site = (headers.get("Sec-Fetch-Site") or "").strip().lower()
+    ctype = (headers.get("Content-Type") or "").partition(";")[0].strip().lower()
+    host = headers.get("Host") or ""
+    if site in ("cross-site", "same-site"):
+        return "sec_fetch_site"
+    if origin is not None and origin.strip().lower() not in (f"http://{host}".lower(), f"https://{host}".lower()):
+        return "foreign_origin"
+    if ctype in _FORM_TYPES:
+        return "form_content_type"
+    browser = origin is not None or any(k.lower().startswith("sec-fetch-") for k in headers)
+    if browser:
+        if ctype != "application/json":
+            return "browser_content_type"
+        if not _loopback_or_literal(host):
+            return "browser_host_name"
+    return None
 
 
 def resolve_reload_token(cfg: Any) -> str | None:
@@ -115,7 +166,17 @@ def build_admin_app(target: Any) -> web.Application:
     async def server_header(_: web.Request, resp: web.StreamResponse) -> None:
         resp.headers["Server"] = "portvakt"
 
-    app = web.Application()
+    @web.middleware
+    async def no_browser_posts(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method != "GET" and request.method != "HEAD":
+            why = browser_post_refusal(request)
+            if why is not None:
+                logging.getLogger("portvakt.admin").warning(
+                    "admin %s refused: looks like a web page's request (%s)", request.method, why)
+                return _problem(ADMIN_CROSS_ORIGIN, new_request_id())
+        return await handler(request)
+
+    app = web.Application(middlewares=[no_browser_posts])
     app.on_response_prepare.append(server_header)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", healthz)

@@ -16,7 +16,9 @@ and the upstream request all use it (the upstream gets the canonical form, re-en
 - refused (``NotCanonical``, reason ``path_not_canonical`` with a precise internal reason):
   an encoded ``/`` or ``\\`` and a raw ``\\`` (unless ``path_with_escaped_slashes_action``
   unescapes them), ``;`` and ``%3B`` path parameters (unless ``path_parameters: keep``), ``%`` not followed
-  by two hex digits, double encoding (``%25`` followed by two hex digits), NUL and other
+  by two hex digits, ``%23`` and ``%3F`` (unless ``encoded_delimiters: keep``), a segment ending in
+  ``.`` or a space (``/innsyn./``, ``/innsyn%20/``, ``/...``; IIS and Windows strip them; unless
+  ``trailing_dot_or_space: keep``), double encoding (``%25`` followed by two hex digits), NUL and other
   control characters raw or encoded, a fragment (``#``), raw non-ASCII bytes, percent-encoded
   bytes that are not UTF-8 (overlong forms such as ``%C0%AE`` included), and non-ASCII
   characters whose compatibility form is ASCII (``％``, fullwidth ``．`` ``／``: some
@@ -70,6 +72,16 @@ class HttpConfig(Model):
     )
     path_parameters: Literal["reject", "keep"] = Field(
         "reject", description="';' or %3B in the path: reject (400; Tomcat/Spring strip ';...' parameters), keep (a plain character)")
+    encoded_delimiters: Literal["reject", "keep"] = Field(
+        "reject", description="%23 ('#') and %3F ('?') in the path: reject (400; a backend that decodes the path "
+        "before splitting off query and fragment reads another path), keep (forwarded encoded)")
+    trailing_dot_or_space: Literal["reject", "keep"] = Field(
+        "reject", description="A path segment ending in '.' or a space (%20), e.g. '/innsyn./x', '/innsyn%20/x', "
+        "'/...': reject (400; IIS/Windows strip them, so they name another route's path there), keep")
+    case_sensitive_upstream: bool = Field(
+        False, description="false (default): a path whose case-insensitive reading matches a route prefix its "
+        "exact spelling does not (e.g. '/INNSYN/x' for route '/innsyn/') is refused with 400, since a "
+        "case-insensitive upstream (IIS, ASP.NET) serves it as the protected path; true: routes match byte-exact only")
     strip_request_headers: list[str] = Field(
         default_factory=list, description="More client headers never forwarded (added to the built-in list)")
     forward_request_headers: list[str] = Field(
@@ -121,7 +133,8 @@ def canonical_path(raw: str, policy: HttpConfig) -> tuple[str, str]:
     """
     if raw[:1] != "/":
         raise NotCanonical("not_origin_form")
-    if _PLAIN.fullmatch(raw) is not None:
+    if _PLAIN.fullmatch(raw) is not None and not (
+            ("./" in raw or raw[-1] == ".") and policy.trailing_dot_or_space == "reject"):
         return raw, raw  # the common case: nothing to decode, nothing to resolve
     if not raw.isascii():
         raise NotCanonical("raw_non_ascii")
@@ -145,6 +158,7 @@ def canonical_path(raw: str, policy: HttpConfig) -> tuple[str, str]:
 
     non_ascii = False
     params_rejected = policy.path_parameters == "reject"
+    delimiters_rejected = policy.encoded_delimiters == "reject"
 
     def decode(m: re.Match[str]) -> str:
         nonlocal unescaped_slash, non_ascii
@@ -160,6 +174,8 @@ def canonical_path(raw: str, policy: HttpConfig) -> tuple[str, str]:
             raise NotCanonical("control_character")
         if b == 0x3B and params_rejected:  # Spring strips ';...' after decoding: %3B is ';' there
             raise NotCanonical("path_parameters")
+        if (b == 0x23 or b == 0x3F) and delimiters_rejected:  # decoded before the split: '#'/'?'
+            raise NotCanonical("encoded_fragment" if b == 0x23 else "encoded_query")
         if b >= 0x80:
             non_ascii = True
         return "%%%02X" % b
@@ -172,7 +188,10 @@ def canonical_path(raw: str, policy: HttpConfig) -> tuple[str, str]:
     segments = text.split("/")
     out: list[str] = []
     last = len(segments) - 1
+    trailing_rejected = policy.trailing_dot_or_space == "reject"
     for i, seg in enumerate(segments[1:], 1):
+        if trailing_rejected and (seg[-1:] == "." or seg[-3:] == "%20") and seg != "." and seg != "..":
+            raise NotCanonical("trailing_dot_or_space")  # Windows/IIS: '/innsyn./' is '/innsyn/'
         if seg == "." or seg == "..":
             if not policy.normalize_path:
                 raise NotCanonical("dot_segment")

@@ -51,6 +51,7 @@ SHUTTING_DOWN = register("shutting_down", 503, "Gateway is shutting down")
 # The admin listener's own (gateway/admin.py).
 CONFIG_REJECTED = register("config_rejected", 422, "The new configuration was rejected; the running one stays in force")
 ADMIN_TOKEN_REQUIRED = register("admin_token_required", 401, "This admin call needs the reload token")
+ADMIN_CROSS_ORIGIN = register("admin_cross_origin", 403, "Admin calls are not accepted from web pages")
 
 
 @dataclass(slots=True)

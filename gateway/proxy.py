@@ -68,6 +68,11 @@ RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id", "server"}
 
 SMALL_BODY = 65536  # responses with a known length up to this are read whole (one write)
 STREAM_CHUNK = 16384  # streamed response pieces: one TLS record; a stalled stream holds a few of them
+# Upstream read side of a streamed response: aiohttp's StreamReader pauses the upstream socket at
+# 2 x read_bufsize (default 64 KiB -> 128 KiB buffered) and the socket transport reads up to
+# UPSTREAM_READ_BYTES per recv (asyncio's default is 256 KiB): a stalled client's stream holds
+# at most about 2 x 16 + 64 KiB on this side (gateway/upstream_conn.py sets the recv size).
+UPSTREAM_READ_BUFSIZE = 16384
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -226,6 +231,7 @@ class Upstream:
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             cookie_jar=aiohttp.DummyCookieJar(),
             raise_for_status=False,
+            read_bufsize=UPSTREAM_READ_BUFSIZE,
         )
 
 
@@ -479,9 +485,14 @@ async def _respond(
         # are not held back), in pieces of at most STREAM_CHUNK: with iter_any() a stalled
         # client's stream held whole 256 KiB socket reads, plain and encrypted (RSS per stalled
         # TLS stream ~3.4 MiB before, ~1 MiB after; see tests/e2e/test_edge_bounds.py).
+        # After each piece, wait until the client's transport is below its high-water mark
+        # (gateway/edge.py: 64 KiB) before reading the next one from the upstream: aiohttp's own
+        # write() checks only every 64 KiB written.
+        writer = request.writer
         async for chunk in up.content.iter_chunked(STREAM_CHUNK):
             n += len(chunk)
             await resp.write(chunk)
+            await writer.drain()
     except (aiohttp.ClientError, TimeoutError) as e:
         # Headers are gone already: the only honest signal left is an aborted response.
         ctx.bytes_out = n

@@ -77,6 +77,11 @@ class Runtime:
     max_body_bytes: int = 0
     persons: Any = None  # filters.persons.PersonsStage: its endpoints are served before routing
     delegation: Any = None  # filters.delegation.DelegationStage: parties + admin endpoints, under persons.prefix
+    # http.case_sensitive_upstream false: (route, lower-cased prefix) of every route that is not a
+    # catch-all, for ``case_variant``; ``prefixes_lower``: every such prefix is lower case already,
+    # so a path without upper-case letters needs no check (the common case stays one str.lower()).
+    case_guard: tuple[tuple[CompiledRoute, str], ...] = ()
+    prefixes_lower: bool = True
     inflight: int = 0
     _drained: asyncio.Event | None = field(default=None, repr=False)
     _trust_cache: dict[Any, bool] = field(default_factory=dict, repr=False)
@@ -119,6 +124,29 @@ class Runtime:
             if r.hosts and h not in r.hosts:
                 continue
             if r.matches_path(path):
+                return r
+        return None
+
+    def case_variant(self, host: str, path: str) -> CompiledRoute | None:
+        """The route (not a catch-all) whose prefix the path matches only case-insensitively
+        (``/INNSYN/x`` for ``/innsyn/``), else None. A case-insensitive upstream (IIS, ASP.NET)
+        serves such a path as the protected one, so the server refuses it; see
+        ``http.case_sensitive_upstream``."""
+        guard = self.case_guard
+        if not guard:
+            return None
+        lower = path.lower()
+        if lower == path and self.prefixes_lower:
+            return None
+        h = None
+        for r, lp in guard:
+            if r.hosts:
+                if h is None:
+                    h = host_for_match(host)
+                if h not in r.hosts:
+                    continue
+            if (lower.startswith(lp) if lp.endswith("/") else (lower == lp or lower.startswith(lp + "/"))) \
+                    and not r.matches_path(path):
                 return r
         return None
 
@@ -246,6 +274,9 @@ def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict
         max_body_bytes=max_body,
         persons=_attach_persons(stages, components),
         delegation=_attach_delegation(stages, components),
+        case_guard=() if config.http.case_sensitive_upstream else tuple(
+            (r, r.prefix.lower()) for r in routes if r.prefix != "/"),
+        prefixes_lower=all(r.prefix == r.prefix.lower() for r in routes),
     )
 
 

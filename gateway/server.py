@@ -464,6 +464,10 @@ class Gateway:
                 return await deleg.serve(ctx, request, persons)  # parties, admin API: never proxied
             return await persons.serve(ctx, request)  # login endpoints: never proxied
         route = rt.match(ctx.host, ctx.raw_path)
+        if rt.case_guard and rt.case_variant(ctx.host, ctx.raw_path) is not None:
+            # '/INNSYN/x' for route '/innsyn/': a case-insensitive upstream serves the protected path
+            return self._deny(ctx, Problem(PATH_NOT_CANONICAL, detail="Request path is a case variant of a route",
+                                           internal_reason="case_variant_of_route"))
         if route is None:
             return self._deny(ctx, Problem(NOT_FOUND))
         ctx.route = route

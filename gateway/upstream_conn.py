@@ -42,6 +42,9 @@ from aiohttp.client_proto import ResponseHandler
 from gateway import metrics
 
 _ZERO = bytes(4)  # FIONREAD's int, as the ioctl returns it
+# Bytes one recv() on an upstream socket may return (asyncio's socket transport reads 256 KiB at a
+# time): what a paused upstream stream can hold beyond its StreamReader's high-water mark.
+UPSTREAM_RECV_BYTES = 65536
 
 
 class GuardedResponseHandler(ResponseHandler):
@@ -49,6 +52,11 @@ class GuardedResponseHandler(ResponseHandler):
 
     idle = False
     sent_body = False  # the current request carried a body
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        if isinstance(getattr(transport, "max_size", None), int):  # a plain socket transport
+            transport.max_size = UPSTREAM_RECV_BYTES
 
     def data_received(self, data: bytes) -> None:
         if self.idle and data:

@@ -92,3 +92,66 @@ async def test_reload_token_under_workers(start_gateway, upstream):
     status, h, doc = await post_reload(gw, {"Authorization": f"Bearer {TOKEN}"})
     assert status == 422 and doc["reason"] == "config_rejected" and h["Server"] == "portvakt"
     assert all(p.startswith("worker ") for p in doc["problems"])
+
+
+async def _raw_admin(gw, head: str, body: bytes = b"") -> tuple[int, str, bytes]:
+    """One request to the admin port with exactly these header lines (no client defaults)."""
+    import asyncio
+    import re
+
+    port = int(gw.admin_url.rsplit(":", 1)[1])
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        w.write(head.encode() + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        await w.drain()
+        async with asyncio.timeout(20):
+            data = await r.read()
+    finally:
+        w.close()
+    top, _, payload = data.partition(b"\r\n\r\n")
+    status = int(re.match(rb"HTTP/1\.[01] (\d{3})", top).group(1))
+    return status, top.decode("latin-1"), payload
+
+
+async def test_reload_refuses_requests_made_by_web_pages(start_gateway, upstream):
+    """Red team F08: without a reload token, a cross-origin form POST (what any web page in a
+    browser on the host can send without a CORS preflight) reloaded the gateway. Every browser
+    shape is 403 admin_cross_origin and reloads nothing; curl's shape still reloads."""
+    import json
+
+    gw = await start_gateway(basic_config(upstream.url))
+    port = gw.admin_url.rsplit(":", 1)[1]
+    host = f"Host: 127.0.0.1:{port}\r\n"
+    refused = [
+        # the red team's request: a cross-site HTML form
+        (host + "Content-Type: application/x-www-form-urlencoded\r\nOrigin: https://evil.example\r\n"
+         "Sec-Fetch-Site: cross-site\r\n", b"x=1"),
+        (host + "Content-Type: application/x-www-form-urlencoded\r\nOrigin: https://evil.example\r\n", b"x=1"),
+        (host + "Content-Type: text/plain\r\nOrigin: null\r\n", b"x"),  # sandboxed iframe / data: URL
+        (host + "Content-Type: multipart/form-data; boundary=b\r\n", b"--b--\r\n"),  # older browsers: no Origin
+        (host + "Content-Type: application/x-www-form-urlencoded\r\n", b"x=1"),
+        (host + "Content-Type: text/plain;charset=UTF-8\r\n", b"x"),
+        (host + "Sec-Fetch-Site: same-site\r\nSec-Fetch-Mode: no-cors\r\n", b""),
+        (host + "Origin: http://evil.example\r\nSec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: no-cors\r\n", b""),
+        # a no-cors fetch without a body: browser headers but no JSON
+        (host + f"Origin: http://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\nSec-Fetch-Mode: no-cors\r\n", b""),
+        # DNS rebinding: same origin as far as the browser knows, but the Host is the attacker's name
+        (f"Host: rebind.evil.example:{port}\r\nOrigin: http://rebind.evil.example:{port}\r\n"
+         "Sec-Fetch-Site: same-origin\r\nContent-Type: application/json\r\n", b"{}"),
+    ]
+    for head, body in refused:
+        status, top, payload = await _raw_admin(gw, "POST /-/reload HTTP/1.1\r\n" + head, body)
+        assert status == 403, (head, status, payload)
+        assert "application/problem+json" in top and json.loads(payload)["reason"] == "admin_cross_origin"
+    assert await gw.metric("portvakt_config_reloads_total", {"result": "success"}) in (None, 0)
+    assert "looks like a web page's request" in gw.output()
+    # curl -X POST (README), curl with JSON, and a same-origin JSON fetch to an IP literal reload
+    for head, body in ((host + "User-Agent: curl/8.5.0\r\nAccept: */*\r\n", b""),
+                       (host + "Content-Type: application/json\r\n", b"{}"),
+                       (host + f"Origin: http://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\n"
+                        "Content-Type: application/json\r\n", b"{}")):
+        status, _, payload = await _raw_admin(gw, "POST /-/reload HTTP/1.1\r\n" + head, body)
+        assert (status, json.loads(payload)) == (200, {"result": "success"}), (head, payload)
+    # GETs (Prometheus, probes) are not affected by browser headers
+    status, _, _ = await _raw_admin(gw, "GET /healthz HTTP/1.1\r\n" + host + "Origin: https://evil.example\r\n")
+    assert status == 200

@@ -396,3 +396,50 @@ async def test_reload_applies_new_edge_bounds(start_gateway, hostile):
     gw.write_config(_config(hostile.url, max_concurrent_requests=1))
     assert await gw.reload() == "success"
     assert await burst() == [200, 503, 503, 503]
+
+
+async def test_stalled_tls_readers_hold_a_bounded_amount_of_memory_each(start_gateway, hostile, pki):
+    """Red team F11: 40 TLS clients with a 4 KiB receive window ask for a 20 MiB answer, read
+    100 bytes and stop. Per stalled client the gateway holds its write buffers (64 KiB TLS
+    high-water mark, drained before each further upstream read) and the upstream side's paused
+    reader (read_bufsize 16 KiB, 64 KiB recv), not megabytes (measured: 3.5 MB each in the red
+    team's run, 0.9 MB before this bound, ~0.5 MB after; the bound here is generous)."""
+    hostile.big_size = 20 * MiB
+    cfg = basic_config(hostile.url)
+    cfg["server"] = {"response_write_timeout_seconds": 300}  # measured while the streams stand still
+    gw = await start_gateway(cfg)
+    ctx = pki.client_ssl()
+    async with aiohttp.ClientSession() as s:
+        for i in range(20):  # warm up: imports, pools, caches, TLS
+            async with s.get(gw.url + f"/plain/w{i}", ssl=ctx) as r:
+                assert r.status == 200
+    n = 40
+    rss_before = rss_mib(gw.pid)
+    streams = []
+    try:
+        for i in range(n):
+            sock = await raw_connect(gw.port, rcvbuf=4096)
+            reader, writer = await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname="localhost")
+            writer.write(b"GET /slow/t%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+            await writer.drain()
+            head = await asyncio.wait_for(reader.read(100), 30)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            streams.append((reader, writer))
+            writer.transport.pause_reading()  # stop reading: the client's window stays full
+        # Let every stream fill its buffers: RSS settles (sampled, bounded in count, not in time).
+        last, settled = rss_mib(gw.pid), 0
+        for _ in range(60):
+            await asyncio.sleep(0.5)
+            now = rss_mib(gw.pid)
+            settled = settled + 1 if abs(now - last) < 0.5 else 0
+            last = now
+            if settled >= 4:
+                break
+        grown = rss_mib(gw.pid) - rss_before
+        assert await gw.metric("portvakt_edge_timeouts_total", {"phase": "response_write"}) in (None, 0)
+    finally:
+        for _, writer in streams:
+            writer.transport.abort()
+    print(f"stalled TLS readers: RSS +{grown:.1f} MiB for {n} ({grown / n:.2f} MiB each)")
+    assert grown / n < 0.75, f"{grown:.1f} MiB for {n} stalled readers"
+    assert "Traceback" not in gw.output()

@@ -103,10 +103,29 @@ VARIANTS: list[tuple[bytes, str | int]] = [
     (b"/innsyn/..", "/"),
     (b"/innsyn/%2e%2e/x", "/x"),
     (b"/innsyn", "/innsyn"),  # no trailing slash: neither the route prefix nor nginx's location
-    (b"/INNSYN/x", "/INNSYN/x"),  # case-sensitive on both sides
     (b"/public/%c3%b8l", "/public/øl"),
     (b"/innsyn%3B/" + TAIL.encode(), 400),
-    (b"/public/a%3Fb", "/public/a?b"),
+    # red team F05: case variants and trailing dots/spaces fell through to the public catch-all,
+    # which a case-insensitive IIS/ASP.NET upstream serves as /innsyn/... (http.case_sensitive_upstream)
+    (b"/INNSYN/x", 400),
+    (b"/INNSYN/" + TAIL.encode(), 400),
+    (b"/Innsyn/" + TAIL.encode(), 400),
+    (b"/%49nnsyn/" + TAIL.encode(), 400),  # %49 is 'I'
+    (b"/innsyN/", 400),
+    (b"/innsyN", "/innsyN"),  # like "/innsyn": not under the prefix "/innsyn/" in any case
+    (b"/innsyn./" + TAIL.encode(), 400),
+    (b"/innsyn%2e/" + TAIL.encode(), 400),
+    (b"/innsyn%20/" + TAIL.encode(), 400),
+    (b"/innsyn.%20./" + TAIL.encode(), 400),
+    (b"/public/x./../../innsyn/" + TAIL.encode(), 400),
+    (b"/innsynx/Y", "/innsynx/Y"),  # upper case elsewhere is fine
+    (b"/public/ABC", "/public/ABC"),
+    # red team F10: encoded ';', '?', '#' are refused like the raw ones
+    (b"/public/..%3B/innsyn/" + TAIL.encode(), 400),
+    (b"/public/..%3b/innsyn/" + TAIL.encode(), 400),
+    (b"/innsyn%3F/" + TAIL.encode(), 400),
+    (b"/innsyn%23/" + TAIL.encode(), 400),
+    (b"/public/a%3Fb", 400),
     (b"/innsyn\xc3\xa9/x", 400),  # raw non-ASCII
     (b"/innsyn/\x01/../x", 400),
 ]
@@ -184,6 +203,31 @@ async def test_unescaped_slashes_when_the_operator_chooses(start_gateway, nginx,
     status, head, _ = await raw_request(gw, pki, b"/public%2F..%2Finnsyn/" + TAIL.encode() + b"?q=%2F")
     assert status == 308
     assert re.search(rb"(?i)\r\nlocation: " + re.escape(ORG_PATH.encode() + b"?q=%2F") + rb"\r\n", head)
+
+
+async def test_case_sensitive_upstream_opt_out_and_kept_spellings(start_gateway, nginx, issuer, pki, tmp_path):
+    """With http.case_sensitive_upstream (nginx is case-sensitive) a case variant is byte-exact
+    routed (the public route; nginx serves its public location); trailing dots and encoded
+    delimiters can be kept too. The protected handler is never reached anonymously."""
+    cfg = demo_like(nginx.url, issuer, tmp_path)
+    cfg["http"] = {"case_sensitive_upstream": True, "trailing_dot_or_space": "keep", "encoded_delimiters": "keep"}
+    gw = await start_gateway(cfg)
+    for target, want in ((b"/INNSYN/x", b"public /INNSYN/x\n"), (b"/innsyn./x", b"public /innsyn./x\n"),
+                         (b"/innsyn%20/x", b"public /innsyn /x\n"), (b"/public/a%3Fb", b"public /public/a?b\n")):
+        status, _, body = await raw_request(gw, pki, target)
+        assert (status, body) == (200, want), target
+    status, _, body = await raw_request(gw, pki, b"/public/..%3B/innsyn/x")  # path_parameters still rejects
+    assert status == 400 and json.loads(body)["reason"] == "path_not_canonical"
+    # and back to the default on reload
+    cfg["http"] = {}
+    gw.write_config(cfg)
+    assert await gw.reload() == "success"
+    for target in (b"/INNSYN/x", b"/innsyn./x", b"/innsyn%20/x", b"/public/a%3Fb"):
+        status, _, body = await raw_request(gw, pki, target)
+        assert status == 400 and json.loads(body)["reason"] == "path_not_canonical", (target, status, body)
+    await asyncio.sleep(0.3)
+    reasons = [e.get("internal_reason") or e.get("reason") for e in gw.access_log()[-4:]]
+    assert all(r for r in reasons)
 
 
 async def test_host_compared_canonically(start_gateway, nginx, issuer, pki, tmp_path):

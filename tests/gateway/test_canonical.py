@@ -33,11 +33,12 @@ CANONICAL = [
     ("/x/%2e./innsyn", "/innsyn"),
     ("/%69nnsyn/x", "/innsyn/x"),  # unreserved letter encoded
     ("/%7Euser/%2D%5F", "/~user/-_"),
-    ("/a%3fb%23c%20d", "/a%3Fb%23c%20d"),
+    ("/a%20d%3a", "/a%20d%3A"),  # a space inside a segment is fine; reserved escapes upper-cased
     ("/%c3%b8l", "/%C3%B8l"),  # UTF-8 kept encoded
     ("/a|b{c}", "/a%7Cb%7Bc%7D"),  # not allowed raw in a path: re-encoded
-    ("/...", "/..."),  # three dots are a name
     ("/.hidden/..x", "/.hidden/..x"),
+    ("/a.b/c", "/a.b/c"),
+    ("/innsyn/.", "/innsyn/"),
     ("/100%25", "/100%25"),  # a literal percent
     ("/a:b@c!$&'()*+,=", "/a:b@c!$&'()*+,="),
 ]
@@ -87,6 +88,24 @@ REFUSED = [
     ("/%ef%bc%8finnsyn", "unicode_confusable"),  # fullwidth solidus
     ("/%ef%bd%89nnsyn", "unicode_confusable"),  # fullwidth i
     ("/%e2%80%ae", "control_character"),  # RIGHT-TO-LEFT OVERRIDE (format character)
+    # F10: encoded delimiters; a backend that decodes before splitting reads another path
+    ("/innsyn%3F/x", "encoded_query"),
+    ("/innsyn%3f/x", "encoded_query"),
+    ("/innsyn%23/x", "encoded_fragment"),
+    ("/a%3fb%23c", "encoded_query"),
+    ("/public/..%3B/innsyn/x", "path_parameters"),
+    # F05: IIS/Windows strip trailing dots and spaces from segments: '/innsyn./x' is '/innsyn/x' there
+    ("/innsyn./api/v1/orgs/974760673/saker", "trailing_dot_or_space"),
+    ("/innsyn%2e/api/v1/orgs/974760673/saker", "trailing_dot_or_space"),
+    ("/innsyn%2E/x", "trailing_dot_or_space"),
+    ("/innsyn%20/api/v1/orgs/974760673/saker", "trailing_dot_or_space"),
+    ("/innsyn.%20/x", "trailing_dot_or_space"),
+    ("/innsyn%20./x", "trailing_dot_or_space"),
+    ("/innsyn...", "trailing_dot_or_space"),
+    ("/innsyn/x.", "trailing_dot_or_space"),
+    ("/...", "trailing_dot_or_space"),  # '...' is '' or '.' on Windows
+    ("/./. ./x".replace(" ", "%20"), "trailing_dot_or_space"),
+    ("/%2e%2e%2e/innsyn", "trailing_dot_or_space"),
     ("*", "not_origin_form"),
     ("innsyn", "not_origin_form"),
     ("", "not_origin_form"),
@@ -128,6 +147,15 @@ def test_normalisation_switched_off_refuses_rather_than_passes(raw, reason):
 def test_path_parameters_kept_when_configured():
     assert canonical_path("/a;v=1/b", KEEP_PARAMS)[0] == "/a;v=1/b"
     assert canonical_path("/a%3bb", KEEP_PARAMS)[0] == "/a%3Bb"  # reserved stays encoded, hex upper-cased
+
+
+def test_encoded_delimiters_and_trailing_dots_kept_when_configured():
+    keep = HttpConfig(encoded_delimiters="keep", trailing_dot_or_space="keep")
+    assert canonical_path("/a%3fb%23c%20d", keep)[0] == "/a%3Fb%23c%20d"
+    assert canonical_path("/innsyn./x", keep)[0] == "/innsyn./x"
+    assert canonical_path("/innsyn%2e/x", keep)[0] == "/innsyn./x"
+    assert canonical_path("/innsyn%20/x", keep)[0] == "/innsyn%20/x"
+    assert canonical_path("/...", keep)[0] == "/..."
 
 
 def test_decoded_form_for_logs():
@@ -213,4 +241,6 @@ def test_random_spellings_canonicalise_to_what_a_normalising_upstream_reads():
         assert not _re.search(r"(^|/)\.\.?(/|$)", canon), raw
         assert not _re.search(r"%(2[fFeE]|5[cC]|[0-9a-f][a-f]|[a-f][0-9a-f])", canon), raw  # upper-case, no ./\
         assert _upstream_reading(canon) == decoded, raw
+        assert "%3F" not in canon and "%23" not in canon, raw
+        assert not _re.search(r"(\.|%20)(/|$)", canon), raw
     assert accepted > 2000

@@ -90,3 +90,35 @@ async def test_retire_waits_for_in_flight_requests(only_test_stage):
     rt.leave()
     await asyncio.wait_for(closed, 2)
     assert rt.components["upstreams"].get("u").session is None
+
+
+CASE_CONFIG = """
+server: {plain_http: true}
+upstreams: {u: {url: "http://127.0.0.1:1"}}
+%s
+routes:
+  - {name: api, match: {path_prefix: /innsyn/api/}, upstream: u}
+  - {name: innsyn, match: {path_prefix: /innsyn/}, upstream: u}
+  - {name: bound, match: {path_prefix: /Admin, hosts: [api.example]}, upstream: u}
+  - {name: public, match: {path_prefix: /}, upstream: u}
+"""
+
+
+def test_case_variants_of_route_prefixes(only_test_stage):
+    """Red team F05: '/INNSYN/x' matched only the catch-all, which a case-insensitive upstream
+    serves as '/innsyn/x'. case_variant names the route a case variant belongs to."""
+    rt = runtime.build_runtime(parse_config(CASE_CONFIG % ""))
+    assert not rt.prefixes_lower  # '/Admin': even lower-case paths are checked
+    for path, route in (("/INNSYN/x", "innsyn"), ("/Innsyn/api/x", "api"), ("/innsyn/API/x", "api"),
+                        ("/innsyn/%C3%B8/API/", None), ("/innsyn/x/API", None), ("/public/INNSYN/x", None),
+                        ("/innsyn/api/X", None), ("/INNSYNX/y", None), ("/innsyn", None), ("/INNSYN", None)):
+        got = rt.case_variant("h", path)
+        assert (got.name if got else None) == route, path
+        if route is not None:
+            assert rt.match("h", path).name != route  # exact matching alone missed it
+    assert rt.case_variant("api.example", "/admin/x").name == "bound"
+    assert rt.case_variant("api.example", "/ADMIN").name == "bound"
+    assert rt.case_variant("api.example:8443", "/Admin/x") is None  # exact match
+    assert rt.case_variant("other.example", "/admin/x") is None  # route bound to another host
+    off = runtime.build_runtime(parse_config(CASE_CONFIG % "http: {case_sensitive_upstream: true}"))
+    assert off.case_guard == () and off.case_variant("h", "/INNSYN/x") is None
