@@ -11,6 +11,7 @@ Files written into one directory (``portvakt dev-certs DIR``; ``make run`` uses 
 ``issuer-key.pem``             RSA private key of the dev token issuer (``portvakt dev-token``)
 ``issuer-jwks.json``           its public key as a JWKS (``{"keys": [{"kid": ...}]}``)
 ``persons-client-key.pem``     RSA key of the demo's persons login client (``private_key_jwt``)
+``altinn-client-key.pem``      RSA key the demo gateway signs its Maskinporten grant for the fake Altinn with
 =============================  ================================================================
 
 Private keys are written with mode 0600. Generation is idempotent: files already present are kept
@@ -52,6 +53,7 @@ CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
 SERVER_CERT, SERVER_KEY = "server.pem", "server-key.pem"
 ISSUER_KEY, ISSUER_JWKS = "issuer-key.pem", "issuer-jwks.json"
 PERSONS_CLIENT_KEY = "persons-client-key.pem"  # the demo's private_key_jwt key (config/demo.yaml persons:)
+ALTINN_CLIENT_KEY = "altinn-client-key.pem"  # the demo gateway's Maskinporten key for Altinn (delegation:)
 CRL_FILE = "crl.pem"
 
 _CA_DAYS = 3650
@@ -404,10 +406,13 @@ def generate(
 
     # The demo gateway's private_key_jwt key at the dev ID-porten (config/demo.yaml `persons:`),
     # so `portvakt check-config config/demo.yaml` passes before the first `make run`.
-    pkey_path = pki.dir / PERSONS_CLIENT_KEY
-    if force or not pkey_path.exists():
-        _write_private(pkey_path, rsa.generate_private_key(public_exponent=65537, key_size=2048))
-        written.append(pkey_path)
+    # Likewise the key the demo gateway signs its Maskinporten grant with for the fake Altinn
+    # (config/demo.yaml `delegation.altinn`).
+    for name in (PERSONS_CLIENT_KEY, ALTINN_CLIENT_KEY):
+        pkey_path = pki.dir / name
+        if force or not pkey_path.exists():
+            _write_private(pkey_path, rsa.generate_private_key(public_exponent=65537, key_size=2048))
+            written.append(pkey_path)
     return pki, written
 
 

@@ -344,8 +344,8 @@ class RedisBackend:
         them) before serving: a cold pool made the first batches connect inside their
         ``timeout_ms``, and in ``on_backend_error: deny`` a slow connect was a 503 at a healthy
         start."""
-        if not self.autopipeline:
-            return
+        if not self.autopipeline or self.cluster:
+            return  # a cluster client has one pool per node, opened by the node manager
         pool = self.client.connection_pool
         conns = []
         try:

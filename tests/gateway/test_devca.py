@@ -86,7 +86,7 @@ def test_issuer_key_matches_jwks_and_signs_rs256(pki):
 
 def test_generate_is_idempotent_and_force_regenerates(tmp_path):
     pki, written = devca.generate(tmp_path, seid2_orgs=["991825827"], seid1_orgs=[])
-    assert len(written) == 9  # + persons-client-key.pem (the demo login client)
+    assert len(written) == 10  # + persons-client-key.pem (the demo login client), altinn-client-key.pem (delegation)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     _, again = devca.generate(tmp_path, seid2_orgs=["991825827"], seid1_orgs=[])
     assert again == []
@@ -96,7 +96,7 @@ def test_generate_is_idempotent_and_force_regenerates(tmp_path):
     assert sorted(p.name for p in more) == ["client-974760673-seid2-key.pem", "client-974760673-seid2.pem"]
     _verify_signed_by_ca(_cert(str(more[0].with_name("client-974760673-seid2.pem"))), _cert(str(pki.ca_cert)))
     _, forced = devca.generate(tmp_path, seid2_orgs=["991825827"], seid1_orgs=[], force=True)
-    assert len(forced) == 9
+    assert len(forced) == 10
     assert pki.ca_cert.read_bytes() != before["ca.pem"]
 
 
