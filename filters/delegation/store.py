@@ -18,13 +18,13 @@ Redis, one IMMEDIATE transaction on SQLite). Any backend failure raises ``Privil
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sqlite3
 import time
 from typing import Any
 
+from filters.redis_bounded import BoundedRedisCalls
 from filters.delegation.config import ADMIN, ALL_SERVICES, PrivilegeStoreConfig
 
 
@@ -179,8 +179,9 @@ return v
 """
 
 
-class RedisStore:
+class RedisStore(BoundedRedisCalls):
     kind = "redis"
+    unavailable = PrivilegesUnavailable
 
     def __init__(self, cfg: PrivilegeStoreConfig):
         import redis.asyncio as aioredis
@@ -189,20 +190,7 @@ class RedisStore:
         self.timeout = cfg.timeout_seconds
         self.client = aioredis.Redis.from_url(cfg.url or "", socket_timeout=cfg.timeout_seconds,
                                               socket_connect_timeout=cfg.timeout_seconds, retry_on_timeout=False)
-        self._error: str | None = None
         self.refs = 1
-
-    async def _run(self, coro: Any) -> Any:
-        try:
-            async with asyncio.timeout(self.timeout):
-                out = await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self._error = type(e).__name__
-            raise PrivilegesUnavailable(type(e).__name__) from None
-        self._error = None
-        return out
 
     async def start(self) -> None:
         try:

@@ -15,12 +15,12 @@ Any backend failure raises ``StoreUnavailable``: the caller answers 503, never a
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from typing import Any
 
 from filters.persons.config import SessionStoreConfig
+from filters.redis_bounded import BoundedRedisCalls
 
 
 class StoreUnavailable(Exception):
@@ -117,8 +117,9 @@ return 0
 """
 
 
-class RedisStore:
+class RedisStore(BoundedRedisCalls):
     kind = "redis"
+    unavailable = StoreUnavailable
 
     def __init__(self, cfg: SessionStoreConfig):
         import redis.asyncio as aioredis
@@ -128,20 +129,7 @@ class RedisStore:
             cfg.url, socket_timeout=cfg.timeout_seconds, socket_connect_timeout=cfg.timeout_seconds,
             retry_on_timeout=False, health_check_interval=0,
         )
-        self._last_error: str | None = None
         self.refs = 1
-
-    async def _run(self, coro: Any) -> Any:
-        try:
-            async with asyncio.timeout(self.timeout):
-                out = await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # redis errors, OSError, timeouts: all mean "not available"
-            self._last_error = type(e).__name__
-            raise StoreUnavailable(type(e).__name__) from None
-        self._last_error = None
-        return out
 
     async def start(self) -> None:
         try:
@@ -155,7 +143,7 @@ class RedisStore:
     def readiness(self) -> str:
         # Not "down": every instance shares the store, and public routes must stay served while
         # session routes answer 503. Readiness says what is degraded.
-        return "ok" if self._last_error is None else f"fallback: unreachable ({self._last_error}); session routes answer 503"
+        return "ok" if self._error is None else f"fallback: unreachable ({self._error}); session routes answer 503"
 
     async def get(self, key: str) -> bytes | None:
         return await self._run(self.client.get(key))
