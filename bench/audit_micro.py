@@ -69,18 +69,37 @@ def config(tmp: str, audit: dict) -> object:
 def context(cfg, i: int, person: bool | str) -> RequestContext:
     rc = cfg.routes[0]
     ctx = RequestContext(
-        request_id=f"{i:032x}", method="GET", raw_path=f"/orgs/{TARGET}/cases/{i}", path=f"/orgs/{TARGET}/cases/{i}",
-        query_string="", host="gw", scheme="https", peer_ip=ipaddress.ip_address("127.0.0.1"),
-        client_ip=ipaddress.ip_address("127.0.0.1"), headers=None, request=None, runtime=None,  # type: ignore[arg-type]
+        request_id=f"{i:032x}",
+        method="GET",
+        raw_path=f"/orgs/{TARGET}/cases/{i}",
+        path=f"/orgs/{TARGET}/cases/{i}",
+        query_string="",
+        host="gw",
+        scheme="https",
+        peer_ip=ipaddress.ip_address("127.0.0.1"),
+        client_ip=ipaddress.ip_address("127.0.0.1"),
+        headers=None,
+        request=None,
+        runtime=None,  # type: ignore[arg-type]
     )
-    ctx.route = CompiledRoute(rc, rc.name, "/orgs/", frozenset(), frozenset(), "case", cfg.upstreams["case"], ())
+    ctx.route = CompiledRoute(
+        rc, rc.name, "/orgs/", frozenset(), frozenset(), "case", cfg.upstreams["case"], ()
+    )
     if person:
         pid = f"{i:011d}" if person == "distinct" else "24917397852"
-        ctx.token = TokenIdentity("idporten", "idporten", "https://idporten.no", 0, pid=pid, acr="idporten-loa-high")
+        ctx.token = TokenIdentity(
+            "idporten", "idporten", "https://idporten.no", 0, pid=pid, acr="idporten-loa-high"
+        )
     else:
         ctx.token = TokenIdentity(
-            "maskinporten", "maskinporten", "https://maskinporten.no/", 0, consumer=f"0192:{ORG}", consumer_org=ORG,
-            scopes=frozenset({"ks:fiks"}), client_amr="virksomhetssertifikat",
+            "maskinporten",
+            "maskinporten",
+            "https://maskinporten.no/",
+            0,
+            consumer=f"0192:{ORG}",
+            consumer_org=ORG,
+            scopes=frozenset({"ks:fiks"}),
+            client_amr="virksomhetssertifikat",
         )
         ctx.integration = IntegrationIdentity("7b1c9a52-0d3e-4a8f-9c61-2f5e8d4b1a07", ORG)
     ctx.target_org = TARGET
@@ -143,24 +162,38 @@ async def main() -> None:
     pub = os.path.join(tmp, "auditor.pub")
     with open(pub, "wb") as f:
         f.write(
-            x25519.X25519PrivateKey.generate().public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
+            x25519.X25519PrivateKey.generate()
+            .public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         )
     key = "bench-audit-key-0123456789abcdef"
     variants = [
         ("off", {"enabled": False}, False),
-        ("batch", {"path": f"{tmp}/batch.jsonl", "key": key, "batch_interval_ms": a.batch_interval_ms}, False),
+        (
+            "batch",
+            {"path": f"{tmp}/batch.jsonl", "key": key, "batch_interval_ms": a.batch_interval_ms},
+            False,
+        ),
         ("strict", {"path": f"{tmp}/strict.jsonl", "key": key, "durability": "strict"}, False),
-        ("strict+person", {"path": f"{tmp}/person.jsonl", "key": key, "durability": "strict", "auditor_public_key": pub}, True),
-        ("strict+persons", {"path": f"{tmp}/persons.jsonl", "key": key, "durability": "strict", "auditor_public_key": pub}, "distinct"),
+        (
+            "strict+person",
+            {"path": f"{tmp}/person.jsonl", "key": key, "durability": "strict", "auditor_public_key": pub},
+            True,
+        ),
+        (
+            "strict+persons",
+            {"path": f"{tmp}/persons.jsonl", "key": key, "durability": "strict", "auditor_public_key": pub},
+            "distinct",
+        ),
     ]
     rows = []
     for name, audit, person in variants:
         rows.append(await run_variant(name, config(tmp, audit), a.requests, a.concurrency, person))
     base = rows[0]["cpu_us"]
     print(f"{a.requests} requests, concurrency {a.concurrency}, files in {tmp}")
-    print(f"{'variant':<15}{'CPU µs/req':>12}{'+ vs off':>10}{'req/s':>10}{'wait p50 ms':>13}{'p99 ms':>9}{'rec/fsync':>11}")
+    print(
+        f"{'variant':<15}{'CPU µs/req':>12}{'+ vs off':>10}{'req/s':>10}{'wait p50 ms':>13}{'p99 ms':>9}{'rec/fsync':>11}"
+    )
     for r in rows:
         print(
             f"{r['variant']:<15}{r['cpu_us']:>12.1f}{r['cpu_us'] - base:>10.1f}{r['rps']:>10.0f}"

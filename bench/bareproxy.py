@@ -20,8 +20,17 @@ from aiohttp import web
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-        "Transfer-Encoding", "Upgrade", "Proxy-Connection", "Host", "Content-Length",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Proxy-Connection",
+        "Host",
+        "Content-Length",
     )
 )
 
@@ -33,7 +42,9 @@ class BareProxy:
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=100, limit_per_host=0, ttl_dns_cache=60, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(
+                limit=100, limit_per_host=0, ttl_dns_cache=60, keepalive_timeout=30
+            ),
             timeout=aiohttp.ClientTimeout(total=None, connect=2, sock_connect=2, sock_read=30),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
@@ -50,7 +61,10 @@ class BareProxy:
             headers.append(("Content-Length", str(request.content_length)))
         try:
             async with self.session.request(
-                request.method, self.upstream + request.raw_path, headers=headers, data=data,
+                request.method,
+                self.upstream + request.raw_path,
+                headers=headers,
+                data=data,
                 allow_redirects=False,
             ) as up:
                 out_headers = [(k, v) for k, v in up.headers.items() if k.lower() not in HOP_BY_HOP]
@@ -68,7 +82,7 @@ class BareProxy:
                     await resp.write(chunk)
                 await resp.write_eof()
                 return resp
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return web.Response(status=502, text="bad gateway")
 
 

@@ -116,11 +116,17 @@ class GatewayRunner:
             "upstreams": {"none": {"url": f"http://127.0.0.1:{dead}", "connect_timeout_seconds": 0.5}},
             "routes": [{"name": "all", "upstream": "none"}],
             "ingress": {"mode": "detect", "max_body_bytes": 10 * 1024 * 1024},
-            "waf": {"rules": "crs", "crs_path": crs, "mode": "detect", "paranoia_level": 4,
-                    "detection_paranoia_level": 4, "expose_matches_header": True,
-                    "inspection_limit_bytes": 1024 * 1024,
-                    # CRS's test environment has no rule 200002: broken bodies reach the rules
-                    "on_unparsable_body": "inspect_raw"},
+            "waf": {
+                "rules": "crs",
+                "crs_path": crs,
+                "mode": "detect",
+                "paranoia_level": 4,
+                "detection_paranoia_level": 4,
+                "expose_matches_header": True,
+                "inspection_limit_bytes": 1024 * 1024,
+                # CRS's test environment has no rule 200002: broken bodies reach the rules
+                "on_unparsable_body": "inspect_raw",
+            },
         }
         setup = os.path.join(tmp, "crs-setup.conf")
         with open(setup, "w", encoding="utf-8") as fh:  # what CRS's test environment configures
@@ -130,8 +136,12 @@ class GatewayRunner:
         path = os.path.join(tmp, "crs-conformance.yaml")
         with open(path, "w", encoding="utf-8") as fh:
             yaml.safe_dump(cfg, fh)
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", path], cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", path],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -189,8 +199,11 @@ def main() -> int:
     ap.add_argument("--rule", type=int)
     ap.add_argument("--failures", action="store_true", help="list failing records")
     ap.add_argument("--no-benign", action="store_true")
-    ap.add_argument("--gateway", action="store_true",
-                    help="replay through the real gateway process over raw sockets instead of in-process")
+    ap.add_argument(
+        "--gateway",
+        action="store_true",
+        help="replay through the real gateway process over raw sockets instead of in-process",
+    )
     args = ap.parse_args()
     shared = shared_dir()
     if shared is None:
@@ -202,10 +215,18 @@ def main() -> int:
 
         tmpdir = tempfile.mkdtemp(prefix="portvakt-crs-")
         engine = GatewayRunner(os.path.join(shared, "waf", "crs"), tmpdir)
-        print(f"gateway started on 127.0.0.1:{engine.port} in {time.time() - t0:.1f}s (raw sockets, detect mode)")
+        print(
+            f"gateway started on 127.0.0.1:{engine.port} in {time.time() - t0:.1f}s (raw sockets, detect mode)"
+        )
     else:
-        engine = WafEngine.for_crs(os.path.join(shared, "waf", "crs"), paranoia_level=4, detection_paranoia_level=4,
-                                   anomaly_threshold=5, detection_only=True, extra_tx=CRS_TEST_TX)
+        engine = WafEngine.for_crs(
+            os.path.join(shared, "waf", "crs"),
+            paranoia_level=4,
+            detection_paranoia_level=4,
+            anomaly_threshold=5,
+            detection_only=True,
+            extra_tx=CRS_TEST_TX,
+        )
         print(f"CRS loaded in {time.time() - t0:.1f}s (in-process engine)")
     overrides = load_overrides()
     per_cat: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
@@ -241,14 +262,18 @@ def main() -> int:
             ok = exp <= got and not (noexp & got)
             bucket[rec["category"]][0 if ok else 1] += 1
             if not ok:
-                failures.append(f"{rec['id']} [{rec['category']}] want {sorted(exp)} not {sorted(noexp)} got {sorted(got)}")
+                failures.append(
+                    f"{rec['id']} [{rec['category']}] want {sorted(exp)} not {sorted(noexp)} got {sorted(got)}"
+                )
     cpu = time.process_time() - t1
     if args.gateway:
         engine.close()
     total_ok = sum(v[0] for v in per_cat.values())
     total = sum(v[0] + v[1] for v in per_cat.values())
-    print(f"\nrequest-phase records: {total} judged; excluded: {overridden} by bench/crs-overrides.yaml, "
-          f"{skipped} status-only (no rule id to judge in detection mode)")
+    print(
+        f"\nrequest-phase records: {total} judged; excluded: {overridden} by bench/crs-overrides.yaml, "
+        f"{skipped} status-only (no rule id to judge in detection mode)"
+    )
     print(f"{'category':24} {'pass':>6} {'fail':>6} {'rate':>8}")
     for cat in sorted(per_cat):
         ok, bad = per_cat[cat]
@@ -256,7 +281,6 @@ def main() -> int:
     if total:
         print(f"{'OVERALL (request)':24} {total_ok:6} {total - total_ok:6} {100.0 * total_ok / total:7.2f}%")
     if resp_cat:
-        rok = sum(v[0] for v in resp_cat.values())
         rt = sum(v[0] + v[1] for v in resp_cat.values())
         print(f"response-phase records: {rt} not run (the gateway inspects requests only)")
     print(f"CPU: {cpu:.1f}s for {n} records")

@@ -56,8 +56,17 @@ integrations_policy:
 def ctx(iid: str, password: str, ip: str = "192.0.2.1") -> RequestContext:
     h = CIMultiDict({"IntegrasjonId": iid, "IntegrasjonPassord": password})
     c = RequestContext(
-        request_id="r", method="GET", raw_path="/", path="/", query_string="", host="h", scheme="https",
-        peer_ip=ip_address(ip), client_ip=ip_address(ip), headers=CIMultiDictProxy(h), request=None,  # type: ignore[arg-type]
+        request_id="r",
+        method="GET",
+        raw_path="/",
+        path="/",
+        query_string="",
+        host="h",
+        scheme="https",
+        peer_ip=ip_address(ip),
+        client_ip=ip_address(ip),
+        headers=CIMultiDictProxy(h),
+        request=None,  # type: ignore[arg-type]
         runtime=None,  # type: ignore[arg-type]
     )
     c.token = TokenIdentity(kind="maskinporten", issuer="m", iss="m", exp=0, consumer_org=ORG)
@@ -94,7 +103,9 @@ async def main(n: int) -> None:
                 if not padding:
                     stage.failure_seconds = saved
                 assert d.problem.status in (401, 429), d
-        print(f"padding {'on' if padding else 'off'} (n={n} each; failure_seconds={stage.failure_seconds * 1000:.1f} ms)")
+        print(
+            f"padding {'on' if padding else 'off'} (n={n} each; failure_seconds={stage.failure_seconds * 1000:.1f} ms)"
+        )
         for kind, xs in samples.items():
             q = statistics.quantiles(xs, n=10)
             print(f"  {kind:48s} median {statistics.median(xs):7.1f} ms  p10 {q[0]:7.1f}  p90 {q[-1]:7.1f}")

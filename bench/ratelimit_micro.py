@@ -31,7 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from filters.ratelimit import RateLimitConfig, RateLimitStage, MemoryBackend  # noqa: E402
+from filters.ratelimit import MemoryBackend, RateLimitConfig, RateLimitStage  # noqa: E402
 from filters.ratelimit.gcra import Policy  # noqa: E402
 from filters.ratelimit.redis_store import RedisBackend  # noqa: E402
 from gateway.metrics import REGISTRY  # noqa: E402
@@ -48,7 +48,8 @@ def start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
     exe = shutil.which("redis-server") or "/usr/bin/redis-server"
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -81,8 +82,15 @@ async def redis_py_pipeline(self: RedisBackend, items, which):
     return await pipe.execute(raise_on_error=False)
 
 
-async def run_variant(name: str, cfg: RateLimitConfig, checks: int, concurrency: int, subjects: int, url: str | None,
-                      redis_py: bool = False):
+async def run_variant(
+    name: str,
+    cfg: RateLimitConfig,
+    checks: int,
+    concurrency: int,
+    subjects: int,
+    url: str | None,
+    redis_py: bool = False,
+):
     backend = MemoryBackend(cfg) if cfg.backend == "memory" else RedisBackend(cfg, lambda p: p)
     if redis_py:
         backend._pipeline = redis_py_pipeline.__get__(backend)  # type: ignore[method-assign]
@@ -100,7 +108,9 @@ async def run_variant(name: str, cfg: RateLimitConfig, checks: int, concurrency:
     hiredis = ""
     if isinstance(backend, RedisBackend):
         pool = backend.client.connection_pool
-        conns = list(getattr(pool, "_in_use_connections", ())) + list(getattr(pool, "_available_connections", ()))
+        conns = list(getattr(pool, "_in_use_connections", ())) + list(
+            getattr(pool, "_available_connections", ())
+        )
         conns = [c for c in conns if c is not None]
         hiredis = type(conns[0]._parser).__name__ if conns else "?"
     b_count = REGISTRY.get_sample_value("portvakt_rate_limit_batch_checks_count") or 0.0
@@ -128,7 +138,9 @@ async def run_variant(name: str, cfg: RateLimitConfig, checks: int, concurrency:
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checks", type=int, default=20_000)
-    ap.add_argument("--concurrency", type=int, default=64, help="concurrent checking tasks (in-flight requests)")
+    ap.add_argument(
+        "--concurrency", type=int, default=64, help="concurrent checking tasks (in-flight requests)"
+    )
     ap.add_argument("--subjects", type=int, default=1000)
     ap.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     ap.add_argument("--no-uvloop", action="store_true")
@@ -148,21 +160,29 @@ async def main() -> None:
                 ("redis unbatched", RateLimitConfig(backend=url, autopipeline=False, **common), False),
             ]
             for name, cfg, redis_py in variants:
-                rows.append(await run_variant(name, cfg, args.checks, args.concurrency, args.subjects, url, redis_py))
+                rows.append(
+                    await run_variant(name, cfg, args.checks, args.concurrency, args.subjects, url, redis_py)
+                )
         finally:
             if proc is not None:
                 proc.kill()
                 proc.wait()
     loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
     print(f"rate-limit micro-benchmark: {args.checks} checks, concurrency {args.concurrency}, loop {loop}")
-    print(f"{'variant':<24}{'checks/s':>11}{'gw CPU µs/check':>17}{'redis CPU µs/check':>20}{'mean batch':>12}  parser")
+    print(
+        f"{'variant':<24}{'checks/s':>11}{'gw CPU µs/check':>17}{'redis CPU µs/check':>20}{'mean batch':>12}  parser"
+    )
     for r in rows:
-        print(f"{r['variant']:<24}{r['checks_per_s']:>11.0f}{r['gw_cpu_us_per_check']:>17.1f}"
-              f"{r['redis_cpu_us_per_check']:>20.1f}{r['mean_batch']:>12.1f}  {r['parser']}")
+        print(
+            f"{r['variant']:<24}{r['checks_per_s']:>11.0f}{r['gw_cpu_us_per_check']:>17.1f}"
+            f"{r['redis_cpu_us_per_check']:>20.1f}{r['mean_batch']:>12.1f}  {r['parser']}"
+        )
     b = next(r for r in rows if r["variant"] == "redis batched")
     u = next(r for r in rows if r["variant"] == "redis unbatched")
-    print(f"batched vs unbatched: {b['checks_per_s'] / u['checks_per_s']:.1f}x checks/s, "
-          f"{u['gw_cpu_us_per_check'] / b['gw_cpu_us_per_check']:.1f}x less gateway CPU per check")
+    print(
+        f"batched vs unbatched: {b['checks_per_s'] / u['checks_per_s']:.1f}x checks/s, "
+        f"{u['gw_cpu_us_per_check'] / b['gw_cpu_us_per_check']:.1f}x less gateway CPU per check"
+    )
 
 
 if __name__ == "__main__":

@@ -21,12 +21,14 @@ def read_slice(path: str) -> list[bytes]:
     while pos < len(data):
         nl = data.index(b"\n", pos)
         n = int(data[pos:nl])
-        out.append(data[nl + 1:nl + 1 + n])
+        out.append(data[nl + 1 : nl + 1 + n])
         pos = nl + 1 + n
     return out
 
 
-async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> tuple[int, bool]:
+async def exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
+) -> tuple[int, bool]:
     """Send one request, read its whole answer. Returns (status, connection still usable)."""
     writer.write(raw)
     head = await reader.readuntil(b"\r\n\r\n")
@@ -72,7 +74,13 @@ async def main(host: str, port: int, path: str, conns: int) -> dict:
                     reader, writer = await asyncio.open_connection(host, port)
                 status, keep = await asyncio.wait_for(exchange(reader, writer, raw), 30)  # type: ignore[arg-type]
                 statuses[str(status)] = statuses.get(str(status), 0) + 1
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, asyncio.TimeoutError):
+            except (
+                TimeoutError,
+                OSError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+                ValueError,
+            ):
                 errors += 1
                 keep = False
             if not keep and writer is not None:
@@ -83,7 +91,12 @@ async def main(host: str, port: int, path: str, conns: int) -> dict:
 
     t0 = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(conns)))
-    return {"requests": sum(statuses.values()), "errors": errors, "seconds": time.monotonic() - t0, "statuses": statuses}
+    return {
+        "requests": sum(statuses.values()),
+        "errors": errors,
+        "seconds": time.monotonic() - t0,
+        "statuses": statuses,
+    }
 
 
 if __name__ == "__main__":
@@ -93,4 +106,7 @@ if __name__ == "__main__":
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
-    print("REPLAY_JSON " + json.dumps(asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])))))
+    print(
+        "REPLAY_JSON "
+        + json.dumps(asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))))
+    )

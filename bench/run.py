@@ -71,6 +71,7 @@ PY = sys.executable
 
 # ---- processes ------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,7 +94,9 @@ class Cpus:
     def describe(self) -> str:
         if not self.enabled:
             return "not pinned (fewer than 2 CPUs, taskset missing, or --no-pin)"
-        return f"process under test pinned to CPU {self.sut}; wrk, upstream, Redis and py-spy to CPU {self.aux}"
+        return (
+            f"process under test pinned to CPU {self.sut}; wrk, upstream, Redis and py-spy to CPU {self.aux}"
+        )
 
 
 @dataclass
@@ -137,11 +140,17 @@ def _die_with_parent() -> None:
         pass
 
 
-def start(name: str, cmd: list[str], work: Path, env: dict[str, str] | None = None, root: Path = ROOT) -> Proc:
+def start(
+    name: str, cmd: list[str], work: Path, env: dict[str, str] | None = None, root: Path = ROOT
+) -> Proc:
     log = work / f"{name}.log"
     f = open(log, "wb")
     p = subprocess.Popen(
-        cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(root),
+        cmd,
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=str(root),
         env={**os.environ, "PYTHONPATH": str(root), **(env or {})},
         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )
@@ -149,7 +158,9 @@ def start(name: str, cmd: list[str], work: Path, env: dict[str, str] | None = No
     return Proc(name, p, log)
 
 
-def wait_http(url: str, proc: Proc, timeout: float, ctx: ssl.SSLContext | None = None, ok=(200,)) -> str | None:
+def wait_http(
+    url: str, proc: Proc, timeout: float, ctx: ssl.SSLContext | None = None, ok=(200,)
+) -> str | None:
     """Poll ``url`` until it answers one of ``ok``. Returns None, or why it never did."""
     deadline = time.monotonic() + timeout
     last = "no answer"
@@ -185,6 +196,7 @@ def wait_port(port: int, proc: Proc, timeout: float) -> str | None:
 
 
 # ---- credentials ----------------------------------------------------------------------------
+
 
 def prepare_pki(work: Path) -> Path:
     from gateway import devca
@@ -223,14 +235,18 @@ def integration_credentials() -> tuple[str, str]:
 
 
 def find_crs() -> Path | None:
-    for cand in (os.environ.get("PORTVAKT_CRS_DIR"), str(ROOT.parent / "shared" / "waf" / "crs"),
-                 "/work/shared/waf/crs"):
+    for cand in (
+        os.environ.get("PORTVAKT_CRS_DIR"),
+        str(ROOT.parent / "shared" / "waf" / "crs"),
+        "/work/shared/waf/crs",
+    ):
         if cand and (Path(cand) / "rules").is_dir():
             return Path(cand).resolve()
     return None
 
 
 # ---- wrk ------------------------------------------------------------------------------------
+
 
 def lua_string(data: bytes) -> str:
     out = ['"']
@@ -318,8 +334,17 @@ def upstream_count(url: str) -> int:
 SETTLE = 0.5  # seconds after wrk starts (connections up) and before it ends, outside the window
 
 
-def run_wrk(url: str, script: Path, seconds: float, args: argparse.Namespace, cpus: Cpus, pid: int | None = None,
-            connections: int | None = None, pin: bool = True, counter: str | None = None) -> Sample:
+def run_wrk(
+    url: str,
+    script: Path,
+    seconds: float,
+    args: argparse.Namespace,
+    cpus: Cpus,
+    pid: int | None = None,
+    connections: int | None = None,
+    pin: bool = True,
+    counter: str | None = None,
+) -> Sample:
     """wrk against ``url`` for ``seconds``; with ``pid``, that process tree's CPU time.
 
     With ``counter`` (the bench upstream's URL) the window is the steady part of the run: wrk
@@ -329,8 +354,20 @@ def run_wrk(url: str, script: Path, seconds: float, args: argparse.Namespace, cp
     wrk's whole run and the requests are wrk's count."""
     settle = SETTLE if counter else 0.0
     total = seconds + 2 * settle
-    cmd = ["wrk", "-t", str(args.threads), "-c", str(connections or args.connections),
-           "-d", f"{max(1, round(total))}s", "--timeout", "10s", "-s", str(script), url]
+    cmd = [
+        "wrk",
+        "-t",
+        str(args.threads),
+        "-c",
+        str(connections or args.connections),
+        "-d",
+        f"{max(1, round(total))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+    ]
     if pin:
         cmd = cpus.wrap(cmd, "aux")
     c0 = procstat.tree_cpu_seconds(pid) if pid else 0.0
@@ -340,9 +377,17 @@ def run_wrk(url: str, script: Path, seconds: float, args: argparse.Namespace, cp
     try:
         if counter:
             time.sleep(settle)
-            n0, c0, w0 = upstream_count(counter), procstat.tree_cpu_seconds(pid) if pid else 0.0, time.monotonic()
+            n0, c0, w0 = (
+                upstream_count(counter),
+                procstat.tree_cpu_seconds(pid) if pid else 0.0,
+                time.monotonic(),
+            )
             time.sleep(seconds)
-            n1, c1, w1 = upstream_count(counter), procstat.tree_cpu_seconds(pid) if pid else 0.0, time.monotonic()
+            n1, c1, w1 = (
+                upstream_count(counter),
+                procstat.tree_cpu_seconds(pid) if pid else 0.0,
+                time.monotonic(),
+            )
             window = (n1 - n0, c1 - c0, w1 - w0)
         out, err = p.communicate(timeout=total + 120)
     except subprocess.TimeoutExpired:
@@ -376,6 +421,7 @@ class ChildClock:
 
 # ---- rows -----------------------------------------------------------------------------------
 
+
 @dataclass
 class Row:
     n: int
@@ -407,7 +453,9 @@ def client_ssl(pki: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(pki / "ca.pem"))
 
 
-def preflight(url: str, req: Request, ctx: ssl.SSLContext | None, headers_expected: tuple[str, ...] = ()) -> str | None:
+def preflight(
+    url: str, req: Request, ctx: ssl.SSLContext | None, headers_expected: tuple[str, ...] = ()
+) -> str | None:
     """One request like wrk's: it must come back 2xx with the upstream's JSON (having received
     ``headers_expected``)."""
     r = urllib.request.Request(url + req.path, data=req.body or None, method=req.method, headers=req.headers)
@@ -434,7 +482,7 @@ def preflight(url: str, req: Request, ctx: ssl.SSLContext | None, headers_expect
         return f"preflight failed: {e}"
 
 
-_METRIC = re.compile(r'^portvakt_filter_decisions_total\{([^}]*)\}\s+([0-9.e+]+)$', re.M)
+_METRIC = re.compile(r"^portvakt_filter_decisions_total\{([^}]*)\}\s+([0-9.e+]+)$", re.M)
 
 
 def filters_seen(admin: str) -> dict[str, dict[str, float]]:
@@ -467,8 +515,9 @@ def why_skipped(s: Scenario, env: Env, have: dict[str, bool]) -> str | None:
     return None
 
 
-def portvakt_config(s: Scenario, env: Env, port: int, admin: int, plain: bool = False,
-                    workers: int | None = None) -> dict[str, Any]:
+def portvakt_config(
+    s: Scenario, env: Env, port: int, admin: int, plain: bool = False, workers: int | None = None
+) -> dict[str, Any]:
     assert s.config is not None
     cfg = s.config(env)
     if plain:
@@ -476,7 +525,10 @@ def portvakt_config(s: Scenario, env: Env, port: int, admin: int, plain: bool = 
     else:
         cfg["server"] = {
             "listen": f"127.0.0.1:{port}",
-            "tls": {"certificate": f"{env.pki_dir}/server.pem", "private_key": f"{env.pki_dir}/server-key.pem"},
+            "tls": {
+                "certificate": f"{env.pki_dir}/server.pem",
+                "private_key": f"{env.pki_dir}/server-key.pem",
+            },
         }
     if workers:
         cfg["server"]["workers"] = workers
@@ -525,8 +577,16 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
 
 
-def launch(row: Row, env: Env, work: Path, cpus: Cpus, have: dict[str, bool], plain: bool = False,
-           workers: int | None = None, role: str = "sut") -> str | None:
+def launch(
+    row: Row,
+    env: Env,
+    work: Path,
+    cpus: Cpus,
+    have: dict[str, bool],
+    plain: bool = False,
+    workers: int | None = None,
+    role: str = "sut",
+) -> str | None:
     """Start the row's process (not yet waited for). Sets row.proc/url; returns why it cannot."""
     s = row.scenario
     why = why_skipped(s, env, have)
@@ -541,7 +601,14 @@ def launch(row: Row, env: Env, work: Path, cpus: Cpus, have: dict[str, bool], pl
         row.proc = start(name, cpus.wrap([PY, str(HERE / "upstream.py"), str(port)], role), work)
         row.url = f"http://127.0.0.1:{port}"
     elif s.kind == "bare":
-        cmd = [PY, str(HERE / "bareproxy.py"), str(port), env.upstream_url, str(pki / "server.pem"), str(pki / "server-key.pem")]
+        cmd = [
+            PY,
+            str(HERE / "bareproxy.py"),
+            str(port),
+            env.upstream_url,
+            str(pki / "server.pem"),
+            str(pki / "server-key.pem"),
+        ]
         row.proc = start(name, cpus.wrap(cmd, role), work)
         row.url = f"https://127.0.0.1:{port}"
     elif s.kind == "nginx":
@@ -554,9 +621,9 @@ def launch(row: Row, env: Env, work: Path, cpus: Cpus, have: dict[str, bool], pl
         row.proc = start(name, cpus.wrap(["nginx", "-c", str(conf), "-p", str(conf.parent)], role), work)
         row.url = f"http://127.0.0.1:{port}"
     else:
-        from gateway.config import ConfigError, parse_config
-
         import yaml
+
+        from gateway.config import ConfigError, parse_config
 
         admin = free_port()
         cfg = portvakt_config(s, env, port, admin, plain=plain, workers=workers)
@@ -592,9 +659,14 @@ def ready(row: Row, env: Env, work: Path) -> None:
         return
     if admin and s.expect_filters:
         seen = filters_seen(admin)
-        missing = [f for f in s.expect_filters if not any(v > 0 for k, v in seen.get(f, {}).items() if k != "deny")]
+        missing = [
+            f for f in s.expect_filters if not any(v > 0 for k, v in seen.get(f, {}).items() if k != "deny")
+        ]
         if missing:
-            row.status, row.why = "skipped", f"feature inactive: no decisions from filter(s) {', '.join(missing)}"
+            row.status, row.why = (
+                "skipped",
+                f"feature inactive: no decisions from filter(s) {', '.join(missing)}",
+            )
             return
     for name in s.expect_files:
         f = work / name
@@ -609,7 +681,9 @@ def ready(row: Row, env: Env, work: Path) -> None:
 def measure_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus) -> Sample | None:
     assert row.proc is not None and row.script is not None
     try:
-        counter = row.url if row.scenario.kind == "upstream" else args.upstream_url  # where requests are counted
+        counter = (
+            row.url if row.scenario.kind == "upstream" else args.upstream_url
+        )  # where requests are counted
         m = run_wrk(row.url, row.script, seconds, args, cpus, pid=row.proc.pid, counter=counter)
     except Exception as e:  # noqa: BLE001 - one broken row must not end the run
         row.status, row.why = "failed", f"{type(e).__name__}: {e}"
@@ -629,6 +703,7 @@ def measure_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus) 
 
 # ---- profiles -------------------------------------------------------------------------------
 
+
 def profile_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus, out: Path) -> str | None:
     """py-spy (sampling, non-blocking) on the row's process while wrk loads it: collapsed stacks
     and a flame graph SVG. Returns the SVG path or why there is none."""
@@ -637,8 +712,25 @@ def profile_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus, 
         return "py-spy not installed (pip install py-spy; `make bench` installs the bench extra)"
     assert row.proc is not None and row.script is not None
     raw = out / f"profile-{row.n:02d}-{slug(row.scenario.name)}.txt"
-    cmd = cpus.wrap([spy, "record", "--pid", str(row.proc.pid), "--rate", "200", "--nonblocking", "--function",
-                     "--format", "raw", "--output", str(raw), "--duration", str(max(1, round(seconds)))], "aux")
+    cmd = cpus.wrap(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(row.proc.pid),
+            "--rate",
+            "200",
+            "--nonblocking",
+            "--function",
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+            "--duration",
+            str(max(1, round(seconds))),
+        ],
+        "aux",
+    )
     spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)  # let py-spy attach before the load starts
     try:
@@ -665,6 +757,7 @@ def profile_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus, 
 
 
 # ---- report ---------------------------------------------------------------------------------
+
 
 def fmt_us(us: float) -> str:
     return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
@@ -703,7 +796,9 @@ def main_table(rows: list[Row]) -> str:
     for r in rows:
         s = r.scenario
         if r.status != "ok" or not r.samples:
-            lines.append(f"| {r.n} | {s.name} | {r.status}: {r.why}".replace("\n", " ")[:300] + " | | | | | | | |")
+            lines.append(
+                f"| {r.n} | {s.name} | {r.status}: {r.why}".replace("\n", " ")[:300] + " | | | | | | | |"
+            )
             continue
         cpu, spread = _cpu_cell(r)
         ratio = "–"
@@ -715,16 +810,20 @@ def main_table(rows: list[Row]) -> str:
         vs = "–"
         if ref and ref.status == "ok" and ref.samples:
             vs = f"{r.median('cpu_us') - ref.median('cpu_us'):+,.0f} µs vs #{ref.n}"
-        lines.append(f"| {r.n} | {s.name} | {cpu} | {spread} | {ratio} | {vs} | {r.median('rps'):,.0f} | "
-                     f"{fmt_us(r.median('p50_us'))} | {fmt_us(r.median('p99_us'))} |")
+        lines.append(
+            f"| {r.n} | {s.name} | {cpu} | {spread} | {ratio} | {vs} | {r.median('rps'):,.0f} | "
+            f"{fmt_us(r.median('p50_us'))} | {fmt_us(r.median('p99_us'))} |"
+        )
     return "\n".join(lines)
 
 
 def twin_table(rows: list[Row]) -> str:
     """``--compare``: each row against its twin at the other revision, per round."""
     by_name = {r.scenario.name: r for r in rows}
-    lines = ["| row | this tree µs/req (spread) | at the revision (spread) | this / revision, per round (range) |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        "| row | this tree µs/req (spread) | at the revision (spread) | this / revision, per round (range) |",
+        "|---|---:|---:|---:|",
+    ]
     for t in rows:
         cur = by_name.get(t.scenario.compare or "") if "twin" in t.scenario.tags else None
         if cur is None or not cur.samples or not t.samples:
@@ -732,9 +831,11 @@ def twin_table(rows: list[Row]) -> str:
         rat = [a.cpu_us / b.cpu_us for a, b in zip(cur.samples, t.samples) if b.cpu_us]
         lo, hi = cur.spread("cpu_us")
         tlo, thi = t.spread("cpu_us")
-        lines.append(f"| #{cur.n} {cur.scenario.name} | {cur.median('cpu_us'):,.0f} ({lo:,.0f}–{hi:,.0f}) | "
-                     f"{t.median('cpu_us'):,.0f} ({tlo:,.0f}–{thi:,.0f}) | "
-                     f"{statistics.median(rat):.2f} ({min(rat):.2f}–{max(rat):.2f}) |")
+        lines.append(
+            f"| #{cur.n} {cur.scenario.name} | {cur.median('cpu_us'):,.0f} ({lo:,.0f}–{hi:,.0f}) | "
+            f"{t.median('cpu_us'):,.0f} ({tlo:,.0f}–{thi:,.0f}) | "
+            f"{statistics.median(rat):.2f} ({min(rat):.2f}–{max(rat):.2f}) |"
+        )
     return "\n".join(lines)
 
 
@@ -761,8 +862,8 @@ def say(msg: str) -> None:
 
 # ---- sections -------------------------------------------------------------------------------
 
-def rounds_over(rows: list[Row], args: argparse.Namespace, cpus: Cpus, label: str,
-                measure=None) -> None:
+
+def rounds_over(rows: list[Row], args: argparse.Namespace, cpus: Cpus, label: str, measure=None) -> None:
     """Interleaved rounds: every live row once per round, in order, ``args.rounds`` times."""
     measure = measure or (lambda r: measure_row(r, args.duration, args, cpus))
     for rnd in range(1, args.rounds + 1):
@@ -776,14 +877,26 @@ def rounds_over(rows: list[Row], args: argparse.Namespace, cpus: Cpus, label: st
                 continue
             row.samples.append(m)
         done = [f"{r.n}:{r.samples[-1].cpu_us:,.0f}" for r in rows if r.status == "pending" and r.samples]
-        say(f"  {label} round {rnd}/{args.rounds} ({time.monotonic() - t0:.0f}s): CPU µs/req " + " ".join(done))
+        say(
+            f"  {label} round {rnd}/{args.rounds} ({time.monotonic() - t0:.0f}s): CPU µs/req "
+            + " ".join(done)
+        )
     for row in rows:
         if row.status == "pending" and row.samples:
             row.status = "ok"
 
 
-def start_rows(rows: list[Row], env: Env, work: Path, cpus: Cpus, have: dict[str, bool], args: argparse.Namespace,
-               plain: bool = False, workers: int | None = None, role: str = "sut") -> None:
+def start_rows(
+    rows: list[Row],
+    env: Env,
+    work: Path,
+    cpus: Cpus,
+    have: dict[str, bool],
+    args: argparse.Namespace,
+    plain: bool = False,
+    workers: int | None = None,
+    role: str = "sut",
+) -> None:
     """Start every row's process, then wait for each, check it and warm it up (unmeasured)."""
     for row in rows:
         launch(row, env, work, cpus, have, plain=plain, workers=workers, role=role)
@@ -810,7 +923,9 @@ def stop_rows(rows: list[Row]) -> None:
             r.proc.stop()
 
 
-def latency_section(rows: list[Row], args: argparse.Namespace, cpus: Cpus, work: Path, out: Path) -> tuple[str, dict]:
+def latency_section(
+    rows: list[Row], args: argparse.Namespace, cpus: Cpus, work: Path, out: Path
+) -> tuple[str, dict]:
     """Latency against offered load for a few rows: each connection waits before each request
     (wrk ``delay()``), at fractions of the row's own saturated rate. Closed loop with think
     time, so the x axis is the rate achieved, not the rate asked for."""
@@ -829,55 +944,104 @@ def latency_section(rows: list[Row], args: argparse.Namespace, cpus: Cpus, work:
         for fr in fractions:
             delay = conns * 1000.0 / (sat * fr)
             script = wrk_script(r.request, work / f"lat-{r.n}-{fr}.lua", delay_ms=delay)  # type: ignore[arg-type]
-            m = run_wrk(r.url, script, args.latency_duration, args, cpus, pid=r.proc.pid, connections=conns,  # type: ignore[union-attr]
-                        counter=args.upstream_url)
+            m = run_wrk(
+                r.url,
+                script,
+                args.latency_duration,
+                args,
+                cpus,
+                pid=r.proc.pid,
+                connections=conns,  # type: ignore[union-attr]
+                counter=args.upstream_url,
+            )
             pts50.append((m.rps, m.p50_us / 1000))
             pts99.append((m.rps, m.p99_us / 1000))
-            table_rows.append(f"| {r.scenario.name} | {fr:.0%} | {m.rps:,.0f} | {fmt_us(m.p50_us)} | {fmt_us(m.p99_us)} | {m.cpu_us:,.0f} |")
-            doc.setdefault(r.scenario.name, []).append({"fraction": fr, "rps": m.rps, "p50_us": m.p50_us,
-                                                        "p99_us": m.p99_us, "cpu_us": m.cpu_us})
+            table_rows.append(
+                f"| {r.scenario.name} | {fr:.0%} | {m.rps:,.0f} | {fmt_us(m.p50_us)} | {fmt_us(m.p99_us)} | {m.cpu_us:,.0f} |"
+            )
+            doc.setdefault(r.scenario.name, []).append(
+                {"fraction": fr, "rps": m.rps, "p50_us": m.p50_us, "p99_us": m.p99_us, "cpu_us": m.cpu_us}
+            )
             if r is ident and fr == 0.5 and upstream_row is not None:
-                um = run_wrk(upstream_row.url, wrk_script(upstream_row.request, work / "lat-up.lua", delay_ms=delay),  # type: ignore[arg-type]
-                             args.latency_duration, args, cpus, connections=conns)
-                doc["added_p99_at_half"] = {"gateway_p99_us": m.p99_us, "upstream_direct_p99_us": um.p99_us,
-                                            "added_us": m.p99_us - um.p99_us, "rps": m.rps}
+                um = run_wrk(
+                    upstream_row.url,
+                    wrk_script(upstream_row.request, work / "lat-up.lua", delay_ms=delay),  # type: ignore[arg-type]
+                    args.latency_duration,
+                    args,
+                    cpus,
+                    connections=conns,
+                )
+                doc["added_p99_at_half"] = {
+                    "gateway_p99_us": m.p99_us,
+                    "upstream_direct_p99_us": um.p99_us,
+                    "added_us": m.p99_us - um.p99_us,
+                    "rps": m.rps,
+                }
         label = r.scenario.name.split(" (")[0][:24]
         series.append((f"{label} p50", pts50, False))
         series.append((f"{label} p99", pts99, True))
-    (out / "latency-vs-load.svg").write_text(svg.line_chart(
-        "Latency vs offered load (GET, TLS keep-alive, 16 connections)", series,
-        "achieved requests/s", "latency, ms (solid p50, dashed p99)"))
-    text = ["| row | offered (of saturation) | achieved req/s | p50 | p99 | CPU µs/req |", "|---|---:|---:|---:|---:|---:|", *table_rows]
+    (out / "latency-vs-load.svg").write_text(
+        svg.line_chart(
+            "Latency vs offered load (GET, TLS keep-alive, 16 connections)",
+            series,
+            "achieved requests/s",
+            "latency, ms (solid p50, dashed p99)",
+        )
+    )
+    text = [
+        "| row | offered (of saturation) | achieved req/s | p50 | p99 | CPU µs/req |",
+        "|---|---:|---:|---:|---:|---:|",
+        *table_rows,
+    ]
     if "added_p99_at_half" in doc:
         a = doc["added_p99_at_half"]
         text.append("")
-        text.append(f"Identity pipeline at half of its saturation ({a['rps']:,.0f} req/s): p99 {fmt_us(a['gateway_p99_us'])}; "
-                    f"upstream direct at the same pacing: p99 {fmt_us(a['upstream_direct_p99_us'])}; "
-                    f"added p99 ≈ {fmt_us(a['added_us'])}.")
+        text.append(
+            f"Identity pipeline at half of its saturation ({a['rps']:,.0f} req/s): p99 {fmt_us(a['gateway_p99_us'])}; "
+            f"upstream direct at the same pacing: p99 {fmt_us(a['upstream_direct_p99_us'])}; "
+            f"added p99 ≈ {fmt_us(a['added_us'])}."
+        )
     return "\n".join(text), doc
 
 
 WAF_TARGETS = [
     Scenario("nginx + ModSecurity 3 + CRS PL1 (reference)", "modsec", sc.get_plain, needs=("crs", "modsec")),
-    Scenario("Portvakt + CRS PL1", "portvakt", sc.get_plain,
-             sc._c(sc.catch_all, lambda c, e: sc.with_waf(c, e, "crs")), modules=sc.WAF, expect_filters=("waf",),
-             needs=("crs",)),
-    Scenario("Portvakt minimal, no WAF (for scale)", "portvakt", sc.get_plain, sc._c(sc.catch_all),
-             expect_filters=("ingress",)),
+    Scenario(
+        "Portvakt + CRS PL1",
+        "portvakt",
+        sc.get_plain,
+        sc._c(sc.catch_all, lambda c, e: sc.with_waf(c, e, "crs")),
+        modules=sc.WAF,
+        expect_filters=("waf",),
+        needs=("crs",),
+    ),
+    Scenario(
+        "Portvakt minimal, no WAF (for scale)",
+        "portvakt",
+        sc.get_plain,
+        sc._c(sc.catch_all),
+        expect_filters=("ingress",),
+    ),
 ]
 
 
-def waf_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], args: argparse.Namespace) -> tuple[str, dict]:
+def waf_section(
+    env: Env, work: Path, cpus: Cpus, have: dict[str, bool], args: argparse.Namespace
+) -> tuple[str, dict]:
     """The WAF table: every target on every workload, interleaved; plain HTTP (the WAF and the
     proxy, not TLS); CPU per request of the process under test."""
     shared = Path(env.crs_dir).parent if env.crs_dir else None
-    corpora = [("(a) CRS regression corpus", shared / "crs-regression.jsonl" if shared else None),
-               ("(b) benign corpus", shared / "benign.jsonl" if shared else None),
-               ("(c) keyword-dense corpus", HERE / "data" / "waf-dense.jsonl")]
+    corpora = [
+        ("(a) CRS regression corpus", shared / "crs-regression.jsonl" if shared else None),
+        ("(b) benign corpus", shared / "benign.jsonl" if shared else None),
+        ("(c) keyword-dense corpus", HERE / "data" / "waf-dense.jsonl"),
+    ]
     targets = [Row(100 + i, s) for i, s in enumerate(WAF_TARGETS)]
     start_rows(targets, env, work, cpus, have, args, plain=True)
     live = [t for t in targets if t.status == "pending"]
-    if not any(t.scenario.kind == "modsec" for t in live) or not any(t.scenario.name.startswith("Portvakt + CRS") for t in live):
+    if not any(t.scenario.kind == "modsec" for t in live) or not any(
+        t.scenario.name.startswith("Portvakt + CRS") for t in live
+    ):
         why = "; ".join(f"{t.scenario.name}: {t.why}" for t in targets if t.status != "pending")
         stop_rows(targets)
         return f"WAF table skipped: {why}", {}
@@ -903,17 +1067,27 @@ def waf_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], args: a
                     if isinstance(wl, list):
                         m = run_replay(t.url, sl, cpus, t.proc.pid)  # type: ignore[union-attr]
                     else:
-                        m = run_wrk(t.url, script, args.duration, args, cpus, pid=t.proc.pid, connections=8,  # type: ignore[union-attr]
-                                    counter=args.upstream_url)
+                        m = run_wrk(
+                            t.url,
+                            script,
+                            args.duration,
+                            args,
+                            cpus,
+                            pid=t.proc.pid,
+                            connections=8,  # type: ignore[union-attr]
+                            counter=args.upstream_url,
+                        )
                 except Exception as e:  # noqa: BLE001
                     say(f"  WAF {t.scenario.name} on {wname}: {e}")
                     continue
                 results.setdefault((t.scenario.name, wname), []).append(m)
         say(f"  WAF round {rnd + 1}/{args.rounds} ({time.monotonic() - t0:.0f}s)")
     stop_rows(targets)
-    ref, pv = WAF_TARGETS[0].name, WAF_TARGETS[1].name
-    lines = ["| workload | target | CPU µs/req (median) | spread | × ModSecurity | answered non-2xx | requests/round |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    ref = WAF_TARGETS[0].name
+    lines = [
+        "| workload | target | CPU µs/req (median) | spread | × ModSecurity | answered non-2xx | requests/round |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     doc: dict[str, Any] = {}
     for wname, _ in workloads:
         base = results.get((ref, wname), [])
@@ -923,19 +1097,34 @@ def waf_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], args: a
                 continue
             cpus_ = [m.cpu_us for m in ms]
             ratios = [m.cpu_us / b.cpu_us for m, b in zip(ms, base) if b.cpu_us]
-            ratio = f"{statistics.median(ratios):.2f}" if ratios and t.scenario.name != ref else "1.00" if t.scenario.name == ref else "–"
+            ratio = (
+                f"{statistics.median(ratios):.2f}"
+                if ratios and t.scenario.name != ref
+                else "1.00"
+                if t.scenario.name == ref
+                else "–"
+            )
             if ratios and len(ratios) > 1 and t.scenario.name != ref:
                 ratio += f" ({min(ratios):.2f}–{max(ratios):.2f})"
             blocked = statistics.median([m.errors.get("status", 0) / m.requests for m in ms if m.requests])
             other = sum(v for m in ms for k, v in m.errors.items() if k != "status")  # closed without answer
-            lines.append(f"| {wname} | {t.scenario.name} | {statistics.median(cpus_):,.0f} | "
-                         f"{min(cpus_):,.0f}–{max(cpus_):,.0f} | {ratio} | {blocked:.0%}"
-                         + (f" (+{other} socket errors)" if other else "") + f" | {statistics.median([m.requests for m in ms]):,.0f} |")
-            doc.setdefault(wname, {})[t.scenario.name] = {"cpu_us": cpus_, "ratio_vs_modsec": ratios, "non_2xx_share": blocked}
+            lines.append(
+                f"| {wname} | {t.scenario.name} | {statistics.median(cpus_):,.0f} | "
+                f"{min(cpus_):,.0f}–{max(cpus_):,.0f} | {ratio} | {blocked:.0%}"
+                + (f" (+{other} socket errors)" if other else "")
+                + f" | {statistics.median([m.requests for m in ms]):,.0f} |"
+            )
+            doc.setdefault(wname, {})[t.scenario.name] = {
+                "cpu_us": cpus_,
+                "ratio_vs_modsec": ratios,
+                "non_2xx_share": blocked,
+            }
     return "\n".join(lines), doc
 
 
-def workers_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], args: argparse.Namespace) -> tuple[str, dict]:
+def workers_section(
+    env: Env, work: Path, cpus: Cpus, have: dict[str, bool], args: argparse.Namespace
+) -> tuple[str, dict]:
     """The identity pipeline (GET) with one worker and with ``--workers 2``, nothing pinned: both
     cores are shared by the gateway, wrk, the upstream and Redis, and the table says how much each
     took."""
@@ -946,14 +1135,22 @@ def workers_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], arg
         trees.append((f" [at {args.compare}]", args.compare_source))
     for label, source in trees:
         for w in (1, 2):
+
             def config(e: Env, w: int = w, tag: str = slug(label) or "this") -> dict[str, Any]:
                 cfg = base.config(e)  # type: ignore[misc]
                 cfg["audit"]["path"] = e.path(f"audit-workers-{w}-{tag}.jsonl")  # one trail per gateway
                 return cfg
 
-            s = Scenario(f"{w} worker{'s' if w > 1 else ''}{label}", "portvakt", base.request, config,
-                         modules=base.modules, needs=base.needs, expect_upstream_headers=base.expect_upstream_headers,
-                         source=source)
+            s = Scenario(
+                f"{w} worker{'s' if w > 1 else ''}{label}",
+                "portvakt",
+                base.request,
+                config,
+                modules=base.modules,
+                needs=base.needs,
+                expect_upstream_headers=base.expect_upstream_headers,
+                source=source,
+            )
             rows.append((w, Row(200 + len(rows), s)))
     for w, r in rows:
         launch(r, env, work, cpus, have, workers=w, role="none")
@@ -966,48 +1163,76 @@ def workers_section(env: Env, work: Path, cpus: Cpus, have: dict[str, bool], arg
     live = [(w, r) for w, r in rows if r.status == "pending"]
     if len(live) < 2 or len(live) < len(rows):
         stop_rows([r for _, r in rows])
-        return "workers figure skipped: " + "; ".join(f"{r.scenario.name}: {r.why}" for _, r in rows if r.why), {}
-    aux: dict[int, list[tuple[float, float, float]]] = {r.n: [] for _, r in live}  # (wrk cpu, upstream+redis cpu, wall)
+        return "workers figure skipped: " + "; ".join(
+            f"{r.scenario.name}: {r.why}" for _, r in rows if r.why
+        ), {}
+    aux: dict[int, list[tuple[float, float, float]]] = {
+        r.n: [] for _, r in live
+    }  # (wrk cpu, upstream+redis cpu, wall)
     others = [p for p in env.aux_pids if p]
-    for rnd in range(args.rounds):
-        for w, r in live:
+    for _round in range(args.rounds):
+        for _, r in live:
             o0, k0 = sum(procstat.tree_cpu_seconds(p) for p in others), ChildClock.now()
-            m = run_wrk(r.url, r.script, args.duration, args, cpus, pid=r.proc.pid, pin=False,  # type: ignore[arg-type,union-attr]
-                        counter=args.upstream_url)
-            aux[r.n].append((ChildClock.now() - k0, sum(procstat.tree_cpu_seconds(p) for p in others) - o0, m.seconds))
+            m = run_wrk(
+                r.url,
+                r.script,
+                args.duration,
+                args,
+                cpus,
+                pid=r.proc.pid,
+                pin=False,  # type: ignore[arg-type,union-attr]
+                counter=args.upstream_url,
+            )
+            aux[r.n].append(
+                (ChildClock.now() - k0, sum(procstat.tree_cpu_seconds(p) for p in others) - o0, m.seconds)
+            )
             r.samples.append(m)
     stop_rows([r for _, r in rows])
-    lines = ["| gateway | req/s (median) | spread | CPU µs/req | gateway cores busy | wrk cores | upstream+Redis cores |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| gateway | req/s (median) | spread | CPU µs/req | gateway cores busy | wrk cores | upstream+Redis cores |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     doc: dict[str, Any] = {}
-    for w, r in live:
+    for _, r in live:
         lo, hi = r.spread("rps")
         busy = statistics.median([s.cpu_s / s.seconds for s in r.samples])
         wrk_c = statistics.median([a[0] / a[2] for a in aux[r.n]])
         oth = statistics.median([a[1] / a[2] for a in aux[r.n]])
-        lines.append(f"| {r.scenario.name} | {r.median('rps'):,.0f} | {lo:,.0f}–{hi:,.0f} | "
-                     f"{r.median('cpu_us'):,.0f} | {busy:.2f} | {wrk_c:.2f} | {oth:.2f} |")
-        doc[r.scenario.name] = {"rps": [s.rps for s in r.samples], "cpu_us": [s.cpu_us for s in r.samples],
-                                "cores": busy, "wrk_cores": wrk_c, "aux_cores": oth}
+        lines.append(
+            f"| {r.scenario.name} | {r.median('rps'):,.0f} | {lo:,.0f}–{hi:,.0f} | "
+            f"{r.median('cpu_us'):,.0f} | {busy:.2f} | {wrk_c:.2f} | {oth:.2f} |"
+        )
+        doc[r.scenario.name] = {
+            "rps": [s.rps for s in r.samples],
+            "cpu_us": [s.cpu_us for s in r.samples],
+            "cores": busy,
+            "wrk_cores": wrk_c,
+            "aux_cores": oth,
+        }
     for i in range(0, len(live) - 1, 2):
         (_, one), (_, two) = live[i], live[i + 1]
         tput = [b.rps / a.rps for a, b in zip(one.samples, two.samples) if a.rps]
         cpu = [b.cpu_us / a.cpu_us for a, b in zip(one.samples, two.samples) if a.cpu_us]
         if tput and cpu:
             lines.append("")
-            lines.append(f"{two.scenario.name} / {one.scenario.name}, per round: throughput "
-                         f"{statistics.median(tput):.2f}× ({min(tput):.2f}–{max(tput):.2f}), CPU per request "
-                         f"{statistics.median(cpu):.2f}× ({min(cpu):.2f}–{max(cpu):.2f}).")
+            lines.append(
+                f"{two.scenario.name} / {one.scenario.name}, per round: throughput "
+                f"{statistics.median(tput):.2f}× ({min(tput):.2f}–{max(tput):.2f}), CPU per request "
+                f"{statistics.median(cpu):.2f}× ({min(cpu):.2f}–{max(cpu):.2f})."
+            )
     return "\n".join(lines), doc
 
 
 # ---- main -----------------------------------------------------------------------------------
 
+
 def export_revision(rev: str, work: Path) -> Path:
     """``git archive`` of the gateway code at ``rev`` (gateway/, filters/), to run beside this tree."""
     d = work / f"rev-{re.sub(r'[^A-Za-z0-9._-]', '_', rev)}"
     d.mkdir()
-    tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "gateway", "filters"], capture_output=True, check=True)
+    tar = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "gateway", "filters"], capture_output=True, check=True
+    )
     subprocess.run(["tar", "-x", "-C", str(d)], input=tar.stdout, check=True)
     return d
 
@@ -1019,8 +1244,16 @@ def with_twins(chosen: list[Scenario], rev: str, source: Path) -> list[Scenario]
     for s in chosen:
         out.append(s)
         if s.kind == "portvakt":
-            out.append(dataclasses.replace(s, name=f"{s.name} [at {rev}]", compare=s.name, source=source,
-                                           config=_own_audit_file(s.config), tags=s.tags + ("twin",)))
+            out.append(
+                dataclasses.replace(
+                    s,
+                    name=f"{s.name} [at {rev}]",
+                    compare=s.name,
+                    source=source,
+                    config=_own_audit_file(s.config),
+                    tags=s.tags + ("twin",),
+                )
+            )
     return out
 
 
@@ -1037,7 +1270,11 @@ def _own_audit_file(config: Any) -> Any:
 def select(args: argparse.Namespace) -> list[Scenario]:
     chosen = [s for s in sc.SCENARIOS if (not args.quick or "quick" in s.tags)]
     if args.only:
-        chosen = [s for s in chosen if s.kind == "bare" or any(w.lower() in s.name.lower() or w in s.tags for w in args.only)]
+        chosen = [
+            s
+            for s in chosen
+            if s.kind == "bare" or any(w.lower() in s.name.lower() or w in s.tags for w in args.only)
+        ]
         names = {s.name for s in chosen}
         by_name = {s.name: s for s in sc.SCENARIOS}
         for s in list(chosen):  # a row's reference runs too, so its difference has a partner
@@ -1051,33 +1288,68 @@ def select(args: argparse.Namespace) -> list[Scenario]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI smoke: a few rows, one short round, small WAF samples")
-    ap.add_argument("--duration", type=float, default=None, help="measured seconds per row and round (default 3; quick 1)")
-    ap.add_argument("--warmup", type=float, default=None, help="unmeasured seconds per row before the rounds (default 1.5)")
+    ap.add_argument(
+        "--quick", action="store_true", help="CI smoke: a few rows, one short round, small WAF samples"
+    )
+    ap.add_argument(
+        "--duration", type=float, default=None, help="measured seconds per row and round (default 3; quick 1)"
+    )
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="unmeasured seconds per row before the rounds (default 1.5)",
+    )
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; quick 1)")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
-    ap.add_argument("--only", nargs="*", default=None, help="rows whose name or tag contains one of these words (bare rows always)")
-    ap.add_argument("--profile", action="store_true", help="after the rounds, a py-spy flame graph (SVG) per Python row")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="rows whose name or tag contains one of these words (bare rows always)",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="after the rounds, a py-spy flame graph (SVG) per Python row"
+    )
     ap.add_argument("--no-waf-table", action="store_true", help="skip the WAF table")
     ap.add_argument("--no-latency", action="store_true", help="skip latency vs offered load")
     ap.add_argument("--no-workers", action="store_true", help="skip the --workers 2 figure")
-    ap.add_argument("--waf-requests", type=int, default=None, help="corpus requests per target and round (default 200; quick 60)")
-    ap.add_argument("--latency-duration", type=float, default=None, help="seconds per offered-load point (default 2)")
-    ap.add_argument("--compare", metavar="REV", help="also run every selected Portvakt row from the code at git "
-                    "revision REV, next to the same row of this tree in every round (before/after in one run)")
+    ap.add_argument(
+        "--waf-requests",
+        type=int,
+        default=None,
+        help="corpus requests per target and round (default 200; quick 60)",
+    )
+    ap.add_argument(
+        "--latency-duration", type=float, default=None, help="seconds per offered-load point (default 2)"
+    )
+    ap.add_argument(
+        "--compare",
+        metavar="REV",
+        help="also run every selected Portvakt row from the code at git "
+        "revision REV, next to the same row of this tree in every round (before/after in one run)",
+    )
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    ap.add_argument("--out", default=str(HERE / "out"), help="where the table, JSON, plots and profiles go (default bench/out)")
+    ap.add_argument(
+        "--out",
+        default=str(HERE / "out"),
+        help="where the table, JSON, plots and profiles go (default bench/out)",
+    )
     ap.add_argument("--markdown", help="also write the report to this file")
     ap.add_argument("--json", help="also write the results as JSON to this file")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, wrk scripts)")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the work directory (configs, logs, wrk scripts)"
+    )
     args = ap.parse_args(argv)
     q = args.quick
     args.duration = args.duration if args.duration is not None else (1.0 if q else 3.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if q else 1.5)
     args.rounds = args.rounds if args.rounds is not None else (1 if q else 3)
     args.waf_requests = args.waf_requests if args.waf_requests is not None else (60 if q else 200)
-    args.latency_duration = args.latency_duration if args.latency_duration is not None else (1.0 if q else 2.0)
+    args.latency_duration = (
+        args.latency_duration if args.latency_duration is not None else (1.0 if q else 2.0)
+    )
     if q:
         args.no_workers = True
     return args
@@ -1102,8 +1374,12 @@ def main(argv: list[str] | None = None) -> int:
         pki = prepare_pki(work)
         password, pw_hash = integration_credentials()
         crs = find_crs()
-        have = {"redis": shutil.which("redis-server") is not None, "crs": crs is not None,
-                "nginx": shutil.which("nginx") is not None, "modsec": waftable.modsec_available() is None}
+        have = {
+            "redis": shutil.which("redis-server") is not None,
+            "crs": crs is not None,
+            "nginx": shutil.which("nginx") is not None,
+            "modsec": waftable.modsec_available() is None,
+        }
         selected = select(args)
         if args.compare:
             args.compare_source = export_revision(args.compare, work)
@@ -1121,8 +1397,26 @@ def main(argv: list[str] | None = None) -> int:
             rport = free_port()
             rdir = work / "redis"
             rdir.mkdir()
-            redis = start("redis", cpus.wrap(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                              "--appendonly", "no", "--dir", str(rdir)], "aux"), work)
+            redis = start(
+                "redis",
+                cpus.wrap(
+                    [
+                        "redis-server",
+                        "--port",
+                        str(rport),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(rdir),
+                    ],
+                    "aux",
+                ),
+                work,
+            )
             procs.append(redis)
             if wait_port(rport, redis, 20) is None:
                 redis_url, redis_pid = f"redis://127.0.0.1:{rport}/0", redis.pid
@@ -1130,13 +1424,18 @@ def main(argv: list[str] | None = None) -> int:
                 have["redis"] = False
         args.upstream_url = f"http://127.0.0.1:{up_port}"
         env = Env(
-            work=str(work), pki_dir=str(pki), upstream_url=f"http://127.0.0.1:{up_port}", token=mint_token(pki),
-            integration_password=password, integration_hash=pw_hash, redis_url=redis_url,
+            work=str(work),
+            pki_dir=str(pki),
+            upstream_url=f"http://127.0.0.1:{up_port}",
+            token=mint_token(pki),
+            integration_password=password,
+            integration_hash=pw_hash,
+            redis_url=redis_url,
             crs_dir=str(crs) if crs else None,
         )
         env.aux_pids = [upstream.pid, redis_pid or 0]
 
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         header = [
             f"Portvakt bench, {now:%Y-%m-%d %H:%M} UTC: {machine()}.",
             f"{cpus.describe()}.",
@@ -1150,22 +1449,47 @@ def main(argv: list[str] | None = None) -> int:
         rows = [Row(i + 1, s) for i, s in enumerate(selected)]
         t0 = time.monotonic()
         start_rows(rows, env, work, cpus, have, args)
-        say(f"  {sum(r.status == 'pending' for r in rows)} rows started, checked and warmed up in {time.monotonic() - t0:.0f}s")
+        say(
+            f"  {sum(r.status == 'pending' for r in rows)} rows started, checked and warmed up in {time.monotonic() - t0:.0f}s"
+        )
         rounds_over(rows, args, cpus, "rows")
         compute_ratios(rows)
         report = ["\n".join(header), "", main_table(rows), ""]
         if args.compare:
             report += [f"This tree against {args.compare} (same rounds):", "", twin_table(rows), ""]
         ok = [r for r in rows if r.status == "ok" and r.samples]
-        bars = [(f"#{r.n} {r.scenario.name}", r.median("cpu_us"), *r.spread("cpu_us"),
-                 {"upstream": "reference", "nginx": "reference", "bare": "bare proxy"}.get(r.scenario.kind, "Portvakt"))
-                for r in ok]
-        (out / "cpu-per-row.svg").write_text(svg.bar_chart("Gateway CPU per request (TLS keep-alive)", bars, "CPU µs per request"))
+        bars = [
+            (
+                f"#{r.n} {r.scenario.name}",
+                r.median("cpu_us"),
+                *r.spread("cpu_us"),
+                {"upstream": "reference", "nginx": "reference", "bare": "bare proxy"}.get(
+                    r.scenario.kind, "Portvakt"
+                ),
+            )
+            for r in ok
+        ]
+        (out / "cpu-per-row.svg").write_text(
+            svg.bar_chart("Gateway CPU per request (TLS keep-alive)", bars, "CPU µs per request")
+        )
         report.append("Plot: `cpu-per-row.svg`.")
-        doc: dict[str, Any] = {"header": header, "rows": [
-            {"n": r.n, "row": r.scenario.name, "status": r.status, "why": r.why,
-             "cpu_us": [s.cpu_us for s in r.samples], "ratio_vs_bare": r.ratios, "rps": [s.rps for s in r.samples],
-             "p50_us": [s.p50_us for s in r.samples], "p99_us": [s.p99_us for s in r.samples]} for r in rows]}
+        doc: dict[str, Any] = {
+            "header": header,
+            "rows": [
+                {
+                    "n": r.n,
+                    "row": r.scenario.name,
+                    "status": r.status,
+                    "why": r.why,
+                    "cpu_us": [s.cpu_us for s in r.samples],
+                    "ratio_vs_bare": r.ratios,
+                    "rps": [s.rps for s in r.samples],
+                    "p50_us": [s.p50_us for s in r.samples],
+                    "p99_us": [s.p99_us for s in r.samples],
+                }
+                for r in rows
+            ],
+        }
 
         if args.profile:
             say("profiles (py-spy, non-blocking sampling at 200 Hz):")
@@ -1175,14 +1499,18 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"  [{r.n}] {r.scenario.name}: {res}")
             report += ["", "Profiles (py-spy, inclusive % of samples, top frames):", ""]
             for r in ok:
-                if r.profile.get("top") and ("pipeline" in r.scenario.tags or "twin" in r.scenario.tags
-                                             or r.scenario.kind == "bare"):
+                if r.profile.get("top") and (
+                    "pipeline" in r.scenario.tags or "twin" in r.scenario.tags or r.scenario.kind == "bare"
+                ):
                     report.append(f"#{r.n} {r.scenario.name} — flame graph `{Path(r.profile['svg']).name}`")
                     report.append("")
                     report.append("| Portvakt function | inclusive | self |")
                     report.append("|---|---:|---:|")
-                    report += [f"| `{f[:110]}` | {i:.1f} % | {s:.1f} % |" for f, i, s in r.profile["top"]
-                               if ("gateway/" in f or "filters/" in f) and "cli.py" not in f and "__main__" not in f][:18]
+                    report += [
+                        f"| `{f[:110]}` | {i:.1f} % | {s:.1f} % |"
+                        for f, i, s in r.profile["top"]
+                        if ("gateway/" in f or "filters/" in f) and "cli.py" not in f and "__main__" not in f
+                    ][:18]
                     report.append("")
                     report.append("| function (by self time) | self | inclusive |")
                     report.append("|---|---:|---:|")
@@ -1191,25 +1519,40 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_latency:
             say("latency vs offered load:")
             text, ldoc = latency_section(rows, args, cpus, work, out)
-            report += ["", "Latency vs offered load (wrk delay() per connection, 16 connections; closed loop, so the "
-                       "x axis is the achieved rate). Plot: `latency-vs-load.svg`.", "", text]
+            report += [
+                "",
+                "Latency vs offered load (wrk delay() per connection, 16 connections; closed loop, so the "
+                "x axis is the achieved rate). Plot: `latency-vs-load.svg`.",
+                "",
+                text,
+            ]
             doc["latency"] = ldoc
         stop_rows(rows)
 
         if not args.no_waf_table:
             say("WAF table (plain HTTP, 8 connections):")
             text, wdoc = waf_section(env, work, cpus, have, args)
-            report += ["", f"WAF table: CPU µs per request of the process under test, plain HTTP, 8 connections, "
-                       f"{args.rounds} interleaved round(s); corpora replayed {args.waf_requests} requests per target "
-                       f"and round (a different slice each round, the same for every target), GET/POST "
-                       f"{args.duration:g} s. × ModSecurity: per round, then the median.", "", text]
+            report += [
+                "",
+                f"WAF table: CPU µs per request of the process under test, plain HTTP, 8 connections, "
+                f"{args.rounds} interleaved round(s); corpora replayed {args.waf_requests} requests per target "
+                f"and round (a different slice each round, the same for every target), GET/POST "
+                f"{args.duration:g} s. × ModSecurity: per round, then the median.",
+                "",
+                text,
+            ]
             doc["waf"] = wdoc
         if not args.no_workers:
             say("workers (nothing pinned):")
             text, kdoc = workers_section(env, work, cpus, have, args)
-            report += ["", f"Workers: identity pipeline GET, wrk -c{args.connections} -t{args.threads}; nothing pinned, "
-                       "so the gateway, wrk, the upstream and Redis share both cores (their shares below, in cores "
-                       "busy over the window).", "", text]
+            report += [
+                "",
+                f"Workers: identity pipeline GET, wrk -c{args.connections} -t{args.threads}; nothing pinned, "
+                "so the gateway, wrk, the upstream and Redis share both cores (their shares below, in cores "
+                "busy over the window).",
+                "",
+                text,
+            ]
             doc["workers"] = kdoc
         report.append("")
         report.append(f"Whole run: {time.monotonic() - t_start:.0f} s.")
@@ -1221,7 +1564,10 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.markdown).write_text(md)
         if args.json:
             Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
-        say(f"written: {out}/bench.md, bench.json, cpu-per-row.svg" + (", latency-vs-load.svg" if not args.no_latency else ""))
+        say(
+            f"written: {out}/bench.md, bench.json, cpu-per-row.svg"
+            + (", latency-vs-load.svg" if not args.no_latency else "")
+        )
         return 0
     finally:
         stop_rows(rows)

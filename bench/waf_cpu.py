@@ -21,7 +21,10 @@ from filters.waf.stage import WafEngine, shared_dir  # noqa: E402
 
 HEADERS = [
     ("Host", "api.example.no"),
-    ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"),
+    (
+        "User-Agent",
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36",
+    ),
     ("Accept", "application/json"),
     ("Accept-Language", "nb-NO,nb;q=0.9,en;q=0.8"),
     ("Accept-Encoding", "gzip, deflate, br"),
@@ -62,8 +65,13 @@ def requests(n: int, kind: str) -> list[dict]:
     for i in range(n):
         headers = [(k, v.replace("abc123def456", f"s{i:08d}x")) for k, v in HEADERS]
         if kind == "get":
-            out.append(dict(method="GET", uri=f"/api/v1/saker/2024-{i}/dokumenter?side={i % 7}&antall={i % 50}&q=sak{i}",
-                            headers=headers))
+            out.append(
+                dict(
+                    method="GET",
+                    uri=f"/api/v1/saker/2024-{i}/dokumenter?side={i % 7}&antall={i % 50}&q=sak{i}",
+                    headers=headers,
+                )
+            )
         else:
             doc = json.loads(body_1k())
             doc["saksnummer"] = f"2024/{i}"
@@ -71,8 +79,15 @@ def requests(n: int, kind: str) -> list[dict]:
             doc["beskrivelse"] = doc["beskrivelse"] + f" Ref {i}."
             doc["dokumenter"][0]["storrelse"] = i
             body = json.dumps(doc, ensure_ascii=False).encode()
-            out.append(dict(method="POST", uri=f"/api/v1/saker?v={i}", body=body,
-                            headers=headers + [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]))
+            out.append(
+                dict(
+                    method="POST",
+                    uri=f"/api/v1/saker?v={i}",
+                    body=body,
+                    headers=headers
+                    + [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+                )
+            )
     return out
 
 

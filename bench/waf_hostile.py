@@ -37,8 +37,10 @@ def make_filter(rules: str):
         if d is None:
             raise SystemExit("../shared/waf (CRS) is absent; set PORTVAKT_SHARED_DIR")
         extra = f", crs_path: '{os.path.join(d, 'waf', 'crs')}'"
-    cfg = parse_config("upstreams: {u: {url: 'http://127.0.0.1:9'}}\nroutes: [{name: r, upstream: u}]\n"
-                       f"server: {{plain_http: true}}\nwaf: {{rules: {rules}{extra}}}\n")
+    cfg = parse_config(
+        "upstreams: {u: {url: 'http://127.0.0.1:9'}}\nroutes: [{name: r, upstream: u}]\n"
+        f"server: {{plain_http: true}}\nwaf: {{rules: {rules}{extra}}}\n"
+    )
     (f,) = build_stage(BuildEnv(config=cfg, base_dir=".", secrets={})).filters_for_route(cfg.routes[0])
     return f
 
@@ -64,8 +66,11 @@ async def main() -> None:
     a = ap.parse_args()
     packs = ["crs", "builtin"] if a.rules == "both" else [a.rules]
     filters = {p: make_filter(p) for p in packs}
-    print(f"{'shape':44} {'body':>7}  " + "  ".join(f"{p + ' answer':>22} {'med ms':>7} {'max ms':>7}" for p in packs))
-    worst: dict[str, tuple[float, str]] = {p: (0.0, "") for p in packs}
+    print(
+        f"{'shape':44} {'body':>7}  "
+        + "  ".join(f"{p + ' answer':>22} {'med ms':>7} {'max ms':>7}" for p in packs)
+    )
+    worst: dict[str, tuple[float, str]] = dict.fromkeys(packs, (0.0, ""))
     for shape in shapes():
         if a.only and a.only not in shape.name:
             continue

@@ -18,8 +18,18 @@ import random
 import re
 from pathlib import Path
 
-DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection",
-        "upgrade", "expect", "te", "trailer"}
+DROP = {
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "expect",
+    "te",
+    "trailer",
+}
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _BAD = re.compile(r"[\x00-\x20\x7f]")
 
@@ -30,7 +40,9 @@ def raw_request(rec: dict) -> bytes | None:
     if not _TOKEN.match(method) or not uri.startswith("/") or _BAD.search(uri):
         return None
     try:
-        body = base64.b64decode(rec["body"]) if rec.get("body_b64") else (rec.get("body") or "").encode("utf-8")
+        body = (
+            base64.b64decode(rec["body"]) if rec.get("body_b64") else (rec.get("body") or "").encode("utf-8")
+        )
         lines = [f"{method} {uri} HTTP/1.1".encode("latin-1"), b"Host: localhost"]
         for k, v in (rec.get("headers") or {}).items():
             if k.lower() in DROP:
@@ -85,8 +97,10 @@ def modsec_available() -> str | None:
 
 
 def modsec_module() -> str | None:
-    for p in ("/usr/lib/nginx/modules/ngx_http_modsecurity_module.so",
-              "/usr/share/nginx/modules/ngx_http_modsecurity_module.so"):
+    for p in (
+        "/usr/lib/nginx/modules/ngx_http_modsecurity_module.so",
+        "/usr/share/nginx/modules/ngx_http_modsecurity_module.so",
+    ):
         if os.path.exists(p):
             return p
     return None

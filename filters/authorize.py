@@ -45,12 +45,18 @@ grant_log = logging.getLogger("portvakt.grants")
 
 
 class AccessRule(Model):
-    integration: bool = Field(False, description="A verified Fiks integration with a grant for this route's service")
+    integration: bool = Field(
+        False, description="A verified Fiks integration with a grant for this route's service"
+    )
     scopes: list[str] = Field(default_factory=list, description="Token scopes all required")
     person: bool = Field(False, description="An ID-porten person")
     acr: str | None = Field(None, description="Minimum ID-porten level for persons")
-    pid_from: str | None = Field(None, description="path:/template/{pid}/ - the person may only reach their own pid")
-    certificate_orgs: list[str] = Field(default_factory=list, description="Client certificate org numbers admitted")
+    pid_from: str | None = Field(
+        None, description="path:/template/{pid}/ - the person may only reach their own pid"
+    )
+    certificate_orgs: list[str] = Field(
+        default_factory=list, description="Client certificate org numbers admitted"
+    )
     organizations: list[str] = Field(default_factory=list, description="Token consumer orgs admitted")
 
     @field_validator("acr")
@@ -76,13 +82,17 @@ class AccessRule(Model):
         return v
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "AccessRule":
-        kinds = [k for k, on in (
-            ("integration", self.integration),
-            ("person", self.person),
-            ("certificate_orgs", bool(self.certificate_orgs)),
-            ("organizations", bool(self.organizations)),
-        ) if on]
+    def _one_kind(self) -> AccessRule:
+        kinds = [
+            k
+            for k, on in (
+                ("integration", self.integration),
+                ("person", self.person),
+                ("certificate_orgs", bool(self.certificate_orgs)),
+                ("organizations", bool(self.organizations)),
+            )
+            if on
+        ]
         if len(kinds) != 1:
             raise ValueError(
                 "a rule needs exactly one of integration: true, person: true, certificate_orgs, organizations"
@@ -146,7 +156,7 @@ def compile_path_template(spec: str, var: str) -> re.Pattern[str]:
     start, capturing the segment as group ``v``. Raises ValueError for anything else."""
     if not spec.startswith("path:/"):
         raise ValueError(f'must be "path:/.../{{{var}}}/..."')
-    tpl = spec[len("path:"):]
+    tpl = spec[len("path:") :]
     names = _PLACEHOLDER.findall(tpl)
     if names != [var]:
         raise ValueError(f"template needs exactly one {{{var}}} placeholder and no other")
@@ -169,14 +179,14 @@ class OrgSource:
 
 def compile_org_source(spec: str) -> OrgSource:
     if spec.startswith("header:"):
-        name = spec[len("header:"):]
+        name = spec[len("header:") :]
         if not re.match(r"^[A-Za-z0-9-]+\Z", name):
             raise ValueError("header name must be letters, digits and '-'")
         return OrgSource(header=name)
     return OrgSource(path=compile_path_template(spec, "organization"))
 
 
-def route_policy_problems(route: "RouteConfig") -> list[tuple[tuple[Any, ...], str]]:
+def route_policy_problems(route: RouteConfig) -> list[tuple[tuple[Any, ...], str]]:
     """Cross-field problems of one route's policy, as (yaml sub-path, message); empty when fine."""
     errs: list[tuple[tuple[Any, ...], str]] = []
     # gateway.config already reports values of neither form; here the finer template rules.
@@ -190,7 +200,9 @@ def route_policy_problems(route: "RouteConfig") -> list[tuple[tuple[Any, ...], s
             if rule.integration and not route.service:
                 errs.append((("access", "any_of", i), "an integration rule needs the route's service"))
             if rule.integration and not route.organization_from:
-                errs.append((("access", "any_of", i), "an integration rule needs the route's organization_from"))
+                errs.append(
+                    (("access", "any_of", i), "an integration rule needs the route's organization_from")
+                )
     return errs
 
 
@@ -222,10 +234,13 @@ _NOT_APPLICABLE = 0
 
 def _compile_rule(index: int, r: AccessRule) -> _Rule:
     kind = (
-        "integration" if r.integration else
-        "person" if r.person else
-        "certificate" if r.certificate_orgs else
-        "organization"
+        "integration"
+        if r.integration
+        else "person"
+        if r.person
+        else "certificate"
+        if r.certificate_orgs
+        else "organization"
     )
     return _Rule(
         index=index,
@@ -242,7 +257,7 @@ class AuthorizeFilter(Filter):
     name = "authorize"
     position = POS_AUTHORIZE
 
-    def __init__(self, stage: "AuthorizeStage", route: "RouteConfig"):
+    def __init__(self, stage: AuthorizeStage, route: RouteConfig):
         assert route.access is not None
         self.stage = stage
         self.mode = route.access.mode
@@ -252,7 +267,9 @@ class AuthorizeFilter(Filter):
         self.rules = tuple(_compile_rule(i, r) for i, r in enumerate(route.access.any_of))
         self.uses_certificates = any(r.kind == "certificate" for r in self.rules)
         self.pid_paths = tuple(dict.fromkeys(r.pid_path for r in self.rules if r.pid_path is not None))
-        self.uses_paths = self.pid_paths != () or (self.org_source is not None and self.org_source.path is not None)
+        self.uses_paths = self.pid_paths != () or (
+            self.org_source is not None and self.org_source.path is not None
+        )
 
     def _audit(self, ctx: RequestContext, **facts: Any) -> None:
         ctx.audit["authorize"] = {"service": self.service, "legal_basis": self.legal_basis, **facts}
@@ -272,12 +289,16 @@ class AuthorizeFilter(Filter):
         has_cert = ctx.certificate is not None and self.uses_certificates
         if ctx.token is None and ctx.integration is None and not has_cert:
             return self._deny(
-                ctx, AUTHENTICATION_REQUIRED, headers={"WWW-Authenticate": BEARER_CHALLENGE},
+                ctx,
+                AUTHENTICATION_REQUIRED,
+                headers={"WWW-Authenticate": BEARER_CHALLENGE},
                 detail="This route requires a bearer token.",
             )
         raw = ctx.raw_path
         if self.uses_paths and _AMBIGUOUS.search(raw):
-            return self._deny(ctx, BAD_REQUEST, "ambiguous_path", detail="Path has dot segments or encoded separators.")
+            return self._deny(
+                ctx, BAD_REQUEST, "ambiguous_path", detail="Path has dot segments or encoded separators."
+            )
         denied = self._find_target_org(ctx, raw)
         if denied is not None:
             return denied
@@ -289,7 +310,8 @@ class AuthorizeFilter(Filter):
             pid = m.group("v")
             if not norid.is_pid(pid):
                 return self._deny(
-                    ctx, INVALID_NATIONAL_IDENTITY_NUMBER,
+                    ctx,
+                    INVALID_NATIONAL_IDENTITY_NUMBER,
                     detail="The national identity number in the path is not valid.",
                 )
             path_pids[pat] = pid
@@ -301,7 +323,11 @@ class AuthorizeFilter(Filter):
             failure = self._evaluate(rule, ctx, path_pids)
             if failure is None:
                 self._audit(
-                    ctx, result="allowed", rule=rule.index, kind=rule.kind, target_org=ctx.target_org,
+                    ctx,
+                    result="allowed",
+                    rule=rule.index,
+                    kind=rule.kind,
+                    target_org=ctx.target_org,
                     **({"own_pid": True} if rule.pid_path is not None else {}),
                 )
                 return ALLOW
@@ -322,14 +348,18 @@ class AuthorizeFilter(Filter):
             values = ctx.headers.getall(src.header, [])
             if len(values) > 1:
                 return self._deny(
-                    ctx, INVALID_ORGANIZATION_NUMBER, "organization_header_repeated",
+                    ctx,
+                    INVALID_ORGANIZATION_NUMBER,
+                    "organization_header_repeated",
                     detail=f"{src.header} was sent more than once.",
                 )
             value = values[0].strip() if values else None
         if value is None:
             return None
         if not norid.is_org_number(value):
-            return self._deny(ctx, INVALID_ORGANIZATION_NUMBER, detail="The organisation number is not valid.")
+            return self._deny(
+                ctx, INVALID_ORGANIZATION_NUMBER, detail="The organisation number is not valid."
+            )
         ctx.target_org = value
         return None
 
@@ -340,11 +370,15 @@ class AuthorizeFilter(Filter):
             return None
         wanted = " ".join(sorted(rule.scopes))
         return _Failure(
-            2, INSUFFICIENT_SCOPE, INSUFFICIENT_SCOPE,
+            2,
+            INSUFFICIENT_SCOPE,
+            INSUFFICIENT_SCOPE,
             (("WWW-Authenticate", f'Bearer realm="portvakt", error="insufficient_scope", scope="{wanted}"'),),
         )
 
-    def _evaluate(self, rule: _Rule, ctx: RequestContext, path_pids: dict[re.Pattern[str], str]) -> _Failure | None:
+    def _evaluate(
+        self, rule: _Rule, ctx: RequestContext, path_pids: dict[re.Pattern[str], str]
+    ) -> _Failure | None:
         """None when ``rule`` admits the request, else why not (with how specific that is)."""
         tok = ctx.token
         if rule.kind == "integration":
@@ -400,7 +434,7 @@ class AuthorizeStage(Stage):
         self.grants = grants
         self._grant_changes: list[tuple[str, str, str, str]] = []
 
-    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+    def filters_for_route(self, route: RouteConfig) -> list[Filter]:
         if route.access is None or route.access.mode is Mode.off:
             return []
         return [AuthorizeFilter(self, route)]
@@ -422,7 +456,10 @@ class AuthorizeStage(Stage):
 def compile_grants(integrations: list[Any]) -> frozenset[tuple[str, str, str]]:
     """(integration id, organisation, service) for every grant in ``integrations:``."""
     return frozenset(
-        (integ.id, g.organization, service) for integ in integrations for g in integ.grants for service in g.services
+        (integ.id, g.organization, service)
+        for integ in integrations
+        for g in integ.grants
+        for service in g.services
     )
 
 

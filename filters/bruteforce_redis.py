@@ -153,8 +153,12 @@ class RedisFailureStore:
         self.last_error = ""
         longest = max(cfg.max_failures, cfg.ip_max_failures, cfg.id_max_failures)
         self._static = [
-            str(cfg.free_failures), str(cfg.max_failures), str(cfg.ip_max_failures), str(cfg.id_max_failures),
-            str(int(cfg.lockout_seconds * 1000)), str(max(1, int(cfg.decay_seconds * 1000))),
+            str(cfg.free_failures),
+            str(cfg.max_failures),
+            str(cfg.ip_max_failures),
+            str(cfg.id_max_failures),
+            str(int(cfg.lockout_seconds * 1000)),
+            str(max(1, int(cfg.decay_seconds * 1000))),
             str(int(cfg.known_good_seconds * 1000)),
         ]
         self._ttl = str(int((cfg.lockout_seconds + cfg.decay_seconds * longest) * 1000) + 60_000)
@@ -166,8 +170,12 @@ class RedisFailureStore:
         from redis.backoff import NoBackoff
 
         self.client = Redis.from_url(
-            self._url, socket_timeout=self.timeout, socket_connect_timeout=max(self.timeout, 1.0),
-            retry=Retry(NoBackoff(), 0), health_check_interval=0, client_name="portvakt-brute-force",
+            self._url,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=max(self.timeout, 1.0),
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            client_name="portvakt-brute-force",
         )
         self._script = self.client.register_script(BRUTE_FORCE_LUA)
 
@@ -184,7 +192,9 @@ class RedisFailureStore:
 
     def readiness(self) -> dict[str, str]:
         if time.monotonic() < self._down_until:
-            return {"brute_force_redis": f"fallback: redis unreachable ({self.last_error}), counting per process"}
+            return {
+                "brute_force_redis": f"fallback: redis unreachable ({self.last_error}), counting per process"
+            }
         return {"brute_force_redis": "ok"}
 
     def _down(self, e: BaseException) -> None:
@@ -205,7 +215,13 @@ class RedisFailureStore:
             async with asyncio.timeout(self.timeout):
                 out = await self._script(
                     keys=self._keys(iid, ip),
-                    args=[mode, *self._static, f"{admitted_at:.0f}", self._ttl, str(self.cfg.ip_free_failures)],
+                    args=[
+                        mode,
+                        *self._static,
+                        f"{admitted_at:.0f}",
+                        self._ttl,
+                        str(self.cfg.ip_free_failures),
+                    ],
                 )
         except Exception as e:  # noqa: BLE001 - any failure: the in-process fallback decides
             self._down(e)

@@ -36,7 +36,13 @@ from urllib.parse import unquote
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
-from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 from pydantic import Field
 
 from gateway import problems
@@ -59,7 +65,9 @@ DEFAULT_HEADERS = {
 
 class CertificatesConfig(Model):
     mode: Mode = Field(Mode.enforce, description="off | detect | enforce")
-    crl_files: list[str] = Field(default_factory=list, description="CRL files (PEM or DER); revoked certs are refused")
+    crl_files: list[str] = Field(
+        default_factory=list, description="CRL files (PEM or DER); revoked certs are refused"
+    )
     forwarded_format: Literal["none", "xfcc", "client-cert", "nginx"] = Field(
         "none", description="Header format of a client cert forwarded by a trusted TLS-terminating proxy"
     )
@@ -209,7 +217,9 @@ class Forwarded:
     chain_header: str | None
 
     def present(self, ctx: RequestContext) -> bool:
-        return self.header in ctx.headers or (self.chain_header is not None and self.chain_header in ctx.headers)
+        return self.header in ctx.headers or (
+            self.chain_header is not None and self.chain_header in ctx.headers
+        )
 
     def raw(self, ctx: RequestContext) -> tuple[str, ...] | None:
         values = ctx.headers.getall(self.header, ())
@@ -273,7 +283,11 @@ def load_crls(paths: list[str], cas: list[x509.Certificate]) -> frozenset[tuple[
             if signers and not any(_crl_signed_by(crl, ca) for ca in signers):
                 raise ValueError(f"certificates.crl_files: {p}: signature does not verify against its CA")
             if not signers:
-                log.warning("CRL %s: issuer %s is not in the CA bundle; signature not checked", p, crl.issuer.rfc4514_string())
+                log.warning(
+                    "CRL %s: issuer %s is not in the CA bundle; signature not checked",
+                    p,
+                    crl.issuer.rfc4514_string(),
+                )
             for r in crl:
                 revoked.add((issuer, r.serial_number))
     return frozenset(revoked)
@@ -310,7 +324,7 @@ class CertificatesFilter(Filter):
     name = "certificates"
     position = POS_CERTIFICATES
 
-    def __init__(self, stage: "CertificatesStage", mode: Mode) -> None:
+    def __init__(self, stage: CertificatesStage, mode: Mode) -> None:
         self.stage = stage
         self.mode = mode
 
@@ -321,8 +335,13 @@ class CertificatesFilter(Filter):
 class CertificatesStage(Stage):
     name = "certificates"
 
-    def __init__(self, cfg: CertificatesConfig, forwarded: Forwarded | None, cas: list[x509.Certificate],
-                 revoked: frozenset[tuple[bytes, int]]) -> None:
+    def __init__(
+        self,
+        cfg: CertificatesConfig,
+        forwarded: Forwarded | None,
+        cas: list[x509.Certificate],
+        revoked: frozenset[tuple[bytes, int]],
+    ) -> None:
         self.cfg = cfg
         self.forwarded = forwarded
         self.revoked = revoked
@@ -334,7 +353,7 @@ class CertificatesStage(Stage):
         self._fwd_cache: OrderedDict[bytes, _Entry] = OrderedDict()
         self._filter = CertificatesFilter(self, cfg.mode) if cfg.mode is not Mode.off else None
 
-    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+    def filters_for_route(self, route: RouteConfig) -> list[Filter]:
         return [self._filter] if self._filter is not None else []
 
     def check(self, ctx: RequestContext) -> Decision:
@@ -347,8 +366,13 @@ class CertificatesStage(Stage):
                     entry = self._forwarded(raw)
             except CertError as e:
                 ctx.audit["certificates"] = {"source": fwd.format, "result": e.reason}
-                return Deny(Problem(CERTIFICATE_INVALID, detail="The forwarded client certificate was not accepted.",
-                                    internal_reason=e.reason))
+                return Deny(
+                    Problem(
+                        CERTIFICATE_INVALID,
+                        detail="The forwarded client certificate was not accepted.",
+                        internal_reason=e.reason,
+                    )
+                )
         elif fwd is not None and fwd.present(ctx):
             ctx.audit["certificates"] = {"forwarded_ignored": "untrusted peer"}
         if entry is None:
@@ -359,13 +383,21 @@ class CertificatesStage(Stage):
         for key in entry.chain_keys:
             if key in self.revoked:
                 ident = entry.identity
-                ctx.audit["certificates"] = {"source": ident.source, "org": ident.org_number,
-                                             "fingerprint": ident.fingerprint_sha256, "result": "certificate_revoked"}
+                ctx.audit["certificates"] = {
+                    "source": ident.source,
+                    "org": ident.org_number,
+                    "fingerprint": ident.fingerprint_sha256,
+                    "result": "certificate_revoked",
+                }
                 return Deny(Problem(CERTIFICATE_REVOKED, detail="The client certificate has been revoked."))
         ident = entry.identity
         ctx.certificate = ident
-        ctx.audit["certificates"] = {"source": ident.source, "org": ident.org_number, "seid": ident.seid,
-                                     "fingerprint": ident.fingerprint_sha256}
+        ctx.audit["certificates"] = {
+            "source": ident.source,
+            "org": ident.org_number,
+            "seid": ident.seid,
+            "fingerprint": ident.fingerprint_sha256,
+        }
         return ALLOW
 
     def _from_tls(self, chain: tuple[bytes, ...]) -> _Entry:
@@ -382,7 +414,7 @@ class CertificatesStage(Stage):
     def _forwarded(self, raw: tuple[str, ...]) -> _Entry:
         assert self.forwarded is not None
         digest = hashlib.sha256("\x00".join(raw).encode()).digest()
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         hit = self._fwd_cache.get(digest)
         if hit is not None and hit.valid_until is not None and now < hit.valid_until:
             self._fwd_cache.move_to_end(digest)

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 
@@ -57,12 +58,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class IngressConfig(Model):
     mode: Mode = Field(Mode.enforce, description="off | detect | enforce")
-    allow_cidrs: list[str] = Field(default_factory=list, description="When non-empty, only these client CIDRs may call")
-    deny_cidrs: list[str] = Field(default_factory=list, description="Client CIDRs always refused (checked first)")
+    allow_cidrs: list[str] = Field(
+        default_factory=list, description="When non-empty, only these client CIDRs may call"
+    )
+    deny_cidrs: list[str] = Field(
+        default_factory=list, description="Client CIDRs always refused (checked first)"
+    )
     max_uri_bytes: int = Field(8192, gt=0, description="Longest request target (path + query) accepted")
     max_header_bytes: int = Field(16384, gt=0, description="Largest total size of request headers accepted")
     max_headers: int = Field(100, gt=0, description="Most request header lines accepted")
-    max_body_bytes: int = Field(10 * 1024 * 1024, ge=0, description="Largest request body accepted (413 above)")
+    max_body_bytes: int = Field(
+        10 * 1024 * 1024, ge=0, description="Largest request body accepted (413 above)"
+    )
     allowed_methods: list[str] = Field(
         default_factory=lambda: list(HTTP_METHODS),
         description="Methods any route may be called with (a route's match.methods narrows this further); "
@@ -143,7 +150,7 @@ class CidrSet:
     def __bool__(self) -> bool:
         return bool(self.v4 or self.v6)
 
-    def __contains__(self, ip: "IPAddress") -> bool:
+    def __contains__(self, ip: IPAddress) -> bool:
         x = int(ip)
         ranges = self.v4
         if ip.version == 6:
@@ -203,7 +210,9 @@ def check_path(raw_path: str, prefix: str) -> str | None:
         if _BAD_PCT.search(raw_path):
             return "bad_percent_encoding"
         try:
-            decoded = _PCT.sub(lambda m: bytes([int(m.group(1), 16)]), raw_path.encode("utf-8", "surrogateescape"))
+            decoded = _PCT.sub(
+                lambda m: bytes([int(m.group(1), 16)]), raw_path.encode("utf-8", "surrogateescape")
+            )
         except UnicodeEncodeError:  # pragma: no cover - a str from the parser always encodes
             return "bad_encoding"
         if b"\x00" in decoded:
@@ -279,7 +288,7 @@ class IngressFilter(Filter):
     name = "ingress"
     position = POS_INGRESS
 
-    def __init__(self, cfg: IngressConfig, stage: "IngressStage", route: "RouteConfig") -> None:
+    def __init__(self, cfg: IngressConfig, stage: IngressStage, route: RouteConfig) -> None:
         self.mode = cfg.mode
         self.timeout = 1.0
         self._stage = stage
@@ -296,7 +305,7 @@ class IngressFilter(Filter):
         # Both lists must admit the host: the route's list narrows the global one.
         self._host_lists = tuple(s for s in (global_hosts, route_hosts) if s)
 
-    async def check(self, ctx: "RequestContext") -> Decision:
+    async def check(self, ctx: RequestContext) -> Decision:
         st = self._stage
         if st.deny and ctx.client_ip in st.deny:
             return Deny(Problem(IP_DENIED, internal_reason="ip_in_deny_list"))
@@ -319,17 +328,31 @@ class IngressFilter(Filter):
 
         # The target as sent (the canonical form the server put in ctx.raw_path can be shorter).
         sent = getattr(ctx.request, "raw_path", None)
-        uri_len = len(sent) if isinstance(sent, str) else len(ctx.raw_path) + (len(ctx.query_string) + 1 if ctx.query_string else 0)
+        uri_len = (
+            len(sent)
+            if isinstance(sent, str)
+            else len(ctx.raw_path) + (len(ctx.query_string) + 1 if ctx.query_string else 0)
+        )
         if uri_len > self._max_uri:
             return Deny(Problem(URI_TOO_LONG, detail=f"Request target over {self._max_uri} bytes"))
 
         headers = ctx.headers
         if len(headers) > self._max_headers:
-            return Deny(Problem(HEADERS_TOO_LARGE, detail=f"More than {self._max_headers} header fields",
-                                internal_reason="too_many_headers"))
+            return Deny(
+                Problem(
+                    HEADERS_TOO_LARGE,
+                    detail=f"More than {self._max_headers} header fields",
+                    internal_reason="too_many_headers",
+                )
+            )
         if headers_over(headers, self._max_header_bytes):
-            return Deny(Problem(HEADERS_TOO_LARGE, detail=f"Header fields over {self._max_header_bytes} bytes",
-                                internal_reason="header_bytes"))
+            return Deny(
+                Problem(
+                    HEADERS_TOO_LARGE,
+                    detail=f"Header fields over {self._max_header_bytes} bytes",
+                    internal_reason="header_bytes",
+                )
+            )
 
         request = ctx.request
         framing = check_framing(headers, getattr(request, "version", None))
@@ -340,15 +363,23 @@ class IngressFilter(Filter):
             protocol = getattr(request, "protocol", None)
             if protocol is not None:
                 protocol.close()
-            return Deny(Problem(REQUEST_SMUGGLING, detail="Ambiguous Content-Length / Transfer-Encoding",
-                                internal_reason=framing, headers={"Connection": "close"}))
+            return Deny(
+                Problem(
+                    REQUEST_SMUGGLING,
+                    detail="Ambiguous Content-Length / Transfer-Encoding",
+                    internal_reason=framing,
+                    headers={"Connection": "close"},
+                )
+            )
         cl = headers.get("Content-Length")
         if cl is not None and int(cl) > self._max_body:
             return Deny(Problem(BODY_TOO_LARGE, detail=f"Request body over {self._max_body} bytes"))
 
         why = check_path(ctx.raw_path, self._prefix)
         if why is not None:
-            return Deny(Problem(BAD_PATH, detail="Request path is malformed or leaves the route", internal_reason=why))
+            return Deny(
+                Problem(BAD_PATH, detail="Request path is malformed or leaves the route", internal_reason=why)
+            )
         return ALLOW
 
 
@@ -360,7 +391,7 @@ class IngressStage(Stage):
         self.allow = CidrSet(parse_networks(cfg.allow_cidrs))
         self.deny = CidrSet(parse_networks(cfg.deny_cidrs))
 
-    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+    def filters_for_route(self, route: RouteConfig) -> list[Filter]:
         return [IngressFilter(self.cfg, self, route)]
 
 

@@ -38,9 +38,9 @@ import re
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import argon2
@@ -97,7 +97,9 @@ class IntegrationConfig(Model):
     id: str = Field(description="IntegrasjonId (UUID)")
     password_hash: str = Field(description="argon2id hash from `portvakt hash-password`")
     authorized_org: str = Field(description="Org number that owns the Maskinporten client")
-    require_certificate: bool = Field(False, description="Require an enterprise client cert with the same org")
+    require_certificate: bool = Field(
+        False, description="Require an enterprise client cert with the same org"
+    )
     grants: list[GrantConfig] = Field(default_factory=list)
 
     @field_validator("id")
@@ -131,19 +133,29 @@ class BruteForceConfig(Model):
     free_failures: int = Field(3, ge=0, description="Failures per (id, client IP) answered without any delay")
     max_failures: int = Field(10, ge=1, description="Failures per (id, client IP) that lock that pair out")
     ip_free_failures: int = Field(
-        10, ge=0, description="Failures from one client IP (any id, unknown ids too) answered without delay; "
+        10,
+        ge=0,
+        description="Failures from one client IP (any id, unknown ids too) answered without delay; "
         "each further one makes that IP wait 1 s, 2 s, 4 s ... (429 meanwhile) until ip_max_failures locks it",
     )
-    ip_max_failures: int = Field(30, ge=1, description="Failures from one client IP (any id) that lock the IP out")
+    ip_max_failures: int = Field(
+        30, ge=1, description="Failures from one client IP (any id) that lock the IP out"
+    )
     id_max_failures: int = Field(
         100,
         ge=1,
         description="Failures for one id (any IP) that lock the id out, except for recently good (id, IP) pairs",
     )
-    lockout_seconds: float = Field(300.0, gt=0, description="How long a lockout lasts (also the longest delay)")
-    decay_seconds: float = Field(60.0, gt=0, description="One counted failure is forgotten every decay_seconds")
+    lockout_seconds: float = Field(
+        300.0, gt=0, description="How long a lockout lasts (also the longest delay)"
+    )
+    decay_seconds: float = Field(
+        60.0, gt=0, description="One counted failure is forgotten every decay_seconds"
+    )
     known_good_seconds: float = Field(
-        86400.0, ge=0, description="An (id, IP) pair that authenticated is exempt from the per-id lockout this long"
+        86400.0,
+        ge=0,
+        description="An (id, IP) pair that authenticated is exempt from the per-id lockout this long",
     )
     max_tracked: int = Field(100_000, ge=100, description="Bound on remembered keys per table (LRU)")
     redis_url: str | None = Field(
@@ -153,7 +165,9 @@ class BruteForceConfig(Model):
     )
     redis_key_prefix: str = Field("portvakt", description="Prefix of the brute-force keys in Redis")
     redis_timeout_ms: int = Field(
-        1000, gt=0, le=10_000,
+        1000,
+        gt=0,
+        le=10_000,
         description="Per Redis call; then the in-process fallback (which has mirrored this process's counts)",
     )
 
@@ -169,13 +183,17 @@ class IntegrationsPolicyConfig(Model):
     mode: Mode = Field(Mode.enforce, description="off | detect | enforce for the integrations filter")
     brute_force: BruteForceConfig = Field(default_factory=BruteForceConfig)
     failure_cache_seconds: float = Field(
-        60.0, ge=0, description="How long a failed (id, password) is remembered so argon2 does not rerun for it"
+        60.0,
+        ge=0,
+        description="How long a failed (id, password) is remembered so argon2 does not rerun for it",
     )
     max_concurrent_verifications: int = Field(
         0, ge=0, description="argon2 threads (0: the number of CPUs); further verifications queue"
     )
     max_concurrent_verifications_per_address: int = Field(
-        1, ge=1, description="argon2 verifications one client address may have running or queued in the "
+        1,
+        ge=1,
+        description="argon2 verifications one client address may have running or queued in the "
         "pool at once; its further attempts wait for its own slot (unknown ids never take one)",
     )
     password_hash_floor: Literal["owasp", "none"] = Field(
@@ -187,7 +205,9 @@ class IntegrationsPolicyConfig(Model):
 
 # --- problems and metrics ------------------------------------------------------------------
 
-INTEGRATION_AUTH_FAILED = problems.register("integration_auth_failed", 401, "Integration authentication failed")
+INTEGRATION_AUTH_FAILED = problems.register(
+    "integration_auth_failed", 401, "Integration authentication failed"
+)
 TOO_MANY_FAILED_ATTEMPTS = problems.register(
     "too_many_failed_attempts", 429, "Too many failed authentication attempts"
 )
@@ -261,7 +281,6 @@ def record_lockouts(locks: int) -> None:
             LOCKOUTS.labels(scope).inc()
 
 
-
 @dataclass(slots=True)
 class _Count:
     score: int = 0
@@ -284,7 +303,7 @@ class FailureTracker:
         self.ids: OrderedDict[str, _Count] = OrderedDict()
         self.known_good: OrderedDict[tuple[str, Any], float] = OrderedDict()
 
-    def take_over(self, old: "FailureTracker") -> None:
+    def take_over(self, old: FailureTracker) -> None:
         """Keep the old tracker's counts (a reload must not lift lockouts); use our thresholds."""
         self.pairs, self.ips, self.ids, self.known_good = old.pairs, old.ips, old.ids, old.known_good
 
@@ -380,8 +399,11 @@ class FailureTracker:
                 c.score -= 1
                 if c.score < limit and c.blocked_until >= admitted_at + cfg.lockout_seconds:
                     c.blocked_until = 0.0
-                elif (table is self.ips and c.score <= cfg.ip_free_failures
-                      and c.blocked_until < admitted_at + cfg.lockout_seconds):
+                elif (
+                    table is self.ips
+                    and c.score <= cfg.ip_free_failures
+                    and c.blocked_until < admitted_at + cfg.lockout_seconds
+                ):
                     c.blocked_until = 0.0  # a back-off delay the address no longer earns
         self.success(iid, ip, now)
 
@@ -459,7 +481,9 @@ class _Integration:
 
     @property
     def identity(self) -> IntegrationIdentity:
-        return _IDENTITIES.setdefault((self.id, self.authorized_org), IntegrationIdentity(self.id, self.authorized_org))
+        return _IDENTITIES.setdefault(
+            (self.id, self.authorized_org), IntegrationIdentity(self.id, self.authorized_org)
+        )
 
 
 # Immutable, so one instance per (id, org) serves every request.
@@ -469,10 +493,13 @@ _IDENTITIES: dict[tuple[str, str], IntegrationIdentity] = {}
 class IntegrationsStage(Stage):
     name = "integrations"
 
-    def __init__(self, integrations: list[IntegrationConfig], policy: IntegrationsPolicyConfig, hmac_key: bytes):
+    def __init__(
+        self, integrations: list[IntegrationConfig], policy: IntegrationsPolicyConfig, hmac_key: bytes
+    ):
         self.policy = policy
         self.integrations: dict[str, _Integration] = {
-            i.id: _Integration(i.id, i.password_hash, i.authorized_org, i.require_certificate) for i in integrations
+            i.id: _Integration(i.id, i.password_hash, i.authorized_org, i.require_certificate)
+            for i in integrations
         }
         self.hasher = PasswordHasher()  # verify() reads the parameters from each hash
         self.tracker = FailureTracker(policy.brute_force)
@@ -505,7 +532,7 @@ class IntegrationsStage(Stage):
 
     # Stage interface
 
-    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+    def filters_for_route(self, route: RouteConfig) -> list[Filter]:
         # Only protected routes look at credentials; elsewhere the headers mean nothing.
         if route.access is None or self.policy.mode is Mode.off:
             return []
@@ -528,7 +555,8 @@ class IntegrationsStage(Stage):
         entry = self._address_slots.get(ip)
         if entry is None:
             entry = self._address_slots[ip] = [
-                asyncio.Semaphore(self.policy.max_concurrent_verifications_per_address), 0,
+                asyncio.Semaphore(self.policy.max_concurrent_verifications_per_address),
+                0,
             ]
         entry[1] += 1
         try:
@@ -760,14 +788,25 @@ class IntegrationsFilter(Filter):
             if pending is not None:
                 pending.set_result(admission)
         try:
-            return await self._attempt(ctx, iid, ip, password, integ, usable, known_good, shared, admission, started)
+            return await self._attempt(
+                ctx, iid, ip, password, integ, usable, known_good, shared, admission, started
+            )
         finally:
             if not shared and guess is not None:
                 stage.admissions.pop(guess, None)
 
     async def _attempt(
-        self, ctx: RequestContext, iid: str, ip: Any, password: str, integ: "_Integration | None", usable: bool,
-        known_good: bool, shared: bool, admission: Admission, started: float,
+        self,
+        ctx: RequestContext,
+        iid: str,
+        ip: Any,
+        password: str,
+        integ: _Integration | None,
+        usable: bool,
+        known_good: bool,
+        shared: bool,
+        admission: Admission,
+        started: float,
     ) -> Decision:
         stage = self.stage
         if admission.wait > 0:
@@ -870,11 +909,18 @@ def register_commands(subparsers: Any) -> None:
         description="Reads the password from stdin when it is not a terminal, else prompts twice. "
         "Prints the argon2id hash for an integrations[].password_hash entry.",
     )
-    p.add_argument("--time-cost", type=int, default=d.time_cost, help=f"argon2 iterations (default {d.time_cost})")
     p.add_argument(
-        "--memory-cost", type=int, default=d.memory_cost, help=f"argon2 memory in KiB (default {d.memory_cost})"
+        "--time-cost", type=int, default=d.time_cost, help=f"argon2 iterations (default {d.time_cost})"
     )
-    p.add_argument("--parallelism", type=int, default=d.parallelism, help=f"argon2 lanes (default {d.parallelism})")
+    p.add_argument(
+        "--memory-cost",
+        type=int,
+        default=d.memory_cost,
+        help=f"argon2 memory in KiB (default {d.memory_cost})",
+    )
+    p.add_argument(
+        "--parallelism", type=int, default=d.parallelism, help=f"argon2 lanes (default {d.parallelism})"
+    )
     p.set_defaults(func=cmd_hash_password)
 
 
@@ -898,7 +944,9 @@ def cmd_hash_password(args: Any) -> int:
         print(f"portvakt hash-password: longer than {MAX_PASSWORD_LENGTH} characters", file=sys.stderr)
         return 2
     try:
-        hasher = PasswordHasher(time_cost=args.time_cost, memory_cost=args.memory_cost, parallelism=args.parallelism)
+        hasher = PasswordHasher(
+            time_cost=args.time_cost, memory_cost=args.memory_cost, parallelism=args.parallelism
+        )
         print(hasher.hash(password))
     except (argon2.exceptions.HashingError, ValueError) as e:
         print(f"portvakt hash-password: {e}", file=sys.stderr)

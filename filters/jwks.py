@@ -25,9 +25,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -74,7 +75,9 @@ JWKS_LAST_SUCCESS = Gauge(
     ["issuer"],
     registry=REGISTRY,
 )
-JWKS_KEYS = Gauge("portvakt_jwks_keys", "Usable signing keys held, by issuer (config key)", ["issuer"], registry=REGISTRY)
+JWKS_KEYS = Gauge(
+    "portvakt_jwks_keys", "Usable signing keys held, by issuer (config key)", ["issuer"], registry=REGISTRY
+)
 
 
 class JwksError(Exception):
@@ -232,8 +235,15 @@ class JwksStore:
     @property
     def source(self) -> tuple[Any, ...]:
         """Everything that decides which keys this store holds: equal -> safe to keep on reload."""
-        return (self.uri, self.file, self.algorithms, self.cache_seconds, self.refetch_min_seconds,
-                self.timeout_seconds, self.retry_max_seconds)
+        return (
+            self.uri,
+            self.file,
+            self.algorithms,
+            self.cache_seconds,
+            self.refetch_min_seconds,
+            self.timeout_seconds,
+            self.retry_max_seconds,
+        )
 
     # -- request path -------------------------------------------------------------------------
     @property
@@ -299,11 +309,16 @@ class JwksStore:
             try:
                 doc = await (self._read_file() if self.file is not None else self._download())
                 keys, skipped = parse_jwks(doc, self.algorithms)
-            except (JwksError, OSError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            except (TimeoutError, JwksError, OSError, aiohttp.ClientError, ValueError) as e:
                 self._last_error = _describe(e)
                 self._err_counter.inc()
-                log.warning("jwks %s: fetch failed (%s): %s; %s", self.name, why, self._last_error,
-                            "keeping the last good key set" if self._obtained else "no keys yet")
+                log.warning(
+                    "jwks %s: fetch failed (%s): %s; %s",
+                    self.name,
+                    why,
+                    self._last_error,
+                    "keeping the last good key set" if self._obtained else "no keys yet",
+                )
                 return
             if skipped:
                 log.info("jwks %s: skipped %d key(s): %s", self.name, len(skipped), "; ".join(skipped))
@@ -329,8 +344,13 @@ class JwksStore:
         assert self.uri is not None
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout_seconds, connect=min(2.0, self.timeout_seconds)),
-                headers={"Accept": "application/jwk-set+json, application/json", "User-Agent": f"portvakt/{__version__}"},
+                timeout=aiohttp.ClientTimeout(
+                    total=self.timeout_seconds, connect=min(2.0, self.timeout_seconds)
+                ),
+                headers={
+                    "Accept": "application/jwk-set+json, application/json",
+                    "User-Agent": f"portvakt/{__version__}",
+                },
                 connector=aiohttp.TCPConnector(limit=2),
             )
         async with self._session.get(self.uri, allow_redirects=False) as resp:

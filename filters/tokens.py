@@ -53,7 +53,19 @@ from pydantic import Field, field_validator, model_validator
 
 from filters.jwks import VERIFIERS, JwksStore, KeysUnavailable, VerifyKey, check_algorithms, check_jwks_uri
 from gateway import problems
-from gateway.chain import ALLOW, POS_TOKENS, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage, release, share
+from gateway.chain import (
+    ALLOW,
+    POS_TOKENS,
+    SKIP,
+    BuildEnv,
+    Decision,
+    Deny,
+    Filter,
+    Mode,
+    Stage,
+    release,
+    share,
+)
 from gateway.configbase import Model
 from gateway.context import Detection, RequestContext, TokenIdentity
 from gateway.metrics import REGISTRY
@@ -65,9 +77,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class IssuerConfig(Model):
     kind: Literal["maskinporten", "idporten"] = Field(description="What shape of token this issuer mints")
-    issuer: str = Field(description="Exact `iss` value (Maskinporten: with trailing slash; ID-porten: without)")
+    issuer: str = Field(
+        description="Exact `iss` value (Maskinporten: with trailing slash; ID-porten: without)"
+    )
     jwks_uri: str | None = Field(None, description="Where the issuer publishes its keys (https)")
-    jwks_file: str | None = Field(None, description="A JWKS file instead of jwks_uri (air-gapped setups, tests)")
+    jwks_file: str | None = Field(
+        None, description="A JWKS file instead of jwks_uri (air-gapped setups, tests)"
+    )
     algorithms: list[str] = Field(
         default_factory=lambda: ["RS256", "RS384", "RS512"],
         description="Accepted `alg` values: RS*, PS*, ES* only (never HMAC or none)",
@@ -89,7 +105,8 @@ class IssuerConfig(Model):
     )
     leeway_seconds: int = Field(30, ge=0, le=600, description="Clock skew tolerated on exp, nbf and iat")
     max_token_lifetime_seconds: int | None = Field(
-        3600, ge=1,
+        3600,
+        ge=1,
         description="Refuse tokens living longer (exp - iat, or exp - now beyond the leeway; reason "
         "token_lifetime_too_long) and cache none longer than this. Maskinporten and ID-porten access tokens "
         "live 120 s by default; null: no bound",
@@ -102,7 +119,9 @@ class IssuerConfig(Model):
     jwks_retry_max_seconds: float = Field(
         60.0, gt=0, description="Longest backoff between retries while the keys were never obtained"
     )
-    mode: Mode = Field(Mode.enforce, description="off: tokens from this issuer are ignored; detect: failures only recorded")
+    mode: Mode = Field(
+        Mode.enforce, description="off: tokens from this issuer are ignored; detect: failures only recorded"
+    )
 
     @field_validator("algorithms")
     @classmethod
@@ -123,7 +142,7 @@ class IssuerConfig(Model):
         return v
 
     @model_validator(mode="after")
-    def _one_source(self) -> "IssuerConfig":
+    def _one_source(self) -> IssuerConfig:
         if (self.jwks_uri is None) == (self.jwks_file is None):
             raise ValueError("set exactly one of jwks_uri and jwks_file")
         if self.kind == "idporten":
@@ -167,11 +186,24 @@ TOKEN_KIND_MISMATCH = "token_kind_mismatch"
 TOKEN_NOT_ACCESS_TOKEN = "token_not_access_token"  # an id_token (or another JWT type) offered as access token
 TOKEN_CERTIFICATE_ORG_MISMATCH = "token_certificate_org_mismatch"  # client cert names another organisation
 TOKEN_CNF_MISMATCH = "token_cnf_mismatch"  # cnf.x5t#S256 does not name the client certificate (RFC 8705)
-TOKEN_LIFETIME_TOO_LONG = "token_lifetime_too_long"  # exp - iat (or exp - now) above max_token_lifetime_seconds
+TOKEN_LIFETIME_TOO_LONG = (
+    "token_lifetime_too_long"  # exp - iat (or exp - now) above max_token_lifetime_seconds
+)
 INTERNAL_REASONS = (
-    TOKEN_MALFORMED, TOKEN_UNKNOWN_ISSUER, TOKEN_ALG_NOT_ALLOWED, TOKEN_CRIT_UNSUPPORTED, TOKEN_UNKNOWN_KID,
-    TOKEN_BAD_SIGNATURE, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, TOKEN_BAD_AUDIENCE, TOKEN_CLAIMS_INVALID,
-    TOKEN_KIND_MISMATCH, TOKEN_NOT_ACCESS_TOKEN, TOKEN_CERTIFICATE_ORG_MISMATCH, TOKEN_CNF_MISMATCH,
+    TOKEN_MALFORMED,
+    TOKEN_UNKNOWN_ISSUER,
+    TOKEN_ALG_NOT_ALLOWED,
+    TOKEN_CRIT_UNSUPPORTED,
+    TOKEN_UNKNOWN_KID,
+    TOKEN_BAD_SIGNATURE,
+    TOKEN_EXPIRED,
+    TOKEN_NOT_YET_VALID,
+    TOKEN_BAD_AUDIENCE,
+    TOKEN_CLAIMS_INVALID,
+    TOKEN_KIND_MISMATCH,
+    TOKEN_NOT_ACCESS_TOKEN,
+    TOKEN_CERTIFICATE_ORG_MISMATCH,
+    TOKEN_CNF_MISMATCH,
     TOKEN_LIFETIME_TOO_LONG,
 )
 
@@ -303,7 +335,9 @@ _AT_JWT = frozenset({"at+jwt", "application/at+jwt"})
 ID_TOKEN_MARKERS = ("nonce", "at_hash", "c_hash", "s_hash")
 
 
-def _is_access_token(header: dict[str, Any], claims: dict[str, Any], auds: tuple[str, ...], require_at_jwt: bool) -> bool:
+def _is_access_token(
+    header: dict[str, Any], claims: dict[str, Any], auds: tuple[str, ...], require_at_jwt: bool
+) -> bool:
     """Whether a verified JWT is an access token and not an id_token (or a logout token, an
     assertion...). RFC 9068: a JOSE ``typ`` other than JWT / at+jwt is another kind of token, and
     ``require_at_jwt`` demands at+jwt. Whatever the ``typ`` says, a token carrying an id_token
@@ -378,7 +412,9 @@ def identity_from_claims(kind: str, issuer_name: str, claims: dict[str, Any]) ->
         raise _ClaimsError(TOKEN_KIND_MISMATCH)
     if not isinstance(pid, str) or not _PID.fullmatch(pid):
         raise _ClaimsError(TOKEN_CLAIMS_INVALID)
-    return TokenIdentity(pid=pid, acr=_str_or_none(claims.get("acr")), amr=_str_list(claims.get("amr")), **common)
+    return TokenIdentity(
+        pid=pid, acr=_str_or_none(claims.get("acr")), amr=_str_list(claims.get("amr")), **common
+    )
 
 
 # -- runtime ---------------------------------------------------------------------------------
@@ -410,7 +446,7 @@ class TokensFilter(Filter):
     name = "tokens"
     position = POS_TOKENS
 
-    def __init__(self, stage: "TokensStage", mode: Mode) -> None:
+    def __init__(self, stage: TokensStage, mode: Mode) -> None:
         self.stage = stage
         self.mode = mode
 
@@ -501,7 +537,7 @@ class TokensStage(Stage):
             self._filter = TokensFilter(self, Mode.detect if active == {Mode.detect} else Mode.enforce)
 
     # -- chain ------------------------------------------------------------------------------
-    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+    def filters_for_route(self, route: RouteConfig) -> list[Filter]:
         # Every route, public ones too: a presented bearer token is verified (a forged or foreign
         # one gets 401) rather than passed on unchecked; the proxy strips it either way.
         if self._filter is None:
@@ -517,7 +553,9 @@ class TokensStage(Stage):
                 # This issuer is in detect mode while the filter enforces for others: record here.
                 ctx.detections.append(Detection(TokensFilter.name, internal))
                 return SKIP
-        return Deny(Problem(INVALID_TOKEN, detail=_DETAIL, internal_reason=internal, headers=WWW_AUTHENTICATE))
+        return Deny(
+            Problem(INVALID_TOKEN, detail=_DETAIL, internal_reason=internal, headers=WWW_AUTHENTICATE)
+        )
 
     def from_cache(self, ctx: RequestContext, digest: bytes) -> bool:
         """Serve a token verified before (by the SHA-256 of the token) while it is unexpired and
@@ -663,7 +701,11 @@ class TokensStage(Stage):
             await release(rt.store)
 
     def readiness(self) -> dict[str, str]:
-        return {f"jwks.{name}": rt.store.readiness() for name, rt in self.issuers.items() if rt.mode is not Mode.off}
+        return {
+            f"jwks.{name}": rt.store.readiness()
+            for name, rt in self.issuers.items()
+            if rt.mode is not Mode.off
+        }
 
     def adopt(self, previous: Stage) -> None:
         """Keep key stores (and verified tokens) of issuers whose config is unchanged."""
@@ -681,7 +723,9 @@ class TokensStage(Stage):
         for digest, entry in previous._cache.items():
             new_rt = kept.get(id(entry.issuer))
             if new_rt is not None:
-                self._cache[digest] = _Cached(entry.identity, new_rt, entry.kid, entry.valid_until, entry.audit)
+                self._cache[digest] = _Cached(
+                    entry.identity, new_rt, entry.kid, entry.valid_until, entry.audit
+                )
 
     @property
     def cache_size(self) -> int:

@@ -117,11 +117,11 @@ class BatchWriter:
 _direct: BatchWriter | None = None
 
 
-def _client_ip_text(ctx: "RequestContext") -> str:
+def _client_ip_text(ctx: RequestContext) -> str:
     return ip_text(ctx.client_ip)
 
 
-def record(ctx: "RequestContext", duration: float) -> None:
+def record(ctx: RequestContext, duration: float) -> None:
     """Write the access-log line for a finished request."""
     if _direct is None and not log.isEnabledFor(logging.INFO):
         return

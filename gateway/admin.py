@@ -76,7 +76,10 @@ def browser_post_refusal(request: web.BaseRequest) -> str | None:
     host = headers.get("Host") or ""
     if site in ("cross-site", "same-site"):
         return "sec_fetch_site"
-    if origin is not None and origin.strip().lower() not in (f"http://{host}".lower(), f"https://{host}".lower()):
+    if origin is not None and origin.strip().lower() not in (
+        f"http://{host}".lower(),
+        f"https://{host}".lower(),
+    ):
         return "foreign_origin"
     if ctype in _FORM_TYPES:
         return "form_content_type"
@@ -101,22 +104,27 @@ def resolve_reload_token(cfg: Any) -> str | None:
             with open(full, encoding="utf-8") as fh:
                 token = fh.read().strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"admin.reload_token_file: cannot read {full}: {getattr(e, 'strerror', None) or e}") from None
+            raise ValueError(
+                f"admin.reload_token_file: cannot read {full}: {getattr(e, 'strerror', None) or e}"
+            ) from None
         if len(token) < 16:
             raise ValueError(f"admin.reload_token_file: {full} must hold a token of at least 16 characters")
     return token or None
 
 
-def _problem(reason: str, request_id: str, extra: dict[str, Any] | None = None,
-             headers: dict[str, str] | None = None) -> web.Response:
+def _problem(
+    reason: str, request_id: str, extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
     p = problems.Problem(reason, extra=extra or {}, headers=headers or {})
     return problems.render(p, request_id)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(
-        status=status, body=json.dumps(data, separators=(",", ":")).encode(),
-        content_type="application/json", headers={"Cache-Control": "no-store"},
+        status=status,
+        body=json.dumps(data, separators=(",", ":")).encode(),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
     )
 
 
@@ -151,7 +159,9 @@ def build_admin_app(target: Any) -> web.Application:
             given = request.headers.get("Authorization", "")
             scheme, _, value = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-                return _problem(ADMIN_TOKEN_REQUIRED, rid, headers={"WWW-Authenticate": 'Bearer realm="portvakt-admin"'})
+                return _problem(
+                    ADMIN_TOKEN_REQUIRED, rid, headers={"WWW-Authenticate": 'Bearer realm="portvakt-admin"'}
+                )
         ok, found = await target.reload()
         if ok:
             return _json({"result": "success"})
@@ -172,7 +182,8 @@ def build_admin_app(target: Any) -> web.Application:
             why = browser_post_refusal(request)
             if why is not None:
                 logging.getLogger("portvakt.admin").warning(
-                    "admin %s refused: looks like a web page's request (%s)", request.method, why)
+                    "admin %s refused: looks like a web page's request (%s)", request.method, why
+                )
                 return _problem(ADMIN_CROSS_ORIGIN, new_request_id())
         return await handler(request)
 

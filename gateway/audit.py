@@ -73,11 +73,15 @@ SEAL_CACHE_MAX = 10_000
 
 
 class AuditRedisConfig(Model):
-    url: str = Field(description="redis:// URL of the second sink, or redis+cluster://h:p[,h:p] (use ${ENV} for a password)")
+    url: str = Field(
+        description="redis:// URL of the second sink, or redis+cluster://h:p[,h:p] (use ${ENV} for a password)"
+    )
     stream: str = Field("portvakt:audit", description="Stream key for XADD")
     maxlen: int | None = Field(None, gt=0, description="Approximate MAXLEN trim (absent: keep all)")
     spool_path: str = Field("audit-redis.spool", description="Local spool file while Redis is down")
-    spool_max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Spool bound; beyond it records are dropped")
+    spool_max_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Spool bound; beyond it records are dropped"
+    )
 
     @field_validator("url")
     @classmethod
@@ -90,7 +94,9 @@ class AuditRedisConfig(Model):
             try:
                 parse_cluster_url(v)
             except ValueError:
-                raise ValueError("not a valid Redis Cluster URL (host:port[,host:port...], no database)") from None
+                raise ValueError(
+                    "not a valid Redis Cluster URL (host:port[,host:port...], no database)"
+                ) from None
             return v
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss://, unix:// or redis+cluster:// URL")
@@ -115,10 +121,16 @@ class AuditConfig(Model):
         None, description="PEM X25519 or RSA public key: persons' ids are also sealed to it"
     )
     batch_interval_ms: float = Field(50, ge=0, le=10_000, description="Group commit interval in batch mode")
-    strict_timeout_seconds: float = Field(2.0, gt=0, description="strict: longest wait for the fsync before 503")
-    rotate_bytes: int = Field(100 * 1024 * 1024, gt=0, description="Rotate the file when it would exceed this size")
+    strict_timeout_seconds: float = Field(
+        2.0, gt=0, description="strict: longest wait for the fsync before 503"
+    )
+    rotate_bytes: int = Field(
+        100 * 1024 * 1024, gt=0, description="Rotate the file when it would exceed this size"
+    )
     rotate_daily: bool = Field(True, description="Rotate at the first record of a new UTC day")
-    queue_max: int = Field(100_000, gt=0, description="Records queued before new ones are dropped (and counted)")
+    queue_max: int = Field(
+        100_000, gt=0, description="Records queued before new ones are dropped (and counted)"
+    )
     fsync: bool = Field(True, description="fdatasync each batch (turn off only for benchmarks)")
     redis: AuditRedisConfig | None = Field(None, description="Optional second sink: Redis Streams")
 
@@ -156,7 +168,7 @@ class Sealer:
             self._pub_raw = public_key.public_bytes_raw()
 
     @classmethod
-    def from_pem(cls, path: str) -> "Sealer":
+    def from_pem(cls, path: str) -> Sealer:
         with open(path, "rb") as f:
             return cls(serialization.load_pem_public_key(f.read()))
 
@@ -179,7 +191,9 @@ class Sealer:
 
 
 def _seal_key(shared: bytes, eph_pub: bytes, recipient_pub: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=eph_pub + recipient_pub, info=SEAL_INFO).derive(shared)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=eph_pub + recipient_pub, info=SEAL_INFO).derive(
+        shared
+    )
 
 
 def unseal(private_key: Any, sealed: str, binding: str) -> str:
@@ -246,7 +260,9 @@ def scrub_query(qs: str, pseudo_key: bytes) -> str:
 # --------------------------------------------------------------------------------- privileges
 
 
-def privilege_state(cfg: "Config", fp_key: bytes) -> tuple[set[tuple[str, str, str]], dict[str, dict[str, Any]]]:
+def privilege_state(
+    cfg: Config, fp_key: bytes
+) -> tuple[set[tuple[str, str, str]], dict[str, dict[str, Any]]]:
     """(grants as (integration, org, service), integrations by id with a password fingerprint)."""
     grants: set[tuple[str, str, str]] = set()
     integ: dict[str, dict[str, Any]] = {}
@@ -264,31 +280,67 @@ def privilege_state(cfg: "Config", fp_key: bytes) -> tuple[set[tuple[str, str, s
     return grants, integ
 
 
-def privilege_changes(old: "Config", new: "Config", fp_key: bytes) -> list[dict[str, Any]]:
+def privilege_changes(old: Config, new: Config, fp_key: bytes) -> list[dict[str, Any]]:
     og, oi = privilege_state(old, fp_key)
     ng, ni = privilege_state(new, fp_key)
     events: list[dict[str, Any]] = []
     for iid in sorted(ni.keys() - oi.keys()):
-        events.append({"type": "integration_added", "integration_id": iid, "authorized_org": ni[iid]["authorized_org"]})
+        events.append(
+            {"type": "integration_added", "integration_id": iid, "authorized_org": ni[iid]["authorized_org"]}
+        )
     for iid in sorted(oi.keys() - ni.keys()):
-        events.append({"type": "integration_removed", "integration_id": iid, "authorized_org": oi[iid]["authorized_org"]})
+        events.append(
+            {
+                "type": "integration_removed",
+                "integration_id": iid,
+                "authorized_org": oi[iid]["authorized_org"],
+            }
+        )
     for iid in sorted(oi.keys() & ni.keys()):
         o, n = oi[iid], ni[iid]
         if o["password_fp"] != n["password_fp"]:
-            events.append({"type": "integration_password_changed", "integration_id": iid, "authorized_org": n["authorized_org"]})
-        changed = {k: {"from": o[k], "to": n[k]} for k in ("authorized_org", "require_certificate") if o[k] != n[k]}
+            events.append(
+                {
+                    "type": "integration_password_changed",
+                    "integration_id": iid,
+                    "authorized_org": n["authorized_org"],
+                }
+            )
+        changed = {
+            k: {"from": o[k], "to": n[k]} for k in ("authorized_org", "require_certificate") if o[k] != n[k]
+        }
         if changed:
-            events.append({"type": "integration_changed", "integration_id": iid, "authorized_org": n["authorized_org"], "changes": changed})
+            events.append(
+                {
+                    "type": "integration_changed",
+                    "integration_id": iid,
+                    "authorized_org": n["authorized_org"],
+                    "changes": changed,
+                }
+            )
+
     def owner(iid: str) -> str | None:
         return (ni.get(iid) or oi.get(iid) or {}).get("authorized_org")
 
     for iid, org, svc in sorted(ng - og):
         events.append(
-            {"type": "grant_added", "integration_id": iid, "authorized_org": owner(iid), "organization": org, "service": svc}
+            {
+                "type": "grant_added",
+                "integration_id": iid,
+                "authorized_org": owner(iid),
+                "organization": org,
+                "service": svc,
+            }
         )
     for iid, org, svc in sorted(og - ng):
         events.append(
-            {"type": "grant_withdrawn", "integration_id": iid, "authorized_org": owner(iid), "organization": org, "service": svc}
+            {
+                "type": "grant_withdrawn",
+                "integration_id": iid,
+                "authorized_org": owner(iid),
+                "organization": org,
+                "service": svc,
+            }
         )
     return events
 
@@ -299,7 +351,7 @@ def privilege_changes(old: "Config", new: "Config", fp_key: bytes) -> list[dict[
 class AuditSink:
     """Builds audit records from request contexts and hands them to the writer(s)."""
 
-    def __init__(self, config: "Config", resolve: Any = None, secrets_: dict[str, Any] | None = None):
+    def __init__(self, config: Config, resolve: Any = None, secrets_: dict[str, Any] | None = None):
         self.config = config
         self.cfg: AuditConfig = config.audit
         cfg = self.cfg
@@ -321,7 +373,9 @@ class AuditSink:
                 with open(key_path, encoding="utf-8") as f:
                     key = read_key_text(f.read())
             except OSError as e:
-                raise ValueError(f"audit.key_file: cannot read {key_path}: {e.strerror or type(e).__name__}") from None
+                raise ValueError(
+                    f"audit.key_file: cannot read {key_path}: {e.strerror or type(e).__name__}"
+                ) from None
             except UnicodeDecodeError:
                 raise ValueError(f"audit.key_file: {key_path} is not UTF-8 text") from None
             except ValueError as e:
@@ -405,7 +459,9 @@ class AuditSink:
         assert self.file_settings is not None
         loop = asyncio.get_running_loop()
         if self.ephemeral_key:
-            log.warning("audit.key not set: records are MAC'd with an ephemeral key and cannot be verified later")
+            log.warning(
+                "audit.key not set: records are MAC'd with an ephemeral key and cannot be verified later"
+            )
         prev, self._previous = self._previous, None
         pw = prev.writer if prev is not None and prev._started else None
         if pw is not None and pw.settings.path == self.file_settings.path:
@@ -446,9 +502,15 @@ class AuditSink:
             self._submit(
                 {
                     "type": "privileges",
-                    "grants": [{"integration_id": i, "organization": o, "service": s} for i, o, s in sorted(grants)],
+                    "grants": [
+                        {"integration_id": i, "organization": o, "service": s} for i, o, s in sorted(grants)
+                    ],
                     "integrations": [
-                        {"integration_id": k, "authorized_org": v["authorized_org"], "password_fp": v["password_fp"]}
+                        {
+                            "integration_id": k,
+                            "authorized_org": v["authorized_org"],
+                            "password_fp": v["password_fp"],
+                        }
                         for k, v in sorted(integ.items())
                     ],
                 }
@@ -468,7 +530,10 @@ class AuditSink:
         w, r = self.writer, self.redis
         prev, self._took_writer_from = self._took_writer_from, None
         if (
-            w is not None and prev is not None and prev._started and not self._served
+            w is not None
+            and prev is not None
+            and prev._started
+            and not self._served
             and w.settings is self.file_settings
         ):
             # Closed while the sink we took the writer from still serves: our runtime never
@@ -514,14 +579,14 @@ class AuditSink:
         return out
 
     # ---------------------------------------------------------------- per request
-    def _submit(self, rec: dict[str, Any], waiter: "asyncio.Future[bool] | None" = None) -> Any:
+    def _submit(self, rec: dict[str, Any], waiter: asyncio.Future[bool] | None = None) -> Any:
         w = self.writer
         if w is None:
             return None
         rec.setdefault("v", RECORD_VERSION)
         return w.submit(rec, waiter)
 
-    async def before_forward(self, ctx: "RequestContext") -> Problem | None:
+    async def before_forward(self, ctx: RequestContext) -> Problem | None:
         """strict: write this request's record and wait for its fsync; 503 Problem on failure."""
         self._served = True
         if not self.strict:
@@ -530,7 +595,9 @@ class AuditSink:
         rec = self.request_record(ctx, granted=True)
         item = self._submit(rec, fut)
         if item is None:
-            return Problem(AUDIT_UNAVAILABLE, internal_reason="audit_queue_full", headers={"Retry-After": "1"})
+            return Problem(
+                AUDIT_UNAVAILABLE, internal_reason="audit_queue_full", headers={"Retry-After": "1"}
+            )
         try:
             async with asyncio.timeout(self.cfg.strict_timeout_seconds):
                 ok = await fut
@@ -542,11 +609,13 @@ class AuditSink:
                 self._granted.add(ctx.request_id)
             return Problem(AUDIT_UNAVAILABLE, internal_reason="audit_timeout", headers={"Retry-After": "1"})
         if not ok:
-            return Problem(AUDIT_UNAVAILABLE, internal_reason="audit_write_failed", headers={"Retry-After": "1"})
+            return Problem(
+                AUDIT_UNAVAILABLE, internal_reason="audit_write_failed", headers={"Retry-After": "1"}
+            )
         self._granted.add(ctx.request_id)
         return None
 
-    def record(self, ctx: "RequestContext") -> None:
+    def record(self, ctx: RequestContext) -> None:
         """The request's audit event (called once, after the response). Never blocks or raises."""
         self._served = True
         if not self.active:
@@ -591,7 +660,7 @@ class AuditSink:
             p["sealed"] = sealed
         return p
 
-    def request_record(self, ctx: "RequestContext", granted: bool = False) -> dict[str, Any]:
+    def request_record(self, ctx: RequestContext, granted: bool = False) -> dict[str, Any]:
         route = ctx.route
         rc = route.config if route is not None else None
         rec: dict[str, Any] = {
@@ -661,7 +730,7 @@ class AuditSink:
             rec["facts"] = {k: _scrub_facts(v, self.pseudo_key) for k, v in ctx.audit.items()}
         return rec
 
-    def completion_record(self, ctx: "RequestContext") -> dict[str, Any]:
+    def completion_record(self, ctx: RequestContext) -> dict[str, Any]:
         rec: dict[str, Any] = {
             "type": "request_completed",
             "request_id": ctx.request_id,
@@ -692,7 +761,7 @@ def _scrub_facts(v: Any, key: bytes) -> Any:
     return scrub(str(v), key)
 
 
-def audit_path_problems(config: "Config") -> list[str]:
+def audit_path_problems(config: Config) -> list[str]:
     """``yaml.path: reason`` for an audit file (or Redis spool) whose directory cannot be made or
     written; ``portvakt check-config`` reports these before the gateway would fail to start."""
     cfg = config.audit
@@ -728,7 +797,7 @@ def worker_suffix(secrets_: dict[str, Any] | None) -> str:
     return f".w{int(idx)}" if idx is not None else ""
 
 
-def build_audit(env: "BuildEnv") -> AuditSink:
+def build_audit(env: BuildEnv) -> AuditSink:
     suffix = worker_suffix(env.secrets)
     base = env.config.resolve_path
     if not suffix:

@@ -23,7 +23,8 @@ import hmac
 import json
 import os
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
@@ -133,13 +134,21 @@ def verify(
             else:
                 if seq > expect_seq:
                     if any(s in later for s in range(expect_seq, seq)):
-                        raise VerifyError(loc, f"seq {seq}: out of order, expected {expect_seq} which comes later (reordered)")
-                    raise VerifyError(loc, f"seq {seq}: records {expect_seq}..{seq - 1} missing before it (deleted)")
+                        raise VerifyError(
+                            loc,
+                            f"seq {seq}: out of order, expected {expect_seq} which comes later (reordered)",
+                        )
+                    raise VerifyError(
+                        loc, f"seq {seq}: records {expect_seq}..{seq - 1} missing before it (deleted)"
+                    )
                 if seq < expect_seq:
                     why = "a copy of an earlier record (inserted)" if seq in seen else "reordered or inserted"
                     raise VerifyError(loc, f"seq {seq}: out of order, expected {expect_seq}: {why}")
                 if prev != expect_prev:
-                    raise VerifyError(loc, f"seq {seq}: does not link to the previous record (deleted, inserted or reordered)")
+                    raise VerifyError(
+                        loc,
+                        f"seq {seq}: does not link to the previous record (deleted, inserted or reordered)",
+                    )
             expect_seq = seq + 1
             expect_prev = line_hash(line)
             seen.add(seq)
@@ -178,7 +187,9 @@ def verify(
         last = summary["last_seq"] or 0
         if h["seq"] > last:
             end = (last_loc[0], last_loc[1] + 1)
-            raise VerifyError(end, f"trail ends at seq {last} but its head records seq {h['seq']} (truncated)")
+            raise VerifyError(
+                end, f"trail ends at seq {last} but its head records seq {h['seq']} (truncated)"
+            )
         if h["seq"] == last and h["hash"] != expect_prev:
             raise VerifyError(last_loc, "last record differs from the one the head records (edited)")
         summary["head"] = f"seq {h['seq']} verified"
@@ -188,7 +199,7 @@ def verify(
 def _parse_time(s: str) -> dt.datetime:
     t = dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
     if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.timezone.utc)
+        t = t.replace(tzinfo=dt.UTC)
     return t
 
 
@@ -218,7 +229,9 @@ def concerns(rec: dict[str, Any], org: str) -> bool:
     return False
 
 
-def query(files: list[str], org: str, since: dt.datetime, until: dt.datetime | None = None) -> Iterator[bytes]:
+def query(
+    files: list[str], org: str, since: dt.datetime, until: dt.datetime | None = None
+) -> Iterator[bytes]:
     matched: set[str] = set()
     for _loc, line, rec in _records(files):
         if rec.get("type") == "request_completed":
@@ -237,15 +250,25 @@ def query(files: list[str], org: str, since: dt.datetime, until: dt.datetime | N
             yield line
 
 
-def reveal(files: list[str], private_key: Any, request_ids: set[str] | None = None) -> Iterator[dict[str, Any]]:
+def reveal(
+    files: list[str], private_key: Any, request_ids: set[str] | None = None
+) -> Iterator[dict[str, Any]]:
     for loc, _line, rec in _records(files):
         rid = rec.get("request_id")
         if request_ids and rid not in request_ids:
             continue
-        for field, person in (("caller.person", (rec.get("caller") or {}).get("person")), ("target_person", rec.get("target_person"))):
+        for field, person in (
+            ("caller.person", (rec.get("caller") or {}).get("person")),
+            ("target_person", rec.get("target_person")),
+        ):
             if not person:
                 continue
-            out = {"request_id": rid, "time": rec.get("time"), "field": field, "pseudonym": person.get("pseudonym")}
+            out = {
+                "request_id": rid,
+                "time": rec.get("time"),
+                "field": field,
+                "pseudonym": person.get("pseudonym"),
+            }
             sealed = person.get("sealed")
             if not sealed:
                 out["error"] = "not sealed (no auditor key configured when written)"
@@ -285,7 +308,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"portvakt audit verify: {e}", file=sys.stderr)
         return 2
     extra = f"; {s['note']}" if "note" in s else ""
-    print(f"OK {s['records']} records in {s['files']} file(s), seq {s['first_seq']}..{s['last_seq']}, head {s['head']}{extra}")
+    print(
+        f"OK {s['records']} records in {s['files']} file(s), seq {s['first_seq']}..{s['last_seq']}, head {s['head']}{extra}"
+    )
     return 0
 
 
@@ -319,13 +344,19 @@ def _cmd_reveal(args: argparse.Namespace) -> int:
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
     priv = x25519.X25519PrivateKey.generate()
-    pem = priv.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    pem = priv.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     try:
         fd = os.open(args.private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
         with open(args.public, "wb") as f:
-            f.write(priv.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+            f.write(
+                priv.public_key().public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            )
     except OSError as e:
         print(f"portvakt audit auditor-keygen: {e}", file=sys.stderr)
         return 1
@@ -340,7 +371,9 @@ def register_commands(subparsers: Any) -> None:
     v = sub.add_parser("verify", help="Check the hash chain, MACs and head; name the first bad record")
     v.add_argument("--key-file", action="append", help="File holding the audit key (repeatable: key changes)")
     v.add_argument(
-        "--key-env", action="append", help="Environment variable holding the audit key (default PORTVAKT_AUDIT_KEY)"
+        "--key-env",
+        action="append",
+        help="Environment variable holding the audit key (default PORTVAKT_AUDIT_KEY)",
     )
     v.add_argument("--head", help="Chain head file (default: <file>.head beside the files)")
     v.add_argument(

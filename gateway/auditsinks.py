@@ -35,8 +35,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -53,16 +54,23 @@ RECORDS = Counter(
     registry=REGISTRY,
 )
 WRITE_ERRORS = Counter(
-    "portvakt_audit_write_errors_total", "Failed audit writes (file write/fsync, Redis XADD)", ["sink"], registry=REGISTRY
+    "portvakt_audit_write_errors_total",
+    "Failed audit writes (file write/fsync, Redis XADD)",
+    ["sink"],
+    registry=REGISTRY,
 )
-QUEUE_DEPTH = Gauge("portvakt_audit_queue_depth", "Audit records waiting to be written", ["sink"], registry=REGISTRY)
+QUEUE_DEPTH = Gauge(
+    "portvakt_audit_queue_depth", "Audit records waiting to be written", ["sink"], registry=REGISTRY
+)
 FSYNC_SECONDS = Histogram(
     "portvakt_audit_fsync_seconds",
     "Time of one audit batch fsync",
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
     registry=REGISTRY,
 )
-SPOOL_BYTES = Gauge("portvakt_audit_spool_bytes", "Bytes in the local spool of the Redis audit sink", registry=REGISTRY)
+SPOOL_BYTES = Gauge(
+    "portvakt_audit_spool_bytes", "Bytes in the local spool of the Redis audit sink", registry=REGISTRY
+)
 
 _R_FILE_OK = RECORDS.labels("file", "written")
 _R_FILE_FAIL = RECORDS.labels("file", "failed")
@@ -73,7 +81,9 @@ _E_FILE = WRITE_ERRORS.labels("file")
 
 def canonical(obj: dict[str, Any]) -> bytes:
     # default=str: an odd value in a record (a set, a date) is written as text, never a crash
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode(
+        "utf-8"
+    )
 
 
 def record_mac(mac_key: bytes, rec_without_mac: dict[str, Any]) -> str:
@@ -167,7 +177,7 @@ class _Item:
 
     __slots__ = ("rec", "waiter", "claimed", "abandoned")
 
-    def __init__(self, rec: dict[str, Any], waiter: "asyncio.Future[bool] | None"):
+    def __init__(self, rec: dict[str, Any], waiter: asyncio.Future[bool] | None):
         self.rec = rec
         self.waiter = waiter
         self.claimed = False
@@ -244,7 +254,9 @@ class ChainWriter:
                 rec = json.loads(line)
                 self.seq = int(rec["seq"])
             except (ValueError, KeyError, TypeError):
-                raise RuntimeError(f"audit file {path}: last record unreadable; run `portvakt audit verify`") from None
+                raise RuntimeError(
+                    f"audit file {path}: last record unreadable; run `portvakt audit verify`"
+                ) from None
             self.prev = line_hash(line)
         try:
             with open(head_path(path), encoding="utf-8") as f:
@@ -252,7 +264,12 @@ class ChainWriter:
             if int(head.get("seq", 0)) > self.seq:
                 info["head_seq"] = int(head["seq"])
                 info["found_seq"] = self.seq
-                log.error("audit trail %s ends at seq %d but its head says %d: truncated?", path, self.seq, head["seq"])
+                log.error(
+                    "audit trail %s ends at seq %d but its head says %d: truncated?",
+                    path,
+                    self.seq,
+                    head["seq"],
+                )
         except (OSError, ValueError):
             pass
         self.recovered = info or None
@@ -268,7 +285,7 @@ class ChainWriter:
                     first = json.loads(f.readline())
                 self._day = dt.datetime.fromisoformat(first["time"].replace("Z", "+00:00")).date()
             except (ValueError, KeyError, TypeError):
-                self._day = dt.datetime.now(dt.timezone.utc).date()
+                self._day = dt.datetime.now(dt.UTC).date()
         self._fsync_dir(path)
 
     @staticmethod
@@ -300,7 +317,7 @@ class ChainWriter:
             self._lock_fd = None
 
     # ------------------------------------------------------------------ producer side
-    def submit(self, rec: dict[str, Any], waiter: "asyncio.Future[bool] | None" = None) -> _Item | None:
+    def submit(self, rec: dict[str, Any], waiter: asyncio.Future[bool] | None = None) -> _Item | None:
         """Queue one record (the writer adds seq, prev, mac). None when the queue is full."""
         with self._cond:
             if len(self._q) + len(self._retry) >= self.settings.queue_max:
@@ -456,7 +473,7 @@ class ChainWriter:
                 retry = retry[len(retry) - max(room, 0) :]
             self._retry = retry
 
-    def _resolve_all(self, futs: "list[asyncio.Future[bool]]", ok: bool) -> None:
+    def _resolve_all(self, futs: list[asyncio.Future[bool]], ok: bool) -> None:
         """Wake the waiting requests with one loop wake-up for the whole batch."""
         loop = self._loop
         if loop is None or not futs:
@@ -487,15 +504,15 @@ class ChainWriter:
     def _maybe_rotate(self, incoming: int) -> None:
         if self._size == 0:
             if self._day is None:
-                self._day = dt.datetime.now(dt.timezone.utc).date()
+                self._day = dt.datetime.now(dt.UTC).date()
             return
-        today = dt.datetime.now(dt.timezone.utc).date()
+        today = dt.datetime.now(dt.UTC).date()
         by_size = self._size + incoming > self.settings.rotate_bytes
         by_day = self.settings.rotate_daily and self._day is not None and today != self._day
         if not (by_size or by_day):
             return
         path = self.settings.path
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         target = f"{path}.{stamp}-{self.seq:012d}"
         os.fsync(self._fd)  # type: ignore[arg-type]
         os.rename(path, target)
@@ -544,7 +561,10 @@ class RedisStreamSink:
         import redis  # imported here: only needed when configured
 
         self.settings = settings
-        timeouts = {"socket_timeout": settings.timeout_seconds, "socket_connect_timeout": settings.timeout_seconds}
+        timeouts = {
+            "socket_timeout": settings.timeout_seconds,
+            "socket_connect_timeout": settings.timeout_seconds,
+        }
         self._client: Any
         if settings.url.startswith(("redis+cluster://", "rediss+cluster://")):
             # Redis Cluster: the stream is one key, so it lives on one slot's master; the cluster
@@ -555,8 +575,9 @@ class RedisStreamSink:
 
             c = parse_cluster_url(settings.url)
             auth = {k: c[k] for k in ("username", "password") if c[k] is not None}
-            self._client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in c["hosts"]],
-                                        ssl=c["tls"], **auth, **timeouts)
+            self._client = RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in c["hosts"]], ssl=c["tls"], **auth, **timeouts
+            )
         else:
             self._client = redis.Redis.from_url(settings.url, **timeouts)
         self._q: collections.deque[list[bytes]] = collections.deque()

@@ -52,40 +52,74 @@ HOST_NOT_CANONICAL = problems.register("host_not_canonical", 400, "Host header i
 # read as the "real" URL, method or client address, and the TLS/scheme claims a client could
 # forge (X-Forwarded-* and the forwarded client certificate are handled on their own).
 DEFAULT_STRIP_HEADERS = (
-    "x-original-url", "x-rewrite-url", "x-original-uri", "x-override-url",
-    "x-http-method-override", "x-http-method", "x-method-override",
-    "x-real-ip", "x-client-ip", "true-client-ip", "x-cluster-client-ip", "x-originating-ip",
-    "x-remote-ip", "x-remote-addr", "cf-connecting-ip", "fastly-client-ip",
-    "x-forwarded-server", "x-forwarded-scheme", "x-forwarded-ssl", "x-forwarded-prefix",
-    "x-forwarded-uri", "x-host", "x-original-host", "x-url-scheme", "front-end-https",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-override-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-forwarded-prefix",
+    "x-forwarded-uri",
+    "x-host",
+    "x-original-host",
+    "x-url-scheme",
+    "front-end-https",
 )
 
 
 class HttpConfig(Model):
     normalize_path: bool = Field(
-        True, description="Remove dot segments (RFC 3986 5.2.4); false refuses them with 400 instead")
-    merge_slashes: bool = Field(True, description="Merge '//' into '/'; false refuses empty segments with 400")
-    path_with_escaped_slashes_action: Literal["reject", "unescape_and_forward", "unescape_and_redirect"] = Field(
-        "reject",
-        description="%2F, %5C and a raw backslash: reject (400), unescape_and_forward (read as '/', then "
-        "normalised), unescape_and_redirect (308 to the unescaped canonical path)",
+        True, description="Remove dot segments (RFC 3986 5.2.4); false refuses them with 400 instead"
+    )
+    merge_slashes: bool = Field(
+        True, description="Merge '//' into '/'; false refuses empty segments with 400"
+    )
+    path_with_escaped_slashes_action: Literal["reject", "unescape_and_forward", "unescape_and_redirect"] = (
+        Field(
+            "reject",
+            description="%2F, %5C and a raw backslash: reject (400), unescape_and_forward (read as '/', then "
+            "normalised), unescape_and_redirect (308 to the unescaped canonical path)",
+        )
     )
     path_parameters: Literal["reject", "keep"] = Field(
-        "reject", description="';' or %3B in the path: reject (400; Tomcat/Spring strip ';...' parameters), keep (a plain character)")
+        "reject",
+        description="';' or %3B in the path: reject (400; Tomcat/Spring strip ';...' parameters), keep (a plain character)",
+    )
     encoded_delimiters: Literal["reject", "keep"] = Field(
-        "reject", description="%23 ('#') and %3F ('?') in the path: reject (400; a backend that decodes the path "
-        "before splitting off query and fragment reads another path), keep (forwarded encoded)")
+        "reject",
+        description="%23 ('#') and %3F ('?') in the path: reject (400; a backend that decodes the path "
+        "before splitting off query and fragment reads another path), keep (forwarded encoded)",
+    )
     trailing_dot_or_space: Literal["reject", "keep"] = Field(
-        "reject", description="A path segment ending in '.' or a space (%20), e.g. '/innsyn./x', '/innsyn%20/x', "
-        "'/...': reject (400; IIS/Windows strip them, so they name another route's path there), keep")
+        "reject",
+        description="A path segment ending in '.' or a space (%20), e.g. '/innsyn./x', '/innsyn%20/x', "
+        "'/...': reject (400; IIS/Windows strip them, so they name another route's path there), keep",
+    )
     case_sensitive_upstream: bool = Field(
-        False, description="false (default): a path whose case-insensitive reading matches a route prefix its "
+        False,
+        description="false (default): a path whose case-insensitive reading matches a route prefix its "
         "exact spelling does not (e.g. '/INNSYN/x' for route '/innsyn/') is refused with 400, since a "
-        "case-insensitive upstream (IIS, ASP.NET) serves it as the protected path; true: routes match byte-exact only")
+        "case-insensitive upstream (IIS, ASP.NET) serves it as the protected path; true: routes match byte-exact only",
+    )
     strip_request_headers: list[str] = Field(
-        default_factory=list, description="More client headers never forwarded (added to the built-in list)")
+        default_factory=list, description="More client headers never forwarded (added to the built-in list)"
+    )
     forward_request_headers: list[str] = Field(
-        default_factory=list, description="Names from the built-in strip list to forward after all")
+        default_factory=list, description="Names from the built-in strip list to forward after all"
+    )
 
     def strip_names(self) -> frozenset[str]:
         """The client header names the proxy drops (lower case, ``_`` read as ``-``)."""
@@ -134,7 +168,8 @@ def canonical_path(raw: str, policy: HttpConfig) -> tuple[str, str]:
     if raw[:1] != "/":
         raise NotCanonical("not_origin_form")
     if _PLAIN.fullmatch(raw) is not None and not (
-            ("./" in raw or raw[-1] == ".") and policy.trailing_dot_or_space == "reject"):
+        ("./" in raw or raw[-1] == ".") and policy.trailing_dot_or_space == "reject"
+    ):
         return raw, raw  # the common case: nothing to decode, nothing to resolve
     if not raw.isascii():
         raise NotCanonical("raw_non_ascii")
@@ -154,7 +189,7 @@ def canonical_path(raw: str, policy: HttpConfig) -> tuple[str, str]:
         raw = raw.replace("\\", "/")
         unescaped_slash = True
     if _REENCODE.search(raw) is not None:
-        raw = _REENCODE.sub(lambda m: "%%%02X" % ord(m.group()), raw)
+        raw = _REENCODE.sub(lambda m: f"%{ord(m.group()):02X}", raw)
 
     non_ascii = False
     params_rejected = policy.path_parameters == "reject"
@@ -178,7 +213,7 @@ def canonical_path(raw: str, policy: HttpConfig) -> tuple[str, str]:
             raise NotCanonical("encoded_fragment" if b == 0x23 else "encoded_query")
         if b >= 0x80:
             non_ascii = True
-        return "%%%02X" % b
+        return f"%{b:02X}"
 
     text = _ESCAPE.sub(decode, raw) if "%" in raw else raw
     if _DOUBLE.search(text) is not None:  # after decoding: "%25%32%65" is "%252e" too

@@ -86,7 +86,7 @@ class Stage:
 
     name: ClassVar[str] = "stage"
 
-    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+    def filters_for_route(self, route: RouteConfig) -> list[Filter]:
         """The filters this stage contributes to one route (each with its ``position``)."""
         return []
 
@@ -101,7 +101,7 @@ class Stage:
         (not ready)."""
         return {}
 
-    def adopt(self, previous: "Stage") -> None:
+    def adopt(self, previous: Stage) -> None:
         """Called on reload with the same stage of the old runtime, before ``start``: take over
         state worth keeping (JWKS caches, connections) when the relevant config is unchanged."""
 
@@ -126,7 +126,7 @@ async def release(resource: Any) -> None:
 class BuildEnv:
     """What a stage may use while building: the whole config and its file's directory."""
 
-    config: "Config"
+    config: Config
     base_dir: str
     secrets: dict[str, Any]  # process-wide keys made once (e.g. HMAC key for caches)
 
@@ -165,7 +165,9 @@ async def run_chain(filters: tuple[Filter, ...], ctx: RequestContext) -> Deny | 
                         deadline.active = False
             except TimeoutError:
                 log.error("filter %s timed out after %.1fs (request %s)", f.name, f.timeout, ctx.request_id)
-                decision = Deny(Problem(FILTER_TIMEOUT, internal_reason=f"{f.name}_timeout", headers=_RETRY_SOON))
+                decision = Deny(
+                    Problem(FILTER_TIMEOUT, internal_reason=f"{f.name}_timeout", headers=_RETRY_SOON)
+                )
             except asyncio.CancelledError:
                 raise
             except Exception:  # fail closed: a bug in a policy stage denies

@@ -19,7 +19,8 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from gateway import __version__
 
@@ -261,14 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="serve with a config file")
     p.add_argument("--config", "-c", required=True, help="YAML config file")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: server.workers)")
-    p.add_argument("--log-level", default=os.environ.get("PORTVAKT_LOG_LEVEL"),
-                   help="DEBUG | INFO | WARNING | ERROR (default: logging.level of the config)")
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("PORTVAKT_LOG_LEVEL"),
+        help="DEBUG | INFO | WARNING | ERROR (default: logging.level of the config)",
+    )
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--admin-socket", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
-        "check-config", help="validate a config file; lists every error and warning",
+        "check-config",
+        help="validate a config file; lists every error and warning",
         description="Schema, cross-checks and files/build in one run. Exit 0: no errors (warnings "
         "may be printed); 1: errors (or warnings with --strict); 2: usage error.",
     )

@@ -19,10 +19,10 @@ from pydantic import Field, ValidationError, field_validator
 
 from filters.authorize import AccessPolicy, route_policy_problems
 from filters.certificates import CertificatesConfig
-from filters.ingress import IngressConfig
 from filters.delegation.config import DelegationConfig, RoutePartyPolicy, RoutePrivilegePolicy
-from filters.persons.config import PersonsConfig, RoutePersonPolicy
+from filters.ingress import IngressConfig
 from filters.integrations import IntegrationConfig, IntegrationsPolicyConfig
+from filters.persons.config import PersonsConfig, RoutePersonPolicy
 from filters.ratelimit import RateLimitConfig, RateLimitRule
 from filters.tokens import IssuerConfig
 from filters.waf.config import RouteWafConfig, WafConfig
@@ -58,26 +58,47 @@ class TLSConfig(Model):
 class ServerConfig(Model):
     listen: str = Field("127.0.0.1:8443", description="Public listener HOST:PORT")
     tls: TLSConfig | None = Field(None, description="TLS settings; required unless plain_http is true")
-    plain_http: bool = Field(False, description="Serve plain HTTP (only behind a TLS-terminating load balancer)")
+    plain_http: bool = Field(
+        False, description="Serve plain HTTP (only behind a TLS-terminating load balancer)"
+    )
     workers: int = Field(1, ge=1, le=64, description="Worker processes sharing the port (SO_REUSEPORT)")
-    shutdown_grace_seconds: float = Field(10.0, ge=0, description="How long SIGTERM waits for in-flight requests")
-    keepalive_timeout_seconds: float = Field(75.0, gt=0, description="Idle time before a client keep-alive connection is closed")
+    shutdown_grace_seconds: float = Field(
+        10.0, ge=0, description="How long SIGTERM waits for in-flight requests"
+    )
+    keepalive_timeout_seconds: float = Field(
+        75.0, gt=0, description="Idle time before a client keep-alive connection is closed"
+    )
     # Edge bounds (gateway/edge.py). Defaults after Envoy's edge recommendations and nginx.
     request_headers_timeout_seconds: float = Field(
-        10.0, gt=0, description="From a request's first byte until its headers are complete (Envoy request_headers_timeout)"
+        10.0,
+        gt=0,
+        description="From a request's first byte until its headers are complete (Envoy request_headers_timeout)",
     )
     request_body_timeout_seconds: float = Field(
-        30.0, gt=0, description="Longest silence while the gateway waits for request body bytes: 408 (nginx client_body_timeout)"
+        30.0,
+        gt=0,
+        description="Longest silence while the gateway waits for request body bytes: 408 (nginx client_body_timeout)",
     )
     response_write_timeout_seconds: float = Field(
-        30.0, gt=0, description="Longest time a client may leave response bytes unread: its stream is aborted (nginx send_timeout)"
+        30.0,
+        gt=0,
+        description="Longest time a client may leave response bytes unread: its stream is aborted (nginx send_timeout)",
     )
     tls_handshake_timeout_seconds: float = Field(10.0, gt=0, description="Bound on a client's TLS handshake")
-    max_connections: int = Field(4096, gt=0, description="Open client connections per listener (per worker); beyond: 503 overloaded, closed")
-    max_concurrent_requests: int = Field(1024, gt=0, description="Requests in flight per worker; beyond: 503 overloaded")
-    overload_retry_after_seconds: int = Field(1, ge=1, description="Retry-After of the 503 overloaded problem")
+    max_connections: int = Field(
+        4096,
+        gt=0,
+        description="Open client connections per listener (per worker); beyond: 503 overloaded, closed",
+    )
+    max_concurrent_requests: int = Field(
+        1024, gt=0, description="Requests in flight per worker; beyond: 503 overloaded"
+    )
+    overload_retry_after_seconds: int = Field(
+        1, ge=1, description="Retry-After of the 503 overloaded problem"
+    )
     body_on_bodiless_methods: Literal["refuse", "forward"] = Field(
-        "refuse", description="A body on GET/HEAD/DELETE/OPTIONS: refuse (400 body_not_allowed) or forward "
+        "refuse",
+        description="A body on GET/HEAD/DELETE/OPTIONS: refuse (400 body_not_allowed) or forward "
         "with an exact Content-Length on an upstream connection closed after the exchange (chunked is refused)",
     )
 
@@ -85,9 +106,12 @@ class ServerConfig(Model):
 
 
 class AdminConfig(Model):
-    listen: str = Field("127.0.0.1:9090", description="Admin listener (metrics, health, reload); never public")
+    listen: str = Field(
+        "127.0.0.1:9090", description="Admin listener (metrics, health, reload); never public"
+    )
     reload_token: str | None = Field(
-        None, description="Bearer token POST /-/reload requires (use ${ENV_VAR}); unset: no token (loopback only)"
+        None,
+        description="Bearer token POST /-/reload requires (use ${ENV_VAR}); unset: no token (loopback only)",
     )
     reload_token_file: str | None = Field(
         None, description="File holding that token (e.g. a mounted Secret); read at load and on reload"
@@ -111,7 +135,9 @@ class UpstreamConfig(Model):
     timeout_seconds: float = Field(30.0, gt=0, description="Total time for the upstream's response headers")
     max_connections: int = Field(100, gt=0, description="Pooled connections to this upstream (per worker)")
     pool_timeout_seconds: float = Field(
-        5.0, gt=0, description="Longest wait for a free connection when max_connections are busy: 503 overloaded"
+        5.0,
+        gt=0,
+        description="Longest wait for a free connection when max_connections are busy: 503 overloaded",
     )
     ca_file: str | None = Field(None, description="CA bundle for an https upstream")
 
@@ -154,21 +180,37 @@ class RouteAuditConfig(Model):
 
 class RouteConfig(Model):
     name: str = Field(description="Route name: a metric label and audit field")
-    match: MatchConfig = Field(default_factory=MatchConfig, description="What requests this route takes (first match in file order wins)")
+    match: MatchConfig = Field(
+        default_factory=MatchConfig,
+        description="What requests this route takes (first match in file order wins)",
+    )
     upstream: str = Field(description="Name of an entry under upstreams:")
     service: str | None = Field(None, description="The service this route exposes (what grants name)")
-    legal_basis: str | None = Field(None, description="Legal basis recorded in audit (e.g. 'offentleglova § 3')")
+    legal_basis: str | None = Field(
+        None, description="Legal basis recorded in audit (e.g. 'offentleglova § 3')"
+    )
     organization_from: str | None = Field(
-        None, description='Where the target organisation is: "path:/orgs/{organization}/" or "header:FiksOrgId"'
+        None,
+        description='Where the target organisation is: "path:/orgs/{organization}/" or "header:FiksOrgId"',
     )
     access: AccessPolicy | None = Field(None, description="Who may call; absent: no credential required")
     rate_limits: list[RateLimitRule] = Field(default_factory=list, description="Rate limits of this route")
     waf: RouteWafConfig = Field(default_factory=RouteWafConfig, description="WAF exclusions for this route")
-    forward: RouteForwardConfig = Field(default_factory=RouteForwardConfig, description="What identity this route forwards upstream")
-    audit: RouteAuditConfig = Field(default_factory=RouteAuditConfig, description="Audit options of this route")
-    person: RoutePersonPolicy | None = Field(None, description="A logged-in person is required (persons: login)")
-    party: RoutePartyPolicy | None = Field(None, description="The person acts for an organisation they chose (delegation:)")
-    privilege: RoutePrivilegePolicy | None = Field(None, description="A run-time grant for this route's service (delegation:)")
+    forward: RouteForwardConfig = Field(
+        default_factory=RouteForwardConfig, description="What identity this route forwards upstream"
+    )
+    audit: RouteAuditConfig = Field(
+        default_factory=RouteAuditConfig, description="Audit options of this route"
+    )
+    person: RoutePersonPolicy | None = Field(
+        None, description="A logged-in person is required (persons: login)"
+    )
+    party: RoutePartyPolicy | None = Field(
+        None, description="The person acts for an organisation they chose (delegation:)"
+    )
+    privilege: RoutePrivilegePolicy | None = Field(
+        None, description="A run-time grant for this route's service (delegation:)"
+    )
 
 
 class LoggingConfig(Model):
@@ -205,29 +247,51 @@ class Config(Model):
     trusted_proxies: list[str] = Field(
         default_factory=list, description="CIDRs whose X-Forwarded-For / forwarded client certs are believed"
     )
-    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict, description="Upstream services by name")
-    routes: list[RouteConfig] = Field(default_factory=list, description="Routes, first match in file order wins")
-    ingress: IngressConfig = Field(default_factory=IngressConfig, description="Client address, host and size limits")
-    issuers: dict[str, IssuerConfig] = Field(default_factory=dict, description="Token issuers (Maskinporten, ID-porten) by name")
-    integrations: list[IntegrationConfig] = Field(default_factory=list, description="Fiks integrations and their grants")
-    integrations_policy: IntegrationsPolicyConfig = Field(
-        default_factory=IntegrationsPolicyConfig, description="Integrations filter mode and brute-force limits"
+    upstreams: dict[str, UpstreamConfig] = Field(
+        default_factory=dict, description="Upstream services by name"
     )
-    certificates: CertificatesConfig = Field(default_factory=CertificatesConfig, description="Enterprise client certificates")
-    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig, description="Rate limiter backend and behaviour")
+    routes: list[RouteConfig] = Field(
+        default_factory=list, description="Routes, first match in file order wins"
+    )
+    ingress: IngressConfig = Field(
+        default_factory=IngressConfig, description="Client address, host and size limits"
+    )
+    issuers: dict[str, IssuerConfig] = Field(
+        default_factory=dict, description="Token issuers (Maskinporten, ID-porten) by name"
+    )
+    integrations: list[IntegrationConfig] = Field(
+        default_factory=list, description="Fiks integrations and their grants"
+    )
+    integrations_policy: IntegrationsPolicyConfig = Field(
+        default_factory=IntegrationsPolicyConfig,
+        description="Integrations filter mode and brute-force limits",
+    )
+    certificates: CertificatesConfig = Field(
+        default_factory=CertificatesConfig, description="Enterprise client certificates"
+    )
+    rate_limit: RateLimitConfig = Field(
+        default_factory=RateLimitConfig, description="Rate limiter backend and behaviour"
+    )
     waf: WafConfig = Field(default_factory=WafConfig, description="Web application firewall")
     audit: AuditConfig = Field(default_factory=AuditConfig, description="Audit trail")
-    identity: IdentityConfig = Field(default_factory=IdentityConfig, description="Identity headers and the signed assertion forwarded upstream")
+    identity: IdentityConfig = Field(
+        default_factory=IdentityConfig,
+        description="Identity headers and the signed assertion forwarded upstream",
+    )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Application and access logs")
     problems: ProblemsConfig = Field(default_factory=ProblemsConfig, description="Problem+json responses")
     http: HttpConfig = Field(
-        default_factory=HttpConfig, description="Canonical request (path normalisation) and client headers never forwarded"
+        default_factory=HttpConfig,
+        description="Canonical request (path normalisation) and client headers never forwarded",
     )
     persons: PersonsConfig | None = Field(None, description="Persons' login: OIDC relying party (ID-porten)")
     delegation: DelegationConfig | None = Field(
-        None, description="Acting for organisations (Altinn parties), run-time privileges, admin API, org audit view"
+        None,
+        description="Acting for organisations (Altinn parties), run-time privileges, admin API, org audit view",
     )
-    tracing: TracingConfig = Field(default_factory=TracingConfig, description="W3C trace context (traceparent) to the upstream")
+    tracing: TracingConfig = Field(
+        default_factory=TracingConfig, description="W3C trace context (traceparent) to the upstream"
+    )
 
     # Set by load_config: where the file was, so relative paths resolve against it.
     source_path: str | None = Field(None, exclude=True)
@@ -286,7 +350,9 @@ def _cross_checks(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
     if not cfg.server.plain_http and cfg.server.tls is None:
         errs.append((("server", "tls"), "required unless server.plain_http is true"))
     if cfg.server.tls and cfg.server.tls.client_certificate != "off" and not cfg.server.tls.client_ca:
-        errs.append((("server", "tls", "client_ca"), "required when client_certificate is optional or required"))
+        errs.append(
+            (("server", "tls", "client_ca"), "required when client_certificate is optional or required")
+        )
     for key in ("trusted_proxies",):
         for i, c in enumerate(getattr(cfg, key)):
             try:
@@ -309,9 +375,14 @@ def _cross_checks(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
         names.add(r.name)
         errs += [(("routes", i) + loc, msg) for loc, msg in route_policy_problems(r)]
         errs += _route_canonical_problems(i, r, cfg)
-        if r.organization_from and not re.match(r"^(path:/.*\{organization\}.*|header:[A-Za-z0-9-]+)\Z", r.organization_from):
+        if r.organization_from and not re.match(
+            r"^(path:/.*\{organization\}.*|header:[A-Za-z0-9-]+)\Z", r.organization_from
+        ):
             errs.append(
-                (("routes", i, "organization_from"), 'must be "path:/.../{organization}/..." or "header:Name"')
+                (
+                    ("routes", i, "organization_from"),
+                    'must be "path:/.../{organization}/..." or "header:Name"',
+                )
             )
     from filters.persons import config_problems as persons_problems
 
@@ -335,7 +406,12 @@ def _route_canonical_problems(i: int, r: RouteConfig, cfg: Config) -> list[tuple
     try:
         canon = canonical_path(prefix, cfg.http)[0]
     except Exception as e:  # NotCanonical or Redirect
-        errs.append((("routes", i, "match", "path_prefix"), f"not a canonical path ({getattr(e, 'reason', 'escaped slash')})"))
+        errs.append(
+            (
+                ("routes", i, "match", "path_prefix"),
+                f"not a canonical path ({getattr(e, 'reason', 'escaped slash')})",
+            )
+        )
     else:
         if canon != prefix:
             errs.append((("routes", i, "match", "path_prefix"), f"not canonical: write {canon!r}"))
@@ -443,7 +519,9 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         cfg = Config.model_validate({**raw, "source_path": source if source != "<config>" else None})
     except ValidationError as e:
-        problems += [f"{source}: {_yaml_path(tuple(err['loc']))}: {schema_message(err)}" for err in e.errors()]
+        problems += [
+            f"{source}: {_yaml_path(tuple(err['loc']))}: {schema_message(err)}" for err in e.errors()
+        ]
         raise ConfigError(problems) from None
     problems += [f"{source}: {_yaml_path(loc)}: {msg}" for loc, msg in _cross_checks(cfg)]
     if problems:

@@ -186,7 +186,9 @@ _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
 def _parse_path(path: str) -> tuple[Any, ...]:
-    return tuple(int(m.group(2)) if m.group(2) is not None else m.group(1) for m in _PATH_TOKEN.finditer(path))
+    return tuple(
+        int(m.group(2)) if m.group(2) is not None else m.group(1) for m in _PATH_TOKEN.finditer(path)
+    )
 
 
 def check(path: str) -> Report:
@@ -245,7 +247,9 @@ def check(path: str) -> Report:
 
         seen = {(f.path, f.message) for f in report.findings}
         for p in file_problems(cfg, path):
-            where, _, msg = p[len(path) + 2 :].partition(": ") if p.startswith(path + ": ") else ("runtime", "", p)
+            where, _, msg = (
+                p[len(path) + 2 :].partition(": ") if p.startswith(path + ": ") else ("runtime", "", p)
+            )
             orig = pr.original(_parse_path(where)) if where not in ("runtime", "(file)") else ()
             if orig and pr.is_removed(orig):
                 continue
@@ -276,8 +280,13 @@ def _host_bits(node: Any, loc: tuple[Any, ...], out: list[tuple[str, str]]) -> N
         try:
             ipaddress.ip_network(node.strip(), strict=True)
         except ValueError:
-            out.append((_yaml_path(loc), f"{node} has host bits set: it means {net} (write {net}, or "
-                                         f"/{net.max_prefixlen} for the one address)"))
+            out.append(
+                (
+                    _yaml_path(loc),
+                    f"{node} has host bits set: it means {net} (write {net}, or "
+                    f"/{net.max_prefixlen} for the one address)",
+                )
+            )
 
 
 def _loopback(listen: str) -> bool:
@@ -305,7 +314,9 @@ def _covers(earlier: Any, later: Any) -> bool:
     if eh and (not lh or not lh <= eh):
         return False
     p = later.match.path_prefix
-    return _matches(earlier.match.path_prefix, p) and _matches(earlier.match.path_prefix, p.rstrip("/") + "/x")
+    return _matches(earlier.match.path_prefix, p) and _matches(
+        earlier.match.path_prefix, p.rstrip("/") + "/x"
+    )
 
 
 def warnings(cfg: Config, raw: dict[str, Any], pr: _Pruned) -> list[tuple[str, str]]:
@@ -325,13 +336,19 @@ def warnings(cfg: Config, raw: dict[str, Any], pr: _Pruned) -> list[tuple[str, s
                 continue
             if _covers(routes[i], later):
                 same = routes[i].match.path_prefix == later.match.path_prefix
-                hint = " (methods are checked after the match: other methods get 405, they do not fall through)" if same else ""
-                out.append((
-                    _yaml_path(pr.original(("routes", j))),
-                    f"route {later.name!r} is never matched: route {routes[i].name!r} "
-                    f"({_yaml_path(pr.original(('routes', i)))}, path_prefix {routes[i].match.path_prefix!r}) "
-                    f"matches every request it would, and the first match wins{hint}",
-                ))
+                hint = (
+                    " (methods are checked after the match: other methods get 405, they do not fall through)"
+                    if same
+                    else ""
+                )
+                out.append(
+                    (
+                        _yaml_path(pr.original(("routes", j))),
+                        f"route {later.name!r} is never matched: route {routes[i].name!r} "
+                        f"({_yaml_path(pr.original(('routes', i)))}, path_prefix {routes[i].match.path_prefix!r}) "
+                        f"matches every request it would, and the first match wins{hint}",
+                    )
+                )
                 break
 
     dumped = cfg.model_dump(mode="json", by_alias=True)
@@ -340,8 +357,12 @@ def warnings(cfg: Config, raw: dict[str, Any], pr: _Pruned) -> list[tuple[str, s
         if isinstance(node, dict):
             for k, v in node.items():
                 if k == "mode" and v == "detect":
-                    out.append((_yaml_path(pr.original(loc + (k,))),
-                                "detect: would-be denials are only recorded (metrics, audit), nothing is refused"))
+                    out.append(
+                        (
+                            _yaml_path(pr.original(loc + (k,))),
+                            "detect: would-be denials are only recorded (metrics, audit), nothing is refused",
+                        )
+                    )
                 else:
                     modes(v, loc + (k,))
         elif isinstance(node, list):
@@ -353,21 +374,38 @@ def warnings(cfg: Config, raw: dict[str, Any], pr: _Pruned) -> list[tuple[str, s
         if isinstance(raw.get(section), dict) and raw[section].get("mode") == "off":
             out.append((f"{section}.mode", "off: this stage does not run"))
     if getattr(cfg.rate_limit, "on_backend_error", None) == "allow":
-        out.append(("rate_limit.on_backend_error", "allow: while Redis is unreachable no limit holds (fail open)"))
+        out.append(
+            ("rate_limit.on_backend_error", "allow: while Redis is unreachable no limit holds (fail open)")
+        )
     for i, c in enumerate(cfg.trusted_proxies):
         try:
             if ipaddress.ip_network(c, strict=False).prefixlen == 0:
-                out.append((f"trusted_proxies[{i}]", f"{c} trusts every peer: anyone can set X-Forwarded-For, "
-                                                     "X-Request-Id and forwarded client certificates"))
+                out.append(
+                    (
+                        f"trusted_proxies[{i}]",
+                        f"{c} trusts every peer: anyone can set X-Forwarded-For, "
+                        "X-Request-Id and forwarded client certificates",
+                    )
+                )
         except ValueError:
             pass
     if cfg.server.plain_http and not _loopback(cfg.server.listen) and not cfg.trusted_proxies:
-        out.append(("server.plain_http", f"plain HTTP on {cfg.server.listen} with no trusted_proxies: "
-                                         "clients reach Portvakt unencrypted"))
+        out.append(
+            (
+                "server.plain_http",
+                f"plain HTTP on {cfg.server.listen} with no trusted_proxies: "
+                "clients reach Portvakt unencrypted",
+            )
+        )
     audit = cfg.audit
     if audit.enabled and audit.path and not audit.key and not audit.key_file:
-        out.append(("audit.key", "no audit key: a random one per start, so `portvakt audit verify` cannot check "
-                                 "the chain across restarts and pseudonyms change (set key or key_file)"))
+        out.append(
+            (
+                "audit.key",
+                "no audit key: a random one per start, so `portvakt audit verify` cannot check "
+                "the chain across restarts and pseudonyms change (set key or key_file)",
+            )
+        )
     # Stages say what in their own section is valid but weaker than it looks ("yaml.path: message").
     from filters.tokens import config_warnings as token_warnings
     from filters.waf.stage import config_warnings as waf_warnings
@@ -376,9 +414,16 @@ def warnings(cfg: Config, raw: dict[str, Any], pr: _Pruned) -> list[tuple[str, s
         where, _, msg = text.partition(": ")
         out.append((where, msg))
     admin = cfg.admin
-    if not _loopback(admin.listen) and not (getattr(admin, "reload_token", None) or getattr(admin, "reload_token_file", None)):
-        out.append(("admin.listen", f"{admin.listen} is beyond loopback and POST /-/reload has no token "
-                                    "(admin.reload_token or admin.reload_token_file): keep the port internal"))
+    if not _loopback(admin.listen) and not (
+        getattr(admin, "reload_token", None) or getattr(admin, "reload_token_file", None)
+    ):
+        out.append(
+            (
+                "admin.listen",
+                f"{admin.listen} is beyond loopback and POST /-/reload has no token "
+                "(admin.reload_token or admin.reload_token_file): keep the port internal",
+            )
+        )
     return out
 
 

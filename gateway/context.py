@@ -8,9 +8,10 @@ consumer (authorize, forwarding headers, audit, rate-limit keys) reads the same 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from aiohttp import web
@@ -100,10 +101,10 @@ class RequestContext:
     scheme: str
     peer_ip: IPAddress  # the TCP peer
     client_ip: IPAddress  # after trusted-proxy resolution
-    headers: "CIMultiDictProxy[str]"
-    request: "web.Request"
-    runtime: "Runtime"
-    route: "CompiledRoute | None" = None
+    headers: CIMultiDictProxy[str]
+    request: web.Request
+    runtime: Runtime
+    route: CompiledRoute | None = None
     tls: TlsInfo = field(default_factory=TlsInfo)
     from_trusted_proxy: bool = False
     started: float = field(default_factory=time.monotonic)

@@ -62,7 +62,9 @@ async def start_upstream(host: str = UPSTREAM_LISTEN[0], port: int = UPSTREAM_LI
     return runner
 
 
-async def start_jwks(jwks_file: Path, host: str = JWKS_LISTEN[0], port: int = JWKS_LISTEN[1]) -> web.AppRunner:
+async def start_jwks(
+    jwks_file: Path, host: str = JWKS_LISTEN[0], port: int = JWKS_LISTEN[1]
+) -> web.AppRunner:
     async def jwks(_: web.Request) -> web.Response:
         return web.Response(body=jwks_file.read_bytes(), content_type="application/json")
 
@@ -95,7 +97,9 @@ def example_call(config_path: Path, certs: Path) -> str:
     rel = lambda p: shlex.quote(str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p))  # noqa: E731
     ca = rel(certs / "ca.pem")
     tls = f"--cacert {ca} " if scheme == "https" else ""
-    py = shlex.quote(os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable)
+    py = shlex.quote(
+        os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
+    )
     for route in cfg.routes:
         rules = route.access.any_of if route.access else []
         if not any(r.integration for r in rules) or not (route.organization_from or "").startswith("path:"):
@@ -106,12 +110,12 @@ def example_call(config_path: Path, certs: Path) -> str:
             grant = next((g for g in integ.grants if route.service in g.services), None)
             if grant is None:
                 continue
-            path = route.organization_from[len("path:"):].replace("{organization}", grant.organization)
+            path = route.organization_from[len("path:") :].replace("{organization}", grant.organization)
             scopes = sorted({s for r in rules if r.integration for s in r.scopes}) or ["ks:fiks"]
             return (
                 f"TOKEN=$({py} -m gateway dev-token --key {rel(certs / 'issuer-key.pem')} "
                 f"--org {integ.authorized_org} --scope {shlex.quote(' '.join(scopes))}) && "
-                f"curl -sS {tls}-H \"Authorization: Bearer $TOKEN\" "
+                f'curl -sS {tls}-H "Authorization: Bearer $TOKEN" '
                 f"-H 'IntegrasjonId: {integ.id}' -H 'IntegrasjonPassord: {DEMO_INTEGRATION_PASSWORD}' "
                 f"'{base}{path}saker?status=open'"
             )
@@ -131,8 +135,11 @@ def persons_client_key(certs: Path, name: str = PERSONS_CLIENT_KEY) -> Any:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     return key
 
 
@@ -147,14 +154,24 @@ async def start_provider(config_path: Path, certs: Path) -> tuple[Any, str | Non
     host, _, port = cfg.server.listen.rpartition(":")
     gw = f"https://{host}:{port}{cfg.persons.prefix}"
     op = DevProvider(host=PROVIDER_LISTEN[0], port=PROVIDER_LISTEN[1], login_host="localhost")
-    op.register(DevClient(
-        cfg.persons.provider.client_id, [f"{gw}/callback"], [f"{gw}/logout/callback"], f"{gw}/logout/frontchannel",
-        True, public_key=persons_client_key(certs).public_key(), scopes=("openid", "profile"),
-    ))
+    op.register(
+        DevClient(
+            cfg.persons.provider.client_id,
+            [f"{gw}/callback"],
+            [f"{gw}/logout/callback"],
+            f"{gw}/logout/frontchannel",
+            True,
+            public_key=persons_client_key(certs).public_key(),
+            scopes=("openid", "profile"),
+        )
+    )
     op.add_client_b()
     await op.start()
-    route = min((r for r in cfg.routes if r.person is not None and r.party is None and r.privilege is None),
-                key=lambda r: len(r.match.path_prefix), default=None)
+    route = min(
+        (r for r in cfg.routes if r.person is not None and r.party is None and r.privilege is None),
+        key=lambda r: len(r.match.path_prefix),
+        default=None,
+    )
     url = f"https://{host}:{port}{route.match.path_prefix}" if route else None
     return op, url
 
@@ -212,16 +229,29 @@ async def _run(config: Path, certs: Path) -> int:
         print("\nPortvakt demo is running. Try:\n", flush=True)
         print("  " + example_call(config, certs) + "\n", flush=True)
         if person_url:
-            print(f"  log in as a person: open {person_url} in a browser (accept the dev certificate),", flush=True)
-            print("  pick a level at the dev ID-porten, see what the upstream receives; log out at /portvakt/logout (button)\n",
-                  flush=True)
+            print(
+                f"  log in as a person: open {person_url} in a browser (accept the dev certificate),",
+                flush=True,
+            )
+            print(
+                "  pick a level at the dev ID-porten, see what the upstream receives; log out at /portvakt/logout (button)\n",
+                flush=True,
+            )
             base = person_url.split("/", 3)
             base = "/".join(base[:3])
-            print(f"  act for an organisation: {base}/portvakt/parties, then POST {base}/portvakt/party, then {base}/virksomhet/",
-                  flush=True)
-            print(f"  administer 910000005 (log in at high as 24917397852): {base}/portvakt/admin/\n", flush=True)
+            print(
+                f"  act for an organisation: {base}/portvakt/parties, then POST {base}/portvakt/party, then {base}/virksomhet/",
+                flush=True,
+            )
+            print(
+                f"  administer 910000005 (log in at high as 24917397852): {base}/portvakt/admin/\n",
+                flush=True,
+            )
         if admin:
-            print(f"  metrics: curl -s http://{admin}/metrics    readiness: curl -s http://{admin}/readyz", flush=True)
+            print(
+                f"  metrics: curl -s http://{admin}/metrics    readiness: curl -s http://{admin}/readyz",
+                flush=True,
+            )
         print("\nCtrl-C stops everything.\n", flush=True)
 
     try:

@@ -34,22 +34,49 @@ SCOPE = "altinn:accessmanagement/authorizedparties.resourceowner"
 DEMO_PID = "24917397852"
 
 
-def party(org: str, name: str, unit: str = "AS", *, deleted: bool = False, no_access: bool = False,
-          subunits: list[dict[str, Any]] | None = None, roles: list[str] | None = None) -> dict[str, Any]:
+def party(
+    org: str,
+    name: str,
+    unit: str = "AS",
+    *,
+    deleted: bool = False,
+    no_access: bool = False,
+    subunits: list[dict[str, Any]] | None = None,
+    roles: list[str] | None = None,
+) -> dict[str, Any]:
     return {
-        "partyUuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"altinn-org:{org}")), "name": name,
-        "organizationNumber": org, "personId": None, "partyId": int(org[:8]), "type": "Organization",
-        "unitType": unit, "isDeleted": deleted, "onlyHierarchyElementWithNoAccess": no_access,
-        "authorizedResources": [], "authorizedRoles": roles if roles is not None else ["DAGL"],
-        "authorizedInstances": [], "subunits": subunits or [],
+        "partyUuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"altinn-org:{org}")),
+        "name": name,
+        "organizationNumber": org,
+        "personId": None,
+        "partyId": int(org[:8]),
+        "type": "Organization",
+        "unitType": unit,
+        "isDeleted": deleted,
+        "onlyHierarchyElementWithNoAccess": no_access,
+        "authorizedResources": [],
+        "authorizedRoles": roles if roles is not None else ["DAGL"],
+        "authorizedInstances": [],
+        "subunits": subunits or [],
     }
 
 
 def person_party(pid: str, name: str) -> dict[str, Any]:
-    return {"partyUuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"altinn-person:{pid}")), "name": name,
-            "organizationNumber": None, "personId": pid, "partyId": 5000000, "type": "Person", "unitType": None,
-            "isDeleted": False, "onlyHierarchyElementWithNoAccess": False, "authorizedResources": [],
-            "authorizedRoles": [], "authorizedInstances": [], "subunits": []}
+    return {
+        "partyUuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"altinn-person:{pid}")),
+        "name": name,
+        "organizationNumber": None,
+        "personId": pid,
+        "partyId": 5000000,
+        "type": "Person",
+        "unitType": None,
+        "isDeleted": False,
+        "onlyHierarchyElementWithNoAccess": False,
+        "authorizedResources": [],
+        "authorizedRoles": [],
+        "authorizedInstances": [],
+        "subunits": [],
+    }
 
 
 def demo_parties(pid: str = DEMO_PID) -> list[dict[str, Any]]:
@@ -57,23 +84,42 @@ def demo_parties(pid: str = DEMO_PID) -> list[dict[str, Any]]:
     and a deleted one."""
     return [
         person_party(pid, "KARI NORDMANN"),
-        party("910000005", "ØSTRE BYGD KOMMUNE", "KOMM", subunits=[
-            party("910000013", "ØSTRE BYGD KOMMUNE SKOLEETATEN", "BEDR"),
-            party("910000021", "ØSTRE BYGD KOMMUNE HELSE", "BEDR"),
-        ]),
-        party("920000000", "VESTRE KONSERN AS", "AS", no_access=True, subunits=[
-            party("920000019", "VESTRE KONSERN AS AVD BERGEN", "BEDR"),
-        ]),
+        party(
+            "910000005",
+            "ØSTRE BYGD KOMMUNE",
+            "KOMM",
+            subunits=[
+                party("910000013", "ØSTRE BYGD KOMMUNE SKOLEETATEN", "BEDR"),
+                party("910000021", "ØSTRE BYGD KOMMUNE HELSE", "BEDR"),
+            ],
+        ),
+        party(
+            "920000000",
+            "VESTRE KONSERN AS",
+            "AS",
+            no_access=True,
+            subunits=[
+                party("920000019", "VESTRE KONSERN AS AVD BERGEN", "BEDR"),
+            ],
+        ),
         party("930000004", "NEDLAGT AS", "AS", deleted=True),
     ]
 
 
 class FakeAltinn(LocalAppServer):
-    def __init__(self, client_public_key: Any, *, host: str = "127.0.0.1", port: int = 0,
-                 parties: dict[str, list[dict[str, Any]]] | None = None):
+    def __init__(
+        self,
+        client_public_key: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        parties: dict[str, list[dict[str, Any]]] | None = None,
+    ):
         self.host, self.port = host, port
         self.public_key = client_public_key
-        self.parties: dict[str, list[dict[str, Any]]] = parties if parties is not None else {DEMO_PID: demo_parties()}
+        self.parties: dict[str, list[dict[str, Any]]] = (
+            parties if parties is not None else {DEMO_PID: demo_parties()}
+        )
         self.down = False
         self.counts: dict[str, int] = {"token": 0, "exchange": 0, "parties": 0}
         self.requests: list[dict[str, Any]] = []
@@ -101,7 +147,6 @@ class FakeAltinn(LocalAppServer):
         app.router.add_post("/accessmanagement/api/v1/resourceowner/authorizedparties", self.h_parties)
         return app
 
-
     def _bearer(self, request: web.Request, table: dict[str, float]) -> bool:
         auth = request.headers.get("Authorization", "")
         tok = auth[7:] if auth.startswith("Bearer ") else ""
@@ -115,8 +160,13 @@ class FakeAltinn(LocalAppServer):
         if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer":
             return web.json_response({"error": "unsupported_grant_type"}, status=400)
         try:
-            claims = jwt.decode(str(form.get("assertion", "")), self.public_key, algorithms=["RS256"],
-                                audience=self.audience, options={"require": ["exp", "iat", "jti", "iss"]})
+            claims = jwt.decode(
+                str(form.get("assertion", "")),
+                self.public_key,
+                algorithms=["RS256"],
+                audience=self.audience,
+                options={"require": ["exp", "iat", "jti", "iss"]},
+            )
         except jwt.PyJWTError:
             return web.json_response({"error": "invalid_grant"}, status=400)
         if claims.get("scope") != SCOPE or claims["jti"] in self._jtis or claims["exp"] - claims["iat"] > 120:
@@ -124,7 +174,9 @@ class FakeAltinn(LocalAppServer):
         self._jtis.add(claims["jti"])
         tok = secrets.token_urlsafe(32)
         self._mp[tok] = time.time() + 120
-        return web.json_response({"access_token": tok, "token_type": "Bearer", "expires_in": 120, "scope": SCOPE})
+        return web.json_response(
+            {"access_token": tok, "token_type": "Bearer", "expires_in": 120, "scope": SCOPE}
+        )
 
     async def h_exchange(self, request: web.Request) -> web.Response:
         self.counts["exchange"] += 1
@@ -147,7 +199,11 @@ class FakeAltinn(LocalAppServer):
         except ValueError:
             return web.json_response({"title": "bad json"}, status=400)
         self.requests.append({"query": dict(request.query), "body": body})
-        if not isinstance(body, dict) or body.get("type") != "urn:altinn:person:identifier-no" or not isinstance(body.get("value"), str):
+        if (
+            not isinstance(body, dict)
+            or body.get("type") != "urn:altinn:person:identifier-no"
+            or not isinstance(body.get("value"), str)
+        ):
             return web.json_response({"title": "unsupported type"}, status=400)
         return web.json_response(self.parties.get(body["value"], []))
 
@@ -155,7 +211,9 @@ class FakeAltinn(LocalAppServer):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gateway.devaltinn", description=__doc__.split("\n")[0])
     ap.add_argument("--port", type=int, default=8490)
-    ap.add_argument("--client-public-key", required=True, help="PEM public key of the gateway's Maskinporten client")
+    ap.add_argument(
+        "--client-public-key", required=True, help="PEM public key of the gateway's Maskinporten client"
+    )
     a = ap.parse_args(argv)
     with open(a.client_public_key, "rb") as f:
         pub = serialization.load_pem_public_key(f.read())

@@ -30,9 +30,9 @@ import ipaddress
 import json
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -69,7 +69,7 @@ def client_cert_names(org: str, seid: int = 2) -> tuple[str, str]:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _new_ec_key() -> ec.EllipticCurvePrivateKey:
@@ -118,7 +118,7 @@ class CertificateAuthority:
     key: ec.EllipticCurvePrivateKey
 
     @classmethod
-    def create(cls, common_name: str = "Portvakt Dev CA") -> "CertificateAuthority":
+    def create(cls, common_name: str = "Portvakt Dev CA") -> CertificateAuthority:
         key = _new_ec_key()
         name = x509.Name(
             [
@@ -140,9 +140,15 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                    encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -152,7 +158,7 @@ class CertificateAuthority:
         return cls(cert, key)
 
     @classmethod
-    def load(cls, cert_path: Path, key_path: Path) -> "CertificateAuthority":
+    def load(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
         return cls(_load_cert(cert_path), _load_key(key_path))
 
     def _leaf(
@@ -176,9 +182,15 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-                    encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -210,7 +222,9 @@ class CertificateAuthority:
                 x509.NameAttribute(NameOID.COMMON_NAME, next(iter(hosts), "localhost")),
             ]
         )
-        cert = self._leaf(subject, key.public_key(), [ExtendedKeyUsageOID.SERVER_AUTH], x509.SubjectAlternativeName(names))
+        cert = self._leaf(
+            subject, key.public_key(), [ExtendedKeyUsageOID.SERVER_AUTH], x509.SubjectAlternativeName(names)
+        )
         return cert, key
 
     def client_certificate(
@@ -245,7 +259,11 @@ class CertificateAuthority:
             attrs.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, org))
         attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
         cert = self._leaf(
-            x509.Name(attrs), key.public_key(), [ExtendedKeyUsageOID.CLIENT_AUTH], days=days, not_before=not_before
+            x509.Name(attrs),
+            key.public_key(),
+            [ExtendedKeyUsageOID.CLIENT_AUTH],
+            days=days,
+            not_before=not_before,
         )
         return cert, key
 
@@ -348,7 +366,9 @@ class DevPki:
             _write_cert(cert_path, cert)
         return cert_path, key_path
 
-    def write_crl(self, revoked_cert_paths: Iterable[str | os.PathLike[str]], path: str | os.PathLike[str] | None = None) -> Path:
+    def write_crl(
+        self, revoked_cert_paths: Iterable[str | os.PathLike[str]], path: str | os.PathLike[str] | None = None
+    ) -> Path:
         """Write a CRL signed by the dev CA revoking exactly the given certificates."""
         out = Path(path) if path is not None else self.dir / CRL_FILE
         certs = [_load_cert(Path(p)) for p in revoked_cert_paths]
@@ -422,13 +442,14 @@ def org_number(cert: x509.Certificate) -> tuple[str | None, int | None]:
     for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_IDENTIFIER):
         v = str(a.value)
         if v.startswith("NTRNO-"):
-            return v[len("NTRNO-"):], 2
+            return v[len("NTRNO-") :], 2
     for a in cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER):
         return str(a.value), 1
     return None, None
 
 
 # --- CLI ------------------------------------------------------------------------------------
+
 
 def _orgs(values: list[str] | None, default: Sequence[str]) -> list[str]:
     if not values:
@@ -462,7 +483,7 @@ def _cmd_dev_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_commands(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``dev-certs`` to the ``portvakt`` CLI. The handler is ``args.func(args) -> exit code``."""
     p = subparsers.add_parser(
         "dev-certs",
@@ -476,11 +497,15 @@ def register_commands(subparsers: "argparse._SubParsersAction[argparse.ArgumentP
     )
     p.add_argument("dir", metavar="DIR", help="output directory (created when missing)")
     p.add_argument(
-        "--org", action="append", metavar="ORGNO",
+        "--org",
+        action="append",
+        metavar="ORGNO",
         help=f"org number for a SEID 2 client certificate; repeatable (default {DEFAULT_SEID2_ORGS[0]})",
     )
     p.add_argument(
-        "--seid1-org", action="append", metavar="ORGNO",
+        "--seid1-org",
+        action="append",
+        metavar="ORGNO",
         help=f"org number for a SEID 1 client certificate; repeatable (default {DEFAULT_SEID1_ORGS[0]})",
     )
     p.add_argument("--force", action="store_true", help="regenerate everything, including the CA")

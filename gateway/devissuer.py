@@ -124,6 +124,7 @@ def mint_token(
 
 # -- CLI -------------------------------------------------------------------------------------
 
+
 def _kid_for(key_path: Path, key: Any) -> str:
     """The kid published for this key in ``issuer-jwks.json`` beside it, else its thumbprint."""
     kid = key_id(key)
@@ -148,8 +149,10 @@ def _cmd_dev_token(args: argparse.Namespace) -> int:
     try:
         key = load_private_key(key_path)
     except (OSError, ValueError) as e:
-        print(f"dev-token: cannot read the issuer key {key_path}: {e} (run `portvakt dev-certs certs/dev`)",
-              file=sys.stderr)
+        print(
+            f"dev-token: cannot read the issuer key {key_path}: {e} (run `portvakt dev-certs certs/dev`)",
+            file=sys.stderr,
+        )
         return 2
     if args.aud is None:
         args.aud = [DEV_AUDIENCE]
@@ -172,7 +175,7 @@ def _cmd_dev_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_commands(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``dev-token`` to the ``portvakt`` CLI. The handler is ``args.func(args) -> exit code``."""
     p = subparsers.add_parser(
         "dev-token",
@@ -185,9 +188,15 @@ def register_commands(subparsers: "argparse._SubParsersAction[argparse.ArgumentP
         ),
     )
     p.add_argument("--kind", choices=("maskinporten", "idporten"), default="maskinporten")
-    p.add_argument("--org", default=DEFAULT_ORG, help=f"consumer org number (maskinporten; default {DEFAULT_ORG})")
-    p.add_argument("--scope", default=None, help='space-separated scopes (default "ks:fiks"; idporten "openid")')
-    p.add_argument("--pid", help="the person's national identity number (idporten; use a synthetic test number)")
+    p.add_argument(
+        "--org", default=DEFAULT_ORG, help=f"consumer org number (maskinporten; default {DEFAULT_ORG})"
+    )
+    p.add_argument(
+        "--scope", default=None, help='space-separated scopes (default "ks:fiks"; idporten "openid")'
+    )
+    p.add_argument(
+        "--pid", help="the person's national identity number (idporten; use a synthetic test number)"
+    )
     p.add_argument("--acr", default="idporten-loa-high", help="idporten level (default idporten-loa-high)")
     p.add_argument("--ttl", type=int, default=600, help="seconds until exp; negative gives an expired token")
     p.add_argument("--key", default=DEFAULT_KEY, help=f"issuer private key PEM (default {DEFAULT_KEY})")

@@ -33,8 +33,9 @@ import secrets
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlencode
 
 import jwt
@@ -53,8 +54,14 @@ def _b64(b: bytes) -> str:
 
 def _rsa_jwk(pub: Any, kid: str) -> dict[str, str]:
     n = pub.public_numbers()
-    return {"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
-            "n": _b64(n.n.to_bytes((n.n.bit_length() + 7) // 8, "big")), "e": _b64(n.e.to_bytes(3, "big"))}
+    return {
+        "kty": "RSA",
+        "kid": kid,
+        "use": "sig",
+        "alg": "RS256",
+        "n": _b64(n.n.to_bytes((n.n.bit_length() + 7) // 8, "big")),
+        "e": _b64(n.e.to_bytes(3, "big")),
+    }
 
 
 @dataclass
@@ -84,8 +91,15 @@ class SsoSession:
 
 class DevProvider(LocalAppServer):
     def __init__(
-        self, *, host: str = "127.0.0.1", port: int = 0, login_host: str = "localhost",
-        access_ttl: int = 120, refresh_ttl: int = 600, grant_ttl: int = 7200, trailing_slash: bool = False,
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        login_host: str = "localhost",
+        access_ttl: int = 120,
+        refresh_ttl: int = 600,
+        grant_ttl: int = 7200,
+        trailing_slash: bool = False,
         key: rsa.RSAPrivateKey | None = None,
     ):
         self.host, self.port, self.login_host = host, port, login_host
@@ -113,7 +127,9 @@ class DevProvider(LocalAppServer):
         self.refresh_failure: int | None = None  # status for refresh grants only (400 -> invalid_grant)
         self.token_delay = 0.0
         self.force_acr: str | None = None  # every id_token says this acr (login-loop tests)
-        self.id_token_hook: Callable[[dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any], Any, str]] | None = None
+        self.id_token_hook: (
+            Callable[[dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any], Any, str]] | None
+        ) = None
         self.omit_iss = False
         self.wrong_iss: str | None = None
         self._runner: web.AppRunner | None = None
@@ -149,7 +165,11 @@ class DevProvider(LocalAppServer):
             "code_challenge_methods_supported": ["S256"],
             "acr_values_supported": list(ACR_LEVELS),
             "ui_locales_supported": ["nb", "nn", "en", "se"],
-            "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic", "client_secret_post"],
+            "token_endpoint_auth_methods_supported": [
+                "private_key_jwt",
+                "client_secret_basic",
+                "client_secret_post",
+            ],
             "authorization_response_iss_parameter_supported": True,
             "frontchannel_logout_supported": True,
             "frontchannel_logout_session_supported": True,
@@ -162,10 +182,16 @@ class DevProvider(LocalAppServer):
 
     def add_client_b(self) -> DevClient:
         lb = self.login_base
-        return self.register(DevClient(
-            "client-b", [f"{lb}/clientb/callback"], [f"{lb}/clientb/"], f"{lb}/clientb/frontchannel", True,
-            secret="client-b-secret-not-secret",
-        ))
+        return self.register(
+            DevClient(
+                "client-b",
+                [f"{lb}/clientb/callback"],
+                [f"{lb}/clientb/"],
+                f"{lb}/clientb/frontchannel",
+                True,
+                secret="client-b-secret-not-secret",
+            )
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -187,7 +213,6 @@ class DevProvider(LocalAppServer):
         r.add_get("/clientb/frontchannel", self.h_clientb_frontchannel)
         return app
 
-
     # -- helpers -------------------------------------------------------------------------------
     def _authenticate(self, request: web.Request, form: Any, audiences: list[str]) -> DevClient | None:
         auth = request.headers.get("Authorization", "")
@@ -199,7 +224,11 @@ class DevProvider(LocalAppServer):
             from urllib.parse import unquote
 
             c = self.clients.get(unquote(cid))
-            return c if c is not None and c.secret and secrets.compare_digest(c.secret, unquote(secret)) else None
+            return (
+                c
+                if c is not None and c.secret and secrets.compare_digest(c.secret, unquote(secret))
+                else None
+            )
         cid = form.get("client_id")
         c = self.clients.get(cid or "")
         if c is None:
@@ -208,11 +237,21 @@ class DevProvider(LocalAppServer):
             if c.public_key is None:
                 return None
             try:
-                claims = jwt.decode(form.get("client_assertion", ""), c.public_key, algorithms=["RS256"],
-                                    audience=audiences, issuer=c.client_id, options={"require": ["exp", "iat", "jti"]})
+                claims = jwt.decode(
+                    form.get("client_assertion", ""),
+                    c.public_key,
+                    algorithms=["RS256"],
+                    audience=audiences,
+                    issuer=c.client_id,
+                    options={"require": ["exp", "iat", "jti"]},
+                )
             except jwt.PyJWTError:
                 return None
-            if claims.get("sub") != c.client_id or claims["jti"] in self._jtis or claims["exp"] - claims["iat"] > 120:
+            if (
+                claims.get("sub") != c.client_id
+                or claims["jti"] in self._jtis
+                or claims["exp"] - claims["iat"] > 120
+            ):
                 return None
             self._jtis.add(claims["jti"])
             return c
@@ -222,8 +261,9 @@ class DevProvider(LocalAppServer):
 
     @staticmethod
     def _oauth_error(status: int, error: str, desc: str = "") -> web.Response:
-        return web.json_response({"error": error, "error_description": desc}, status=status,
-                                 headers={"Cache-Control": "no-store"})
+        return web.json_response(
+            {"error": error, "error_description": desc}, status=status, headers={"Cache-Control": "no-store"}
+        )
 
     def _redirect_back(self, redirect_uri: str, params: dict[str, str]) -> web.Response:
         q = dict(params)
@@ -252,7 +292,9 @@ class DevProvider(LocalAppServer):
         c = self._authenticate(request, form, [self.issuer, f"{self.base}/par", self.issuer.rstrip("/")])
         if c is None:
             return self._oauth_error(401, "invalid_client")
-        params = {k: v for k, v in form.items() if not k.startswith("client_assertion") and k != "client_secret"}
+        params = {
+            k: v for k, v in form.items() if not k.startswith("client_assertion") and k != "client_secret"
+        }
         if "request_uri" in params:
             return self._oauth_error(400, "invalid_request", "request_uri not allowed in PAR")
         self.par_requests.append(dict(params))
@@ -277,7 +319,9 @@ class DevProvider(LocalAppServer):
         if q.get("response_type") != "code":
             self._redirect_back(back, {"error": "unsupported_response_type", **st})
         if q.get("code_challenge_method") != "S256" or len(q.get("code_challenge", "")) != 43:
-            self._redirect_back(back, {"error": "invalid_request", "error_description": "PKCE S256 required", **st})
+            self._redirect_back(
+                back, {"error": "invalid_request", "error_description": "PKCE S256 required", **st}
+            )
         acr = q.get("acr_values", "idporten-loa-substantial").split()[0]
         if acr not in ACR_LEVELS:
             acr = "idporten-loa-substantial"
@@ -294,7 +338,8 @@ class DevProvider(LocalAppServer):
     def _login_page(self, tx: str, acr: str, locale: str) -> web.Response:
         radios = "".join(
             f'<label><input type="radio" name="acr" value="{a}" id="acr-{a.rsplit("-", 1)[1]}"'
-            f'{" checked" if a == acr else ""}> {a}</label><br>' for a in ACR_LEVELS
+            f"{' checked' if a == acr else ''}> {a}</label><br>"
+            for a in ACR_LEVELS
         )
         doc = (
             "<!doctype html><html><head><meta charset='utf-8'><title>Dev ID-porten: logg inn</title></head>"
@@ -314,14 +359,24 @@ class DevProvider(LocalAppServer):
             return web.Response(status=400, text="login expired")
         st = {"state": q["state"]} if "state" in q else {}
         if form.get("action") == "cancel":
-            self._redirect_back(q["redirect_uri"], {"error": "access_denied", "error_description": "User cancelled", **st})
+            self._redirect_back(
+                q["redirect_uri"], {"error": "access_denied", "error_description": "User cancelled", **st}
+            )
         pid = str(form.get("pid", DEFAULT_PID))
         acr = str(form.get("acr", q["acr"]))
         if acr not in ACR_LEVELS:
             acr = q["acr"]
         now = time.time()
-        sso = SsoSession(secrets.token_urlsafe(16), pid, acr, int(now), str(uuid.uuid4()), now, now,
-                         q.get("ui_locales", "nb").split()[0])
+        sso = SsoSession(
+            secrets.token_urlsafe(16),
+            pid,
+            acr,
+            int(now),
+            str(uuid.uuid4()),
+            now,
+            now,
+            q.get("ui_locales", "nb").split()[0],
+        )
         old = self._sso(request)
         if old is not None:  # re-authentication keeps the OP session (and its sid) going
             sso.sid, sso.clients, sso.created = old.sid, old.clients, old.created
@@ -334,12 +389,21 @@ class DevProvider(LocalAppServer):
 
     def _issue_code(self, c: DevClient, q: dict[str, str], sso: SsoSession) -> web.Response:
         code = secrets.token_urlsafe(32)
-        self._codes[code] = {"client_id": c.client_id, "redirect_uri": q["redirect_uri"], "challenge": q["code_challenge"],
-                             "nonce": q.get("nonce"), "sso": sso.id, "scope": q.get("scope", "openid"),
-                             "exp": time.time() + 60, "used": False}
+        self._codes[code] = {
+            "client_id": c.client_id,
+            "redirect_uri": q["redirect_uri"],
+            "challenge": q["code_challenge"],
+            "nonce": q.get("nonce"),
+            "sso": sso.id,
+            "scope": q.get("scope", "openid"),
+            "exp": time.time() + 60,
+            "used": False,
+        }
         sso.clients.add(c.client_id)
         try:
-            self._redirect_back(q["redirect_uri"], {"code": code, **({"state": q["state"]} if "state" in q else {})})
+            self._redirect_back(
+                q["redirect_uri"], {"code": code, **({"state": q["state"]} if "state" in q else {})}
+            )
         except web.HTTPFound as found:
             found.headers.add("Set-Cookie", f"devop_sso={sso.id}; Path=/; HttpOnly; SameSite=Lax")
             raise found
@@ -350,9 +414,17 @@ class DevProvider(LocalAppServer):
         now = int(time.time())
         sub = _b64(hashlib.sha256(f"{sso.pid}|{c.client_id}".encode()).digest())[:32]
         claims: dict[str, Any] = {
-            "iss": self.issuer, "aud": c.client_id, "sub": sub, "iat": now, "exp": now + self.access_ttl,
-            "jti": str(uuid.uuid4()), "auth_time": sso.auth_time, "acr": self.force_acr or sso.acr,
-            "amr": ["TestID"], "pid": sso.pid, "locale": sso.locale,
+            "iss": self.issuer,
+            "aud": c.client_id,
+            "sub": sub,
+            "iat": now,
+            "exp": now + self.access_ttl,
+            "jti": str(uuid.uuid4()),
+            "auth_time": sso.auth_time,
+            "acr": self.force_acr or sso.acr,
+            "amr": ["TestID"],
+            "pid": sso.pid,
+            "locale": sso.locale,
         }
         if nonce:
             claims["nonce"] = nonce
@@ -362,15 +434,43 @@ class DevProvider(LocalAppServer):
         key, alg = self.key, "RS256"
         if self.id_token_hook is not None:
             claims, header, key, alg = self.id_token_hook(claims, header)
-        id_token = jwt.encode(claims, key, algorithm=alg, headers=header) if alg != "none" else _unsigned(claims, header)
-        at = jwt.encode({"iss": self.issuer, "client_id": c.client_id, "scope": scope, "pid": sso.pid, "acr": sso.acr,
-                         "iat": now, "exp": now + self.access_ttl, "jti": str(uuid.uuid4()), "token_type": "Bearer"},
-                        self.key, algorithm="RS256", headers={"kid": self.kid})
+        id_token = (
+            jwt.encode(claims, key, algorithm=alg, headers=header)
+            if alg != "none"
+            else _unsigned(claims, header)
+        )
+        at = jwt.encode(
+            {
+                "iss": self.issuer,
+                "client_id": c.client_id,
+                "scope": scope,
+                "pid": sso.pid,
+                "acr": sso.acr,
+                "iat": now,
+                "exp": now + self.access_ttl,
+                "jti": str(uuid.uuid4()),
+                "token_type": "Bearer",
+            },
+            self.key,
+            algorithm="RS256",
+            headers={"kid": self.kid},
+        )
         rt = secrets.token_urlsafe(32)
-        self._refresh[rt] = {"client_id": c.client_id, "sso": sso.id, "scope": scope, "exp": now + self.refresh_ttl,
-                             "grant_exp": now + self.grant_ttl}
-        return {"access_token": at, "id_token": id_token, "refresh_token": rt, "token_type": "Bearer",
-                "expires_in": self.access_ttl, "scope": scope}
+        self._refresh[rt] = {
+            "client_id": c.client_id,
+            "sso": sso.id,
+            "scope": scope,
+            "exp": now + self.refresh_ttl,
+            "grant_exp": now + self.grant_ttl,
+        }
+        return {
+            "access_token": at,
+            "id_token": id_token,
+            "refresh_token": rt,
+            "token_type": "Bearer",
+            "expires_in": self.access_ttl,
+            "scope": scope,
+        }
 
     async def h_token(self, request: web.Request) -> web.Response:
         form = await request.post()
@@ -378,11 +478,19 @@ class DevProvider(LocalAppServer):
             await asyncio.sleep(self.token_delay)
         c = self._authenticate(request, form, [self.issuer, f"{self.base}/token", self.issuer.rstrip("/")])
         gt = form.get("grant_type")
-        self.token_requests.append({"grant_type": gt, "client": c.client_id if c else None,
-                                    "auth": "basic" if request.headers.get("Authorization") else
-                                    ("private_key_jwt" if "client_assertion" in form else "post")})
+        self.token_requests.append(
+            {
+                "grant_type": gt,
+                "client": c.client_id if c else None,
+                "auth": "basic"
+                if request.headers.get("Authorization")
+                else ("private_key_jwt" if "client_assertion" in form else "post"),
+            }
+        )
         if self.token_failure:
-            return self._oauth_error(self.token_failure, "server_error" if self.token_failure >= 500 else "invalid_grant")
+            return self._oauth_error(
+                self.token_failure, "server_error" if self.token_failure >= 500 else "invalid_grant"
+            )
         if c is None:
             return self._oauth_error(401, "invalid_client")
         self.grants[str(gt)] += 1
@@ -396,15 +504,22 @@ class DevProvider(LocalAppServer):
             if form.get("redirect_uri") != code["redirect_uri"]:
                 return self._oauth_error(400, "invalid_grant", "redirect_uri")
             verifier = str(form.get("code_verifier", ""))
-            if not 43 <= len(verifier) <= 128 or _b64(hashlib.sha256(verifier.encode()).digest()) != code["challenge"]:
+            if (
+                not 43 <= len(verifier) <= 128
+                or _b64(hashlib.sha256(verifier.encode()).digest()) != code["challenge"]
+            ):
                 return self._oauth_error(400, "invalid_grant", "PKCE")
             sso = self.sessions.get(code["sso"])
             if sso is None:
                 return self._oauth_error(400, "invalid_grant")
-            return web.json_response(self._tokens(c, sso, code["scope"], code["nonce"]), headers={"Cache-Control": "no-store"})
+            return web.json_response(
+                self._tokens(c, sso, code["scope"], code["nonce"]), headers={"Cache-Control": "no-store"}
+            )
         if gt == "refresh_token":
             if self.refresh_failure:
-                return self._oauth_error(self.refresh_failure, "invalid_grant" if self.refresh_failure < 500 else "server_error")
+                return self._oauth_error(
+                    self.refresh_failure, "invalid_grant" if self.refresh_failure < 500 else "server_error"
+                )
             rt = self._refresh.pop(str(form.get("refresh_token", "")), None)  # rotation: one use each
             now = time.time()
             if rt is None or rt["client_id"] != c.client_id or rt["exp"] < now or rt["grant_exp"] < now:
@@ -437,7 +552,12 @@ class DevProvider(LocalAppServer):
         hint_sid = None
         if hint:
             try:
-                claims = jwt.decode(hint, self.key.public_key(), algorithms=["RS256"], options={"verify_aud": False, "verify_exp": False})
+                claims = jwt.decode(
+                    hint,
+                    self.key.public_key(),
+                    algorithms=["RS256"],
+                    options={"verify_aud": False, "verify_exp": False},
+                )
             except jwt.PyJWTError:
                 return web.Response(status=400, text="bad id_token_hint")
             client = client or self.clients.get(claims.get("aud", ""))
@@ -456,12 +576,21 @@ class DevProvider(LocalAppServer):
                 c = self.clients.get(cid)
                 if c is not None and c.frontchannel_logout_uri:
                     sep = "&" if "?" in c.frontchannel_logout_uri else "?"
-                    frames.append(c.frontchannel_logout_uri + sep + urlencode({"iss": self.issuer, "sid": sso.sid}))
+                    frames.append(
+                        c.frontchannel_logout_uri + sep + urlencode({"iss": self.issuer, "sid": sso.sid})
+                    )
         back = p.get("post_logout_redirect_uri")
         target = None
         if client is not None and back in client.post_logout_redirect_uris:
-            target = back + ("&" if "?" in back else "?") + urlencode({"state": p["state"]}) if p.get("state") else back
-        iframes = "".join(f'<iframe class="fc" src="{html.escape(f)}" style="width:1px;height:1px;border:0"></iframe>' for f in frames)
+            target = (
+                back + ("&" if "?" in back else "?") + urlencode({"state": p["state"]})
+                if p.get("state")
+                else back
+            )
+        iframes = "".join(
+            f'<iframe class="fc" src="{html.escape(f)}" style="width:1px;height:1px;border:0"></iframe>'
+            for f in frames
+        )
         go = json.dumps(target or "/logout/done")
         doc = (
             "<!doctype html><html><head><meta charset='utf-8'><title>Dev ID-porten: logget ut</title></head><body>"
@@ -484,16 +613,25 @@ class DevProvider(LocalAppServer):
     async def h_clientb_home(self, request: web.Request) -> web.Response:
         s = self._clientb_session(request)
         who = f"logged in: {html.escape(s['pid'])} ({html.escape(s['acr'])})" if s else "not logged in"
-        return web.Response(text=f"<!doctype html><p id='clientb'>Client B: {who}</p>", content_type="text/html")
+        return web.Response(
+            text=f"<!doctype html><p id='clientb'>Client B: {who}</p>", content_type="text/html"
+        )
 
     async def h_clientb_login(self, request: web.Request) -> web.Response:
         verifier = secrets.token_urlsafe(48)
         state = secrets.token_urlsafe(16)
         self._clientb_state["st:" + state] = {"v": verifier}
-        q = {"response_type": "code", "client_id": "client-b", "redirect_uri": f"{self.login_base}/clientb/callback",
-             "scope": "openid", "state": state, "nonce": secrets.token_urlsafe(16),
-             "code_challenge": _b64(hashlib.sha256(verifier.encode()).digest()), "code_challenge_method": "S256",
-             "acr_values": request.query.get("acr", "idporten-loa-substantial")}
+        q = {
+            "response_type": "code",
+            "client_id": "client-b",
+            "redirect_uri": f"{self.login_base}/clientb/callback",
+            "scope": "openid",
+            "state": state,
+            "nonce": secrets.token_urlsafe(16),
+            "code_challenge": _b64(hashlib.sha256(verifier.encode()).digest()),
+            "code_challenge_method": "S256",
+            "acr_values": request.query.get("acr", "idporten-loa-substantial"),
+        }
         raise web.HTTPFound(f"{self.login_base}/authorize?{urlencode(q)}")
 
     async def h_clientb_callback(self, request: web.Request) -> web.Response:
@@ -504,22 +642,34 @@ class DevProvider(LocalAppServer):
         code["used"] = True
         sso = self.sessions[code["sso"]]
         sid = secrets.token_urlsafe(16)
-        self._clientb_state[sid] = {"pid": sso.pid, "acr": sso.acr, "sso_sid": sso.sid,
-                              "id_token": self._tokens(self.clients["client-b"], sso, "openid", None)["id_token"]}
+        self._clientb_state[sid] = {
+            "pid": sso.pid,
+            "acr": sso.acr,
+            "sso_sid": sso.sid,
+            "id_token": self._tokens(self.clients["client-b"], sso, "openid", None)["id_token"],
+        }
         resp = web.HTTPFound(f"{self.login_base}/clientb/")
         resp.headers.add("Set-Cookie", f"clientb={sid}; Path=/clientb/; HttpOnly; SameSite=Lax")
         raise resp
 
     async def h_clientb_logout(self, request: web.Request) -> web.Response:
         s = self._clientb_session(request)
-        q = {"client_id": "client-b", "post_logout_redirect_uri": f"{self.login_base}/clientb/", "state": "b-state"}
+        q = {
+            "client_id": "client-b",
+            "post_logout_redirect_uri": f"{self.login_base}/clientb/",
+            "state": "b-state",
+        }
         if s:
             q["id_token_hint"] = s["id_token"]
         raise web.HTTPFound(f"{self.login_base}/logout?{urlencode(q)}")
 
     async def h_clientb_frontchannel(self, request: web.Request) -> web.Response:
         self.frontchannel_calls.append(dict(request.query))
-        for k in [k for k, v in self._clientb_state.items() if isinstance(v, dict) and v.get("sso_sid") == request.query.get("sid")]:
+        for k in [
+            k
+            for k, v in self._clientb_state.items()
+            if isinstance(v, dict) and v.get("sso_sid") == request.query.get("sid")
+        ]:
             self._clientb_state.pop(k, None)
         return web.Response(text="", headers={"Cache-Control": "no-store"})
 

@@ -95,13 +95,19 @@ class EdgeLimits:
         self.max_requests = sc.max_concurrent_requests
         self.retry_after = str(sc.overload_retry_after_seconds)
         self.body_policy = sc.body_on_bodiless_methods
-        self.interval = max(0.05, min(1.0, self.headers_timeout / 4, self.body_timeout / 4, self.write_timeout / 4))
+        self.interval = max(
+            0.05, min(1.0, self.headers_timeout / 4, self.body_timeout / 4, self.write_timeout / 4)
+        )
 
     def overloaded(self, limit: str) -> Problem:
         """The 503 for ``limit`` (connections, requests, upstream_pool), counted."""
         metrics.OVERLOAD.labels(limit).inc()
-        return Problem(OVERLOADED, detail="Try again shortly", headers={"Retry-After": self.retry_after},
-                       internal_reason=f"overloaded_{limit}")
+        return Problem(
+            OVERLOADED,
+            detail="Try again shortly",
+            headers={"Retry-After": self.retry_after},
+            internal_reason=f"overloaded_{limit}",
+        )
 
     def body_problem(self, request: web.BaseRequest) -> Problem | None:
         """The refusal for a body on a bodiless method, or None when it may go on. ``forward``
@@ -114,8 +120,11 @@ class EdgeLimits:
             return None  # no body (or Content-Length: 0)
         if self.body_policy == "forward" and not chunked:
             return None
-        return Problem(BODY_NOT_ALLOWED, detail=f"{request.method} requests take no body here",
-                       internal_reason="body_not_allowed_chunked" if chunked else "body_not_allowed")
+        return Problem(
+            BODY_NOT_ALLOWED,
+            detail=f"{request.method} requests take no body here",
+            internal_reason="body_not_allowed_chunked" if chunked else "body_not_allowed",
+        )
 
     # -- the sweep ---------------------------------------------------------------------------------
 
@@ -137,15 +146,26 @@ class EdgeLimits:
         if started is not None and now - started > self.headers_timeout:
             h.msg_started = None
             metrics.TIMEOUTS.labels("request_headers").inc()
-            t.write(_raw_problem(Problem(REQUEST_TIMEOUT, detail="Request headers not received in time",
-                                         internal_reason="request_headers_timeout")))
+            t.write(
+                _raw_problem(
+                    Problem(
+                        REQUEST_TIMEOUT,
+                        detail="Request headers not received in time",
+                        internal_reason="request_headers_timeout",
+                    )
+                )
+            )
             h.force_close()
             return
         r = h.body_request
         if r is not None:
             c = r.content
-            if (not c.is_eof() and getattr(c, "_size", 1) == 0 and c.exception() is None
-                    and now - h.last_rx > self.body_timeout):
+            if (
+                not c.is_eof()
+                and getattr(c, "_size", 1) == 0
+                and c.exception() is None
+                and now - h.last_rx > self.body_timeout
+            ):
                 metrics.TIMEOUTS.labels("request_body").inc()
                 h.timeout_reason = "request_body_timeout"
                 c.set_exception(BodyTimeout())
@@ -234,8 +254,14 @@ class EdgeTCPSite(web.TCPSite):
         if self._ssl_context is not None and self.ssl_handshake_timeout is not None:
             extra["ssl_handshake_timeout"] = self.ssl_handshake_timeout
         self._server = await loop.create_server(
-            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=self._reuse_address, reuse_port=self._reuse_port, **extra,
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+            **extra,
         )
         if self._server.sockets:
             self._bound_port = self._server.sockets[0].getsockname()[1]

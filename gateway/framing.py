@@ -36,7 +36,17 @@ class ChunkSizeOutOfRange(BadHttpMessage):
 
 
 class ChunkGuard:
-    __slots__ = ("limit", "max_head", "state", "buf", "remaining", "done", "lost", "lost_mid_head", "violation")
+    __slots__ = (
+        "limit",
+        "max_head",
+        "state",
+        "buf",
+        "remaining",
+        "done",
+        "lost",
+        "lost_mid_head",
+        "violation",
+    )
 
     HEAD, BODY, SIZE, DATA, DATA_END, TRAILER = range(6)
 
@@ -91,7 +101,11 @@ class ChunkGuard:
                 pos += 2
             if pos >= len(data):
                 return len(data) - carried
-        term = b"\r\n" if st == self.SIZE or (st == self.TRAILER and data.startswith(b"\r\n", pos)) else b"\r\n\r\n"
+        term = (
+            b"\r\n"
+            if st == self.SIZE or (st == self.TRAILER and data.startswith(b"\r\n", pos))
+            else b"\r\n\r\n"
+        )
         end = data.find(term, pos)
         if end < 0:
             if st == self.SIZE and len(data) - pos > _MAX_SIZE_LINE:

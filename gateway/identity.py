@@ -85,7 +85,9 @@ class AssertionConfig(Model):
     issuer: str = Field("portvakt", description="The assertion's iss claim")
     lifetime_seconds: int = Field(60, ge=1, le=3600, description="exp - iat of each assertion")
     reuse_seconds: int | None = Field(
-        None, ge=0, description="How long one signed assertion serves further requests with the same verified "
+        None,
+        ge=0,
+        description="How long one signed assertion serves further requests with the same verified "
         "facts, route and key (default: half the lifetime, so a reused one has at least that left; at most "
         "lifetime - 1; 0: sign per request). The per-request id travels in X-Request-Id, not in the assertion",
     )
@@ -192,7 +194,12 @@ class SigningKey:
 
 def _jwk(pub: ec.EllipticCurvePublicKey) -> dict[str, str]:
     n = pub.public_numbers()
-    return {"kty": "EC", "crv": "P-256", "x": _b64url(n.x.to_bytes(32, "big")), "y": _b64url(n.y.to_bytes(32, "big"))}
+    return {
+        "kty": "EC",
+        "crv": "P-256",
+        "x": _b64url(n.x.to_bytes(32, "big")),
+        "y": _b64url(n.y.to_bytes(32, "big")),
+    }
 
 
 def thumbprint(jwk: dict[str, str]) -> str:
@@ -201,7 +208,9 @@ def thumbprint(jwk: dict[str, str]) -> str:
     return _b64url(hashlib.sha256(canon.encode()).digest())
 
 
-def make_signing_key(private: ec.EllipticCurvePrivateKey, nbs: float = 0.0, retire_at: float | None = None) -> SigningKey:
+def make_signing_key(
+    private: ec.EllipticCurvePrivateKey, nbs: float = 0.0, retire_at: float | None = None
+) -> SigningKey:
     if not isinstance(private, ec.EllipticCurvePrivateKey) or private.curve.name != "secp256r1":
         raise ValueError("assertion keys must be EC P-256 (ES256)")
     jwk = _jwk(private.public_key())
@@ -252,13 +261,17 @@ class KeyRing:
         a = self._active
         if a is not None and self._switch_at <= now < self._valid_until:
             return a
-        usable = [k for k in self.keys if k.not_before_signing <= now and (k.retire_at is None or k.retire_at > now)]
+        usable = [
+            k for k in self.keys if k.not_before_signing <= now and (k.retire_at is None or k.retire_at > now)
+        ]
         if not usable:
             raise RuntimeError("no assertion key usable now")
         a = usable[-1]
         later = [k.not_before_signing for k in self.keys if k.not_before_signing > now]
         self._active, self._switch_at = a, now
-        self._valid_until = min(later + ([a.retire_at] if a.retire_at is not None else []), default=float("inf"))
+        self._valid_until = min(
+            later + ([a.retire_at] if a.retire_at is not None else []), default=float("inf")
+        )
         return a
 
     def published(self, now: float) -> list[SigningKey]:
@@ -376,7 +389,7 @@ class Forwarder:
         return {"keys": [dict(k.jwk) for k in self.ring.published(self.clock())]}
 
     # -- per request
-    def headers(self, ctx: "RequestContext") -> dict[str, str]:
+    def headers(self, ctx: RequestContext) -> dict[str, str]:
         """The identity headers for one request, from verified facts only."""
         facts = self.facts(ctx)
         n = self.names
@@ -391,7 +404,12 @@ class Forwarder:
             auth = ctx.headers.get("Authorization")
             if auth is not None:
                 out["Authorization"] = auth
-        if route is not None and route.config.forward.client_cert and ctx.certificate is not None and ctx.certificate.der:
+        if (
+            route is not None
+            and route.config.forward.client_cert
+            and ctx.certificate is not None
+            and ctx.certificate.der
+        ):
             out["Client-Cert"] = ":" + base64.b64encode(ctx.certificate.der).decode() + ":"
             if ctx.certificate.source == "tls" and len(ctx.tls.peer_chain_der) > 1:
                 out["Client-Cert-Chain"] = ", ".join(
@@ -401,7 +419,7 @@ class Forwarder:
             out[self.assertion_header] = self.sign(ctx, facts)
         return out
 
-    def facts(self, ctx: "RequestContext") -> dict[str, str]:
+    def facts(self, ctx: RequestContext) -> dict[str, str]:
         f: dict[str, str] = {}
         t = ctx.token
         if t is not None:
@@ -438,7 +456,7 @@ class Forwarder:
             f["acting_org"] = ctx.acting_org
         return f
 
-    def sign(self, ctx: "RequestContext", facts: dict[str, str] | None = None) -> str:
+    def sign(self, ctx: RequestContext, facts: dict[str, str] | None = None) -> str:
         """An ES256 JWT with the request's verified facts.
 
         One ECDSA signature costs ~50-90 µs, so a signed assertion is reused for the same key,
@@ -515,7 +533,7 @@ def _mtime(path: str) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def build_forwarder(env: "BuildEnv") -> Forwarder:
+def build_forwarder(env: BuildEnv) -> Forwarder:
     cfg: IdentityConfig = env.config.identity
     key_dir = cfg.assertion.key_dir
     return Forwarder(cfg, env.config.resolve_path(key_dir) if key_dir else None)
@@ -538,7 +556,9 @@ def _new_key_file(key_dir: str) -> tuple[str, str]:
     priv = ec.generate_private_key(ec.SECP256R1())
     kid = make_signing_key(priv).kid
     name = f"{kid}.pem"
-    pem = priv.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    pem = priv.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     fd = os.open(os.path.join(key_dir, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
@@ -579,7 +599,9 @@ def keys_rotate(key_dir: str, publish_delay: float = DEFAULT_PUBLISH_DELAY, now:
         # assertion they can have signed has expired.
         if e.get("retire_at") is None or e["retire_at"] > takeover + max_lifetime:
             e["retire_at"] = takeover + max_lifetime
-    doc["keys"].append({"kid": kid, "file": name, "created": now, "not_before_signing": takeover, "retire_at": None})
+    doc["keys"].append(
+        {"kid": kid, "file": name, "created": now, "not_before_signing": takeover, "retire_at": None}
+    )
     _write_json_atomic(path, doc)
     return kid
 

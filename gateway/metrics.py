@@ -93,7 +93,10 @@ TIMEOUTS = Counter(
 # multiprocess_mode says how the supervisor merges a gauge over workers under --workers N (see
 # gateway/workermetrics.py): in-flight is summed over live workers, the last reload is the latest.
 IN_FLIGHT = Gauge(
-    "portvakt_requests_in_flight", "Requests being handled now", registry=REGISTRY, multiprocess_mode="livesum"
+    "portvakt_requests_in_flight",
+    "Requests being handled now",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 FILTER_DECISIONS = Counter(
     "portvakt_filter_decisions_total",
@@ -136,6 +139,7 @@ def init_route_series(route_names: Any, upstream_names: Any) -> None:
         histogram_recorder(REQUEST_DURATION, name)
     for name in upstream_names:
         UPSTREAM_DURATION.labels(name)
+
 
 # ---- the request path's recorders ----------------------------------------------------------
 #
@@ -226,7 +230,9 @@ def observe_filter(name: str, decision: str, reason: str, seconds: float) -> Non
     """Count one filter decision and its duration (label children cached: no per-call lookup)."""
     c = _filter_children.get((name, decision, reason))
     if c is None:
-        c = _filter_children[(name, decision, reason)] = counter_value(FILTER_DECISIONS.labels(name, decision, reason))
+        c = _filter_children[(name, decision, reason)] = counter_value(
+            FILTER_DECISIONS.labels(name, decision, reason)
+        )
     c.inc(1)
     h = _filter_hist_children.get(name)
     if h is None:

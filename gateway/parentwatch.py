@@ -22,7 +22,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("portvakt.worker")
 

@@ -9,8 +9,8 @@ generic for authentication failures; the precise internal reason travels separat
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from gateway.norid import mask_person_numbers
 
@@ -24,6 +24,7 @@ def set_type_base(base: str) -> None:
     """Use ``base`` + reason id as the problem ``type`` from now on (per process)."""
     global _type_base
     _type_base = base
+
 
 # reason id -> (status, title). Registered by the modules that deny with them, listed in the
 # README. A reason not registered here is a programming error caught by tests.
@@ -49,7 +50,9 @@ UPSTREAM_UNAVAILABLE = register("upstream_unavailable", 502, "Upstream service u
 UPSTREAM_TIMEOUT = register("upstream_timeout", 504, "Upstream service timed out")
 SHUTTING_DOWN = register("shutting_down", 503, "Gateway is shutting down")
 # The admin listener's own (gateway/admin.py).
-CONFIG_REJECTED = register("config_rejected", 422, "The new configuration was rejected; the running one stays in force")
+CONFIG_REJECTED = register(
+    "config_rejected", 422, "The new configuration was rejected; the running one stays in force"
+)
 ADMIN_TOKEN_REQUIRED = register("admin_token_required", 401, "This admin call needs the reload token")
 ADMIN_CROSS_ORIGIN = register("admin_cross_origin", 403, "Admin calls are not accepted from web pages")
 

@@ -19,7 +19,8 @@ import logging
 import ssl
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -41,26 +42,57 @@ log = logging.getLogger("portvakt.proxy")
 
 # Registered by the ingress filter (it refuses a declared Content-Length over the limit); the
 # proxy enforces the same limit while streaming a chunked or lying body, with the same reason.
-from filters.ingress import BODY_TOO_LARGE  # noqa: E402
 
 # RFC 9110 7.6.1 hop-by-hop fields, plus fields the proxy recomputes itself.
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-     "proxy-authenticate", "proxy-authorization"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
 )
 # Request fields never copied from the client: hop-by-hop, recomputed (host, content-length,
 # expect: 100-continue is answered by the gateway), and the ones the gateway sets itself.
 GATEWAY_REQUEST_HEADERS = frozenset(
-    {"x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "forwarded",
-     "traceparent", "tracestate"}  # trace context: continued only from trusted peers (gateway/tracing.py)
+    {
+        "x-request-id",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "forwarded",
+        "traceparent",
+        "tracestate",
+    }  # trace context: continued only from trusted peers (gateway/tracing.py)
 )
 # Forwarded client-certificate headers (Envoy XFCC, RFC 9440, nginx, IIS/ARR...): dropped when the
 # peer is not a trusted proxy (Envoy's SANITIZE), whether or not ``certificates`` reads them.
 FORWARDED_CERT_HEADERS = frozenset(
-    {"x-forwarded-client-cert", "client-cert", "client-cert-chain", "x-ssl-client-cert", "ssl-client-cert",
-     "x-client-cert", "x-ssl-cert", "x-client-certificate", "x-arr-clientcert", "x-ssl-client-verify",
-     "x-client-verify", "x-ssl-client-dn", "x-ssl-client-s-dn", "x-ssl-client-i-dn", "x-client-dn",
-     "x-ssl-client-serial", "x-ssl-client-fingerprint"}
+    {
+        "x-forwarded-client-cert",
+        "client-cert",
+        "client-cert-chain",
+        "x-ssl-client-cert",
+        "ssl-client-cert",
+        "x-client-cert",
+        "x-ssl-cert",
+        "x-client-certificate",
+        "x-arr-clientcert",
+        "x-ssl-client-verify",
+        "x-client-verify",
+        "x-ssl-client-dn",
+        "x-ssl-client-s-dn",
+        "x-ssl-client-i-dn",
+        "x-client-dn",
+        "x-ssl-client-serial",
+        "x-ssl-client-fingerprint",
+    }
 )
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"} | GATEWAY_REQUEST_HEADERS
 # Response fields never copied from the upstream.
@@ -183,7 +215,7 @@ class HeaderDeadlines:
 class Upstream:
     __slots__ = ("name", "base", "config", "session", "timeout_seconds", "duration", "deadlines", "slots")
 
-    def __init__(self, name: str, config: "UpstreamConfig"):
+    def __init__(self, name: str, config: UpstreamConfig):
         self.name = name
         self.config = config
         self.base = config.url  # validated without trailing slash
@@ -205,9 +237,17 @@ class Upstream:
                 await slots.acquire()
         except TimeoutError:
             metrics.OVERLOAD.labels("upstream_pool").inc()
-            log.warning("upstream %s: no free connection within %.1fs", self.name, self.config.pool_timeout_seconds)
-            raise UpstreamError(Problem(OVERLOADED, detail="Try again shortly", headers={"Retry-After": "1"},
-                                        internal_reason="overloaded_upstream_pool")) from None
+            log.warning(
+                "upstream %s: no free connection within %.1fs", self.name, self.config.pool_timeout_seconds
+            )
+            raise UpstreamError(
+                Problem(
+                    OVERLOADED,
+                    detail="Try again shortly",
+                    headers={"Retry-After": "1"},
+                    internal_reason="overloaded_upstream_pool",
+                )
+            ) from None
 
     def open(self, resolve: Any) -> None:
         c = self.config
@@ -224,7 +264,9 @@ class Upstream:
             # in forward(); no total for the body: a long stream (SSE, a large download) is fine
             # as long as bytes keep coming.
             timeout=aiohttp.ClientTimeout(
-                total=None, connect=c.connect_timeout_seconds, sock_connect=c.connect_timeout_seconds,
+                total=None,
+                connect=c.connect_timeout_seconds,
+                sock_connect=c.connect_timeout_seconds,
                 sock_read=c.timeout_seconds,
             ),
             auto_decompress=False,  # bytes pass through as the upstream encoded them
@@ -238,7 +280,7 @@ class Upstream:
 class UpstreamPool:
     """The upstreams of one runtime. Sessions are created in ``start`` (inside the event loop)."""
 
-    def __init__(self, config: "Config"):
+    def __init__(self, config: Config):
         self._config = config
         self.upstreams = {name: Upstream(name, uc) for name, uc in config.upstreams.items()}
 
@@ -285,7 +327,7 @@ async def _stream_body(prefix: bytes, content: Any, limit: int, state: BodyState
 
 
 def upstream_headers(
-    ctx: "RequestContext", drop: frozenset[str], forwarder: Any, drop_prefixes: tuple[str, ...] = ()
+    ctx: RequestContext, drop: frozenset[str], forwarder: Any, drop_prefixes: tuple[str, ...] = ()
 ) -> CIMultiDict[str]:
     """Headers for the upstream request (see module docstring for the rules). ``drop_prefixes``:
     client headers whose normalised name starts with one of these are stripped too (the identity
@@ -349,7 +391,7 @@ def _is_utf8(value: str) -> bool:
     return True
 
 
-def response_headers(up_headers: Any, ctx: "RequestContext") -> CIMultiDict[str]:
+def response_headers(up_headers: Any, ctx: RequestContext) -> CIMultiDict[str]:
     drop = RESPONSE_DROP
     conn = up_headers.get("Connection")
     if conn:
@@ -361,7 +403,9 @@ def response_headers(up_headers: Any, ctx: "RequestContext") -> CIMultiDict[str]
                 # aiohttp's writer would drop the bytes that are not UTF-8 without a word (a
                 # Latin-1 "\xe9t\xe9" would reach the client as "t"): refused, never altered.
                 log.warning("upstream response header %r is not valid UTF-8 (request %s)", k, ctx.request_id)
-                raise UpstreamError(Problem(UPSTREAM_UNAVAILABLE, internal_reason="upstream_header_invalid_utf8"))
+                raise UpstreamError(
+                    Problem(UPSTREAM_UNAVAILABLE, internal_reason="upstream_header_invalid_utf8")
+                )
             out.add(k, v)
     out["X-Request-Id"] = ctx.request_id
     out["Server"] = "portvakt"
@@ -371,8 +415,15 @@ def response_headers(up_headers: Any, ctx: "RequestContext") -> CIMultiDict[str]
 
 
 async def forward(
-    ctx: "RequestContext", request: web.BaseRequest, upstream: Upstream, *, body_limit: int,
-    has_more_body: bool, drop: frozenset[str], forwarder: Any, drop_prefixes: tuple[str, ...] = (),
+    ctx: RequestContext,
+    request: web.BaseRequest,
+    upstream: Upstream,
+    *,
+    body_limit: int,
+    has_more_body: bool,
+    drop: frozenset[str],
+    forwarder: Any,
+    drop_prefixes: tuple[str, ...] = (),
 ) -> web.StreamResponse:
     """Send the request upstream and stream the answer back.
 
@@ -395,7 +446,9 @@ async def forward(
     else:
         data = None
     # The canonical target (gateway.canonical): the path the route and its policy were chosen on.
-    target = ctx.target or (request.raw_path if request.raw_path.startswith("/") else request.rel_url.raw_path_qs)
+    target = ctx.target or (
+        request.raw_path if request.raw_path.startswith("/") else request.rel_url.raw_path_qs
+    )
     url = URL(upstream.base + target, encoded=True)
     if data is not None and request.method in BODILESS_METHODS:
         # A body on a method without body semantics (forwarded only in "forward" mode of
@@ -411,8 +464,14 @@ async def forward(
 
 
 async def _exchange(
-    ctx: "RequestContext", request: web.BaseRequest, upstream: Upstream, session: aiohttp.ClientSession,
-    url: URL, headers: CIMultiDict[str], data: Any, state: BodyState,
+    ctx: RequestContext,
+    request: web.BaseRequest,
+    upstream: Upstream,
+    session: aiohttp.ClientSession,
+    url: URL,
+    headers: CIMultiDict[str],
+    data: Any,
+    state: BodyState,
 ) -> web.StreamResponse:
     t0 = time.perf_counter()
     try:
@@ -453,7 +512,7 @@ def _problem_for(e: BaseException, name: str) -> Problem:
 
 
 async def _respond(
-    ctx: "RequestContext", request: web.BaseRequest, up: aiohttp.ClientResponse, state: BodyState
+    ctx: RequestContext, request: web.BaseRequest, up: aiohttp.ClientResponse, state: BodyState
 ) -> web.StreamResponse:
     status = up.status
     hdrs = response_headers(up.headers, ctx)
@@ -497,7 +556,9 @@ async def _respond(
         # Headers are gone already: the only honest signal left is an aborted response.
         ctx.bytes_out = n
         ctx.reason = "upstream_aborted"
-        log.warning("upstream response aborted after %d bytes (request %s): %s", n, ctx.request_id, type(e).__name__)
+        log.warning(
+            "upstream response aborted after %d bytes (request %s): %s", n, ctx.request_id, type(e).__name__
+        )
         if request.transport is not None:
             request.transport.abort()
         return resp

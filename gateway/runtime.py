@@ -76,7 +76,9 @@ class Runtime:
     request_drop_untrusted: frozenset[str] = frozenset()
     max_body_bytes: int = 0
     persons: Any = None  # filters.persons.PersonsStage: its endpoints are served before routing
-    delegation: Any = None  # filters.delegation.DelegationStage: parties + admin endpoints, under persons.prefix
+    delegation: Any = (
+        None  # filters.delegation.DelegationStage: parties + admin endpoints, under persons.prefix
+    )
     # http.case_sensitive_upstream false: (route, lower-cased prefix) of every route that is not a
     # catch-all, for ``case_variant``; ``prefixes_lower``: every such prefix is lower case already,
     # so a path without upper-case letters needs no check (the common case stays one str.lower()).
@@ -113,7 +115,9 @@ class Runtime:
                 async with asyncio.timeout(max_wait):
                     await self._drained.wait()
             except TimeoutError:
-                log.warning("runtime %d retired with %d requests still running", self.generation, self.inflight)
+                log.warning(
+                    "runtime %d retired with %d requests still running", self.generation, self.inflight
+                )
         await self.close()
 
     def match(self, host: str, path: str) -> CompiledRoute | None:
@@ -145,8 +149,9 @@ class Runtime:
                     h = host_for_match(host)
                 if h not in r.hosts:
                     continue
-            if (lower.startswith(lp) if lp.endswith("/") else (lower == lp or lower.startswith(lp + "/"))) \
-                    and not r.matches_path(path):
+            if (
+                lower.startswith(lp) if lp.endswith("/") else (lower == lp or lower.startswith(lp + "/"))
+            ) and not r.matches_path(path):
                 return r
         return None
 
@@ -194,7 +199,10 @@ class Runtime:
 def _component_builders() -> dict[str, Any]:
     """Non-filter components: module path -> builder name. Each builder takes a BuildEnv."""
     out: dict[str, Any] = {}
-    for key, modname, fn in (("audit", "gateway.audit", "build_audit"), ("forwarder", "gateway.identity", "build_forwarder")):
+    for key, modname, fn in (
+        ("audit", "gateway.audit", "build_audit"),
+        ("forwarder", "gateway.identity", "build_forwarder"),
+    ):
         mod = importlib.import_module(modname)
         builder = getattr(mod, fn, None)
         if builder is not None:
@@ -202,7 +210,9 @@ def _component_builders() -> dict[str, Any]:
     return out
 
 
-def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict[str, Any] | None = None) -> Runtime:
+def build_runtime(
+    config: Config, previous: Runtime | None = None, secrets: dict[str, Any] | None = None
+) -> Runtime:
     """Build a complete runtime (not yet started). Raises on any problem; the caller keeps the old
     runtime when this fails."""
     base_dir = os.path.dirname(os.path.abspath(config.source_path)) if config.source_path else os.getcwd()
@@ -254,7 +264,9 @@ def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict
         components[key] = comp
     components["upstreams"] = UpstreamPool(config)
     forwarder = components.get("forwarder")
-    strip = frozenset(getattr(forwarder, "strip_names", frozenset())) if forwarder is not None else frozenset()
+    strip = (
+        frozenset(getattr(forwarder, "strip_names", frozenset())) if forwarder is not None else frozenset()
+    )
     strip |= config.http.strip_names()
     cert_headers = set(FORWARDED_CERT_HEADERS)
     fwd_cert = config.certificates.forwarded_header
@@ -274,8 +286,9 @@ def build_runtime(config: Config, previous: Runtime | None = None, secrets: dict
         max_body_bytes=max_body,
         persons=_attach_persons(stages, components),
         delegation=_attach_delegation(stages, components),
-        case_guard=() if config.http.case_sensitive_upstream else tuple(
-            (r, r.prefix.lower()) for r in routes if r.prefix != "/"),
+        case_guard=()
+        if config.http.case_sensitive_upstream
+        else tuple((r, r.prefix.lower()) for r in routes if r.prefix != "/"),
         prefixes_lower=all(r.prefix == r.prefix.lower() for r in routes),
     )
 

@@ -28,22 +28,33 @@ from functools import lru_cache
 from typing import Any
 
 from aiohttp import web, web_protocol
-from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, HttpProcessingError, InvalidURLError, LineTooLong
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidURLError,
+    LineTooLong,
+)
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from filters.ingress import HEADERS_TOO_LARGE, REQUEST_SMUGGLING, URI_TOO_LONG
 from gateway import accesslog, logsetup, metrics, problems, tlsutil, tracing
 from gateway.canonical import (
-    HOST_NOT_CANONICAL, PATH_NOT_CANONICAL, NotCanonical, Redirect, canonical_host, canonical_path,
+    HOST_NOT_CANONICAL,
+    PATH_NOT_CANONICAL,
+    NotCanonical,
+    Redirect,
+    canonical_host,
+    canonical_path,
 )
-from gateway.edge import REQUEST_TIMEOUT, EdgeLimits, EdgeRequestHandler, EdgeTCPSite
 from gateway.chain import run_chain
 from gateway.config import HTTP_METHODS, Config, ConfigError, load_config
 from gateway.context import RequestContext
+from gateway.edge import REQUEST_TIMEOUT, EdgeLimits, EdgeRequestHandler, EdgeTCPSite
 from gateway.framing import ChunkGuard, ChunkSizeOutOfRange
 from gateway.problems import BAD_REQUEST, NOT_FOUND, Problem
 from gateway.proxy import BODY_TOO_LARGE, BodyTooLarge, ClientBodyError, UpstreamError, forward
 from gateway.runtime import Runtime, build_runtime
-from filters.ingress import HEADERS_TOO_LARGE, REQUEST_SMUGGLING, URI_TOO_LONG
 
 log = logging.getLogger("portvakt.server")
 _set_log_request_id = logsetup.REQUEST_ID.set
@@ -102,7 +113,9 @@ def resolve_client(rt: Runtime, peer: Any, headers: Any) -> tuple[Any, bool]:
     return client, True
 
 
-HTTP_VERSION_NOT_SUPPORTED = problems.register("http_version_not_supported", 505, "HTTP version not supported")
+HTTP_VERSION_NOT_SUPPORTED = problems.register(
+    "http_version_not_supported", 505, "HTTP version not supported"
+)
 INVALID_HEADER_VALUE = problems.register("invalid_header_value", 400, "Header value is not valid UTF-8")
 _HTTP_VERSIONS = ((1, 1), (1, 0))
 
@@ -140,7 +153,6 @@ def forwarded_view(request: web.BaseRequest, ctx: RequestContext) -> None:
 def split_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]"), int(port)
-
 
 
 class _ProblemRequestHandler(EdgeRequestHandler):
@@ -250,10 +262,11 @@ _FRAMING_ERRORS = (
 
 
 class _ProblemServer(web.Server):
-    gateway: "Gateway | None" = None
+    gateway: Gateway | None = None
 
     def __call__(self) -> web_protocol.RequestHandler:
         return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+
 
 class _Labels:
     """Cached metric label children: the request path never builds a label tuple twice."""
@@ -268,7 +281,9 @@ class _Labels:
         if c is None:
             if len(self.requests) > 10000:  # bounded even if something unexpected varies
                 self.requests.clear()
-            c = self.requests[key] = metrics.counter_value(metrics.REQUESTS.labels(route, method, str(status), decision))
+            c = self.requests[key] = metrics.counter_value(
+                metrics.REQUESTS.labels(route, method, str(status), decision)
+            )
         c.inc(1)
         h = self.durations.get(route)
         if h is None:
@@ -320,10 +335,20 @@ class Gateway:
             if fp in ("https", "http"):
                 scheme = fp
         ctx = RequestContext(
-            request_id=rid, method=request.method, raw_path=request.raw_path.split("?", 1)[0],
-            path=request.path, query_string=request.query_string, host=host, scheme=scheme,
-            peer_ip=peer, client_ip=client, headers=headers, request=request,  # type: ignore[arg-type]
-            runtime=rt, tls=tlsutil.peer_info(request.transport), from_trusted_proxy=trusted,
+            request_id=rid,
+            method=request.method,
+            raw_path=request.raw_path.split("?", 1)[0],
+            path=request.path,
+            query_string=request.query_string,
+            host=host,
+            scheme=scheme,
+            peer_ip=peer,
+            client_ip=client,
+            headers=headers,
+            request=request,  # type: ignore[arg-type]
+            runtime=rt,
+            tls=tlsutil.peer_info(request.transport),
+            from_trusted_proxy=trusted,
         )
         tcfg = rt.config.tracing
         if tcfg.propagate:
@@ -369,9 +394,19 @@ class Gateway:
         m = _METHOD_TOKEN.search(str(getattr(exc, "message", "")))
         peer = parse_ip(request.remote or "") or ipaddress.IPv4Address(0)
         ctx = RequestContext(
-            request_id=new_request_id(), method=m.group(1) if m else "OTHER", raw_path="", path="", query_string="",
-            host="", scheme=self.scheme, peer_ip=peer, client_ip=peer, headers=request.headers,
-            request=request, runtime=rt, tls=tlsutil.peer_info(request.transport),  # type: ignore[arg-type]
+            request_id=new_request_id(),
+            method=m.group(1) if m else "OTHER",
+            raw_path="",
+            path="",
+            query_string="",
+            host="",
+            scheme=self.scheme,
+            peer_ip=peer,
+            client_ip=peer,
+            headers=request.headers,
+            request=request,
+            runtime=rt,
+            tls=tlsutil.peer_info(request.transport),  # type: ignore[arg-type]
         )
         allow = ", ".join(rt.config.ingress.allowed_methods)
         rt.inflight += 1  # _finish leaves the runtime and counts the request out
@@ -380,8 +415,15 @@ class Gateway:
             metrics.IN_FLIGHT.inc()
         resp = None
         try:
-            resp = self._deny(ctx, Problem(problems.METHOD_NOT_ALLOWED, detail=f"Allowed methods: {allow}",
-                                           internal_reason="unknown_method", headers={"Allow": allow}))
+            resp = self._deny(
+                ctx,
+                Problem(
+                    problems.METHOD_NOT_ALLOWED,
+                    detail=f"Allowed methods: {allow}",
+                    internal_reason="unknown_method",
+                    headers={"Allow": allow},
+                ),
+            )
             return resp
         finally:
             self._finish(rt, ctx, resp)
@@ -394,7 +436,9 @@ class Gateway:
         resp.headers["Server"] = "portvakt"  # not aiohttp's default (it names versions)
         return resp
 
-    def _canonicalise(self, rt: Runtime, request: web.BaseRequest, ctx: RequestContext) -> web.StreamResponse | None:
+    def _canonicalise(
+        self, rt: Runtime, request: web.BaseRequest, ctx: RequestContext
+    ) -> web.StreamResponse | None:
         """Bring the request to its one canonical form (gateway.canonical) before anything routes
         on it: ``ctx.host``, ``ctx.raw_path``, ``ctx.path`` and ``ctx.target`` are set, or the
         request is refused (or redirected, when configured). Header values that are not UTF-8
@@ -408,21 +452,40 @@ class Gateway:
                 try:
                     value.encode("utf-8")
                 except UnicodeEncodeError:
-                    return self._deny(ctx, Problem(INVALID_HEADER_VALUE, detail=f"{name} is not valid UTF-8",
-                                                   internal_reason="header_invalid_utf8"))
+                    return self._deny(
+                        ctx,
+                        Problem(
+                            INVALID_HEADER_VALUE,
+                            detail=f"{name} is not valid UTF-8",
+                            internal_reason="header_invalid_utf8",
+                        ),
+                    )
         url = request.rel_url
         query = url.raw_query_string
         sent = ctx.raw_path
         try:
             path, decoded = canonical_path(sent, rt.config.http)
         except NotCanonical as e:
-            return self._deny(ctx, Problem(PATH_NOT_CANONICAL, detail="Request path is ambiguous or malformed",
-                                           internal_reason=e.reason))
+            return self._deny(
+                ctx,
+                Problem(
+                    PATH_NOT_CANONICAL,
+                    detail="Request path is ambiguous or malformed",
+                    internal_reason=e.reason,
+                ),
+            )
         except Redirect as r:
             location = r.path + ("?" + query if query else "")
             ctx.status, ctx.decision, ctx.reason = 308, "deny", "escaped_slash_redirect"
-            return web.Response(status=308, headers={"Location": location, "X-Request-Id": ctx.request_id,
-                                                     "Server": "portvakt", "Cache-Control": "no-store"})
+            return web.Response(
+                status=308,
+                headers={
+                    "Location": location,
+                    "X-Request-Id": ctx.request_id,
+                    "Server": "portvakt",
+                    "Cache-Control": "no-store",
+                },
+            )
         ctx.raw_path, ctx.path = path, decoded
         ctx.target = path + ("?" + query if query or "?" in request.raw_path else "")
         forwarded_view(request, ctx)
@@ -436,20 +499,35 @@ class Gateway:
             protocol = request.protocol
             if protocol is not None:
                 protocol.close()
-            return self._deny(ctx, Problem(HTTP_VERSION_NOT_SUPPORTED, internal_reason="http_version",
-                                           headers={"Connection": "close"}))
+            return self._deny(
+                ctx,
+                Problem(
+                    HTTP_VERSION_NOT_SUPPORTED,
+                    internal_reason="http_version",
+                    headers={"Connection": "close"},
+                ),
+            )
         edge = self.edge
         if self.inflight > edge.max_requests:
             return self._deny(ctx, edge.overloaded("requests"))
         if method == "CONNECT":
-            return self._deny(ctx, Problem(BAD_REQUEST, detail="CONNECT is not supported", internal_reason="connect_method"))
+            return self._deny(
+                ctx, Problem(BAD_REQUEST, detail="CONNECT is not supported", internal_reason="connect_method")
+            )
         target = request.raw_path
         if not target.startswith("/"):
             # Absolute-form (or asterisk/authority-form): never act as a forward proxy. Only an
             # absolute-form target naming this very Host is read as its path.
             abs_host = _absolute_host(target)
             if abs_host is None or not _same_host(abs_host, ctx.host, ctx.scheme):
-                return self._deny(ctx, Problem(BAD_REQUEST, detail="Request target must be a path", internal_reason="absolute_form_target"))
+                return self._deny(
+                    ctx,
+                    Problem(
+                        BAD_REQUEST,
+                        detail="Request target must be a path",
+                        internal_reason="absolute_form_target",
+                    ),
+                )
             ctx.raw_path = request.rel_url.raw_path
         refused = self._canonicalise(rt, request, ctx)
         if refused is not None:
@@ -466,8 +544,14 @@ class Gateway:
         route = rt.match(ctx.host, ctx.raw_path)
         if rt.case_guard and rt.case_variant(ctx.host, ctx.raw_path) is not None:
             # '/INNSYN/x' for route '/innsyn/': a case-insensitive upstream serves the protected path
-            return self._deny(ctx, Problem(PATH_NOT_CANONICAL, detail="Request path is a case variant of a route",
-                                           internal_reason="case_variant_of_route"))
+            return self._deny(
+                ctx,
+                Problem(
+                    PATH_NOT_CANONICAL,
+                    detail="Request path is a case variant of a route",
+                    internal_reason="case_variant_of_route",
+                ),
+            )
         if route is None:
             return self._deny(ctx, Problem(NOT_FOUND))
         ctx.route = route
@@ -524,9 +608,15 @@ class Gateway:
 
         try:
             resp = await forward(
-                ctx, request, components["upstreams"].get(route.upstream_name), body_limit=limit,
-                has_more_body=more_body, forwarder=components.get("forwarder"),
-                drop=rt.request_drop if ctx.from_trusted_proxy else (rt.request_drop_untrusted or rt.request_drop),
+                ctx,
+                request,
+                components["upstreams"].get(route.upstream_name),
+                body_limit=limit,
+                has_more_body=more_body,
+                forwarder=components.get("forwarder"),
+                drop=rt.request_drop
+                if ctx.from_trusted_proxy
+                else (rt.request_drop_untrusted or rt.request_drop),
                 drop_prefixes=rt.request_drop_prefixes,
             )
         except BodyTooLarge:
@@ -544,11 +634,23 @@ class Gateway:
 
     def _body_failed(self, ctx: RequestContext, error: str) -> web.Response:
         if error == "BodyTimeout":
-            resp = self._deny(ctx, Problem(REQUEST_TIMEOUT, detail="Request body not received in time",
-                                           internal_reason="request_body_timeout"))
+            resp = self._deny(
+                ctx,
+                Problem(
+                    REQUEST_TIMEOUT,
+                    detail="Request body not received in time",
+                    internal_reason="request_body_timeout",
+                ),
+            )
         else:
-            resp = self._deny(ctx, Problem(BAD_REQUEST, detail="The request body could not be read",
-                                           internal_reason=f"body_read_failed:{error}"))
+            resp = self._deny(
+                ctx,
+                Problem(
+                    BAD_REQUEST,
+                    detail="The request body could not be read",
+                    internal_reason=f"body_read_failed:{error}",
+                ),
+            )
         resp.force_close()  # the rest of the body is unread: the connection cannot carry another request
         return resp
 
@@ -557,13 +659,25 @@ class Gateway:
         (nothing after that chunk line is parsed)."""
         if request.protocol is not None:
             request.protocol.close()
-        return self._deny(ctx, Problem(REQUEST_SMUGGLING, detail="Chunk size out of range",
-                                       internal_reason="chunk_size_out_of_range", headers={"Connection": "close"}))
+        return self._deny(
+            ctx,
+            Problem(
+                REQUEST_SMUGGLING,
+                detail="Chunk size out of range",
+                internal_reason="chunk_size_out_of_range",
+                headers={"Connection": "close"},
+            ),
+        )
 
     def _finish(self, rt: Runtime, ctx: RequestContext, resp: web.StreamResponse | None) -> None:
         if not ctx.status and resp is not None:
             ctx.status = resp.status
-        if not ctx.bytes_out and resp is not None and isinstance(resp, web.Response) and resp.body is not None:
+        if (
+            not ctx.bytes_out
+            and resp is not None
+            and isinstance(resp, web.Response)
+            and resp.body is not None
+        ):
             ctx.bytes_out = len(resp.body)  # type: ignore[arg-type]
         duration = time.monotonic() - ctx.started
         route = ctx.route.name if ctx.route is not None else _NO_ROUTE
@@ -589,9 +703,19 @@ class Gateway:
         reason, internal = classify_parser_error(exc)
         peer = parse_ip(request.remote or "") or ipaddress.IPv4Address(0)
         ctx = RequestContext(
-            request_id=new_request_id(), method="UNKNOWN", raw_path="", path="", query_string="", host="",
-            scheme=self.scheme, peer_ip=peer, client_ip=peer, headers=_NO_HEADERS, request=request,  # type: ignore[arg-type]
-            runtime=rt, tls=tlsutil.peer_info(request.transport),
+            request_id=new_request_id(),
+            method="UNKNOWN",
+            raw_path="",
+            path="",
+            query_string="",
+            host="",
+            scheme=self.scheme,
+            peer_ip=peer,
+            client_ip=peer,
+            headers=_NO_HEADERS,
+            request=request,  # type: ignore[arg-type]
+            runtime=rt,
+            tls=tlsutil.peer_info(request.transport),
         )
         rt.inflight += 1
         self.inflight += 1
@@ -625,8 +749,12 @@ class Gateway:
         server.edge = self.edge  # type: ignore[attr-defined]  # read by each connection's handler
         server.gateway = self
         server.chunk_limit = lambda: (  # type: ignore[attr-defined]
-            self.runtime.max_body_bytes, self.config.ingress.max_header_bytes + self.config.ingress.max_uri_bytes + 1024)
-        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.server.shutdown_grace_seconds)
+            self.runtime.max_body_bytes,
+            self.config.ingress.max_header_bytes + self.config.ingress.max_uri_bytes + 1024,
+        )
+        self._runner = web.ServerRunner(
+            server, handle_signals=False, shutdown_timeout=cfg.server.shutdown_grace_seconds
+        )
         await self._runner.setup()
         host, port = split_listen(cfg.server.listen)
         ssl_ctx = None
@@ -636,8 +764,13 @@ class Gateway:
         else:
             self.scheme = "http"
         site = EdgeTCPSite(
-            self._runner, host, port, ssl_context=ssl_ctx, backlog=1024,
-            reuse_port=self.reuse_port or None, shutdown_timeout=cfg.server.shutdown_grace_seconds,
+            self._runner,
+            host,
+            port,
+            ssl_context=ssl_ctx,
+            backlog=1024,
+            reuse_port=self.reuse_port or None,
+            shutdown_timeout=cfg.server.shutdown_grace_seconds,
             ssl_handshake_timeout=cfg.server.tls_handshake_timeout_seconds,
         )
         await site.start()
@@ -673,7 +806,11 @@ class Gateway:
                 log.info("config reloaded: runtime generation %d", self.runtime.generation)
             else:
                 metrics.CONFIG_RELOADS.labels("failure").inc()
-                log.error("config reload failed (%d problems), keeping generation %d", len(errors), self.runtime.generation)
+                log.error(
+                    "config reload failed (%d problems), keeping generation %d",
+                    len(errors),
+                    self.runtime.generation,
+                )
                 for problem in errors:  # one line each
                     log.error("config reload problem: %s", problem.replace("\n", " "))
             return ok, errors
@@ -700,7 +837,9 @@ class Gateway:
         new_tls = None
         if self.tls is not None:
             if cfg.server.tls is None:
-                return False, [f"{self.config_path}: server.tls: cannot switch a TLS listener to plain HTTP on reload"]
+                return False, [
+                    f"{self.config_path}: server.tls: cannot switch a TLS listener to plain HTTP on reload"
+                ]
             try:
                 new_tls = tlsutil.build_context(cfg.server.tls, cfg.resolve_path)
             except ValueError as e:
@@ -806,9 +945,15 @@ async def _read_prefix(content: Any, want: int) -> tuple[bytes, bool]:
     return bytes(buf), content.at_eof()
 
 
-async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = True,
-                admin_socket: str | None = None, worker_index: int | None = None,
-                on_ready: Any = None) -> int:
+async def serve(
+    config_path: str,
+    *,
+    reuse_port: bool = False,
+    admin: bool = True,
+    admin_socket: str | None = None,
+    worker_index: int | None = None,
+    on_ready: Any = None,
+) -> int:
     """Run one gateway process until SIGTERM/SIGINT. Returns the exit code.
 
     ``admin``: serve the admin listener on ``admin.listen`` (False in a worker under the
@@ -851,7 +996,9 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
     try:
         await gw.start()
     except (OSError, ValueError, ssl.SSLError) as e:
-        print(f"{config_path}: server: cannot start the public listener on {cfg.server.listen}: {e}", flush=True)
+        print(
+            f"{config_path}: server: cannot start the public listener on {cfg.server.listen}: {e}", flush=True
+        )
         await rt.close()
         return 2
     admin_runner = None
@@ -885,7 +1032,9 @@ async def serve(config_path: str, *, reuse_port: bool = False, admin: bool = Tru
     await stop.wait()
     grace = cfg.server.shutdown_grace_seconds
     if worker_index is not None and parentwatch.orphaned():
-        grace = min(grace, parentwatch.ORPHAN_GRACE_SECONDS)  # free the port and audit lock for the next supervisor
+        grace = min(
+            grace, parentwatch.ORPHAN_GRACE_SECONDS
+        )  # free the port and audit lock for the next supervisor
     if orphan_watch is not None:
         orphan_watch.cancel()
     log.info("shutting down: draining in-flight requests (at most %.1fs)", grace)

@@ -67,12 +67,18 @@ class Supervisor:
         self.workers = [Worker(i, os.path.join(self.dir, f"worker-{i}.sock")) for i in range(workers)]
         self.stopping = False
         self.registry = CollectorRegistry()
-        self.restarts = Counter("portvakt_worker_restarts_total", "Workers restarted after an exit", registry=self.registry)
+        self.restarts = Counter(
+            "portvakt_worker_restarts_total", "Workers restarted after an exit", registry=self.registry
+        )
         self.workers_gauge = Gauge(
-            "portvakt_workers", "Worker processes running and answering on their admin socket", registry=self.registry
+            "portvakt_workers",
+            "Worker processes running and answering on their admin socket",
+            registry=self.registry,
         )
         self.workers_gauge.set_function(lambda: len(self.live_workers()))
-        self.build = Gauge("portvakt_build_info", "Portvakt build information", ["version"], registry=self.registry)
+        self.build = Gauge(
+            "portvakt_build_info", "Portvakt build information", ["version"], registry=self.registry
+        )
         self.build.labels(__version__).set(1)
         from gateway.metrics import add_process_collectors
 
@@ -89,8 +95,16 @@ class Supervisor:
         env["PORTVAKT_WORKER_INDEX"] = str(w.index)
         env[parentwatch.ENV] = str(os.getpid())  # the worker dies with this process (gateway/parentwatch.py)
         w.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "--config", self.config_path,
-            "--worker-index", str(w.index), "--admin-socket", w.socket_path,
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "--config",
+            self.config_path,
+            "--worker-index",
+            str(w.index),
+            "--admin-socket",
+            w.socket_path,
             *(("--log-level", self.log_level) if self.log_level else ()),
             env=env,
         )
@@ -107,7 +121,9 @@ class Supervisor:
                 return
             lived = time.monotonic() - w.started_at
             w.backoff = 0.5 if lived > 10 else min(w.backoff * 2, 30.0)
-            log.error("worker %d (pid %d) exited with %s; restarting in %.1fs", w.index, w.proc.pid, rc, w.backoff)
+            log.error(
+                "worker %d (pid %d) exited with %s; restarting in %.1fs", w.index, w.proc.pid, rc, w.backoff
+            )
             await asyncio.sleep(w.backoff)
             if self.stopping:
                 return
@@ -127,9 +143,12 @@ class Supervisor:
         (ready or not: a worker waiting for a dependency is alive; one crash-looping is not)."""
         cache = getattr(self, "_ready_cache", {})
         return [
-            w for w in self.workers
-            if w.proc is not None and w.proc.returncode is None
-            and cache.get(w.index, (False, {"status": "unreachable"}))[1].get("status") not in (None, "unreachable")
+            w
+            for w in self.workers
+            if w.proc is not None
+            and w.proc.returncode is None
+            and cache.get(w.index, (False, {"status": "unreachable"}))[1].get("status")
+            not in (None, "unreachable")
         ]
 
     def healthy(self) -> tuple[bool, dict[str, Any]]:
@@ -156,7 +175,7 @@ class Supervisor:
                     if r.status != 200:
                         return None
                     return (w.index, proc.pid), proc.pid, await r.text()
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return None
 
     async def metrics(self) -> tuple[bytes, str]:
@@ -173,7 +192,10 @@ class Supervisor:
         return ok, {
             "config": "loaded" if ok else "pending",
             "workers": {
-                str(w.index): {"pid": w.proc.pid if w.proc else None, **self._ready_cache.get(w.index, (False, {}))[1]}
+                str(w.index): {
+                    "pid": w.proc.pid if w.proc else None,
+                    **self._ready_cache.get(w.index, (False, {}))[1],
+                }
                 for w in self.workers
             },
         }
@@ -185,8 +207,11 @@ class Supervisor:
             for w in self.workers:
                 try:
                     status, doc = await self._ask(w, "GET", "/readyz", timeout=2)
-                    self._ready_cache[w.index] = (status == 200, {"status": doc.get("status"), "dependencies": doc.get("dependencies", {})})
-                except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
+                    self._ready_cache[w.index] = (
+                        status == 200,
+                        {"status": doc.get("status"), "dependencies": doc.get("dependencies", {})},
+                    )
+                except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
                     self._ready_cache[w.index] = (False, {"status": "unreachable"})
             await asyncio.sleep(0.25)
 
@@ -212,11 +237,13 @@ class Supervisor:
         for w in self.workers:
             try:
                 status, doc = await self._ask(w, "POST", "/-/reload", timeout=60)
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
                 problems.append(f"worker {w.index}: unreachable: {type(e).__name__}")
                 continue
             if status != 200:
-                problems += [f"worker {w.index}: {p}" for p in doc.get("problems", [])] or [f"worker {w.index}: failed"]
+                problems += [f"worker {w.index}: {p}" for p in doc.get("problems", [])] or [
+                    f"worker {w.index}: failed"
+                ]
         return problems
 
     async def jwks(self) -> Any:
@@ -225,7 +252,7 @@ class Supervisor:
         for w in self.workers:
             try:
                 status, doc = await self._ask(w, "GET", "/.well-known/jwks.json")
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
                 continue
             if status == 200:
                 found = True

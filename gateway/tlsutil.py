@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import ssl
 import weakref
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from gateway.context import TlsInfo
 
@@ -29,7 +30,7 @@ _VERIFY = {"off": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.
 _MIN = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 
-def _harden(ctx: ssl.SSLContext, tls: "TLSConfig") -> None:
+def _harden(ctx: ssl.SSLContext, tls: TLSConfig) -> None:
     ctx.minimum_version = _MIN[tls.min_version]
     ctx.set_ciphers(CIPHERS_TLS12)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
@@ -38,7 +39,7 @@ def _harden(ctx: ssl.SSLContext, tls: "TLSConfig") -> None:
     ctx.set_alpn_protocols(["http/1.1"])
 
 
-def build_context(tls: "TLSConfig", resolve: Callable[[str], str]) -> ssl.SSLContext:
+def build_context(tls: TLSConfig, resolve: Callable[[str], str]) -> ssl.SSLContext:
     """A complete server context for ``tls`` (files resolved with ``resolve``). Raises
     ``ssl.SSLError``/``OSError`` with the file name when a file cannot be loaded."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -60,7 +61,7 @@ def build_context(tls: "TLSConfig", resolve: Callable[[str], str]) -> ssl.SSLCon
 class ReloadableTLS:
     """The listener's front context plus the swappable current context (see module docstring)."""
 
-    def __init__(self, tls: "TLSConfig", resolve: Callable[[str], str]):
+    def __init__(self, tls: TLSConfig, resolve: Callable[[str], str]):
         self.current = build_context(tls, resolve)
         front = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         _harden(front, tls)
@@ -78,7 +79,7 @@ class ReloadableTLS:
             _sni_names[sslobj] = server_name
         return None
 
-    def reload(self, tls: "TLSConfig", resolve: Callable[[str], str]) -> None:
+    def reload(self, tls: TLSConfig, resolve: Callable[[str], str]) -> None:
         """Build the new context first (raises on bad files, keeping the old one), then swap."""
         new = build_context(tls, resolve)
         self.front.verify_mode = new.verify_mode
@@ -86,8 +87,8 @@ class ReloadableTLS:
         self.current = new
 
 
-_tls_cache: "weakref.WeakKeyDictionary[Any, TlsInfo]" = weakref.WeakKeyDictionary()
-_sni_names: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_tls_cache: weakref.WeakKeyDictionary[Any, TlsInfo] = weakref.WeakKeyDictionary()
+_sni_names: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 _NO_TLS = TlsInfo()
 
 

@@ -72,7 +72,9 @@ class GuardedResponseHandler(ResponseHandler):
         # (401, 413); a backend that then reads the body as a request answers it on this
         # connection. Decided here, when the answer is parsed: the connection is released to the
         # pool as soon as a short answer is read, before the caller sees it.
-        if self.sent_body and self._buffer and self._buffer[-1][0][0].code >= 400:  # ((message, payload), size)
+        if (
+            self.sent_body and self._buffer and self._buffer[-1][0][0].code >= 400
+        ):  # ((message, payload), size)
             self._should_close = True
 
 

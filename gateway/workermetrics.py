@@ -21,7 +21,8 @@ The merge:
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -85,7 +86,16 @@ class WorkerMetrics:
             else:
                 rows = gauges.get(name, [])
                 mode = _gauge_mode(name)
-                if mode in ("livesum", "sum", "max", "livemax", "min", "livemin", "mostrecent", "livemostrecent"):
+                if mode in (
+                    "livesum",
+                    "sum",
+                    "max",
+                    "livemax",
+                    "min",
+                    "livemin",
+                    "mostrecent",
+                    "livemostrecent",
+                ):
                     agg: dict[Key, float] = {}
                     for _, sname, labels, v in rows:
                         key = (sname, tuple(sorted(labels.items())))

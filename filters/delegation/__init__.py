@@ -23,7 +23,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from filters.delegation.altinn import AltinnClient, AltinnUnavailable
-from filters.delegation.config import ADMIN, ALL_SERVICES, DelegationConfig, RoutePartyPolicy, RoutePrivilegePolicy
+from filters.delegation.config import (
+    ADMIN,
+    ALL_SERVICES,
+    DelegationConfig,
+    RoutePartyPolicy,
+    RoutePrivilegePolicy,
+)
 from filters.delegation.store import PrivilegesUnavailable, admits, build_store, now_iso
 from filters.persons.store import StoreUnavailable
 from gateway import problems
@@ -41,8 +47,12 @@ POS_PRIVILEGE = 75  # after authorize (70): the operator's access: block is the 
 
 PARTY_REQUIRED = problems.register("party_required", 403, "Choose the organisation you act for")
 PARTY_NOT_HELD = problems.register("party_not_held", 403, "You do not act for this organisation")
-ALTINN_UNAVAILABLE = problems.register("role_source_unavailable", 503, "The role source is unavailable right now")
-PRIVILEGES_UNAVAILABLE = problems.register("privileges_unavailable", 503, "Privileges are unavailable right now")
+ALTINN_UNAVAILABLE = problems.register(
+    "role_source_unavailable", 503, "The role source is unavailable right now"
+)
+PRIVILEGES_UNAVAILABLE = problems.register(
+    "privileges_unavailable", 503, "Privileges are unavailable right now"
+)
 PRIVILEGE_MISSING = problems.register("privilege_missing", 403, "No grant for this service")
 SESSIONS_DOWN = "session_store_unavailable"
 
@@ -60,7 +70,7 @@ class PartyFilter(Filter):
     position = POS_PARTY
     timeout = 15.0
 
-    def __init__(self, stage: "DelegationStage", policy: RoutePartyPolicy):
+    def __init__(self, stage: DelegationStage, policy: RoutePartyPolicy):
         self.stage = stage
         self.forms = frozenset(policy.organization_forms)
         self.mode = Mode.enforce
@@ -88,7 +98,12 @@ class PartyFilter(Filter):
         p = state.find(state.chosen)
         if p is None or not p["selectable"] or (self.forms and p["unit_type"] not in self.forms):
             ctx.audit["party"] = {"chosen": state.chosen[:64], "held": False}
-            return Deny(Problem(PARTY_NOT_HELD, internal_reason="party_no_longer_held" if p is None else "party_not_selectable"))
+            return Deny(
+                Problem(
+                    PARTY_NOT_HELD,
+                    internal_reason="party_no_longer_held" if p is None else "party_not_selectable",
+                )
+            )
         ctx.acting_org = p["org"]
         ctx.audit["party"] = {"acting_org": p["org"]}
         return ALLOW
@@ -98,7 +113,7 @@ class PrivilegeFilter(Filter):
     name = "privilege"
     position = POS_PRIVILEGE
 
-    def __init__(self, stage: "DelegationStage", policy: RoutePrivilegePolicy, service: str):
+    def __init__(self, stage: DelegationStage, policy: RoutePrivilegePolicy, service: str):
         self.stage = stage
         self.role = policy.role
         self.service = service
@@ -109,7 +124,11 @@ class PrivilegeFilter(Filter):
         if ctx.person is not None and ctx.token is not None and ctx.token.pid:
             org, kind, ref = ctx.acting_org, "person", st.person_ref(ctx.token.pid)
         elif ctx.integration is not None:
-            org, kind, ref = ctx.target_org or ctx.integration.authorized_org, "integration", ctx.integration.id
+            org, kind, ref = (
+                ctx.target_org or ctx.integration.authorized_org,
+                "integration",
+                ctx.integration.id,
+            )
         else:
             return Deny(Problem(PRIVILEGE_MISSING, internal_reason="privilege_no_subject"))
         if not org:
@@ -120,7 +139,11 @@ class PrivilegeFilter(Filter):
             return Deny(Problem(PRIVILEGES_UNAVAILABLE, headers={"Retry-After": "2"}))
         for g in grants:
             s = g["subject"]
-            if s["kind"] == kind and hmac.compare_digest(s["ref"], ref) and admits(g, self.role, self.service):
+            if (
+                s["kind"] == kind
+                and hmac.compare_digest(s["ref"], ref)
+                and admits(g, self.role, self.service)
+            ):
                 ctx.audit["privilege"] = {"organization": org, "grant": g["id"], "role": g["role"]}
                 return ALLOW
         ctx.audit["privilege"] = {"organization": org, "role": self.role}
@@ -177,7 +200,7 @@ class DelegationStage(Stage):
         a = self.audit
         return a._person(pid) if a is not None and getattr(a, "active", False) else None
 
-    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+    def filters_for_route(self, route: RouteConfig) -> list[Filter]:
         out: list[Filter] = []
         party = getattr(route, "party", None)
         priv = getattr(route, "privilege", None)
@@ -189,13 +212,21 @@ class DelegationStage(Stage):
 
     def owns(self, path: str) -> bool:
         p = self.persons_prefix
-        return path in (p + "/parties", p + "/party") or path == self.admin_prefix or path.startswith(self.admin_prefix + "/")
+        return (
+            path in (p + "/parties", p + "/party")
+            or path == self.admin_prefix
+            or path.startswith(self.admin_prefix + "/")
+        )
 
     def adopt(self, previous: Stage) -> None:
         if isinstance(previous, DelegationStage) and previous.cfg.store == self.cfg.store:
             self.store = previous.store
             self._adopted_store = True
-        if isinstance(previous, DelegationStage) and previous.cfg.altinn == self.cfg.altinn and previous.altinn is not None:
+        if (
+            isinstance(previous, DelegationStage)
+            and previous.cfg.altinn == self.cfg.altinn
+            and previous.altinn is not None
+        ):
             self.altinn = previous.altinn
             self._adopted_altinn = True
 
@@ -219,19 +250,36 @@ class DelegationStage(Stage):
         """Each configured first administrator holds org admin (idempotent; audited when new)."""
         for s in self.cfg.admins:
             ref = self.person_ref(s.person)
-            g = {"id": "seed-" + ref[:12] + "-" + s.organization, "organization": s.organization,
-                 "subject": {"kind": "person", "ref": ref, "display": masked(s.person)}, "role": ADMIN,
-                 "service": ALL_SERVICES, "granted_by": "config", "granted_at": now_iso(), "basis": "config: delegation.admins",
-                 "seeded": True, "audit_subject": self.audit_person(s.person)}
+            g = {
+                "id": "seed-" + ref[:12] + "-" + s.organization,
+                "organization": s.organization,
+                "subject": {"kind": "person", "ref": ref, "display": masked(s.person)},
+                "role": ADMIN,
+                "service": ALL_SERVICES,
+                "granted_by": "config",
+                "granted_at": now_iso(),
+                "basis": "config: delegation.admins",
+                "seeded": True,
+                "audit_subject": self.audit_person(s.person),
+            }
             try:
                 _, new = await self.store.add(g)
             except PrivilegesUnavailable as e:
                 log.warning("delegation: could not seed the admin of %s: %s", s.organization, e)
                 continue
             if new:
-                self.audit_event({"type": "privilege_granted", "organization": s.organization, "grant": g["id"],
-                                  "role": ADMIN, "service": ALL_SERVICES, "subject": _audit_subject(g),
-                                  "by": "config", "basis": g["basis"]})
+                self.audit_event(
+                    {
+                        "type": "privilege_granted",
+                        "organization": s.organization,
+                        "grant": g["id"],
+                        "role": ADMIN,
+                        "service": ALL_SERVICES,
+                        "subject": _audit_subject(g),
+                        "by": "config",
+                        "basis": g["basis"],
+                    }
+                )
 
     async def close(self) -> None:
         await release(self.store)
@@ -260,7 +308,7 @@ def _audit_subject(g: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_problems(cfg: "Config") -> list[tuple[tuple[Any, ...], str]]:
+def config_problems(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
     """Cross-section checks (called from gateway.config)."""
     errs: list[tuple[tuple[Any, ...], str]] = []
     d: DelegationConfig | None = getattr(cfg, "delegation", None)
@@ -272,11 +320,15 @@ def config_problems(cfg: "Config") -> list[tuple[tuple[Any, ...], str]]:
         if party is not None and getattr(r, "person", None) is None:
             errs.append((("routes", i, "party"), "needs person: (a logged-in person chooses the party)"))
         if party is not None and on and d is not None and d.altinn is None:
-            errs.append((("delegation", "altinn"), f"route {r.name} has party: but no role source is configured"))
+            errs.append(
+                (("delegation", "altinn"), f"route {r.name} has party: but no role source is configured")
+            )
         if priv is not None and not r.service:
             errs.append((("routes", i, "privilege"), "needs the route's service: (grants name a service)"))
         if priv is not None and on and d is not None and priv.role != ADMIN and priv.role not in d.privileges:
-            errs.append((("routes", i, "privilege", "role"), f"{priv.role!r} is not in delegation.privileges"))
+            errs.append(
+                (("routes", i, "privilege", "role"), f"{priv.role!r} is not in delegation.privileges")
+            )
     if on and (getattr(cfg, "persons", None) is None or not cfg.persons.enabled):  # type: ignore[union-attr]
         errs.append((("delegation",), "needs the persons: section (the admin API is for logged-in persons)"))
     return errs

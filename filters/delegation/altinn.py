@@ -49,8 +49,13 @@ def _party(p: Any, parent: str | None) -> dict[str, Any] | None:
     no_access = p.get("onlyHierarchyElementWithNoAccess") is True
     roles = [r for r in (p.get("authorizedRoles") or []) if isinstance(r, str)][:50]
     return {
-        "uuid": p["partyUuid"][:64], "name": str(p.get("name") or "")[:200], "org": org, "type": ptype[:32],
-        "unit_type": str(p.get("unitType") or "")[:16] or None, "parent": parent, "deleted": deleted,
+        "uuid": p["partyUuid"][:64],
+        "name": str(p.get("name") or "")[:200],
+        "org": org,
+        "type": ptype[:32],
+        "unit_type": str(p.get("unitType") or "")[:16] or None,
+        "parent": parent,
+        "deleted": deleted,
         "selectable": ptype == "Organization" and org is not None and not deleted and not no_access,
         "roles": roles,
     }
@@ -102,8 +107,14 @@ class AltinnClient:
     def _assertion(self) -> str:
         mp = self.cfg.maskinporten
         now = int(time.time())
-        claims = {"aud": mp.audience, "iss": mp.client_id, "scope": mp.scope, "iat": now, "exp": now + 60,
-                  "jti": str(uuid.uuid4())}
+        claims = {
+            "aud": mp.audience,
+            "iss": mp.client_id,
+            "scope": mp.scope,
+            "iat": now,
+            "exp": now + 60,
+            "jti": str(uuid.uuid4()),
+        }
         headers = {"kid": mp.key_id} if mp.key_id else None
         return jwt.encode(claims, self._key_pem, algorithm="RS256", headers=headers)
 
@@ -116,7 +127,10 @@ class AltinnClient:
             if hit is not None and hit[1] > time.time():
                 return hit[0]
             assert self._session is not None
-            form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": self._assertion()}
+            form = {
+                "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                "assertion": self._assertion(),
+            }
             async with self._session.post(self.cfg.maskinporten.token_url, data=form, ssl=self._ssl) as r:
                 if r.status != 200:
                     raise AltinnUnavailable(f"maskinporten token: HTTP {r.status}")
@@ -124,8 +138,11 @@ class AltinnClient:
             mp_token, exp = doc.get("access_token"), doc.get("expires_in", 120)
             if not isinstance(mp_token, str) or not isinstance(exp, (int, float)):
                 raise AltinnUnavailable("maskinporten token: malformed answer")
-            async with self._session.get(self.cfg.base_url + EXCHANGE_PATH, ssl=self._ssl,
-                                         headers={"Authorization": f"Bearer {mp_token}"}) as r:
+            async with self._session.get(
+                self.cfg.base_url + EXCHANGE_PATH,
+                ssl=self._ssl,
+                headers={"Authorization": f"Bearer {mp_token}"},
+            ) as r:
                 if r.status != 200:
                     raise AltinnUnavailable(f"altinn exchange: HTTP {r.status}")
                 token = (await r.text()).strip().strip('"')
@@ -142,10 +159,14 @@ class AltinnClient:
             for attempt in (1, 2):
                 token = await self._token()
                 self.calls += 1
-                q = {"includeAltinn2": "true" if self.cfg.include_altinn2 else "false",
-                     "includeAuthorizedResourcesThroughRoles": "false"}
+                q = {
+                    "includeAltinn2": "true" if self.cfg.include_altinn2 else "false",
+                    "includeAuthorizedResourcesThroughRoles": "false",
+                }
                 async with self._session.post(
-                    self.cfg.base_url + PARTIES_PATH, params=q, ssl=self._ssl,
+                    self.cfg.base_url + PARTIES_PATH,
+                    params=q,
+                    ssl=self._ssl,
                     json={"type": "urn:altinn:person:identifier-no", "value": pid},
                     headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
                 ) as r:
@@ -164,6 +185,6 @@ class AltinnClient:
         except AltinnUnavailable as e:
             self._error = str(e)[:80]
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, ValueError, OSError) as e:
             self._error = type(e).__name__
             raise AltinnUnavailable(type(e).__name__) from None

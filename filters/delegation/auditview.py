@@ -38,10 +38,14 @@ def trail_files(base: str) -> list[str]:
 
 
 def org_concerns(rec: dict[str, Any], org: str) -> bool:
-    if rec.get("organization") == org and str(rec.get("type", "")).startswith(("privilege_", "audit_read", "party_", "admin_refused")):
+    if rec.get("organization") == org and str(rec.get("type", "")).startswith(
+        ("privilege_", "audit_read", "party_", "admin_refused")
+    ):
         return True
     facts = rec.get("facts") or {}
-    if (facts.get("party") or {}).get("acting_org") == org or (facts.get("privilege") or {}).get("organization") == org:
+    if (facts.get("party") or {}).get("acting_org") == org or (facts.get("privilege") or {}).get(
+        "organization"
+    ) == org:
         return True
     return concerns(rec, org)
 
@@ -70,7 +74,7 @@ def _time(s: Any) -> dt.datetime | None:
         t = dt.datetime.fromisoformat(str(s).replace("Z", "+00:00"))
     except ValueError:
         return None
-    return t if t.tzinfo is not None else t.replace(tzinfo=dt.timezone.utc)
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
 
 
 def parse_time(s: str | None) -> dt.datetime | None:
@@ -83,9 +87,19 @@ def parse_time(s: str | None) -> dt.datetime | None:
     return t
 
 
-def read(files: list[str], org: str, view: View, *, since: dt.datetime | None, until: dt.datetime | None,
-         services: set[str] | None, service: str | None, caller: str | None, offset: int,
-         limit: int) -> tuple[list[dict[str, Any]], int | None]:
+def read(
+    files: list[str],
+    org: str,
+    view: View,
+    *,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    services: set[str] | None,
+    service: str | None,
+    caller: str | None,
+    offset: int,
+    limit: int,
+) -> tuple[list[dict[str, Any]], int | None]:
     """One page of the org's records (oldest first) and the next offset (None at the end)."""
     matched: set[str] = set()
     out: list[dict[str, Any]] = []

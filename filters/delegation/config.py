@@ -25,17 +25,27 @@ class MaskinportenClientConfig(Model):
     client_id: str = Field(description="This gateway's Maskinporten client id")
     key_file: str = Field(description="PEM RSA private key that signs the client assertion (RS256)")
     key_id: str | None = Field(None, description="kid of the registered key")
-    scope: str = Field("altinn:accessmanagement/authorizedparties.resourceowner",
-                       description="Scope asked for (ordered from Altinn and granted in Maskinporten)")
+    scope: str = Field(
+        "altinn:accessmanagement/authorizedparties.resourceowner",
+        description="Scope asked for (ordered from Altinn and granted in Maskinporten)",
+    )
 
 
 class AltinnConfig(Model):
-    base_url: str = Field(description="Altinn platform base URL (https://platform.altinn.no, tt02: https://platform.tt02.altinn.no)")
+    base_url: str = Field(
+        description="Altinn platform base URL (https://platform.altinn.no, tt02: https://platform.tt02.altinn.no)"
+    )
     maskinporten: MaskinportenClientConfig = Field(description="How the gateway gets its Maskinporten token")
-    cache_seconds: float = Field(300, gt=0, le=3600, description="A person's party list is fetched again after this long")
+    cache_seconds: float = Field(
+        300, gt=0, le=3600, description="A person's party list is fetched again after this long"
+    )
     timeout_seconds: float = Field(3.0, gt=0, le=30, description="Each call to Maskinporten or Altinn")
-    ca_file: str | None = Field(None, description="CA bundle for an https Altinn/Maskinporten with a private CA")
-    include_altinn2: bool = Field(False, description="includeAltinn2 query parameter (Altinn 2 is being retired)")
+    ca_file: str | None = Field(
+        None, description="CA bundle for an https Altinn/Maskinporten with a private CA"
+    )
+    include_altinn2: bool = Field(
+        False, description="includeAltinn2 query parameter (Altinn 2 is being retired)"
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -46,14 +56,22 @@ class AltinnConfig(Model):
 
 
 class PrivilegeStoreConfig(Model):
-    backend: Literal["sqlite", "redis"] = Field("sqlite", description="sqlite: embedded file (one host); redis: every worker and host")
-    path: str = Field("privileges.sqlite", description="SQLite file (backend sqlite), relative to the config file")
-    url: str | None = Field(None, description="redis://host:port/db (backend redis); use ${ENV} for a password")
+    backend: Literal["sqlite", "redis"] = Field(
+        "sqlite", description="sqlite: embedded file (one host); redis: every worker and host"
+    )
+    path: str = Field(
+        "privileges.sqlite", description="SQLite file (backend sqlite), relative to the config file"
+    )
+    url: str | None = Field(
+        None, description="redis://host:port/db (backend redis); use ${ENV} for a password"
+    )
     key_prefix: str = Field("portvakt:priv:", description="Prefix of every Redis key")
-    timeout_seconds: float = Field(1.0, gt=0, le=30, description="Per store operation; past it the request gets 503")
+    timeout_seconds: float = Field(
+        1.0, gt=0, le=30, description="Per store operation; past it the request gets 503"
+    )
 
     @model_validator(mode="after")
-    def _url(self) -> "PrivilegeStoreConfig":
+    def _url(self) -> PrivilegeStoreConfig:
         if self.backend == "redis" and not self.url:
             raise ValueError("backend redis needs url")
         return self
@@ -79,10 +97,14 @@ class SeedAdmin(Model):
 
 
 class AdminApiConfig(Model):
-    path: str = Field("/admin", description="Below persons.prefix: the admin API and page (<persons.prefix><path>)")
+    path: str = Field(
+        "/admin", description="Below persons.prefix: the admin API and page (<persons.prefix><path>)"
+    )
     min_acr: str = Field("idporten-loa-high", description="Level a session needs for the admin API and page")
     requests_per_minute: int = Field(60, ge=1, le=10000, description="Per session; beyond it 429")
-    page_size: int = Field(50, ge=1, le=500, description="Default page size of the audit view (limit caps at 500)")
+    page_size: int = Field(
+        50, ge=1, le=500, description="Default page size of the audit view (limit caps at 500)"
+    )
 
     @field_validator("min_acr")
     @classmethod
@@ -101,11 +123,21 @@ class AdminApiConfig(Model):
 
 class DelegationConfig(Model):
     enabled: bool = Field(True, description="Parties, run-time privileges and the admin API")
-    altinn: AltinnConfig | None = Field(None, description="Role source for acting on behalf of organisations (routes with party:)")
-    store: PrivilegeStoreConfig = Field(default_factory=PrivilegeStoreConfig, description="Where run-time grants live")
-    subject_key: str = Field(description="At least 32 characters: persons are stored as HMAC(subject_key, pid). Use ${ENV}")
-    admins: list[SeedAdmin] = Field(default_factory=list, description="Each organisation's first administrator (re-seeded at start)")
-    privileges: list[str] = Field(default_factory=lambda: ["user"], description="Privilege names besides admin that may be granted")
+    altinn: AltinnConfig | None = Field(
+        None, description="Role source for acting on behalf of organisations (routes with party:)"
+    )
+    store: PrivilegeStoreConfig = Field(
+        default_factory=PrivilegeStoreConfig, description="Where run-time grants live"
+    )
+    subject_key: str = Field(
+        description="At least 32 characters: persons are stored as HMAC(subject_key, pid). Use ${ENV}"
+    )
+    admins: list[SeedAdmin] = Field(
+        default_factory=list, description="Each organisation's first administrator (re-seeded at start)"
+    )
+    privileges: list[str] = Field(
+        default_factory=lambda: ["user"], description="Privilege names besides admin that may be granted"
+    )
     admin_api: AdminApiConfig = Field(default_factory=AdminApiConfig, description="The admin API and page")
 
     @field_validator("subject_key")
@@ -127,7 +159,9 @@ class DelegationConfig(Model):
 class RoutePartyPolicy(Model):
     """The request acts for an organisation: the person chose a party (POST <prefix>/party)."""
 
-    organization_forms: list[str] = Field(default_factory=list, description="unitType values admitted (empty: any)")
+    organization_forms: list[str] = Field(
+        default_factory=list, description="unitType values admitted (empty: any)"
+    )
 
 
 class RoutePrivilegePolicy(Model):

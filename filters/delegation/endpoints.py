@@ -49,7 +49,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("portvakt.delegation.endpoints")
 
-CSRF_FAILED = problems.register("csrf_failed", 403, "The request could not be verified; reload the page and try again")
+CSRF_FAILED = problems.register(
+    "csrf_failed", 403, "The request could not be verified; reload the page and try again"
+)
 ADMIN_RATE_LIMITED = problems.register("admin_rate_limited", 429, "Too many administration requests")
 UNSUPPORTED_MEDIA = problems.register("unsupported_media_type", 415, "Send application/json")
 _ORG = re.compile(r"^[0-9]{9}\Z")
@@ -58,7 +60,9 @@ CSRF_TTL = 900
 MAX_JSON = 4096
 
 
-def done(ctx: "RequestContext", resp: web.StreamResponse, decision: str = "allow", reason: str | None = None) -> web.StreamResponse:
+def done(
+    ctx: RequestContext, resp: web.StreamResponse, decision: str = "allow", reason: str | None = None
+) -> web.StreamResponse:
     ctx.status, ctx.decision, ctx.reason = resp.status, decision, reason
     resp.headers["X-Request-Id"] = ctx.request_id
     resp.headers["Server"] = "portvakt"
@@ -66,7 +70,7 @@ def done(ctx: "RequestContext", resp: web.StreamResponse, decision: str = "allow
     return resp
 
 
-def problem(ctx: "RequestContext", p: Problem) -> web.StreamResponse:
+def problem(ctx: RequestContext, p: Problem) -> web.StreamResponse:
     ctx.status = p.status or 500
     ctx.decision = "deny" if ctx.status < 500 else "error"
     ctx.reason = p.log_reason
@@ -75,11 +79,15 @@ def problem(ctx: "RequestContext", p: Problem) -> web.StreamResponse:
     return resp
 
 
-def json_resp(ctx: "RequestContext", doc: Any, status: int = 200, reason: str | None = None) -> web.StreamResponse:
+def json_resp(
+    ctx: RequestContext, doc: Any, status: int = 200, reason: str | None = None
+) -> web.StreamResponse:
     return done(ctx, web.json_response(doc, status=status), "allow", reason)
 
 
-async def serve(st: "DelegationStage", persons: "PersonsStage", ctx: "RequestContext", request: Any) -> web.StreamResponse:
+async def serve(
+    st: DelegationStage, persons: PersonsStage, ctx: RequestContext, request: Any
+) -> web.StreamResponse:
     try:
         if ctx.path == persons.prefix + "/parties" and ctx.method in ("GET", "HEAD"):
             return await list_parties(st, persons, ctx)
@@ -97,13 +105,18 @@ async def serve(st: "DelegationStage", persons: "PersonsStage", ctx: "RequestCon
         return problem(ctx, Problem("role_source_unavailable", headers={"Retry-After": "5"}))
 
 
-async def person_session(persons: "PersonsStage", ctx: "RequestContext") -> Any:
+async def person_session(persons: PersonsStage, ctx: RequestContext) -> Any:
     s = await persons.sessions.load(ctx.headers)
     return s if s is not None and s.data.get("pid") else None
 
 
-def login_required(persons: "PersonsStage", ctx: "RequestContext", level: str | None = None, step_up: bool = False,
-                   back: str | None = None) -> web.StreamResponse:
+def login_required(
+    persons: PersonsStage,
+    ctx: RequestContext,
+    level: str | None = None,
+    step_up: bool = False,
+    back: str | None = None,
+) -> web.StreamResponse:
     q = {"redirect": back or ctx.raw_path}
     if level:
         q["level"] = level
@@ -111,31 +124,56 @@ def login_required(persons: "PersonsStage", ctx: "RequestContext", level: str | 
     from filters.persons import is_navigation
 
     if is_navigation(ctx):
-        return done(ctx, web.Response(status=302, headers={"Location": login}), "deny",
-                    "step_up_required" if step_up else "login_required")
+        return done(
+            ctx,
+            web.Response(status=302, headers={"Location": login}),
+            "deny",
+            "step_up_required" if step_up else "login_required",
+        )
     if step_up:
         www = f'Bearer error="insufficient_user_authentication", acr_values="{level}"'
-        return problem(ctx, Problem("step_up_required", headers={"WWW-Authenticate": www, "Location": login},
-                                    extra={"login": login, "acr_values": level}))
-    return problem(ctx, Problem("login_required", headers={"WWW-Authenticate": 'Bearer realm="portvakt"', "Location": login},
-                                extra={"login": login}))
+        return problem(
+            ctx,
+            Problem(
+                "step_up_required",
+                headers={"WWW-Authenticate": www, "Location": login},
+                extra={"login": login, "acr_values": level},
+            ),
+        )
+    return problem(
+        ctx,
+        Problem(
+            "login_required",
+            headers={"WWW-Authenticate": 'Bearer realm="portvakt"', "Location": login},
+            extra={"login": login},
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------- parties
 
 
-async def list_parties(st: "DelegationStage", persons: "PersonsStage", ctx: "RequestContext") -> web.StreamResponse:
+async def list_parties(st: DelegationStage, persons: PersonsStage, ctx: RequestContext) -> web.StreamResponse:
     s = await person_session(persons, ctx)
     if s is None or st.altinn is None:
         return login_required(persons, ctx) if s is None else problem(ctx, Problem(problems.NOT_FOUND))
     state = await parties.load(st, persons, ctx.headers, s.data["pid"])
     assert state is not None
     ctx.audit["party"] = {"listed": len(state.parties)}
-    return json_resp(ctx, {"parties": state.public(), "chosen": state.chosen,
-                           "fetched_at": int(state.fetched), "cache_seconds": int(st.cache_seconds)})
+    return json_resp(
+        ctx,
+        {
+            "parties": state.public(),
+            "chosen": state.chosen,
+            "fetched_at": int(state.fetched),
+            "cache_seconds": int(st.cache_seconds),
+        },
+    )
 
 
-async def choose_party(st: "DelegationStage", persons: "PersonsStage", ctx: "RequestContext", request: Any) -> web.StreamResponse:
+async def choose_party(
+    st: DelegationStage, persons: PersonsStage, ctx: RequestContext, request: Any
+) -> web.StreamResponse:
     s = await person_session(persons, ctx)
     if s is None or st.altinn is None:
         return login_required(persons, ctx) if s is None else problem(ctx, Problem(problems.NOT_FOUND))
@@ -166,25 +204,53 @@ async def choose_party(st: "DelegationStage", persons: "PersonsStage", ctx: "Req
     p = state.find(uuid_)
     sh = session_hash(s.id)
     if p is None or not p["selectable"]:
-        st.audit_event({"type": "party_refused", "request_id": ctx.request_id, "session": sh,
-                        "reason": "party_not_held" if p is None else "party_not_selectable",
-                        **({"organization": p["org"]} if p is not None and p["org"] else {})}, s.data["pid"])
-        return problem(ctx, Problem("party_not_held", internal_reason="party_not_held" if p is None else "party_not_selectable"))
+        st.audit_event(
+            {
+                "type": "party_refused",
+                "request_id": ctx.request_id,
+                "session": sh,
+                "reason": "party_not_held" if p is None else "party_not_selectable",
+                **({"organization": p["org"]} if p is not None and p["org"] else {}),
+            },
+            s.data["pid"],
+        )
+        return problem(
+            ctx,
+            Problem(
+                "party_not_held", internal_reason="party_not_held" if p is None else "party_not_selectable"
+            ),
+        )
     state.chosen = p["uuid"]
     await parties.save(persons, state)
-    st.audit_event({"type": "party_selected", "request_id": ctx.request_id, "session": sh, "organization": p["org"],
-                    "unit_type": p["unit_type"]}, s.data["pid"])
+    st.audit_event(
+        {
+            "type": "party_selected",
+            "request_id": ctx.request_id,
+            "session": sh,
+            "organization": p["org"],
+            "unit_type": p["unit_type"],
+        },
+        s.data["pid"],
+    )
     ctx.audit["party"] = {"acting_org": p["org"]}
     if ctype == "application/x-www-form-urlencoded":
-        return done(ctx, web.Response(status=303, headers={"Location": st.admin_prefix + "/"}), "allow", "party_selected")
-    return json_resp(ctx, {"chosen": {"partyUuid": p["uuid"], "organizationNumber": p["org"], "name": p["name"]}},
-                     reason="party_selected")
+        return done(
+            ctx,
+            web.Response(status=303, headers={"Location": st.admin_prefix + "/"}),
+            "allow",
+            "party_selected",
+        )
+    return json_resp(
+        ctx,
+        {"chosen": {"partyUuid": p["uuid"], "organizationNumber": p["org"], "name": p["name"]}},
+        reason="party_selected",
+    )
 
 
 # -------------------------------------------------------------------------------------- CSRF
 
 
-def same_origin_problem(ctx: "RequestContext") -> Problem | None:
+def same_origin_problem(ctx: RequestContext) -> Problem | None:
     """A state change from another site: refused before anything else is read."""
     site = ctx.headers.get("Sec-Fetch-Site")
     if site is not None and site not in ("same-origin", "none"):
@@ -195,17 +261,17 @@ def same_origin_problem(ctx: "RequestContext") -> Problem | None:
     return None
 
 
-def _csrf_key(persons: "PersonsStage", token: str) -> str:
+def _csrf_key(persons: PersonsStage, token: str) -> str:
     return f"{persons.cfg.store.key_prefix}csrf:{hashlib.sha256(token.encode()).hexdigest()}"
 
 
-async def new_csrf(persons: "PersonsStage", sh: str) -> str:
+async def new_csrf(persons: PersonsStage, sh: str) -> str:
     token = secrets.token_urlsafe(32)
     await persons.store.set(_csrf_key(persons, token), sh.encode(), CSRF_TTL)
     return token
 
 
-async def take_csrf(persons: "PersonsStage", sh: str, token: str | None) -> bool:
+async def take_csrf(persons: PersonsStage, sh: str, token: str | None) -> bool:
     """One use: a replayed token finds nothing; a token of another session does not match."""
     if not token or len(token) > 100:
         return False
@@ -213,8 +279,10 @@ async def take_csrf(persons: "PersonsStage", sh: str, token: str | None) -> bool
     return bound is not None and hmac.compare_digest(bound, sh.encode())
 
 
-def check_level(st: "DelegationStage", persons: "PersonsStage", s: Any) -> bool:
-    return acr_rank(s.data.get("acr"), persons.cfg.provider.eidas_high_as_high) >= acr_rank(st.cfg.admin_api.min_acr)
+def check_level(st: DelegationStage, persons: PersonsStage, s: Any) -> bool:
+    return acr_rank(s.data.get("acr"), persons.cfg.provider.eidas_high_as_high) >= acr_rank(
+        st.cfg.admin_api.min_acr
+    )
 
 
 def valid_org(org: str) -> bool:
@@ -225,4 +293,14 @@ def valid_grant_id(gid: str) -> bool:
     return bool(_GRANT_ID.match(gid))
 
 
-__all__ = ["serve", "done", "problem", "json_resp", "new_csrf", "take_csrf", "same_origin_problem", "page", "auditview"]
+__all__ = [
+    "serve",
+    "done",
+    "problem",
+    "json_resp",
+    "new_csrf",
+    "take_csrf",
+    "same_origin_problem",
+    "page",
+    "auditview",
+]

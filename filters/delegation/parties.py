@@ -34,13 +34,25 @@ class PartyState:
         return next((p for p in self.parties if p["uuid"] == party_uuid), None) if party_uuid else None
 
     def public(self) -> list[dict[str, Any]]:
-        return [{"partyUuid": p["uuid"], "name": p["name"], "organizationNumber": p["org"], "type": p["type"],
-                 "unitType": p["unit_type"], "parentOrganizationNumber": p["parent"], "isDeleted": p["deleted"],
-                 "selectable": p["selectable"], "chosen": p["uuid"] == self.chosen} for p in self.parties]
+        return [
+            {
+                "partyUuid": p["uuid"],
+                "name": p["name"],
+                "organizationNumber": p["org"],
+                "type": p["type"],
+                "unitType": p["unit_type"],
+                "parentOrganizationNumber": p["parent"],
+                "isDeleted": p["deleted"],
+                "selectable": p["selectable"],
+                "chosen": p["uuid"] == self.chosen,
+            }
+            for p in self.parties
+        ]
 
 
-async def load(st: "DelegationStage", persons: "PersonsStage", headers: Any, pid: str, *,
-               fresh: bool = True) -> PartyState | None:
+async def load(
+    st: DelegationStage, persons: PersonsStage, headers: Any, pid: str, *, fresh: bool = True
+) -> PartyState | None:
     """The party state of the request's session: fetched from Altinn when missing or stale
     (``fresh``), else as stored (``fresh=False``: never calls Altinn). None without a session
     ticket. Raises AltinnUnavailable, StoreUnavailable."""
@@ -68,7 +80,7 @@ async def load(st: "DelegationStage", persons: "PersonsStage", headers: Any, pid
     return state
 
 
-async def save(persons: "PersonsStage", state: PartyState) -> None:
+async def save(persons: PersonsStage, state: PartyState) -> None:
     doc = {"fetched": state.fetched, "parties": state.parties, "chosen": state.chosen}
     blob = seal_blob(state.dek, json.dumps(doc, separators=(",", ":")).encode(), state.aad)
     await persons.store.set(state.key, blob, persons.cfg.absolute_timeout_seconds + 60)

@@ -24,8 +24,8 @@ import sqlite3
 import time
 from typing import Any
 
-from filters.redis_bounded import BoundedRedisCalls
 from filters.delegation.config import ADMIN, ALL_SERVICES, PrivilegeStoreConfig
+from filters.redis_bounded import BoundedRedisCalls
 
 
 class PrivilegesUnavailable(Exception):
@@ -49,7 +49,11 @@ def admits(g: dict[str, Any], role: str, service: str) -> bool:
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (a["subject"]["kind"], a["subject"]["ref"], a["role"], a["service"]) == (
-        b["subject"]["kind"], b["subject"]["ref"], b["role"], b["service"])
+        b["subject"]["kind"],
+        b["subject"]["ref"],
+        b["role"],
+        b["service"],
+    )
 
 
 class SqliteStore:
@@ -66,8 +70,10 @@ class SqliteStore:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("CREATE TABLE IF NOT EXISTS grants (id TEXT PRIMARY KEY, org TEXT NOT NULL, kind TEXT NOT NULL,"
-                   " ref TEXT NOT NULL, doc TEXT NOT NULL)")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS grants (id TEXT PRIMARY KEY, org TEXT NOT NULL, kind TEXT NOT NULL,"
+            " ref TEXT NOT NULL, doc TEXT NOT NULL)"
+        )
         db.execute("CREATE INDEX IF NOT EXISTS grants_org ON grants(org)")
         db.execute("CREATE INDEX IF NOT EXISTS grants_subject ON grants(kind, ref)")
         self.db = db
@@ -94,26 +100,35 @@ class SqliteStore:
         return out
 
     async def grants(self, org: str) -> list[dict[str, Any]]:
-        rows = self._run(lambda db: db.execute("SELECT doc FROM grants WHERE org=? ORDER BY rowid", (org,)).fetchall())
+        rows = self._run(
+            lambda db: db.execute("SELECT doc FROM grants WHERE org=? ORDER BY rowid", (org,)).fetchall()
+        )
         return [json.loads(r[0]) for r in rows]
 
     async def of_subject(self, kind: str, ref: str) -> list[dict[str, Any]]:
-        rows = self._run(lambda db: db.execute("SELECT doc FROM grants WHERE kind=? AND ref=? ORDER BY rowid",
-                                               (kind, ref)).fetchall())
+        rows = self._run(
+            lambda db: db.execute(
+                "SELECT doc FROM grants WHERE kind=? AND ref=? ORDER BY rowid", (kind, ref)
+            ).fetchall()
+        )
         return [json.loads(r[0]) for r in rows]
 
     async def add(self, g: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         def tx(db: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
             db.execute("BEGIN IMMEDIATE")
             try:
-                for (doc,) in db.execute("SELECT doc FROM grants WHERE org=? AND kind=? AND ref=?",
-                                         (g["organization"], g["subject"]["kind"], g["subject"]["ref"])).fetchall():
+                for (doc,) in db.execute(
+                    "SELECT doc FROM grants WHERE org=? AND kind=? AND ref=?",
+                    (g["organization"], g["subject"]["kind"], g["subject"]["ref"]),
+                ).fetchall():
                     old = json.loads(doc)
                     if _same(old, g):
                         db.execute("COMMIT")
                         return old, False
-                db.execute("INSERT INTO grants (id, org, kind, ref, doc) VALUES (?,?,?,?,?)",
-                           (g["id"], g["organization"], g["subject"]["kind"], g["subject"]["ref"], json.dumps(g)))
+                db.execute(
+                    "INSERT INTO grants (id, org, kind, ref, doc) VALUES (?,?,?,?,?)",
+                    (g["id"], g["organization"], g["subject"]["kind"], g["subject"]["ref"], json.dumps(g)),
+                )
                 db.execute("COMMIT")
                 return g, True
             except BaseException:
@@ -132,7 +147,10 @@ class SqliteStore:
                     return None
                 g = json.loads(row[0])
                 if is_org_admin(g):
-                    others = [json.loads(d) for (d,) in db.execute("SELECT doc FROM grants WHERE org=? AND id<>?", (org, gid))]
+                    others = [
+                        json.loads(d)
+                        for (d,) in db.execute("SELECT doc FROM grants WHERE org=? AND id<>?", (org, gid))
+                    ]
                     if not any(is_org_admin(o) for o in others):
                         raise LastAdmin()
                 db.execute("DELETE FROM grants WHERE org=? AND id=?", (org, gid))
@@ -188,8 +206,12 @@ class RedisStore(BoundedRedisCalls):
 
         self.prefix = cfg.key_prefix
         self.timeout = cfg.timeout_seconds
-        self.client = aioredis.Redis.from_url(cfg.url or "", socket_timeout=cfg.timeout_seconds,
-                                              socket_connect_timeout=cfg.timeout_seconds, retry_on_timeout=False)
+        self.client = aioredis.Redis.from_url(
+            cfg.url or "",
+            socket_timeout=cfg.timeout_seconds,
+            socket_connect_timeout=cfg.timeout_seconds,
+            retry_on_timeout=False,
+        )
         self.refs = 1
 
     async def start(self) -> None:
@@ -218,14 +240,26 @@ class RedisStore(BoundedRedisCalls):
         orgs = await self._run(self.client.smembers(self._ks(kind, ref)))
         out = []
         for org in sorted(o.decode() for o in orgs):
-            out += [g for g in await self.grants(org) if g["subject"]["kind"] == kind and g["subject"]["ref"] == ref]
+            out += [
+                g
+                for g in await self.grants(org)
+                if g["subject"]["kind"] == kind and g["subject"]["ref"] == ref
+            ]
         return out
 
     async def add(self, g: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         doc = json.dumps(g)
-        old = await self._run(self.client.eval(_ADD, 2, self._ko(g["organization"]),
-                                               self._ks(g["subject"]["kind"], g["subject"]["ref"]),
-                                               g["id"], doc, g["organization"]))
+        old = await self._run(
+            self.client.eval(
+                _ADD,
+                2,
+                self._ko(g["organization"]),
+                self._ks(g["subject"]["kind"], g["subject"]["ref"]),
+                g["id"],
+                doc,
+                g["organization"],
+            )
+        )
         return (json.loads(old), False) if old else (g, True)
 
     async def remove(self, org: str, gid: str) -> dict[str, Any] | None:

@@ -44,13 +44,21 @@ LOGIN_COOKIE = "__Host-portvakt-login"
 
 LOGIN_REQUIRED = problems.register("login_required", 401, "Login required")
 STEP_UP_REQUIRED = problems.register("step_up_required", 401, "A higher authentication level is required")
-SESSION_UNAVAILABLE = problems.register("session_store_unavailable", 503, "Sessions are unavailable right now")
-PROVIDER_UNAVAILABLE = problems.register("login_provider_unavailable", 503, "The login provider is unavailable right now")
+SESSION_UNAVAILABLE = problems.register(
+    "session_store_unavailable", 503, "Sessions are unavailable right now"
+)
+PROVIDER_UNAVAILABLE = problems.register(
+    "login_provider_unavailable", 503, "The login provider is unavailable right now"
+)
 BEARER_ON_SESSION_ROUTE = problems.register(
     "authorization_on_session_route", 400, "This route uses the login session; do not send Authorization"
 )
 
-CANONICAL_ACR = {"Level3": "idporten-loa-substantial", "Level4": "idporten-loa-high", "Level2": "idporten-loa-low"}
+CANONICAL_ACR = {
+    "Level3": "idporten-loa-substantial",
+    "Level4": "idporten-loa-high",
+    "Level2": "idporten-loa-low",
+}
 
 
 def canonical_acr(acr: str) -> str:
@@ -105,7 +113,7 @@ class PersonFilter(Filter):
     position = POS_PERSONS
     timeout = 30.0
 
-    def __init__(self, stage: "PersonsStage", policy: RoutePersonPolicy):
+    def __init__(self, stage: PersonsStage, policy: RoutePersonPolicy):
         self.stage = stage
         self.policy = policy
         self.min_acr = canonical_acr(policy.min_acr or stage.cfg.provider.acr_values_default)
@@ -120,7 +128,11 @@ class PersonFilter(Filter):
             if s is None:
                 return self._login(ctx, LOGIN_REQUIRED)
             if acr_rank(s.acr, st.cfg.provider.eidas_high_as_high) < acr_rank(self.min_acr):
-                ctx.audit["persons"] = {"session": session_hash(s.id), "acr": s.acr or "", "required": self.min_acr}
+                ctx.audit["persons"] = {
+                    "session": session_hash(s.id),
+                    "acr": s.acr or "",
+                    "required": self.min_acr,
+                }
                 return self._login(ctx, STEP_UP_REQUIRED)
             s = await st.sessions.ensure_fresh(s)
         except StoreUnavailable:
@@ -131,12 +143,24 @@ class PersonFilter(Filter):
             return Deny(Problem(PROVIDER_UNAVAILABLE, headers={"Retry-After": "5"}))
         d = s.data
         ctx.token = TokenIdentity(
-            kind="idporten", issuer="persons", iss=d["iss"], exp=int(d["at_exp"]), pid=d.get("pid"),
-            acr=d.get("acr"), amr=tuple(d.get("amr") or ()), client_id=st.cfg.provider.client_id,
+            kind="idporten",
+            issuer="persons",
+            iss=d["iss"],
+            exp=int(d["at_exp"]),
+            pid=d.get("pid"),
+            acr=d.get("acr"),
+            amr=tuple(d.get("amr") or ()),
+            client_id=st.cfg.provider.client_id,
         )
-        ctx.person = PersonFacts(session_hash(s.id), d.get("auth_time"), tuple(d.get("amr") or ()), d.get("locale"))
+        ctx.person = PersonFacts(
+            session_hash(s.id), d.get("auth_time"), tuple(d.get("amr") or ()), d.get("locale")
+        )
         hdrs = ctx.upstream_headers if ctx.upstream_headers is not None else {}
-        hdrs["Authorization"] = f"Bearer {d['access_token']}" if self.policy.forward_access_token and d.get("access_token") else None
+        hdrs["Authorization"] = (
+            f"Bearer {d['access_token']}"
+            if self.policy.forward_access_token and d.get("access_token")
+            else None
+        )
         ctx.upstream_headers = hdrs
         # A page made for this person: never kept by a shared cache nor reused from disk for the
         # next person at the same browser (the upstream's own Cache-Control is overridden).
@@ -152,14 +176,29 @@ class PersonFilter(Filter):
             q["prompt"] = self.policy.prompt
         login = f"{st.prefix}/login?{urlencode(q, quote_via=quote)}"
         if is_navigation(ctx):
-            return Deny(Problem(reason, status=302, internal_reason=internal, headers={"Location": login, "Cache-Control": "no-store"}))
+            return Deny(
+                Problem(
+                    reason,
+                    status=302,
+                    internal_reason=internal,
+                    headers={"Location": login, "Cache-Control": "no-store"},
+                )
+            )
         if reason == STEP_UP_REQUIRED:
-            www = (f'Bearer error="insufficient_user_authentication", '
-                   f'error_description="A higher authentication level is required", acr_values="{self.min_acr}"')
+            www = (
+                f'Bearer error="insufficient_user_authentication", '
+                f'error_description="A higher authentication level is required", acr_values="{self.min_acr}"'
+            )
         else:
             www = 'Bearer realm="portvakt"'
-        return Deny(Problem(reason, internal_reason=internal, headers={"WWW-Authenticate": www, "Location": login},
-                            extra={"login": login, "acr_values": self.min_acr}))
+        return Deny(
+            Problem(
+                reason,
+                internal_reason=internal,
+                headers={"WWW-Authenticate": www, "Location": login},
+                extra={"login": login, "acr_values": self.min_acr},
+            )
+        )
 
 
 class PersonsStage(Stage):
@@ -194,9 +233,16 @@ class PersonsStage(Stage):
                 except StoreUnavailable:
                     continue
                 if ended:
-                    self.audit_event({"type": "logout_frontchannel", "request_id": request_id, "retried": True,
-                                      "op_session": sid_index_key(iss, sid)[:32],
-                                      "sessions": [session_hash(i) for i in ended], "cookie_seen": False})
+                    self.audit_event(
+                        {
+                            "type": "logout_frontchannel",
+                            "request_id": request_id,
+                            "retried": True,
+                            "op_session": sid_index_key(iss, sid)[:32],
+                            "sessions": [session_hash(i) for i in ended],
+                            "cookie_seen": False,
+                        }
+                    )
                 return
             log.error("persons: front-channel logout could not reach the session store for 10 minutes")
 
@@ -211,22 +257,30 @@ class PersonsStage(Stage):
         (``persons.rate_limits``, per client IP by default) on login start and callback."""
         from gateway.config import MatchConfig, RouteConfig
 
-        def route(name: str, rules: list[Any]) -> "RouteConfig":
-            return RouteConfig(name=name, upstream="-", rate_limits=rules,
-                               match=MatchConfig(path_prefix=self.prefix + "/", methods=["GET", "HEAD", "POST", "DELETE"]))
+        def route(name: str, rules: list[Any]) -> RouteConfig:
+            return RouteConfig(
+                name=name,
+                upstream="-",
+                rate_limits=rules,
+                match=MatchConfig(path_prefix=self.prefix + "/", methods=["GET", "HEAD", "POST", "DELETE"]),
+            )
 
-        def chain(rc: "RouteConfig", names: tuple[str, ...]) -> tuple[Filter, ...]:
-            out = [f for s in stages if s.name in names for f in s.filters_for_route(rc) if f.mode.value != "off"]
+        def chain(rc: RouteConfig, names: tuple[str, ...]) -> tuple[Filter, ...]:
+            out = [
+                f for s in stages if s.name in names for f in s.filters_for_route(rc) if f.mode.value != "off"
+            ]
             return tuple(sorted(out, key=lambda f: f.position))
 
         self.endpoint_filters = chain(route("portvakt", []), ("ingress",))
-        self.login_filters = chain(route("portvakt-login", list(self.cfg.rate_limits)), ("ingress", "rate_limit"))
+        self.login_filters = chain(
+            route("portvakt-login", list(self.cfg.rate_limits)), ("ingress", "rate_limit")
+        )
 
     async def guard(self, ctx: RequestContext) -> Any:
         """The endpoints' chain: a ``Deny`` (the server renders it, audited once) or None."""
         from gateway.chain import run_chain
 
-        sub = ctx.path[len(self.prefix):]
+        sub = ctx.path[len(self.prefix) :]
         filters = self.login_filters if sub in ("/login", "/callback") else self.endpoint_filters
         return await run_chain(filters, ctx) if filters else None
 
@@ -238,7 +292,7 @@ class PersonsStage(Stage):
         if a is not None:
             a.event(rec, pid)
 
-    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+    def filters_for_route(self, route: RouteConfig) -> list[Filter]:
         out: list[Filter] = [self.cookie_filter]
         policy = getattr(route, "person", None)
         if policy is not None:
@@ -276,7 +330,7 @@ class PersonsStage(Stage):
         return await serve(self, ctx, request)
 
 
-def config_problems(cfg: "Config") -> list[tuple[tuple[Any, ...], str]]:
+def config_problems(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
     """Cross-section checks (called from gateway.config)."""
     errs: list[tuple[tuple[Any, ...], str]] = []
     p = getattr(cfg, "persons", None)
@@ -284,9 +338,13 @@ def config_problems(cfg: "Config") -> list[tuple[tuple[Any, ...], str]]:
         if getattr(r, "person", None) is not None and (p is None or not p.enabled):
             errs.append((("routes", i, "person"), "needs the persons: section (login)"))
         if p is not None and p.enabled and r.match.path_prefix.startswith(p.prefix + "/"):
-            errs.append((("routes", i, "match", "path_prefix"), f"{p.prefix}/ is reserved for the login endpoints"))
+            errs.append(
+                (("routes", i, "match", "path_prefix"), f"{p.prefix}/ is reserved for the login endpoints")
+            )
     if p is not None and p.enabled and p.store.backend == "memory" and cfg.server.workers > 1:
-        errs.append((("persons", "store", "backend"), "memory sessions are per process: use redis with workers > 1"))
+        errs.append(
+            (("persons", "store", "backend"), "memory sessions are per process: use redis with workers > 1")
+        )
     return errs
 
 

@@ -31,7 +31,12 @@ from aiohttp import web
 from filters.persons import pages
 from filters.persons.cookies import cookie_values
 from filters.persons.oidc import (
-    IdTokenInvalid, ProviderRefused, ProviderUnavailable, acr_rank, state_hash, verifier_and_challenge,
+    IdTokenInvalid,
+    ProviderRefused,
+    ProviderUnavailable,
+    acr_rank,
+    state_hash,
+    verifier_and_challenge,
 )
 from filters.persons.redirects import safe_redirect
 from filters.persons.sessions import RefreshFailed, session_hash, sid_index_key
@@ -62,7 +67,9 @@ def _redirect(location: str, cookies: list[str] = ()) -> web.Response:  # type: 
     return resp
 
 
-def _done(ctx: "RequestContext", resp: web.StreamResponse, decision: str = "allow", reason: str | None = None) -> web.StreamResponse:
+def _done(
+    ctx: RequestContext, resp: web.StreamResponse, decision: str = "allow", reason: str | None = None
+) -> web.StreamResponse:
     ctx.status = resp.status
     ctx.decision = decision
     ctx.reason = reason
@@ -71,7 +78,7 @@ def _done(ctx: "RequestContext", resp: web.StreamResponse, decision: str = "allo
     return resp
 
 
-def _problem(ctx: "RequestContext", p: Problem) -> web.StreamResponse:
+def _problem(ctx: RequestContext, p: Problem) -> web.StreamResponse:
     ctx.status = p.status or 500
     ctx.decision = "deny" if (p.status or 500) < 500 else "error"
     ctx.reason = p.log_reason
@@ -80,8 +87,8 @@ def _problem(ctx: "RequestContext", p: Problem) -> web.StreamResponse:
     return resp
 
 
-async def serve(st: "PersonsStage", ctx: "RequestContext", request: Any) -> web.StreamResponse:
-    sub = ctx.path[len(st.prefix):]
+async def serve(st: PersonsStage, ctx: RequestContext, request: Any) -> web.StreamResponse:
+    sub = ctx.path[len(st.prefix) :]
     m = ctx.method
     try:
         if sub == "/login" and m in ("GET", "HEAD"):
@@ -100,7 +107,9 @@ async def serve(st: "PersonsStage", ctx: "RequestContext", request: Any) -> web.
             return await session_info(st, ctx)
         if sub == "/session/refresh" and m == "POST":
             if _same_origin(ctx) is False:  # another site cannot spend the person's refresh token
-                return _problem(ctx, Problem(CROSS_SITE_REFUSED, internal_reason="session_refresh_cross_site"))
+                return _problem(
+                    ctx, Problem(CROSS_SITE_REFUSED, internal_reason="session_refresh_cross_site")
+                )
             return await session_info(st, ctx, refresh=True)
         if sub == "/auth" and m in ("GET", "HEAD"):
             return await forward_auth(st, ctx)
@@ -110,18 +119,31 @@ async def serve(st: "PersonsStage", ctx: "RequestContext", request: Any) -> web.
         return _problem(ctx, Problem("session_store_unavailable", headers={"Retry-After": "2"}))
     except ProviderUnavailable as e:
         log.warning("persons: provider unavailable: %s", e)
-        return _done(ctx, pages.error_page(503, "Innloggingstjenesten svarer ikke / The login service is unavailable",
-                                           ctx.request_id, f"{st.prefix}/login"), "error", "login_provider_unavailable")
+        return _done(
+            ctx,
+            pages.error_page(
+                503,
+                "Innloggingstjenesten svarer ikke / The login service is unavailable",
+                ctx.request_id,
+                f"{st.prefix}/login",
+            ),
+            "error",
+            "login_provider_unavailable",
+        )
     return _problem(ctx, Problem(problems.NOT_FOUND))
 
 
 # --------------------------------------------------------------------------------------- login
 
 
-def _binding(ctx: "RequestContext") -> tuple[str, bool]:
+def _binding(ctx: RequestContext) -> tuple[str, bool]:
     """The browser's login-binding value (reused across tabs) and whether it is new."""
     vals = cookie_values(ctx.headers.getall("Cookie", ()), "__Host-portvakt-login")
-    if len(vals) == 1 and len(vals[0]) == _BINDING_LEN and vals[0].replace("-", "").replace("_", "").isalnum():
+    if (
+        len(vals) == 1
+        and len(vals[0]) == _BINDING_LEN
+        and vals[0].replace("-", "").replace("_", "").isalnum()
+    ):
         return vals[0], False
     return secrets.token_urlsafe(32), True
 
@@ -130,17 +152,22 @@ def _bhash(binding: str) -> str:
     return hashlib.sha256(b"portvakt-login|" + binding.encode()).hexdigest()
 
 
-def _redirect_uri(st: "PersonsStage", ctx: "RequestContext") -> str:
+def _redirect_uri(st: PersonsStage, ctx: RequestContext) -> str:
     return st.cfg.redirect_uri or f"{ctx.scheme}://{ctx.host}{st.prefix}/callback"
 
 
-async def login(st: "PersonsStage", ctx: "RequestContext") -> web.StreamResponse:
+async def login(st: PersonsStage, ctx: RequestContext) -> web.StreamResponse:
     cfg = st.cfg
     q = ctx.request.query
     target = safe_redirect(q.get("redirect"), st.allowed_redirect_hosts)
     level = q.get("level")
-    acr = level if level in ACR_RANKS else {"high": "idporten-loa-high", "substantial": "idporten-loa-substantial"}.get(
-        level or "", cfg.provider.acr_values_default)
+    acr = (
+        level
+        if level in ACR_RANKS
+        else {"high": "idporten-loa-high", "substantial": "idporten-loa-substantial"}.get(
+            level or "", cfg.provider.acr_values_default
+        )
+    )
     from filters.persons import canonical_acr
 
     acr = canonical_acr(acr)
@@ -182,14 +209,27 @@ async def login(st: "PersonsStage", ctx: "RequestContext") -> web.StreamResponse
     verifier, challenge = verifier_and_challenge()
     redirect_uri = _redirect_uri(st, ctx)
     attempt = {
-        "v": verifier, "n": nonce, "t": target, "acr": acr, "p": prompt, "b": bh, "at": time.time(),
-        "ru": redirect_uri, "prev_acr": existing,
+        "v": verifier,
+        "n": nonce,
+        "t": target,
+        "acr": acr,
+        "p": prompt,
+        "b": bh,
+        "at": time.time(),
+        "ru": redirect_uri,
+        "prev_acr": existing,
     }
     await store.set(f"{pfx}a:{state_hash(state)}", json.dumps(attempt).encode(), cfg.login_attempt_seconds)
     params = {
-        "response_type": "code", "client_id": cfg.provider.client_id, "redirect_uri": redirect_uri,
-        "scope": " ".join(cfg.provider.scopes), "state": state, "nonce": nonce,
-        "code_challenge": challenge, "code_challenge_method": "S256", "acr_values": acr,
+        "response_type": "code",
+        "client_id": cfg.provider.client_id,
+        "redirect_uri": redirect_uri,
+        "scope": " ".join(cfg.provider.scopes),
+        "state": state,
+        "nonce": nonce,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "acr_values": acr,
     }
     if locale:
         params["ui_locales"] = locale
@@ -202,24 +242,42 @@ async def login(st: "PersonsStage", ctx: "RequestContext") -> web.StreamResponse
             request_uri = await st.provider.push_authorization_request(params)
         except ProviderRefused as e:
             log.warning("persons: PAR refused: %s", e)
-            st.audit_event({"type": "login_failure", "reason": f"par_refused:{e.error}", "request_id": ctx.request_id})
-            return _done(ctx, pages.error_page(502, "Innlogging kunne ikke startes / Login could not start", ctx.request_id),
-                         "error", "par_refused")
-        location = f"{authz}{sep}{urlencode({'client_id': cfg.provider.client_id, 'request_uri': request_uri})}"
+            st.audit_event(
+                {"type": "login_failure", "reason": f"par_refused:{e.error}", "request_id": ctx.request_id}
+            )
+            return _done(
+                ctx,
+                pages.error_page(
+                    502, "Innlogging kunne ikke startes / Login could not start", ctx.request_id
+                ),
+                "error",
+                "par_refused",
+            )
+        location = (
+            f"{authz}{sep}{urlencode({'client_id': cfg.provider.client_id, 'request_uri': request_uri})}"
+        )
     elif cfg.provider.par == "required":
         raise ProviderUnavailable("PAR required but the OP offers no pushed_authorization_request_endpoint")
     else:
         location = f"{authz}{sep}{urlencode(params, quote_via=quote)}"
     if new_binding:
-        cookies.append(f"__Host-portvakt-login={binding}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={cfg.login_attempt_seconds}")
+        cookies.append(
+            f"__Host-portvakt-login={binding}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={cfg.login_attempt_seconds}"
+        )
     return _done(ctx, _redirect(location, cookies), "allow", "login_started")
 
 
 # ------------------------------------------------------------------------------------ callback
 
 
-def _fail(st: "PersonsStage", ctx: "RequestContext", reason: str, status: int = 400, retry: str | None = None,
-          extra: dict[str, Any] | None = None) -> web.StreamResponse:
+def _fail(
+    st: PersonsStage,
+    ctx: RequestContext,
+    reason: str,
+    status: int = 400,
+    retry: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> web.StreamResponse:
     rec = {"type": "login_failure", "reason": reason, "request_id": ctx.request_id}
     if extra:
         rec.update(extra)
@@ -228,7 +286,7 @@ def _fail(st: "PersonsStage", ctx: "RequestContext", reason: str, status: int = 
     return _done(ctx, pages.error_page(status, msg, ctx.request_id, retry), "deny", reason)
 
 
-async def callback(st: "PersonsStage", ctx: "RequestContext") -> web.StreamResponse:
+async def callback(st: PersonsStage, ctx: RequestContext) -> web.StreamResponse:
     cfg = st.cfg
     q = ctx.request.query
     pfx = cfg.store.key_prefix
@@ -242,8 +300,14 @@ async def callback(st: "PersonsStage", ctx: "RequestContext") -> web.StreamRespo
         # Another tab finished first, or a stale/forged state: a live session goes on to the app.
         s = await st.sessions.load(ctx.headers, touch=False)
         if s is not None:
-            st.audit_event({"type": "login_failure", "reason": "callback_state_unknown", "request_id": ctx.request_id,
-                            "session_kept": True})
+            st.audit_event(
+                {
+                    "type": "login_failure",
+                    "reason": "callback_state_unknown",
+                    "request_id": ctx.request_id,
+                    "session_kept": True,
+                }
+            )
             return _done(ctx, _redirect("/"), "deny", "callback_state_unknown")
         return _fail(st, ctx, "callback_state_unknown", retry=f"{st.prefix}/login")
     attempt = json.loads(raw)
@@ -253,7 +317,9 @@ async def callback(st: "PersonsStage", ctx: "RequestContext") -> web.StreamRespo
         pass
     retry = f"{st.prefix}/login?{urlencode({'redirect': attempt['t']}, quote_via=quote)}"
     binding_vals = cookie_values(ctx.headers.getall("Cookie", ()), "__Host-portvakt-login")
-    if not any(secrets.compare_digest(_bhash(b), attempt["b"]) for b in binding_vals if len(b) == _BINDING_LEN):
+    if not any(
+        secrets.compare_digest(_bhash(b), attempt["b"]) for b in binding_vals if len(b) == _BINDING_LEN
+    ):
         # The callback arrived in a browser that did not start this login (login CSRF, a
         # forwarded callback URL): never bind someone else's login to this browser.
         return _fail(st, ctx, "callback_browser_mismatch", retry=retry)
@@ -266,8 +332,9 @@ async def callback(st: "PersonsStage", ctx: "RequestContext") -> web.StreamRespo
     err = q.get("error")
     if err is not None:
         safe = err if err.isascii() and err.replace("_", "").isalnum() and len(err) < 64 else "invalid"
-        return _fail(st, ctx, f"provider_error:{safe}", status=400 if safe != "server_error" else 502,
-                     retry=retry)
+        return _fail(
+            st, ctx, f"provider_error:{safe}", status=400 if safe != "server_error" else 502, retry=retry
+        )
     code = q.get("code")
     if not code or len(code) > 2048:
         return _fail(st, ctx, "callback_code_missing", retry=retry)
@@ -280,7 +347,9 @@ async def callback(st: "PersonsStage", ctx: "RequestContext") -> web.StreamRespo
         return _fail(st, ctx, "token_response_incomplete", retry=retry)
     try:
         claims = await st.provider.validate_id_token(
-            id_token, nonce=attempt["n"], min_acr=attempt["acr"],
+            id_token,
+            nonce=attempt["n"],
+            min_acr=attempt["acr"],
             auth_after=attempt["at"] if attempt.get("p") == "login" else None,
         )
     except IdTokenInvalid as e:
@@ -291,17 +360,37 @@ async def callback(st: "PersonsStage", ctx: "RequestContext") -> web.StreamRespo
         await st.sessions.end(old)
     s = await st.sessions.create(claims, tokens)
     sh = session_hash(s.id)
-    rec = {"type": "login_success", "request_id": ctx.request_id, "session": sh, "acr": claims.get("acr"),
-           "amr": s.data["amr"], "auth_time": claims.get("auth_time"), "prompt": attempt.get("p")}
+    rec = {
+        "type": "login_success",
+        "request_id": ctx.request_id,
+        "session": sh,
+        "acr": claims.get("acr"),
+        "amr": s.data["amr"],
+        "auth_time": claims.get("auth_time"),
+        "prompt": attempt.get("p"),
+    }
     if claims.get("sid"):
         rec["op_session"] = sid_index_key(claims["iss"], claims["sid"])[:32]
     st.audit_event(rec, claims.get("pid"))
     prev = attempt.get("prev_acr")
     if old is not None and prev is not None and acr_rank(claims.get("acr")) > acr_rank(prev):
-        st.audit_event({"type": "step_up", "request_id": ctx.request_id, "session": sh, "from_acr": prev,
-                        "to_acr": claims.get("acr")}, claims.get("pid"))
+        st.audit_event(
+            {
+                "type": "step_up",
+                "request_id": ctx.request_id,
+                "session": sh,
+                "from_acr": prev,
+                "to_acr": claims.get("acr"),
+            },
+            claims.get("pid"),
+        )
     ctx.audit["persons"] = {"session": sh, "acr": claims.get("acr") or ""}
-    return _done(ctx, _redirect(attempt["t"], [st.sessions.set_cookie_header(st.sessions.cookie_for(s))]), "allow", "login_success")
+    return _done(
+        ctx,
+        _redirect(attempt["t"], [st.sessions.set_cookie_header(st.sessions.cookie_for(s))]),
+        "allow",
+        "login_success",
+    )
 
 
 # -------------------------------------------------------------------------------------- logout
@@ -312,7 +401,7 @@ def logout_csrf_token(session_id: str) -> str:
     return hashlib.sha256(b"portvakt-logout-csrf|" + session_id.encode()).hexdigest()
 
 
-def _same_origin(ctx: "RequestContext") -> bool | None:
+def _same_origin(ctx: RequestContext) -> bool | None:
     """True/False when the browser says where the request comes from, None when it says nothing."""
     sfs = ctx.headers.get("Sec-Fetch-Site")
     if sfs is not None:
@@ -323,8 +412,9 @@ def _same_origin(ctx: "RequestContext") -> bool | None:
     return None
 
 
-async def logout_confirm(st: "PersonsStage", ctx: "RequestContext", status: int = 200,
-                         reason: str | None = None) -> web.StreamResponse:
+async def logout_confirm(
+    st: PersonsStage, ctx: RequestContext, status: int = 200, reason: str | None = None
+) -> web.StreamResponse:
     """GET: a page with the logout button (a POST form); nothing is ended by a GET."""
     s = await st.sessions.load(ctx.headers, touch=False)
     token = logout_csrf_token(s.id) if s is not None else ""
@@ -333,12 +423,16 @@ async def logout_confirm(st: "PersonsStage", ctx: "RequestContext", status: int 
     except ProviderUnavailable:
         end = None
     u = urlsplit(end) if isinstance(end, str) else None
-    resp = pages.logout_confirm_page(f"{st.prefix}/logout", token, status,
-                                     f"{u.scheme}://{u.netloc}" if u is not None and u.netloc else None)
+    resp = pages.logout_confirm_page(
+        f"{st.prefix}/logout",
+        token,
+        status,
+        f"{u.scheme}://{u.netloc}" if u is not None and u.netloc else None,
+    )
     return _done(ctx, resp, "allow" if status < 400 else "deny", reason or "logout_confirm")
 
 
-async def _form_token(ctx: "RequestContext") -> str | None:
+async def _form_token(ctx: RequestContext) -> str | None:
     ctype = ctx.headers.get("Content-Type", "").split(";")[0].strip().lower()
     if ctype != "application/x-www-form-urlencoded":
         return None
@@ -354,7 +448,7 @@ async def _form_token(ctx: "RequestContext") -> str | None:
     return vals[0] if vals and len(vals) == 1 else None
 
 
-async def logout(st: "PersonsStage", ctx: "RequestContext") -> web.StreamResponse:
+async def logout(st: PersonsStage, ctx: RequestContext) -> web.StreamResponse:
     cfg = st.cfg
     pfx = cfg.store.key_prefix
     s = await st.sessions.load(ctx.headers, touch=False)
@@ -370,12 +464,21 @@ async def logout(st: "PersonsStage", ctx: "RequestContext") -> web.StreamRespons
         id_token = s.data.get("id_token")
         await st.sessions.end(s)  # local session first, before the browser leaves
         scopes = set((s.data.get("scope") or " ".join(cfg.provider.scopes)).split())
-        revoke = cfg.revoke_on_logout == "always" or (cfg.revoke_on_logout == "auto" and scopes - {"openid", "profile"})
+        revoke = cfg.revoke_on_logout == "always" or (
+            cfg.revoke_on_logout == "auto" and scopes - {"openid", "profile"}
+        )
         revoked = False
         if revoke and s.data.get("refresh_token"):
             revoked = await st.provider.revoke(s.data["refresh_token"])
-        st.audit_event({"type": "logout_rp", "request_id": ctx.request_id, "session": session_hash(s.id),
-                        "revoked": revoked}, s.data.get("pid"))
+        st.audit_event(
+            {
+                "type": "logout_rp",
+                "request_id": ctx.request_id,
+                "session": session_hash(s.id),
+                "revoked": revoked,
+            },
+            s.data.get("pid"),
+        )
     clear = st.sessions.set_cookie_header(None)
     try:
         md = await st.provider.ensure_metadata()
@@ -386,8 +489,12 @@ async def logout(st: "PersonsStage", ctx: "RequestContext") -> web.StreamRespons
         return _done(ctx, _redirect(cfg.after_logout_path, [clear]), "allow", "logout_local")
     state = secrets.token_urlsafe(24)
     await st.store.set(f"{pfx}o:{state_hash(state)}", b"1", cfg.login_attempt_seconds)
-    fields = {"client_id": cfg.provider.client_id, "state": state,
-              "post_logout_redirect_uri": cfg.post_logout_redirect_uri or f"{ctx.scheme}://{ctx.host}{st.prefix}/logout/callback"}
+    fields = {
+        "client_id": cfg.provider.client_id,
+        "state": state,
+        "post_logout_redirect_uri": cfg.post_logout_redirect_uri
+        or f"{ctx.scheme}://{ctx.host}{st.prefix}/logout/callback",
+    }
     if id_token:
         fields["id_token_hint"] = id_token
     if cfg.provider.end_session_method == "get":  # for OPs without POST support (puts the hint in URLs)
@@ -399,23 +506,29 @@ async def logout(st: "PersonsStage", ctx: "RequestContext") -> web.StreamRespons
     return _done(ctx, resp, "allow", "logout_rp")
 
 
-async def logout_callback(st: "PersonsStage", ctx: "RequestContext") -> web.StreamResponse:
+async def logout_callback(st: PersonsStage, ctx: RequestContext) -> web.StreamResponse:
     state = ctx.request.query.get("state")
     ok = False
     if state and len(state) < 512:
         ok = await st.store.take(f"{st.cfg.store.key_prefix}o:{state_hash(state)}") is not None
     # A wrong or missing state lands on the same page with nothing said: no oracle, no error leak.
-    return _done(ctx, _redirect(st.cfg.after_logout_path), "allow" if ok else "deny",
-                 "logout_completed" if ok else "logout_state_mismatch")
+    return _done(
+        ctx,
+        _redirect(st.cfg.after_logout_path),
+        "allow" if ok else "deny",
+        "logout_completed" if ok else "logout_state_mismatch",
+    )
 
 
-async def frontchannel(st: "PersonsStage", ctx: "RequestContext") -> web.StreamResponse:
+async def frontchannel(st: PersonsStage, ctx: RequestContext) -> web.StreamResponse:
     q = ctx.request.query
     iss, sid = q.get("iss"), q.get("sid")
     cookie_seen = bool(cookie_values(ctx.headers.getall("Cookie", ()), st.cfg.cookie_name))
     resp = web.Response(status=200, text="", content_type="text/html")
     resp.headers["Cache-Control"] = "no-store"
-    resp.headers["Content-Security-Policy"] = "default-src 'none'; frame-ancestors " + " ".join(st.provider.frame_ancestors())
+    resp.headers["Content-Security-Policy"] = "default-src 'none'; frame-ancestors " + " ".join(
+        st.provider.frame_ancestors()
+    )
     issuer = st.cfg.provider.issuer
     if not iss or not sid or len(sid) > 256 or iss.rstrip("/") != issuer.rstrip("/"):
         return _done(ctx, resp, "deny", "frontchannel_ignored")
@@ -427,42 +540,64 @@ async def frontchannel(st: "PersonsStage", ctx: "RequestContext") -> web.StreamR
         resp.set_status(202)
         return _done(ctx, resp, "error", "frontchannel_store_unavailable")
     if ended:
-        st.audit_event({"type": "logout_frontchannel", "request_id": ctx.request_id,
-                        "op_session": sid_index_key(issuer, sid)[:32], "sessions": [session_hash(i) for i in ended],
-                        "cookie_seen": cookie_seen})
+        st.audit_event(
+            {
+                "type": "logout_frontchannel",
+                "request_id": ctx.request_id,
+                "op_session": sid_index_key(issuer, sid)[:32],
+                "sessions": [session_hash(i) for i in ended],
+                "cookie_seen": cookie_seen,
+            }
+        )
     ctx.audit["persons"] = {"cookie_seen": cookie_seen, "ended": len(ended)}
     return _done(ctx, resp, "allow", "logout_frontchannel" if ended else "frontchannel_nothing")
 
 
-async def session_info(st: "PersonsStage", ctx: "RequestContext", refresh: bool = False) -> web.StreamResponse:
+async def session_info(st: PersonsStage, ctx: RequestContext, refresh: bool = False) -> web.StreamResponse:
     s = await st.sessions.load(ctx.headers, touch=refresh)
     if s is None:
-        return _problem(ctx, Problem("login_required", headers={"WWW-Authenticate": 'Bearer realm="portvakt"'}))
+        return _problem(
+            ctx, Problem("login_required", headers={"WWW-Authenticate": 'Bearer realm="portvakt"'})
+        )
     if refresh:
         try:
             s = await st.sessions.ensure_fresh(s, force=True)
         except RefreshFailed:
-            return _problem(ctx, Problem("login_required", internal_reason="session_refresh_refused",
-                                         headers={"WWW-Authenticate": 'Bearer realm="portvakt"'}))
+            return _problem(
+                ctx,
+                Problem(
+                    "login_required",
+                    internal_reason="session_refresh_refused",
+                    headers={"WWW-Authenticate": 'Bearer realm="portvakt"'},
+                ),
+            )
     d = s.data
     now = time.time()
     timeout_at = d["last_seen"] + st.cfg.idle_timeout_seconds
     doc = {
         "session": {
-            "created_at": _iso(d["created"]), "ends_at": _iso(d["ends_at"]), "timeout_at": _iso(timeout_at),
+            "created_at": _iso(d["created"]),
+            "ends_at": _iso(d["ends_at"]),
+            "timeout_at": _iso(timeout_at),
             "ends_in_seconds": max(0, int(d["ends_at"] - now)),
             "timeout_in_seconds": max(0, int(min(timeout_at, d["ends_at"]) - now)),
             "active": True,
         },
-        "tokens": {"expire_at": _iso(d["at_exp"]), "expire_in_seconds": max(0, int(d["at_exp"] - now)),
-                   "refreshed_at": _iso(d["refreshed_at"]) if d.get("refreshed_at") else None},
-        "acr": d.get("acr"), "amr": d.get("amr"), "auth_time": d.get("auth_time"), "locale": d.get("locale"),
+        "tokens": {
+            "expire_at": _iso(d["at_exp"]),
+            "expire_in_seconds": max(0, int(d["at_exp"] - now)),
+            "refreshed_at": _iso(d["refreshed_at"]) if d.get("refreshed_at") else None,
+        },
+        "acr": d.get("acr"),
+        "amr": d.get("amr"),
+        "auth_time": d.get("auth_time"),
+        "locale": d.get("locale"),
     }
     resp = web.json_response(doc, headers={"Cache-Control": "no-store"})
     return _done(ctx, resp, "allow", None)
 
 
-async def forward_auth(st: "PersonsStage", ctx: "RequestContext") -> web.StreamResponse:
+async def forward_auth(st: PersonsStage, ctx: RequestContext) -> web.StreamResponse:
     """For a proxy in front of another app (nginx ``auth_request``, Traefik forwardAuth): 204 with
     the person's level, amr and hashed session (never the pid, never a token); 401 without a live
     session; 403 when ``level`` is above the session's (step-up needed)."""
@@ -470,7 +605,9 @@ async def forward_auth(st: "PersonsStage", ctx: "RequestContext") -> web.StreamR
 
     s = await st.sessions.load(ctx.headers)
     if s is None:
-        return _problem(ctx, Problem("login_required", headers={"WWW-Authenticate": 'Bearer realm="portvakt"'}))
+        return _problem(
+            ctx, Problem("login_required", headers={"WWW-Authenticate": 'Bearer realm="portvakt"'})
+        )
     level = ctx.request.query.get("level")
     if level is not None:
         level = canonical_acr(level) if level in ACR_RANKS else None
@@ -482,10 +619,20 @@ async def forward_auth(st: "PersonsStage", ctx: "RequestContext") -> web.StreamR
     try:
         s = await st.sessions.ensure_fresh(s)
     except RefreshFailed:
-        return _problem(ctx, Problem("login_required", internal_reason="session_refresh_refused",
-                                     headers={"WWW-Authenticate": 'Bearer realm="portvakt"'}))
+        return _problem(
+            ctx,
+            Problem(
+                "login_required",
+                internal_reason="session_refresh_refused",
+                headers={"WWW-Authenticate": 'Bearer realm="portvakt"'},
+            ),
+        )
     d = s.data
-    h = {"Cache-Control": "no-store", "X-Portvakt-Acr": d.get("acr") or "", "X-Portvakt-Session": session_hash(s.id)}
+    h = {
+        "Cache-Control": "no-store",
+        "X-Portvakt-Acr": d.get("acr") or "",
+        "X-Portvakt-Session": session_hash(s.id),
+    }
     if d.get("amr"):
         h["X-Portvakt-Amr"] = " ".join(d["amr"])
     if d.get("auth_time") is not None:

@@ -103,9 +103,13 @@ class Provider:
                 raise ValueError("persons.provider.client_key_file: must be an RSA key of 2048 bits or more")
             from joserfc.jwk import RSAKey
 
-            self._key = RSAKey.import_key(key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ))
+            self._key = RSAKey.import_key(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
         self._ssl: ssl.SSLContext | bool = True
         if cfg.ca_file:
             self._ssl = ssl.create_default_context(cafile=resolve(cfg.ca_file))
@@ -188,9 +192,17 @@ class Provider:
                     self._last_error = f"no {k}"
                     raise ProviderUnavailable(f"metadata has no {k}")
             if self.jwks is None or self.jwks.uri != doc["jwks_uri"]:
-                old, self.jwks = self.jwks, JwksStore(
-                    "persons", uri=doc["jwks_uri"], file=None, algorithms=self.cfg.algorithms,
-                    cache_seconds=3600, refetch_min_seconds=5, timeout_seconds=self.cfg.timeout_seconds,
+                old, self.jwks = (
+                    self.jwks,
+                    JwksStore(
+                        "persons",
+                        uri=doc["jwks_uri"],
+                        file=None,
+                        algorithms=self.cfg.algorithms,
+                        cache_seconds=3600,
+                        refetch_min_seconds=5,
+                        timeout_seconds=self.cfg.timeout_seconds,
+                    ),
                 )
                 if old is not None:
                     await old.close()
@@ -244,7 +256,7 @@ class Provider:
                 if resp.status != 200:
                     self._last_error = f"HTTP {resp.status}"
                     raise ProviderUnavailable(f"GET {url}: HTTP {resp.status}")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             self._last_error = type(e).__name__
             raise ProviderUnavailable(f"GET {url}: {type(e).__name__}") from None
         try:
@@ -264,7 +276,12 @@ class Provider:
                 header["kid"] = cfg.client_key_id
             form["client_assertion_type"] = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
             form["client_assertion"] = private_key_jwt_sign(
-                self._key, cfg.client_id, audience, alg="RS256", header=header, expires_in=60,
+                self._key,
+                cfg.client_id,
+                audience,
+                alg="RS256",
+                header=header,
+                expires_in=60,
             )
             return {}
         if cfg.client_auth == "client_secret_post":
@@ -283,7 +300,7 @@ class Provider:
             async with self._http().post(url, data=form, headers=headers, allow_redirects=False) as resp:
                 body = await self._read(resp)
                 status = resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise ProviderUnavailable(f"POST {urlsplit(url).path}: {type(e).__name__}") from None
         try:
             doc = json.loads(body) if body else {}
@@ -308,13 +325,21 @@ class Provider:
 
     async def exchange_code(self, code: str, verifier: str, redirect_uri: str) -> dict[str, Any]:
         md = await self.ensure_metadata()
-        return await self._post_form(md["token_endpoint"], {
-            "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, "code_verifier": verifier,
-        })
+        return await self._post_form(
+            md["token_endpoint"],
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": redirect_uri,
+                "code_verifier": verifier,
+            },
+        )
 
     async def refresh(self, refresh_token: str) -> dict[str, Any]:
         md = await self.ensure_metadata()
-        return await self._post_form(md["token_endpoint"], {"grant_type": "refresh_token", "refresh_token": refresh_token})
+        return await self._post_form(
+            md["token_endpoint"], {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        )
 
     async def revoke(self, token: str, hint: str = "refresh_token") -> bool:
         md = self.metadata or {}
@@ -330,7 +355,12 @@ class Provider:
 
     # -- id_token ---------------------------------------------------------------------------------
     async def validate_id_token(
-        self, token: str, *, nonce: str | None, min_acr: str | None, auth_after: float | None = None,
+        self,
+        token: str,
+        *,
+        nonce: str | None,
+        min_acr: str | None,
+        auth_after: float | None = None,
         previous: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Claims of a valid id_token; raises IdTokenInvalid(reason). ``previous``: the claims of
@@ -398,7 +428,11 @@ class Provider:
             raise IdTokenInvalid("id_token_claims_invalid")
         if previous is None:
             got = claims.get("nonce")
-            if not isinstance(got, str) or nonce is None or not hmac.compare_digest(got.encode(), nonce.encode()):
+            if (
+                not isinstance(got, str)
+                or nonce is None
+                or not hmac.compare_digest(got.encode(), nonce.encode())
+            ):
                 raise IdTokenInvalid("id_token_wrong_nonce")
         else:
             if claims["sub"] != previous.get("sub") or claims["iss"] != previous.get("iss"):
@@ -409,7 +443,11 @@ class Provider:
         if auth_after is not None:
             if auth_time is None or auth_time + leeway < auth_after:
                 raise IdTokenInvalid("id_token_not_reauthenticated")
-        if self.sid_required and previous is None and not (isinstance(claims.get("sid"), str) and claims["sid"]):
+        if (
+            self.sid_required
+            and previous is None
+            and not (isinstance(claims.get("sid"), str) and claims["sid"])
+        ):
             raise IdTokenInvalid("id_token_missing_sid")
         if min_acr is not None and acr_rank(claims.get("acr"), cfg.eidas_high_as_high) < acr_rank(min_acr):
             raise IdTokenInvalid("acr_too_low")

@@ -11,21 +11,30 @@ import secrets
 from aiohttp import web
 
 
-def _page(title: str, body: str, status: int, nonce: str | None = None, form_action: str | None = None) -> web.Response:
+def _page(
+    title: str, body: str, status: int, nonce: str | None = None, form_action: str | None = None
+) -> web.Response:
     csp = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'"
     csp += f"; script-src 'nonce-{nonce}'" if nonce else ""
     csp += f"; form-action {form_action}" if form_action else "; form-action 'none'"
     doc = (
-        "<!doctype html><html lang=\"nb\"><head><meta charset=\"utf-8\">"
+        '<!doctype html><html lang="nb"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title>"
-        "<meta name=\"viewport\" content=\"width=device-width\"></head>"
-        "<body style=\"font-family:sans-serif;max-width:40em;margin:3em auto\">"
+        '<meta name="viewport" content="width=device-width"></head>'
+        '<body style="font-family:sans-serif;max-width:40em;margin:3em auto">'
         f"{body}</body></html>"
     )
     return web.Response(
-        status=status, text=doc, content_type="text/html", charset="utf-8",
-        headers={"Cache-Control": "no-store", "Content-Security-Policy": csp, "Referrer-Policy": "no-referrer",
-                 "X-Content-Type-Options": "nosniff"},
+        status=status,
+        text=doc,
+        content_type="text/html",
+        charset="utf-8",
+        headers={
+            "Cache-Control": "no-store",
+            "Content-Security-Policy": csp,
+            "Referrer-Policy": "no-referrer",
+            "X-Content-Type-Options": "nosniff",
+        },
     )
 
 
@@ -51,7 +60,9 @@ def post_form_page(action: str, fields: dict[str, str], origin: str) -> web.Resp
     return _page("Logger ut", body, 200, nonce=nonce, form_action=origin)
 
 
-def logout_confirm_page(action: str, csrf: str, status: int = 200, op_origin: str | None = None) -> web.Response:
+def logout_confirm_page(
+    action: str, csrf: str, status: int = 200, op_origin: str | None = None
+) -> web.Response:
     """The answer to ``GET <prefix>/logout``: a button that POSTs the logout (with the session's
     CSRF token); a GET never ends anything (a cross-site ``<img src>`` cannot log a person out)."""
     body = (

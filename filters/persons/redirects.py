@@ -25,7 +25,7 @@ def _safe_path(p: str) -> bool:
         d = nd
     else:
         return False  # still encoded after 3 rounds: nobody's real path
-    if d.startswith("//") or d.startswith("/\\") or any(c in _BAD_CHARS or ord(c) < 0x20 for c in d):
+    if d.startswith(("//", "/\\")) or any(c in _BAD_CHARS or ord(c) < 0x20 for c in d):
         return False
     # Dot segments and empty segments in the path (``/a/../..//evil`` resolves to ``//evil``):
     # a canonical path has neither, so a target with them is not one the gateway sent.

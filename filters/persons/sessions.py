@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from filters.persons.cookies import CookieCodec, cookie_values, open_blob, seal_blob
 from filters.persons.config import PersonsConfig
+from filters.persons.cookies import CookieCodec, cookie_values, open_blob, seal_blob
 from filters.persons.oidc import IdTokenInvalid, Provider, ProviderRefused, ProviderUnavailable
 from filters.persons.store import MemoryStore, RedisStore, StoreUnavailable
 
@@ -63,7 +63,9 @@ class RefreshFailed(Exception):
 
 
 class SessionManager:
-    def __init__(self, cfg: PersonsConfig, store: MemoryStore | RedisStore, provider: Provider, audit_event: Any):
+    def __init__(
+        self, cfg: PersonsConfig, store: MemoryStore | RedisStore, provider: Provider, audit_event: Any
+    ):
         self.cfg = cfg
         self.store = store
         self.provider = provider
@@ -130,16 +132,26 @@ class SessionManager:
         now = time.time()
         sid = secrets.token_urlsafe(32)
         data = {
-            "iss": claims["iss"], "sub": claims["sub"], "sid": claims.get("sid"), "pid": claims.get("pid"),
-            "acr": claims.get("acr"), "amr": _amr(claims.get("amr")), "auth_time": claims.get("auth_time"),
-            "locale": claims.get("locale"), "created": now, "ends_at": now + self.cfg.absolute_timeout_seconds,
-            "last_seen": now, "refreshed_at": None,
+            "iss": claims["iss"],
+            "sub": claims["sub"],
+            "sid": claims.get("sid"),
+            "pid": claims.get("pid"),
+            "acr": claims.get("acr"),
+            "amr": _amr(claims.get("amr")),
+            "auth_time": claims.get("auth_time"),
+            "locale": claims.get("locale"),
+            "created": now,
+            "ends_at": now + self.cfg.absolute_timeout_seconds,
+            "last_seen": now,
+            "refreshed_at": None,
         }
         _apply_tokens(data, tokens, now)
         s = Session(sid, os.urandom(32), data)
         await self._write(s, now)
         if data["sid"]:
-            await self.store.add_member(self.k_index(data["iss"], data["sid"]), sid, self.cfg.absolute_timeout_seconds + 60)
+            await self.store.add_member(
+                self.k_index(data["iss"], data["sid"]), sid, self.cfg.absolute_timeout_seconds + 60
+            )
         return s
 
     async def delete(self, s: Session) -> None:
@@ -191,7 +203,9 @@ class SessionManager:
             cur = await self._read(s.id, s.dek)
             if cur is None:
                 raise RefreshFailed("session_ended_during_refresh")
-            if cur.data.get("refreshed_at") != s.data.get("refreshed_at") and not self.needs_refresh(cur, time.time()):
+            if cur.data.get("refreshed_at") != s.data.get("refreshed_at") and not self.needs_refresh(
+                cur, time.time()
+            ):
                 return cur  # another request (any worker) refreshed it
             if time.monotonic() > deadline:
                 raise ProviderUnavailable("refresh lock not obtained")
@@ -200,32 +214,52 @@ class SessionManager:
             if cur is None:
                 raise RefreshFailed("session_ended_during_refresh")
             now = time.time()
-            if not self.needs_refresh(cur, now) and (not force or cur.data.get("refreshed_at") != s.data.get("refreshed_at")):
+            if not self.needs_refresh(cur, now) and (
+                not force or cur.data.get("refreshed_at") != s.data.get("refreshed_at")
+            ):
                 return cur
             try:
                 self.refresh_grants += 1
                 tokens = await self.provider.refresh(cur.data["refresh_token"])
             except ProviderRefused as e:
                 await self.end(cur)
-                self.audit_event({"type": "refresh_failed", "reason": f"provider_refused:{e.error}",
-                                  "session": session_hash(cur.id)}, cur.data.get("pid"))
+                self.audit_event(
+                    {
+                        "type": "refresh_failed",
+                        "reason": f"provider_refused:{e.error}",
+                        "session": session_hash(cur.id),
+                    },
+                    cur.data.get("pid"),
+                )
                 raise RefreshFailed("refresh_refused") from None
             except ProviderUnavailable as e:
-                self.audit_event({"type": "refresh_failed", "reason": "provider_unavailable", "detail": str(e)[:100],
-                                  "session": session_hash(cur.id), "session_kept": True}, cur.data.get("pid"))
+                self.audit_event(
+                    {
+                        "type": "refresh_failed",
+                        "reason": "provider_unavailable",
+                        "detail": str(e)[:100],
+                        "session": session_hash(cur.id),
+                        "session_kept": True,
+                    },
+                    cur.data.get("pid"),
+                )
                 if cur.data["at_exp"] > time.time():
                     return cur  # the current access token still works: serve it, retry next time
                 raise
             if isinstance(tokens.get("id_token"), str):
                 try:
                     claims = await self.provider.validate_id_token(
-                        tokens["id_token"], nonce=None, min_acr=None,
+                        tokens["id_token"],
+                        nonce=None,
+                        min_acr=None,
                         previous={"iss": cur.data["iss"], "sub": cur.data["sub"]},
                     )
                 except IdTokenInvalid as e:
                     await self.end(cur)
-                    self.audit_event({"type": "refresh_failed", "reason": e.reason, "session": session_hash(cur.id)},
-                                     cur.data.get("pid"))
+                    self.audit_event(
+                        {"type": "refresh_failed", "reason": e.reason, "session": session_hash(cur.id)},
+                        cur.data.get("pid"),
+                    )
                     raise RefreshFailed(e.reason) from None
                 # Never downgrade the level the person logged in with; never take a new person.
                 if claims.get("sid"):
@@ -269,7 +303,9 @@ def _apply_tokens(data: dict[str, Any], tokens: dict[str, Any], now: float) -> N
     if isinstance(at, str):
         data["access_token"] = at
     exp = tokens.get("expires_in")
-    data["at_exp"] = now + (float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) and exp > 0 else 120)
+    data["at_exp"] = now + (
+        float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) and exp > 0 else 120
+    )
     rt = tokens.get("refresh_token")
     if isinstance(rt, str):  # a rotated refresh token replaces the old one
         data["refresh_token"] = rt

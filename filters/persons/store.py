@@ -126,8 +126,11 @@ class RedisStore(BoundedRedisCalls):
 
         self.timeout = cfg.timeout_seconds
         self.client = aioredis.Redis.from_url(
-            cfg.url, socket_timeout=cfg.timeout_seconds, socket_connect_timeout=cfg.timeout_seconds,
-            retry_on_timeout=False, health_check_interval=0,
+            cfg.url,
+            socket_timeout=cfg.timeout_seconds,
+            socket_connect_timeout=cfg.timeout_seconds,
+            retry_on_timeout=False,
+            health_check_interval=0,
         )
         self.refs = 1
 
@@ -143,7 +146,11 @@ class RedisStore(BoundedRedisCalls):
     def readiness(self) -> str:
         # Not "down": every instance shares the store, and public routes must stay served while
         # session routes answer 503. Readiness says what is degraded.
-        return "ok" if self._error is None else f"fallback: unreachable ({self._error}); session routes answer 503"
+        return (
+            "ok"
+            if self._error is None
+            else f"fallback: unreachable ({self._error}); session routes answer 503"
+        )
 
     async def get(self, key: str) -> bytes | None:
         return await self._run(self.client.get(key))

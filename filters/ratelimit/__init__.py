@@ -75,7 +75,20 @@ from filters.ratelimit.redis_store import (
     RedisBackend,
 )
 from gateway import problems
-from gateway.chain import ALLOW, POS_RATE_LIMIT, POS_RATE_LIMIT_PRE, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage, release, share
+from gateway.chain import (
+    ALLOW,
+    POS_RATE_LIMIT,
+    POS_RATE_LIMIT_PRE,
+    SKIP,
+    BuildEnv,
+    Decision,
+    Deny,
+    Filter,
+    Mode,
+    Stage,
+    release,
+    share,
+)
 from gateway.configbase import Model
 from gateway.problems import Problem
 
@@ -106,11 +119,13 @@ class RateLimitConfig(Model):
     backend: str = Field(
         "memory",
         description='"memory" (in-process), redis://[user:pass@]host:port/db, rediss:// (TLS), '
-        'redis+sentinel://[user:pass@]h:p[,h:p]/service[/db], redis+cluster://[user:pass@]h:p[,h:p] '
+        "redis+sentinel://[user:pass@]h:p[,h:p]/service[/db], redis+cluster://[user:pass@]h:p[,h:p] "
         '(Redis Cluster; rediss+cluster:// with TLS), or "sentinel" (use the sentinel block)',
     )
     key_prefix: str = Field("portvakt", description="Prefix of every Redis key")
-    timeout_ms: int = Field(50, gt=0, le=10_000, description="Per Redis operation; a request never waits longer")
+    timeout_ms: int = Field(
+        50, gt=0, le=10_000, description="Per Redis operation; a request never waits longer"
+    )
     connect_timeout_ms: int = Field(1000, gt=0, description="Connect/probe timeout, off the request path")
     on_backend_error: Literal["local", "allow", "deny"] = Field(
         "local", description="When Redis fails: local in-process GCRA | allow | deny (503)"
@@ -150,7 +165,7 @@ class RateLimitConfig(Model):
         return v
 
     @model_validator(mode="after")
-    def _backend(self) -> "RateLimitConfig":
+    def _backend(self) -> RateLimitConfig:
         b = self.backend
         if b == "sentinel":
             if self.sentinel is None:
@@ -166,8 +181,10 @@ class RateLimitConfig(Model):
 
             parse_cluster_url(b)
         elif b != "memory" and not b.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError('backend must be "memory", redis://, rediss://, unix://, redis+sentinel://, '
-                             'redis+cluster:// or "sentinel"')
+            raise ValueError(
+                'backend must be "memory", redis://, rediss://, unix://, redis+sentinel://, '
+                'redis+cluster:// or "sentinel"'
+            )
         if self.autopipeline and self.max_inflight_batches > self.max_connections:
             raise ValueError("max_inflight_batches cannot exceed max_connections")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -179,10 +196,23 @@ class RateLimitConfig(Model):
     def backend_signature(self) -> tuple[object, ...]:
         """What decides whether a reload can keep the Redis client (see Stage.adopt)."""
         return (
-            self.backend, self.timeout_ms, self.connect_timeout_ms, self.username, self.password,
-            self.tls_ca_file, self.tls_cert_file, self.tls_key_file, self.tls_check_hostname,
-            self.sentinel, self.max_connections, self.autopipeline, self.max_inflight_batches,
-            self.breaker_failures, self.breaker_backoff_ms, self.breaker_max_backoff_ms, self.max_local_keys,
+            self.backend,
+            self.timeout_ms,
+            self.connect_timeout_ms,
+            self.username,
+            self.password,
+            self.tls_ca_file,
+            self.tls_cert_file,
+            self.tls_key_file,
+            self.tls_check_hostname,
+            self.sentinel,
+            self.max_connections,
+            self.autopipeline,
+            self.max_inflight_batches,
+            self.breaker_failures,
+            self.breaker_backoff_ms,
+            self.breaker_max_backoff_ms,
+            self.max_local_keys,
         )
 
 
@@ -206,9 +236,11 @@ class RateLimitRule(Model):
         return v
 
     @model_validator(mode="after")
-    def _stage(self) -> "RateLimitRule":
+    def _stage(self) -> RateLimitRule:
         if self.stage == "pre_auth" and self.per not in PRE_AUTH_SUBJECTS:
-            raise ValueError(f"a pre_auth rule can only count per {' or '.join(PRE_AUTH_SUBJECTS)} (no identity yet)")
+            raise ValueError(
+                f"a pre_auth rule can only count per {' or '.join(PRE_AUTH_SUBJECTS)} (no identity yet)"
+            )
         return self
 
 
@@ -239,7 +271,14 @@ class _Rule:
 
     __slots__ = ("name", "per", "policy", "head", "tail", "subject", "policy_item", "state_prefix", "quota")
 
-    def __init__(self, rule: RateLimitRule, name: str, route: str, prefix: str, subject: Callable[["RequestContext"], str | None]) -> None:
+    def __init__(
+        self,
+        rule: RateLimitRule,
+        name: str,
+        route: str,
+        prefix: str,
+        subject: Callable[[RequestContext], str | None],
+    ) -> None:
         self.name = name
         self.per = rule.per
         self.policy = Policy.of(rule.limit, rule.period_seconds, rule.burst)
@@ -250,7 +289,11 @@ class _Rule:
         self.tail = f"}}:{route}:{name}:{self.policy.interval_us}-{self.policy.tolerance_us}"
         self.subject = subject
         w = max(1, math.ceil(rule.period_seconds))
-        q = rule.limit if w == rule.period_seconds else max(1, math.floor(rule.limit * w / rule.period_seconds))
+        q = (
+            rule.limit
+            if w == rule.period_seconds
+            else max(1, math.floor(rule.limit * w / rule.period_seconds))
+        )
         self.quota = q
         self.policy_item = f'"{name}";q={q};w={w}'
         self.state_prefix = f'"{name}";r='
@@ -269,14 +312,14 @@ def retry_after_seconds(seconds: float) -> int:
 class _RateLimitFilter(Filter):
     """Checks the rules of one stage of one route. Subclasses fix name and position."""
 
-    def __init__(self, stage: "RateLimitStage", rules: Sequence[_Rule], mode: Mode) -> None:
+    def __init__(self, stage: RateLimitStage, rules: Sequence[_Rule], mode: Mode) -> None:
         self.stage = stage
         self.rules = tuple(rules)
         self.mode = mode
         # Our own bound is timeout_ms; this is the chain's backstop.
         self.timeout = max(1.0, stage.cfg.timeout_ms / 1000 * 4)
 
-    async def check(self, ctx: "RequestContext") -> Decision:
+    async def check(self, ctx: RequestContext) -> Decision:
         items: list[tuple[str, Policy]] = []
         rules: list[_Rule] = []
         for r in self.rules:
@@ -342,7 +385,9 @@ class RateLimit(_RateLimitFilter):
 class RateLimitStage(Stage):
     name = "rate_limit"
 
-    def __init__(self, cfg: RateLimitConfig, backend: RedisBackend | MemoryBackend, pseudonym_key: bytes) -> None:
+    def __init__(
+        self, cfg: RateLimitConfig, backend: RedisBackend | MemoryBackend, pseudonym_key: bytes
+    ) -> None:
         self.cfg = cfg
         self.backend = backend
         # The backend is shared across reloads by reference count (``refs`` on the backend):
@@ -362,13 +407,13 @@ class RateLimitStage(Stage):
         d = hmac.digest(self._key, kind + b"\0" + value.encode(), "sha256")[:15]
         return base64.urlsafe_b64encode(d).decode()
 
-    def _subject_fn(self, per: str, route: str) -> Callable[["RequestContext"], str | None]:
+    def _subject_fn(self, per: str, route: str) -> Callable[[RequestContext], str | None]:
         if per == "client_ip":
             v6 = self._v6
 
             cache = self._ip_pseudonyms
 
-            def client_ip(ctx: "RequestContext") -> str | None:
+            def client_ip(ctx: RequestContext) -> str | None:
                 ip = ctx.client_ip
                 hit = cache.get(ip)
                 if hit is not None:
@@ -391,7 +436,7 @@ class RateLimitStage(Stage):
             return lambda ctx: ctx.organization
         if per == "person":
 
-            def person(ctx: "RequestContext") -> str | None:
+            def person(ctx: RequestContext) -> str | None:
                 tok = ctx.token
                 if tok is None or not tok.pid:
                     return None
@@ -404,7 +449,7 @@ class RateLimitStage(Stage):
 
     # -- stage contract --------------------------------------------------------------------
 
-    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+    def filters_for_route(self, route: RouteConfig) -> list[Filter]:
         rules = compile_rules(route.name, route.rate_limits, self.cfg.key_prefix, self._subject_fn)
         out: list[Filter] = []
         pre = [r for r, rc in zip(rules, route.rate_limits) if rc.stage == "pre_auth"]
@@ -463,7 +508,10 @@ class RateLimitStage(Stage):
         settings are unchanged; the old stage then no longer closes it."""
         if not isinstance(previous, RateLimitStage) or previous._closed:
             return
-        if previous.backend.kind == self.backend.kind and previous.backend.signature == self.backend.signature:
+        if (
+            previous.backend.kind == self.backend.kind
+            and previous.backend.signature == self.backend.signature
+        ):
             self.backend = previous.backend
             self._adopted = True  # already started: start() takes a reference, nothing more
 
@@ -480,7 +528,7 @@ def compile_rules(
     route: str,
     rules: Sequence[RateLimitRule],
     prefix: str,
-    subject_fn: Callable[[str, str], Callable[["RequestContext"], str | None]],
+    subject_fn: Callable[[str, str], Callable[[RequestContext], str | None]],
 ) -> list[_Rule]:
     """Compile a route's rules; policy names are the rule's ``name``, else ``per`` (suffixed with
     its index when two rules share it). Raises ValueError on a duplicate explicit name."""

@@ -41,7 +41,7 @@ class Policy:
     resp_args: bytes  # ARGV of the script (T, tau, "") in RESP, packed once for the Redis hot path
 
     @classmethod
-    def of(cls, limit: int, period: float, burst: int | None = None) -> "Policy":
+    def of(cls, limit: int, period: float, burst: int | None = None) -> Policy:
         if limit <= 0 or period <= 0:
             raise ValueError("limit and period must be positive")
         b = limit if burst is None else burst
@@ -64,11 +64,13 @@ class Verdict(NamedTuple):
     reset: float
 
     @classmethod
-    def from_us(cls, allowed: int, remaining: int, retry_us: float, reset_us: float) -> "Verdict":
+    def from_us(cls, allowed: int, remaining: int, retry_us: float, reset_us: float) -> Verdict:
         return cls(allowed == 1, int(remaining), retry_us / US, max(0.0, reset_us / US))
 
 
-def gcra_step(tat: int | None, now: int, interval: int, tolerance: int) -> tuple[tuple[int, int, int, int], int | None]:
+def gcra_step(
+    tat: int | None, now: int, interval: int, tolerance: int
+) -> tuple[tuple[int, int, int, int], int | None]:
     """One GCRA decision. Returns ``((allowed, remaining, retry_us, reset_us), new_tat)``; ``new_tat``
     is None when the request is refused (state unchanged). Mirrors ``GCRA_LUA`` line by line."""
     if tat is None or tat < now:
@@ -160,4 +162,3 @@ class MemoryGcra:
         if excess > 0 and len(tat) >= self.max_keys:
             for k in list(tat)[:excess]:
                 del tat[k]
-

@@ -26,8 +26,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -141,7 +141,9 @@ def parse_cluster_url(url: str) -> dict[str, Any]:
     userinfo, _, hosts_part = rest.rpartition("@")
     hosts_part = hosts_part.rstrip("/")
     if not hosts_part or "/" in hosts_part:
-        raise ValueError("redis+cluster:// needs host:port[,host:port...] (no database: a cluster has only db 0)")
+        raise ValueError(
+            "redis+cluster:// needs host:port[,host:port...] (no database: a cluster has only db 0)"
+        )
     username = password = None
     if userinfo:
         u, sep, p = userinfo.partition(":")
@@ -160,7 +162,7 @@ class RedisBackend:
 
     kind = "redis"
 
-    def __init__(self, cfg: "RateLimitConfig", resolve_path: Callable[[str], str]) -> None:
+    def __init__(self, cfg: RateLimitConfig, resolve_path: Callable[[str], str]) -> None:
         self.timeout = cfg.timeout_ms / 1000
         self.connect_timeout = max(cfg.connect_timeout_ms / 1000, self.timeout)
         self.autopipeline = cfg.autopipeline
@@ -193,7 +195,7 @@ class RedisBackend:
 
     # -- connection --------------------------------------------------------------------------
 
-    def _client_factory(self, cfg: "RateLimitConfig", resolve_path: Callable[[str], str]):
+    def _client_factory(self, cfg: RateLimitConfig, resolve_path: Callable[[str], str]):
         from redis.asyncio import Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -276,7 +278,9 @@ class RedisBackend:
             cluster_kw: dict[str, Any] = {
                 k: v for k, v in common.items() if k not in ("health_check_interval",)
             }
-            cluster_kw.update({k: v for k, v in (("username", c["username"]), ("password", c["password"])) if v is not None})
+            cluster_kw.update(
+                {k: v for k, v in (("username", c["username"]), ("password", c["password"])) if v is not None}
+            )
             cluster_kw.update(creds)
             if c["tls"] or tls:
                 cluster_kw.update(tls, ssl=True)
@@ -318,7 +322,11 @@ class RedisBackend:
                 await self._warm_pool()
         except Exception as e:  # noqa: BLE001 - any failure here means "not reachable now"
             self.last_error = _describe(e)
-            log.warning("rate limit: redis %s unreachable at start (%s): breaker open", self.description, self.last_error)
+            log.warning(
+                "rate limit: redis %s unreachable at start (%s): breaker open",
+                self.description,
+                self.last_error,
+            )
             self._open()
         else:
             self._set_state(CLOSED)

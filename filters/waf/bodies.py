@@ -121,7 +121,7 @@ def raw_text(body: bytes, charset: str | None) -> bytes | None:
         return body
     try:
         enc = json.detect_encoding(body)
-        if enc.startswith("utf-16") or enc.startswith("utf-32"):
+        if enc.startswith(("utf-16", "utf-32")):
             out = body.decode(enc).encode("utf-8", "surrogatepass")
             return out if b"\x00" not in out else None
     except (UnicodeError, ValueError):
@@ -192,7 +192,7 @@ def json_value_count(body: bytes) -> int:
     first of a container follows a comma. A pre-check, so that a body of 40,000 empty arrays is
     refused before ``json.loads`` builds them."""
     bare = _JSON_SPACE.sub(b"", _JSON_STRING.sub(b'""', body))
-    return (bare.count(b",") + bare.count(b"[") + bare.count(b"{") - bare.count(b"[]") - bare.count(b"{}") + 1)
+    return bare.count(b",") + bare.count(b"[") + bare.count(b"{") - bare.count(b"[]") - bare.count(b"{}") + 1
 
 
 class _Pairs(list):
@@ -201,8 +201,9 @@ class _Pairs(list):
     the first occurrence would otherwise get an uninspected value)."""
 
 
-def json_body(body: bytes, max_depth: int = 0, max_values: int = 0, max_args: int | None = None,
-              lines: bool = False) -> BodyResult:
+def json_body(
+    body: bytes, max_depth: int = 0, max_values: int = 0, max_args: int | None = None, lines: bool = False
+) -> BodyResult:
     """``max_depth``: deepest nesting; ``max_values``: most JSON values (containers and
     scalars), 0: no limit; ``max_args``: most scalars (each becomes an argument), None: no limit.
     ``lines``: newline-delimited JSON (``application/x-ndjson``): each non-empty line is one
@@ -217,7 +218,9 @@ def json_body(body: bytes, max_depth: int = 0, max_values: int = 0, max_args: in
     try:
         text = body.decode("utf-8")
         if lines:
-            doc: object = [json.loads(line, object_pairs_hook=_Pairs) for line in text.split("\n") if line.strip()]
+            doc: object = [
+                json.loads(line, object_pairs_hook=_Pairs) for line in text.split("\n") if line.strip()
+            ]
         else:
             doc = json.loads(text, object_pairs_hook=_Pairs)
     except RecursionError:
@@ -279,11 +282,22 @@ def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
     """``max_parts`` (0: none): more parts than that is the ``too_many_parts`` limit."""
     res = BodyResult()
     flags = res.flags
-    for k in ("MULTIPART_STRICT_ERROR", "MULTIPART_BOUNDARY_QUOTED", "MULTIPART_BOUNDARY_WHITESPACE",
-              "MULTIPART_DATA_BEFORE", "MULTIPART_DATA_AFTER", "MULTIPART_HEADER_FOLDING",
-              "MULTIPART_LF_LINE", "MULTIPART_MISSING_SEMICOLON", "MULTIPART_INVALID_QUOTING",
-              "MULTIPART_INVALID_PART", "MULTIPART_INVALID_HEADER_FOLDING", "MULTIPART_FILE_LIMIT_EXCEEDED",
-              "MULTIPART_UNMATCHED_BOUNDARY", "MULTIPART_CRLF_LF_LINES"):
+    for k in (
+        "MULTIPART_STRICT_ERROR",
+        "MULTIPART_BOUNDARY_QUOTED",
+        "MULTIPART_BOUNDARY_WHITESPACE",
+        "MULTIPART_DATA_BEFORE",
+        "MULTIPART_DATA_AFTER",
+        "MULTIPART_HEADER_FOLDING",
+        "MULTIPART_LF_LINE",
+        "MULTIPART_MISSING_SEMICOLON",
+        "MULTIPART_INVALID_QUOTING",
+        "MULTIPART_INVALID_PART",
+        "MULTIPART_INVALID_HEADER_FOLDING",
+        "MULTIPART_FILE_LIMIT_EXCEEDED",
+        "MULTIPART_UNMATCHED_BOUNDARY",
+        "MULTIPART_CRLF_LF_LINES",
+    ):
         flags[k] = 0
     boundary = multipart_boundary(content_type)
     if not boundary:
@@ -363,14 +377,20 @@ def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
             res.args.append((key, data))
     if not closed:
         flags["MULTIPART_UNMATCHED_BOUNDARY"] = 1
-    if any(flags[k] for k in flags if k not in ("MULTIPART_STRICT_ERROR", "MULTIPART_LF_LINE", "MULTIPART_BOUNDARY_QUOTED")):
+    if any(
+        flags[k]
+        for k in flags
+        if k not in ("MULTIPART_STRICT_ERROR", "MULTIPART_LF_LINE", "MULTIPART_BOUNDARY_QUOTED")
+    ):
         flags["MULTIPART_STRICT_ERROR"] = 1
     return res
 
 
 # Encodings expat reads itself; any other declared encoding is decoded by Python first.
 _EXPAT_NATIVE = ("utf_8", "utf-8", "utf-16", "utf-16-le", "utf-16-be")
-_XML_DECL = re.compile(rb"""\A(?:\xef\xbb\xbf)?\s*<\?xml\b[^>]{0,200}?\bencoding\s*=\s*["']([^"'>]{1,40})["']""")
+_XML_DECL = re.compile(
+    rb"""\A(?:\xef\xbb\xbf)?\s*<\?xml\b[^>]{0,200}?\bencoding\s*=\s*["']([^"'>]{1,40})["']"""
+)
 
 
 class _Forbidden(Exception):
@@ -486,7 +506,10 @@ def decode_content(body: bytes, codings: list[str], limit: int, complete: bool =
         if coding in ("gzip", "x-gzip"):
             wbits = [16 + zlib.MAX_WBITS]
         elif coding == "deflate":
-            wbits = [zlib.MAX_WBITS, -zlib.MAX_WBITS]  # zlib-wrapped, as RFC 9110 says; raw, as some clients send
+            wbits = [
+                zlib.MAX_WBITS,
+                -zlib.MAX_WBITS,
+            ]  # zlib-wrapped, as RFC 9110 says; raw, as some clients send
         else:
             raise UnsupportedEncoding(coding)
         for i, wb in enumerate(wbits):

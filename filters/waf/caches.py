@@ -27,25 +27,45 @@ TX_INT_ENTRIES = 4096
 
 
 class ValueCaches:
-    __slots__ = ("ruleset", "transformed", "scanned", "plain", "multi_match_step", "universe_results",
-                 "universe_seen", "universe_pass", "key_regex", "tx_ints")
+    __slots__ = (
+        "ruleset",
+        "transformed",
+        "scanned",
+        "plain",
+        "multi_match_step",
+        "universe_results",
+        "universe_seen",
+        "universe_pass",
+        "key_regex",
+        "tx_ints",
+    )
 
-    def __init__(self, ruleset: "Ruleset") -> None:
+    def __init__(self, ruleset: Ruleset) -> None:
         self.ruleset = ruleset  # pipeline indexes and pattern ids only mean something there
         self.transformed: dict[tuple[int, bytes], bytes] = {}  # (pipeline, value) -> transformed
         self.scanned: dict[tuple[int, bytes], Any] = {}  # (pipeline, value) -> Set candidates
         self.plain: dict[bytes, bool] = {}  # value -> matches transforms.PLAIN_VALUE
-        self.multi_match_step: dict[tuple, bytes | None] = {}  # (pipeline, pure operator, value) -> matching step
+        self.multi_match_step: dict[
+            tuple, bytes | None
+        ] = {}  # (pipeline, pure operator, value) -> matching step
         self.universe_results: dict[tuple[int, bytes], Any] = {}  # (variable group, value) -> Set results
-        self.universe_seen: dict[tuple[int, bytes], int] = {}  # (variable group, value) -> the pass that met it
+        self.universe_seen: dict[
+            tuple[int, bytes], int
+        ] = {}  # (variable group, value) -> the pass that met it
         self.universe_pass = 0  # counts universe passes
         self.key_regex: dict[tuple[int, str], bool] = {}  # (id of a key regex, key) -> matched
         self.tx_ints: dict[bytes, int] = {}  # TX value -> atoi
 
     def trim(self) -> None:
         """Bound the caches (a few length checks per request)."""
-        for cache in (self.transformed, self.scanned, self.plain, self.multi_match_step, self.universe_results,
-                      self.universe_seen):
+        for cache in (
+            self.transformed,
+            self.scanned,
+            self.plain,
+            self.multi_match_step,
+            self.universe_results,
+            self.universe_seen,
+        ):
             if len(cache) > CACHE_ENTRIES:
                 cache.clear()
         if len(self.key_regex) > KEY_REGEX_ENTRIES:
@@ -55,6 +75,14 @@ class ValueCaches:
 
     def clear(self) -> None:
         """Forget every value met so far (benchmarks: the cost of values never seen before)."""
-        for cache in (self.transformed, self.scanned, self.plain, self.multi_match_step, self.universe_results,
-                      self.universe_seen, self.key_regex, self.tx_ints):
+        for cache in (
+            self.transformed,
+            self.scanned,
+            self.plain,
+            self.multi_match_step,
+            self.universe_results,
+            self.universe_seen,
+            self.key_regex,
+            self.tx_ints,
+        ):
             cache.clear()

@@ -21,4 +21,13 @@ from filters.waf.rules import Rule, WafLoadError
 from filters.waf.ruleset import Ruleset
 from filters.waf.variables import VarSpec, parse_targets
 
-__all__ = ["Outcome", "Rule", "Ruleset", "Transaction", "ValueCaches", "VarSpec", "WafLoadError", "parse_targets"]
+__all__ = [
+    "Outcome",
+    "Rule",
+    "Ruleset",
+    "Transaction",
+    "ValueCaches",
+    "VarSpec",
+    "WafLoadError",
+    "parse_targets",
+]

@@ -52,7 +52,7 @@ class Transaction(ValueScanner):
 
     def __init__(
         self,
-        ruleset: "Ruleset",
+        ruleset: Ruleset,
         *,
         method: str,
         uri: str,
@@ -80,9 +80,18 @@ class Transaction(ValueScanner):
         if limits is None:
             limits = InspectionLimits(max_args=max_args, args_partial=True) if max_args else NO_LIMITS
         super().__init__(
-            ruleset, caches, method=method, uri=uri, protocol=protocol, headers=headers or [], body=body,
-            remote_addr=remote_addr, unique_id=unique_id, removed_targets=removed_targets,
-            body_processor=body_processor, limits=limits,
+            ruleset,
+            caches,
+            method=method,
+            uri=uri,
+            protocol=protocol,
+            headers=headers or [],
+            body=body,
+            remote_addr=remote_addr,
+            unique_id=unique_id,
+            removed_targets=removed_targets,
+            body_processor=body_processor,
+            limits=limits,
         )
         for k, v in (tx_vars or {}).items():
             self.tx_vars[k.lower()] = v.encode() if isinstance(v, str) else v
@@ -163,13 +172,21 @@ class Transaction(ValueScanner):
         op = rule.op
         neg = op.negated
         pid = rule.pattern_id
-        use_pf = pid is not None and pid not in self.ruleset.prefilter_unsafe and rule.pipeline.idx in self.ruleset.prefilter
+        use_pf = (
+            pid is not None
+            and pid not in self.ruleset.prefilter_unsafe
+            and rule.pipeline.idx in self.ruleset.prefilter
+        )
         matched = False
         new_matches: list[tuple[str, bytes]] = []
         # multiMatch with a pure operator (libinjection): the verdict over all steps is a function
         # of (pipeline, operator, raw value), kept across requests; a hit that matched replays the
         # operator on the matching step (cached too) so captures are set as before.
-        mmc = self.caches.multi_match_step if (rule.multi_match and op.pure and not neg and hot is None) else None
+        mmc = (
+            self.caches.multi_match_step
+            if (rule.multi_match and op.pure and not neg and hot is None)
+            else None
+        )
         for name, v in vals:
             if mmc is not None:
                 ck = (rule.pipeline.idx, type(op), v)
@@ -234,7 +251,7 @@ class Transaction(ValueScanner):
             self.matched_vars = new_matches
         return matched
 
-    def transformed_values(self, values: list[tuple[str, bytes]], p: "Pipeline") -> list[tuple[str, bytes]]:
+    def transformed_values(self, values: list[tuple[str, bytes]], p: Pipeline) -> list[tuple[str, bytes]]:
         """(name, value through ``p``) pairs: ``transform`` with its two cache hits inline
         (a plain value in a plain-identity pipeline; a value transformed before)."""
         if p.fn is None:
@@ -445,7 +462,14 @@ class Transaction(ValueScanner):
 
     def outcome(self) -> Outcome:
         wi = self.would_interrupt
-        score = seclang_int(self.tx_vars.get("blocking_inbound_anomaly_score", self.tx_vars.get("anomaly_score", b"0")))
-        return Outcome(list(self.logged), wi is not None, wi[1] if wi else None, wi[0] if wi else None, score,
-                       self.limit_exceeded)
-
+        score = seclang_int(
+            self.tx_vars.get("blocking_inbound_anomaly_score", self.tx_vars.get("anomaly_score", b"0"))
+        )
+        return Outcome(
+            list(self.logged),
+            wi is not None,
+            wi[1] if wi else None,
+            wi[0] if wi else None,
+            score,
+            self.limit_exceeded,
+        )

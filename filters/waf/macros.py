@@ -32,7 +32,7 @@ class Macro:
         if pos < len(text):
             self.parts.append(text[pos:].encode("latin-1", "replace"))
 
-    def expand(self, tx: "Transaction") -> bytes:
+    def expand(self, tx: Transaction) -> bytes:
         out = []
         for p in self.parts:
             if type(p) is bytes:
@@ -54,7 +54,7 @@ class Constant:
     def __init__(self, text: str):
         self.value = text.encode("latin-1", "replace")
 
-    def expand(self, tx: "Transaction") -> bytes:
+    def expand(self, tx: Transaction) -> bytes:
         return self.value
 
 

@@ -66,12 +66,12 @@ class Operator:
 
             self.macro = compile_macro(arg)
 
-    def param(self, tx: "Transaction") -> bytes:
+    def param(self, tx: Transaction) -> bytes:
         if self.macro is not None:
             return self.macro.expand(tx)
         return self.arg.encode("latin-1", "replace")
 
-    def match(self, tx: "Transaction", value: bytes, capture: bool) -> bool:  # pragma: no cover
+    def match(self, tx: Transaction, value: bytes, capture: bool) -> bool:  # pragma: no cover
         raise NotImplementedError
 
 

@@ -65,7 +65,7 @@ LARGE_SET_MEM = 256 << 20
 LARGE_SET = 64  # patterns
 
 
-def set_options(n_patterns: int) -> "re2.Options":
+def set_options(n_patterns: int) -> re2.Options:
     """RE2 options for a Set of ``n_patterns``. A large Set (CRS's untransformed pipeline holds
     ~180 patterns, urlDecodeUni ~70) has DFA states that each stand for many NFA states: with
     64 MB, the lazy DFA's state cache filled on benign form bodies and RE2 threw it away and

@@ -38,7 +38,7 @@ class RequestVariables:
 
     def __init__(
         self,
-        ruleset: "Ruleset",
+        ruleset: Ruleset,
         caches: ValueCaches | None,
         *,
         method: str,
@@ -65,8 +65,10 @@ class RequestVariables:
         self.xml_text: list[bytes] = []
         self.xml_attrs: list[bytes] = []
         self.matched_vars: list[tuple[str, bytes]] = []
-        self.current_rule: "Rule | None" = None  # the rule whose actions run (RULE.id, RULE.msg)
-        self.removed_targets: dict[int, tuple[VarSpec, ...]] = {k: tuple(v) for k, v in (removed_targets or {}).items()}
+        self.current_rule: Rule | None = None  # the rule whose actions run (RULE.id, RULE.msg)
+        self.removed_targets: dict[int, tuple[VarSpec, ...]] = {
+            k: tuple(v) for k, v in (removed_targets or {}).items()
+        }
         self.values_cache: dict[Any, list[tuple[str, bytes]]] = {}  # target signature -> values
         self.key_index_cache: dict[str, tuple[list, dict]] = {}  # collection -> (items, lower key -> items)
         self.body = body
@@ -239,7 +241,11 @@ class RequestVariables:
         lim = self.limits
         body = self.body
         # arguments the body may still add (None: no limit; args_partial: cut later instead)
-        room = None if (not lim.max_args or lim.args_partial) else max(0, lim.max_args - len(self.collections["ARGS_GET"]))
+        room = (
+            None
+            if (not lim.max_args or lim.args_partial)
+            else max(0, lim.max_args - len(self.collections["ARGS_GET"]))
+        )
         try:
             if proc == "URLENCODED":
                 ct = self.headers_lower.get("content-type", b"").decode("latin-1")
@@ -280,7 +286,9 @@ class RequestVariables:
         if name in NAMES_OF:
             r = self.collections.get(name)
             if r is None:
-                r = self.collections[name] = [(k, k.encode("latin-1", "replace")) for k, _ in self.collections.get(NAMES_OF[name], ())]
+                r = self.collections[name] = [
+                    (k, k.encode("latin-1", "replace")) for k, _ in self.collections.get(NAMES_OF[name], ())
+                ]
             return r
         if name == "MATCHED_VARS":
             return [(k, v) for k, v in self.matched_vars]
@@ -361,7 +369,12 @@ class RequestVariables:
                     sel = []
                 else:
                     exact, rxs = ex[0], ex[1]
-                    sel = [kv for kv in sel if kv[0].lower() not in exact and not (rxs and any(self.key_matches_regex(r, kv[0]) for r in rxs))]
+                    sel = [
+                        kv
+                        for kv in sel
+                        if kv[0].lower() not in exact
+                        and not (rxs and any(self.key_matches_regex(r, kv[0]) for r in rxs))
+                    ]
             if spec.count:
                 out.append((coll, str(len(sel)).encode()))
             else:

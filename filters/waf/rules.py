@@ -8,8 +8,8 @@ cached per prefix. Chains: the starter holds the next link in ``chain``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from filters.waf.macros import Constant, Macro, value_template
 from filters.waf.operators import Operator
@@ -29,7 +29,7 @@ class Pipeline:
     idx: int
     names: tuple[str, ...]
     fn: Callable[[bytes], bytes] | None  # the last step; None for the empty pipeline
-    parent: "Pipeline | None"
+    parent: Pipeline | None
     plain_identity: bool = False  # every step leaves a "plain" value (see PLAIN_VALUE) unchanged
 
 
@@ -51,7 +51,7 @@ class Rule:
     excludes: list[VarSpec]
     op: Operator
     pipeline: Pipeline
-    chain: "Rule | None" = None
+    chain: Rule | None = None
     chained: bool = False  # is a chain link (not a starter)
     disruptive: str | None = None
     status: int | None = None
@@ -89,7 +89,16 @@ class Marker:
     name: str
 
 
-SEVERITIES = {"0": "EMERGENCY", "1": "ALERT", "2": "CRITICAL", "3": "ERROR", "4": "WARNING", "5": "NOTICE", "6": "INFO", "7": "DEBUG"}
+SEVERITIES = {
+    "0": "EMERGENCY",
+    "1": "ALERT",
+    "2": "CRITICAL",
+    "3": "ERROR",
+    "4": "WARNING",
+    "5": "NOTICE",
+    "6": "INFO",
+    "7": "DEBUG",
+}
 
 
 def id_in(rid: int, spec: str) -> bool:
@@ -107,7 +116,9 @@ def update_targets(rule: Rule, specs: list[VarSpec], replace: str | None) -> Non
             rule.excludes.append(s)
         elif replace:
             old = parse_targets(replace)
-            rule.targets = [t for t in rule.targets if not any(t.coll == o.coll and t.key == o.key for o in old)]
+            rule.targets = [
+                t for t in rule.targets if not any(t.coll == o.coll and t.key == o.key for o in old)
+            ]
             rule.targets.append(s)
         else:
             rule.targets.append(s)
@@ -128,4 +139,3 @@ def parse_setvar(v: str) -> SetVar:
     if rhs[:1] in "+-" and rhs[1:2] and (rhs[1:2].isdigit() or rhs[1:3] == "%{"):
         op, rhs = rhs[0], rhs[1:]
     return SetVar(coll.upper(), value_template(name.lower()), op, value_template(rhs))
-

@@ -12,16 +12,27 @@ from __future__ import annotations
 import bisect
 import os
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from filters.waf import prefilter, transforms
 from filters.waf.macros import Constant, value_template
 from filters.waf.operators import NumericCompare, OperatorError, atoi, compile_rx, parse_operator
 from filters.waf.rules import (
-    DISRUPTIVE, PHASES, SEVERITIES, Marker, Pipeline, Rule, WafLoadError, id_in, parse_setvar, update_targets,
+    DISRUPTIVE,
+    PHASES,
+    SEVERITIES,
+    Marker,
+    Pipeline,
+    Rule,
+    WafLoadError,
+    id_in,
+    parse_setvar,
+    update_targets,
 )
 from filters.waf.seclang import Action, Directive, SecLangError, parse_actions, parse_file, parse_text
 from filters.waf.variables import CACHEABLE, VarSpec, build_exclusion_plan, parse_targets
+
 
 class Ruleset:
     """A compiled, immutable rule set. Build with ``Ruleset.load`` / ``Ruleset.from_text``."""
@@ -49,7 +60,9 @@ class Ruleset:
 
     # ----- building
     @classmethod
-    def load(cls, files: Iterable[str], pre_text: str = "", post_text: str = "", prefilter: str = "on") -> "Ruleset":
+    def load(
+        cls, files: Iterable[str], pre_text: str = "", post_text: str = "", prefilter: str = "on"
+    ) -> Ruleset:
         rs = cls()
         directives: list[Directive] = []
         try:
@@ -68,7 +81,7 @@ class Ruleset:
         return rs
 
     @classmethod
-    def from_text(cls, text: str, path: str = "<string>", prefilter: str = "on") -> "Ruleset":
+    def from_text(cls, text: str, path: str = "<string>", prefilter: str = "on") -> Ruleset:
         rs = cls()
         try:
             directives = parse_text(text, path)
@@ -84,8 +97,13 @@ class Ruleset:
         p = self.pipelines.get(names)
         if p is None:
             parent = self.pipeline(names[:-1]) if names else None
-            p = Pipeline(len(self.pipeline_list), names, transforms.get(names[-1]) if names else None, parent,
-                         all(n in transforms.PLAIN_IDENTITY for n in names))
+            p = Pipeline(
+                len(self.pipeline_list),
+                names,
+                transforms.get(names[-1]) if names else None,
+                parent,
+                all(n in transforms.PLAIN_IDENTITY for n in names),
+            )
             self.pipelines[names] = p
             self.pipeline_list.append(p)
         return p
@@ -136,17 +154,27 @@ class Ruleset:
                         self._remove(lambda r, s=spec: id_in(r.id, s))
                 elif name == "SecRuleRemoveByTag":
                     rx = compile_rx(d.args[0].encode("latin-1"))
-                    self._remove(lambda r: any(rx.search(t.encode("latin-1", "replace")) for t in r.tags))
+                    self._remove(
+                        lambda r, rx=rx: any(rx.search(t.encode("latin-1", "replace")) for t in r.tags)
+                    )
                 elif name == "SecRuleRemoveByMsg":
                     rx = compile_rx(d.args[0].encode("latin-1"))
-                    self._remove(lambda r: r.msg is not None and isinstance(r.msg, Constant) and rx.search(r.msg.value))
+                    self._remove(
+                        lambda r, rx=rx: (
+                            r.msg is not None and isinstance(r.msg, Constant) and rx.search(r.msg.value)
+                        )
+                    )
                 elif name in ("SecRuleUpdateTargetById", "SecRuleUpdateTargetByTag"):
                     specs = parse_targets(d.args[1])
                     if name.endswith("ById"):
                         sel = [r for r in self._all_rules() if id_in(r.id, d.args[0])]
                     else:
                         rx = compile_rx(d.args[0].encode("latin-1"))
-                        sel = [r for r in self._all_rules() if any(rx.search(t.encode("latin-1", "replace")) for t in r.tags)]
+                        sel = [
+                            r
+                            for r in self._all_rules()
+                            if any(rx.search(t.encode("latin-1", "replace")) for t in r.tags)
+                        ]
                     for r in sel:
                         update_targets(r, specs, d.args[2] if len(d.args) > 2 else None)
                 elif name == "SecRuleUpdateActionById":
@@ -166,21 +194,33 @@ class Ruleset:
             except (ValueError, OperatorError, KeyError, re.error) as e:
                 raise WafLoadError(f"{where}: {d.name}: {e}") from None
         if chain_parent is not None:
-            raise WafLoadError(f"rule {chain_parent.id} ({chain_parent.file}:{chain_parent.line}): chain without a following rule")
+            raise WafLoadError(
+                f"rule {chain_parent.id} ({chain_parent.file}:{chain_parent.line}): chain without a following rule"
+            )
         sigs: dict[str, int] = {}
         for r0 in self._all_rules():
             r = r0
             while r is not None:
                 r.exclusion_plan = build_exclusion_plan(r.excludes)
                 r.cacheable = all(t.coll in CACHEABLE for t in r.targets)
-                sig = repr([(t.coll, t.key, t.key_rx and t.key_rx.pattern, t.count) for t in r.targets]) + repr(
-                    [(e.coll, e.key, e.key_rx and e.key_rx.pattern) for e in r.excludes])
+                sig = repr(
+                    [(t.coll, t.key, t.key_rx and t.key_rx.pattern, t.count) for t in r.targets]
+                ) + repr([(e.coll, e.key, e.key_rx and e.key_rx.pattern) for e in r.excludes])
                 r.target_signature = sigs.setdefault(sig, len(sigs))
-                r.prefilter_decides = (r.pattern_id is not None and r.cacheable and not r.op.negated and not r.multi_match)
+                r.prefilter_decides = (
+                    r.pattern_id is not None and r.cacheable and not r.op.negated and not r.multi_match
+                )
                 t0 = r.targets[0] if len(r.targets) == 1 else None
-                if (t0 is not None and t0.coll == "TX" and t0.key is not None and not r.excludes
-                        and r.pipeline.fn is None and isinstance(r.op, NumericCompare) and r.op.macro is None
-                        and not r.multi_match):
+                if (
+                    t0 is not None
+                    and t0.coll == "TX"
+                    and t0.key is not None
+                    and not r.excludes
+                    and r.pipeline.fn is None
+                    and isinstance(r.op, NumericCompare)
+                    and r.op.macro is None
+                    and not r.multi_match
+                ):
                     r.tx_compare = (t0.key, type(r.op).cmp, atoi(r.op.arg.encode()), t0.count)
                 r = r.chain
         for ph, items in self.phases.items():
@@ -210,7 +250,10 @@ class Ruleset:
             r: Rule | None = r0
             while r is not None:
                 for k, v in r.ctls:
-                    if k in ("ruleremovetargetbyid", "ruleremovetargetbytag") and (k, v) not in self.ctl_target_table:
+                    if (
+                        k in ("ruleremovetargetbyid", "ruleremovetargetbytag")
+                        and (k, v) not in self.ctl_target_table
+                    ):
                         try:
                             self.ctl_target_table[(k, v)] = self._resolve_ctl_targets(k, v)
                         except (ValueError, OperatorError) as e:
@@ -274,7 +317,9 @@ class Ruleset:
         rule.has_count_only = all(s.count for s in rule.targets)
         return rule
 
-    def _apply_actions(self, rule: Rule, acts: list[Action], update: bool, where: str, inherit_t: bool = True) -> None:
+    def _apply_actions(
+        self, rule: Rule, acts: list[Action], update: bool, where: str, inherit_t: bool = True
+    ) -> None:
         names = list(rule.pipeline.names)
         for a in acts:
             n, v = a.name, a.value
@@ -315,10 +360,33 @@ class Ruleset:
                 rule.tags = rule.tags + ((v or ""),)
             elif n == "severity":
                 rule.severity = SEVERITIES.get(v or "", (v or "").upper())
-            elif n in ("id", "phase", "chain", "auditlog", "noauditlog", "logdata", "ver", "rev", "maturity",
-                       "accuracy", "expirevar", "initcol", "setenv", "setuid", "setsid", "deprecatevar",
-                       "sanitisearg", "sanitisematched", "sanitisematchedbytes", "sanitiserequestheader",
-                       "sanitiseresponseheader", "xmlns", "append", "prepend", "exec"):
+            elif n in (
+                "id",
+                "phase",
+                "chain",
+                "auditlog",
+                "noauditlog",
+                "logdata",
+                "ver",
+                "rev",
+                "maturity",
+                "accuracy",
+                "expirevar",
+                "initcol",
+                "setenv",
+                "setuid",
+                "setsid",
+                "deprecatevar",
+                "sanitisearg",
+                "sanitisematched",
+                "sanitisematchedbytes",
+                "sanitiserequestheader",
+                "sanitiseresponseheader",
+                "xmlns",
+                "append",
+                "prepend",
+                "exec",
+            ):
                 pass
             else:
                 raise ValueError(f"unknown action {n!r}")
@@ -341,8 +409,13 @@ class Ruleset:
                 pipes: list[Pipeline] = []
                 if r.prefilter_decides:
                     pipes = [r.pipeline]
-                elif (r.multi_match and r.pattern_id is not None and r.pattern_id not in unsafe and r.cacheable
-                      and not r.op.negated):
+                elif (
+                    r.multi_match
+                    and r.pattern_id is not None
+                    and r.pattern_id not in unsafe
+                    and r.cacheable
+                    and not r.op.negated
+                ):
                     q: Pipeline | None = r.pipeline
                     while q is not None:
                         pipes.append(q)
@@ -361,8 +434,10 @@ class Ruleset:
                 r = r.chain
         # Per pipeline: every variable any prefiltered rule of that pipeline reads (whole
         # collections, before exclusions): one scan of all of them rules most rules out at once.
-        self.universe = {k: tuple(sorted((c, frozenset(keys) if keys is not None else None) for c, keys in v.items()))
-                         for k, v in universe.items()}
+        self.universe = {
+            k: tuple(sorted((c, frozenset(keys) if keys is not None else None) for c, keys in v.items()))
+            for k, v in universe.items()
+        }
         # The same, per variable: which pipelines' universes read it (whole, or by key). One pass
         # over the request's variables then serves every pipeline (see Transaction._universe).
         full: dict[str, list[int]] = {}
@@ -381,8 +456,13 @@ class Ruleset:
             return groups.setdefault(t, len(groups)), t
 
         self.universe_plan = tuple(
-            (c, group(full.get(c, [])), {k: group(full.get(c, []) + ps) for k, ps in keyed.get(c, {}).items()})
-            for c in sorted(set(full) | set(keyed)))
+            (
+                c,
+                group(full.get(c, [])),
+                {k: group(full.get(c, []) + ps) for k, ps in keyed.get(c, {}).items()},
+            )
+            for c in sorted(set(full) | set(keyed))
+        )
         self.universe_pipelines = tuple(sorted(self.universe))
 
     def _compile_program(self) -> None:
@@ -408,8 +488,14 @@ class Ruleset:
                 if r.prefilter_decides and r.pattern_id is not None and r.pipeline.idx in self.prefilter:
                     r.dispatch = 1
                 elif r.tx_compare is not None and not r.tx_compare[3]:
-                    pure = (r.chain is None and not r.setvars and not r.ctls and not r.log and r.skip_after
-                            and r.disruptive not in ("deny", "drop", "allow"))
+                    pure = (
+                        r.chain is None
+                        and not r.setvars
+                        and not r.ctls
+                        and not r.log
+                        and r.skip_after
+                        and r.disruptive not in ("deny", "drop", "allow")
+                    )
                     r.dispatch = 2 if pure else 3
                     name = "TX:" + r.tx_compare[0]
                     r.gate_name = (name, name.encode("latin-1", "replace"))
@@ -418,4 +504,3 @@ class Ruleset:
     @property
     def prefilter_state(self) -> str:
         return "on" if self.prefilter else "off"
-

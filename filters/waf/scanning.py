@@ -43,8 +43,10 @@ class ValueScanner(RequestVariables):
     pipeline prefix and value) and prefilter scans (candidate pattern ids per value, and the
     universe pass that rules most rules out at once)."""
 
-    def __init__(self, ruleset: "Ruleset", caches: ValueCaches | None, **request: Any) -> None:
-        self.transform_cache_large: dict[tuple[int, bytes], bytes] = {}  # values over SHARED_MAX: this request only
+    def __init__(self, ruleset: Ruleset, caches: ValueCaches | None, **request: Any) -> None:
+        self.transform_cache_large: dict[
+            tuple[int, bytes], bytes
+        ] = {}  # values over SHARED_MAX: this request only
         self.scan_cache_large: dict[tuple[int, bytes], Any] = {}
         # (targets, pipeline, exclusions) -> [transformed values, joined-buffer candidates,
         # pattern id -> values (built when a rule first needs it)]
@@ -207,4 +209,3 @@ class ValueScanner(RequestVariables):
             ps = self.ruleset.prefilter.get(pidx)
             r = sc[key] = ps.scan(v) if ps is not None else prefilter.ALL
         return r
-

@@ -66,7 +66,14 @@ IGNORED_DIRECTIVES = frozenset(
 # Settings the engine honours (stored on the RuleSource; see engine.Ruleset).
 SETTINGS = frozenset(
     d.lower()
-    for d in ("SecRuleEngine", "SecRequestBodyAccess", "SecRequestBodyLimit", "SecRequestBodyLimitAction", "SecArgumentsLimit", "SecRequestBodyJsonDepthLimit")
+    for d in (
+        "SecRuleEngine",
+        "SecRequestBodyAccess",
+        "SecRequestBodyLimit",
+        "SecRequestBodyLimitAction",
+        "SecArgumentsLimit",
+        "SecRequestBodyJsonDepthLimit",
+    )
 )
 
 

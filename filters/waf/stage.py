@@ -31,15 +31,22 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from filters.waf import bodies
+from filters.waf.engine import (
+    Outcome,
+    Ruleset,
+    Transaction,
+    ValueCaches,
+    VarSpec,
+    WafLoadError,
+    parse_targets,
+)
+from filters.waf.limits import REASONS as LIMIT_REASONS
+from filters.waf.limits import InspectionLimits
 from gateway import problems
 from gateway.chain import ALLOW, POS_WAF, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.context import WafResult
 from gateway.problems import Problem
-
-from filters.waf import bodies
-from filters.waf.engine import Outcome, Ruleset, Transaction, ValueCaches, VarSpec, WafLoadError, parse_targets
-from filters.waf.limits import REASONS as LIMIT_REASONS
-from filters.waf.limits import InspectionLimits
 
 if TYPE_CHECKING:  # pragma: no cover
     from gateway.config import RouteConfig
@@ -49,16 +56,28 @@ log = logging.getLogger("portvakt.waf")
 
 WAF_BLOCKED = problems.register("waf_blocked", 403, "Request blocked by the web application firewall")
 WAF_BODY_LIMIT = problems.register("waf_body_limit", 413, "Request body larger than the WAF inspects")
-WAF_BODY_UNPARSABLE = problems.register("waf_body_unparsable", 400, "Request body does not parse as its Content-Type")
-UNSUPPORTED_ENCODING = problems.register("unsupported_content_encoding", 415,
-                                         "Request body Content-Encoding that the WAF does not decode")
+WAF_BODY_UNPARSABLE = problems.register(
+    "waf_body_unparsable", 400, "Request body does not parse as its Content-Type"
+)
+UNSUPPORTED_ENCODING = problems.register(
+    "unsupported_content_encoding", 415, "Request body Content-Encoding that the WAF does not decode"
+)
 LIMIT_PROBLEMS = {
-    "too_many_args": problems.register("waf_too_many_args", 400, "Request has more arguments than the WAF inspects"),
-    "too_many_headers": problems.register("waf_too_many_headers", 400,
-                                          "Request has more header fields than the WAF inspects"),
-    "json_too_deep": problems.register("waf_json_too_deep", 400, "JSON body nested deeper than the WAF inspects"),
-    "json_too_large": problems.register("waf_json_too_large", 400, "JSON body has more values than the WAF inspects"),
-    "too_many_parts": problems.register("waf_too_many_parts", 400, "Multipart body has more parts than the WAF inspects"),
+    "too_many_args": problems.register(
+        "waf_too_many_args", 400, "Request has more arguments than the WAF inspects"
+    ),
+    "too_many_headers": problems.register(
+        "waf_too_many_headers", 400, "Request has more header fields than the WAF inspects"
+    ),
+    "json_too_deep": problems.register(
+        "waf_json_too_deep", 400, "JSON body nested deeper than the WAF inspects"
+    ),
+    "json_too_large": problems.register(
+        "waf_json_too_large", 400, "JSON body has more values than the WAF inspects"
+    ),
+    "too_many_parts": problems.register(
+        "waf_too_many_parts", 400, "Multipart body has more parts than the WAF inspects"
+    ),
     "body_unparsable": WAF_BODY_UNPARSABLE,
 }
 assert set(LIMIT_PROBLEMS) == set(LIMIT_REASONS)
@@ -74,8 +93,12 @@ def shared_dir() -> str | None:
     return d if os.path.isdir(os.path.join(d, "waf")) else None
 
 
-def config_actions(paranoia_level: int, detection_paranoia_level: int | None, anomaly_threshold: int,
-                   extra_tx: dict[str, str] | None = None) -> str:
+def config_actions(
+    paranoia_level: int,
+    detection_paranoia_level: int | None,
+    anomaly_threshold: int,
+    extra_tx: dict[str, str] | None = None,
+) -> str:
     dpl = max(detection_paranoia_level or paranoia_level, paranoia_level)
     tx = {
         "blocking_paranoia_level": str(paranoia_level),
@@ -112,12 +135,25 @@ def crs_files(crs_path: str) -> list[str]:
     return files
 
 
-def build_ruleset(files: list[str], setup_file: str | None, paranoia_level: int, detection_paranoia_level: int | None,
-                  anomaly_threshold: int, extra_tx: dict[str, str] | None = None, prefilter: str = "on") -> Ruleset:
+def build_ruleset(
+    files: list[str],
+    setup_file: str | None,
+    paranoia_level: int,
+    detection_paranoia_level: int | None,
+    anomaly_threshold: int,
+    extra_tx: dict[str, str] | None = None,
+    prefilter: str = "on",
+) -> Ruleset:
     """Load (or reuse: same files, same mtimes, same settings) a compiled rule set."""
     all_files = ([setup_file] if setup_file else []) + files
-    key = (_mtimes(all_files), paranoia_level, detection_paranoia_level, anomaly_threshold,
-           tuple(sorted((extra_tx or {}).items())), prefilter)
+    key = (
+        _mtimes(all_files),
+        paranoia_level,
+        detection_paranoia_level,
+        anomaly_threshold,
+        tuple(sorted((extra_tx or {}).items())),
+        prefilter,
+    )
     with _CACHE_LOCK:
         rs = _CACHE.get(key)
         if rs is not None:
@@ -127,7 +163,10 @@ def build_ruleset(files: list[str], setup_file: str | None, paranoia_level: int,
         if setup_file:
             # the setup file first (it may set SecDefaultAction and its own tx values), then ours
             from filters.waf.seclang import parse_file  # noqa: F401 - validated by Ruleset.load
-            rs = Ruleset.load([setup_file], pre_text=pre, post_text=post_setup + _includes(files), prefilter=prefilter)
+
+            rs = Ruleset.load(
+                [setup_file], pre_text=pre, post_text=post_setup + _includes(files), prefilter=prefilter
+            )
         else:
             rs = Ruleset.load(files, pre_text=pre + post_setup, prefilter=prefilter)
         if len(_CACHE) > 8:
@@ -158,34 +197,79 @@ class WafEngine:
         self.detection_only = detection_only
 
     @classmethod
-    def for_crs(cls, crs_path: str, *, setup_file: str | None = None, paranoia_level: int = 1,
-                detection_paranoia_level: int | None = None, anomaly_threshold: int = 5,
-                detection_only: bool = False, extra_tx: dict[str, str] | None = None) -> "WafEngine":
+    def for_crs(
+        cls,
+        crs_path: str,
+        *,
+        setup_file: str | None = None,
+        paranoia_level: int = 1,
+        detection_paranoia_level: int | None = None,
+        anomaly_threshold: int = 5,
+        detection_only: bool = False,
+        extra_tx: dict[str, str] | None = None,
+    ) -> WafEngine:
         extra = {"enforce_bodyproc_urlencoded": "1"}
         extra.update(extra_tx or {})
-        rs = build_ruleset(crs_files(crs_path), setup_file, paranoia_level, detection_paranoia_level, anomaly_threshold,
-                           extra)
+        rs = build_ruleset(
+            crs_files(crs_path),
+            setup_file,
+            paranoia_level,
+            detection_paranoia_level,
+            anomaly_threshold,
+            extra,
+        )
         return cls(rs, detection_only)
 
     @classmethod
-    def builtin(cls, *, paranoia_level: int = 1, detection_paranoia_level: int | None = None, anomaly_threshold: int = 5,
-                detection_only: bool = False) -> "WafEngine":
+    def builtin(
+        cls,
+        *,
+        paranoia_level: int = 1,
+        detection_paranoia_level: int | None = None,
+        anomaly_threshold: int = 5,
+        detection_only: bool = False,
+    ) -> WafEngine:
         files = sorted(glob.glob(os.path.join(BUILTIN_DIR, "*.conf")))
         rs = build_ruleset(files, None, paranoia_level, detection_paranoia_level, anomaly_threshold)
         return cls(rs, detection_only)
 
-    def transaction(self, method: str, uri: str, protocol: str = "HTTP/1.1", headers: list[tuple[str, str]] | None = None,
-                    body: bytes = b"", remote_addr: str = "127.0.0.1", unique_id: str | None = None,
-                    removed_ids: frozenset[int] = frozenset(), removed_targets: dict[int, list[VarSpec]] | None = None,
-                    detection_only: bool | None = None) -> Transaction:
+    def transaction(
+        self,
+        method: str,
+        uri: str,
+        protocol: str = "HTTP/1.1",
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes = b"",
+        remote_addr: str = "127.0.0.1",
+        unique_id: str | None = None,
+        removed_ids: frozenset[int] = frozenset(),
+        removed_targets: dict[int, list[VarSpec]] | None = None,
+        detection_only: bool | None = None,
+    ) -> Transaction:
         return Transaction(
-            self.ruleset, method=method, uri=uri, protocol=protocol, headers=headers, body=body,
-            remote_addr=remote_addr, unique_id=unique_id, removed_ids=removed_ids, removed_targets=removed_targets,
-            detection_only=self.detection_only if detection_only is None else detection_only, caches=self.caches,
+            self.ruleset,
+            method=method,
+            uri=uri,
+            protocol=protocol,
+            headers=headers,
+            body=body,
+            remote_addr=remote_addr,
+            unique_id=unique_id,
+            removed_ids=removed_ids,
+            removed_targets=removed_targets,
+            detection_only=self.detection_only if detection_only is None else detection_only,
+            caches=self.caches,
         )
 
-    def inspect(self, method: str, uri: str, protocol: str = "HTTP/1.1", headers: list[tuple[str, str]] | None = None,
-                body: bytes = b"", **kw: Any) -> Outcome:
+    def inspect(
+        self,
+        method: str,
+        uri: str,
+        protocol: str = "HTTP/1.1",
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes = b"",
+        **kw: Any,
+    ) -> Outcome:
         return self.transaction(method, uri, protocol, headers, body, **kw).process_request()
 
 
@@ -217,9 +301,19 @@ class WafFilter(Filter):
     name = "waf"
     position = POS_WAF
 
-    def __init__(self, engine: WafEngine, mode: Mode, removed_ids: frozenset[int], removed_targets: dict[int, list[VarSpec]],
-                 limit: int, on_limit: str, expose: bool, max_args: int = 1000, on_unparsable: str = "reject",
-                 limits: InspectionLimits | None = None):
+    def __init__(
+        self,
+        engine: WafEngine,
+        mode: Mode,
+        removed_ids: frozenset[int],
+        removed_targets: dict[int, list[VarSpec]],
+        limit: int,
+        on_limit: str,
+        expose: bool,
+        max_args: int = 1000,
+        on_unparsable: str = "reject",
+        limits: InspectionLimits | None = None,
+    ):
         self.engine = engine
         self.mode = mode
         self.removed_ids = removed_ids
@@ -234,20 +328,33 @@ class WafFilter(Filter):
         partial = on_limit == "inspect_partial"
         # two variants: a body cut at the inspection limit is expected not to parse
         self.limits = InspectionLimits(
-            max_args=max_args, max_headers=base.max_headers, max_json_depth=base.max_json_depth,
-            max_json_values=base.max_json_values, max_multipart_parts=base.max_multipart_parts,
-            args_partial=partial, reject_unparsable=on_unparsable == "reject")
+            max_args=max_args,
+            max_headers=base.max_headers,
+            max_json_depth=base.max_json_depth,
+            max_json_values=base.max_json_values,
+            max_multipart_parts=base.max_multipart_parts,
+            args_partial=partial,
+            reject_unparsable=on_unparsable == "reject",
+        )
         self.limits_truncated = InspectionLimits(
-            max_args=max_args, max_headers=base.max_headers, max_json_depth=base.max_json_depth,
-            max_json_values=base.max_json_values, max_multipart_parts=base.max_multipart_parts,
-            args_partial=partial, reject_unparsable=False)
+            max_args=max_args,
+            max_headers=base.max_headers,
+            max_json_depth=base.max_json_depth,
+            max_json_values=base.max_json_values,
+            max_multipart_parts=base.max_multipart_parts,
+            args_partial=partial,
+            reject_unparsable=False,
+        )
 
-    async def check(self, ctx: "RequestContext") -> Decision:
+    async def check(self, ctx: RequestContext) -> Decision:
         body = ctx.body or b""
         truncated = not ctx.body_complete and (len(body) > 0 or (ctx.body_size_hint or 0) > 0)
         if truncated or len(body) > self.body_inspection_bytes:
             if self.on_limit == "reject":
-                ctx.audit["waf"] = {"reason": "body_over_inspection_limit", "limit": self.body_inspection_bytes}
+                ctx.audit["waf"] = {
+                    "reason": "body_over_inspection_limit",
+                    "limit": self.body_inspection_bytes,
+                }
                 return Deny(Problem(WAF_BODY_LIMIT, internal_reason="waf_body_over_limit"))
             body = body[: self.body_inspection_bytes]
         codings = bodies.content_encodings(ctx.headers.getall("Content-Encoding", [])) if body else []
@@ -256,7 +363,9 @@ class WafFilter(Filter):
             # the inspection limit. A coding the WAF cannot decode (br, zstd, ...) is never passed
             # on uninspected, nor answered with the HTTP library's own text.
             try:
-                body, over = bodies.decode_content(body, codings, self.body_inspection_bytes, complete=not truncated)
+                body, over = bodies.decode_content(
+                    body, codings, self.body_inspection_bytes, complete=not truncated
+                )
             except bodies.UnsupportedEncoding:
                 ctx.audit["waf"] = {"reason": "unsupported_content_encoding"}
                 return Deny(Problem(UNSUPPORTED_ENCODING, internal_reason="waf_unsupported_content_encoding"))
@@ -265,19 +374,35 @@ class WafFilter(Filter):
                 return Deny(Problem(WAF_BODY_UNPARSABLE, internal_reason="waf_body_undecodable"))
             if over:
                 if self.on_limit == "reject":
-                    ctx.audit["waf"] = {"reason": "body_over_inspection_limit", "limit": self.body_inspection_bytes}
+                    ctx.audit["waf"] = {
+                        "reason": "body_over_inspection_limit",
+                        "limit": self.body_inspection_bytes,
+                    }
                     return Deny(Problem(WAF_BODY_LIMIT, internal_reason="waf_body_over_limit"))
                 body, truncated = body[: self.body_inspection_bytes], True
         req = ctx.request
         version = getattr(req, "version", None)
         protocol = f"HTTP/{version.major}.{version.minor}" if version is not None else "HTTP/1.1"
         # The canonical target (what routing chose on and what the upstream gets), else as sent.
-        uri = ctx.target or getattr(req, "raw_path", None) or (ctx.raw_path + ("?" + ctx.query_string if ctx.query_string else ""))
+        uri = (
+            ctx.target
+            or getattr(req, "raw_path", None)
+            or (ctx.raw_path + ("?" + ctx.query_string if ctx.query_string else ""))
+        )
         tx = Transaction(
-            self.engine.ruleset, method=ctx.method, uri=uri, protocol=protocol, headers=list(ctx.headers.items()),
-            body=body, remote_addr=str(ctx.client_ip), unique_id=ctx.request_id, removed_ids=self.removed_ids,
-            removed_targets=self.removed_targets, detection_only=self.detection_only,
-            limits=self.limits_truncated if truncated else self.limits, caches=self.engine.caches,
+            self.engine.ruleset,
+            method=ctx.method,
+            uri=uri,
+            protocol=protocol,
+            headers=list(ctx.headers.items()),
+            body=body,
+            remote_addr=str(ctx.client_ip),
+            unique_id=ctx.request_id,
+            removed_ids=self.removed_ids,
+            removed_targets=self.removed_targets,
+            detection_only=self.detection_only,
+            limits=self.limits_truncated if truncated else self.limits,
+            caches=self.engine.caches,
         )
         out = tx.process_request()
         if out.limit is not None:
@@ -288,12 +413,24 @@ class WafFilter(Filter):
             return Deny(Problem(LIMIT_PROBLEMS[out.limit], internal_reason=LIMIT_REASONS[out.limit]))
         # on_unparsable_body: inspect_raw: the engine inspects it as REQUEST_BODY and as
         # URL-encoded ARGS instead. A body that only a phase-1 ctl made parse is refused here.
-        unparsable = (self.on_unparsable == "reject" and tx.scalars.get("REQBODY_ERROR") == b"1" and not truncated
-                      and not out.interrupted)
-        ctx.waf = WafResult(score=out.score, matched_rule_ids=out.matched,
-                            blocked=(out.interrupted or unparsable) and not self.detection_only)
-        ctx.audit["waf"] = {"matched": out.matched, "score": out.score, "rule": out.rule_id, "blocked": ctx.waf.blocked,
-                            "truncated": truncated or tx.args_limit_exceeded}
+        unparsable = (
+            self.on_unparsable == "reject"
+            and tx.scalars.get("REQBODY_ERROR") == b"1"
+            and not truncated
+            and not out.interrupted
+        )
+        ctx.waf = WafResult(
+            score=out.score,
+            matched_rule_ids=out.matched,
+            blocked=(out.interrupted or unparsable) and not self.detection_only,
+        )
+        ctx.audit["waf"] = {
+            "matched": out.matched,
+            "score": out.score,
+            "rule": out.rule_id,
+            "blocked": ctx.waf.blocked,
+            "truncated": truncated or tx.args_limit_exceeded,
+        }
         if self.expose:
             ctx.response_headers[MATCHES_HEADER] = ",".join(str(i) for i in out.matched)
         if out.interrupted:
@@ -308,11 +445,15 @@ def config_warnings(cfg: Any) -> list[str]:
     """What in a ``waf:`` section weakens inspection on purpose (startup log, check-config)."""
     out: list[str] = []
     if cfg.mode is not Mode.off and cfg.on_inspection_limit == "inspect_partial":
-        out.append(f"waf.on_inspection_limit: inspect_partial: bytes after the first {cfg.inspection_limit_bytes} "
-                   f"of a body and arguments after the first {cfg.max_args} pass uninspected")
+        out.append(
+            f"waf.on_inspection_limit: inspect_partial: bytes after the first {cfg.inspection_limit_bytes} "
+            f"of a body and arguments after the first {cfg.max_args} pass uninspected"
+        )
     if cfg.mode is not Mode.off and cfg.on_unparsable_body == "inspect_raw":
-        out.append("waf.on_unparsable_body: inspect_raw: a body that does not parse as its Content-Type "
-                   "goes upstream, inspected only as raw text")
+        out.append(
+            "waf.on_unparsable_body: inspect_raw: a body that does not parse as its Content-Type "
+            "goes upstream, inspected only as raw text"
+        )
     return out
 
 
@@ -324,16 +465,31 @@ class WafStage(Stage):
         self.engine = engine
         self.source = source
 
-    def filters_for_route(self, route: "RouteConfig") -> list[Filter]:
+    def filters_for_route(self, route: RouteConfig) -> list[Filter]:
         if self.cfg.mode is Mode.off:
             return []
         ids, targets = route_exclusions(self.engine.ruleset, route.waf)
         cfg = self.cfg
-        limits = InspectionLimits(max_headers=cfg.max_headers, max_json_depth=cfg.max_json_depth,
-                                  max_json_values=cfg.max_json_values, max_multipart_parts=cfg.max_multipart_parts)
-        return [WafFilter(self.engine, cfg.mode, ids, targets, cfg.inspection_limit_bytes,
-                          cfg.on_inspection_limit, cfg.expose_matches_header, cfg.max_args,
-                          cfg.on_unparsable_body, limits)]
+        limits = InspectionLimits(
+            max_headers=cfg.max_headers,
+            max_json_depth=cfg.max_json_depth,
+            max_json_values=cfg.max_json_values,
+            max_multipart_parts=cfg.max_multipart_parts,
+        )
+        return [
+            WafFilter(
+                self.engine,
+                cfg.mode,
+                ids,
+                targets,
+                cfg.inspection_limit_bytes,
+                cfg.on_inspection_limit,
+                cfg.expose_matches_header,
+                cfg.max_args,
+                cfg.on_unparsable_body,
+                limits,
+            )
+        ]
 
     def readiness(self) -> dict[str, str]:
         return {"rules": "ok"}
@@ -348,13 +504,25 @@ def build_stage(env: BuildEnv) -> Stage | None:
             raise WafLoadError("waf.crs_path is required when waf.rules is crs")
         crs_path = env.config.resolve_path(cfg.crs_path)
         setup = env.config.resolve_path(cfg.crs_setup) if cfg.crs_setup else None
-        rs = build_ruleset(crs_files(crs_path), setup, cfg.paranoia_level, cfg.detection_paranoia_level,
-                           cfg.anomaly_threshold, prefilter="on" if cfg.prefilter else "off")
+        rs = build_ruleset(
+            crs_files(crs_path),
+            setup,
+            cfg.paranoia_level,
+            cfg.detection_paranoia_level,
+            cfg.anomaly_threshold,
+            prefilter="on" if cfg.prefilter else "off",
+        )
         source = f"crs:{crs_path}"
     else:
         files = sorted(glob.glob(os.path.join(BUILTIN_DIR, "*.conf")))
-        rs = build_ruleset(files, None, cfg.paranoia_level, cfg.detection_paranoia_level, cfg.anomaly_threshold,
-                           prefilter="on" if cfg.prefilter else "off")
+        rs = build_ruleset(
+            files,
+            None,
+            cfg.paranoia_level,
+            cfg.detection_paranoia_level,
+            cfg.anomaly_threshold,
+            prefilter="on" if cfg.prefilter else "off",
+        )
         source = "builtin"
     log.info("WAF rules loaded: %s, %d rules, prefilter %s", source, len(rs.by_id), rs.prefilter_state)
     for warning in config_warnings(cfg):

@@ -44,8 +44,11 @@ def _fullwidth(hex4: bytes) -> int:
 
 
 # "%XX" (any case) -> its byte: a lookup per escape instead of int() and bytes()
-_HEX_ESCAPES = {b"%" + bytes((a, b)): bytes((int(bytes((a, b)), 16),))
-                for a in b"0123456789abcdefABCDEF" for b in b"0123456789abcdefABCDEF"}
+_HEX_ESCAPES = {
+    b"%" + bytes((a, b)): bytes((int(bytes((a, b)), 16),))
+    for a in b"0123456789abcdefABCDEF"
+    for b in b"0123456789abcdefABCDEF"
+}
 _UNI_ESCAPES: dict[bytes, bytes] = dict(_HEX_ESCAPES)  # grows with the %uHHHH met (bounded)
 
 
@@ -269,7 +272,7 @@ def normalize_path(v: bytes) -> bytes:
     if not v or (b"/." not in v and b"//" not in v and not v.startswith(b".")):
         return v
     absolute = v.startswith(b"/")
-    trailing = v.endswith(b"/") or v.endswith(b"/.") or v.endswith(b"/..")
+    trailing = v.endswith((b"/", b"/.", b"/.."))
     out: list[bytes] = []
     for seg in v.split(b"/"):
         if seg == b"" or seg == b".":
@@ -404,12 +407,34 @@ FUNCTIONS = {
 # Values no decoding/normalising transformation changes (lower-case words, numbers, dotted names).
 PLAIN_VALUE = re.compile(rb"(?:[a-z0-9_][a-z0-9_.@:=]*)?\Z")
 # Transformations that leave a value matching PLAIN_VALUE unchanged.
-PLAIN_IDENTITY = frozenset({
-    "none", "lowercase", "urldecode", "urldecodeuni", "htmlentitydecode", "jsdecode", "cssdecode",
-    "escapeseqdecode", "utf8tounicode", "removenulls", "replacenulls", "removewhitespace", "compresswhitespace",
-    "cmdline", "replacecomments", "removecomments", "removecommentschar", "normalizepath", "normalisepath",
-    "normalizepathwin", "normalisepathwin", "trim", "trimleft", "trimright",
-})
+PLAIN_IDENTITY = frozenset(
+    {
+        "none",
+        "lowercase",
+        "urldecode",
+        "urldecodeuni",
+        "htmlentitydecode",
+        "jsdecode",
+        "cssdecode",
+        "escapeseqdecode",
+        "utf8tounicode",
+        "removenulls",
+        "replacenulls",
+        "removewhitespace",
+        "compresswhitespace",
+        "cmdline",
+        "replacecomments",
+        "removecomments",
+        "removecommentschar",
+        "normalizepath",
+        "normalisepath",
+        "normalizepathwin",
+        "normalisepathwin",
+        "trim",
+        "trimleft",
+        "trimright",
+    }
+)
 
 
 def get(name: str):

@@ -23,27 +23,95 @@ NAMES_OF = {
     "RESPONSE_HEADERS_NAMES": "RESPONSE_HEADERS",
 }
 COLLECTIONS = frozenset(
-    {"ARGS", "ARGS_GET", "ARGS_POST", "REQUEST_HEADERS", "REQUEST_COOKIES", "FILES", "FILES_NAMES",
-     "FILES_SIZES", "FILES_TMPNAMES", "FILES_TMP_CONTENT", "MULTIPART_PART_HEADERS", "RESPONSE_HEADERS",
-     "ENV", "GEO", "IP", "GLOBAL", "SESSION", "USER", "RESOURCE", "RULE"}
+    {
+        "ARGS",
+        "ARGS_GET",
+        "ARGS_POST",
+        "REQUEST_HEADERS",
+        "REQUEST_COOKIES",
+        "FILES",
+        "FILES_NAMES",
+        "FILES_SIZES",
+        "FILES_TMPNAMES",
+        "FILES_TMP_CONTENT",
+        "MULTIPART_PART_HEADERS",
+        "RESPONSE_HEADERS",
+        "ENV",
+        "GEO",
+        "IP",
+        "GLOBAL",
+        "SESSION",
+        "USER",
+        "RESOURCE",
+        "RULE",
+    }
 )
 SCALARS = frozenset(
-    {"REQUEST_URI", "REQUEST_URI_RAW", "REQUEST_LINE", "REQUEST_METHOD", "REQUEST_PROTOCOL",
-     "REQUEST_FILENAME", "REQUEST_BASENAME", "QUERY_STRING", "REQUEST_BODY", "REQUEST_BODY_LENGTH",
-     "REMOTE_ADDR", "REMOTE_HOST", "REMOTE_PORT", "SERVER_ADDR", "SERVER_NAME", "SERVER_PORT",
-     "UNIQUE_ID", "REQBODY_PROCESSOR", "REQBODY_ERROR", "REQBODY_ERROR_MSG", "REQBODY_PROCESSOR_ERROR",
-     "MATCHED_VAR", "MATCHED_VAR_NAME", "ARGS_COMBINED_SIZE", "FILES_COMBINED_SIZE", "FULL_REQUEST",
-     "FULL_REQUEST_LENGTH", "AUTH_TYPE", "PATH_INFO", "MULTIPART_FILENAME", "MULTIPART_NAME",
-     "MULTIPART_STRICT_ERROR", "MULTIPART_BOUNDARY_QUOTED", "MULTIPART_BOUNDARY_WHITESPACE",
-     "MULTIPART_DATA_BEFORE", "MULTIPART_DATA_AFTER", "MULTIPART_HEADER_FOLDING", "MULTIPART_LF_LINE",
-     "MULTIPART_MISSING_SEMICOLON", "MULTIPART_INVALID_QUOTING", "MULTIPART_INVALID_PART",
-     "MULTIPART_INVALID_HEADER_FOLDING", "MULTIPART_FILE_LIMIT_EXCEEDED", "MULTIPART_UNMATCHED_BOUNDARY",
-     "MULTIPART_CRLF_LF_LINES", "INBOUND_DATA_ERROR", "URLENCODED_ERROR", "RESPONSE_BODY",
-     "RESPONSE_STATUS", "RESPONSE_PROTOCOL", "RESPONSE_CONTENT_TYPE", "RESPONSE_CONTENT_LENGTH",
-     "STATUS_LINE", "DURATION", "TIME", "TIME_EPOCH", "HIGHEST_SEVERITY", "REQUEST_HEADERS_LENGTH"}
+    {
+        "REQUEST_URI",
+        "REQUEST_URI_RAW",
+        "REQUEST_LINE",
+        "REQUEST_METHOD",
+        "REQUEST_PROTOCOL",
+        "REQUEST_FILENAME",
+        "REQUEST_BASENAME",
+        "QUERY_STRING",
+        "REQUEST_BODY",
+        "REQUEST_BODY_LENGTH",
+        "REMOTE_ADDR",
+        "REMOTE_HOST",
+        "REMOTE_PORT",
+        "SERVER_ADDR",
+        "SERVER_NAME",
+        "SERVER_PORT",
+        "UNIQUE_ID",
+        "REQBODY_PROCESSOR",
+        "REQBODY_ERROR",
+        "REQBODY_ERROR_MSG",
+        "REQBODY_PROCESSOR_ERROR",
+        "MATCHED_VAR",
+        "MATCHED_VAR_NAME",
+        "ARGS_COMBINED_SIZE",
+        "FILES_COMBINED_SIZE",
+        "FULL_REQUEST",
+        "FULL_REQUEST_LENGTH",
+        "AUTH_TYPE",
+        "PATH_INFO",
+        "MULTIPART_FILENAME",
+        "MULTIPART_NAME",
+        "MULTIPART_STRICT_ERROR",
+        "MULTIPART_BOUNDARY_QUOTED",
+        "MULTIPART_BOUNDARY_WHITESPACE",
+        "MULTIPART_DATA_BEFORE",
+        "MULTIPART_DATA_AFTER",
+        "MULTIPART_HEADER_FOLDING",
+        "MULTIPART_LF_LINE",
+        "MULTIPART_MISSING_SEMICOLON",
+        "MULTIPART_INVALID_QUOTING",
+        "MULTIPART_INVALID_PART",
+        "MULTIPART_INVALID_HEADER_FOLDING",
+        "MULTIPART_FILE_LIMIT_EXCEEDED",
+        "MULTIPART_UNMATCHED_BOUNDARY",
+        "MULTIPART_CRLF_LF_LINES",
+        "INBOUND_DATA_ERROR",
+        "URLENCODED_ERROR",
+        "RESPONSE_BODY",
+        "RESPONSE_STATUS",
+        "RESPONSE_PROTOCOL",
+        "RESPONSE_CONTENT_TYPE",
+        "RESPONSE_CONTENT_LENGTH",
+        "STATUS_LINE",
+        "DURATION",
+        "TIME",
+        "TIME_EPOCH",
+        "HIGHEST_SEVERITY",
+        "REQUEST_HEADERS_LENGTH",
+    }
 )
 SPECIAL = frozenset({"TX", "XML", "MATCHED_VARS", "MATCHED_VARS_NAMES"}) | frozenset(NAMES_OF)
 KNOWN_VARIABLES = COLLECTIONS | SCALARS | SPECIAL
+
+
 @dataclass(slots=True)
 class VarSpec:
     coll: str
@@ -81,7 +149,9 @@ def parse_targets(text: str) -> list[VarSpec]:
             k += 1
             if k < n and text[k] == "/" and coll != "XML":
                 end = k + 1
-                while end < n and not (text[end] == "/" and text[end - 1] != "\\" and (end + 1 == n or text[end + 1] == "|")):
+                while end < n and not (
+                    text[end] == "/" and text[end - 1] != "\\" and (end + 1 == n or text[end + 1] == "|")
+                ):
                     end += 1
                 if end >= n:
                     raise ValueError(f"unterminated /regex/ selector in {text!r}")
@@ -102,8 +172,20 @@ def parse_targets(text: str) -> list[VarSpec]:
 
 # Variables whose values do not change within a phase (a rule's values over them can be kept).
 CACHEABLE = (COLLECTIONS | SCALARS | {"XML"} | frozenset(NAMES_OF)) - {
-    "MATCHED_VAR", "MATCHED_VAR_NAME", "REQBODY_PROCESSOR", "REQBODY_ERROR", "REQBODY_ERROR_MSG",
-    "REQBODY_PROCESSOR_ERROR", "RULE", "IP", "GLOBAL", "SESSION", "USER", "RESOURCE", "ENV"}
+    "MATCHED_VAR",
+    "MATCHED_VAR_NAME",
+    "REQBODY_PROCESSOR",
+    "REQBODY_ERROR",
+    "REQBODY_ERROR_MSG",
+    "REQBODY_PROCESSOR_ERROR",
+    "RULE",
+    "IP",
+    "GLOBAL",
+    "SESSION",
+    "USER",
+    "RESOURCE",
+    "ENV",
+}
 
 
 def build_exclusion_plan(excludes: list[VarSpec]) -> dict:
@@ -119,4 +201,3 @@ def build_exclusion_plan(excludes: list[VarSpec]) -> dict:
             all_ = True
         plan[e.coll] = (exact, rxs, all_)
     return plan
-

@@ -34,15 +34,22 @@ sc = _load("scenarios")
 run = _load("run")
 
 
-def _env(tmp_path, pki) -> "sc.Env":
+def _env(tmp_path, pki) -> sc.Env:
     return sc.Env(
-        work=str(tmp_path), pki_dir=pki.dir, upstream_url="http://127.0.0.1:9", token="t",
-        integration_password="p", integration_hash="$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
-        redis_url="redis://127.0.0.1:6379/0", crs_dir="/nonexistent/crs",
+        work=str(tmp_path),
+        pki_dir=pki.dir,
+        upstream_url="http://127.0.0.1:9",
+        token="t",
+        integration_password="p",
+        integration_hash="$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+        redis_url="redis://127.0.0.1:6379/0",
+        crs_dir="/nonexistent/crs",
     )
 
 
-@pytest.mark.parametrize("scenario", [s for s in sc.SCENARIOS if s.kind == "portvakt"], ids=lambda s: s.name[:40])
+@pytest.mark.parametrize(
+    "scenario", [s for s in sc.SCENARIOS if s.kind == "portvakt"], ids=lambda s: s.name[:40]
+)
 def test_portvakt_scenario_configs_validate(scenario, tmp_path, pki):
     cfg = run.portvakt_config(scenario, _env(tmp_path, pki), 18443, 19090)
     parse_config(yaml.safe_dump(cfg), str(tmp_path / "bench.yaml"))
@@ -65,7 +72,7 @@ def _lua_unescape(literal: str) -> bytes:
         if c == "\\":
             nxt = body[i + 1]
             if nxt.isdigit():
-                digits = re.match(r"\d{1,3}", body[i + 1:]).group(0)
+                digits = re.match(r"\d{1,3}", body[i + 1 :]).group(0)
                 out.append(int(digits))
                 i += 1 + len(digits)
                 continue
@@ -80,7 +87,7 @@ def _lua_unescape(literal: str) -> bytes:
 
 
 def test_lua_string_round_trips_every_byte():
-    data = bytes(range(256)) + "æøå \"quoted\" \\ 1\n2".encode() + b"\x001"
+    data = bytes(range(256)) + 'æøå "quoted" \\ 1\n2'.encode() + b"\x001"
     literal = run.lua_string(data)
     assert literal.isascii() and "\n" not in literal
     assert _lua_unescape(literal) == data
@@ -156,8 +163,12 @@ def test_dense_corpus_covers_every_family_and_placement():
 
 
 def test_raw_request_reframes_and_refuses_what_cannot_be_sent():
-    rec = {"method": "POST", "uri": "/post", "headers": {"Transfer-Encoding": "chunked", "Content-Length": "999",
-                                                          "Host": "evil", "X-A": "1"}, "body": "abc"}
+    rec = {
+        "method": "POST",
+        "uri": "/post",
+        "headers": {"Transfer-Encoding": "chunked", "Content-Length": "999", "Host": "evil", "X-A": "1"},
+        "body": "abc",
+    }
     raw = waftable.raw_request(rec)
     assert raw == b"POST /post HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\nContent-Length: 3\r\n\r\nabc"
     assert waftable.raw_request({**rec, "headers": {"X": "a\r\nInjected: 1"}}) is None
@@ -198,8 +209,13 @@ async def test_replay_reads_every_framing_and_reconnects_after_close(tmp_path):
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    reqs = [b"GET /chunked HTTP/1.1\r\n\r\n", b"GET /close HTTP/1.1\r\n\r\n", b"GET /length HTTP/1.1\r\n\r\n",
-            b"HEAD /head HTTP/1.1\r\n\r\n", b"GET /length HTTP/1.1\r\n\r\n"]
+    reqs = [
+        b"GET /chunked HTTP/1.1\r\n\r\n",
+        b"GET /close HTTP/1.1\r\n\r\n",
+        b"GET /length HTTP/1.1\r\n\r\n",
+        b"HEAD /head HTTP/1.1\r\n\r\n",
+        b"GET /length HTTP/1.1\r\n\r\n",
+    ]
     path = waftable.write_slice(reqs, 0, len(reqs), tmp_path / "s.bin")
     async with server:
         res = await replay.main("127.0.0.1", port, str(path), 1)
@@ -211,9 +227,15 @@ def test_procstat_sees_the_cpu_of_a_child(tmp_path):
     import subprocess
     import time
 
-    child = subprocess.Popen([sys.executable, "-c", "import time\nt=time.process_time()\n"
-                              "while time.process_time()-t<0.3: pass\nimport sys; sys.stdin.read()"],
-                             stdin=subprocess.PIPE)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt=time.process_time()\n"
+            "while time.process_time()-t<0.3: pass\nimport sys; sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+    )
     try:
         parent = subprocess.Popen(["sleep", "30"])  # an unrelated process: not in the tree
         deadline = time.monotonic() + 60
@@ -237,7 +259,9 @@ def test_modsecurity_reference_config_is_accepted_by_nginx(tmp_path):
     if why or crs is None:
         pytest.skip(why or "CRS not found")
     conf = waftable.modsec_conf(tmp_path, 18099, "http://127.0.0.1:9", crs)
-    out = subprocess.run(["nginx", "-t", "-c", str(conf), "-p", str(conf.parent)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        ["nginx", "-t", "-c", str(conf), "-p", str(conf.parent)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "rules loaded" in out.stderr
 
@@ -246,7 +270,9 @@ def test_svg_outputs_are_well_formed_xml():
     import xml.etree.ElementTree as ET
 
     ET.fromstring(svg.bar_chart("t <&>", [("a <b>", 10, 8, 12, "g1"), ("c", 5, 5, 5, "g2")], "µs"))
-    ET.fromstring(svg.line_chart("t", [("x p50", [(1, 2), (3, 4)], False), ("x p99", [(1, 3)], True)], "x", "y"))
+    ET.fromstring(
+        svg.line_chart("t", [("x p50", [(1, 2), (3, 4)], False), ("x p99", [(1, 3)], True)], "x", "y")
+    )
     stacks = {"main (a.py:1);handle (b.py:2);<lambda> (c.py:3)": 5, "main (a.py:1);other (b.py:9)": 3}
     ET.fromstring(svg.flame_graph("f", stacks))
     top = svg.top_frames(stacks)

@@ -81,9 +81,14 @@ async def test_every_dashboard_and_rule_query_names_an_exposed_metric(exposed):
         assert records <= recorded, f"{expr}: unknown recording rule {records - recorded}"
         used |= names
     # The dashboard covers the families an operator looks at first.
-    for family in ("portvakt_requests_total", "portvakt_filter_decisions_total", "portvakt_rate_limit_breaker_state",
-                   "portvakt_config_last_reload_successful", "portvakt_audit_write_errors_total",
-                   "process_resident_memory_bytes"):
+    for family in (
+        "portvakt_requests_total",
+        "portvakt_filter_decisions_total",
+        "portvakt_rate_limit_breaker_state",
+        "portvakt_config_last_reload_successful",
+        "portvakt_audit_write_errors_total",
+        "process_resident_memory_bytes",
+    ):
         assert family in used, family
 
 
@@ -91,7 +96,8 @@ def test_the_cross_check_catches_a_misspelt_metric():
     assert _METRIC.findall('rate(portvakt_request_total{route="x"}[5m])') == ["portvakt_request_total"]
     assert _METRIC.findall("route:portvakt_requests_5xx:ratio_rate5m > 0.05") == []
     assert exposed_series("# TYPE portvakt_requests_total counter\nportvakt_requests_total 1.0\n") == {
-        "portvakt_requests_total"}
+        "portvakt_requests_total"
+    }
 
 
 def promtool() -> str:
@@ -106,28 +112,48 @@ def test_promtool_checks_the_rules_and_their_unit_tests():
     out = subprocess.run([tool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS" in out.stdout + out.stderr
-    out = subprocess.run([tool, "test", "rules", "portvakt-rules.test.yaml"], cwd=str(RULES.parent),
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [tool, "test", "rules", "portvakt-rules.test.yaml"],
+        cwd=str(RULES.parent),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_promtool_rejects_a_broken_rule(tmp_path):
     tool = promtool()
     bad = tmp_path / "bad.yaml"
-    bad.write_text("groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: rate(portvakt_requests_total[5m]\n")
-    assert subprocess.run([tool, "check", "rules", str(bad)], capture_output=True, timeout=120).returncode != 0
+    bad.write_text(
+        "groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: rate(portvakt_requests_total[5m]\n"
+    )
+    assert (
+        subprocess.run([tool, "check", "rules", str(bad)], capture_output=True, timeout=120).returncode != 0
+    )
 
 
 def dev_certs(target: Path) -> None:
-    subprocess.run([sys.executable, "-m", "gateway.devca", str(target)], check=True, cwd=str(ROOT),
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "gateway.devca", str(target)],
+        check=True,
+        cwd=str(ROOT),
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def check_config(path: Path, env: dict | None = None) -> dict:
     e = dict(os.environ)
     e.update(env or {})
-    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--format", "json", str(path)],
-                         cwd=str(ROOT), capture_output=True, text=True, timeout=120, env=e)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--format", "json", str(path)],
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=e,
+    )
     return json.loads(out.stdout)
 
 
@@ -135,7 +161,9 @@ def test_container_config_passes_check_config_with_certificates_mounted(tmp_path
     etc = tmp_path / "etc"
     dev_certs(etc / "certs")
     shutil.copy(DEPLOY / "portvakt.yaml", etc / "portvakt.yaml")
-    doc = check_config(etc / "portvakt.yaml", {"PORTVAKT_AUDIT_KEY": "k" * 32, "PORTVAKT_ADMIN_TOKEN": "t" * 32})
+    doc = check_config(
+        etc / "portvakt.yaml", {"PORTVAKT_AUDIT_KEY": "k" * 32, "PORTVAKT_ADMIN_TOKEN": "t" * 32}
+    )
     assert doc["valid"], doc
     assert doc["warnings"] == [], doc["warnings"]  # with both secrets set, nothing risky is left
 
@@ -177,15 +205,26 @@ def test_container_image_builds_where_a_builder_runs(tmp_path):
         pytest.skip("set PORTVAKT_TEST_IMAGE=1 (make test-image) to build the container image")
     engine = _engine()
     if engine is None:
-        pytest.skip("no container engine that can build here (docker/podman info fails): "
-                    "the Dockerfile's paths and the container config are checked above instead")
+        pytest.skip(
+            "no container engine that can build here (docker/podman info fails): "
+            "the Dockerfile's paths and the container config are checked above instead"
+        )
     args = [engine, "build", "-q", "-t", "localhost/portvakt:test"]
-    if subprocess.run([engine, "image", "exists", LOCAL_BASE], capture_output=True, timeout=60).returncode == 0:
+    if (
+        subprocess.run([engine, "image", "exists", LOCAL_BASE], capture_output=True, timeout=60).returncode
+        == 0
+    ):
         args += ["--build-arg", f"PYTHON_IMAGE={LOCAL_BASE}"]
-    elif subprocess.run([engine, "pull", "-q", "python:3.12-slim-bookworm"], capture_output=True,
-                        timeout=300).returncode != 0:
-        pytest.skip(f"the registry image cannot be pulled and {LOCAL_BASE} was not made "
-                    "(sudo deploy/container/debian-base.sh)")
+    elif (
+        subprocess.run(
+            [engine, "pull", "-q", "python:3.12-slim-bookworm"], capture_output=True, timeout=300
+        ).returncode
+        != 0
+    ):
+        pytest.skip(
+            f"the registry image cannot be pulled and {LOCAL_BASE} was not made "
+            "(sudo deploy/container/debian-base.sh)"
+        )
     if engine.endswith("podman"):
         args += ["--isolation", "chroot"]
     if os.path.exists("/etc/ssl/certs/ca-certificates.crt"):  # this host's CAs (a TLS-intercepting proxy)
@@ -199,26 +238,58 @@ def test_container_image_builds_where_a_builder_runs(tmp_path):
     for p in etc.rglob("*"):
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
     secrets = {"PORTVAKT_AUDIT_KEY": "k" * 32, "PORTVAKT_ADMIN_TOKEN": "t" * 32}
-    run = subprocess.run([engine, "run", "--rm", "--network", "none", "-v", f"{etc}:/etc/portvakt:ro",
-                          *(a for k, v in secrets.items() for a in ("-e", f"{k}={v}")),
-                          "localhost/portvakt:test", "check-config", "/etc/portvakt/portvakt.yaml"],
-                         capture_output=True, text=True, timeout=300)
-    if run.returncode != 0 and "OCI permission denied" in run.stderr and engine.endswith("podman") and os.geteuid() == 0:
+    run = subprocess.run(
+        [
+            engine,
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-v",
+            f"{etc}:/etc/portvakt:ro",
+            *(a for k, v in secrets.items() for a in ("-e", f"{k}={v}")),
+            "localhost/portvakt:test",
+            "check-config",
+            "/etc/portvakt/portvakt.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if (
+        run.returncode != 0
+        and "OCI permission denied" in run.stderr
+        and engine.endswith("podman")
+        and os.geteuid() == 0
+    ):
         # The runtime may not start containers here (a sandbox refusing setrlimit): run the
         # image's own portvakt in a chroot of the image's file system instead.
-        mnt = subprocess.run([engine, "image", "mount", "localhost/portvakt:test"], capture_output=True, text=True,
-                             timeout=120).stdout.strip()
+        mnt = subprocess.run(
+            [engine, "image", "mount", "localhost/portvakt:test"], capture_output=True, text=True, timeout=120
+        ).stdout.strip()
         assert os.path.isdir(mnt), mnt
         inside = Path(mnt) / "tmp" / "portvakt-test-etc"
         shutil.copytree(etc, inside)
         try:
             chroot = shutil.which("chroot") or "/usr/sbin/chroot"
-            run = subprocess.run([chroot, mnt, "/opt/portvakt/bin/portvakt", "check-config",
-                                  "/tmp/portvakt-test-etc/portvakt.yaml"], capture_output=True, text=True,
-                                 timeout=300, env={"PATH": "/opt/portvakt/bin:/usr/bin:/bin", **secrets})
+            run = subprocess.run(
+                [
+                    chroot,
+                    mnt,
+                    "/opt/portvakt/bin/portvakt",
+                    "check-config",
+                    "/tmp/portvakt-test-etc/portvakt.yaml",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env={"PATH": "/opt/portvakt/bin:/usr/bin:/bin", **secrets},
+            )
         finally:
             shutil.rmtree(inside, ignore_errors=True)
-            subprocess.run([engine, "image", "unmount", "localhost/portvakt:test"], capture_output=True, timeout=120)
+            subprocess.run(
+                [engine, "image", "unmount", "localhost/portvakt:test"], capture_output=True, timeout=120
+            )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
 
 
@@ -230,8 +301,12 @@ def rendered() -> dict[tuple[str, str], dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed")
-    out = subprocess.run([kubectl, "kustomize", str(DEPLOY / "kubernetes" / "base")], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / "kubernetes" / "base")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     return {(d["kind"], d["metadata"]["name"]): d for d in docs}
@@ -248,8 +323,16 @@ def _matches(selector: dict, labels: dict) -> bool:
 
 def test_kustomize_renders_every_piece(rendered):
     kinds = sorted(k for k, _ in rendered)
-    assert kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service",
-                     "ServiceAccount", "ServiceMonitor"], kinds
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Service",
+        "Service",
+        "ServiceAccount",
+        "ServiceMonitor",
+    ], kinds
 
 
 def test_deployment_probes_mounts_and_security(rendered):
@@ -263,7 +346,11 @@ def test_deployment_probes_mounts_and_security(rendered):
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     sc = c["securityContext"]
-    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
+    assert (
+        sc["readOnlyRootFilesystem"]
+        and not sc["allowPrivilegeEscalation"]
+        and sc["capabilities"]["drop"] == ["ALL"]
+    )
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     # The ConfigMap volume names the generated (hash-suffixed) ConfigMap.
     cm = _one(rendered, "ConfigMap")
@@ -279,8 +366,12 @@ def test_deployment_probes_mounts_and_security(rendered):
 def test_services_pdb_and_servicemonitor_select_the_right_pods(rendered):
     pod_labels = _one(rendered, "Deployment")["spec"]["template"]["metadata"]["labels"]
     public, admin = rendered[("Service", "portvakt")], rendered[("Service", "portvakt-admin")]
-    assert _matches(public["spec"]["selector"], pod_labels) and _matches(admin["spec"]["selector"], pod_labels)
-    assert [p["targetPort"] for p in public["spec"]["ports"]] == ["https"]  # admin never on the public Service
+    assert _matches(public["spec"]["selector"], pod_labels) and _matches(
+        admin["spec"]["selector"], pod_labels
+    )
+    assert [p["targetPort"] for p in public["spec"]["ports"]] == [
+        "https"
+    ]  # admin never on the public Service
     assert [p["targetPort"] for p in admin["spec"]["ports"]] == ["admin"]
     assert _matches(_one(rendered, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
     sm = _one(rendered, "ServiceMonitor")
@@ -311,8 +402,11 @@ def test_configmap_config_passes_check_config_with_the_mounted_files(rendered, t
     etc = tmp_path / "etc" / "portvakt"
     etc.mkdir(parents=True)
     dev_certs(tmp_path / "dev")
-    source = {"tls.crt": tmp_path / "dev" / "server.pem", "tls.key": tmp_path / "dev" / "server-key.pem",
-              "client-ca.pem": tmp_path / "dev" / "ca.pem"}
+    source = {
+        "tls.crt": tmp_path / "dev" / "server.pem",
+        "tls.key": tmp_path / "dev" / "server-key.pem",
+        "client-ca.pem": tmp_path / "dev" / "ca.pem",
+    }
     (tmp_path / "admin-token").write_text("a" * 40)
     (tmp_path / "audit-key").write_text("b" * 40)
     source |= {"admin-token": tmp_path / "admin-token", "audit-key": tmp_path / "audit-key"}
@@ -320,12 +414,14 @@ def test_configmap_config_passes_check_config_with_the_mounted_files(rendered, t
     for m in c["volumeMounts"]:
         if not m["mountPath"].startswith("/etc/portvakt/") or m["name"] == "config":
             continue
-        target = etc / m["mountPath"][len("/etc/portvakt/"):]
+        target = etc / m["mountPath"][len("/etc/portvakt/") :]
         target.mkdir(parents=True, exist_ok=True)
         for item in vols[m["name"]]["secret"]["items"]:
             shutil.copy(source[item["key"]], target / item["path"])
     cm = _one(rendered, "ConfigMap")
-    (etc / "portvakt.yaml").write_text(cm["data"]["portvakt.yaml"].replace("/var/lib/portvakt", str(tmp_path / "state")))
+    (etc / "portvakt.yaml").write_text(
+        cm["data"]["portvakt.yaml"].replace("/var/lib/portvakt", str(tmp_path / "state"))
+    )
     doc = check_config(etc / "portvakt.yaml")
     assert doc["valid"], doc["errors"]
     assert doc["warnings"] == [], doc["warnings"]
@@ -337,16 +433,29 @@ def test_configmap_config_passes_check_config_with_the_mounted_files(rendered, t
 def test_systemd_unit_verifies_and_is_hardened():
     unit = DEPLOY / "systemd" / "portvakt.service"
     text = unit.read_text()
-    for directive in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
-                      "PrivateDevices=yes", "CapabilityBoundingSet=\n", "RestrictAddressFamilies=",
-                      "SystemCallFilter=@system-service", "ReadOnlyPaths=/etc/portvakt", "StateDirectory=portvakt",
-                      "ExecReload=/bin/kill -HUP $MAINPID", "ExecStartPre=/opt/portvakt/bin/portvakt check-config"):
+    for directive in (
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "PrivateDevices=yes",
+        "CapabilityBoundingSet=\n",
+        "RestrictAddressFamilies=",
+        "SystemCallFilter=@system-service",
+        "ReadOnlyPaths=/etc/portvakt",
+        "StateDirectory=portvakt",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecStartPre=/opt/portvakt/bin/portvakt check-config",
+    ):
         assert directive in text, directive
     tool = shutil.which("systemd-analyze")
     if tool is None:
         pytest.skip("systemd-analyze is not installed")
     out = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     # The executable is not installed on the test machine; everything else must be clean.
-    problems = [line for line in (out.stdout + out.stderr).splitlines()
-                if line.strip() and "is not executable" not in line and "No such file" not in line]
+    problems = [
+        line
+        for line in (out.stdout + out.stderr).splitlines()
+        if line.strip() and "is not executable" not in line and "No such file" not in line
+    ]
     assert problems == [], problems

@@ -39,7 +39,11 @@ def innsyn_route(**access_overrides: Any) -> dict:
         "access": {
             "any_of": [
                 {"integration": True, "scopes": ["ks:fiks"]},
-                {"person": True, "acr": "idporten-loa-high", "pid_from": "path:/innsyn/api/v1/personer/{pid}/"},
+                {
+                    "person": True,
+                    "acr": "idporten-loa-high",
+                    "pid_from": "path:/innsyn/api/v1/personer/{pid}/",
+                },
                 {"certificate_orgs": [GRANTING_ORG]},
             ],
             **access_overrides,
@@ -57,9 +61,14 @@ def integration_entry(password_hash: str | None = None, grants: list[dict] | Non
     }
 
 
-def identity_config(upstream_url: str, issuer: Any, integrations: list[dict] | None = None, **sections: Any) -> dict:
+def identity_config(
+    upstream_url: str, issuer: Any, integrations: list[dict] | None = None, **sections: Any
+) -> dict:
     # The cheap test hashes (FAST) are below the production floor on purpose.
-    sections["integrations_policy"] = {"password_hash_floor": "none", **sections.get("integrations_policy", {})}
+    sections["integrations_policy"] = {
+        "password_hash_floor": "none",
+        **sections.get("integrations_policy", {}),
+    }
     return basic_config(
         upstream_url,
         issuers=issuer.issuers_config(),

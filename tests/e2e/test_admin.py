@@ -18,7 +18,9 @@ async def post_reload(gw, headers: dict | None = None) -> tuple[int, dict, dict]
 
 async def test_rejected_reload_is_a_422_problem_list_logged_one_line_per_problem(start_gateway, upstream):
     gw = await start_gateway(basic_config(upstream.url))
-    gw.write_config("upstreams: {}\nroutes: [{name: a, upstream: b, bogus: 1}]\nserver: {workers: 0}\n", raw=True)
+    gw.write_config(
+        "upstreams: {}\nroutes: [{name: a, upstream: b, bogus: 1}]\nserver: {workers: 0}\n", raw=True
+    )
     status, headers, doc = await post_reload(gw)
     assert status == 422
     assert headers["Content-Type"].startswith("application/problem+json")
@@ -26,7 +28,7 @@ async def test_rejected_reload_is_a_422_problem_list_logged_one_line_per_problem
     assert doc["type"].endswith("/config_rejected") and doc["request_id"]
     # Every layer in one answer: schema (workers, bogus) and cross-checks (tls, upstream).
     assert all(p.startswith(f"{gw.config_path}: ") for p in doc["problems"])
-    paths = sorted(p[len(str(gw.config_path)) + 2:].split(": ")[0] for p in doc["problems"])
+    paths = sorted(p[len(str(gw.config_path)) + 2 :].split(": ")[0] for p in doc["problems"])
     assert paths == ["routes[0].bogus", "routes[0].upstream", "server.tls", "server.workers"], doc["problems"]
     logged = [line for line in gw.output().splitlines() if "config reload problem: " in line]
     assert len(logged) == len(doc["problems"])
@@ -41,8 +43,14 @@ async def test_rejected_reload_is_a_422_problem_list_logged_one_line_per_problem
 async def test_admin_responses_do_not_name_python_or_aiohttp(start_gateway, upstream):
     gw = await start_gateway(basic_config(upstream.url))
     async with aiohttp.ClientSession() as s:
-        for method, path in (("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
-                             ("GET", "/nope"), ("POST", "/-/reload"), ("GET", "/-/reload")):
+        for method, path in (
+            ("GET", "/healthz"),
+            ("GET", "/readyz"),
+            ("GET", "/metrics"),
+            ("GET", "/nope"),
+            ("POST", "/-/reload"),
+            ("GET", "/-/reload"),
+        ):
             async with s.request(method, gw.admin_url + path) as r:
                 assert r.headers.get("Server") == "portvakt", (path, r.headers.get("Server"))
 
@@ -50,8 +58,13 @@ async def test_admin_responses_do_not_name_python_or_aiohttp(start_gateway, upst
 async def test_reload_token_from_env_guards_post_reload(start_gateway, upstream):
     cfg = basic_config(upstream.url, admin={"reload_token": "${PV_TEST_ADMIN_TOKEN}"})
     gw = await start_gateway(cfg, env={"PV_TEST_ADMIN_TOKEN": TOKEN})
-    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": f"Basic {TOKEN}"},
-                    {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": "Bearer"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-token-0123456789"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": "Bearer"},
+    ):
         status, h, doc = await post_reload(gw, headers)
         assert status == 401 and doc["reason"] == "admin_token_required", headers
         assert h["WWW-Authenticate"].startswith("Bearer")
@@ -124,20 +137,39 @@ async def test_reload_refuses_requests_made_by_web_pages(start_gateway, upstream
     host = f"Host: 127.0.0.1:{port}\r\n"
     refused = [
         # the red team's request: a cross-site HTML form
-        (host + "Content-Type: application/x-www-form-urlencoded\r\nOrigin: https://evil.example\r\n"
-         "Sec-Fetch-Site: cross-site\r\n", b"x=1"),
-        (host + "Content-Type: application/x-www-form-urlencoded\r\nOrigin: https://evil.example\r\n", b"x=1"),
+        (
+            host + "Content-Type: application/x-www-form-urlencoded\r\nOrigin: https://evil.example\r\n"
+            "Sec-Fetch-Site: cross-site\r\n",
+            b"x=1",
+        ),
+        (
+            host + "Content-Type: application/x-www-form-urlencoded\r\nOrigin: https://evil.example\r\n",
+            b"x=1",
+        ),
         (host + "Content-Type: text/plain\r\nOrigin: null\r\n", b"x"),  # sandboxed iframe / data: URL
-        (host + "Content-Type: multipart/form-data; boundary=b\r\n", b"--b--\r\n"),  # older browsers: no Origin
+        (
+            host + "Content-Type: multipart/form-data; boundary=b\r\n",
+            b"--b--\r\n",
+        ),  # older browsers: no Origin
         (host + "Content-Type: application/x-www-form-urlencoded\r\n", b"x=1"),
         (host + "Content-Type: text/plain;charset=UTF-8\r\n", b"x"),
         (host + "Sec-Fetch-Site: same-site\r\nSec-Fetch-Mode: no-cors\r\n", b""),
-        (host + "Origin: http://evil.example\r\nSec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: no-cors\r\n", b""),
+        (
+            host + "Origin: http://evil.example\r\nSec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: no-cors\r\n",
+            b"",
+        ),
         # a no-cors fetch without a body: browser headers but no JSON
-        (host + f"Origin: http://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\nSec-Fetch-Mode: no-cors\r\n", b""),
+        (
+            host
+            + f"Origin: http://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\nSec-Fetch-Mode: no-cors\r\n",
+            b"",
+        ),
         # DNS rebinding: same origin as far as the browser knows, but the Host is the attacker's name
-        (f"Host: rebind.evil.example:{port}\r\nOrigin: http://rebind.evil.example:{port}\r\n"
-         "Sec-Fetch-Site: same-origin\r\nContent-Type: application/json\r\n", b"{}"),
+        (
+            f"Host: rebind.evil.example:{port}\r\nOrigin: http://rebind.evil.example:{port}\r\n"
+            "Sec-Fetch-Site: same-origin\r\nContent-Type: application/json\r\n",
+            b"{}",
+        ),
     ]
     for head, body in refused:
         status, top, payload = await _raw_admin(gw, "POST /-/reload HTTP/1.1\r\n" + head, body)
@@ -146,12 +178,19 @@ async def test_reload_refuses_requests_made_by_web_pages(start_gateway, upstream
     assert await gw.metric("portvakt_config_reloads_total", {"result": "success"}) in (None, 0)
     assert "looks like a web page's request" in gw.output()
     # curl -X POST (README), curl with JSON, and a same-origin JSON fetch to an IP literal reload
-    for head, body in ((host + "User-Agent: curl/8.5.0\r\nAccept: */*\r\n", b""),
-                       (host + "Content-Type: application/json\r\n", b"{}"),
-                       (host + f"Origin: http://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\n"
-                        "Content-Type: application/json\r\n", b"{}")):
+    for head, body in (
+        (host + "User-Agent: curl/8.5.0\r\nAccept: */*\r\n", b""),
+        (host + "Content-Type: application/json\r\n", b"{}"),
+        (
+            host + f"Origin: http://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\n"
+            "Content-Type: application/json\r\n",
+            b"{}",
+        ),
+    ):
         status, _, payload = await _raw_admin(gw, "POST /-/reload HTTP/1.1\r\n" + head, body)
         assert (status, json.loads(payload)) == (200, {"result": "success"}), (head, payload)
     # GETs (Prometheus, probes) are not affected by browser headers
-    status, _, _ = await _raw_admin(gw, "GET /healthz HTTP/1.1\r\n" + host + "Origin: https://evil.example\r\n")
+    status, _, _ = await _raw_admin(
+        gw, "GET /healthz HTTP/1.1\r\n" + host + "Origin: https://evil.example\r\n"
+    )
     assert status == 200

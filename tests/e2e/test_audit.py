@@ -38,7 +38,11 @@ WAF_AVAILABLE = hasattr(importlib.import_module("filters.waf"), "build_stage") a
 
 def config(upstream_url: str, issuer, tmp_path: Path, **audit) -> dict:
     cfg = basic_config(upstream_url, issuers=issuer.issuers_config())
-    cfg["upstreams"]["dead"] = {"url": f"http://127.0.0.1:{free_port()}", "connect_timeout_seconds": 1, "timeout_seconds": 2}
+    cfg["upstreams"]["dead"] = {
+        "url": f"http://127.0.0.1:{free_port()}",
+        "connect_timeout_seconds": 1,
+        "timeout_seconds": 2,
+    }
     protected = {"any_of": [{"organizations": [ORG], "scopes": ["ks:fiks"]}, {"person": True}]}
     cfg["routes"] = [
         {
@@ -81,7 +85,11 @@ async def get(gw, path: str, token: str | None = None, **headers) -> tuple[int, 
     async with gw.session() as s:
         async with s.get(gw.url + path, headers=headers) as r:
             body = await r.read()
-            doc = json.loads(body) if r.headers.get("Content-Type", "").startswith("application/problem") else {}
+            doc = (
+                json.loads(body)
+                if r.headers.get("Content-Type", "").startswith("application/problem")
+                else {}
+            )
             return r.status, r.headers["X-Request-Id"], doc
 
 
@@ -142,7 +150,11 @@ def cli_verify(tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PORTVAKT_AUDIT_KEY": KEY, "PYTHONPATH": root}
     return subprocess.run(
         [sys.executable, "-m", "gateway", "audit", "verify", *trail(tmp_path)],
-        env=env, cwd=root, capture_output=True, text=True, timeout=60,
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -184,7 +196,7 @@ async def test_strict_kill9_under_load_loses_no_forwarded_request(start_gateway,
                 try:
                     async with s.get(gw.url + "/open/load") as r:
                         await r.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                except (TimeoutError, aiohttp.ClientError, OSError):
                     return
 
     tasks = [asyncio.create_task(client()) for _ in range(6)]
@@ -211,7 +223,11 @@ async def test_strict_kill9_under_load_loses_no_forwarded_request(start_gateway,
 async def test_no_clear_text_person_number_anywhere(start_gateway, upstream, issuer, tmp_path):
     auditor = x25519.X25519PrivateKey.generate()
     pub = tmp_path / "auditor.pub"
-    pub.write_bytes(auditor.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub.write_bytes(
+        auditor.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     cfg = config(upstream.url, issuer, tmp_path, auditor_public_key=str(pub))
     cfg["routes"][-1]["audit"] = {"query_string": True}
     gw = await start_gateway(cfg)
@@ -245,7 +261,8 @@ async def test_full_disk_in_strict_mode_denies_503_and_recovers(start_gateway, u
     cfg = config(upstream.url, issuer, tmp_path, durability="strict")
     # A trail bigger than anything else the gateway writes (its log), so only the audit file hits
     # the limit.
-    from tests.gateway.helpers_audit import make_config as unit_config, make_ctx
+    from tests.gateway.helpers_audit import make_config as unit_config
+    from tests.gateway.helpers_audit import make_ctx
 
     pre = build_audit(BuildEnv(config=unit_config(audit=cfg["audit"]), base_dir=".", secrets={}))
     await pre.start()

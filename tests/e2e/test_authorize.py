@@ -20,7 +20,9 @@ from tests.e2e.helpers_identity import (
 )
 
 
-async def test_grant_allows_missing_grant_denies_and_withdrawal_applies_on_reload(start_gateway, upstream, issuer):
+async def test_grant_allows_missing_grant_denies_and_withdrawal_applies_on_reload(
+    start_gateway, upstream, issuer
+):
     gw = await start_gateway(identity_config(upstream.url, issuer))
     headers = {**bearer(issuer.mint(scope="ks:fiks")), **creds()}
     async with gw.session() as s:
@@ -62,7 +64,9 @@ async def test_no_credentials_is_401_bearer_and_token_alone_is_403(start_gateway
         status, body, resp = await call(s, gw.url + ORG_URL.format(org=GRANTING_ORG))
         assert (status, body["reason"]) == (401, "authentication_required")
         assert resp["WWW-Authenticate"].startswith("Bearer")
-        status, body, _ = await call(s, gw.url + ORG_URL.format(org=GRANTING_ORG), bearer(issuer.mint(scope="ks:fiks")))
+        status, body, _ = await call(
+            s, gw.url + ORG_URL.format(org=GRANTING_ORG), bearer(issuer.mint(scope="ks:fiks"))
+        )
         assert (status, body["reason"]) == (403, "integration_required")
     assert upstream.started == 0
 

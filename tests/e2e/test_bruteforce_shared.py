@@ -18,8 +18,14 @@ GUESSES = 24
 
 
 def policy(redis_url: str | None) -> dict:
-    bf = {"free_failures": MAX_FAILURES, "max_failures": MAX_FAILURES, "ip_max_failures": 1000,
-          "id_max_failures": 1000, "lockout_seconds": 300, "decay_seconds": 3600}
+    bf = {
+        "free_failures": MAX_FAILURES,
+        "max_failures": MAX_FAILURES,
+        "ip_max_failures": 1000,
+        "id_max_failures": 1000,
+        "lockout_seconds": 300,
+        "decay_seconds": 3600,
+    }
     if redis_url is not None:
         bf["redis_url"] = redis_url
     return {"brute_force": bf, "failure_cache_seconds": 0}
@@ -39,7 +45,9 @@ async def storm(gateways: list, token: str) -> Counter:
     return Counter(await asyncio.gather(*tasks))
 
 
-async def test_two_workers_on_one_redis_allow_exactly_max_failures(start_gateway, upstream, issuer, redis_server):
+async def test_two_workers_on_one_redis_allow_exactly_max_failures(
+    start_gateway, upstream, issuer, redis_server
+):
     cfg = identity_config(upstream.url, issuer, integrations_policy=policy(redis_server.url))
     gw = await start_gateway(cfg, workers=2, wait_ready=False)
     await gw.wait_ready(timeout=90)  # two workers start slowly on a loaded machine

@@ -22,10 +22,18 @@ ORG_HEADER = "X-Portvakt-Certificate-Org"
 def config(upstream_url: str, **sections) -> dict:
     cfg = basic_config(upstream_url, **sections)
     cfg["routes"] = [
-        {"name": "seid2", "upstream": "demo", "match": {"path_prefix": "/seid2/"},
-         "access": {"any_of": [{"certificate_orgs": [SEID2_ORG]}]}},
-        {"name": "seid1", "upstream": "demo", "match": {"path_prefix": "/seid1/"},
-         "access": {"any_of": [{"certificate_orgs": [SEID1_ORG]}]}},
+        {
+            "name": "seid2",
+            "upstream": "demo",
+            "match": {"path_prefix": "/seid2/"},
+            "access": {"any_of": [{"certificate_orgs": [SEID2_ORG]}]},
+        },
+        {
+            "name": "seid1",
+            "upstream": "demo",
+            "match": {"path_prefix": "/seid1/"},
+            "access": {"any_of": [{"certificate_orgs": [SEID1_ORG]}]},
+        },
     ]
     return cfg
 
@@ -33,7 +41,11 @@ def config(upstream_url: str, **sections) -> dict:
 async def status_of(session, url: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
     async with session.get(url, headers=headers or {}) as r:
         await r.read()
-        body = await r.json(content_type=None) if r.headers.get("Content-Type", "").startswith("application/problem") else {}
+        body = (
+            await r.json(content_type=None)
+            if r.headers.get("Content-Type", "").startswith("application/problem")
+            else {}
+        )
         return r.status, body
 
 
@@ -77,14 +89,18 @@ def _xfcc(cert_path: str) -> dict[str, str]:
 
 
 def _client_cert(cert_path: str) -> dict[str, str]:
-    der = x509.load_pem_x509_certificate(Path(cert_path).read_bytes()).public_bytes(serialization.Encoding.DER)
+    der = x509.load_pem_x509_certificate(Path(cert_path).read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
     return {"Client-Cert": ":" + base64.b64encode(der).decode() + ":"}
 
 
 @pytest.mark.parametrize("fmt, make", [("xfcc", _xfcc), ("client-cert", _client_cert)])
 async def test_forwarded_certificate_only_from_a_trusted_proxy(start_gateway, upstream, pki, fmt, make):
     certificates = {"forwarded_format": fmt, "ca_file": pki.ca_cert}
-    cfg = config(upstream.url, server={"plain_http": True}, trusted_proxies=["127.0.0.1/32"], certificates=certificates)
+    cfg = config(
+        upstream.url, server={"plain_http": True}, trusted_proxies=["127.0.0.1/32"], certificates=certificates
+    )
     gw = await start_gateway(cfg)
     async with gw.session() as s:
         assert (await status_of(s, gw.url + "/seid1/x", make(pki.client_seid1_cert)))[0] == 200

@@ -66,7 +66,9 @@ async def test_party_selection_with_fake_altinn(delegation_env):
     assert st == 200
     # Altinn back, and the person lost the sub-unit: the next request is refused (re-checked).
     env.altinn.down = False
-    env.altinn.parties[ADMIN_PID] = [p for p in env.altinn.parties[ADMIN_PID] if p["organizationNumber"] != ORG]
+    env.altinn.parties[ADMIN_PID] = [
+        p for p in env.altinn.parties[ADMIN_PID] if p["organizationNumber"] != ORG
+    ]
     st, doc, _ = await api(b, "GET", "/org/x", csrf=None)
     assert st == 403 and doc["reason"] == "party_not_held"
     await env.penv.settle()
@@ -89,8 +91,12 @@ async def test_delegated_admin_flow_and_chain(delegation_env):
     assert st == 200, doc
     st, doc, _ = await api(second, "GET", "/post-admin/x", csrf=None)
     assert st == 403 and doc["reason"] == "privilege_missing"
-    st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants",
-                           {"subject": {"person": SECOND_PID}, "role": "admin", "service": "post", "basis": "tjenesteforvalter"})
+    st, doc, _ = await api(
+        admin,
+        "POST",
+        f"/portvakt/admin/orgs/{ORG}/grants",
+        {"subject": {"person": SECOND_PID}, "role": "admin", "service": "post", "basis": "tjenesteforvalter"},
+    )
     assert st == 201, doc
     gid = doc["id"]
     st, doc, _ = await api(second, "GET", "/post-admin/x", csrf=None)
@@ -108,8 +114,12 @@ async def test_delegated_admin_flow_and_chain(delegation_env):
     ):
         st, doc, _ = await api(second, "POST", f"/portvakt/admin/orgs/{ORG}/grants", body)
         assert st == 403 and doc["reason"] == reason, (body, doc)
-    st, doc, _ = await api(second, "POST", f"/portvakt/admin/orgs/{ORG}/grants",
-                           {"subject": {"person": THIRD_PID}, "role": "send", "service": "post"})
+    st, doc, _ = await api(
+        second,
+        "POST",
+        f"/portvakt/admin/orgs/{ORG}/grants",
+        {"subject": {"person": THIRD_PID}, "role": "send", "service": "post"},
+    )
     assert st == 201, doc
     send_gid = doc["id"]
     # Withdrawal: effective on the next request.
@@ -139,8 +149,21 @@ async def test_delegated_admin_flow_and_chain(delegation_env):
     # Every change is in the hash chain, and the chain verifies.
     key_file = env.penv.audit_path.parent / "k"
     key_file.write_text("test-audit-key-0123456789")
-    out = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify", "--key-file", str(key_file),
-                          str(env.penv.audit_path)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "audit",
+            "verify",
+            "--key-file",
+            str(key_file),
+            str(env.penv.audit_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and out.stdout.startswith("OK"), out.stdout + out.stderr
 
 
@@ -154,7 +177,9 @@ async def test_attacks_csrf_level_last_admin_foreign_org(delegation_env):
     tok = doc["csrf_token"]
     st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants", body, csrf=tok)
     assert st == 201, doc
-    st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants", {**body, "role": "send"}, csrf=tok)
+    st, doc, _ = await api(
+        admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants", {**body, "role": "send"}, csrf=tok
+    )
     assert st == 403 and doc["reason"] == "csrf_failed"
     # No token, another session's token, cross-site, wrong origin, a form content type.
     st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants", body, csrf=None)
@@ -162,30 +187,51 @@ async def test_attacks_csrf_level_last_admin_foreign_org(delegation_env):
     st, doc, _ = await api(other, "GET", "/portvakt/admin/csrf", csrf=None)
     st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants", body, csrf=doc["csrf_token"])
     assert st == 403 and doc["reason"] == "csrf_failed"
-    st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants", body, headers={"Sec-Fetch-Site": "cross-site"})
+    st, doc, _ = await api(
+        admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants", body, headers={"Sec-Fetch-Site": "cross-site"}
+    )
     assert st == 403 and doc["reason"] == "csrf_failed"
-    st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants", body, headers={"Origin": "https://evil.example"})
+    st, doc, _ = await api(
+        admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants", body, headers={"Origin": "https://evil.example"}
+    )
     assert st == 403 and doc["reason"] == "csrf_failed"
     # Another org's grants and trail: refused, and the refusal is audited.
     for path in (f"/portvakt/admin/orgs/{OTHER_ORG}/grants", f"/portvakt/admin/orgs/{OTHER_ORG}/audit"):
         st, doc, _ = await api(admin, "GET", path, csrf=None)
         assert st == 403 and doc["reason"] == "not_admin"
-    st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{OTHER_ORG}/grants",
-                           {"subject": {"person": ADMIN_PID}, "role": "admin"})
+    st, doc, _ = await api(
+        admin,
+        "POST",
+        f"/portvakt/admin/orgs/{OTHER_ORG}/grants",
+        {"subject": {"person": ADMIN_PID}, "role": "admin"},
+    )
     assert st == 403 and doc["reason"] == "not_admin"
     # Malformed input: precise 400s, never 5xx.
-    for bad in ([], {"subject": "x"}, {"subject": {"person": "123"}, "role": "user"},
-                {"subject": {"person": SECOND_PID}, "role": "root"}, {"subject": {"person": SECOND_PID}, "role": "user", "service": "nope"},
-                {"subject": {"integration": "not-a-uuid"}, "role": "user", "service": "post"}, {"x": 1}):
+    for bad in (
+        [],
+        {"subject": "x"},
+        {"subject": {"person": "123"}, "role": "user"},
+        {"subject": {"person": SECOND_PID}, "role": "root"},
+        {"subject": {"person": SECOND_PID}, "role": "user", "service": "nope"},
+        {"subject": {"integration": "not-a-uuid"}, "role": "user", "service": "post"},
+        {"x": 1},
+    ):
         st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants", bad)
         assert st == 400 and doc["reason"] == "grant_invalid", (bad, doc)
     st, doc, _ = await api(admin, "GET", "/portvakt/admin/orgs/12ab/grants", csrf=None)
     assert st == 400
     # Remove the last admin: make a second org admin, withdraw the seed's peer, then try the last one.
-    st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants", {"subject": {"person": SECOND_PID}, "role": "admin"})
+    st, doc, _ = await api(
+        admin,
+        "POST",
+        f"/portvakt/admin/orgs/{ORG}/grants",
+        {"subject": {"person": SECOND_PID}, "role": "admin"},
+    )
     assert st == 201
     second = await env.browser(SECOND_PID)
-    st, doc, _ = await api(second, "DELETE", f"/portvakt/admin/orgs/{ORG}/grants/{doc['id']}")  # gives up own admin
+    st, doc, _ = await api(
+        second, "DELETE", f"/portvakt/admin/orgs/{ORG}/grants/{doc['id']}"
+    )  # gives up own admin
     assert st == 204, doc
     # A substantial session is not enough for the admin API (acr high by default).
     low = await env.browser(ADMIN_PID, acr="idporten-loa-substantial")
@@ -197,8 +243,8 @@ async def test_attacks_csrf_level_last_admin_foreign_org(delegation_env):
 
 
 async def test_last_admin_is_kept(delegation_env):
-    from filters.delegation.store import LastAdmin, SqliteStore
     from filters.delegation.config import PrivilegeStoreConfig
+    from filters.delegation.store import LastAdmin, SqliteStore
 
     env = await delegation_env()
     path = env.section["store"]["path"]
@@ -206,8 +252,13 @@ async def test_last_admin_is_kept(delegation_env):
     await store.start()
     try:
         org = "930000004"
-        g = {"id": "g-a", "organization": org, "subject": {"kind": "person", "ref": "r1", "display": "x"},
-             "role": "admin", "service": "*"}
+        g = {
+            "id": "g-a",
+            "organization": org,
+            "subject": {"kind": "person", "ref": "r1", "display": "x"},
+            "role": "admin",
+            "service": "*",
+        }
         await store.add(g)
         await store.add({**g, "id": "g-b", "subject": {"kind": "person", "ref": "r2", "display": "y"}})
         assert (await store.remove(org, "g-a"))["id"] == "g-a"
@@ -222,8 +273,19 @@ async def test_last_admin_is_kept(delegation_env):
         from tests.fixtures.delegation import SUBJECT_KEY
 
         solo = "940000000"
-        await store.add({"id": "g-solo", "organization": solo, "role": "admin", "service": "*",
-                         "subject": {"kind": "person", "ref": subject_ref(SUBJECT_KEY.encode(), SECOND_PID), "display": "x"}})
+        await store.add(
+            {
+                "id": "g-solo",
+                "organization": solo,
+                "role": "admin",
+                "service": "*",
+                "subject": {
+                    "kind": "person",
+                    "ref": subject_ref(SUBJECT_KEY.encode(), SECOND_PID),
+                    "display": "x",
+                },
+            }
+        )
     finally:
         await store.close()
     second = await env.browser(SECOND_PID)
@@ -246,7 +308,12 @@ async def test_org_audit_view_own_records_only(delegation_env):
     for b in (admin, other):
         st, _, _ = await api(b, "GET", "/org/doc", csrf=None)
         assert st == 200
-    await api(admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants", {"subject": {"person": SECOND_PID}, "role": "user", "service": "post"})
+    await api(
+        admin,
+        "POST",
+        f"/portvakt/admin/orgs/{ORG}/grants",
+        {"subject": {"person": SECOND_PID}, "role": "user", "service": "post"},
+    )
     await env.penv.settle()
     st, doc, _ = await api(admin, "GET", f"/portvakt/admin/orgs/{ORG}/audit?limit=500", csrf=None)
     assert st == 200, doc
@@ -268,14 +335,20 @@ async def test_org_audit_view_own_records_only(delegation_env):
     assert len(page1["records"]) == 1 and page1["next_cursor"] == "1"
     st, page2, _ = await api(admin, "GET", f"/portvakt/admin/orgs/{ORG}/audit?limit=1&cursor=1", csrf=None)
     assert page2["records"] != page1["records"]
-    st, svc, _ = await api(admin, "GET", f"/portvakt/admin/orgs/{ORG}/audit?service=post&limit=500", csrf=None)
+    st, svc, _ = await api(
+        admin, "GET", f"/portvakt/admin/orgs/{ORG}/audit?service=post&limit=500", csrf=None
+    )
     assert svc["records"] and all(r.get("service") == "post" for r in svc["records"])
     me = next(iter(view_ps))
-    st, mine, _ = await api(admin, "GET", f"/portvakt/admin/orgs/{ORG}/audit?caller={me}&limit=500", csrf=None)
+    st, mine, _ = await api(
+        admin, "GET", f"/portvakt/admin/orgs/{ORG}/audit?caller={me}&limit=500", csrf=None
+    )
     assert mine["records"] and len(mine["records"]) < len(recs) + 5
     st, doc, _ = await api(admin, "GET", f"/portvakt/admin/orgs/{ORG}/audit?since=yesterday", csrf=None)
     assert st == 400
-    st, future, _ = await api(admin, "GET", f"/portvakt/admin/orgs/{ORG}/audit?since=2999-01-01T00:00:00Z", csrf=None)
+    st, future, _ = await api(
+        admin, "GET", f"/portvakt/admin/orgs/{ORG}/audit?since=2999-01-01T00:00:00Z", csrf=None
+    )
     assert future["records"] == []
     # Reading is audited.
     await env.penv.settle()
@@ -283,7 +356,9 @@ async def test_org_audit_view_own_records_only(delegation_env):
     assert len(reads) >= 5 and all(r["organization"] == ORG for r in reads)
 
 
-async def test_withdrawal_holds_on_another_gateway_process_sharing_redis(delegation_env, redis_server, start_gateway, tmp_path):
+async def test_withdrawal_holds_on_another_gateway_process_sharing_redis(
+    delegation_env, redis_server, start_gateway, tmp_path
+):
     import copy
 
     env = await delegation_env(store={"backend": "redis", "url": redis_server.url})
@@ -293,8 +368,12 @@ async def test_withdrawal_holds_on_another_gateway_process_sharing_redis(delegat
     admin = await env.browser(ADMIN_PID)
     second = await env.browser(SECOND_PID)
     env.altinn.parties[SECOND_PID] = env.altinn.parties[ADMIN_PID]
-    st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants",
-                           {"subject": {"person": SECOND_PID}, "role": "admin", "service": "post"})
+    st, doc, _ = await api(
+        admin,
+        "POST",
+        f"/portvakt/admin/orgs/{ORG}/grants",
+        {"subject": {"person": SECOND_PID}, "role": "admin", "service": "post"},
+    )
     assert st == 201, doc
     gid = doc["id"]
 
@@ -324,9 +403,17 @@ async def test_rate_limit_cross_site_party_and_escaped_page(delegation_env):
     env = await delegation_env(admin_api={"requests_per_minute": 6})
     admin = await env.browser(ADMIN_PID)
     # A hostile basis is stored as text and shown escaped on the page.
-    st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{ORG}/grants",
-                           {"subject": {"person": SECOND_PID}, "role": "user", "service": "post",
-                            "basis": "<script>alert(1)</script>"})
+    st, doc, _ = await api(
+        admin,
+        "POST",
+        f"/portvakt/admin/orgs/{ORG}/grants",
+        {
+            "subject": {"person": SECOND_PID},
+            "role": "user",
+            "service": "post",
+            "basis": "<script>alert(1)</script>",
+        },
+    )
     assert st == 201
     async with admin.session.get(env.url + "/portvakt/admin/", headers={"Accept": "text/html"}) as r:
         body = await r.text()
@@ -335,14 +422,22 @@ async def test_rate_limit_cross_site_party_and_escaped_page(delegation_env):
     assert "<script>" not in body and "&lt;script&gt;alert(1)&lt;/script&gt;" in body
     assert SECOND_PID not in body and SECOND_PID[:6] + "*****" in body
     # Choosing a party from another site is refused before anything is read.
-    st, doc, _ = await api(admin, "POST", "/portvakt/party", {"partyUuid": EAST}, csrf=None,
-                           headers={"Sec-Fetch-Site": "cross-site"})
+    st, doc, _ = await api(
+        admin,
+        "POST",
+        "/portvakt/party",
+        {"partyUuid": EAST},
+        csrf=None,
+        headers={"Sec-Fetch-Site": "cross-site"},
+    )
     assert st == 403 and doc["reason"] == "csrf_failed"
     # Without a session: 401 JSON, never a party.
     async with env.gw.session() as anon:
         async with anon.post(env.url + "/portvakt/party", json={"partyUuid": EAST}) as r:
             assert r.status == 401 and (await r.json())["reason"] == "login_required"
-        async with anon.get(env.url + "/portvakt/admin/orgs/910000005/grants", headers={"Accept": "application/json"}) as r:
+        async with anon.get(
+            env.url + "/portvakt/admin/orgs/910000005/grants", headers={"Accept": "application/json"}
+        ) as r:
             assert r.status == 401
     # Altinn down and no party chosen yet: the route says "choose one", not 503 (Altinn not asked).
     env.altinn.down = True
@@ -362,19 +457,32 @@ async def test_rate_limit_cross_site_party_and_escaped_page(delegation_env):
 
 
 async def test_integration_needs_the_orgs_run_time_grant_within_the_yaml_ceiling(delegation_env, issuer):
-    from tests.e2e.helpers_identity import GRANTING_ORG, INTEGRATION_ID, OTHER_ORG as NO_YAML_ORG, bearer, creds, integration_entry
+    from tests.e2e.helpers_identity import GRANTING_ORG, INTEGRATION_ID, bearer, creds, integration_entry
+    from tests.e2e.helpers_identity import OTHER_ORG as NO_YAML_ORG
 
     def hook(cfg: dict) -> None:
         cfg["issuers"] = issuer.issuers_config()
         # The operator's YAML grant (the ceiling): GRANTING_ORG -> service post. NO_YAML_ORG has none.
-        cfg["integrations"] = [integration_entry(grants=[{"organization": GRANTING_ORG, "services": ["post"]}])]
+        cfg["integrations"] = [
+            integration_entry(grants=[{"organization": GRANTING_ORG, "services": ["post"]}])
+        ]
         cfg["integrations_policy"] = {"password_hash_floor": "none"}  # the cheap test hash is below the floor
-        cfg["routes"].insert(0, {
-            "name": "post-api", "match": {"path_prefix": "/post-api/"}, "upstream": "app", "service": "post",
-            "organization_from": "path:/post-api/orgs/{organization}/",
-            "access": {"any_of": [{"integration": True, "scopes": ["ks:fiks"]}]}, "privilege": {"role": "send"}})
-        cfg["delegation"]["admins"] += [{"organization": GRANTING_ORG, "person": ADMIN_PID},
-                                        {"organization": NO_YAML_ORG, "person": ADMIN_PID}]
+        cfg["routes"].insert(
+            0,
+            {
+                "name": "post-api",
+                "match": {"path_prefix": "/post-api/"},
+                "upstream": "app",
+                "service": "post",
+                "organization_from": "path:/post-api/orgs/{organization}/",
+                "access": {"any_of": [{"integration": True, "scopes": ["ks:fiks"]}]},
+                "privilege": {"role": "send"},
+            },
+        )
+        cfg["delegation"]["admins"] += [
+            {"organization": GRANTING_ORG, "person": ADMIN_PID},
+            {"organization": NO_YAML_ORG, "person": ADMIN_PID},
+        ]
 
     env = await delegation_env(extra_hook=hook)
     admin = await env.browser(ADMIN_PID)
@@ -386,23 +494,35 @@ async def test_integration_needs_the_orgs_run_time_grant_within_the_yaml_ceiling
                 return r.status, await r.json(content_type=None)
 
     st, doc = await call(GRANTING_ORG)
-    assert st == 403 and doc["reason"] == "privilege_missing"  # the YAML grant alone is not the org's run-time grant
+    assert (
+        st == 403 and doc["reason"] == "privilege_missing"
+    )  # the YAML grant alone is not the org's run-time grant
     grants = {}
     for org in (GRANTING_ORG, NO_YAML_ORG):
-        st, doc, _ = await api(admin, "POST", f"/portvakt/admin/orgs/{org}/grants",
-                               {"subject": {"integration": INTEGRATION_ID}, "role": "send", "service": "post"})
+        st, doc, _ = await api(
+            admin,
+            "POST",
+            f"/portvakt/admin/orgs/{org}/grants",
+            {"subject": {"integration": INTEGRATION_ID}, "role": "send", "service": "post"},
+        )
         assert st == 201, doc
         grants[org] = doc["id"]
     st, doc = await call(GRANTING_ORG)
     assert st == 200 and doc["headers"]["X-Portvakt-Integration-Id"] == INTEGRATION_ID
     st, doc = await call(NO_YAML_ORG)  # a run-time grant cannot open what the operator has not
     assert st == 403 and doc["reason"] != "privilege_missing"
-    st, doc, _ = await api(admin, "DELETE", f"/portvakt/admin/orgs/{GRANTING_ORG}/grants/{grants[GRANTING_ORG]}")
+    st, doc, _ = await api(
+        admin, "DELETE", f"/portvakt/admin/orgs/{GRANTING_ORG}/grants/{grants[GRANTING_ORG]}"
+    )
     assert st == 204
     st, doc = await call(GRANTING_ORG)  # withdrawn: the next request is refused
     assert st == 403 and doc["reason"] == "privilege_missing"
     await env.penv.settle()
-    ev = [r for r in env.penv.audit() if r.get("type") in ("privilege_granted", "privilege_withdrawn")
-          and r.get("subject", {}).get("kind") == "integration"]
+    ev = [
+        r
+        for r in env.penv.audit()
+        if r.get("type") in ("privilege_granted", "privilege_withdrawn")
+        and r.get("subject", {}).get("kind") == "integration"
+    ]
     assert [r["type"] for r in ev] == ["privilege_granted", "privilege_granted", "privilege_withdrawn"]
     assert ev[0]["subject"]["integration_id"] == INTEGRATION_ID

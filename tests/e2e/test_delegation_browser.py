@@ -39,8 +39,11 @@ async def test_admin_page_grant_then_service_admin_route(delegation_env, chromiu
     await dev_login(p2, acr="idporten-loa-high", pid=SECOND_PID)
     await p2.wait_for_url(env.url + "/app/")
     east = str(uuid.uuid5(uuid.NAMESPACE_URL, "altinn-org:910000005"))
-    r = await p2.evaluate("""async (u) => { const r = await fetch('/portvakt/party', {method: 'POST',
-        headers: {'Content-Type': 'application/json'}, body: JSON.stringify({partyUuid: u})}); return r.status }""", east)
+    r = await p2.evaluate(
+        """async (u) => { const r = await fetch('/portvakt/party', {method: 'POST',
+        headers: {'Content-Type': 'application/json'}, body: JSON.stringify({partyUuid: u})}); return r.status }""",
+        east,
+    )
     assert r == 200
     await p2.goto(env.url + "/post-admin/overview")
     doc = json.loads(await p2.inner_text("body"))

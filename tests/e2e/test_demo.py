@@ -30,8 +30,12 @@ def test_demo_prints_a_call_that_exercises_token_integration_and_privilege():
     if busy:
         pytest.skip(f"demo ports in use on this machine: {busy} (is `make run` running?)")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "demo"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [sys.executable, "-m", "gateway", "demo"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     lines: list[str] = []
     try:

@@ -33,8 +33,12 @@ async def test_demo_person_logs_in_with_a_browser(chromium):
     if busy:
         pytest.skip(f"demo ports in use on this machine: {busy} (is `make run` running?)")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "demo"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [sys.executable, "-m", "gateway", "demo"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     lines: list[str] = []
     try:

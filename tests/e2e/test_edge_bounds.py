@@ -85,10 +85,13 @@ async def test_slow_readers_neither_take_the_pool_nor_the_memory(start_gateway, 
     """120 clients ask for a 32 MiB answer and never read (the issue's 105 took every upstream
     connection, everyone else got 504 and RSS grew from 79 to 451 MB)."""
     hostile.big_size = 32 * MiB
-    gw = await start_gateway(_config(
-        hostile.url, {"max_connections": 100, "pool_timeout_seconds": 1},
-        response_write_timeout_seconds=2,
-    ))
+    gw = await start_gateway(
+        _config(
+            hostile.url,
+            {"max_connections": 100, "pool_timeout_seconds": 1},
+            response_write_timeout_seconds=2,
+        )
+    )
     async with aiohttp.ClientSession() as s:
         for i in range(20):  # warm up: imports, pools, caches
             async with s.get(gw.url + f"/plain/w{i}") as r:
@@ -97,7 +100,9 @@ async def test_slow_readers_neither_take_the_pool_nor_the_memory(start_gateway, 
         slow = []
         for i in range(120):
             sock = await raw_connect(gw.port, rcvbuf=4096)
-            await asyncio.get_running_loop().sock_sendall(sock, b"GET /slow/s%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+            await asyncio.get_running_loop().sock_sendall(
+                sock, b"GET /slow/s%d HTTP/1.1\r\nHost: x\r\n\r\n" % i
+            )
             slow.append(sock)
         peak = rss_before
         seen: dict[int, int] = {}
@@ -127,8 +132,10 @@ async def test_slow_readers_neither_take_the_pool_nor_the_memory(start_gateway, 
             for sock in slow:
                 sock.close()
     pool_refused = await gw.metric("portvakt_overload_rejections_total", {"limit": "upstream_pool"})
-    print(f"slow readers: RSS before {rss_before:.0f} MiB, peak {peak:.0f}, after {rss_after:.0f}; "
-          f"fast client got {seen}; write timeouts {cut:.0f}, pool refusals {pool_refused:.0f}")
+    print(
+        f"slow readers: RSS before {rss_before:.0f} MiB, peak {peak:.0f}, after {rss_after:.0f}; "
+        f"fast client got {seen}; write timeouts {cut:.0f}, pool refusals {pool_refused:.0f}"
+    )
     assert set(seen) <= {200, 503}, seen  # never a 504 after a long wait, never a hang
     assert served_after_cut >= 5
     assert cut >= 50  # the slow readers lost their streams
@@ -149,7 +156,9 @@ async def test_stalled_bodies_get_408_and_memory_stays_bounded(start_gateway, ho
         socks = []
         for i in range(1000):
             sock = await raw_connect(gw.port)
-            await loop.sock_sendall(sock, b"POST /plain/b%d HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nyyyy" % i)
+            await loop.sock_sendall(
+                sock, b"POST /plain/b%d HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nyyyy" % i
+            )
             socks.append(sock)
         peak = rss_mib(gw.pid)
         async with s.get(gw.url + "/plain/other") as r:  # others are served meanwhile
@@ -168,15 +177,22 @@ async def test_stalled_bodies_get_408_and_memory_stays_bounded(start_gateway, ho
         async with s.get(gw.url + "/plain/after") as r:
             assert r.status == 200
     statuses = [_status(a) for a in answers]
-    print(f"stalled bodies: RSS before {rss_before:.0f} MiB, peak {peak:.0f}, after {rss_after:.0f}; "
-          f"{statuses.count(408)} of {len(statuses)} got 408")
+    print(
+        f"stalled bodies: RSS before {rss_before:.0f} MiB, peak {peak:.0f}, after {rss_after:.0f}; "
+        f"{statuses.count(408)} of {len(statuses)} got 408"
+    )
     assert statuses.count(408) == 1000
     assert {_problem(a)["reason"] for a in answers} == {"request_timeout"}
     assert await gw.metric("portvakt_edge_timeouts_total", {"phase": "request_body"}) == 1000
     assert peak - rss_before < 150, (rss_before, peak)
     # the record: access log and metrics carry every one of them
-    assert await gw.metric("portvakt_requests_total",
-                           {"route": "demo", "method": "POST", "status": "408", "decision": "deny"}) == 1000
+    assert (
+        await gw.metric(
+            "portvakt_requests_total",
+            {"route": "demo", "method": "POST", "status": "408", "decision": "deny"},
+        )
+        == 1000
+    )
     assert not [p for _, p in hostile.requests if p.startswith("/plain/b")]  # never forwarded
     assert "Traceback" not in gw.output()
 
@@ -187,7 +203,8 @@ async def test_body_stalled_while_streaming_upstream(start_gateway, hostile):
     gw = await start_gateway(cfg)
     sock = await raw_connect(gw.port)
     await asyncio.get_running_loop().sock_sendall(
-        sock, b"POST /plain/big HTTP/1.1\r\nHost: x\r\nContent-Length: 400000\r\n\r\n" + b"z" * 200000)
+        sock, b"POST /plain/big HTTP/1.1\r\nHost: x\r\nContent-Length: 400000\r\n\r\n" + b"z" * 200000
+    )
     try:
         raw = await read_until_closed(sock, time.monotonic() + 30)
     finally:
@@ -266,8 +283,9 @@ async def test_concurrent_request_cap(start_gateway, hostile):
     assert {r[1] for r in refused} == {"3"}
     assert {json.loads(r[2])["reason"] for r in refused} == {"overloaded"}
     assert await gw.metric("portvakt_overload_rejections_total", {"limit": "requests"}) == len(refused)
-    assert await gw.metric("portvakt_requests_total",
-                           {"route": "(none)", "method": "GET", "status": "503", "decision": "deny"}) == len(refused)
+    assert await gw.metric(
+        "portvakt_requests_total", {"route": "(none)", "method": "GET", "status": "503", "decision": "deny"}
+    ) == len(refused)
 
 
 async def test_pool_wait_is_bounded(start_gateway, hostile):
@@ -333,8 +351,9 @@ async def test_slow_readers_over_tls(start_gateway, hostile):
         writers = []
         for i in range(40):
             sock = await raw_connect(gw.port, rcvbuf=4096)
-            _, w = await asyncio.open_connection(sock=sock, ssl=gw.ssl_context(), server_hostname="localhost",
-                                                 limit=4096)
+            _, w = await asyncio.open_connection(
+                sock=sock, ssl=gw.ssl_context(), server_hostname="localhost", limit=4096
+            )
             w.write(b"GET /slow/t%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
             writers.append(w)
         peak = rss_before
@@ -353,8 +372,10 @@ async def test_slow_readers_over_tls(start_gateway, hostile):
         finally:
             for w in writers:
                 w.transport.abort()
-    print(f"TLS slow readers: RSS before {rss_before:.0f} MiB, peak {peak:.0f}; fast client got {seen}; "
-          f"write timeouts {cut:.0f}")
+    print(
+        f"TLS slow readers: RSS before {rss_before:.0f} MiB, peak {peak:.0f}; fast client got {seen}; "
+        f"write timeouts {cut:.0f}"
+    )
     assert set(seen) <= {200, 503}, seen
     assert cut >= 20
     assert peak - rss_before < 150
@@ -365,7 +386,9 @@ async def test_half_sent_headers_pipelined_behind_a_request(start_gateway, hosti
     by the headers timeout, not by the (long) keep-alive timeout. (Sent in the same segment as a
     complete request, the start is not visible outside aiohttp's parser: keep-alive bounds it.)"""
     hostile.hold_delay = 1.0
-    gw = await start_gateway(_config(hostile.url, request_headers_timeout_seconds=1.5, keepalive_timeout_seconds=120))
+    gw = await start_gateway(
+        _config(hostile.url, request_headers_timeout_seconds=1.5, keepalive_timeout_seconds=120)
+    )
     loop = asyncio.get_running_loop()
     sock = await raw_connect(gw.port)
     await loop.sock_sendall(sock, b"GET /hold/one HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -390,6 +413,7 @@ async def test_reload_applies_new_edge_bounds(start_gateway, hostile):
                 async with s.get(gw.url + f"/hold/r{i}") as r:
                     await r.read()
                     return r.status
+
         return sorted(await asyncio.gather(*(one(i) for i in range(4))))
 
     assert await burst() == [200, 200, 200, 200]

@@ -21,7 +21,9 @@ from tests.fixtures.gateway import basic_config
 async def send(gw, pki, head: bytes, tls: bool = True) -> tuple[int, bytes]:
     """One raw request (``head`` without the final blank line); (status, body)."""
     if tls:
-        r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost")
+        r, w = await asyncio.open_connection(
+            "127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost"
+        )
     else:
         r, w = await asyncio.open_connection("127.0.0.1", gw.port)
     try:
@@ -40,15 +42,26 @@ async def send(gw, pki, head: bytes, tls: bool = True) -> tuple[int, bytes]:
 FORGED = (
     b"X-Forwarded-For: 203.0.113.66\r\nX-Forwarded-For: 203.0.113.67\r\n"
     b"X-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: 1\r\n"
-    b"X-Forwarded-Client-Cert: Hash=abc;Subject=\"CN=forged\"\r\nClient-Cert: :Zm9yZ2Vk:\r\n"
+    b'X-Forwarded-Client-Cert: Hash=abc;Subject="CN=forged"\r\nClient-Cert: :Zm9yZ2Vk:\r\n'
     b"X-SSL-Client-Cert: forged\r\nssl-client-cert: forged\r\n"
     b"X-Original-URL: /innsyn/admin\r\nX-Rewrite-URL: /innsyn/admin\r\nX-HTTP-Method-Override: DELETE\r\n"
     b"X-HTTP-Method: DELETE\r\nX-Method-Override: DELETE\r\nX-Real-IP: 10.0.0.1\r\nTrue-Client-IP: 10.0.0.2\r\n"
     b"X_Original_URL: /underscore\r\n"
 )
-NEVER = ("X-Forwarded-Client-Cert", "Client-Cert", "X-SSL-Client-Cert", "ssl-client-cert", "X-Original-URL",
-         "X-Rewrite-URL", "X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override", "X-Real-IP",
-         "True-Client-IP", "X_Original_URL")
+NEVER = (
+    "X-Forwarded-Client-Cert",
+    "Client-Cert",
+    "X-SSL-Client-Cert",
+    "ssl-client-cert",
+    "X-Original-URL",
+    "X-Rewrite-URL",
+    "X-HTTP-Method-Override",
+    "X-HTTP-Method",
+    "X-Method-Override",
+    "X-Real-IP",
+    "True-Client-IP",
+    "X_Original_URL",
+)
 
 
 async def test_untrusted_peer_gets_the_gateways_own_view_and_nothing_forged(start_gateway, upstream, pki):
@@ -64,19 +77,26 @@ async def test_untrusted_peer_gets_the_gateways_own_view_and_nothing_forged(star
     assert not leaked, leaked
 
 
-async def test_trusted_load_balancer_lines_form_one_list_and_its_values_count(start_gateway, upstream, pki, tmp_path):
+async def test_trusted_load_balancer_lines_form_one_list_and_its_values_count(
+    start_gateway, upstream, pki, tmp_path
+):
     cfg = basic_config(upstream.url, server={"plain_http": True}, trusted_proxies=["127.0.0.1/32"])
     cfg["audit"] = {"path": str(tmp_path / "audit.jsonl"), "key": "edge-headers-audit-key-0123456789"}
     gw = await start_gateway(cfg)
     # The client wrote the first line of each; the load balancer appended its own.
-    status, _ = await send(gw, pki, (
-        b"GET /lb HTTP/1.1\r\nHost: internal:8080\r\n"
-        b"X-Forwarded-For: 203.0.113.66\r\nX-Forwarded-For: 198.51.100.4\r\n"
-        b"X-Forwarded-Host: evil.example\r\nX-Forwarded-Host: API.example.\r\n"
-        b"X-Forwarded-Proto: http\r\nX-Forwarded-Proto: https\r\n"
-        b"X-Forwarded-Port: 1\r\nX-Forwarded-Port: 443\r\n"
-        b"X-Real-IP: 10.0.0.1\r\nX-Original-URL: /admin\r\n"
-    ), tls=False)
+    status, _ = await send(
+        gw,
+        pki,
+        (
+            b"GET /lb HTTP/1.1\r\nHost: internal:8080\r\n"
+            b"X-Forwarded-For: 203.0.113.66\r\nX-Forwarded-For: 198.51.100.4\r\n"
+            b"X-Forwarded-Host: evil.example\r\nX-Forwarded-Host: API.example.\r\n"
+            b"X-Forwarded-Proto: http\r\nX-Forwarded-Proto: https\r\n"
+            b"X-Forwarded-Port: 1\r\nX-Forwarded-Port: 443\r\n"
+            b"X-Real-IP: 10.0.0.1\r\nX-Original-URL: /admin\r\n"
+        ),
+        tls=False,
+    )
     assert status == 200
     seen = upstream.requests[-1]["headers"]
     assert seen.getall("X-Forwarded-For") == ["203.0.113.66, 198.51.100.4, 127.0.0.1"]
@@ -95,20 +115,32 @@ async def test_trusted_load_balancer_lines_form_one_list_and_its_values_count(st
 async def test_forwarded_client_certificate_passes_only_from_a_trusted_peer(start_gateway, upstream, pki):
     cfg = basic_config(upstream.url, server={"plain_http": True}, trusted_proxies=["127.0.0.1/32"])
     gw = await start_gateway(cfg)
-    status, _ = await send(gw, pki, b"GET /t HTTP/1.1\r\nHost: a\r\nX-Forwarded-Client-Cert: Hash=abc\r\n", tls=False)
+    status, _ = await send(
+        gw, pki, b"GET /t HTTP/1.1\r\nHost: a\r\nX-Forwarded-Client-Cert: Hash=abc\r\n", tls=False
+    )
     assert status == 200 and upstream.requests[-1]["headers"]["X-Forwarded-Client-Cert"] == "Hash=abc"
     cfg["trusted_proxies"] = ["10.9.9.9/32"]
     gw.write_config(cfg)
     assert await gw.reload() == "success"
-    status, _ = await send(gw, pki, b"GET /t HTTP/1.1\r\nHost: a\r\nX-Forwarded-Client-Cert: Hash=abc\r\n", tls=False)
+    status, _ = await send(
+        gw, pki, b"GET /t HTTP/1.1\r\nHost: a\r\nX-Forwarded-Client-Cert: Hash=abc\r\n", tls=False
+    )
     assert status == 200 and "X-Forwarded-Client-Cert" not in upstream.requests[-1]["headers"]
 
 
 async def test_strip_list_is_configurable(start_gateway, upstream, pki):
-    gw = await start_gateway(basic_config(upstream.url, http={
-        "strip_request_headers": ["X-Debug-Mode"], "forward_request_headers": ["X-Real-IP"]}))
-    status, _ = await send(gw, pki, b"GET /s HTTP/1.1\r\nHost: a\r\nX-Debug-Mode: 1\r\nX-Real-IP: 10.0.0.1\r\n"
-                                    b"X-Rewrite-URL: /admin\r\nX-Kept: yes\r\n")
+    gw = await start_gateway(
+        basic_config(
+            upstream.url,
+            http={"strip_request_headers": ["X-Debug-Mode"], "forward_request_headers": ["X-Real-IP"]},
+        )
+    )
+    status, _ = await send(
+        gw,
+        pki,
+        b"GET /s HTTP/1.1\r\nHost: a\r\nX-Debug-Mode: 1\r\nX-Real-IP: 10.0.0.1\r\n"
+        b"X-Rewrite-URL: /admin\r\nX-Kept: yes\r\n",
+    )
     assert status == 200
     seen = upstream.requests[-1]["headers"]
     assert "X-Debug-Mode" not in seen and "X-Rewrite-URL" not in seen
@@ -124,7 +156,10 @@ async def test_header_bytes_pass_verbatim_or_are_refused(start_gateway, upstream
     # UTF-8 passes byte for byte.
     status, _ = await send(gw, pki, b"GET /h HTTP/1.1\r\nHost: a\r\nX-A: \xc3\xa9t\xc3\xa9 \xe2\x9c\x93\r\n")
     assert status == 200
-    assert upstream.requests[-1]["headers"]["X-A"].encode("utf-8", "surrogateescape") == b"\xc3\xa9t\xc3\xa9 \xe2\x9c\x93"
+    assert (
+        upstream.requests[-1]["headers"]["X-A"].encode("utf-8", "surrogateescape")
+        == b"\xc3\xa9t\xc3\xa9 \xe2\x9c\x93"
+    )
     await asyncio.sleep(0.2)
     assert [e["reason"] for e in gw.access_log() if e["status"] == 400] == ["header_invalid_utf8"]
 
@@ -138,8 +173,10 @@ async def test_upstream_response_header_bytes_pass_verbatim_or_the_response_is_r
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             path = head.split(b" ", 2)[1]
-            writer.write(b"HTTP/1.1 200 OK\r\nX-A: " + values.get(path, b"x") + b"\r\nContent-Length: 2\r\n"
-                         b"Connection: close\r\n\r\nok")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nX-A: " + values.get(path, b"x") + b"\r\nContent-Length: 2\r\n"
+                b"Connection: close\r\n\r\nok"
+            )
             await writer.drain()
         finally:
             writer.close()
@@ -148,8 +185,12 @@ async def test_upstream_response_header_bytes_pass_verbatim_or_the_response_is_r
     port = server.sockets[0].getsockname()[1]
     try:
         gw = await start_gateway(basic_config(f"http://127.0.0.1:{port}"))
-        r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost")
-        w.write(b"GET /latin HTTP/1.1\r\nHost: a\r\n\r\nGET /utf8 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        r, w = await asyncio.open_connection(
+            "127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost"
+        )
+        w.write(
+            b"GET /latin HTTP/1.1\r\nHost: a\r\n\r\nGET /utf8 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
         data = b""
         async with asyncio.timeout(20):
             while chunk := await r.read(65536):

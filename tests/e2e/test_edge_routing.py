@@ -34,11 +34,17 @@ def demo_like(upstream_url: str, issuer, tmp_path: Path, **innsyn_match) -> dict
     return cfg
 
 
-async def raw_request(gw, pki, target: bytes, host: bytes = b"localhost", extra: bytes = b"") -> tuple[int, bytes, bytes]:
+async def raw_request(
+    gw, pki, target: bytes, host: bytes = b"localhost", extra: bytes = b""
+) -> tuple[int, bytes, bytes]:
     """One request with ``target`` sent byte for byte; (status, head, body)."""
-    r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost")
+    r, w = await asyncio.open_connection(
+        "127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost"
+    )
     try:
-        w.write(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n" + extra + b"Connection: close\r\n\r\n")
+        w.write(
+            b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n" + extra + b"Connection: close\r\n\r\n"
+        )
         await w.drain()
         data = b""
         async with asyncio.timeout(20):
@@ -132,7 +138,9 @@ VARIANTS: list[tuple[bytes, str | int]] = [
 
 
 @pytest.mark.parametrize("parser", ["c", "python"])
-async def test_every_spelling_reaches_the_route_it_names_or_is_refused(start_gateway, nginx, issuer, pki, tmp_path, parser):
+async def test_every_spelling_reaches_the_route_it_names_or_is_refused(
+    start_gateway, nginx, issuer, pki, tmp_path, parser
+):
     # Both of aiohttp's HTTP parsers: the pure-Python one (AIOHTTP_NO_EXTENSIONS=1) lets more through.
     env = {"AIOHTTP_NO_EXTENSIONS": "1"} if parser == "python" else None
     gw = await start_gateway(demo_like(nginx.url, issuer, tmp_path), env=env)
@@ -161,16 +169,26 @@ async def test_every_spelling_reaches_the_route_it_names_or_is_refused(start_gat
     lines = gw.access_log()
     assert len(lines) >= len(VARIANTS)
     assert sum(1 for e in lines if e["route"] == "innsyn" and e["status"] == 401) == sum(
-        1 for _, w in VARIANTS if w == "innsyn")
+        1 for _, w in VARIANTS if w == "innsyn"
+    )
     assert sum(1 for e in lines if e["reason"] == "path_not_canonical" or e["status"] == 400) >= sum(
-        1 for _, w in VARIANTS if w == 400)
+        1 for _, w in VARIANTS if w == 400
+    )
 
 
-async def test_an_authorised_call_in_any_spelling_reaches_nginx_in_canonical_form(start_gateway, nginx, issuer, pki, tmp_path):
+async def test_an_authorised_call_in_any_spelling_reaches_nginx_in_canonical_form(
+    start_gateway, nginx, issuer, pki, tmp_path
+):
     gw = await start_gateway(demo_like(nginx.url, issuer, tmp_path))
-    auth = "".join(f"{k}: {v}\r\n" for k, v in {**bearer(issuer.mint(scope="ks:fiks")), **creds()}.items()).encode()
-    for target in (ORG_PATH.encode(), b"/./innsyn/" + TAIL.encode(), b"//innsyn/%61pi/v1/orgs/" + GRANTING_ORG.encode()
-                   + b"/x/../saker", b"/public/%2E%2E/innsyn/" + TAIL.encode()):
+    auth = "".join(
+        f"{k}: {v}\r\n" for k, v in {**bearer(issuer.mint(scope="ks:fiks")), **creds()}.items()
+    ).encode()
+    for target in (
+        ORG_PATH.encode(),
+        b"/./innsyn/" + TAIL.encode(),
+        b"//innsyn/%61pi/v1/orgs/" + GRANTING_ORG.encode() + b"/x/../saker",
+        b"/public/%2E%2E/innsyn/" + TAIL.encode(),
+    ):
         before = len(nginx.access_lines())
         status, _, body = await raw_request(gw, pki, target, extra=auth)
         assert (status, body.decode()) == (200, f"protected {ORG_PATH}\n"), target
@@ -190,8 +208,11 @@ async def test_unescaped_slashes_when_the_operator_chooses(start_gateway, nginx,
     cfg = demo_like(nginx.url, issuer, tmp_path)
     cfg["http"] = {"path_with_escaped_slashes_action": "unescape_and_forward"}
     gw = await start_gateway(cfg)
-    for target in (b"/public%2F..%2Finnsyn/" + TAIL.encode(), b"/public\\..\\innsyn/" + TAIL.encode(),
-                   b"/innsyn%2f" + TAIL.encode()):
+    for target in (
+        b"/public%2F..%2Finnsyn/" + TAIL.encode(),
+        b"/public\\..\\innsyn/" + TAIL.encode(),
+        b"/innsyn%2f" + TAIL.encode(),
+    ):
         status, _, body = await raw_request(gw, pki, target)
         assert status == 401 and json.loads(body)["reason"] == "authentication_required", (target, body)
     status, _, body = await raw_request(gw, pki, b"/a%2Fb")
@@ -205,15 +226,25 @@ async def test_unescaped_slashes_when_the_operator_chooses(start_gateway, nginx,
     assert re.search(rb"(?i)\r\nlocation: " + re.escape(ORG_PATH.encode() + b"?q=%2F") + rb"\r\n", head)
 
 
-async def test_case_sensitive_upstream_opt_out_and_kept_spellings(start_gateway, nginx, issuer, pki, tmp_path):
+async def test_case_sensitive_upstream_opt_out_and_kept_spellings(
+    start_gateway, nginx, issuer, pki, tmp_path
+):
     """With http.case_sensitive_upstream (nginx is case-sensitive) a case variant is byte-exact
     routed (the public route; nginx serves its public location); trailing dots and encoded
     delimiters can be kept too. The protected handler is never reached anonymously."""
     cfg = demo_like(nginx.url, issuer, tmp_path)
-    cfg["http"] = {"case_sensitive_upstream": True, "trailing_dot_or_space": "keep", "encoded_delimiters": "keep"}
+    cfg["http"] = {
+        "case_sensitive_upstream": True,
+        "trailing_dot_or_space": "keep",
+        "encoded_delimiters": "keep",
+    }
     gw = await start_gateway(cfg)
-    for target, want in ((b"/INNSYN/x", b"public /INNSYN/x\n"), (b"/innsyn./x", b"public /innsyn./x\n"),
-                         (b"/innsyn%20/x", b"public /innsyn /x\n"), (b"/public/a%3Fb", b"public /public/a?b\n")):
+    for target, want in (
+        (b"/INNSYN/x", b"public /INNSYN/x\n"),
+        (b"/innsyn./x", b"public /innsyn./x\n"),
+        (b"/innsyn%20/x", b"public /innsyn /x\n"),
+        (b"/public/a%3Fb", b"public /public/a?b\n"),
+    ):
         status, _, body = await raw_request(gw, pki, target)
         assert (status, body) == (200, want), target
     status, _, body = await raw_request(gw, pki, b"/public/..%3B/innsyn/x")  # path_parameters still rejects
@@ -236,12 +267,26 @@ async def test_host_compared_canonically(start_gateway, nginx, issuer, pki, tmp_
     route, and nginx served the protected handler)."""
     gw = await start_gateway(demo_like(nginx.url, issuer, tmp_path, hosts=["api.example"]))
     target = ORG_PATH.encode()
-    for host in (b"api.example", b"api.example.", b"API.Example", b"API.EXAMPLE.", b"api.example:443",
-                 b"api.example.:443", b"api.example:8443"):
+    for host in (
+        b"api.example",
+        b"api.example.",
+        b"API.Example",
+        b"API.EXAMPLE.",
+        b"api.example:443",
+        b"api.example.:443",
+        b"api.example:8443",
+    ):
         status, _, body = await raw_request(gw, pki, target, host=host)
         assert status == 401 and b"protected" not in body, (host, status, body)
-    for host in (b"api.example..", b"api..example", b"api.example:0", b"api.example:99999", b"user@api.example",
-                 b"api.example:443:443", b"[::1"):
+    for host in (
+        b"api.example..",
+        b"api..example",
+        b"api.example:0",
+        b"api.example:99999",
+        b"user@api.example",
+        b"api.example:443:443",
+        b"[::1",
+    ):
         status, _, body = await raw_request(gw, pki, target, host=host)
         assert status == 400 and json.loads(body)["reason"] == "host_not_canonical", (host, status, body)
     status, _, body = await raw_request(gw, pki, target, host=b"other.example")
@@ -260,10 +305,16 @@ async def test_uri_limit_counts_the_target_as_sent_not_its_shorter_canonical_for
 
 async def test_absolute_form_targets_are_canonicalised_too(start_gateway, nginx, issuer, pki, tmp_path):
     gw = await start_gateway(demo_like(nginx.url, issuer, tmp_path))
-    for target in (b"https://localhost/./innsyn/" + TAIL.encode(), b"https://LOCALHOST.:443//innsyn/" + TAIL.encode(),
-                   b"https://localhost/public/%2e%2e/innsyn/" + TAIL.encode()):
+    for target in (
+        b"https://localhost/./innsyn/" + TAIL.encode(),
+        b"https://LOCALHOST.:443//innsyn/" + TAIL.encode(),
+        b"https://localhost/public/%2e%2e/innsyn/" + TAIL.encode(),
+    ):
         status, _, body = await raw_request(gw, pki, target)
         assert status == 401 and b"protected" not in body, (target, status, body)
-    for target in (b"https://localhost/public%2F..%2Finnsyn/" + TAIL.encode(), b"https://other.example/innsyn/x"):
+    for target in (
+        b"https://localhost/public%2F..%2Finnsyn/" + TAIL.encode(),
+        b"https://other.example/innsyn/x",
+    ):
         status, _, body = await raw_request(gw, pki, target)
         assert status == 400 and b"protected" not in body, (target, status, body)

@@ -71,7 +71,9 @@ async def jwks(gw) -> dict:
 def verify_assertion(token: str, keys: dict, **kw) -> dict:
     kid = jwt.get_unverified_header(token)["kid"]
     jwk = next(k for k in keys["keys"] if k["kid"] == kid)
-    return jwt.decode(token, jwt.PyJWK(jwk).key, algorithms=["ES256"], audience="case", issuer="portvakt", **kw)
+    return jwt.decode(
+        token, jwt.PyJWK(jwk).key, algorithms=["ES256"], audience="case", issuer="portvakt", **kw
+    )
 
 
 async def test_spoofed_identity_headers_never_reach_upstream(start_gateway, upstream, issuer, pki):
@@ -107,7 +109,8 @@ async def test_person_forwarded_on_opt_in_route(start_gateway, upstream, issuer)
     token = issuer.idporten.mint()
     async with gw.session() as s:
         async with s.get(
-            gw.url + f"/orgs/{TARGET}/x", headers={"Authorization": f"Bearer {token}", "x_portvakt_person": SPOOF}
+            gw.url + f"/orgs/{TARGET}/x",
+            headers={"Authorization": f"Bearer {token}", "x_portvakt_person": SPOOF},
         ) as r:
             assert r.status == 200, await r.text()
     h = upstream.requests[0]["headers"]
@@ -122,7 +125,11 @@ async def test_assertion_survives_rotation_and_expires(start_gateway, upstream, 
     kd = tmp_path / "assertion-keys"
     old_kid = keys_create(str(kd), max_lifetime=60)
     gw = await start_gateway(
-        config(upstream.url, issuer, assertion={"key_dir": str(kd), "lifetime_seconds": 3, "manifest_poll_seconds": 0.1})
+        config(
+            upstream.url,
+            issuer,
+            assertion={"key_dir": str(kd), "lifetime_seconds": 3, "manifest_poll_seconds": 0.1},
+        )
     )
     token = issuer.mint(org=ORG, scope="ks:fiks")
 

@@ -25,23 +25,89 @@ SMUGGLED = b"GET /api/smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
 # (id, raw request, ingress reason when the filter is the layer that refuses it)
 SHAPES: list[tuple[str, bytes, str]] = [
-    ("cl_then_te", b"POST /api/x HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "request_smuggling"),
-    ("te_then_cl", b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n", "request_smuggling"),
-    ("cl_differing_duplicates", b"POST /api/x HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", "request_smuggling"),
+    (
+        "cl_then_te",
+        b"POST /api/x HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "request_smuggling",
+    ),
+    (
+        "te_then_cl",
+        b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        "request_smuggling",
+    ),
+    (
+        "cl_differing_duplicates",
+        b"POST /api/x HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        "request_smuggling",
+    ),
     ("cl_list", b"POST /api/x HTTP/1.1\r\n" + H + b"Content-Length: 5, 6\r\n\r\nhello!", "request_smuggling"),
-    ("cl_plus_sign", b"POST /api/x HTTP/1.1\r\n" + H + b"Content-Length: +5\r\n\r\nhello", "request_smuggling"),
-    ("te_gzip_chunked", b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "request_smuggling"),
-    ("te_chunked_chunked", b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", "request_smuggling"),
-    ("te_two_headers", b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "request_smuggling"),
-    ("te_chunked_gzip", b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", "request_smuggling"),
-    ("te_identity", b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: identity\r\n\r\n", "request_smuggling"),
-    ("te_xchunked", b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", "request_smuggling"),
-    ("te_space_before_colon", b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n", "request_smuggling"),
-    ("te_obs_fold", b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n", "request_smuggling"),
-    ("te_vertical_tab", b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: \x0bchunked\r\n\r\n0\r\n\r\n", "request_smuggling"),
-    ("te_in_http10", b"POST /api/x HTTP/1.0\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "request_smuggling"),
-    ("chunk_size_0x", b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n", "request_smuggling"),
-    ("chunk_bare_lf", b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n", "request_smuggling"),
+    (
+        "cl_plus_sign",
+        b"POST /api/x HTTP/1.1\r\n" + H + b"Content-Length: +5\r\n\r\nhello",
+        "request_smuggling",
+    ),
+    (
+        "te_gzip_chunked",
+        b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        "request_smuggling",
+    ),
+    (
+        "te_chunked_chunked",
+        b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        "request_smuggling",
+    ),
+    (
+        "te_two_headers",
+        b"POST /api/x HTTP/1.1\r\n"
+        + H
+        + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "request_smuggling",
+    ),
+    (
+        "te_chunked_gzip",
+        b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+        "request_smuggling",
+    ),
+    (
+        "te_identity",
+        b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: identity\r\n\r\n",
+        "request_smuggling",
+    ),
+    (
+        "te_xchunked",
+        b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+        "request_smuggling",
+    ),
+    (
+        "te_space_before_colon",
+        b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+        "request_smuggling",
+    ),
+    (
+        "te_obs_fold",
+        b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n",
+        "request_smuggling",
+    ),
+    (
+        "te_vertical_tab",
+        b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: \x0bchunked\r\n\r\n0\r\n\r\n",
+        "request_smuggling",
+    ),
+    (
+        "te_in_http10",
+        b"POST /api/x HTTP/1.0\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "request_smuggling",
+    ),
+    (
+        "chunk_size_0x",
+        b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        "request_smuggling",
+    ),
+    (
+        "chunk_bare_lf",
+        b"POST /api/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n",
+        "request_smuggling",
+    ),
     ("path_nul_encoded", b"GET /api/a%00b HTTP/1.1\r\n" + HC + b"\r\n", "path_not_canonical"),
     ("path_encoded_slash", b"GET /api/..%2Fadmin HTTP/1.1\r\n" + HC + b"\r\n", "path_not_canonical"),
     ("path_encoded_backslash", b"GET /api/..%5cadmin HTTP/1.1\r\n" + HC + b"\r\n", "path_not_canonical"),
@@ -53,8 +119,14 @@ SHAPES: list[tuple[str, bytes, str]] = [
 # Shapes both parsers let through, so the gateway itself (ingress filter, canonical path) is what
 # refuses them (with its reason). (Dot segments are no refusal any more: they are resolved, and
 # the request gets the route of its canonical path; see test_dot_segments_get_the_route_they_name.)
-FILTER_LAYER = {"te_gzip_chunked", "path_nul_encoded", "path_encoded_slash", "path_encoded_backslash",
-                "path_backslash", "path_invalid_utf8"}
+FILTER_LAYER = {
+    "te_gzip_chunked",
+    "path_nul_encoded",
+    "path_encoded_slash",
+    "path_encoded_backslash",
+    "path_backslash",
+    "path_invalid_utf8",
+}
 
 
 def _routes(upstream_url: str) -> dict:
@@ -68,7 +140,9 @@ def _routes(upstream_url: str) -> dict:
 
 async def _raw(gw, pki, data: bytes, timeout: float = 5.0) -> bytes:
     """Send bytes verbatim over TLS; read until the gateway closes (or the timeout)."""
-    r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost")
+    r, w = await asyncio.open_connection(
+        "127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost"
+    )
     try:
         w.write(data)
         await w.drain()
@@ -97,7 +171,9 @@ def _problem(resp: bytes) -> dict | None:
 
 
 @pytest.mark.parametrize("parser", ["c", "python"])
-async def test_smuggling_shapes_and_path_tricks_get_400_and_reach_nothing(start_gateway, upstream, pki, parser):
+async def test_smuggling_shapes_and_path_tricks_get_400_and_reach_nothing(
+    start_gateway, upstream, pki, parser
+):
     env = {"AIOHTTP_NO_EXTENSIONS": "1"} if parser == "python" else None
     gw = await start_gateway(_routes(upstream.url), env=env)
     failures = []
@@ -129,7 +205,9 @@ async def test_smuggling_shapes_and_path_tricks_get_400_and_reach_nothing(start_
 
     # The same connection discipline does not break ordinary keep-alive pipelining.
     upstream.clear()
-    ok = b"GET /api/one HTTP/1.1\r\n" + H + b"\r\nGET /api/two HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n"
+    ok = (
+        b"GET /api/one HTTP/1.1\r\n" + H + b"\r\nGET /api/two HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n"
+    )
     resp = await _raw(gw, pki, ok)
     assert resp.count(b"HTTP/1.1 200") == 2
     assert [r["raw_path"] for r in upstream.requests] == ["/api/one", "/api/two"]
@@ -227,9 +305,13 @@ async def test_client_ip_rules_through_trusted_proxies(start_gateway, upstream):
     gw.write_config(cfg)
     assert await gw.reload() == "success"
     assert await status(None) == 200
-    assert await gw.metric(
-        "portvakt_filter_decisions_total", {"filter": "ingress", "decision": "deny", "reason": "ip_not_in_allow_list"}
-    ) == 1
+    assert (
+        await gw.metric(
+            "portvakt_filter_decisions_total",
+            {"filter": "ingress", "decision": "deny", "reason": "ip_not_in_allow_list"},
+        )
+        == 1
+    )
 
     # mode: detect records the would-be denial and lets the request through.
     cfg["ingress"] = {"mode": "detect", "deny_cidrs": ["127.0.0.0/8"]}
@@ -237,13 +319,19 @@ async def test_client_ip_rules_through_trusted_proxies(start_gateway, upstream):
     assert await gw.reload() == "success"
     assert await status(None) == 200
     assert len(upstream.requests) == 1
-    assert await gw.metric(
-        "portvakt_filter_decisions_total", {"filter": "ingress", "decision": "detect", "reason": "ip_in_deny_list"}
-    ) == 1
+    assert (
+        await gw.metric(
+            "portvakt_filter_decisions_total",
+            {"filter": "ingress", "decision": "detect", "reason": "ip_in_deny_list"},
+        )
+        == 1
+    )
 
 
 @pytest.mark.parametrize("parser", ["c", "python"])
-async def test_unknown_and_disallowed_methods_get_405_counted_and_audited(start_gateway, upstream, pki, parser, tmp_path):
+async def test_unknown_and_disallowed_methods_get_405_counted_and_audited(
+    start_gateway, upstream, pki, parser, tmp_path
+):
     """``CUST`` is refused by aiohttp's C parser (llhttp) before any handler, by ingress with the
     Python parser; either way the answer is 405 method_not_allowed with Allow, counted and audited.
     ``ingress.allowed_methods`` narrows every route."""
@@ -253,7 +341,9 @@ async def test_unknown_and_disallowed_methods_get_405_counted_and_audited(start_
     cfg["audit"] = {"path": str(tmp_path / "audit.jsonl"), "key": "e2e-audit-key-0123456789abcdef"}
     gw = await start_gateway(cfg, env=env)
     for line in (b"CUST /api/x HTTP/1.1", b"DELETE /api/x HTTP/1.1", b"FOO_BAR /api/x HTTP/1.1"):
-        resp = await _raw(gw, pki, line + b"\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        resp = await _raw(
+            gw, pki, line + b"\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
         assert _status(resp) == 405, (line, resp[:300])
         doc = _problem(resp)
         assert doc is not None and doc["reason"] == "method_not_allowed", resp[:300]

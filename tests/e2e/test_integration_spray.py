@@ -43,7 +43,9 @@ def random_id(i: int) -> str:
 async def test_spraying_ids_from_one_address_gets_429_and_the_real_integration_passes(
     start_gateway, upstream, issuer, redis_server, shared
 ):
-    cfg = identity_config(upstream.url, issuer, integrations_policy=policy(redis_server.url if shared else None))
+    cfg = identity_config(
+        upstream.url, issuer, integrations_policy=policy(redis_server.url if shared else None)
+    )
     gw = await start_gateway(cfg)
     token = issuer.mint(scope="ks:fiks")
     spray = [send(gw, ATTACKER, {**bearer(token), **creds(random_id(i), "x")}) for i in range(SPRAY)]
@@ -59,7 +61,9 @@ async def test_spraying_ids_from_one_address_gets_429_and_the_real_integration_p
     # Unknown ids burnt no argon2: the only verification was the real integration's.
     assert await gw.metric(ARGON2, {"result": "dummy"}) == 0
     assert await gw.metric(ARGON2, {"result": "match"}) == 1
-    assert await gw.metric("portvakt_integration_credential_cache_total", {"result": "unknown"}) == IP_FREE + 1
+    assert (
+        await gw.metric("portvakt_integration_credential_cache_total", {"result": "unknown"}) == IP_FREE + 1
+    )
     assert len(upstream.requests) == 2
 
 
@@ -67,9 +71,9 @@ async def test_unknown_ids_from_many_addresses_cost_no_argon2(start_gateway, ups
     """Distinct ids from distinct addresses (each under its own back-off): all 401, none runs argon2."""
     gw = await start_gateway(identity_config(upstream.url, issuer, integrations_policy=policy(None)))
     token = issuer.mint(scope="ks:fiks")
-    got = await asyncio.gather(*(
-        send(gw, f"127.0.1.{i + 1}", {**bearer(token), **creds(random_id(i), "x")}) for i in range(10)
-    ))
+    got = await asyncio.gather(
+        *(send(gw, f"127.0.1.{i + 1}", {**bearer(token), **creds(random_id(i), "x")}) for i in range(10))
+    )
     assert [status for status, _ in got] == [401] * 10
     assert await gw.metric(ARGON2, {"result": "dummy"}) == 0
     assert await gw.metric(ARGON2, {"result": "mismatch"}) == 0

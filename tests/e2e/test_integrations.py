@@ -44,13 +44,18 @@ async def test_right_credentials_pass_with_one_argon2_run_across_50_requests(sta
     assert await gw.metric("portvakt_integration_credential_cache_total", {"result": "miss"}) == 1
 
 
-async def test_every_failure_is_one_identical_401_and_nothing_reaches_upstream(start_gateway, upstream, issuer, pki):
+async def test_every_failure_is_one_identical_401_and_nothing_reaches_upstream(
+    start_gateway, upstream, issuer, pki
+):
     gw = await start_gateway(identity_config(upstream.url, issuer))
     good = issuer.mint(scope="ks:fiks")
     cases = {
         "integration_unknown": (None, {**bearer(good), **creds(UNKNOWN_ID)}),
         "integration_bad_password": (None, {**bearer(good), **creds(password="feil-passord")}),
-        "integration_org_mismatch": (None, {**bearer(issuer.mint(org=OTHER_ORG, scope="ks:fiks")), **creds()}),
+        "integration_org_mismatch": (
+            None,
+            {**bearer(issuer.mint(org=OTHER_ORG, scope="ks:fiks")), **creds()},
+        ),
         "integration_token_missing": (None, creds()),
     }
     bodies = {}
@@ -87,17 +92,22 @@ async def test_right_certificate_and_required_certificate(start_gateway, upstrea
     async with gw.session() as s:  # no client certificate
         status, body, _ = await call(s, gw.url + URL, headers)
     assert status == 401
-    assert await gw.metric(
-        "portvakt_filter_decisions_total",
-        {"filter": "integrations", "decision": "deny", "reason": "integration_cert_required"},
-    ) == 1
+    assert (
+        await gw.metric(
+            "portvakt_filter_decisions_total",
+            {"filter": "integrations", "decision": "deny", "reason": "integration_cert_required"},
+        )
+        == 1
+    )
     async with gw.session(pki.client_seid2_cert, pki.client_seid2_key) as s:  # org 991825827
         status, body, _ = await call(s, gw.url + URL, headers)
     assert status == 200, body
 
 
 async def test_brute_force_backoff_engages_and_releases(start_gateway, upstream, issuer):
-    policy = {"brute_force": {"free_failures": 2, "max_failures": 3, "lockout_seconds": 1.5, "decay_seconds": 600}}
+    policy = {
+        "brute_force": {"free_failures": 2, "max_failures": 3, "lockout_seconds": 1.5, "decay_seconds": 600}
+    }
     gw = await start_gateway(identity_config(upstream.url, issuer, integrations_policy=policy))
     token = issuer.mint(scope="ks:fiks")
     async with gw.session() as s:
@@ -145,10 +155,15 @@ async def test_demo_config_integration_grant_and_route(start_gateway, upstream, 
 
     demo = yaml.safe_load((Path(__file__).resolve().parents[2] / "config" / "demo.yaml").read_text())
     route = next(r for r in demo["routes"] if r["name"] == "innsyn")
-    cfg = basic_config(upstream.url, issuers=issuer.issuers_config(), integrations=demo["integrations"], routes=[route])
+    cfg = basic_config(
+        upstream.url, issuers=issuer.issuers_config(), integrations=demo["integrations"], routes=[route]
+    )
     gw = await start_gateway(cfg)
     iid = demo["integrations"][0]["id"]
-    headers = {**bearer(issuer.mint()), **creds(iid, "demo-passord")}  # dev-token defaults: org 991825827, ks:fiks
+    headers = {
+        **bearer(issuer.mint()),
+        **creds(iid, "demo-passord"),
+    }  # dev-token defaults: org 991825827, ks:fiks
     async with gw.session() as s:
         status, body, _ = await call(s, gw.url + URL, headers)
         assert status == 200, body

@@ -45,7 +45,9 @@ async def test_text_logs_one_line_per_event_and_access_log_off(start_gateway):
             rid = r.headers["X-Request-Id"]
     lines = [line for line in gw.output().splitlines() if line.strip()]
     assert gw.access_log() == []
-    pattern = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+    pattern = re.compile(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: "
+    )
     assert all(pattern.match(line) for line in lines), lines
     assert any(f"[{rid}] upstream demo unavailable" in line for line in lines), lines
 
@@ -60,7 +62,9 @@ def test_formatters_keep_an_exception_on_one_line():
     except ValueError:
         import sys
 
-        rec = logging.LogRecord("portvakt.test", logging.ERROR, __file__, 1, "failed: %s", ("a\nb",), sys.exc_info())
+        rec = logging.LogRecord(
+            "portvakt.test", logging.ERROR, __file__, 1, "failed: %s", ("a\nb",), sys.exc_info()
+        )
     token = REQUEST_ID.set("rid-123")
     try:
         _RequestIdFilter().filter(rec)
@@ -70,4 +74,8 @@ def test_formatters_keep_an_exception_on_one_line():
     assert "\n" not in text and "[rid-123] failed: a\\nb" in text and "ValueError: boom\\nsecond line" in text
     doc = json.loads(JsonFormatter().format(rec))
     assert "\n" not in JsonFormatter().format(rec)
-    assert doc["request_id"] == "rid-123" and doc["message"] == "failed: a\nb" and "ValueError" in doc["exception"]
+    assert (
+        doc["request_id"] == "rid-123"
+        and doc["message"] == "failed: a\nb"
+        and "ValueError" in doc["exception"]
+    )

@@ -9,8 +9,16 @@ from urllib.parse import quote
 
 from tests.e2e.test_audit import config, get, records, trail
 
-SPELLINGS = ["24917397852", "249173 97852", "249173-97852", "249173.97852", "64917397852", "649173-97852",
-             "924917397852", "2491739785277"]
+SPELLINGS = [
+    "24917397852",
+    "249173 97852",
+    "249173-97852",
+    "249173.97852",
+    "64917397852",
+    "649173-97852",
+    "924917397852",
+    "2491739785277",
+]
 
 
 async def test_every_spelling_masked_in_every_sink(start_gateway, upstream, issuer, tmp_path):
@@ -20,8 +28,11 @@ async def test_every_spelling_masked_in_every_sink(start_gateway, upstream, issu
     ids = []
     for s in SPELLINGS:
         enc = quote(s)
-        for path in (f"/open/persons/{enc}/saker", f"/open/x?fnr={quote(s, safe='')}",
-                     f"/orgs/{enc}/saker"):  # the last: an invalid organisation number (a 400 problem)
+        for path in (
+            f"/open/persons/{enc}/saker",
+            f"/open/x?fnr={quote(s, safe='')}",
+            f"/orgs/{enc}/saker",
+        ):  # the last: an invalid organisation number (a 400 problem)
             status, rid, doc = await get(gw, path)
             assert status in (200, 400, 401), (path, status)
             ids.append(rid)
@@ -33,7 +44,10 @@ async def test_every_spelling_masked_in_every_sink(start_gateway, upstream, issu
     access = [line for line in out.splitlines() if '"request_id"' in line]
     assert len(access) >= len(ids)
     files = trail(tmp_path) + glob.glob(str(tmp_path / "audit" / "*"))
-    texts = {"gateway output (access log, logs)": out, **{f: Path(f).read_text(errors="replace") for f in files}}
+    texts = {
+        "gateway output (access log, logs)": out,
+        **{f: Path(f).read_text(errors="replace") for f in files},
+    }
     for where, text in texts.items():
         for s in SPELLINGS:
             for form in {s, quote(s), quote(s, safe="")}:

@@ -30,7 +30,9 @@ async def test_exposition_has_the_documented_series_after_traffic(shared):
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert delta("portvakt_requests_total", **ok) == 3
-    assert delta("portvakt_requests_total", route="demo", method="DELETE", status="200", decision="allow") == 1
+    assert (
+        delta("portvakt_requests_total", route="demo", method="DELETE", status="200", decision="allow") == 1
+    )
     assert delta("portvakt_requests_total", route="down", method="GET", status="502", decision="error") == 1
     assert delta("portvakt_request_duration_seconds_count", route="demo") == 4
     assert delta("portvakt_request_duration_seconds_count", route="down") == 1
@@ -40,8 +42,12 @@ async def test_exposition_has_the_documented_series_after_traffic(shared):
     assert delta("portvakt_filter_duration_seconds_count", filter="ingress") == 5
     assert ("portvakt_build_info", frozenset({("version", __import__("gateway").__version__)})) in after
     assert value(after, "portvakt_config_last_reload_success_timestamp_seconds") > 0
-    for series in ("# TYPE portvakt_config_reloads_total counter", "portvakt_upstream_duration_seconds_bucket",
-                   "portvakt_request_duration_seconds_bucket", "portvakt_filter_duration_seconds_bucket"):
+    for series in (
+        "# TYPE portvakt_config_reloads_total counter",
+        "portvakt_upstream_duration_seconds_bucket",
+        "portvakt_request_duration_seconds_bucket",
+        "portvakt_filter_duration_seconds_bucket",
+    ):
         assert series in text
     # Bounded labels: no path in the exposition.
     assert "/elsewhere" not in text and "/m/x" not in text
@@ -55,7 +61,9 @@ async def test_health_readiness_and_jwks(shared):
         async with s.get(gw.admin_url + "/readyz") as r:
             assert r.status == 200
             doc = await r.json()
-        assert doc["status"] == "ready" and doc["config"] == "loaded" and isinstance(doc["dependencies"], dict)
+        assert (
+            doc["status"] == "ready" and doc["config"] == "loaded" and isinstance(doc["dependencies"], dict)
+        )
         async with s.get(gw.admin_url + "/.well-known/jwks.json") as r:
             assert r.status == 200
             jwks = await r.json()
@@ -69,7 +77,9 @@ async def test_health_readiness_and_jwks(shared):
 
 async def test_readyz_is_503_when_a_dependency_is_down(start_gateway, upstream):
     # A redis rate-limit backend that refuses connections reports "down" with on_backend_error: deny.
-    cfg = basic_config(upstream.url, rate_limit={"backend": "redis://127.0.0.1:1", "on_backend_error": "deny"})
+    cfg = basic_config(
+        upstream.url, rate_limit={"backend": "redis://127.0.0.1:1", "on_backend_error": "deny"}
+    )
     cfg["routes"][0]["rate_limits"] = [{"per": "route", "limit": 10, "period_seconds": 1}]
     gw = await start_gateway(cfg, wait_ready=False)
     import asyncio

@@ -14,8 +14,14 @@ async def test_process_series_no_created_and_series_present_before_first_use(sta
     assert "_created" not in text
     samples = parse_metrics(text)
     names = {n for n, _ in samples}
-    for n in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
-              "process_start_time_seconds", "python_info", "python_gc_collections_total"):
+    for n in (
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_start_time_seconds",
+        "python_info",
+        "python_gc_collections_total",
+    ):
         assert n in names, n
     # Known label values before any request or reload.
     for route in ("cases", "demo"):

@@ -12,9 +12,7 @@ from tests.fixtures.gateway import basic_config, parse_metrics
 async def test_oversized_header_gets_a_problem_without_the_header_bytes(start_gateway, upstream, pki):
     gw = await start_gateway(basic_config(upstream.url))
     secret = "hemmelig-" + "a" * 20000
-    raw = (
-        f"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nIntegrasjonPassord: {secret}\r\n\r\n"
-    ).encode()
+    raw = (f"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nIntegrasjonPassord: {secret}\r\n\r\n").encode()
     ctx = pki.client_ssl()
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
         with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
@@ -45,32 +43,92 @@ async def test_oversized_header_gets_a_problem_without_the_header_bytes(start_ga
 # metrics carry.
 HOST = b"Host: localhost\r\n"
 REFUSALS = [
-    ("te_and_cl", b"POST /x HTTP/1.1\r\n" + HOST + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-     400, "request_smuggling", "te_and_cl"),
-    ("cl_and_te", b"POST /x HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
-     400, "request_smuggling", "te_and_cl"),
-    ("duplicate_cl", b"POST /x HTTP/1.1\r\n" + HOST + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
-     400, "request_smuggling", "duplicate_content_length"),
-    ("obs_fold", b"GET /x HTTP/1.1\r\n" + HOST + b"X-A: b\r\n c\r\n\r\n", 400, "request_smuggling", "obs_fold"),
-    ("chunk_overflow", b"POST /x HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\nabc",
-     400, "request_smuggling", "bad_chunk_size"),
-    ("uri_too_long", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n" + HOST + b"\r\n", 414, "uri_too_long",
-     "request_line_too_long"),
-    ("header_too_long", b"GET /x HTTP/1.1\r\n" + HOST + b"X-A: " + b"a" * 17000 + b"\r\n\r\n", 431,
-     "headers_too_large", "header_line_too_long"),
-    ("too_many_headers", b"GET /x HTTP/1.1\r\n" + HOST + b"".join(b"X-%d: a\r\n" % i for i in range(250)) + b"\r\n",
-     431, "headers_too_large", "too_many_headers"),
-    ("raw_non_ascii_target", b"GET /a\xe9b HTTP/1.1\r\n" + HOST + b"\r\n", 400, "path_not_canonical", "invalid_target"),
-    ("duplicate_host", b"GET /x HTTP/1.1\r\n" + HOST + b"Host: other\r\n\r\n", 400, "host_not_canonical",
-     "duplicate_host"),
+    (
+        "te_and_cl",
+        b"POST /x HTTP/1.1\r\n" + HOST + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        "request_smuggling",
+        "te_and_cl",
+    ),
+    (
+        "cl_and_te",
+        b"POST /x HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+        400,
+        "request_smuggling",
+        "te_and_cl",
+    ),
+    (
+        "duplicate_cl",
+        b"POST /x HTTP/1.1\r\n" + HOST + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+        400,
+        "request_smuggling",
+        "duplicate_content_length",
+    ),
+    (
+        "obs_fold",
+        b"GET /x HTTP/1.1\r\n" + HOST + b"X-A: b\r\n c\r\n\r\n",
+        400,
+        "request_smuggling",
+        "obs_fold",
+    ),
+    (
+        "chunk_overflow",
+        b"POST /x HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\nabc",
+        400,
+        "request_smuggling",
+        "bad_chunk_size",
+    ),
+    (
+        "uri_too_long",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n" + HOST + b"\r\n",
+        414,
+        "uri_too_long",
+        "request_line_too_long",
+    ),
+    (
+        "header_too_long",
+        b"GET /x HTTP/1.1\r\n" + HOST + b"X-A: " + b"a" * 17000 + b"\r\n\r\n",
+        431,
+        "headers_too_large",
+        "header_line_too_long",
+    ),
+    (
+        "too_many_headers",
+        b"GET /x HTTP/1.1\r\n" + HOST + b"".join(b"X-%d: a\r\n" % i for i in range(250)) + b"\r\n",
+        431,
+        "headers_too_large",
+        "too_many_headers",
+    ),
+    (
+        "raw_non_ascii_target",
+        b"GET /a\xe9b HTTP/1.1\r\n" + HOST + b"\r\n",
+        400,
+        "path_not_canonical",
+        "invalid_target",
+    ),
+    (
+        "duplicate_host",
+        b"GET /x HTTP/1.1\r\n" + HOST + b"Host: other\r\n\r\n",
+        400,
+        "host_not_canonical",
+        "duplicate_host",
+    ),
     ("missing_host", b"GET /x HTTP/1.1\r\n\r\n", 400, "host_not_canonical", "missing_host"),
     ("http_0_9", b"GET /c\r\n\r\n", 505, "http_version_not_supported", "http_version"),
-    ("http_2_0_text", b"GET /c HTTP/2.0\r\n" + HOST + b"\r\n", 505, "http_version_not_supported", "http_version"),
+    (
+        "http_2_0_text",
+        b"GET /c HTTP/2.0\r\n" + HOST + b"\r\n",
+        505,
+        "http_version_not_supported",
+        "http_version",
+    ),
 ]
 
 
 async def _exchange(gw, pki, raw: bytes) -> bytes:
-    r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost")
+    r, w = await asyncio.open_connection(
+        "127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost"
+    )
     try:
         w.write(raw)
         await w.drain()
@@ -99,7 +157,9 @@ async def test_every_parser_refusal_leaves_its_record(start_gateway, upstream, p
         got = int(m.group(1)) if m else 0
         doc = json.loads(body) if b"problem+json" in head.lower() else {}
         if (got, doc.get("reason")) != (status, reason):
-            failures.append(f"{name}: {got} {doc.get('reason')!r}, expected {status} {reason!r}: {data[:150]!r}")
+            failures.append(
+                f"{name}: {got} {doc.get('reason')!r}, expected {status} {reason!r}: {data[:150]!r}"
+            )
         if len(re.findall(rb"HTTP/\d\.\d \d{3} ", data)) != 1:
             failures.append(f"{name}: not exactly one response")
         rids[doc.get("request_id")] = (name, status, internal)
@@ -110,11 +170,18 @@ async def test_every_parser_refusal_leaves_its_record(start_gateway, upstream, p
     lines = {e["request_id"]: e for e in gw.access_log()}
     for rid, (name, status, internal) in rids.items():
         assert rid in lines, f"{name}: no access-log line"
-        assert (lines[rid]["status"], lines[rid]["reason"], lines[rid]["decision"]) == (status, internal, "deny"), name
+        assert (lines[rid]["status"], lines[rid]["reason"], lines[rid]["decision"]) == (
+            status,
+            internal,
+            "deny",
+        ), name
     after = parse_metrics(await gw.metrics_text())
     for status in {s for _, _, s, _, _ in REFUSALS}:
-        counted = sum(v - before.get(k, 0.0) for k, v in after.items()
-                      if k[0] == "portvakt_requests_total" and dict(k[1]).get("status") == str(status))
+        counted = sum(
+            v - before.get(k, 0.0)
+            for k, v in after.items()
+            if k[0] == "portvakt_requests_total" and dict(k[1]).get("status") == str(status)
+        )
         assert counted == sum(1 for r in REFUSALS if r[2] == status), status
     assert await gw.stop_async() == 0
     recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines() if x.endswith("}")]
@@ -127,7 +194,9 @@ async def test_every_parser_refusal_leaves_its_record(start_gateway, upstream, p
 
 async def test_http_0_9_request_line_alone_is_never_forwarded(start_gateway, upstream, pki):
     gw = await start_gateway(basic_config(upstream.url))
-    r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost")
+    r, w = await asyncio.open_connection(
+        "127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost"
+    )
     w.write(b"GET /c\r\n")
     await w.drain()
     await asyncio.sleep(0.5)
@@ -150,13 +219,18 @@ async def test_http_0_9_request_line_alone_is_never_forwarded(start_gateway, ups
 CHUNKED = b"POST /up HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n"
 
 
-async def test_out_of_range_chunk_sizes_are_refused_before_anything_is_forwarded(start_gateway, upstream, pki):
+async def test_out_of_range_chunk_sizes_are_refused_before_anything_is_forwarded(
+    start_gateway, upstream, pki
+):
     gw = await start_gateway(basic_config(upstream.url, ingress={"max_body_bytes": 100000}))
     cases = [
         ("2^64-1", CHUNKED + b"ffffffffffffffff\r\n" + b"a" * 70000),
         ("over_the_body_limit", CHUNKED + b"186a1\r\n" + b"a" * 70000),  # 100001
         ("second_chunk", CHUNKED + b"3\r\nabc\r\nFFFFFFFFFFFF;x=y\r\n" + b"a" * 70000),
-        ("pipelined_behind_a_get", b"GET /first HTTP/1.1\r\n" + HOST + b"\r\n" + CHUNKED + b"ffffffffff\r\n" + b"a" * 70000),
+        (
+            "pipelined_behind_a_get",
+            b"GET /first HTTP/1.1\r\n" + HOST + b"\r\n" + CHUNKED + b"ffffffffff\r\n" + b"a" * 70000,
+        ),
     ]
     for name, raw in cases:
         upstream.clear()
@@ -166,7 +240,9 @@ async def test_out_of_range_chunk_sizes_are_refused_before_anything_is_forwarded
         assert statuses == want, (name, data[:300])
         doc = json.loads(data.rpartition(b"\r\n\r\n")[2])
         assert doc["reason"] == "request_smuggling", name
-        assert [r["path"] for r in upstream.requests] == (["/first"] if name.startswith("pipelined") else []), name
+        assert [r["path"] for r in upstream.requests] == (
+            ["/first"] if name.startswith("pipelined") else []
+        ), name
         assert upstream.started == len(upstream.requests), name  # nothing half-sent either
     await asyncio.sleep(0.3)
     refused = [e for e in gw.access_log() if e["status"] == 400]
@@ -180,12 +256,16 @@ async def test_out_of_range_chunk_sizes_are_refused_before_anything_is_forwarded
     assert upstream.requests[-1]["body"] == b"b" * (1 + 4096 + 65536 + 30000)
 
 
-async def test_a_connection_the_chunk_guard_cannot_follow_ends_after_its_request(start_gateway, upstream, pki):
+async def test_a_connection_the_chunk_guard_cannot_follow_ends_after_its_request(
+    start_gateway, upstream, pki
+):
     """An oversized header block arriving in pieces (the ingress answers 431) makes the guard give
     up following the framing: then the connection ends after that request, and nothing
     pipelined behind it (here: a 2^64-1 chunk) is served."""
     gw = await start_gateway(basic_config(upstream.url))
-    r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost")
+    r, w = await asyncio.open_connection(
+        "127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost"
+    )
     w.write(b"GET /big HTTP/1.1\r\n" + HOST)
     for i in range(5):  # 75 KB of legal header lines, in separate reads
         w.write(b"X-Pad-%d: %s\r\n" % (i, b"p" * 15000))
@@ -233,7 +313,9 @@ async def test_pipelined_mixed_traffic_passes_the_chunk_guard_untouched(start_ga
             bodies.append(body)
     stream += b"GET /last HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n"
     gw = await start_gateway(basic_config(upstream.url))
-    r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost")
+    r, w = await asyncio.open_connection(
+        "127.0.0.1", gw.port, ssl=pki.client_ssl(), server_hostname="localhost"
+    )
     pos = 0
     while pos < len(stream):
         step = rnd.randint(1, 700)
@@ -254,13 +336,15 @@ async def test_pipelined_mixed_traffic_passes_the_chunk_guard_untouched(start_ga
 async def test_parser_refusals_are_counted_under_the_supervisor_too(start_gateway, upstream, pki):
     gw = await start_gateway(basic_config(upstream.url), workers=2, wait_ready=False)
     await gw.wait_ready(timeout=90)  # two workers start slowly on a loaded machine
-    before = await gw.metric("portvakt_requests_total", {"route": "(none)", "method": "OTHER", "status": "400",
-                                                          "decision": "deny"})
+    before = await gw.metric(
+        "portvakt_requests_total", {"route": "(none)", "method": "OTHER", "status": "400", "decision": "deny"}
+    )
     for _ in range(4):
         data = await _exchange(gw, pki, REFUSALS[0][1])
         assert data.startswith(b"HTTP/1.0 400") and b"request_smuggling" in data, data[:200]
-    after = await gw.metric("portvakt_requests_total", {"route": "(none)", "method": "OTHER", "status": "400",
-                                                         "decision": "deny"})
+    after = await gw.metric(
+        "portvakt_requests_total", {"route": "(none)", "method": "OTHER", "status": "400", "decision": "deny"}
+    )
     assert after - before == 4
     await asyncio.sleep(0.3)
     assert sum(1 for e in gw.access_log() if e["reason"] == "te_and_cl") == 4

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -43,6 +42,7 @@ def _hook(mutate):
         if out is not None:
             key, alg = out
         return claims, header, key, alg
+
     return hook
 
 
@@ -53,25 +53,30 @@ async def env(persons_env):
 
 async def _with_key(env, mutate):
     """id_token_hook that keeps the OP's key unless ``mutate`` returns (key, alg)."""
+
     def hook(claims, header):
         out = mutate(claims, header)
         key, alg = (env.op.key, "RS256") if out is None else out
         return claims, header, key, alg
+
     env.op.id_token_hook = hook
 
 
-@pytest.mark.parametrize("case,reason", [
-    ("wrong_nonce", "id_token_wrong_nonce"),
-    ("foreign_aud", "id_token_wrong_audience"),
-    ("extra_aud", "id_token_untrusted_audience"),
-    ("expired", "id_token_expired"),
-    ("alg_none", "id_token_alg_not_allowed"),
-    ("alg_hs256", "id_token_alg_not_allowed"),
-    ("unknown_kid", "id_token_unknown_kid"),
-    ("forged_signature", "id_token_bad_signature"),
-    ("missing_sid", "id_token_missing_sid"),
-    ("wrong_iss_claim", "id_token_wrong_issuer"),
-])
+@pytest.mark.parametrize(
+    "case,reason",
+    [
+        ("wrong_nonce", "id_token_wrong_nonce"),
+        ("foreign_aud", "id_token_wrong_audience"),
+        ("extra_aud", "id_token_untrusted_audience"),
+        ("expired", "id_token_expired"),
+        ("alg_none", "id_token_alg_not_allowed"),
+        ("alg_hs256", "id_token_alg_not_allowed"),
+        ("unknown_kid", "id_token_unknown_kid"),
+        ("forged_signature", "id_token_bad_signature"),
+        ("missing_sid", "id_token_missing_sid"),
+        ("wrong_iss_claim", "id_token_wrong_issuer"),
+    ],
+)
 async def test_bad_id_tokens_get_no_session_and_one_audit_record(env, case, reason):
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
@@ -120,12 +125,15 @@ async def test_acr_below_the_request_is_refused(env):
         await b.close()
 
 
-@pytest.mark.parametrize("case,reason", [
-    ("wrong_state", "callback_state_unknown"),
-    ("missing_iss", "callback_iss_missing"),
-    ("wrong_iss", "callback_wrong_iss"),
-    ("op_error", "provider_error:access_denied"),
-])
+@pytest.mark.parametrize(
+    "case,reason",
+    [
+        ("wrong_state", "callback_state_unknown"),
+        ("missing_iss", "callback_iss_missing"),
+        ("wrong_iss", "callback_wrong_iss"),
+        ("op_error", "provider_error:access_denied"),
+    ],
+)
 async def test_bad_callbacks(env, case, reason):
     if case == "missing_iss":
         env.op.omit_iss = True
@@ -228,19 +236,29 @@ async def test_cookie_tossing_and_tampering_give_login_not_error(env):
         import aiohttp
 
         async with env.gw.session(cookie_jar=aiohttp.DummyCookieJar()) as raw:
-            async with raw.get(env.url + "/app/", headers={"Cookie": f"{SESSION}={good}"}, allow_redirects=False) as r:
+            async with raw.get(
+                env.url + "/app/", headers={"Cookie": f"{SESSION}={good}"}, allow_redirects=False
+            ) as r:
                 assert r.status == 200  # the same cookie, sent by hand, works
-            for cookie in (f"{SESSION}={good}; {SESSION}=v1.k1.AAAA",
-                           f"{SESSION}={good[:-3]}{'A' if good[-3] != 'A' else 'B'}{good[-2:]}",
-                           f"{SESSION}=garbage", f"{SESSION}={good.replace('v1.k1.', 'v1.k9.')}"):
-                async with raw.get(env.url + "/app/", headers={"Cookie": cookie, "Accept": "text/html"},
-                                   allow_redirects=False) as r:
+            for cookie in (
+                f"{SESSION}={good}; {SESSION}=v1.k1.AAAA",
+                f"{SESSION}={good[:-3]}{'A' if good[-3] != 'A' else 'B'}{good[-2:]}",
+                f"{SESSION}=garbage",
+                f"{SESSION}={good.replace('v1.k1.', 'v1.k9.')}",
+            ):
+                async with raw.get(
+                    env.url + "/app/",
+                    headers={"Cookie": cookie, "Accept": "text/html"},
+                    allow_redirects=False,
+                ) as r:
                     assert r.status == 302, (cookie, r.status)
                     assert "/portvakt/login" in r.headers["Location"]
         # Portvakt's cookies never reach the upstream, on person routes and on public ones.
         env.up.clear()
         async with env.gw.session(cookie_jar=aiohttp.DummyCookieJar()) as raw:
-            async with raw.get(env.url + "/public", headers={"Cookie": f"{SESSION}={good}; app=1; __Host-portvakt-login=x"}) as r:
+            async with raw.get(
+                env.url + "/public", headers={"Cookie": f"{SESSION}={good}; app=1; __Host-portvakt-login=x"}
+            ) as r:
                 assert r.status == 200
         assert env.up.requests[-1]["headers"].get("Cookie") == "app=1"
     finally:

@@ -3,10 +3,9 @@ ID-porten-faithful dev provider. Acceptance tests of research/persons-login.md Â
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from tests.fixtures.persons import block_third_party_cookies, dev_login
 
@@ -44,7 +43,11 @@ async def test_login_lands_on_target_and_upstream_sees_person(persons_env, chrom
     assert env.op.par_requests and env.op.par_requests[0]["code_challenge_method"] == "S256"
     par = env.op.par_requests[0]
     assert len(par["code_challenge"]) == 43 and "=" not in par["code_challenge"]
-    assert len(par["state"]) >= 22 and len(par["nonce"]) >= 22 and par["acr_values"] == "idporten-loa-substantial"
+    assert (
+        len(par["state"]) >= 22
+        and len(par["nonce"]) >= 22
+        and par["acr_values"] == "idporten-loa-substantial"
+    )
     # Session cookie: __Host-, Secure, HttpOnly, Lax, Path=/, no Domain; small; no JWT inside.
     cookies = {c["name"]: c for c in await ctx.cookies(env.url)}
     c = cookies["__Host-portvakt-session"]
@@ -72,7 +75,10 @@ async def test_step_up_navigation_and_xhr(persons_env, chromium):
     r = await page.evaluate("""async () => { const r = await fetch('/app/high/data', {headers: {'Accept': 'application/json'}});
         return {status: r.status, www: r.headers.get('WWW-Authenticate'), body: await r.json()} }""")
     assert r["status"] == 401
-    assert 'error="insufficient_user_authentication"' in r["www"] and 'acr_values="idporten-loa-high"' in r["www"]
+    assert (
+        'error="insufficient_user_authentication"' in r["www"]
+        and 'acr_values="idporten-loa-high"' in r["www"]
+    )
     assert r["body"]["reason"] == "step_up_required"
     # Navigation: to the OP with acr_values=high; after login at high, back on the route.
     await page.goto(env.url + "/app/high/doc")
@@ -102,7 +108,10 @@ async def test_rp_logout_then_login_required_and_client_b_gone(persons_env, chro
     assert env.op.logins == logins
     # Logout: POST form to end_session (id_token_hint, post_logout_redirect_uri, state), then back.
     posted = []
-    page.on("request", lambda req: posted.append(req) if req.url.startswith(env.op.login_base + "/logout") else None)
+    page.on(
+        "request",
+        lambda req: posted.append(req) if req.url.startswith(env.op.login_base + "/logout") else None,
+    )
     await page.goto(env.url + "/portvakt/logout")
     await page.click("#logout-confirm")
     await page.wait_for_url(env.url + "/")
@@ -113,7 +122,7 @@ async def test_rp_logout_then_login_required_and_client_b_gone(persons_env, chro
     assert any(c.get("sid") for c in env.op.frontchannel_calls)
     await page.goto(env.op.login_base + "/clientb/")
     assert "not logged in" in await page.inner_text("#clientb")
-    r = await page.goto(env.url + "/app/")
+    await page.goto(env.url + "/app/")
     assert page.url.startswith(env.op.login_base + "/authorize")
     assert len(await env.events("logout_rp")) == 1
     await env.settle()

@@ -67,8 +67,11 @@ async def test_logout_same_origin_post_without_token_works(env):
     b = HttpBrowser(env.gw)
     try:
         await b.login()
-        async with b.session.post(env.url + "/portvakt/logout", allow_redirects=False,
-                                  headers={"Sec-Fetch-Site": "same-origin", "Origin": env.url}) as r:
+        async with b.session.post(
+            env.url + "/portvakt/logout",
+            allow_redirects=False,
+            headers={"Sec-Fetch-Site": "same-origin", "Origin": env.url},
+        ) as r:
             assert r.status == 200 and "id_token_hint" in await r.text()
         assert not await _logged_in(b)
         ev = await env.events("logout_rp")
@@ -83,35 +86,49 @@ async def test_logout_same_origin_post_without_token_works(env):
 async def test_a_denied_cidr_cannot_reach_the_login_endpoints_and_is_audited_once(persons_env):
     env = await persons_env(config_hook=lambda c: c.update(ingress={"deny_cidrs": ["127.0.0.0/8"]}))
     async with env.gw.session(cookie_jar=aiohttp.DummyCookieJar()) as s:
-        for path in ("/portvakt/login?redirect=/app/", "/portvakt/callback?state=x&code=y", "/portvakt/session",
-                     "/portvakt/logout", "/portvakt/auth"):
+        for path in (
+            "/portvakt/login?redirect=/app/",
+            "/portvakt/callback?state=x&code=y",
+            "/portvakt/session",
+            "/portvakt/logout",
+            "/portvakt/auth",
+        ):
             async with s.get(env.url + path, allow_redirects=False) as r:
                 assert r.status == 403, (path, r.status)
                 assert (await r.json())["type"].endswith("ip_denied")
                 assert "Set-Cookie" not in r.headers
     await env.settle()
     recs = [x for x in env.audit() if x.get("type") == "request"]
-    assert len(recs) == 5 and all(x["status"] == 403 and x["reason"] == "ip_in_deny_list" for x in recs), [(x["status"], x.get("reason")) for x in recs]
+    assert len(recs) == 5 and all(x["status"] == 403 and x["reason"] == "ip_in_deny_list" for x in recs), [
+        (x["status"], x.get("reason")) for x in recs
+    ]
     assert not [x for x in env.audit() if x.get("type", "").startswith("login")]
 
 
 async def test_host_and_method_allow_lists_apply_to_the_login_endpoints(persons_env):
-    env = await persons_env(config_hook=lambda c: c.update(ingress={"allowed_hosts": ["login.example.invalid"],
-                                                                    "allowed_methods": ["GET", "HEAD", "POST"]}))
+    env = await persons_env(
+        config_hook=lambda c: c.update(
+            ingress={"allowed_hosts": ["login.example.invalid"], "allowed_methods": ["GET", "HEAD", "POST"]}
+        )
+    )
     async with env.gw.session(cookie_jar=aiohttp.DummyCookieJar()) as s:
         async with s.get(env.url + "/portvakt/login", allow_redirects=False) as r:
             assert r.status == 421
     env2 = await persons_env(config_hook=lambda c: c.update(ingress={"max_header_bytes": 2048}))
     async with env2.gw.session(cookie_jar=aiohttp.DummyCookieJar()) as s:
-        async with s.get(env2.url + "/portvakt/login", headers={"X-Pad": "a" * 4000}, allow_redirects=False) as r:
+        async with s.get(
+            env2.url + "/portvakt/login", headers={"X-Pad": "a" * 4000}, allow_redirects=False
+        ) as r:
             assert r.status == 431
         async with s.request("PUT", env2.url + "/portvakt/logout", allow_redirects=False) as r:
             assert r.status == 405 and "POST" in r.headers["Allow"]
 
 
 async def test_a_flood_of_login_starts_and_callbacks_gets_429_per_client_ip(persons_env):
-    env = await persons_env(login_loop_limit=100000,
-                            rate_limits=[{"per": "client_ip", "limit": 5, "period_seconds": 3600, "stage": "pre_auth"}])
+    env = await persons_env(
+        login_loop_limit=100000,
+        rate_limits=[{"per": "client_ip", "limit": 5, "period_seconds": 3600, "stage": "pre_auth"}],
+    )
     statuses = []
     async with env.gw.session(cookie_jar=aiohttp.DummyCookieJar()) as s:
         for _ in range(8):  # each without a cookie: the per-browser login-loop guard never sees it
@@ -184,12 +201,16 @@ async def test_a_cross_site_link_to_login_with_prompt_login_does_not_log_the_per
     try:
         await b.login()
         for site in ("cross-site", "same-site"):
-            r = await b.get(env.url + "/portvakt/login?prompt=login&redirect=/app/", headers={"Sec-Fetch-Site": site})
+            r = await b.get(
+                env.url + "/portvakt/login?prompt=login&redirect=/app/", headers={"Sec-Fetch-Site": site}
+            )
             assert r.status == 302
             assert not any(SESSION in v and "Max-Age=0" in v for v in r.headers.getall("Set-Cookie", ()))
             assert await _logged_in(b), site
         # From the gateway's own pages it still ends the session first.
-        r = await b.get(env.url + "/portvakt/login?prompt=login&redirect=/app/", headers={"Sec-Fetch-Site": "same-origin"})
+        r = await b.get(
+            env.url + "/portvakt/login?prompt=login&redirect=/app/", headers={"Sec-Fetch-Site": "same-origin"}
+        )
         assert r.status == 302 and not await _logged_in(b)
     finally:
         await b.close()
@@ -204,7 +225,9 @@ async def test_cross_site_post_to_session_refresh_is_refused(env):
             async with b.session.post(env.url + "/portvakt/session/refresh", headers=hdrs) as r:
                 assert r.status == 403 and (await r.json())["type"].endswith("cross_site_refused")
         assert env.op.grants["refresh_token"] == grants
-        async with b.session.post(env.url + "/portvakt/session/refresh", headers={"Sec-Fetch-Site": "same-origin"}) as r:
+        async with b.session.post(
+            env.url + "/portvakt/session/refresh", headers={"Sec-Fetch-Site": "same-origin"}
+        ) as r:
             assert r.status == 200 and (await r.json())["session"]["active"] is True
         assert env.op.grants["refresh_token"] == grants + 1
     finally:
@@ -218,9 +241,12 @@ async def test_step_up_gives_a_new_session_id_and_the_old_ticket_is_dead(env):
         before = b.cookie(SESSION)
         r = await b.get(env.url + "/app/high/")
         assert r.status == 302
-        cb = await b.authorize(r.headers["Location"] if r.headers["Location"].startswith("http")
-                               else (await b.get(env.url + r.headers["Location"])).headers["Location"],
-                               acr="idporten-loa-high")
+        cb = await b.authorize(
+            r.headers["Location"]
+            if r.headers["Location"].startswith("http")
+            else (await b.get(env.url + r.headers["Location"])).headers["Location"],
+            acr="idporten-loa-high",
+        )
         r = await b.get(cb)
         assert r.status == 302
         after = b.cookie(SESSION)

@@ -19,8 +19,12 @@ async def test_frontchannel_wrong_iss_or_unknown_sid_deletes_nothing_and_is_idem
         sso = next(iter(env.op.sessions.values()))
         async with env.gw.session(cookie_jar=aiohttp.DummyCookieJar()) as raw:
             fc = env.url + "/portvakt/logout/frontchannel"
-            for q in ({"iss": "https://evil.example", "sid": sso.sid}, {"iss": env.op.issuer, "sid": "unknown"},
-                      {"sid": sso.sid}, {}):
+            for q in (
+                {"iss": "https://evil.example", "sid": sso.sid},
+                {"iss": env.op.issuer, "sid": "unknown"},
+                {"sid": sso.sid},
+                {},
+            ):
                 async with raw.get(fc, params=q) as r:
                     assert r.status == 200
                     assert r.headers["Cache-Control"] == "no-store"
@@ -72,8 +76,13 @@ async def test_audit_chain_with_login_events_verifies(persons_env):
     await env.settle()
     env.gw.stop()
     files = sorted(str(p) for p in env.audit_path.parent.glob("audit*.jsonl"))
-    out = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify", *files], capture_output=True, text=True,
-                         env={"PORTVAKT_AUDIT_KEY": "test-audit-key-0123456789", "PATH": "/usr/bin:/bin"}, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "audit", "verify", *files],
+        capture_output=True,
+        text=True,
+        env={"PORTVAKT_AUDIT_KEY": "test-audit-key-0123456789", "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     text = "".join(open(f).read() for f in files)
     assert "24917397852" not in text and "eyJ" not in text

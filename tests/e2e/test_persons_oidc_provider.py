@@ -13,11 +13,19 @@ import pytest
 
 from tests.fixtures.oidc_provider import gateway_client
 from tests.fixtures.persons import COOKIE_SECRET
-from tests.fixtures.upstream import free_port
 
 
-async def _setup(start_gateway, upstream, oidc_provider, client_key, tmp_path, auth="private_key_jwt", access_ttl=120,
-                 provider_extra=None, **persons):
+async def _setup(
+    start_gateway,
+    upstream,
+    oidc_provider,
+    client_key,
+    tmp_path,
+    auth="private_key_jwt",
+    access_ttl=120,
+    provider_extra=None,
+    **persons,
+):
     key, key_file = client_key
     op = oidc_provider()
     provider = {"issuer": op.issuer, "client_id": "portvakt", "client_auth": auth, "timeout_seconds": 3}
@@ -29,11 +37,22 @@ async def _setup(start_gateway, upstream, oidc_provider, client_key, tmp_path, a
         provider["client_secret"] = secret
     cfg = {
         "upstreams": {"app": {"url": upstream.url}},
-        "routes": [{"name": "app", "match": {"path_prefix": "/app/"}, "upstream": "app", "person": {},
-                    "forward": {"person": True}},
-                   {"name": "public", "match": {"path_prefix": "/"}, "upstream": "app"}],
+        "routes": [
+            {
+                "name": "app",
+                "match": {"path_prefix": "/app/"},
+                "upstream": "app",
+                "person": {},
+                "forward": {"person": True},
+            },
+            {"name": "public", "match": {"path_prefix": "/"}, "upstream": "app"},
+        ],
         "persons": {"provider": provider, "cookie_keys": [{"id": "k1", "secret": COOKIE_SECRET}], **persons},
-        "audit": {"path": str(tmp_path / "audit" / "audit.jsonl"), "key": "test-audit-key-0123456789", "fsync": False},
+        "audit": {
+            "path": str(tmp_path / "audit" / "audit.jsonl"),
+            "key": "test-audit-key-0123456789",
+            "fsync": False,
+        },
     }
     gw = await start_gateway(cfg, wait_ready=False)
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
@@ -55,7 +74,9 @@ async def _login(page, gw_url: str, op, path: str = "/app/start?q=1") -> None:
 
 
 @pytest.mark.parametrize("auth", ["private_key_jwt", "client_secret_basic", "client_secret_post"])
-async def test_login_with_oidc_provider(start_gateway, upstream, oidc_provider, client_key, tmp_path, chromium, auth):
+async def test_login_with_oidc_provider(
+    start_gateway, upstream, oidc_provider, client_key, tmp_path, chromium, auth
+):
     op, gw = await _setup(start_gateway, upstream, oidc_provider, client_key, tmp_path, auth=auth)
     ctx = await chromium()
     page = await ctx.new_page()
@@ -68,11 +89,20 @@ async def test_login_with_oidc_provider(start_gateway, upstream, oidc_provider, 
     assert (await op.counters())["code"] == 1
 
 
-async def test_refresh_and_rp_logout_with_oidc_provider(start_gateway, upstream, oidc_provider, client_key, tmp_path,
-                                                        chromium):
+async def test_refresh_and_rp_logout_with_oidc_provider(
+    start_gateway, upstream, oidc_provider, client_key, tmp_path, chromium
+):
     # oidc-provider takes POST at end_session only with SameSite=None cookies (https); GET here.
-    op, gw = await _setup(start_gateway, upstream, oidc_provider, client_key, tmp_path, access_ttl=3,
-                          refresh_leeway_seconds=1, provider_extra={"end_session_method": "get"})
+    op, gw = await _setup(
+        start_gateway,
+        upstream,
+        oidc_provider,
+        client_key,
+        tmp_path,
+        access_ttl=3,
+        refresh_leeway_seconds=1,
+        provider_extra={"end_session_method": "get"},
+    )
     ctx = await chromium()
     page = await ctx.new_page()
     await _login(page, gw.url, op)

@@ -11,7 +11,6 @@ from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
-import pytest
 
 from tests.fixtures.persons_http import HttpBrowser
 
@@ -43,10 +42,16 @@ async def test_refresh_keeps_the_session_past_many_access_token_lifetimes(person
         await b.close()
 
 
-async def test_twenty_parallel_requests_at_expiry_make_one_refresh_across_two_workers(persons_env, redis_server):
+async def test_twenty_parallel_requests_at_expiry_make_one_refresh_across_two_workers(
+    persons_env, redis_server
+):
     # A 10 s token refreshed 5 s before expiry: stragglers have 5 s before the new one is due too.
-    env = await persons_env(op_kwargs={"access_ttl": 10}, refresh_leeway_seconds=5, workers=2,
-                            store={"backend": "redis", "url": redis_server.url})
+    env = await persons_env(
+        op_kwargs={"access_ttl": 10},
+        refresh_leeway_seconds=5,
+        workers=2,
+        store={"backend": "redis", "url": redis_server.url},
+    )
     b = HttpBrowser(env.gw)
     try:
         await b.login()
@@ -58,8 +63,10 @@ async def test_twenty_parallel_requests_at_expiry_make_one_refresh_across_two_wo
             # A connection each (force_close): SO_REUSEPORT spreads them over both workers.
             conn = aiohttp.TCPConnector(ssl=env.gw.ssl_context(), force_close=True)
             async with aiohttp.ClientSession(connector=conn, cookie_jar=aiohttp.DummyCookieJar()) as s:
-                async with s.get(env.url + f"/app/xhr/{i}", headers={"Cookie": f"{SESSION}={cookie}",
-                                                                    "Accept": "application/json"}) as r:
+                async with s.get(
+                    env.url + f"/app/xhr/{i}",
+                    headers={"Cookie": f"{SESSION}={cookie}", "Accept": "application/json"},
+                ) as r:
                     doc = await r.json(content_type=None)
                     return r.status, doc.get("headers", {}).get("Authorization", "")
 
@@ -100,7 +107,9 @@ async def test_refresh_refused_ends_session_server_errors_keep_it(persons_env):
         await asyncio.sleep(1.5)
         env.op.refresh_failure = 400
         status, headers, doc = await _json(b, env.url + "/app/x", headers={"Accept": "application/json"})
-        assert status == 401 and doc["reason"] == "login_required" and "/portvakt/login" in headers["Location"]
+        assert (
+            status == 401 and doc["reason"] == "login_required" and "/portvakt/login" in headers["Location"]
+        )
         env.op.refresh_failure = None
         r = await b.get(env.url + "/app/x")
         assert r.status == 302 and "/portvakt/login" in r.headers["Location"]
@@ -116,7 +125,11 @@ async def test_idle_and_absolute_timeouts(persons_env):
     try:
         await b.login()
         status, _, s = await _json(b, env.url + "/portvakt/session")
-        assert status == 200 and 0 < s["session"]["timeout_in_seconds"] <= 3 and 0 < s["session"]["ends_in_seconds"] <= 7
+        assert (
+            status == 200
+            and 0 < s["session"]["timeout_in_seconds"] <= 3
+            and 0 < s["session"]["ends_in_seconds"] <= 7
+        )
         await asyncio.sleep(3.5)  # idle past the limit
         r = await b.get(env.url + "/app/")
         assert r.status == 302 and "/portvakt/login" in r.headers["Location"]
@@ -141,7 +154,9 @@ async def test_prompt_login_forces_the_login_page_and_drops_the_local_session_fi
         r = await b.get(env.url + "/portvakt/login?prompt=login&redirect=/app/again")
         assert r.status == 302
         # The local session is gone before the browser is at the OP.
-        async with b.session.get(env.url + "/app/", allow_redirects=False, headers={"Accept": "application/json"}) as r2:
+        async with b.session.get(
+            env.url + "/app/", allow_redirects=False, headers={"Accept": "application/json"}
+        ) as r2:
             assert r2.status == 401
         assert env.op.par_requests[-1]["prompt"] == "login"
         # The OP shows its login page again despite its SSO session; logging in there lands back.
@@ -234,8 +249,12 @@ async def test_open_redirect_corpus_always_lands_on_a_same_origin_path(persons_e
                     return f"{target!r}: callback {r.status}"
                 loc = r.headers["Location"]
                 final = urlsplit(urljoin(env.url + "/portvakt/callback", loc))
-                if (final.scheme, final.netloc) != (origin.scheme, origin.netloc) or not loc.startswith("/") \
-                        or loc.startswith("//") or "\\" in loc:
+                if (
+                    (final.scheme, final.netloc) != (origin.scheme, origin.netloc)
+                    or not loc.startswith("/")
+                    or loc.startswith("//")
+                    or "\\" in loc
+                ):
                     return f"{target!r} -> {loc!r}"
                 return None
 
@@ -245,7 +264,9 @@ async def test_open_redirect_corpus_always_lands_on_a_same_origin_path(persons_e
         await b.close()
 
 
-async def test_frontchannel_during_a_redis_hang_is_accepted_and_done_when_it_is_back(persons_env, redis_server):
+async def test_frontchannel_during_a_redis_hang_is_accepted_and_done_when_it_is_back(
+    persons_env, redis_server
+):
     env = await persons_env(store={"backend": "redis", "url": redis_server.url, "timeout_seconds": 0.5})
     b = HttpBrowser(env.gw)
     try:
@@ -254,8 +275,9 @@ async def test_frontchannel_during_a_redis_hang_is_accepted_and_done_when_it_is_
         os.kill(redis_server.pid, signal.SIGSTOP)
         try:
             async with env.gw.session(cookie_jar=aiohttp.DummyCookieJar()) as raw:
-                async with raw.get(env.url + "/portvakt/logout/frontchannel",
-                                   params={"iss": env.op.issuer, "sid": sso.sid}) as r:
+                async with raw.get(
+                    env.url + "/portvakt/logout/frontchannel", params={"iss": env.op.issuer, "sid": sso.sid}
+                ) as r:
                     assert r.status == 202 and r.headers["Cache-Control"] == "no-store"
         finally:
             os.kill(redis_server.pid, signal.SIGCONT)

@@ -15,7 +15,9 @@ from tests.fixtures.gateway import basic_config
 async def test_request_reaches_upstream_over_tls_with_request_id(shared):
     gw, upstream = shared.gw, shared.up
     async with gw.session() as s:
-        async with s.post(gw.url + "/hello/world?x=1&y=2", data=b'{"a":1}', headers={"Content-Type": "application/json"}) as r:
+        async with s.post(
+            gw.url + "/hello/world?x=1&y=2", data=b'{"a":1}', headers={"Content-Type": "application/json"}
+        ) as r:
             assert r.status == 200
             rid = r.headers["X-Request-Id"]
             doc = json.loads(await r.read())
@@ -91,12 +93,15 @@ async def test_chunked_body_over_limit_is_413_and_upstream_sees_nothing(shared):
     assert upstream.requests[-1]["body"] == b"b" * 900
 
 
-async def test_no_route_is_a_404_problem_and_a_large_chunked_body_is_cut_off_at_the_limit(start_gateway, upstream):
+async def test_no_route_is_a_404_problem_and_a_large_chunked_body_is_cut_off_at_the_limit(
+    start_gateway, upstream
+):
     # Limit above the 64 KiB prefix: the excess is found while streaming to the upstream. The WAF
     # refuses bodies over its inspection limit (128 KiB) by default; here it inspects the prefix
     # and lets the rest stream (the explicit opt-in).
-    cfg = basic_config(upstream.url, ingress={"max_body_bytes": 200_000},
-                       waf={"on_inspection_limit": "inspect_partial"})
+    cfg = basic_config(
+        upstream.url, ingress={"max_body_bytes": 200_000}, waf={"on_inspection_limit": "inspect_partial"}
+    )
     cfg["routes"][0]["match"] = {"path_prefix": "/upload"}
     gw = await start_gateway(cfg)
     async with gw.session() as s:
@@ -121,7 +126,7 @@ async def test_no_route_is_a_404_problem_and_a_large_chunked_body_is_cut_off_at_
 
 
 async def test_large_response_is_streamed_back_whole(shared):
-    gw, upstream = shared.gw, shared.up
+    gw = shared.gw
     async with gw.session() as s:
         async with s.get(gw.url + "/big?size=1000000") as r:
             assert r.status == 200
@@ -130,7 +135,7 @@ async def test_large_response_is_streamed_back_whole(shared):
 
 
 async def test_sse_events_arrive_incrementally(shared):
-    gw, upstream = shared.gw, shared.up
+    gw = shared.gw
     loop = asyncio.get_running_loop()
     arrivals: list[tuple[float, bytes]] = []
     async with gw.session() as s:
@@ -156,7 +161,7 @@ async def test_client_disconnect_cancels_the_upstream_call(shared):
         try:
             async with s.get(gw.url + "/hang", timeout=aiohttp.ClientTimeout(total=0.5)):
                 pass
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     # The gateway saw its client go away and dropped the upstream connection: the upstream's
     # handler is cancelled long before its 3 s delay ends.
@@ -172,21 +177,27 @@ async def test_connect_and_foreign_absolute_form_are_refused(shared):
     ctx = gw.ssl_context()
 
     async def raw(request: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx, server_hostname="localhost")
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", gw.port, ssl=ctx, server_hostname="localhost"
+        )
         writer.write(request)
         await writer.drain()
         data = await asyncio.wait_for(reader.read(65536), 5)
         writer.close()
         return data
 
-    resp = await raw(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n")
+    resp = await raw(
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n"
+    )
     assert resp.startswith(b"HTTP/1.1 400")
     resp = await raw(b"GET http://example.com/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     assert resp.startswith(b"HTTP/1.1 400")
     assert upstream.started == 0
     # An absolute-form target naming the Host it is sent with is read as its path (RFC 9112 3.2.2),
     # exactly like the origin-form request would be.
-    resp = await raw(f"GET https://127.0.0.1:{gw.port}/same?q=1 HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\nConnection: close\r\n\r\n".encode())
+    resp = await raw(
+        f"GET https://127.0.0.1:{gw.port}/same?q=1 HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\nConnection: close\r\n\r\n".encode()
+    )
     assert resp.startswith(b"HTTP/1.1 200")
     assert upstream.requests[-1]["raw_path"] == "/same?q=1"
 
@@ -194,7 +205,14 @@ async def test_connect_and_foreign_absolute_form_are_refused(shared):
 async def test_h2c_upgrade_is_never_forwarded(shared):
     gw, upstream = shared.gw, shared.up
     async with gw.session() as s:
-        async with s.get(gw.url + "/u", headers={"Upgrade": "h2c", "Connection": "Upgrade, HTTP2-Settings", "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"}) as r:
+        async with s.get(
+            gw.url + "/u",
+            headers={
+                "Upgrade": "h2c",
+                "Connection": "Upgrade, HTTP2-Settings",
+                "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA",
+            },
+        ) as r:
             assert r.status == 200
     seen = upstream.requests[-1]["headers"]
     assert "Upgrade" not in seen and "HTTP2-Settings" not in seen
@@ -225,8 +243,12 @@ async def test_https_client_without_tls_cannot_talk_plain_http(shared):
 
 async def test_expect_100_continue_is_answered_before_the_body_is_sent(shared):
     gw, upstream = shared.gw, shared.up
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, ssl=gw.ssl_context(), server_hostname="localhost")
-    writer.write(b"POST /expect HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gw.port, ssl=gw.ssl_context(), server_hostname="localhost"
+    )
+    writer.write(
+        b"POST /expect HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
     await writer.drain()
     interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert interim.startswith(b"HTTP/1.1 100")

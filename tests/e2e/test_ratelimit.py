@@ -38,7 +38,9 @@ STATE = re.compile(r'^"(?P<name>[^"]+)";r=(?P<r>\d+);t=(?P<t>\d+)$')
 
 def warm_route() -> dict:
     r = innsyn_route()
-    r.update(name="warm", match={"path_prefix": "/warm/"}, organization_from="path:/warm/orgs/{organization}/")
+    r.update(
+        name="warm", match={"path_prefix": "/warm/"}, organization_from="path:/warm/orgs/{organization}/"
+    )
     return r
 
 
@@ -46,7 +48,9 @@ def limited_config(upstream, issuer, redis_url: str, rules: list[dict], **rate_l
     route = innsyn_route()
     route["rate_limits"] = rules
     cfg = identity_config(
-        upstream.url, issuer, rate_limit={"backend": redis_url, "timeout_ms": 500, "pseudonym_key": KEY, **rate_limit}
+        upstream.url,
+        issuer,
+        rate_limit={"backend": redis_url, "timeout_ms": 500, "pseudonym_key": KEY, **rate_limit},
     )
     cfg["routes"] = [route, warm_route()]
     return cfg
@@ -57,9 +61,13 @@ async def redis_now(client) -> float:
     return sec + usec / 1e6
 
 
-async def test_exact_across_two_gateways_and_allowance_back_after_the_period(start_gateway, upstream, issuer, redis_server):
+async def test_exact_across_two_gateways_and_allowance_back_after_the_period(
+    start_gateway, upstream, issuer, redis_server
+):
     limit, period = 8, 4.0  # burst = limit: 8 at once, T = 0.5 s
-    cfg = limited_config(upstream, issuer, redis_server.url, [{"per": "integration", "limit": limit, "period_seconds": period}])
+    cfg = limited_config(
+        upstream, issuer, redis_server.url, [{"per": "integration", "limit": limit, "period_seconds": period}]
+    )
     gw1 = await start_gateway(cfg)
     gw2 = await start_gateway(cfg)
     headers = {**bearer(issuer.mint(scope="ks:fiks")), **creds()}
@@ -68,19 +76,25 @@ async def test_exact_across_two_gateways_and_allowance_back_after_the_period(sta
     try:
         # Warm-up on an unlimited route: TLS connections, verified token and argon2 result cached
         # in each gateway, so the burst itself is quick.
-        warm = await asyncio.gather(*(call(s, gw.url + WARM_URL, headers) for gw, s in clients for _ in range(6)))
+        warm = await asyncio.gather(
+            *(call(s, gw.url + WARM_URL, headers) for gw, s in clients for _ in range(6))
+        )
         assert {st for st, _, _ in warm} == {200}
         for round_ in (1, 2):
             t0 = await redis_now(rc)
-            results = await asyncio.gather(*(call(s, gw.url + URL, headers) for gw, s in clients for _ in range(6)))
+            results = await asyncio.gather(
+                *(call(s, gw.url + URL, headers) for gw, s in clients for _ in range(6))
+            )
             t1 = await redis_now(rc)
             ok = [h for st, _, h in results if st == 200]
             refused = [(b, h) for st, b, h in results if st == 429]
             assert len(ok) + len(refused) == 48, [st for st, _, _ in results]
             # The policy admits the burst plus one per 0.5 s that passed during the burst.
             refill = math.floor((t1 - t0) / (period / limit))
-            print(f"\nround {round_}: 48 concurrent requests over 2 gateways, {len(ok)} admitted, "
-                  f"{len(refused)} refused, burst took {(t1 - t0) * 1000:.0f} ms on the Redis clock")
+            print(
+                f"\nround {round_}: 48 concurrent requests over 2 gateways, {len(ok)} admitted, "
+                f"{len(refused)} refused, burst took {(t1 - t0) * 1000:.0f} ms on the Redis clock"
+            )
             assert limit <= len(ok) <= limit + refill
             remaining = sorted(int(STATE.match(h["RateLimit"])["r"]) for h in ok)
             if refill == 0:
@@ -100,7 +114,9 @@ async def test_exact_across_two_gateways_and_allowance_back_after_the_period(sta
             assert 0 < await rc.pttl(key) <= period * 1000  # one shared key, expiring when idle
             if round_ == 1:
                 await asyncio.sleep(period + 0.3)  # the whole allowance is back after the period
-        limited = sum([await gw.metric("portvakt_rate_limit_checks_total", {"result": "limited"}) for gw in (gw1, gw2)])
+        limited = sum(
+            [await gw.metric("portvakt_rate_limit_checks_total", {"result": "limited"}) for gw in (gw1, gw2)]
+        )
         assert limited >= 2 * (48 - limit - refill)
     finally:
         await rc.aclose()
@@ -109,10 +125,15 @@ async def test_exact_across_two_gateways_and_allowance_back_after_the_period(sta
 
 
 async def test_headers_per_client_ip_and_429_problem(start_gateway, upstream, issuer, redis_server):
-    cfg = limited_config(upstream, issuer, redis_server.url, [
-        {"per": "client_ip", "limit": 2, "period_seconds": 60, "stage": "pre_auth"},
-        {"per": "integration", "limit": 100, "period_seconds": 1, "burst": 20},
-    ])
+    cfg = limited_config(
+        upstream,
+        issuer,
+        redis_server.url,
+        [
+            {"per": "client_ip", "limit": 2, "period_seconds": 60, "stage": "pre_auth"},
+            {"per": "integration", "limit": 100, "period_seconds": 1, "burst": 20},
+        ],
+    )
     gw = await start_gateway(cfg)
     headers = {**bearer(issuer.mint(scope="ks:fiks")), **creds()}
     async with gw.session() as s:
@@ -148,8 +169,14 @@ async def _readyz(gw) -> tuple[int, dict]:
 async def test_redis_killed_under_load_then_back(start_gateway, upstream, issuer, redis_server, mode):
     timeout_ms = 100
     cfg = limited_config(
-        upstream, issuer, redis_server.url, [{"per": "integration", "limit": 1000, "period_seconds": 60}],
-        timeout_ms=timeout_ms, on_backend_error=mode, breaker_failures=2, breaker_backoff_ms=100,
+        upstream,
+        issuer,
+        redis_server.url,
+        [{"per": "integration", "limit": 1000, "period_seconds": 60}],
+        timeout_ms=timeout_ms,
+        on_backend_error=mode,
+        breaker_failures=2,
+        breaker_backoff_ms=100,
         breaker_max_backoff_ms=400,
     )
     gw = await start_gateway(cfg)
@@ -182,8 +209,10 @@ async def test_redis_killed_under_load_then_back(start_gateway, upstream, issuer
         redis_server.kill()
         await asyncio.sleep(1.2)
         status, ready = await _readyz(gw)
-        states = {st: await gw.metric("portvakt_rate_limit_breaker_state", {"state": st})
-                  for st in ("closed", "half_open", "open")}
+        states = {
+            st: await gw.metric("portvakt_rate_limit_breaker_state", {"state": st})
+            for st in ("closed", "half_open", "open")
+        }
         assert states["closed"] == 0 and states["half_open"] + states["open"] == 1, states
         assert await gw.metric("portvakt_rate_limit_checks_total", {"result": "fallback"}) > fallback0
         state = ready.get("rate_limit.redis") or str(ready)
@@ -227,10 +256,19 @@ async def test_redis_killed_under_load_then_back(start_gateway, upstream, issuer
     assert status == 200 and ready.get("rate_limit.redis", "ok") == "ok", ready
 
 
-async def test_pre_auth_limit_stops_password_flood_before_argon2(start_gateway, upstream, issuer, redis_server):
-    cfg = limited_config(upstream, issuer, redis_server.url,
-                         [{"per": "client_ip", "limit": 3, "period_seconds": 60, "stage": "pre_auth"}])
-    cfg["integrations_policy"] = {"brute_force": {"enabled": False}, "password_hash_floor": "none"}  # only the rate limit stands in the way
+async def test_pre_auth_limit_stops_password_flood_before_argon2(
+    start_gateway, upstream, issuer, redis_server
+):
+    cfg = limited_config(
+        upstream,
+        issuer,
+        redis_server.url,
+        [{"per": "client_ip", "limit": 3, "period_seconds": 60, "stage": "pre_auth"}],
+    )
+    cfg["integrations_policy"] = {
+        "brute_force": {"enabled": False},
+        "password_hash_floor": "none",
+    }  # only the rate limit stands in the way
     gw = await start_gateway(cfg)
     token = issuer.mint(scope="ks:fiks")
     statuses = []
@@ -250,7 +288,9 @@ async def test_reload_keeps_in_process_state(start_gateway, upstream, issuer):
     """backend: memory: a config reload adopts the limiter state (a reload is no reset), and a
     changed limit applies to the next request."""
     cfg = identity_config(upstream.url, issuer)
-    cfg["routes"][0]["rate_limits"] = [{"per": "client_ip", "limit": 2, "period_seconds": 60, "stage": "pre_auth"}]
+    cfg["routes"][0]["rate_limits"] = [
+        {"per": "client_ip", "limit": 2, "period_seconds": 60, "stage": "pre_auth"}
+    ]
     gw = await start_gateway(cfg)
     headers = {**bearer(issuer.mint(scope="ks:fiks")), **creds()}
     async with gw.session() as s:

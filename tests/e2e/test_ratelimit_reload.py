@@ -8,7 +8,15 @@ import time
 
 import pytest
 
-from tests.e2e.helpers_identity import GRANTING_ORG, ORG_URL, bearer, call, creds, identity_config, innsyn_route
+from tests.e2e.helpers_identity import (
+    GRANTING_ORG,
+    ORG_URL,
+    bearer,
+    call,
+    creds,
+    identity_config,
+    innsyn_route,
+)
 
 URL = ORG_URL.format(org=GRANTING_ORG)
 
@@ -22,7 +30,9 @@ def config(upstream, issuer, backend: str, limit: int, period: float) -> dict:
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
-async def test_limit_raised_and_lowered_by_reload_under_load(start_gateway, upstream, issuer, redis_server, backend):
+async def test_limit_raised_and_lowered_by_reload_under_load(
+    start_gateway, upstream, issuer, redis_server, backend
+):
     url = "memory" if backend == "memory" else redis_server.url
     cfg = config(upstream, issuer, url, 5, 3600)
     gw = await start_gateway(cfg)

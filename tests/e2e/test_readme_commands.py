@@ -27,8 +27,14 @@ def test_readme_commands_run_as_written_against_the_demo():
     if busy:
         pytest.skip(f"demo ports in use on this machine: {busy} (is `make run` running?)")
     assert (ROOT / ".venv" / "bin" / "activate").exists() and (ROOT / ".venv" / "bin" / "portvakt").exists()
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "demo"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "demo"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         deadline = time.monotonic() + 60
         seen: list[str] = []
@@ -46,12 +52,15 @@ def test_readme_commands_run_as_written_against_the_demo():
             raise AssertionError("the demo did not start:\n" + text)
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV",)}
         env["PATH"] = "/usr/local/bin:/usr/bin:/bin"  # `portvakt` only through the activated venv
-        out = subprocess.run(["bash", "-c", readme_block()], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120, env=env)
+        out = subprocess.run(
+            ["bash", "-c", readme_block()], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         lines = [line for line in out.stdout.splitlines() if line.strip()]
-        assert '"path": "/innsyn/api/v1/orgs/958935420/saker"' in out.stdout or \
-            '"path":"/innsyn/api/v1/orgs/958935420/saker"' in out.stdout, out.stdout
+        assert (
+            '"path": "/innsyn/api/v1/orgs/958935420/saker"' in out.stdout
+            or '"path":"/innsyn/api/v1/orgs/958935420/saker"' in out.stdout
+        ), out.stdout
         assert '"reason":"missing_privilege"' in out.stdout, out.stdout
         assert '"reason":"waf_blocked"' in out.stdout, out.stdout
         assert "ok" in lines, lines

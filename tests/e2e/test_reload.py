@@ -70,11 +70,20 @@ async def test_broken_config_keeps_the_old_runtime_and_counts_the_failure(start_
     assert any("routes[0].upstream" in p for p in doc["problems"])
     # A file that validates but cannot be built (a missing JWKS file) names its YAML path too.
     cfg = basic_config(upstream.url)
-    cfg["issuers"] = {"mp": {"kind": "maskinporten", "issuer": "https://mp.example/", "jwks_file": "missing-jwks.json", "audience": "a"}}
+    cfg["issuers"] = {
+        "mp": {
+            "kind": "maskinporten",
+            "issuer": "https://mp.example/",
+            "jwks_file": "missing-jwks.json",
+            "audience": "a",
+        }
+    }
     gw.write_config(cfg)
     status, doc = await gw.admin_reload()
     assert status == 422 and doc["result"] == "failure"
-    assert any(p.startswith(f"{gw.config_path}: issuers.mp.jwks_file: ") for p in doc["problems"]), doc["problems"]
+    assert any(p.startswith(f"{gw.config_path}: issuers.mp.jwks_file: ") for p in doc["problems"]), doc[
+        "problems"
+    ]
 
 
 async def test_in_flight_request_finishes_on_its_runtime_across_a_reload(start_gateway, upstream):
@@ -138,7 +147,13 @@ async def test_workers_share_the_port_and_a_crashed_worker_is_restarted(start_ga
                     assert r.status == 200
 
     await burst(10)
-    assert await gw.metric("portvakt_requests_total", {"route": "demo", "method": "GET", "status": "200", "decision": "allow"}) == 10
+    assert (
+        await gw.metric(
+            "portvakt_requests_total",
+            {"route": "demo", "method": "GET", "status": "200", "decision": "allow"},
+        )
+        == 10
+    )
     async with aiohttp.ClientSession() as s:
         async with s.get(gw.admin_url + "/metrics") as r:
             text = await r.text()
@@ -157,7 +172,13 @@ async def test_workers_share_the_port_and_a_crashed_worker_is_restarted(start_ga
     await burst(4)
     assert await gw.metric("portvakt_worker_restarts_total") == 1
     # The killed worker's counts (scraped above) stay in the sum: the counter does not fall.
-    assert await gw.metric("portvakt_requests_total", {"route": "demo", "method": "GET", "status": "200", "decision": "allow"}) == 14
+    assert (
+        await gw.metric(
+            "portvakt_requests_total",
+            {"route": "demo", "method": "GET", "status": "200", "decision": "allow"},
+        )
+        == 14
+    )
     assert await gw.reload() == "success"
     assert await gw.stop_async() == 0
     for pid in [now["0"]["pid"], pids["1"]]:

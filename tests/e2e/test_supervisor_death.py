@@ -79,7 +79,9 @@ async def test_kill_9_of_the_supervisor_takes_its_workers(start_gateway, hostile
     t0 = time.monotonic()
     os.kill(gw.pid, signal.SIGKILL)
     await _wait(lambda: _no_survivor(pids), 15, f"workers {pids} outlived the supervisor")
-    print(f"workers gone {time.monotonic() - t0:.2f}s after kill -9 of the supervisor")  # a figure, not asserted
+    print(
+        f"workers gone {time.monotonic() - t0:.2f}s after kill -9 of the supervisor"
+    )  # a figure, not asserted
     # the orphans closed their runtime before exiting: the request's audit record is on disk
     files = [p for p in (tmp_path / "audit").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
     assert any(b"/plain/before" in p.read_bytes() for p in files), [p.name for p in files]
@@ -108,9 +110,11 @@ async def test_healthz_and_workers_gauge_count_live_workers(start_gateway, hosti
     # stop the worker without letting it exit: it is not live while it does not answer
     os.kill(victim, signal.SIGSTOP)
     try:
+
         async def degraded() -> bool:
             status, body = await _admin(gw, "/healthz")
             return status == 503 and body["workers"] == {"live": 1, "configured": 2}
+
         await _wait(degraded, 60, "healthz still ok with a stopped worker")
         assert await gw.metric("portvakt_workers") == 1
     finally:
@@ -118,6 +122,7 @@ async def test_healthz_and_workers_gauge_count_live_workers(start_gateway, hosti
 
     async def healthy() -> bool:
         return (await _admin(gw, "/healthz"))[0] == 200 and await gw.metric("portvakt_workers") == 2
+
     await _wait(healthy, 60, "healthz not ok again")
 
 
@@ -131,9 +136,25 @@ async def test_orphan_check_at_start_exits(tmp_path):
     env = dict(os.environ, PORTVAKT_SUPERVISOR_PID="1", PYTHONPATH=str(ROOT))
     cfg = tmp_path / "c.yaml"
     cfg.write_text("server: {plain_http: true, listen: '127.0.0.1:0'}\n")
-    p = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(cfg), "--worker-index", "0",
-                        "--admin-socket", str(tmp_path / "w.sock")], env=env, cwd=str(ROOT),
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "--config",
+            str(cfg),
+            "--worker-index",
+            "0",
+            "--admin-socket",
+            str(tmp_path / "w.sock"),
+        ],
+        env=env,
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 3, p.stderr[-2000:]
     assert "supervisor 1 is gone" in p.stderr
 

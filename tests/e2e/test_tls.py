@@ -18,7 +18,9 @@ from tests.fixtures.gateway import basic_config
 from tests.fixtures.upstream import free_port
 
 
-def tls_section(pki, mode: str, ca: str | None = None, cert: str | None = None, key: str | None = None) -> dict:
+def tls_section(
+    pki, mode: str, ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> dict:
     return {
         "certificate": cert or pki.server_cert,
         "private_key": key or pki.server_key,
@@ -34,7 +36,9 @@ async def _served_cert(gw, ctx: ssl.SSLContext) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
-async def test_mtls_required_rejects_no_client_cert_and_accepts_the_dev_client_cert(start_gateway, upstream, pki):
+async def test_mtls_required_rejects_no_client_cert_and_accepts_the_dev_client_cert(
+    start_gateway, upstream, pki
+):
     cfg = basic_config(upstream.url, server={"tls": tls_section(pki, "required")})
     gw = await start_gateway(cfg)
     # Without a client certificate: the handshake (TLS 1.3: the first read after it) fails.
@@ -73,8 +77,12 @@ async def test_mtls_optional_admits_both(start_gateway, upstream, pki):
 async def test_peer_chain_is_the_verified_chain_leaf_first(pki):
     """In-process listener with tlsutil: a handler sees ctx.tls facts for the presented cert."""
     tls = tlsutil.ReloadableTLS(
-        TLSConfig(certificate=pki.server_cert, private_key=pki.server_key, client_ca=pki.ca_cert,
-                  client_certificate="optional"),
+        TLSConfig(
+            certificate=pki.server_cert,
+            private_key=pki.server_key,
+            client_ca=pki.ca_cert,
+            client_certificate="optional",
+        ),
         lambda p: p,
     )
     seen: list = []
@@ -100,7 +108,9 @@ async def test_peer_chain_is_the_verified_chain_leaf_first(pki):
     assert info.version in ("TLSv1.3", "TLSv1.2") and info.cipher
     leaf_pem = Path(pki.client_seid2_cert).read_bytes()
     leaf_der = x509.load_pem_x509_certificate(leaf_pem).public_bytes(serialization.Encoding.DER)
-    ca_der = x509.load_pem_x509_certificate(Path(pki.ca_cert).read_bytes()).public_bytes(serialization.Encoding.DER)
+    ca_der = x509.load_pem_x509_certificate(Path(pki.ca_cert).read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
     assert info.peer_chain_der[0] == leaf_der
     assert info.peer_chain_der[-1] == ca_der and len(info.peer_chain_der) == 2
 
@@ -110,14 +120,20 @@ def test_weak_protocols_and_ciphers_are_off(pki):
     ctx = tlsutil.build_context(tls, lambda p: p)
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     names = [c["name"] for c in ctx.get_ciphers()]
-    assert names and all("CBC" not in n and "RC4" not in n and "3DES" not in n and "NULL" not in n for n in names)
+    assert names and all(
+        "CBC" not in n and "RC4" not in n and "3DES" not in n and "NULL" not in n for n in names
+    )
     assert all(c["protocol"] == "TLSv1.3" or "ECDHE" in c["name"] for c in ctx.get_ciphers())
     assert not ctx.options & ssl.OP_NO_TICKET
     with pytest.raises(ValueError, match="cannot load certificate"):
-        tlsutil.build_context(TLSConfig(certificate="/nonexistent.pem", private_key=pki.server_key), lambda p: p)
+        tlsutil.build_context(
+            TLSConfig(certificate="/nonexistent.pem", private_key=pki.server_key), lambda p: p
+        )
 
 
-async def test_sighup_reloads_the_server_certificate_and_the_client_ca(start_gateway, upstream, pki, tmp_path):
+async def test_sighup_reloads_the_server_certificate_and_the_client_ca(
+    start_gateway, upstream, pki, tmp_path
+):
     cfg = basic_config(upstream.url, server={"tls": tls_section(pki, "required")})
     gw = await start_gateway(cfg)
     client = pki.client_ssl(pki.client_seid2_cert, pki.client_seid2_key)
@@ -128,8 +144,11 @@ async def test_sighup_reloads_the_server_certificate_and_the_client_ca(start_gat
     cert, key = ca.server_certificate()
     cert_path, key_path = tmp_path / "server2.pem", tmp_path / "server2-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     ucert, ukey = pki.untrusted_client_cert("991825827")
     other_ca = str(Path(pki.dir) / "untrusted-ca" / "ca.pem")
 
@@ -137,8 +156,14 @@ async def test_sighup_reloads_the_server_certificate_and_the_client_ca(start_gat
     async with gw.session(pki.client_seid2_cert, pki.client_seid2_key) as kept:
         async with kept.get(gw.url + "/before") as r:
             assert r.status == 200
-        gw.write_config(basic_config(upstream.url, server={"tls": tls_section(
-            pki, "required", ca=other_ca, cert=str(cert_path), key=str(key_path))}))
+        gw.write_config(
+            basic_config(
+                upstream.url,
+                server={
+                    "tls": tls_section(pki, "required", ca=other_ca, cert=str(cert_path), key=str(key_path))
+                },
+            )
+        )
         assert await gw.reload() == "success"
         async with kept.get(gw.url + "/kept-alive") as r:
             assert r.status == 200
@@ -159,7 +184,9 @@ async def test_broken_certificate_on_reload_keeps_the_old_one(start_gateway, ups
     gw = await start_gateway(basic_config(upstream.url))
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate")
-    gw.write_config(basic_config(upstream.url, server={"tls": {"certificate": str(bad), "private_key": pki.server_key}}))
+    gw.write_config(
+        basic_config(upstream.url, server={"tls": {"certificate": str(bad), "private_key": pki.server_key}})
+    )
     assert await gw.reload() == "failure"
     assert "cannot load certificate" in gw.output()
     async with gw.session() as s:

@@ -14,24 +14,35 @@ from cryptography.hazmat.primitives import serialization
 from tests.e2e.helpers_identity import (
     GRANTING_ORG,
     INTEGRATION_ID,
+    ORG_URL,
     OWNER_ORG,
     PASSWORD,
     PERSON_URL,
-    ORG_URL,
     call,
-    integration_entry,
     innsyn_route,
+    integration_entry,
 )
 from tests.fixtures.gateway import basic_config
-from tests.fixtures.issuer import AUDIENCE
 
 PERSON_PID = "24917397852"  # the issuer fixture's TEST_PID
 PUBLIC = "/public/info"
 RELAXED = "/relaxed/x"
 PASS_ON = "/pass-on/x"
-CREDENTIAL_NAMES = ["authorization", "AUTHORIZATION", "IntegrasjonId", "integrasjonid", "INTEGRASJONID",
-                    "Integrasjon-Id", "integrasjon_id", "IntegrasjonPassord", "integrasjonpassord",
-                    "INTEGRASJONPASSORD", "Integrasjon-Passord", "integrasjon_passord", "Integrasjon_Passord"]
+CREDENTIAL_NAMES = [
+    "authorization",
+    "AUTHORIZATION",
+    "IntegrasjonId",
+    "integrasjonid",
+    "INTEGRASJONID",
+    "Integrasjon-Id",
+    "integrasjon_id",
+    "IntegrasjonPassord",
+    "integrasjonpassord",
+    "INTEGRASJONPASSORD",
+    "Integrasjon-Passord",
+    "integrasjon_passord",
+    "Integrasjon_Passord",
+]
 
 
 def routes() -> list[dict]:
@@ -57,7 +68,10 @@ def routes() -> list[dict]:
 
 def config(upstream_url: str, issuer) -> dict:
     return basic_config(
-        upstream_url, issuers=issuer.issuers_config(), integrations=[integration_entry()], routes=routes(),
+        upstream_url,
+        issuers=issuer.issuers_config(),
+        integrations=[integration_entry()],
+        routes=routes(),
         integrations_policy={"password_hash_floor": "none"},  # the cheap test hash is below the floor
     )
 
@@ -80,7 +94,9 @@ async def test_id_tokens_and_foreign_audiences_refused_on_every_route_kind(start
     gw = await start_gateway(config(upstream.url, issuer))
     mp, ip = issuer, issuer.idporten
     foreign = {
-        "idporten id_token of another client": ip.mint(audience="other-client", claims={"nonce": "n", "azp": "other-client"}),
+        "idporten id_token of another client": ip.mint(
+            audience="other-client", claims={"nonce": "n", "azp": "other-client"}
+        ),
         "idporten id_token with our audience": ip.mint(claims={"nonce": "n", "at_hash": "x"}),
         "idporten id_token typ": ip.mint(headers={"typ": "id_token"}),
         "idporten token for another API": ip.mint(audience="https://other-api.example/"),
@@ -115,9 +131,14 @@ async def test_upstream_never_sees_consumed_credentials(start_gateway, upstream,
     async with gw.session() as s:
         # Integration route: every spelling of every credential header is removed.
         extra = [(n, "x") for n in CREDENTIAL_NAMES if not n.lower().startswith("authorization")]
-        async with s.get(gw.url + ORG_URL.format(org=GRANTING_ORG),
-                         headers=[("Authorization", f"Bearer {token}"), ("IntegrasjonId", INTEGRATION_ID),
-                                  ("IntegrasjonPassord", PASSWORD)]) as r:
+        async with s.get(
+            gw.url + ORG_URL.format(org=GRANTING_ORG),
+            headers=[
+                ("Authorization", f"Bearer {token}"),
+                ("IntegrasjonId", INTEGRATION_ID),
+                ("IntegrasjonPassord", PASSWORD),
+            ],
+        ) as r:
             assert r.status == 200, await r.text()
         # Public route: a verified token and loose integration headers, in every spelling.
         async with s.get(gw.url + PUBLIC, headers=[("Authorization", f"Bearer {token}"), *extra]) as r:
@@ -128,8 +149,13 @@ async def test_upstream_never_sees_consumed_credentials(start_gateway, upstream,
     assert len(upstream.requests) == 3
     for rec in upstream.requests:
         names = {k.lower().replace("_", "-") for k in rec["headers"]}
-        assert not names & {"authorization", "integrasjonid", "integrasjon-id", "integrasjonpassord",
-                            "integrasjon-passord"}, rec["headers"]
+        assert not names & {
+            "authorization",
+            "integrasjonid",
+            "integrasjon-id",
+            "integrasjonpassord",
+            "integrasjon-passord",
+        }, rec["headers"]
         assert token not in json.dumps(list(rec["headers"].items()))
     # The upstream learns who called from the verified facts instead.
     assert upstream.requests[0]["headers"]["X-Portvakt-Integration-Id"] == INTEGRATION_ID
@@ -143,8 +169,10 @@ async def test_opt_in_route_forwards_only_the_verified_token(start_gateway, upst
         async with s.get(gw.url + PASS_ON, headers=integration(token)) as r:
             assert r.status == 200, await r.text()
         # Duplicate headers are not one verified token: refused, nothing forwarded.
-        async with s.get(gw.url + PASS_ON, headers=[("Authorization", f"Bearer {token}"),
-                                                    ("authorization", "Bearer forged.x.y")]) as r:
+        async with s.get(
+            gw.url + PASS_ON,
+            headers=[("Authorization", f"Bearer {token}"), ("authorization", "Bearer forged.x.y")],
+        ) as r:
             assert r.status == 401
     [rec] = upstream.requests
     assert rec["headers"].getall("Authorization") == [f"Bearer {token}"]
@@ -158,7 +186,8 @@ async def test_forged_tokens_on_public_routes(start_gateway, upstream, issuer, i
     good = issuer.mint()
     head, payload, _ = good.split(".")
     forged = {
-        "unsigned (alg none)": base64.urlsafe_b64encode(b'{"alg":"none"}').rstrip(b"=").decode() + f".{payload}.",
+        "unsigned (alg none)": base64.urlsafe_b64encode(b'{"alg":"none"}').rstrip(b"=").decode()
+        + f".{payload}.",
         "signature stripped": f"{head}.{payload}.",
         "signed by someone else": attacker.mint(iss=issuer.iss, kid=issuer.kid, key=attacker.signing_key),
         "expired": issuer.mint(ttl=-300),

@@ -48,7 +48,9 @@ async def get(gw, token: str | None = None, raw_auth: str | None = None) -> tupl
     async with gw.session() as s:
         async with s.get(gw.url + PATH, headers=headers) as r:
             raw = await r.read()
-            body = json.loads(raw) if r.headers.get("Content-Type", "").startswith("application/problem") else {}
+            body = (
+                json.loads(raw) if r.headers.get("Content-Type", "").startswith("application/problem") else {}
+            )
             return r.status, body, r.headers
 
 
@@ -72,7 +74,9 @@ def forge(header: dict, payload: dict, sign) -> str:
     return f"{signing_input}.{b64(sign(signing_input.encode()))}"
 
 
-async def test_attack_table_is_401_and_never_reaches_upstream(start_gateway, upstream, issuer, issuer_factory):
+async def test_attack_table_is_401_and_never_reaches_upstream(
+    start_gateway, upstream, issuer, issuer_factory
+):
     attacker = await issuer_factory("maskinporten", name="attacker")
     issuers = {
         "maskinporten": issuer.config(jwks_refetch_min_seconds=30),
@@ -83,26 +87,45 @@ async def test_attack_table_is_401_and_never_reaches_upstream(start_gateway, ups
     good = issuer.mint()
     payload = claims_of(good)
     attacks = {
-        "alg none": (forge({"alg": "none", "kid": issuer.kid}, payload, lambda m: b""), "token_alg_not_allowed"),
-        "HS256 signed with the RSA public key": (
-            forge({"alg": "HS256", "kid": issuer.kid}, payload,
-                  lambda m: hmac.new(issuer.public_pem(), m, hashlib.sha256).digest()),
+        "alg none": (
+            forge({"alg": "none", "kid": issuer.kid}, payload, lambda m: b""),
             "token_alg_not_allowed",
         ),
-        "valid signature from a key not in the JWKS": (issuer.mint(key=new_rsa_key(), kid=issuer.kid), "token_bad_signature"),
+        "HS256 signed with the RSA public key": (
+            forge(
+                {"alg": "HS256", "kid": issuer.kid},
+                payload,
+                lambda m: hmac.new(issuer.public_pem(), m, hashlib.sha256).digest(),
+            ),
+            "token_alg_not_allowed",
+        ),
+        "valid signature from a key not in the JWKS": (
+            issuer.mint(key=new_rsa_key(), kid=issuer.kid),
+            "token_bad_signature",
+        ),
         "expired": (issuer.mint(ttl=-120), "token_expired"),
         "nbf in the future": (issuer.mint(claims={"nbf": int(time.time()) + 600}), "token_not_yet_valid"),
         "wrong iss": (issuer.mint(iss="https://maskinporten.no/"), "token_unknown_issuer"),
         "wrong aud": (issuer.idporten.mint(audience="https://elsewhere.example/"), "token_bad_audience"),
         "jku to an attacker JWKS": (
-            issuer.mint(key=attacker.signing_key, kid=attacker.kid, headers={"jku": attacker.jwks_uri}), "token_unknown_kid"),
+            issuer.mint(key=attacker.signing_key, kid=attacker.kid, headers={"jku": attacker.jwks_uri}),
+            "token_unknown_kid",
+        ),
         "x5u to an attacker JWKS": (
-            issuer.mint(key=attacker.signing_key, kid=issuer.kid, headers={"x5u": attacker.jwks_uri}), "token_bad_signature"),
+            issuer.mint(key=attacker.signing_key, kid=issuer.kid, headers={"x5u": attacker.jwks_uri}),
+            "token_bad_signature",
+        ),
         "truncated signature": (good[:-12], "token_bad_signature"),
-        "token for the other issuer's kind": (issuer.mint(kind="idporten", pid=TEST_PID), "token_kind_mismatch"),
+        "token for the other issuer's kind": (
+            issuer.mint(kind="idporten", pid=TEST_PID),
+            "token_kind_mismatch",
+        ),
         "malformed": ("abc.def", "token_malformed"),
         # Red team I1: absurd lifetimes (cached until exp before) are refused by max_token_lifetime_seconds.
-        "exp 10^10 s ahead": (issuer.mint(claims={"exp": int(time.time()) + 10**10}), "token_lifetime_too_long"),
+        "exp 10^10 s ahead": (
+            issuer.mint(claims={"exp": int(time.time()) + 10**10}),
+            "token_lifetime_too_long",
+        ),
         "exp 1e308": (issuer.mint(claims={"exp": 1e308}), "token_lifetime_too_long"),
     }
     bodies = []
@@ -203,11 +226,28 @@ async def test_never_reachable_issuer_is_503_then_recovers(start_gateway, upstre
 async def test_dev_token_cli_against_jwks_file(start_gateway, upstream, pki):
     # `portvakt dev-token` runs while the gateway starts (both are slow to import).
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "dev-token", "--key", pki.issuer_key, "--org", ORG, "--scope", "ks:fiks",
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "gateway",
+        "dev-token",
+        "--key",
+        pki.issuer_key,
+        "--org",
+        ORG,
+        "--scope",
+        "ks:fiks",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
-    issuers = {"dev": {"kind": "maskinporten", "issuer": DEV_MASKINPORTEN_ISS, "jwks_file": pki.issuer_jwks,
-                       "audience": DEV_AUDIENCE}}
+    issuers = {
+        "dev": {
+            "kind": "maskinporten",
+            "issuer": DEV_MASKINPORTEN_ISS,
+            "jwks_file": pki.issuer_jwks,
+            "audience": DEV_AUDIENCE,
+        }
+    }
     gw = await start_gateway(config(upstream.url, issuers))
     out, err = await asyncio.wait_for(cli.communicate(), 60)
     assert cli.returncode == 0, err

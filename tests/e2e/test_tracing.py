@@ -37,18 +37,39 @@ async def test_untrusted_client_gets_a_new_trace_and_its_headers_are_dropped(sta
 
 async def test_trusted_proxy_trace_is_continued_with_the_gateways_span(start_gateway, upstream, tmp_path):
     audit = {"path": str(tmp_path / "audit" / "audit.jsonl"), "key": "k" * 32}
-    gw = await start_gateway(basic_config(upstream.url, trusted_proxies=["127.0.0.1/32"], audit=audit,
-                                          logging={"format": "json", "access_log": "logging"}))
-    assert await get(gw, "/b", {"traceparent": TP, "tracestate": "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE",
-                                "X-Request-Id": "req-trace-1"}) == 200
+    gw = await start_gateway(
+        basic_config(
+            upstream.url,
+            trusted_proxies=["127.0.0.1/32"],
+            audit=audit,
+            logging={"format": "json", "access_log": "logging"},
+        )
+    )
+    assert (
+        await get(
+            gw,
+            "/b",
+            {
+                "traceparent": TP,
+                "tracestate": "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE",
+                "X-Request-Id": "req-trace-1",
+            },
+        )
+        == 200
+    )
     h = upstream.requests[-1]["headers"]
     trace_id, span_id, flags = _TP.fullmatch(h["traceparent"]).groups()
     assert trace_id == TRACE and flags == "01"
     assert span_id != PARENT  # the gateway is the upstream's parent now
     assert h["tracestate"] == "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
     # Malformed from a trusted peer: a new trace, nothing of it forwarded.
-    for bad in ("00-" + "0" * 32 + "-" + PARENT + "-01", "ff-" + TRACE + "-" + PARENT + "-01",
-                TP.upper(), "00-" + TRACE + "-" + PARENT + "-01-extra", "garbage"):
+    for bad in (
+        "00-" + "0" * 32 + "-" + PARENT + "-01",
+        "ff-" + TRACE + "-" + PARENT + "-01",
+        TP.upper(),
+        "00-" + TRACE + "-" + PARENT + "-01-extra",
+        "garbage",
+    ):
         assert await get(gw, "/c", {"traceparent": bad, "tracestate": "a=b"}) == 200
         got = _TP.fullmatch(upstream.requests[-1]["headers"]["traceparent"]).group(1)
         assert got != TRACE and "tracestate" not in upstream.requests[-1]["headers"], bad
@@ -61,8 +82,9 @@ async def test_trusted_proxy_trace_is_continued_with_the_gateways_span(start_gat
 
 
 async def test_tracing_off_forwards_no_trace_context(start_gateway, upstream):
-    gw = await start_gateway(basic_config(upstream.url, trusted_proxies=["127.0.0.1/32"],
-                                          tracing={"propagate": False}))
+    gw = await start_gateway(
+        basic_config(upstream.url, trusted_proxies=["127.0.0.1/32"], tracing={"propagate": False})
+    )
     assert await get(gw, "/d", {"traceparent": TP}) == 200
     assert "traceparent" not in upstream.requests[-1]["headers"]
 
@@ -70,8 +92,15 @@ async def test_tracing_off_forwards_no_trace_context(start_gateway, upstream):
 def test_traceparent_and_tracestate_parsing():
     assert parse_traceparent(TP) == (TRACE, PARENT, "01")
     assert parse_traceparent("01-" + TRACE + "-" + PARENT + "-01-future") == (TRACE, PARENT, "01")
-    for bad in (None, "", TP + "-x", TP.upper(), "00-" + TRACE[:-1] + "-" + PARENT + "-01",
-                "00-" + TRACE + "-" + "0" * 16 + "-01", "x" * 600):
+    for bad in (
+        None,
+        "",
+        TP + "-x",
+        TP.upper(),
+        "00-" + TRACE[:-1] + "-" + PARENT + "-01",
+        "00-" + TRACE + "-" + "0" * 16 + "-01",
+        "x" * 600,
+    ):
         assert parse_traceparent(bad) is None, bad
     assert valid_tracestate("a=1, b@x=2") == "a=1,b@x=2"
     assert valid_tracestate("a=1,=2") is None and valid_tracestate("A=1") is None

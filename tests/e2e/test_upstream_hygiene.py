@@ -68,8 +68,10 @@ async def _one(s: aiohttp.ClientSession, base: str, kind: str, marker: str, tall
     elif kind == "get_smuggle":  # CL.0 backend: the GET body is read as a request of its own
         kw["data"] = SMUGGLED.format(m=marker).encode()
     elif kind == "get_smuggle_chunked":
+
         async def gen():
             yield SMUGGLED.format(m=marker).encode()
+
         kw["data"] = gen()
     elif kind == "early":  # 401 before the body is read; the body is a request of its own
         method = "POST"
@@ -89,7 +91,17 @@ async def _one(s: aiohttp.ClientSession, base: str, kind: str, marker: str, tall
         tally.check(kind, marker, -1, b"")
 
 
-KINDS = ["plain", "trail", "after", "get_smuggle", "get_smuggle_chunked", "early", "early_streamed", "post", "plain"]
+KINDS = [
+    "plain",
+    "trail",
+    "after",
+    "get_smuggle",
+    "get_smuggle_chunked",
+    "early",
+    "early_streamed",
+    "post",
+    "plain",
+]
 
 
 async def _storm(base: str, clients: int, per_client: int) -> Tally:
@@ -126,10 +138,20 @@ async def test_no_response_reaches_the_wrong_client(start_gateway, hostile):
     # nothing smuggled in a GET body reached the backend
     smuggled = [p.rsplit("EVIL-smuggled-", 1)[1] for _, p in hostile.requests if "EVIL-smuggled-" in p]
     assert smuggled and {tally.kinds[m] for m in smuggled} <= {"early", "early_streamed"}
-    print("statuses:", sorted(st.items()), "forged answers sent:", hostile.evil_sent,
-          "upstream connections:", hostile.connections)
-    discarded = await gw.metric("portvakt_upstream_connections_discarded_total", {"reason": "unsolicited_bytes"})
-    discarded += await gw.metric("portvakt_upstream_connections_discarded_total", {"reason": "dirty_on_reuse"})
+    print(
+        "statuses:",
+        sorted(st.items()),
+        "forged answers sent:",
+        hostile.evil_sent,
+        "upstream connections:",
+        hostile.connections,
+    )
+    discarded = await gw.metric(
+        "portvakt_upstream_connections_discarded_total", {"reason": "unsolicited_bytes"}
+    )
+    discarded += await gw.metric(
+        "portvakt_upstream_connections_discarded_total", {"reason": "dirty_on_reuse"}
+    )
     assert discarded > 0
     assert "Traceback" not in gw.output()
 
@@ -158,9 +180,11 @@ async def test_forward_mode_sends_exact_length_and_drops_the_connection(start_ga
     gw = await start_gateway(_config(hostile.url, body_on_bodiless_methods="forward"))
     tally = Tally()
     async with aiohttp.ClientSession() as s:
+
         async def pair(i: int) -> None:
             await _one(s, gw.url, "get_smuggle", f"f{i}", tally)
             await _one(s, gw.url, "plain", f"p{i}", tally)
+
         await asyncio.gather(*(pair(i) for i in range(60)))
         # chunked GET body: refused even in forward mode
         tc = Tally()
@@ -183,4 +207,6 @@ async def test_forgery_on_an_idle_connection_after_a_pause(start_gateway, hostil
             async with s.get(gw.url + f"/plain/n{i}") as r:
                 assert await r.read() == f"marker=n{i}".encode()
     assert hostile.evil_sent == 5
-    assert await gw.metric("portvakt_upstream_connections_discarded_total", {"reason": "unsolicited_bytes"}) >= 5
+    assert (
+        await gw.metric("portvakt_upstream_connections_discarded_total", {"reason": "unsolicited_bytes"}) >= 5
+    )

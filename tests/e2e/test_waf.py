@@ -27,7 +27,9 @@ async def test_sqli_query_blocked_with_problem_json_and_nothing_upstream(shared)
 async def test_json_body_attack_blocked_before_upstream(shared):
     payload = json.dumps({"user": {"name": "<script>alert(document.cookie)</script>"}})
     async with shared.gw.session() as s:
-        r = await s.post(shared.gw.url + "/api/users", data=payload, headers={"Content-Type": "application/json"})
+        r = await s.post(
+            shared.gw.url + "/api/users", data=payload, headers={"Content-Type": "application/json"}
+        )
         await r.read()
     assert r.status == 403
     assert shared.up.requests == []
@@ -35,8 +37,11 @@ async def test_json_body_attack_blocked_before_upstream(shared):
 
 async def test_clean_request_passes(shared):
     async with shared.gw.session() as s:
-        r = await s.post(shared.gw.url + "/api/users?lang=nb", data=json.dumps({"name": "Kari O'Brien", "by": "Bodø"}),
-                         headers={"Content-Type": "application/json"})
+        r = await s.post(
+            shared.gw.url + "/api/users?lang=nb",
+            data=json.dumps({"name": "Kari O'Brien", "by": "Bodø"}),
+            headers={"Content-Type": "application/json"},
+        )
         await r.read()
     assert r.status == 200
     assert len(shared.up.requests) == 1 and shared.up.requests[0]["body"].startswith(b'{"name"')
@@ -46,10 +51,16 @@ async def test_crs_detect_mode_reports_matches_and_forwards(start_gateway, upstr
     d = shared_dir()
     if d is None:
         pytest.skip("../shared/waf (the OWASP CRS) is absent")
-    cfg = basic_config(upstream.url, waf={
-        "rules": "crs", "crs_path": os.path.join(d, "waf", "crs"), "mode": "detect",
-        "paranoia_level": 1, "expose_matches_header": True,
-    })
+    cfg = basic_config(
+        upstream.url,
+        waf={
+            "rules": "crs",
+            "crs_path": os.path.join(d, "waf", "crs"),
+            "mode": "detect",
+            "paranoia_level": 1,
+            "expose_matches_header": True,
+        },
+    )
     gw = await start_gateway(cfg)
     async with gw.session() as s:
         r = await s.get(gw.url + SQLI)

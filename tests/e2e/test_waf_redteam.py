@@ -17,7 +17,7 @@ def _raw(port, ctx, data: bytes) -> bytes:
             while True:
                 try:
                     chunk = tls.recv(65536)
-                except (ssl.SSLError, ConnectionResetError, socket.timeout):
+                except (TimeoutError, ssl.SSLError, ConnectionResetError):
                     break
                 if not chunk:
                     break
@@ -26,11 +26,16 @@ def _raw(port, ctx, data: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("encoding", ["zstd", "br", "x-nope", "gzip, zstd"])
-async def test_unsupported_content_encoding_is_a_problem_without_library_text(start_gateway, upstream, pki, encoding):
+async def test_unsupported_content_encoding_is_a_problem_without_library_text(
+    start_gateway, upstream, pki, encoding
+):
     gw = await start_gateway(basic_config(upstream.url))
-    data = _raw(gw.port, pki.client_ssl(),
-                b"POST /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n"
-                b"Content-Encoding: " + encoding.encode() + b"\r\nContent-Length: 2\r\n\r\n{}")
+    data = _raw(
+        gw.port,
+        pki.client_ssl(),
+        b"POST /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        b"Content-Encoding: " + encoding.encode() + b"\r\nContent-Length: 2\r\n\r\n{}",
+    )
     head, _, body = data.partition(b"\r\n\r\n")
     assert b"application/problem+json" in head.lower(), data[:300]
     assert b"backports" not in data and b"install" not in data.lower()
@@ -48,19 +53,44 @@ async def _post(shared, body: bytes, headers: dict):
 SQLI = "1' UNION SELECT password FROM users--"
 
 
-@pytest.mark.parametrize("headers,body,status,reason", [
-    ({"Content-Type": "application/vnd.api+json"}, json.dumps({"id": SQLI}).encode(), 403, "waf_blocked"),
-    ({"Content-Type": "application/x-ndjson"}, b'{"a": 1}\n' + json.dumps({"id": SQLI}).encode(), 403, "waf_blocked"),
-    ({"Content-Type": "text/plain"}, json.dumps({"id": SQLI}).encode(), 403, "waf_blocked"),
-    ({"Content-Type": "application/octet-stream"}, json.dumps({"id": SQLI}).encode(), 403, "waf_blocked"),
-    ({"Content-Type": "application/json"}, b'{"id": "' + SQLI.encode() + b'", "id": "1"}', 403, "waf_blocked"),
-    ({"Content-Type": "application/xml"}, b"<!DOCTYPE a SYSTEM 'http://127.0.0.1:9/evil.dtd'><a>&xxe;</a>", 400,
-     "waf_body_unparsable"),
-    ({"Content-Type": "application/x-www-form-urlencoded; charset=ibm037"}, ("id=" + SQLI).encode("ibm037"), 403,
-     "waf_blocked"),
-    ({"Content-Type": "application/json", "Content-Encoding": "gzip"}, __import__("gzip").compress(
-        json.dumps({"id": SQLI}).encode()), 403, "waf_blocked"),
-])
+@pytest.mark.parametrize(
+    "headers,body,status,reason",
+    [
+        ({"Content-Type": "application/vnd.api+json"}, json.dumps({"id": SQLI}).encode(), 403, "waf_blocked"),
+        (
+            {"Content-Type": "application/x-ndjson"},
+            b'{"a": 1}\n' + json.dumps({"id": SQLI}).encode(),
+            403,
+            "waf_blocked",
+        ),
+        ({"Content-Type": "text/plain"}, json.dumps({"id": SQLI}).encode(), 403, "waf_blocked"),
+        ({"Content-Type": "application/octet-stream"}, json.dumps({"id": SQLI}).encode(), 403, "waf_blocked"),
+        (
+            {"Content-Type": "application/json"},
+            b'{"id": "' + SQLI.encode() + b'", "id": "1"}',
+            403,
+            "waf_blocked",
+        ),
+        (
+            {"Content-Type": "application/xml"},
+            b"<!DOCTYPE a SYSTEM 'http://127.0.0.1:9/evil.dtd'><a>&xxe;</a>",
+            400,
+            "waf_body_unparsable",
+        ),
+        (
+            {"Content-Type": "application/x-www-form-urlencoded; charset=ibm037"},
+            ("id=" + SQLI).encode("ibm037"),
+            403,
+            "waf_blocked",
+        ),
+        (
+            {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            __import__("gzip").compress(json.dumps({"id": SQLI}).encode()),
+            403,
+            "waf_blocked",
+        ),
+    ],
+)
 async def test_redteam_bodies_refused_before_upstream(shared, headers, body, status, reason):
     got, doc = await _post(shared, body, headers)
     assert got == status and json.loads(doc)["reason"] == reason

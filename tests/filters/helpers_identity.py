@@ -31,7 +31,12 @@ OTHER_PERSON = generate_fnr(dt.date(1990, 1, 2), 123, synthetic=True)
 
 
 def integration(iid: str = INTEGRATION_ID, password: str = PASSWORD, org: str = OWNER_ORG, **kw: Any) -> dict:
-    return {"id": iid, "password_hash": kw.pop("password_hash", None) or FAST.hash(password), "authorized_org": org, **kw}
+    return {
+        "id": iid,
+        "password_hash": kw.pop("password_hash", None) or FAST.hash(password),
+        "authorized_org": org,
+        **kw,
+    }
 
 
 def make_config(
@@ -45,8 +50,15 @@ def make_config(
         "integrations": integrations if integrations is not None else [integration()],
         "routes": routes
         if routes is not None
-        else [{"name": "r", "upstream": "u", "access": {"any_of": [{"integration": True}]}, "service": "innsyn",
-               "organization_from": "header:FiksOrgId"}],
+        else [
+            {
+                "name": "r",
+                "upstream": "u",
+                "access": {"any_of": [{"integration": True}]},
+                "service": "innsyn",
+                "organization_from": "header:FiksOrgId",
+            }
+        ],
     }
     # The cheap test hashes (FAST) are below the production floor on purpose.
     doc["integrations_policy"] = {"password_hash_floor": "none", **(integrations_policy or {})}
@@ -59,21 +71,39 @@ def env(config: Config, secrets: dict | None = None) -> BuildEnv:
 
 def maskinporten(org: str = OWNER_ORG, scopes: tuple[str, ...] = ("ks:fiks",)) -> TokenIdentity:
     return TokenIdentity(
-        kind="maskinporten", issuer="maskinporten", iss="https://maskinporten.no/", exp=2_000_000_000,
-        consumer=f"0192:{org}", consumer_org=org, scopes=frozenset(scopes),
+        kind="maskinporten",
+        issuer="maskinporten",
+        iss="https://maskinporten.no/",
+        exp=2_000_000_000,
+        consumer=f"0192:{org}",
+        consumer_org=org,
+        scopes=frozenset(scopes),
     )
 
 
-def idporten(pid: str = PERSON, acr: str = "idporten-loa-high", scopes: tuple[str, ...] = ("openid",)) -> TokenIdentity:
+def idporten(
+    pid: str = PERSON, acr: str = "idporten-loa-high", scopes: tuple[str, ...] = ("openid",)
+) -> TokenIdentity:
     return TokenIdentity(
-        kind="idporten", issuer="idporten", iss="https://idporten.no", exp=2_000_000_000, pid=pid, acr=acr,
+        kind="idporten",
+        issuer="idporten",
+        iss="https://idporten.no",
+        exp=2_000_000_000,
+        pid=pid,
+        acr=acr,
         scopes=frozenset(scopes),
     )
 
 
 def certificate(org: str | None = OWNER_ORG) -> CertificateIdentity:
-    return CertificateIdentity(org_number=org, subject=f"CN=test,organizationIdentifier=NTRNO-{org}", serial_number=1,
-                               fingerprint_sha256="00" * 32, source="tls", seid=2)
+    return CertificateIdentity(
+        org_number=org,
+        subject=f"CN=test,organizationIdentifier=NTRNO-{org}",
+        serial_number=1,
+        fingerprint_sha256="00" * 32,
+        source="tls",
+        seid=2,
+    )
 
 
 def ctx(
@@ -88,10 +118,21 @@ def ctx(
 ) -> RequestContext:
     items = headers.items() if isinstance(headers, dict) else (headers or [])
     return RequestContext(
-        request_id=request_id, method="GET", raw_path=path, path=path, query_string="", host="localhost",
-        scheme="https", peer_ip=ip_address(ip), client_ip=ip_address(ip),
-        headers=CIMultiDictProxy(CIMultiDict(list(items))), request=None, runtime=None,  # type: ignore[arg-type]
-        token=token, certificate=cert, integration=integ,
+        request_id=request_id,
+        method="GET",
+        raw_path=path,
+        path=path,
+        query_string="",
+        host="localhost",
+        scheme="https",
+        peer_ip=ip_address(ip),
+        client_ip=ip_address(ip),
+        headers=CIMultiDictProxy(CIMultiDict(list(items))),
+        request=None,
+        runtime=None,  # type: ignore[arg-type]
+        token=token,
+        certificate=cert,
+        integration=integ,
     )
 
 

@@ -20,28 +20,49 @@ from gateway.config import Config
 from gateway.context import RequestContext, TlsInfo
 
 
-def make_ctx(headers: dict[str, str] | list[tuple[str, str]] | None = None, *, chain: tuple[bytes, ...] = (),
-             trusted: bool = False) -> RequestContext:
+def make_ctx(
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
+    *,
+    chain: tuple[bytes, ...] = (),
+    trusted: bool = False,
+) -> RequestContext:
     h: CIMultiDict[str] = CIMultiDict()
-    for k, v in (headers.items() if isinstance(headers, dict) else headers or []):
+    for k, v in headers.items() if isinstance(headers, dict) else headers or []:
         h.add(k, v)
     ip = ip_address("127.0.0.1")
     return RequestContext(
-        request_id="req-1", method="GET", raw_path="/", path="/", query_string="", host="localhost", scheme="https",
-        peer_ip=ip, client_ip=ip, headers=CIMultiDictProxy(h), request=None, runtime=None,  # type: ignore[arg-type]
-        tls=TlsInfo(peer_chain_der=chain), from_trusted_proxy=trusted,
+        request_id="req-1",
+        method="GET",
+        raw_path="/",
+        path="/",
+        query_string="",
+        host="localhost",
+        scheme="https",
+        peer_ip=ip,
+        client_ip=ip,
+        headers=CIMultiDictProxy(h),
+        request=None,
+        runtime=None,  # type: ignore[arg-type]
+        tls=TlsInfo(peer_chain_der=chain),
+        from_trusted_proxy=trusted,
     )
 
 
 def stage_for(pki, **certificates: Any):
-    tls = {"certificate": pki.server_cert, "private_key": pki.server_key, "client_ca": pki.ca_cert,
-           "client_certificate": "optional"}
-    cfg = Config.model_validate({
-        "server": {"tls": tls},
-        "upstreams": {"up": {"url": "http://127.0.0.1:9"}},
-        "routes": [{"name": "r", "upstream": "up"}],
-        "certificates": certificates,
-    })
+    tls = {
+        "certificate": pki.server_cert,
+        "private_key": pki.server_key,
+        "client_ca": pki.ca_cert,
+        "client_certificate": "optional",
+    }
+    cfg = Config.model_validate(
+        {
+            "server": {"tls": tls},
+            "upstreams": {"up": {"url": "http://127.0.0.1:9"}},
+            "routes": [{"name": "r", "upstream": "up"}],
+            "certificates": certificates,
+        }
+    )
     return build_stage(BuildEnv(config=cfg, base_dir=".", secrets={}))
 
 
@@ -119,7 +140,9 @@ async def test_crl_revokes(pki):
     ctx = make_ctx(chain=(der(pki.client_seid2_cert),))
     assert await check(stage, ctx) is ALLOW
     # A config reload reads the CRL again: an empty CRL lets the certificate back in.
-    assert await check(stage_for(pki, crl_files=[pki.revoke()]), make_ctx(chain=(der(revoked_cert),))) is ALLOW
+    assert (
+        await check(stage_for(pki, crl_files=[pki.revoke()]), make_ctx(chain=(der(revoked_cert),))) is ALLOW
+    )
 
 
 async def test_crl_also_applies_to_forwarded_certs(pki):
@@ -198,17 +221,32 @@ def test_parse_xfcc_quotes():
 @pytest.mark.parametrize(
     "label, fmt, headers, internal",
     [
-        ("garbage xfcc", "xfcc", [("X-Forwarded-Client-Cert", 'Cert="not a cert"')], "certificate_header_malformed"),
+        (
+            "garbage xfcc",
+            "xfcc",
+            [("X-Forwarded-Client-Cert", 'Cert="not a cert"')],
+            "certificate_header_malformed",
+        ),
         ("unbalanced", "xfcc", [("X-Forwarded-Client-Cert", 'Cert="abc')], "certificate_header_malformed"),
         ("no cert", "xfcc", [("X-Forwarded-Client-Cert", "By=x;Hash=y")], "certificate_header_malformed"),
         ("not sf-binary", "client-cert", [("Client-Cert", "abc")], "certificate_header_malformed"),
         ("bad base64", "client-cert", [("Client-Cert", ":@@@:")], "certificate_header_malformed"),
         ("not DER", "client-cert", [("Client-Cert", ":aGVsbG8=:")], "certificate_header_malformed"),
-        ("two headers", "client-cert", [("Client-Cert", "{seid2}"), ("Client-Cert", "{seid1}")], "certificate_header_malformed"),
+        (
+            "two headers",
+            "client-cert",
+            [("Client-Cert", "{seid2}"), ("Client-Cert", "{seid1}")],
+            "certificate_header_malformed",
+        ),
         ("nginx junk", "nginx", [("X-SSL-Client-Cert", "hello")], "certificate_header_malformed"),
         ("untrusted CA", "client-cert", [("Client-Cert", "{untrusted}")], "certificate_chain_invalid"),
         ("expired", "client-cert", [("Client-Cert", "{expired}")], "certificate_chain_invalid"),
-        ("server cert (no clientAuth)", "client-cert", [("Client-Cert", "{server}")], "certificate_chain_invalid"),
+        (
+            "server cert (no clientAuth)",
+            "client-cert",
+            [("Client-Cert", "{server}")],
+            "certificate_chain_invalid",
+        ),
         ("CA cert as leaf", "client-cert", [("Client-Cert", "{ca}")], "certificate_chain_invalid"),
     ],
 )
@@ -225,29 +263,39 @@ async def test_bad_forwarded_certs_are_refused(pki, label, fmt, headers, interna
     ctx = make_ctx([(k, subst.get(v, v)) for k, v in headers], trusted=True)
     d = await check(stage, ctx)
     assert type(d) is Deny, label
-    assert (d.problem.reason, d.problem.status, d.problem.internal_reason) == ("certificate_invalid", 403, internal), label
+    assert (d.problem.reason, d.problem.status, d.problem.internal_reason) == (
+        "certificate_invalid",
+        403,
+        internal,
+    ), label
     assert ctx.certificate is None
 
 
 async def test_rfc9440_chain_header_is_read(pki):
     stage = stage_for(pki, forwarded_format="client-cert")
-    headers = [("Client-Cert", client_cert_header(pki.client_seid2_cert)),
-               ("Client-Cert-Chain", client_cert_header(pki.ca_cert))]
+    headers = [
+        ("Client-Cert", client_cert_header(pki.client_seid2_cert)),
+        ("Client-Cert-Chain", client_cert_header(pki.ca_cert)),
+    ]
     ctx = make_ctx(headers, trusted=True)
     assert await check(stage, ctx) is ALLOW and ctx.certificate.source == "client-cert"
 
 
 def test_forwarded_format_needs_a_ca_bundle(pki):
-    cfg = Config.model_validate({
-        "server": {"plain_http": True},
-        "certificates": {"forwarded_format": "xfcc"},
-    })
+    cfg = Config.model_validate(
+        {
+            "server": {"plain_http": True},
+            "certificates": {"forwarded_format": "xfcc"},
+        }
+    )
     with pytest.raises(ValueError, match="CA bundle"):
         build_stage(BuildEnv(config=cfg, base_dir=".", secrets={}))
-    cfg = Config.model_validate({
-        "server": {"plain_http": True},
-        "certificates": {"forwarded_format": "xfcc", "ca_file": pki.ca_cert},
-    })
+    cfg = Config.model_validate(
+        {
+            "server": {"plain_http": True},
+            "certificates": {"forwarded_format": "xfcc", "ca_file": pki.ca_cert},
+        }
+    )
     assert build_stage(BuildEnv(config=cfg, base_dir=".", secrets={})) is not None
 
 

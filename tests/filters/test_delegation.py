@@ -22,23 +22,31 @@ ME, OTHER = "ref-me", "ref-other"
 
 
 def _g(ref: str, role: str, service: str, gid: str = "g") -> dict:
-    return {"id": gid, "organization": "910000005", "subject": {"kind": "person", "ref": ref, "display": "x"},
-            "role": role, "service": service}
+    return {
+        "id": gid,
+        "organization": "910000005",
+        "subject": {"kind": "person", "ref": ref, "display": "x"},
+        "role": role,
+        "service": service,
+    }
 
 
-@pytest.mark.parametrize("mine, role, service, subject, expected", [
-    ([("admin", "*")], "admin", "*", OTHER, None),
-    ([("admin", "*")], "user", "post", OTHER, None),
-    ([("admin", "*")], "admin", "*", ME, "self_grant"),  # grant yourself admin
-    ([("admin", "post")], "send", "post", OTHER, None),
-    ([("admin", "post")], "admin", "post", OTHER, "admin_grant_not_allowed"),  # cannot grant further
-    ([("admin", "post")], "admin", "*", OTHER, "outside_service"),
-    ([("admin", "post")], "send", "tax", OTHER, "outside_service"),
-    ([("admin", "post")], "send", "*", OTHER, "outside_service"),
-    ([("admin", "post")], "admin", "*", ME, "self_grant"),
-    ([("send", "post")], "send", "post", OTHER, "not_admin"),  # a privilege is not administration
-    ([], "user", "post", OTHER, "not_admin"),
-])
+@pytest.mark.parametrize(
+    "mine, role, service, subject, expected",
+    [
+        ([("admin", "*")], "admin", "*", OTHER, None),
+        ([("admin", "*")], "user", "post", OTHER, None),
+        ([("admin", "*")], "admin", "*", ME, "self_grant"),  # grant yourself admin
+        ([("admin", "post")], "send", "post", OTHER, None),
+        ([("admin", "post")], "admin", "post", OTHER, "admin_grant_not_allowed"),  # cannot grant further
+        ([("admin", "post")], "admin", "*", OTHER, "outside_service"),
+        ([("admin", "post")], "send", "tax", OTHER, "outside_service"),
+        ([("admin", "post")], "send", "*", OTHER, "outside_service"),
+        ([("admin", "post")], "admin", "*", ME, "self_grant"),
+        ([("send", "post")], "send", "post", OTHER, "not_admin"),  # a privilege is not administration
+        ([], "user", "post", OTHER, "not_admin"),
+    ],
+)
 def test_decide(mine, role, service, subject, expected):
     grants = [_g(ME, r, s, f"g{i}") for i, (r, s) in enumerate(mine)] + [_g(OTHER, "admin", "tax", "gx")]
     assert decide(Authority(grants, ME), ME, role, service, subject) == expected
@@ -53,8 +61,12 @@ def test_flatten_marks_deleted_parents_and_drops_person_ids():
     person = next(p for p in out if p["type"] == "Person")
     assert not person["selectable"] and "24917397852" not in repr(out)
     # Malformed entries are dropped; a non-array answer is the source failing.
-    assert flatten([{"name": "no uuid"}, 7, {"partyUuid": "u", "type": "Organization", "organizationNumber": "12"}])[0][
-        "selectable"] is False
+    assert (
+        flatten(
+            [{"name": "no uuid"}, 7, {"partyUuid": "u", "type": "Organization", "organizationNumber": "12"}]
+        )[0]["selectable"]
+        is False
+    )
     with pytest.raises(AltinnUnavailable):
         flatten({"parties": []})
 
@@ -63,19 +75,41 @@ def _cfg(routes: list, **deleg) -> Config:
     base = {
         "upstreams": {"u": {"url": "http://127.0.0.1:9"}},
         "routes": routes,
-        "persons": {"provider": {"issuer": "https://op.example", "client_id": "c", "client_auth": "client_secret_basic",
-                                 "client_secret": "s"}, "cookie_keys": [{"id": "k", "secret": "x" * 32}]},
+        "persons": {
+            "provider": {
+                "issuer": "https://op.example",
+                "client_id": "c",
+                "client_auth": "client_secret_basic",
+                "client_secret": "s",
+            },
+            "cookie_keys": [{"id": "k", "secret": "x" * 32}],
+        },
         "delegation": {"subject_key": "k" * 32, **deleg},
     }
     return Config.model_validate(base)
 
 
 def test_config_cross_checks():
-    cfg = _cfg([
-        {"name": "a", "match": {"path_prefix": "/a/"}, "upstream": "u", "party": {}},
-        {"name": "b", "match": {"path_prefix": "/b/"}, "upstream": "u", "person": {}, "privilege": {"role": "user"}},
-        {"name": "c", "match": {"path_prefix": "/c/"}, "upstream": "u", "service": "s", "person": {}, "privilege": {"role": "root"}},
-    ])
+    cfg = _cfg(
+        [
+            {"name": "a", "match": {"path_prefix": "/a/"}, "upstream": "u", "party": {}},
+            {
+                "name": "b",
+                "match": {"path_prefix": "/b/"},
+                "upstream": "u",
+                "person": {},
+                "privilege": {"role": "user"},
+            },
+            {
+                "name": "c",
+                "match": {"path_prefix": "/c/"},
+                "upstream": "u",
+                "service": "s",
+                "person": {},
+                "privilege": {"role": "root"},
+            },
+        ]
+    )
     msgs = [m for _, m in config_problems(cfg)]
     assert any("needs person:" in m for m in msgs)
     assert any("no role source" in m for m in msgs)
@@ -84,12 +118,20 @@ def test_config_cross_checks():
     with pytest.raises(ValueError):
         DelegationConfig.model_validate({"subject_key": "short"})
     with pytest.raises(ValueError):
-        DelegationConfig.model_validate({"subject_key": "k" * 32, "admins": [{"organization": "12", "person": "1"}]})
+        DelegationConfig.model_validate(
+            {"subject_key": "k" * 32, "admins": [{"organization": "12", "person": "1"}]}
+        )
 
 
 def test_audit_view_pseudonyms_are_per_org_and_never_sealed():
-    rec = {"type": "request", "path": "/x/~p:" + "a" * 32, "caller": {"person": {"pseudonym": "b" * 32, "sealed": "x25519:..."}},
-           "facts": {"party": {"acting_org": "910000005"}}, "mac": "m", "prev": "p"}
+    rec = {
+        "type": "request",
+        "path": "/x/~p:" + "a" * 32,
+        "caller": {"person": {"pseudonym": "b" * 32, "sealed": "x25519:..."}},
+        "facts": {"party": {"acting_org": "910000005"}},
+        "mac": "m",
+        "prev": "p",
+    }
     v1, v2 = View(b"k" * 32, "910000005"), View(b"k" * 32, "920000019")
     s1, s2 = v1.scrub(rec), v2.scrub(rec)
     assert "sealed" not in repr(s1) and "mac" not in s1 and "a" * 32 not in s1["path"]
@@ -117,8 +159,13 @@ class _Stage:
 
 async def test_privilege_filter_for_integrations_needs_the_orgs_run_time_grant():
     iid = "7b1c9a52-0d3e-4a8f-9c61-2f5e8d4b1a07"
-    grant = {"id": "g1", "organization": "958935420", "subject": {"kind": "integration", "ref": iid, "display": iid},
-             "role": "send", "service": "post"}
+    grant = {
+        "id": "g1",
+        "organization": "958935420",
+        "subject": {"kind": "integration", "ref": iid, "display": iid},
+        "role": "send",
+        "service": "post",
+    }
     f = PrivilegeFilter(_Stage([grant]), RoutePrivilegePolicy(role="send"), "post")  # type: ignore[arg-type]
     c = make_ctx(integ=IntegrationIdentity(iid, "958935420"))
     c.target_org = "958935420"

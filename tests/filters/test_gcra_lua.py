@@ -178,7 +178,9 @@ async def test_python_step_matches_lua_on_random_walk(redis_server):
             tat: int | None = None
             now = T0
             for _ in range(300):
-                now += rnd.choice((0, 0, 1, 999, policy.interval_us // 3, policy.interval_us, 5 * policy.interval_us))
+                now += rnd.choice(
+                    (0, 0, 1, 999, policy.interval_us // 3, policy.interval_us, 5 * policy.interval_us)
+                )
                 lua = await client.evalsha(sha, 1, "walk", policy.interval_us, policy.tolerance_us, str(now))
                 py, new = gcra_step(tat, now, policy.interval_us, policy.tolerance_us)
                 assert list(py) == [int(x) for x in lua]

@@ -27,7 +27,9 @@ def _config(ingress_cfg: dict[str, Any] | None = None, match: dict[str, Any] | N
     )
 
 
-def _filter(ingress_cfg: dict[str, Any] | None = None, match: dict[str, Any] | None = None) -> ingress.IngressFilter:
+def _filter(
+    ingress_cfg: dict[str, Any] | None = None, match: dict[str, Any] | None = None
+) -> ingress.IngressFilter:
     cfg = _config(ingress_cfg, match)
     stage = ingress.build_stage(BuildEnv(config=cfg, base_dir=".", secrets={}))
     (f,) = stage.filters_for_route(cfg.routes[0])
@@ -345,12 +347,31 @@ def test_cidr_set_matches_ipaddress_membership():
     """The integer-range CidrSet answers exactly what ``ipaddress`` would (mapped IPv6 as IPv4)."""
     import random
 
-    cidrs = ["10.0.0.0/8", "192.168.1.0/24", "203.0.113.7/32", "2001:db8::/32", "::1/128", "::ffff:100.64.0.0/106"]
+    cidrs = [
+        "10.0.0.0/8",
+        "192.168.1.0/24",
+        "203.0.113.7/32",
+        "2001:db8::/32",
+        "::1/128",
+        "::ffff:100.64.0.0/106",
+    ]
     nets = ingress.parse_networks(cidrs)
     cset = ingress.CidrSet(nets)
     rng = random.Random(1)
-    samples = [ipaddress.ip_address(s) for s in ("10.255.255.255", "11.0.0.0", "203.0.113.7", "203.0.113.8",
-                                                 "::1", "::2", "2001:db8:ffff::1", "100.127.255.255", "100.128.0.0")]
+    samples = [
+        ipaddress.ip_address(s)
+        for s in (
+            "10.255.255.255",
+            "11.0.0.0",
+            "203.0.113.7",
+            "203.0.113.8",
+            "::1",
+            "::2",
+            "2001:db8:ffff::1",
+            "100.127.255.255",
+            "100.128.0.0",
+        )
+    ]
     samples += [ipaddress.IPv4Address(rng.getrandbits(32)) for _ in range(300)]
     samples += [ipaddress.IPv4Address((10 << 24) | rng.getrandbits(24)) for _ in range(50)]
     samples += [ipaddress.IPv6Address((0x20010DB8 << 96) | rng.getrandbits(96)) for _ in range(50)]

@@ -88,7 +88,9 @@ async def test_right_credentials_allow_and_bind_identity():
     assert c.audit["integrations"] == {"id": INTEGRATION_ID, "result": "ok", "authorized_org": OWNER_ORG}
 
 
-@pytest.mark.parametrize("id_name,pw_name", [("integrasjonId", "integrasjonPassord"), ("INTEGRASJONID", "integrasjonpassord")])
+@pytest.mark.parametrize(
+    "id_name,pw_name", [("integrasjonId", "integrasjonPassord"), ("INTEGRASJONID", "integrasjonpassord")]
+)
 async def test_header_names_are_case_insensitive(id_name, pw_name):
     _, flt = build()
     c = ctx({id_name: INTEGRATION_ID, pw_name: PASSWORD}, token=maskinporten())
@@ -105,10 +107,21 @@ async def test_matching_certificate_is_accepted():
     [
         ({"IntegrasjonId": INTEGRATION_ID}, "integration_credentials_incomplete", INTEGRATION_ID),
         ({"IntegrasjonPassord": PASSWORD}, "integration_credentials_incomplete", None),
-        ([("IntegrasjonId", INTEGRATION_ID), ("IntegrasjonId", OTHER_ID), ("IntegrasjonPassord", PASSWORD)],
-         "integration_credentials_incomplete", None),
+        (
+            [
+                ("IntegrasjonId", INTEGRATION_ID),
+                ("IntegrasjonId", OTHER_ID),
+                ("IntegrasjonPassord", PASSWORD),
+            ],
+            "integration_credentials_incomplete",
+            None,
+        ),
         ({"IntegrasjonId": "not-a-uuid", "IntegrasjonPassord": PASSWORD}, "integration_id_malformed", None),
-        ({"IntegrasjonId": "{" + INTEGRATION_ID + "}", "IntegrasjonPassord": PASSWORD}, "integration_id_malformed", None),
+        (
+            {"IntegrasjonId": "{" + INTEGRATION_ID + "}", "IntegrasjonPassord": PASSWORD},
+            "integration_id_malformed",
+            None,
+        ),
     ],
 )
 async def test_incomplete_or_malformed_credentials_are_401(headers, internal, claimed):
@@ -141,7 +154,9 @@ async def test_concurrent_first_requests_share_one_verification():
 
 async def test_concurrent_wrong_passwords_share_one_verification_and_are_remembered():
     stage, flt = build()
-    results = await asyncio.gather(*(flt.check(ctx(creds(password="feil"), token=maskinporten())) for _ in range(5)))
+    results = await asyncio.gather(
+        *(flt.check(ctx(creds(password="feil"), token=maskinporten())) for _ in range(5))
+    )
     assert all(isinstance(r, Deny) for r in results)
     for _ in range(3):
         await flt.check(ctx(creds(password="feil"), token=maskinporten()))
@@ -168,7 +183,9 @@ async def test_unknown_ids_run_no_argon2_and_are_padded_by_a_sleep(monkeypatch):
         assert isinstance(d, Deny) and d.problem.internal_reason == "integration_unknown"
         assert d.problem.status == 401
     assert stage.hasher.calls == 0
-    assert (REGISTRY.get_sample_value("portvakt_argon2_verifications_total", {"result": "dummy"}) or 0) == runs
+    assert (
+        REGISTRY.get_sample_value("portvakt_argon2_verifications_total", {"result": "dummy"}) or 0
+    ) == runs
     assert len(slept) == 6 and all(0 < s <= stage.failure_seconds for s in slept)
     await stage.close()
 
@@ -179,8 +196,11 @@ async def test_unknown_ids_never_take_an_argon2_slot(monkeypatch):
     stage, flt = build(make_config(integrations_policy={"max_concurrent_verifications": 1}))
     stage.failure_seconds = 30.0  # unknown ids would sleep for 30 s: they must not hold anything
     attackers = [
-        asyncio.ensure_future(flt.check(ctx(creds(f"{i:08x}-0000-4000-8000-000000000000"), token=maskinporten(),
-                                            ip="192.0.2.66")))
+        asyncio.ensure_future(
+            flt.check(
+                ctx(creds(f"{i:08x}-0000-4000-8000-000000000000"), token=maskinporten(), ip="192.0.2.66")
+            )
+        )
         for i in range(8)
     ]
     await asyncio.sleep(0.05)
@@ -217,8 +237,10 @@ async def test_one_address_has_at_most_its_share_of_verifications(monkeypatch):
                 running[k] -= 1
 
     monkeypatch.setattr(stage, "address_slot", slot)
-    attacker = [attempt(flt, iid=iid, password=f"gjett{i}", ip="192.0.2.66")
-                for i, iid in enumerate([INTEGRATION_ID, OTHER_ID] * 2)]
+    attacker = [
+        attempt(flt, iid=iid, password=f"gjett{i}", ip="192.0.2.66")
+        for i, iid in enumerate([INTEGRATION_ID, OTHER_ID] * 2)
+    ]
     legit = attempt(flt, iid=OTHER_ID, password="annet-passord", ip="198.51.100.9")
     results = await asyncio.gather(*attacker, legit)
     assert results[-1] is ALLOW
@@ -383,8 +405,14 @@ async def test_off_mode_and_public_routes_build_no_filter():
 
 # --- brute force -----------------------------------------------------------------------------
 
-BF = {"free_failures": 2, "max_failures": 5, "ip_max_failures": 8, "id_max_failures": 12,
-      "lockout_seconds": 60, "decay_seconds": 10}
+BF = {
+    "free_failures": 2,
+    "max_failures": 5,
+    "ip_max_failures": 8,
+    "id_max_failures": 12,
+    "lockout_seconds": 60,
+    "decay_seconds": 10,
+}
 
 
 async def attempt(flt, iid=INTEGRATION_ID, password="feil", ip="192.0.2.10"):
@@ -400,7 +428,9 @@ def retry_after(d) -> int | None:
 
 async def test_backoff_slows_then_locks_then_releases(clock):
     slow_decay = {**BF, "decay_seconds": 1000}
-    stage, flt = build(make_config(integrations_policy={"brute_force": slow_decay, "failure_cache_seconds": 0}))
+    stage, flt = build(
+        make_config(integrations_policy={"brute_force": slow_decay, "failure_cache_seconds": 0})
+    )
     # Free failures: answered at once, one after the other.
     for _ in range(2):
         assert (await attempt(flt)).problem.reason == "integration_auth_failed"
@@ -538,8 +568,14 @@ async def test_lockout_metric_counts(clock):
     [
         (dict(id="nope"), "must be a UUID"),
         (dict(password_hash="plaintext"), "not an argon2 hash"),
-        (dict(password_hash=PasswordHasher(type=__import__("argon2").Type.I, time_cost=1, memory_cost=8, parallelism=1).hash("x")),
-         "must be an argon2id hash"),
+        (
+            dict(
+                password_hash=PasswordHasher(
+                    type=__import__("argon2").Type.I, time_cost=1, memory_cost=8, parallelism=1
+                ).hash("x")
+            ),
+            "must be an argon2id hash",
+        ),
         (dict(org="12345"), "9-digit"),
         (dict(grants=[{"organization": "958935420", "services": []}]), "at least one"),
     ],
@@ -628,8 +664,23 @@ def test_portvakt_hash_password_command_line():
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run(
-        [sys.executable, "-m", "gateway", "hash-password", "--time-cost", "1", "--memory-cost", "8", "--parallelism", "1"],
-        input="demo-passord\n", capture_output=True, text=True, cwd=root, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "hash-password",
+            "--time-cost",
+            "1",
+            "--memory-cost",
+            "8",
+            "--parallelism",
+            "1",
+        ],
+        input="demo-passord\n",
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     hashed = out.stdout.strip()

@@ -25,8 +25,8 @@ def rsa_jwk(key=None, **extra):
     return {k: v for k, v in d.items() if v is not None}
 
 
-def ec_jwk(curve=ec.SECP256R1(), **extra):
-    d = json.loads(ECAlgorithm.to_jwk(ec.generate_private_key(curve).public_key()))
+def ec_jwk(curve=None, **extra):
+    d = json.loads(ECAlgorithm.to_jwk(ec.generate_private_key(curve or ec.SECP256R1()).public_key()))
     d.update(kid="e1")
     d.update(extra)
     return d
@@ -100,11 +100,18 @@ def test_parse_jwks_document_rules():
             parse_jwks(doc, RSA_ALGS)
 
 
-@pytest.mark.parametrize("uri, ok", [
-    ("https://maskinporten.no/jwk", True), ("http://127.0.0.1:8080/jwk", True), ("http://localhost/jwk", True),
-    ("http://[::1]:1/jwk", True), ("http://maskinporten.no/jwk", False), ("http://127.0.0.1.evil.no/jwk", False),
-    ("file:///etc/passwd", False),
-])
+@pytest.mark.parametrize(
+    "uri, ok",
+    [
+        ("https://maskinporten.no/jwk", True),
+        ("http://127.0.0.1:8080/jwk", True),
+        ("http://localhost/jwk", True),
+        ("http://[::1]:1/jwk", True),
+        ("http://maskinporten.no/jwk", False),
+        ("http://127.0.0.1.evil.no/jwk", False),
+        ("file:///etc/passwd", False),
+    ],
+)
 def test_jwks_uri_rule(uri, ok):
     if ok:
         assert check_jwks_uri(uri) == uri
@@ -146,8 +153,15 @@ async def jwks_server(aiohttp_server):
 
 
 def store_for(uri, **kw):
-    args = dict(uri=uri, file=None, algorithms=["RS256"], cache_seconds=3600, refetch_min_seconds=30,
-                timeout_seconds=2, retry_max_seconds=0.2)
+    args = dict(
+        uri=uri,
+        file=None,
+        algorithms=["RS256"],
+        cache_seconds=3600,
+        refetch_min_seconds=30,
+        timeout_seconds=2,
+        retry_max_seconds=0.2,
+    )
     args.update(kw)
     return JwksStore("t", **args)
 

@@ -30,7 +30,7 @@ def test_cookie_codec_roundtrip_rotation_and_tamper():
     assert old.open("other-name", v) is None  # AAD binds the cookie name
     assert old.open("c", v.replace("v1.a.", "v1.b.")) is None
     for i in range(6, len(v)):
-        t = v[:i] + ("A" if v[i] != "A" else "B") + v[i + 1:]
+        t = v[:i] + ("A" if v[i] != "A" else "B") + v[i + 1 :]
         assert old.open("c", t) is None, i
     for junk in ("", "v1", "v1.a", "v1.a.!!!", "v2.a.AAAA", "x" * 5000):
         assert old.open("c", junk) is None
@@ -38,23 +38,29 @@ def test_cookie_codec_roundtrip_rotation_and_tamper():
 
 def test_cookie_parsing_and_stripping():
     assert cookie_values(["a=1; s=2", "s=3"], "s") == ["2", "3"]
-    assert strip_cookies(["a=1; __Host-portvakt-session=x; b=2"], lambda n: n.startswith("__Host-portvakt")) == "a=1; b=2"
+    assert (
+        strip_cookies(["a=1; __Host-portvakt-session=x; b=2"], lambda n: n.startswith("__Host-portvakt"))
+        == "a=1; b=2"
+    )
     assert strip_cookies(["__Host-portvakt-session=x"], lambda n: True) is None
 
 
-@pytest.mark.parametrize("target,want", [
-    ("/app/x?y=1", "/app/x?y=1"),
-    ("//evil.example", "/"),
-    ("/\\evil.example", "/"),
-    ("/%2F%2Fevil.example", "/"),
-    ("/%252F%252Fevil.example", "/"),
-    ("/\t/evil.example", "/"),
-    ("https://evil.example/", "/"),
-    ("javascript:alert(1)", "/"),
-    ("app", "/"),
-    ("", "/"),
-    (None, "/"),
-])
+@pytest.mark.parametrize(
+    "target,want",
+    [
+        ("/app/x?y=1", "/app/x?y=1"),
+        ("//evil.example", "/"),
+        ("/\\evil.example", "/"),
+        ("/%2F%2Fevil.example", "/"),
+        ("/%252F%252Fevil.example", "/"),
+        ("/\t/evil.example", "/"),
+        ("https://evil.example/", "/"),
+        ("javascript:alert(1)", "/"),
+        ("app", "/"),
+        ("", "/"),
+        (None, "/"),
+    ],
+)
 def test_safe_redirect(target, want):
     assert safe_redirect(target) == want
 
@@ -97,14 +103,17 @@ def _ctx(method="GET", **headers):
     return c
 
 
-@pytest.mark.parametrize("method,headers,nav", [
-    ("GET", {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}, True),
-    ("GET", {"Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty", "Accept": "text/html"}, False),
-    ("GET", {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}, False),
-    ("GET", {"Accept": "text/html,application/xhtml+xml"}, True),
-    ("GET", {"Accept": "application/json"}, False),
-    ("POST", {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}, False),
-])
+@pytest.mark.parametrize(
+    "method,headers,nav",
+    [
+        ("GET", {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}, True),
+        ("GET", {"Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty", "Accept": "text/html"}, False),
+        ("GET", {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}, False),
+        ("GET", {"Accept": "text/html,application/xhtml+xml"}, True),
+        ("GET", {"Accept": "application/json"}, False),
+        ("POST", {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}, False),
+    ],
+)
 def test_navigation_or_xhr(method, headers, nav):
     assert is_navigation(_ctx(method, **headers)) is nav
 
@@ -125,7 +134,9 @@ def test_config_checks():
         parse_config(BASE + "routes: [{name: r, upstream: a, person: {}}]\n", "x.yaml")
     assert "x.yaml: routes[0].person: needs the persons: section (login)" in e.value.problems
     with pytest.raises(ConfigError) as e:
-        parse_config(BASE + PERSONS + "routes: [{name: r, upstream: a, match: {path_prefix: /portvakt/x}}]\n", "x.yaml")
+        parse_config(
+            BASE + PERSONS + "routes: [{name: r, upstream: a, match: {path_prefix: /portvakt/x}}]\n", "x.yaml"
+        )
     assert any("reserved" in p for p in e.value.problems)
     with pytest.raises(ConfigError) as e:
         parse_config(BASE.replace("plain_http: true", "plain_http: true, workers: 2") + PERSONS, "x.yaml")
@@ -134,9 +145,13 @@ def test_config_checks():
         parse_config(BASE + PERSONS.replace("0123456789012345678901234567890123", "short"), "x.yaml")
     assert any("cookie_keys[0].secret" in p for p in e.value.problems)
     with pytest.raises(ConfigError) as e:
-        parse_config(BASE + PERSONS + "routes: [{name: r, upstream: a, person: {min_acr: Level5}}]\n", "x.yaml")
+        parse_config(
+            BASE + PERSONS + "routes: [{name: r, upstream: a, person: {min_acr: Level5}}]\n", "x.yaml"
+        )
     assert any("min_acr" in p for p in e.value.problems)
-    cfg = parse_config(BASE + PERSONS + "routes: [{name: r, upstream: a, person: {min_acr: Level4}}]\n", "x.yaml")
+    cfg = parse_config(
+        BASE + PERSONS + "routes: [{name: r, upstream: a, person: {min_acr: Level4}}]\n", "x.yaml"
+    )
     assert cfg.persons.idle_timeout_seconds == 1800 and cfg.persons.absolute_timeout_seconds == 7200
     assert cfg.persons.cookie_name == "__Host-portvakt-session"
     assert config_problems(cfg) == []

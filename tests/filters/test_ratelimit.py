@@ -33,7 +33,9 @@ PID = "24079418176"  # a synthetic test fødselsnummer
 KEY = "k" * 32
 
 
-def make_config(rate_limit: dict | None = None, rules: list[dict] | None = None, routes: list | None = None) -> Config:
+def make_config(
+    rate_limit: dict | None = None, rules: list[dict] | None = None, routes: list | None = None
+) -> Config:
     if routes is None:
         routes = [{"name": "api", "upstream": "u", "rate_limits": rules or []}]
     else:
@@ -48,7 +50,9 @@ def make_config(rate_limit: dict | None = None, rules: list[dict] | None = None,
     )
 
 
-def make_stage(rate_limit: dict | None = None, rules: list[dict] | None = None, secrets: dict | None = None) -> RateLimitStage:
+def make_stage(
+    rate_limit: dict | None = None, rules: list[dict] | None = None, secrets: dict | None = None
+) -> RateLimitStage:
     cfg = make_config(rate_limit, rules)
     stage = build_stage(BuildEnv(config=cfg, base_dir=".", secrets={} if secrets is None else secrets))
     assert stage is not None
@@ -63,22 +67,46 @@ def stage_for(rate_limit=None, rules=None, secrets=None):
     return stage, {f.name: f for f in fs}
 
 
-def ctx(ip: str = "192.0.2.10", integration: str | None = None, org: str | None = None, pid: str | None = None,
-        cert_org: str | None = None) -> RequestContext:
+def ctx(
+    ip: str = "192.0.2.10",
+    integration: str | None = None,
+    org: str | None = None,
+    pid: str | None = None,
+    cert_org: str | None = None,
+) -> RequestContext:
     token = None
     if org is not None or pid is not None:
         token = TokenIdentity(
-            kind="idporten" if pid else "maskinporten", issuer="x", iss="x", exp=0,
-            consumer=f"0192:{org}" if org else None, consumer_org=org, pid=pid,
+            kind="idporten" if pid else "maskinporten",
+            issuer="x",
+            iss="x",
+            exp=0,
+            consumer=f"0192:{org}" if org else None,
+            consumer_org=org,
+            pid=pid,
         )
     return RequestContext(
-        request_id="req-1", method="GET", raw_path="/", path="/", query_string="", host="gw", scheme="https",
-        peer_ip=ip_address(ip), client_ip=ip_address(ip), headers=CIMultiDictProxy(CIMultiDict()),
-        request=None, runtime=None,  # type: ignore[arg-type]
+        request_id="req-1",
+        method="GET",
+        raw_path="/",
+        path="/",
+        query_string="",
+        host="gw",
+        scheme="https",
+        peer_ip=ip_address(ip),
+        client_ip=ip_address(ip),
+        headers=CIMultiDictProxy(CIMultiDict()),
+        request=None,
+        runtime=None,  # type: ignore[arg-type]
         token=token,
-        integration=IntegrationIdentity(id=integration, authorized_org=org or "991825827") if integration else None,
-        certificate=CertificateIdentity(org_number=cert_org, subject="CN=x", serial_number=1, fingerprint_sha256="00",
-                                        source="tls") if cert_org else None,
+        integration=IntegrationIdentity(id=integration, authorized_org=org or "991825827")
+        if integration
+        else None,
+        certificate=CertificateIdentity(
+            org_number=cert_org, subject="CN=x", serial_number=1, fingerprint_sha256="00", source="tls"
+        )
+        if cert_org
+        else None,
     )
 
 
@@ -107,7 +135,9 @@ def test_config_validation_lists_problems():
     with pytest.raises(ConfigError, match="sentinel"):
         parse_config("server: {plain_http: true}\nrate_limit: {backend: sentinel}\n")
     with pytest.raises(ConfigError, match="rediss"):
-        parse_config("server: {plain_http: true}\nrate_limit: {backend: 'redis://h:1/0', tls_ca_file: ca.pem}\n")
+        parse_config(
+            "server: {plain_http: true}\nrate_limit: {backend: 'redis://h:1/0', tls_ca_file: ca.pem}\n"
+        )
 
 
 def test_password_comes_from_env(monkeypatch):
@@ -148,7 +178,9 @@ def test_pseudonym_key_required_for_shared_person_limits():
     make_stage({"backend": "redis://127.0.0.1:6379/0", "pseudonym_key": KEY}, rules)
     make_stage({"backend": "memory"}, rules)
     # integration/organization keys need no secret
-    make_stage({"backend": "redis://127.0.0.1:6379/0"}, [{"per": "integration", "limit": 1, "period_seconds": 1}])
+    make_stage(
+        {"backend": "redis://127.0.0.1:6379/0"}, [{"per": "integration", "limit": 1, "period_seconds": 1}]
+    )
 
 
 def test_filters_names_positions_and_policy_names():
@@ -174,8 +206,13 @@ def test_filters_names_positions_and_policy_names():
         '"half";q=10;w=1',  # a sub-second period is announced per whole second
     ]
     with pytest.raises(ValueError, match="named"):
-        stage_for(None, [{"per": "route", "limit": 1, "period_seconds": 1, "name": "x"},
-                         {"per": "client_ip", "limit": 1, "period_seconds": 1, "name": "x"}])
+        stage_for(
+            None,
+            [
+                {"per": "route", "limit": 1, "period_seconds": 1, "name": "x"},
+                {"per": "client_ip", "limit": 1, "period_seconds": 1, "name": "x"},
+            ],
+        )
     assert problems.REASONS[RATE_LIMITED][0] == 429
     assert problems.REASONS[RATE_LIMIT_UNAVAILABLE][0] == 503
 
@@ -216,11 +253,14 @@ async def test_retry_after_is_whole_seconds_at_least_one():
 
 
 async def test_absent_subject_does_not_apply():
-    stage, fs = stage_for(None, [
-        {"per": "integration", "limit": 1, "period_seconds": 60},
-        {"per": "person", "limit": 1, "period_seconds": 60},
-        {"per": "organization", "limit": 1, "period_seconds": 60},
-    ])
+    stage, fs = stage_for(
+        None,
+        [
+            {"per": "integration", "limit": 1, "period_seconds": 60},
+            {"per": "person", "limit": 1, "period_seconds": 60},
+            {"per": "organization", "limit": 1, "period_seconds": 60},
+        ],
+    )
     f = fs["rate_limit"]
     for _ in range(3):
         c = ctx()
@@ -234,10 +274,13 @@ async def test_absent_subject_does_not_apply():
 
 
 async def test_subjects_organization_person_and_keys_hide_identities():
-    stage, fs = stage_for({"backend": "memory"}, [
-        {"per": "organization", "limit": 1, "period_seconds": 60},
-        {"per": "person", "limit": 1, "period_seconds": 60},
-    ])
+    stage, fs = stage_for(
+        {"backend": "memory"},
+        [
+            {"per": "organization", "limit": 1, "period_seconds": 60},
+            {"per": "person", "limit": 1, "period_seconds": 60},
+        ],
+    )
     f = fs["rate_limit"]
     assert await f.check(ctx(org="991825827")) is ALLOW
     assert isinstance(await f.check(ctx(org="991825827")), Deny)
@@ -254,10 +297,13 @@ async def test_subjects_organization_person_and_keys_hide_identities():
 
 
 async def test_pre_and_post_headers_combine():
-    stage, fs = stage_for(None, [
-        {"per": "client_ip", "limit": 10, "period_seconds": 1, "stage": "pre_auth"},
-        {"per": "integration", "limit": 100, "period_seconds": 1, "burst": 20},
-    ])
+    stage, fs = stage_for(
+        None,
+        [
+            {"per": "client_ip", "limit": 10, "period_seconds": 1, "stage": "pre_auth"},
+            {"per": "integration", "limit": 100, "period_seconds": 1, "burst": 20},
+        ],
+    )
     c = ctx(integration=INTEG)
     assert await fs["rate_limit_pre"].check(c) is ALLOW
     assert await fs["rate_limit"].check(c) is ALLOW
@@ -290,15 +336,24 @@ async def test_reload_adopts_memory_state_and_secret():
 
 
 def redis_cfg(url: str, **kw) -> dict:
-    return {"backend": url, "timeout_ms": 200, "breaker_backoff_ms": 50, "breaker_max_backoff_ms": 200,
-            "pseudonym_key": KEY, **kw}
+    return {
+        "backend": url,
+        "timeout_ms": 200,
+        "breaker_backoff_ms": 50,
+        "breaker_max_backoff_ms": 200,
+        "pseudonym_key": KEY,
+        **kw,
+    }
 
 
 async def test_redis_decisions_keys_and_ttl(redis_server):
-    stage, fs = stage_for(redis_cfg(redis_server.url), [
-        {"per": "integration", "limit": 2, "period_seconds": 60},
-        {"per": "person", "limit": 5, "period_seconds": 60},
-    ])
+    stage, fs = stage_for(
+        redis_cfg(redis_server.url),
+        [
+            {"per": "integration", "limit": 2, "period_seconds": 60},
+            {"per": "person", "limit": 5, "period_seconds": 60},
+        ],
+    )
     await stage.start()
     client = redis_server.client()
     try:
@@ -339,11 +394,16 @@ async def test_exact_under_concurrency_two_processes_one_redis(redis_server):
 
 
 async def test_autopipelining_sends_one_round_trip_per_tick(redis_server):
-    stage, fs = stage_for(redis_cfg(redis_server.url, timeout_ms=2000), [{"per": "route", "limit": 1000, "period_seconds": 60}])
+    stage, fs = stage_for(
+        redis_cfg(redis_server.url, timeout_ms=2000), [{"per": "route", "limit": 1000, "period_seconds": 60}]
+    )
     await stage.start()
     try:
         f = fs["rate_limit"]
-        n0, s0 = sample("portvakt_rate_limit_batch_checks_count"), sample("portvakt_rate_limit_batch_checks_sum")
+        n0, s0 = (
+            sample("portvakt_rate_limit_batch_checks_count"),
+            sample("portvakt_rate_limit_batch_checks_sum"),
+        )
         await asyncio.gather(*(f.check(ctx()) for _ in range(50)))
         assert sample("portvakt_rate_limit_batch_checks_count") - n0 == 1
         assert sample("portvakt_rate_limit_batch_checks_sum") - s0 == 50
@@ -352,8 +412,10 @@ async def test_autopipelining_sends_one_round_trip_per_tick(redis_server):
 
 
 async def test_unbatched_mode_one_round_trip_per_check(redis_server):
-    stage, fs = stage_for(redis_cfg(redis_server.url, autopipeline=False, timeout_ms=2000),
-                          [{"per": "route", "limit": 10, "period_seconds": 60}])
+    stage, fs = stage_for(
+        redis_cfg(redis_server.url, autopipeline=False, timeout_ms=2000),
+        [{"per": "route", "limit": 10, "period_seconds": 60}],
+    )
     await stage.start()
     try:
         n0 = sample("portvakt_rate_limit_batch_checks_count")
@@ -372,7 +434,10 @@ async def test_noscript_reloads_the_script(redis_server):
         await client.script_flush()
         assert await fs["rate_limit"].check(ctx()) is ALLOW
         assert ctx().rate_limit == {}
-        stage2, fs2 = stage_for(redis_cfg(redis_server.url, autopipeline=False), [{"per": "route", "limit": 5, "period_seconds": 60}])
+        stage2, fs2 = stage_for(
+            redis_cfg(redis_server.url, autopipeline=False),
+            [{"per": "route", "limit": 5, "period_seconds": 60}],
+        )
         await stage2.start()
         await client.script_flush()
         c = ctx()
@@ -393,7 +458,9 @@ async def timed(coro):
 @pytest.mark.parametrize("mode", ["local", "allow", "deny"])
 async def test_redis_killed_each_mode_bounded_wait_and_recovery(redis_server, mode):
     rules = [{"per": "integration", "limit": 3, "period_seconds": 60}]
-    stage, fs = stage_for(redis_cfg(redis_server.url, on_backend_error=mode, timeout_ms=100, breaker_failures=2), rules)
+    stage, fs = stage_for(
+        redis_cfg(redis_server.url, on_backend_error=mode, timeout_ms=100, breaker_failures=2), rules
+    )
     await stage.start()
     f = fs["rate_limit"]
     try:
@@ -421,11 +488,18 @@ async def test_redis_killed_each_mode_bounded_wait_and_recovery(redis_server, mo
         elif mode == "allow":
             assert all(d is ALLOW for d, _ in outcomes)
             c = outcomes[0][1]
-            assert c.response_headers["RateLimit-Policy"] == '"integration";q=3;w=60' and "RateLimit" not in c.response_headers
+            assert (
+                c.response_headers["RateLimit-Policy"] == '"integration";q=3;w=60'
+                and "RateLimit" not in c.response_headers
+            )
             assert stage.readiness()["redis"].startswith("fallback: ")
         else:
             for d, _ in outcomes:
-                assert isinstance(d, Deny) and d.problem.reason == "rate_limit_unavailable" and d.problem.status == 503
+                assert (
+                    isinstance(d, Deny)
+                    and d.problem.reason == "rate_limit_unavailable"
+                    and d.problem.status == 503
+                )
                 assert int(d.problem.headers["Retry-After"]) >= 1
             assert stage.readiness()["redis"].startswith("down: ")
         assert redis_server.password is None and "***" not in stage.readiness()["redis"]
@@ -446,8 +520,10 @@ async def test_redis_killed_each_mode_bounded_wait_and_recovery(redis_server, mo
 
 async def test_slow_redis_times_out_within_bound(redis_server):
     """CLIENT PAUSE makes Redis hold our command: the check gives up after timeout_ms."""
-    stage, fs = stage_for(redis_cfg(redis_server.url, timeout_ms=100, breaker_failures=1, breaker_backoff_ms=5000),
-                          [{"per": "route", "limit": 100, "period_seconds": 60}])
+    stage, fs = stage_for(
+        redis_cfg(redis_server.url, timeout_ms=100, breaker_failures=1, breaker_backoff_ms=5000),
+        [{"per": "route", "limit": 100, "period_seconds": 60}],
+    )
     await stage.start()
     admin = redis_server.client()
     try:
@@ -472,8 +548,10 @@ async def test_slow_redis_times_out_within_bound(redis_server):
 async def test_redis_down_at_start_then_comes_up(redis_server):
     port = redis_server.port
     redis_server.kill()
-    stage, fs = stage_for(redis_cfg(f"redis://127.0.0.1:{port}/0", connect_timeout_ms=300),
-                          [{"per": "route", "limit": 5, "period_seconds": 60}])
+    stage, fs = stage_for(
+        redis_cfg(f"redis://127.0.0.1:{port}/0", connect_timeout_ms=300),
+        [{"per": "route", "limit": 5, "period_seconds": 60}],
+    )
     await stage.start()  # does not raise
     try:
         assert stage.backend.state == OPEN
@@ -490,8 +568,19 @@ async def test_redis_down_at_start_then_comes_up(redis_server):
 
 
 async def test_password_acl_user_and_db(make_redis_server, monkeypatch):
-    srv = make_redis_server("--user", "portvakt", "on", ">pw-1", "~portvakt:*", "+@all", "--user", "default", "off",
-                            password="pw-1", username="portvakt")
+    srv = make_redis_server(
+        "--user",
+        "portvakt",
+        "on",
+        ">pw-1",
+        "~portvakt:*",
+        "+@all",
+        "--user",
+        "default",
+        "off",
+        password="pw-1",
+        username="portvakt",
+    )
     rules = [{"per": "route", "limit": 5, "period_seconds": 60}]
     monkeypatch.setenv("PV_TEST_REDIS_PW", "pw-1")
     cfg = parse_config(
@@ -526,8 +615,10 @@ async def test_password_acl_user_and_db(make_redis_server, monkeypatch):
 
 async def test_tls_with_ca(make_redis_server, pki):
     srv = make_redis_server(tls=(pki.server_cert, pki.server_key, pki.ca_cert))
-    stage, fs = stage_for(redis_cfg(srv.url, tls_ca_file=pki.ca_cert, connect_timeout_ms=2000),
-                          [{"per": "route", "limit": 5, "period_seconds": 60}])
+    stage, fs = stage_for(
+        redis_cfg(srv.url, tls_ca_file=pki.ca_cert, connect_timeout_ms=2000),
+        [{"per": "route", "limit": 5, "period_seconds": 60}],
+    )
     await stage.start()
     try:
         assert stage.backend.state == CLOSED
@@ -536,7 +627,9 @@ async def test_tls_with_ca(make_redis_server, pki):
     finally:
         await stage.close()
     # Without the CA the server is not trusted: fallback, never an unverified connection.
-    stage, fs = stage_for(redis_cfg(srv.url, connect_timeout_ms=1000), [{"per": "route", "limit": 5, "period_seconds": 60}])
+    stage, fs = stage_for(
+        redis_cfg(srv.url, connect_timeout_ms=1000), [{"per": "route", "limit": 5, "period_seconds": 60}]
+    )
     await stage.start()
     try:
         assert stage.backend.state == OPEN and "SSL" in stage.backend.last_error.upper()
@@ -550,10 +643,16 @@ async def test_sentinel(make_redis_server, form):
     sentinel = make_redis_server.sentinel_for(master, "pvmaster")
     rules = [{"per": "route", "limit": 2, "period_seconds": 60}]
     if form == "url":
-        rl = redis_cfg(f"redis+sentinel://:m-pw@127.0.0.1:{sentinel.port}/pvmaster/1", connect_timeout_ms=2000)
+        rl = redis_cfg(
+            f"redis+sentinel://:m-pw@127.0.0.1:{sentinel.port}/pvmaster/1", connect_timeout_ms=2000
+        )
     else:
-        rl = redis_cfg("sentinel", password="m-pw", connect_timeout_ms=2000,
-                       sentinel={"hosts": [f"127.0.0.1:{sentinel.port}"], "service_name": "pvmaster", "db": 1})
+        rl = redis_cfg(
+            "sentinel",
+            password="m-pw",
+            connect_timeout_ms=2000,
+            sentinel={"hosts": [f"127.0.0.1:{sentinel.port}"], "service_name": "pvmaster", "db": 1},
+        )
     stage, fs = stage_for(rl, rules)
     await stage.start()
     client = master.client(db=1)
@@ -611,8 +710,10 @@ async def test_detect_mode_records_and_lets_through():
 
 
 async def test_dead_pooled_connections_after_a_restart_do_not_fail_checks(redis_server):
-    stage, fs = stage_for(redis_cfg(redis_server.url, timeout_ms=2000, max_inflight_batches=4),
-                          [{"per": "route", "limit": 100_000, "period_seconds": 60}])
+    stage, fs = stage_for(
+        redis_cfg(redis_server.url, timeout_ms=2000, max_inflight_batches=4),
+        [{"per": "route", "limit": 100_000, "period_seconds": 60}],
+    )
     await stage.start()
     f = fs["rate_limit"]
     try:
@@ -634,7 +735,9 @@ async def test_dead_pooled_connections_after_a_restart_do_not_fail_checks(redis_
 
 
 async def test_an_unexpected_batch_error_never_leaves_a_check_waiting(redis_server, monkeypatch):
-    stage, fs = stage_for(redis_cfg(redis_server.url, timeout_ms=5000), [{"per": "route", "limit": 5, "period_seconds": 60}])
+    stage, fs = stage_for(
+        redis_cfg(redis_server.url, timeout_ms=5000), [{"per": "route", "limit": 5, "period_seconds": 60}]
+    )
     await stage.start()
 
     async def broken(items):
@@ -651,7 +754,9 @@ async def test_an_unexpected_batch_error_never_leaves_a_check_waiting(redis_serv
 
 
 async def test_closing_the_backend_answers_waiting_checks(redis_server):
-    stage, fs = stage_for(redis_cfg(redis_server.url, timeout_ms=5000), [{"per": "route", "limit": 5, "period_seconds": 60}])
+    stage, fs = stage_for(
+        redis_cfg(redis_server.url, timeout_ms=5000), [{"per": "route", "limit": 5, "period_seconds": 60}]
+    )
     await stage.start()
     admin = redis_server.client()
     try:

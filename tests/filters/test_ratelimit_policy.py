@@ -89,7 +89,9 @@ async def test_lowered_limit_applies_from_the_next_request(backend):
         await old.close()
 
 
-@pytest.mark.parametrize("limit, period, burst", [(5, 1, 10), (5, 1, 50), (3, 60, 30), (100, 0.5, 400), (5, 1, 2)])
+@pytest.mark.parametrize(
+    "limit, period, burst", [(5, 1, 10), (5, 1, 50), (3, 60, 30), (100, 0.5, 400), (5, 1, 2)]
+)
 async def test_remaining_never_exceeds_the_quota(limit, period, burst):
     stage, flt = build({"backend": "memory"}, rule(limit, period, burst))
     for _ in range(burst + 2):
@@ -107,9 +109,17 @@ def test_breaker_probe_interval_is_fixed_by_default():
 
 
 async def test_breaker_recovers_within_one_probe_interval(redis_server):
-    stage, flt = build({"backend": redis_server.url, "timeout_ms": 300, "breaker_failures": 1,
-                        "breaker_backoff_ms": 150, "breaker_max_backoff_ms": 150,
-                        "on_backend_error": "deny"}, rule(1000, 1))
+    stage, flt = build(
+        {
+            "backend": redis_server.url,
+            "timeout_ms": 300,
+            "breaker_failures": 1,
+            "breaker_backoff_ms": 150,
+            "breaker_max_backoff_ms": 150,
+            "on_backend_error": "deny",
+        },
+        rule(1000, 1),
+    )
     await stage.start()
     b = stage.backend
     try:

@@ -28,7 +28,11 @@ def test_trailing_newlines_are_config_errors():
     with pytest.raises(ConfigError) as e:
         parse_config(text)
     where = sorted(p.split(": ")[1] for p in e.value.problems)
-    assert where == ["integrations[0].authorized_org", "integrations[0].grants[0].organization", "integrations[0].id"]
+    assert where == [
+        "integrations[0].authorized_org",
+        "integrations[0].grants[0].organization",
+        "integrations[0].id",
+    ]
 
 
 def test_exact_values_still_load():
@@ -54,16 +58,18 @@ def test_rate_limit_key_prefix_is_exact():
 
 
 def test_rate_limit_tls_files_and_bad_redis_url_name_their_field(tmp_path):
-    from gateway.chain import BuildEnv
     from filters.ratelimit import build_stage
+    from gateway.chain import BuildEnv
 
     base = config('"7b1c9a52-0d3e-4a8f-9c61-2f5e8d4b1a07"', '"991825827"', '"958935420"').replace(
         "routes: [{name: demo, upstream: demo}]",
         "routes: [{name: demo, upstream: demo, rate_limits: [{per: route, limit: 5, period_seconds: 1}]}]",
     )
     cases = [
-        (f'rate_limit: {{backend: "rediss://127.0.0.1:6379/0", tls_ca_file: {tmp_path}/missing-ca.pem}}\n',
-         f"rate_limit.tls_ca_file: cannot read {tmp_path}/missing-ca.pem: "),
+        (
+            f'rate_limit: {{backend: "rediss://127.0.0.1:6379/0", tls_ca_file: {tmp_path}/missing-ca.pem}}\n',
+            f"rate_limit.tls_ca_file: cannot read {tmp_path}/missing-ca.pem: ",
+        ),
         ('rate_limit: {backend: "redis://:pw-s3cret@127.0.0.1:99999/0"}\n', "rate_limit.backend: "),
     ]
     for extra, prefix in cases:

@@ -97,7 +97,9 @@ def test_config_contract():
         IssuerConfig.model_validate({**base, "kind": "idporten"})
     with pytest.raises(ValueError, match="bound_by_scope"):
         IssuerConfig.model_validate({**base, "kind": "maskinporten"})
-    c = IssuerConfig.model_validate({**base, "kind": "maskinporten", "tokens_without_audience": "bound_by_scope"})
+    c = IssuerConfig.model_validate(
+        {**base, "kind": "maskinporten", "tokens_without_audience": "bound_by_scope"}
+    )
     assert c.audiences == frozenset()
     c = IssuerConfig.model_validate({**base, "kind": "idporten", "audience": ["a", "b"]})
     assert c.audiences == {"a", "b"}
@@ -144,7 +146,14 @@ async def test_real_shaped_idporten_id_token_with_our_audience_refused(stage, is
     misconfiguration: the operator puts its own client_id in audience) is still refused."""
     tok = issuer.idporten.mint(
         audience=AUDIENCE,
-        claims={"nonce": "abc", "azp": AUDIENCE, "client_id": None, "sid": "s", "auth_time": 1, "at_hash": "h"},
+        claims={
+            "nonce": "abc",
+            "azp": AUDIENCE,
+            "client_id": None,
+            "sid": "s",
+            "auth_time": 1,
+            "at_hash": "h",
+        },
     )
     denied(*await run(stage, tok), "token_not_access_token")
 
@@ -171,7 +180,9 @@ def cert(org: str | None, der: bytes = b"\x30\x03\x02\x01\x01") -> CertificateId
 def routed(ctx, relaxed: bool = False):
     rc = config({}).routes[0]
     if relaxed:
-        rc = rc.model_copy(update={"access": rc.access.model_copy(update={"allow_certificate_org_mismatch": True})})
+        rc = rc.model_copy(
+            update={"access": rc.access.model_copy(update={"allow_certificate_org_mismatch": True})}
+        )
     ctx.route = types.SimpleNamespace(config=rc, name=rc.name)
     return ctx
 
@@ -203,7 +214,9 @@ async def test_certificate_org_must_match_token_org(stage, issuer):
 
 
 async def test_supplier_certificate_agrees_with_delegated_token(stage, issuer):
-    tok = issuer.mint(claims={"supplier": {"authority": "iso6523-actorid-upis", "ID": f"0192:{SUPPLIER_ORG}"}})
+    tok = issuer.mint(
+        claims={"supplier": {"authority": "iso6523-actorid-upis", "ID": f"0192:{SUPPLIER_ORG}"}}
+    )
     assert (await check(stage, tok, cert(SUPPLIER_ORG)))[0] is ALLOW
     denied(*await check(stage, tok, cert(OTHER_ORG)), "token_certificate_org_mismatch")
 
@@ -270,8 +283,11 @@ def test_dev_token_audience(tmp_path, capsys, args, aud):
     from tests.fixtures.issuer import new_rsa_key
 
     key = tmp_path / "issuer-key.pem"
-    key.write_bytes(new_rsa_key().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key.write_bytes(
+        new_rsa_key().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     assert main(["--key", str(key), *args]) == 0
     token = capsys.readouterr().out.strip()
     seg = token.split(".")[1]

@@ -32,8 +32,18 @@ def make_ctx(*auth: str, headers: dict[str, str] | None = None) -> RequestContex
         h.add(k, v)
     ip = ip_address("127.0.0.1")
     return RequestContext(
-        request_id="req-1", method="GET", raw_path="/api/x", path="/api/x", query_string="", host="localhost",
-        scheme="https", peer_ip=ip, client_ip=ip, headers=CIMultiDictProxy(h), request=None, runtime=None,  # type: ignore[arg-type]
+        request_id="req-1",
+        method="GET",
+        raw_path="/api/x",
+        path="/api/x",
+        query_string="",
+        host="localhost",
+        scheme="https",
+        peer_ip=ip,
+        client_ip=ip,
+        headers=CIMultiDictProxy(h),
+        request=None,
+        runtime=None,  # type: ignore[arg-type]
     )
 
 
@@ -104,8 +114,11 @@ def denied(decision: Any, ctx: RequestContext, internal: str) -> None:
 
 
 async def test_maskinporten_token_lands_on_context(stage, issuer):
-    token = issuer.mint(org="958935420", scope="ks:fiks ks:fiks/innsyn", claims={
-        "supplier": {"authority": "iso6523-actorid-upis", "ID": "0192:974760673"}})
+    token = issuer.mint(
+        org="958935420",
+        scope="ks:fiks ks:fiks/innsyn",
+        claims={"supplier": {"authority": "iso6523-actorid-upis", "ID": "0192:974760673"}},
+    )
     d, ctx = await run(stage, token)
     assert d is ALLOW
     t = ctx.token
@@ -115,8 +128,13 @@ async def test_maskinporten_token_lands_on_context(stage, issuer):
     assert t.client_amr == "virksomhetssertifikat" and t.client_id and t.jti
     assert t.pid is None and t.exp == payload_of(token)["exp"]
     assert ctx.organization == "958935420"
-    assert ctx.audit["tokens"] == {"issuer": "maskinporten", "kind": "maskinporten", "kid": issuer.kid,
-                                   "consumer_org": "958935420", "cached": False}
+    assert ctx.audit["tokens"] == {
+        "issuer": "maskinporten",
+        "kind": "maskinporten",
+        "kid": issuer.kid,
+        "consumer_org": "958935420",
+        "cached": False,
+    }
 
 
 async def test_idporten_token_lands_on_context(stage, idporten_issuer):
@@ -124,13 +142,21 @@ async def test_idporten_token_lands_on_context(stage, idporten_issuer):
     d, ctx = await run(stage, token)
     assert d is ALLOW
     t = ctx.token
-    assert (t.kind, t.issuer, t.pid, t.acr, t.amr) == ("idporten", "idporten", TEST_PID, "idporten-loa-substantial", ("TestID",))
+    assert (t.kind, t.issuer, t.pid, t.acr, t.amr) == (
+        "idporten",
+        "idporten",
+        TEST_PID,
+        "idporten-loa-substantial",
+        ("TestID",),
+    )
     assert t.consumer is None and t.consumer_org is None and t.scopes == frozenset({"openid"})
     assert "pid" not in json.dumps(ctx.audit)
 
 
 async def test_other_consumer_authority_is_kept_without_org(stage, issuer):
-    token = issuer.mint(claims={"consumer": {"authority": "iso6523-actorid-upis", "ID": "0088:7080000000000"}})
+    token = issuer.mint(
+        claims={"consumer": {"authority": "iso6523-actorid-upis", "ID": "0088:7080000000000"}}
+    )
     d, ctx = await run(stage, token)
     assert d is ALLOW and ctx.token.consumer == "0088:7080000000000" and ctx.token.consumer_org is None
 
@@ -226,19 +252,30 @@ async def test_duplicate_json_members_are_malformed(stage, issuer):
 def hs256_with_public_key(issuer) -> str:
     pem = issuer.public_pem()
     claims = payload_of(issuer.mint())
-    return forge({"alg": "HS256", "typ": "JWT", "kid": issuer.kid}, claims, lambda m: hmac.new(pem, m, hashlib.sha256).digest())
+    return forge(
+        {"alg": "HS256", "typ": "JWT", "kid": issuer.kid},
+        claims,
+        lambda m: hmac.new(pem, m, hashlib.sha256).digest(),
+    )
 
 
 async def test_attacks_are_denied_with_precise_internal_reasons(stage, issuer, issuer_factory):
     attacker_key = new_rsa_key()
     attacker = await issuer_factory("maskinporten", name="attacker")
     base = payload_of(issuer.mint())
-    none_token = f"{b64(json.dumps({'alg': 'none', 'kid': issuer.kid}).encode())}.{b64(json.dumps(base).encode())}."
+    none_token = (
+        f"{b64(json.dumps({'alg': 'none', 'kid': issuer.kid}).encode())}.{b64(json.dumps(base).encode())}."
+    )
     good = issuer.mint()
     cases = {
         "alg none": (none_token, "token_alg_not_allowed"),
-        "alg None": (none_token.replace(b64(json.dumps({'alg': 'none', 'kid': issuer.kid}).encode()),
-                                        b64(json.dumps({'alg': 'None', 'kid': issuer.kid}).encode())), "token_alg_not_allowed"),
+        "alg None": (
+            none_token.replace(
+                b64(json.dumps({"alg": "none", "kid": issuer.kid}).encode()),
+                b64(json.dumps({"alg": "None", "kid": issuer.kid}).encode()),
+            ),
+            "token_alg_not_allowed",
+        ),
         "hs256 with the public key": (hs256_with_public_key(issuer), "token_alg_not_allowed"),
         "foreign key, issuer kid": (issuer.mint(key=attacker_key, kid=issuer.kid), "token_bad_signature"),
         "expired": (issuer.mint(ttl=-60), "token_expired"),
@@ -249,15 +286,35 @@ async def test_attacks_are_denied_with_precise_internal_reasons(stage, issuer, i
         "wrong iss": (issuer.mint(iss="https://maskinporten.no/"), "token_unknown_issuer"),
         "iss differs by slash": (issuer.mint(iss=issuer.iss.rstrip("/")), "token_unknown_issuer"),
         "no iss": (issuer.mint(claims={"iss": None}), "token_unknown_issuer"),
-        "jku to attacker": (issuer.mint(key=attacker.signing_key, kid=attacker.kid, headers={"jku": attacker.jwks_uri}), "token_unknown_kid"),
-        "x5u to attacker": (issuer.mint(key=attacker.signing_key, kid=issuer.kid, headers={"x5u": attacker.jwks_uri}), "token_bad_signature"),
-        "embedded jwk": (issuer.mint(key=attacker.signing_key, kid=issuer.kid, headers={"jwk": attacker.jwks()["keys"][0]}), "token_bad_signature"),
+        "jku to attacker": (
+            issuer.mint(key=attacker.signing_key, kid=attacker.kid, headers={"jku": attacker.jwks_uri}),
+            "token_unknown_kid",
+        ),
+        "x5u to attacker": (
+            issuer.mint(key=attacker.signing_key, kid=issuer.kid, headers={"x5u": attacker.jwks_uri}),
+            "token_bad_signature",
+        ),
+        "embedded jwk": (
+            issuer.mint(
+                key=attacker.signing_key, kid=issuer.kid, headers={"jwk": attacker.jwks()["keys"][0]}
+            ),
+            "token_bad_signature",
+        ),
         "crit": (issuer.mint(headers={"crit": ["exp"], "exp": 1}), "token_crit_unsupported"),
         "truncated signature": (good[:-10], "token_bad_signature"),
         "empty signature": (good.rsplit(".", 1)[0] + ".", "token_bad_signature"),
-        "signature of another token": (issuer.mint(org="958935420").rsplit(".", 1)[0] + "." + good.rsplit(".", 1)[1], "token_bad_signature"),
-        "idporten-shaped from maskinporten issuer": (issuer.mint(kind="idporten", pid=TEST_PID), "token_kind_mismatch"),
-        "maskinporten-shaped from idporten issuer": (issuer.idporten.mint(kind="maskinporten"), "token_kind_mismatch"),
+        "signature of another token": (
+            issuer.mint(org="958935420").rsplit(".", 1)[0] + "." + good.rsplit(".", 1)[1],
+            "token_bad_signature",
+        ),
+        "idporten-shaped from maskinporten issuer": (
+            issuer.mint(kind="idporten", pid=TEST_PID),
+            "token_kind_mismatch",
+        ),
+        "maskinporten-shaped from idporten issuer": (
+            issuer.idporten.mint(kind="maskinporten"),
+            "token_kind_mismatch",
+        ),
         "consumer not 0192 digits": (issuer.mint(org="12345"), "token_claims_invalid"),
         "consumer a string": (issuer.mint(claims={"consumer": "0192:991825827"}), "token_claims_invalid"),
         "scope a list": (issuer.mint(claims={"scope": ["ks:fiks"]}), "token_claims_invalid"),
@@ -578,16 +635,25 @@ async def test_jwks_file_issuer(issuer, tmp_path):
 def test_unusable_jwks_file_fails_the_build(tmp_path):
     (tmp_path / "bad.json").write_text('{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "x"}]}')
     for path in (str(tmp_path / "missing.json"), str(tmp_path / "bad.json")):
-        cfg = config({"m": {"kind": "maskinporten", "issuer": "https://m/", "jwks_file": path, "audience": "a"}})
+        cfg = config(
+            {"m": {"kind": "maskinporten", "issuer": "https://m/", "jwks_file": path, "audience": "a"}}
+        )
         with pytest.raises(ValueError, match="jwks_file"):
             build_stage(BuildEnv(config=cfg, base_dir=".", secrets={}))
 
 
 def test_duplicate_iss_fails_the_build(tmp_path):
-    cfg = config({
-        "a": {"kind": "maskinporten", "issuer": "https://m/", "jwks_uri": "https://m/jwk", "audience": "a"},
-        "b": {"kind": "idporten", "issuer": "https://m/", "jwks_uri": "https://m/jwk2", "audience": "a"},
-    })
+    cfg = config(
+        {
+            "a": {
+                "kind": "maskinporten",
+                "issuer": "https://m/",
+                "jwks_uri": "https://m/jwk",
+                "audience": "a",
+            },
+            "b": {"kind": "idporten", "issuer": "https://m/", "jwks_uri": "https://m/jwk2", "audience": "a"},
+        }
+    )
     with pytest.raises(ValueError, match="same iss"):
         build_stage(BuildEnv(config=cfg, base_dir=".", secrets={}))
 
@@ -612,37 +678,68 @@ def test_no_issuers_no_stage():
         ({"audience": []}, "at least one"),
         ({"audience": ["ok", " "]}, "at least one"),
         ({"kind": "idporten", "audience": None}, "audience is required for an idporten issuer"),
-        ({"kind": "idporten", "audience": None, "tokens_without_audience": "bound_by_scope"}, "maskinporten only"),
+        (
+            {"kind": "idporten", "audience": None, "tokens_without_audience": "bound_by_scope"},
+            "maskinporten only",
+        ),
         ({"kind": "idporten", "tokens_without_audience": "bound_by_scope"}, "maskinporten only"),
         ({"tokens_without_audience": "sometimes"}, "refuse"),
     ],
 )
 def test_issuer_config_validation(fields, message):
-    raw = {"kind": "maskinporten", "issuer": "https://maskinporten.no/", "jwks_uri": "https://maskinporten.no/jwk",
-           "audience": "https://api.example/"}
+    raw = {
+        "kind": "maskinporten",
+        "issuer": "https://maskinporten.no/",
+        "jwks_uri": "https://maskinporten.no/jwk",
+        "audience": "https://api.example/",
+    }
     raw.update(fields)
     with pytest.raises(ValidationError, match=message):
         IssuerConfig.model_validate(raw)
 
 
 def test_issuer_config_accepts_loopback_http_and_defaults():
-    c = IssuerConfig.model_validate({"kind": "idporten", "issuer": "https://idporten.no", "jwks_uri": "http://127.0.0.1:1/jwk",
-                                     "audience": "https://api.example/"})
-    assert c.algorithms == ["RS256", "RS384", "RS512"] and c.jwks_refetch_min_seconds == 30 and c.leeway_seconds == 30
+    c = IssuerConfig.model_validate(
+        {
+            "kind": "idporten",
+            "issuer": "https://idporten.no",
+            "jwks_uri": "http://127.0.0.1:1/jwk",
+            "audience": "https://api.example/",
+        }
+    )
+    assert (
+        c.algorithms == ["RS256", "RS384", "RS512"]
+        and c.jwks_refetch_min_seconds == 30
+        and c.leeway_seconds == 30
+    )
 
 
 @pytest.mark.parametrize(
     "acr, rank",
-    [("idporten-loa-low", 1), ("idporten-loa-substantial", 2), ("Level3", 2), ("idporten-loa-high", 3),
-     ("Level4", 3), (None, 0), ("", 0), ("level4", 0), ("bogus", 0)],
+    [
+        ("idporten-loa-low", 1),
+        ("idporten-loa-substantial", 2),
+        ("Level3", 2),
+        ("idporten-loa-high", 3),
+        ("Level4", 3),
+        (None, 0),
+        ("", 0),
+        ("level4", 0),
+        ("bogus", 0),
+    ],
 )
 def test_acr_rank(acr, rank):
     assert acr_rank(acr) == rank
 
 
 def test_acr_order():
-    assert acr_rank("idporten-loa-low") < acr_rank("idporten-loa-substantial") == acr_rank("Level3") \
-        < acr_rank("idporten-loa-high") == acr_rank("Level4")
+    assert (
+        acr_rank("idporten-loa-low")
+        < acr_rank("idporten-loa-substantial")
+        == acr_rank("Level3")
+        < acr_rank("idporten-loa-high")
+        == acr_rank("Level4")
+    )
 
 
 def test_reasons_registered():
@@ -656,9 +753,15 @@ def test_mint_token_cli_shapes(tmp_path):
     key = new_rsa_key()
     mp = payload_of(mint_token(key, None, "maskinporten", org="958935420"))
     assert mp["consumer"] == {"authority": "iso6523-actorid-upis", "ID": "0192:958935420"}
-    assert mp["scope"] == "ks:fiks" and mp["client_amr"] == "virksomhetssertifikat" and mp["exp"] - mp["iat"] == 600
+    assert (
+        mp["scope"] == "ks:fiks"
+        and mp["client_amr"] == "virksomhetssertifikat"
+        and mp["exp"] - mp["iat"] == 600
+    )
     ip = payload_of(mint_token(key, "k", "idporten", pid=TEST_PID, acr="Level3", ttl=-5))
-    assert ip["pid"] == TEST_PID and ip["acr"] == "Level3" and ip["exp"] < time.time() and "consumer" not in ip
+    assert (
+        ip["pid"] == TEST_PID and ip["acr"] == "Level3" and ip["exp"] < time.time() and "consumer" not in ip
+    )
     with pytest.raises(ValueError):
         mint_token(key, "k", "idporten")
 

@@ -17,7 +17,9 @@ AUDIT_KEY = "test-audit-key-0123456789abcdef"
 PID = generate_fnr(dt.date(1985, 5, 17), 401, synthetic=True)  # synthetic: never a real person
 
 
-def make_config(tmp_path: Any = None, audit: dict | None = None, identity: dict | None = None, **extra: Any) -> Config:
+def make_config(
+    tmp_path: Any = None, audit: dict | None = None, identity: dict | None = None, **extra: Any
+) -> Config:
     doc: dict[str, Any] = {
         "server": {"plain_http": True},
         "upstreams": {"case": {"url": "http://127.0.0.1:9"}},
@@ -56,7 +58,14 @@ def route(cfg: Config, name: str) -> CompiledRoute:
     )
 
 
-def make_ctx(cfg: Config, route_name: str | None = "cases", request_id: str = "req-1", path: str = "/cases/1", query: str = "", **facts: Any) -> RequestContext:
+def make_ctx(
+    cfg: Config,
+    route_name: str | None = "cases",
+    request_id: str = "req-1",
+    path: str = "/cases/1",
+    query: str = "",
+    **facts: Any,
+) -> RequestContext:
     ctx = RequestContext(
         request_id=request_id,
         method="GET",
@@ -93,16 +102,26 @@ def maskinporten(org: str = "991825827", scopes: tuple[str, ...] = ("ks:fiks",))
 
 
 def idporten(pid: str = PID, acr: str = "idporten-loa-high") -> TokenIdentity:
-    return TokenIdentity(kind="idporten", issuer="idporten", iss="https://idporten.no", exp=2_000_000_000, pid=pid, acr=acr)
+    return TokenIdentity(
+        kind="idporten", issuer="idporten", iss="https://idporten.no", exp=2_000_000_000, pid=pid, acr=acr
+    )
 
 
-def integration(iid: str = "3f1c8f6e-8d7e-4b8e-9a43-2b1e5f8c7a10", org: str = "991825827") -> IntegrationIdentity:
+def integration(
+    iid: str = "3f1c8f6e-8d7e-4b8e-9a43-2b1e5f8c7a10", org: str = "991825827"
+) -> IntegrationIdentity:
     return IntegrationIdentity(id=iid, authorized_org=org)
 
 
 def certificate(org: str = "991825827", der: bytes = b"\x30\x03\x02\x01\x01") -> CertificateIdentity:
     return CertificateIdentity(
-        org_number=org, subject="CN=test", serial_number=1, fingerprint_sha256="00", source="tls", der=der, seid=2
+        org_number=org,
+        subject="CN=test",
+        serial_number=1,
+        fingerprint_sha256="00",
+        source="tls",
+        der=der,
+        seid=2,
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa, x25519
+from prometheus_client import generate_latest
 
 from gateway import auditcli
 from gateway.audit import AUDIT_UNAVAILABLE, AuditSink, build_audit, privilege_changes, scrub_query, unseal
@@ -20,7 +21,6 @@ from gateway.auditsinks import ChainWriter, rotated_files
 from gateway.chain import BuildEnv
 from gateway.context import Detection
 from gateway.metrics import REGISTRY
-from prometheus_client import generate_latest
 from tests.gateway.helpers_audit import (
     AUDIT_KEY,
     PID,
@@ -68,8 +68,16 @@ def outcome(ctx, status, decision, reason=None):
 
 def mixed_contexts(cfg):
     """One request per outcome the issue names, each as the server would leave the context."""
-    yield outcome(make_ctx(cfg, request_id="ok", token=maskinporten(), integration=integration(), target_org="958935420"), 200, "allow")
-    yield outcome(make_ctx(cfg, request_id="r401", integration_id_claimed="3f1c8f6e-x"), 401, "deny", "token_missing")
+    yield outcome(
+        make_ctx(
+            cfg, request_id="ok", token=maskinporten(), integration=integration(), target_org="958935420"
+        ),
+        200,
+        "allow",
+    )
+    yield outcome(
+        make_ctx(cfg, request_id="r401", integration_id_claimed="3f1c8f6e-x"), 401, "deny", "token_missing"
+    )
     yield outcome(make_ctx(cfg, request_id="r403", token=maskinporten()), 403, "deny", "grant_missing")
     yield outcome(make_ctx(cfg, request_id="r429", token=maskinporten()), 429, "deny", "rate_limited")
     yield outcome(make_ctx(cfg, request_id="rwaf", waf=waf(942100, 941100)), 403, "deny", "waf_blocked")
@@ -193,7 +201,11 @@ async def test_reload_writes_privilege_changes_and_keeps_writer(tmp_path):
     }
     other = {**integ, "id": "0f0e0d0c-0b0a-4909-8807-060504030201", "grants": []}
     cfg1 = make_config(audit=audit_cfg(tmp_path), integrations=[integ, other])
-    changed = {**integ, "password_hash": integ["password_hash"].replace("aGFzaG", "bmV3aG"), "grants": [{"organization": "958935420", "services": ["arkiv"]}]}
+    changed = {
+        **integ,
+        "password_hash": integ["password_hash"].replace("aGFzaG", "bmV3aG"),
+        "grants": [{"organization": "958935420", "services": ["arkiv"]}],
+    }
     cfg2 = make_config(audit=audit_cfg(tmp_path), integrations=[changed])
     s1 = await started(cfg1)
     s2 = await started(cfg2, previous=s1)
@@ -217,17 +229,29 @@ async def test_reload_writes_privilege_changes_and_keeps_writer(tmp_path):
     text = (tmp_path / "audit.jsonl").read_text()
     assert "argon2" not in text and "aGFzaG" not in text
     snapshot = next(r for r in recs if r["type"] == "privileges")
-    assert {"integration_id": integ["id"], "organization": "958935420", "service": "arkiv"} in snapshot["grants"]
+    assert {"integration_id": integ["id"], "organization": "958935420", "service": "arkiv"} in snapshot[
+        "grants"
+    ]
     verify(trail(tmp_path), KEY)
 
 
 def test_privilege_changes_grant_added():
     iid = integration().id
-    base = {"id": iid, "password_hash": "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo", "authorized_org": "991825827"}
+    base = {
+        "id": iid,
+        "password_hash": "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+        "authorized_org": "991825827",
+    }
     old = make_config(integrations=[base])
     new = make_config(integrations=[{**base, "grants": [{"organization": "958935420", "services": ["s"]}]}])
     assert privilege_changes(old, new, b"k") == [
-        {"type": "grant_added", "integration_id": iid, "authorized_org": "991825827", "organization": "958935420", "service": "s"}
+        {
+            "type": "grant_added",
+            "integration_id": iid,
+            "authorized_org": "991825827",
+            "organization": "958935420",
+            "service": "s",
+        }
     ]
 
 
@@ -362,7 +386,11 @@ def auditor_keys(tmp_path, kind="x25519"):
     else:
         priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pub = tmp_path / f"auditor-{kind}.pub"
-    pub.write_bytes(priv.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub.write_bytes(
+        priv.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     return priv, str(pub)
 
 
@@ -393,7 +421,10 @@ async def test_person_is_pseudonymised_sealed_and_revealed(tmp_path, kind):
     assert "access_token=REDACTED" in r["query"] and "page=2" in r["query"]
     assert r["caller"]["acr"] == "idporten-loa-high"
     out = list(reveal(files, priv, {"p1"}))
-    assert [(o["request_id"], o["field"], o["pid"]) for o in out] == [("p1", "caller.person", PID), ("p1", "target_person", PID)]
+    assert [(o["request_id"], o["field"], o["pid"]) for o in out] == [
+        ("p1", "caller.person", PID),
+        ("p1", "target_person", PID),
+    ]
     # another key does not open it; a sealed value moved beside another pseudonym does not either
     other = auditor_keys(tmp_path, kind)[0]
     assert all("error" in o for o in reveal(files, other, {"p0"}))
@@ -433,30 +464,36 @@ async def test_query_by_organization(tmp_path):
     a = make_ctx(cfg, request_id="to-org", token=maskinporten("991825827"), target_org="958935420")
     assert await sink.before_forward(a) is None
     sink.record(outcome(a, 200, "allow"))
-    sink.record(outcome(make_ctx(cfg, request_id="by-cert", certificate=certificate("958935420")), 401, "deny", "x"))
+    sink.record(
+        outcome(make_ctx(cfg, request_id="by-cert", certificate=certificate("958935420")), 401, "deny", "x")
+    )
     sink.record(outcome(make_ctx(cfg, request_id="unrelated", token=maskinporten("974760673")), 200, "allow"))
     await sink.close()
     import datetime as dt
 
-    since = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+    since = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
     got = [json.loads(x) for x in query(trail(tmp_path), "958935420", since)]
     assert [(r["type"], r["request_id"]) for r in got] == [
         ("request", "to-org"),
         ("request_completed", "to-org"),
         ("request", "by-cert"),
     ]
-    assert list(query(trail(tmp_path), "958935420", dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc))) == []
+    assert list(query(trail(tmp_path), "958935420", dt.datetime(2100, 1, 1, tzinfo=dt.UTC))) == []
 
 
 async def test_cli_verify_query_reveal(tmp_path, capsys):
     priv, pub = auditor_keys(tmp_path)
     cfg = make_config(audit=audit_cfg(tmp_path, auditor_public_key=pub))
     sink = await started(cfg)
-    sink.record(outcome(make_ctx(cfg, request_id="c1", token=idporten(), target_org="958935420"), 200, "allow"))
+    sink.record(
+        outcome(make_ctx(cfg, request_id="c1", token=idporten(), target_org="958935420"), 200, "allow")
+    )
     await sink.close()
     (tmp_path / "key").write_text(AUDIT_KEY + "\n")
     (tmp_path / "auditor.pem").write_bytes(
-        priv.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        priv.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     ap = argparse.ArgumentParser()
     auditcli.register_commands(ap.add_subparsers(dest="command"))
@@ -516,7 +553,11 @@ async def wait_for(cond, timeout=8.0):
 
 async def test_redis_stream_copy_with_spool_while_down(tmp_path, redis_server):
     spool = tmp_path / "spool"
-    cfg = make_config(audit=audit_cfg(tmp_path, redis={"url": redis_server.url, "stream": "audit", "spool_path": str(spool)}))
+    cfg = make_config(
+        audit=audit_cfg(
+            tmp_path, redis={"url": redis_server.url, "stream": "audit", "spool_path": str(spool)}
+        )
+    )
     sink = await started(cfg)
     client = redis_server.client()
 
@@ -541,7 +582,11 @@ async def test_redis_stream_copy_with_spool_while_down(tmp_path, redis_server):
             sink.record(outcome(make_ctx(cfg, request_id=f"down-{i}"), 200, "allow"))
 
         async def spooling():
-            return spool.exists() and spool.stat().st_size > 0 and sink.readiness()["redis"].startswith("fallback")
+            return (
+                spool.exists()
+                and spool.stat().st_size > 0
+                and sink.readiness()["redis"].startswith("fallback")
+            )
 
         assert await wait_for(spooling)
         assert sink.readiness()["file"] == "ok"  # the primary sink is unaffected

@@ -10,8 +10,16 @@ from tests.gateway.test_audit import audit_cfg, make_config, make_ctx, outcome, 
 async def test_audit_stream_on_a_redis_cluster_gets_every_record_in_order(tmp_path, redis_cluster):
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-    cfg = make_config(audit=audit_cfg(tmp_path, redis={"url": redis_cluster.url, "stream": "portvakt:audit",
-                                                        "spool_path": str(tmp_path / "spool")}))
+    cfg = make_config(
+        audit=audit_cfg(
+            tmp_path,
+            redis={
+                "url": redis_cluster.url,
+                "stream": "portvakt:audit",
+                "spool_path": str(tmp_path / "spool"),
+            },
+        )
+    )
     sink = await started(cfg)
     node = redis_cluster.nodes[0]
     client = RedisCluster(startup_nodes=[ClusterNode(node.host, node.port)])

@@ -3,7 +3,13 @@
 import pytest
 
 from gateway.canonical import (
-    HttpConfig, NotCanonical, Redirect, canonical_host, canonical_path, host_for_match, route_host,
+    HttpConfig,
+    NotCanonical,
+    Redirect,
+    canonical_host,
+    canonical_path,
+    host_for_match,
+    route_host,
 )
 
 STRICT = HttpConfig()
@@ -119,12 +125,15 @@ def test_refused_forms(raw, reason):
     assert e.value.reason == reason
 
 
-@pytest.mark.parametrize("raw,want", [
-    ("/innsyn%2fx", "/innsyn/x"),
-    ("/public%2F..%2Finnsyn/x", "/innsyn/x"),
-    ("/public\\..\\innsyn", "/innsyn"),
-    ("/a%5C%2e%2E%5cb", "/b"),
-])
+@pytest.mark.parametrize(
+    "raw,want",
+    [
+        ("/innsyn%2fx", "/innsyn/x"),
+        ("/public%2F..%2Finnsyn/x", "/innsyn/x"),
+        ("/public\\..\\innsyn", "/innsyn"),
+        ("/a%5C%2e%2E%5cb", "/b"),
+    ],
+)
 def test_unescape_and_forward_reads_escaped_slashes_as_separators(raw, want):
     assert canonical_path(raw, UNESCAPE)[0] == want
 
@@ -136,8 +145,15 @@ def test_unescape_and_redirect_names_the_canonical_path():
     assert canonical_path("/./a", REDIRECT)[0] == "/a"  # only escaped slashes redirect
 
 
-@pytest.mark.parametrize("raw,reason", [("/a/./b", "dot_segment"), ("/a/../b", "dot_segment"),
-                                        ("/%2e/b", "dot_segment"), ("//a", "empty_segment")])
+@pytest.mark.parametrize(
+    "raw,reason",
+    [
+        ("/a/./b", "dot_segment"),
+        ("/a/../b", "dot_segment"),
+        ("/%2e/b", "dot_segment"),
+        ("//a", "empty_segment"),
+    ],
+)
 def test_normalisation_switched_off_refuses_rather_than_passes(raw, reason):
     with pytest.raises(NotCanonical) as e:
         canonical_path(raw, NO_NORMALISE)
@@ -162,29 +178,50 @@ def test_decoded_form_for_logs():
     assert canonical_path("/%c3%b8l%20x", STRICT) == ("/%C3%B8l%20x", "/øl x")
 
 
-@pytest.mark.parametrize("host,scheme,want", [
-    ("api.example", "https", "api.example"),
-    ("API.Example.", "https", "api.example"),
-    ("api.example:443", "https", "api.example"),
-    ("api.example.:443", "https", "api.example"),
-    ("api.example:80", "http", "api.example"),
-    ("api.example:80", "https", "api.example:80"),
-    ("api.example:08443", "https", "api.example:8443"),
-    ("127.0.0.1:8443", "https", "127.0.0.1:8443"),
-    ("[::1]:443", "https", "[::1]"),
-    ("[::1]:8443", "https", "[::1]:8443"),
-    ("", "https", ""),
-    ("under_score.example", "https", "under_score.example"),
-])
+@pytest.mark.parametrize(
+    "host,scheme,want",
+    [
+        ("api.example", "https", "api.example"),
+        ("API.Example.", "https", "api.example"),
+        ("api.example:443", "https", "api.example"),
+        ("api.example.:443", "https", "api.example"),
+        ("api.example:80", "http", "api.example"),
+        ("api.example:80", "https", "api.example:80"),
+        ("api.example:08443", "https", "api.example:8443"),
+        ("127.0.0.1:8443", "https", "127.0.0.1:8443"),
+        ("[::1]:443", "https", "[::1]"),
+        ("[::1]:8443", "https", "[::1]:8443"),
+        ("", "https", ""),
+        ("under_score.example", "https", "under_score.example"),
+    ],
+)
 def test_canonical_host(host, scheme, want):
     assert canonical_host(host, scheme) == want
 
 
-@pytest.mark.parametrize("host", [
-    "api.example..", "api..example", ".api.example", "api.example:", "api.example:0", "api.example:65536",
-    "api.example:x", "user@api.example", "api.example/x", "api.example\\x", "api example", "api.exämple",
-    "api.example%2e", "[::1", "[::1]x", "[zz]", "api.example:443:443", "-api.example",
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "api.example..",
+        "api..example",
+        ".api.example",
+        "api.example:",
+        "api.example:0",
+        "api.example:65536",
+        "api.example:x",
+        "user@api.example",
+        "api.example/x",
+        "api.example\\x",
+        "api example",
+        "api.exämple",
+        "api.example%2e",
+        "[::1",
+        "[::1]x",
+        "[zz]",
+        "api.example:443:443",
+        "-api.example",
+    ],
+)
 def test_bad_hosts_are_refused(host):
     with pytest.raises(NotCanonical):
         canonical_host(host, "https")
@@ -225,8 +262,38 @@ def test_random_spellings_canonicalise_to_what_a_normalising_upstream_reads():
     import random
     import re as _re
 
-    tokens = ["/", "//", ".", "..", "%2e", "%2E", "%2f", "%5c", "\\", ";", "%3b", "a", "innsyn", "%69", "%25",
-              "%c0%ae", "%c3%b8", "%ef%bc%8e", "%00", "%", "~", "-", "%7e", "%41", "%2", "{", "|", "?", "%3f", ":"]
+    tokens = [
+        "/",
+        "//",
+        ".",
+        "..",
+        "%2e",
+        "%2E",
+        "%2f",
+        "%5c",
+        "\\",
+        ";",
+        "%3b",
+        "a",
+        "innsyn",
+        "%69",
+        "%25",
+        "%c0%ae",
+        "%c3%b8",
+        "%ef%bc%8e",
+        "%00",
+        "%",
+        "~",
+        "-",
+        "%7e",
+        "%41",
+        "%2",
+        "{",
+        "|",
+        "?",
+        "%3f",
+        ":",
+    ]
     rnd = random.Random(11)
     accepted = 0
     for _ in range(20000):
@@ -239,7 +306,9 @@ def test_random_spellings_canonicalise_to_what_a_normalising_upstream_reads():
         assert canonical_path(canon, STRICT)[0] == canon, raw
         assert "//" not in canon and "\\" not in canon and ";" not in canon, raw
         assert not _re.search(r"(^|/)\.\.?(/|$)", canon), raw
-        assert not _re.search(r"%(2[fFeE]|5[cC]|[0-9a-f][a-f]|[a-f][0-9a-f])", canon), raw  # upper-case, no ./\
+        assert not _re.search(r"%(2[fFeE]|5[cC]|[0-9a-f][a-f]|[a-f][0-9a-f])", canon), (
+            raw
+        )  # upper-case, no ./\
         assert _upstream_reading(canon) == decoded, raw
         assert "%3F" not in canon and "%23" not in canon, raw
         assert not _re.search(r"(\.|%20)(/|$)", canon), raw

@@ -17,9 +17,18 @@ TEST_DENY = problems.register("test_denied", 403, "Denied by a test filter")
 def make_ctx() -> RequestContext:
     ip = ipaddress.ip_address("127.0.0.1")
     return RequestContext(
-        request_id="r1", method="GET", raw_path="/", path="/", query_string="", host="localhost",
-        scheme="https", peer_ip=ip, client_ip=ip, headers=CIMultiDictProxy(CIMultiDict()),
-        request=None, runtime=None,  # type: ignore[arg-type]
+        request_id="r1",
+        method="GET",
+        raw_path="/",
+        path="/",
+        query_string="",
+        host="localhost",
+        scheme="https",
+        peer_ip=ip,
+        client_ip=ip,
+        headers=CIMultiDictProxy(CIMultiDict()),
+        request=None,
+        runtime=None,  # type: ignore[arg-type]
     )
 
 
@@ -59,10 +68,14 @@ async def test_first_enforced_deny_stops_the_chain():
 
 
 async def test_exception_is_a_500_deny_not_a_pass():
-    before = sample("portvakt_filter_decisions_total", {"filter": "t_boom", "decision": "deny", "reason": "t_boom_error"})
+    before = sample(
+        "portvakt_filter_decisions_total", {"filter": "t_boom", "decision": "deny", "reason": "t_boom_error"}
+    )
     out = await run_chain((Fixed("t_boom", RuntimeError("bug")), Fixed("t_next", ALLOW)), make_ctx())
     assert out is not None and out.problem.status == 500 and out.problem.reason == "internal_error"
-    after = sample("portvakt_filter_decisions_total", {"filter": "t_boom", "decision": "deny", "reason": "t_boom_error"})
+    after = sample(
+        "portvakt_filter_decisions_total", {"filter": "t_boom", "decision": "deny", "reason": "t_boom_error"}
+    )
     assert after == before + 1
 
 
@@ -169,7 +182,11 @@ async def test_each_suspending_filter_keeps_its_own_timeout_under_one_timer():
     assert out is None
     # A later filter with a shorter deadline than the armed one still times out on time.
     out = await run_chain((Sleeps("t_first", 0, 10.0), Fixed("t_stuck", "sleep", timeout=0.1)), make_ctx())
-    assert out is not None and out.problem.reason == "filter_timeout" and out.problem.log_reason == "t_stuck_timeout"
+    assert (
+        out is not None
+        and out.problem.reason == "filter_timeout"
+        and out.problem.log_reason == "t_stuck_timeout"
+    )
 
 
 async def test_no_timer_outlives_the_chain():

@@ -27,61 +27,97 @@ def write(tmp_path, text: str):
 
 
 def test_idporten_without_audience_is_an_error(tmp_path):
-    out = check_config(write(tmp_path, ROUTES + """\
+    out = check_config(
+        write(
+            tmp_path,
+            ROUTES
+            + """\
 issuers:
   idp: {kind: idporten, issuer: "https://idporten.no", jwks_uri: "https://idporten.no/jwks.json"}
-"""))
+""",
+        )
+    )
     assert out.returncode == 1
     assert "issuers.idp" in out.stdout and "audience is required for an idporten issuer" in out.stdout
 
 
 def test_maskinporten_without_audience_needs_the_explicit_opt_in(tmp_path):
-    out = check_config(write(tmp_path, ROUTES + """\
+    out = check_config(
+        write(
+            tmp_path,
+            ROUTES
+            + """\
 issuers:
   mp: {kind: maskinporten, issuer: "https://maskinporten.no/", jwks_uri: "https://maskinporten.no/jwk"}
-"""))
+""",
+        )
+    )
     assert out.returncode == 1 and "tokens_without_audience: bound_by_scope" in out.stdout
 
 
 def test_scope_bound_opt_in_loads_with_warnings(tmp_path):
-    out = check_config(write(tmp_path, ROUTES + """\
+    out = check_config(
+        write(
+            tmp_path,
+            ROUTES
+            + """\
 issuers:
   mp: {kind: maskinporten, issuer: "https://maskinporten.no/", jwks_uri: "https://maskinporten.no/jwk",
        tokens_without_audience: bound_by_scope}
-"""))
+""",
+        )
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().splitlines()[-1].startswith("ok (")
     warnings = [line for line in out.stdout.splitlines() if ": warning: " in line]
-    assert any("issuers.mp.tokens_without_audience: warning: bound_by_scope" in w for w in warnings), out.stderr
+    assert any("issuers.mp.tokens_without_audience: warning: bound_by_scope" in w for w in warnings), (
+        out.stderr
+    )
     # The rule without a scope is named; the one requiring ks:fiks is not.
     assert any("routes[0].access.any_of[0]" in w for w in warnings), out.stderr
     assert not any("any_of[1]" in w for w in warnings)
 
 
 def test_audience_given_no_warning(tmp_path):
-    out = check_config(write(tmp_path, ROUTES + """\
+    out = check_config(
+        write(
+            tmp_path,
+            ROUTES
+            + """\
 issuers:
   mp: {kind: maskinporten, issuer: "https://maskinporten.no/", jwks_uri: "https://maskinporten.no/jwk",
        audience: ["https://api.example/", "https://api2.example/"]}
-"""))
+""",
+        )
+    )
     assert out.returncode == 0 and "warning" not in out.stderr, out.stderr
 
 
 def test_weak_argon2_hash_refused(tmp_path):
     weak = PasswordHasher(time_cost=2, memory_cost=19455, parallelism=1).hash("x")
-    out = check_config(write(tmp_path, f"""\
+    out = check_config(
+        write(
+            tmp_path,
+            f"""\
 integrations:
   - {{id: "7b1c9a52-0d3e-4a8f-9c61-2f5e8d4b1a07", password_hash: "{weak}", authorized_org: "991825827"}}
-"""))
+""",
+        )
+    )
     assert out.returncode == 1
     assert "integrations[0].password_hash" in out.stdout and "below the floor" in out.stdout
     assert weak not in out.stdout  # the hash itself is not echoed
     # The documented escape hatch for test setups.
-    out = check_config(write(tmp_path, f"""\
+    out = check_config(
+        write(
+            tmp_path,
+            f"""\
 integrations_policy: {{password_hash_floor: none}}
 integrations:
   - {{id: "7b1c9a52-0d3e-4a8f-9c61-2f5e8d4b1a07", password_hash: "{weak}", authorized_org: "991825827"}}
-"""))
+""",
+        )
+    )
     assert out.returncode == 0, out.stdout
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from gateway.config import ConfigError, load_config, parse_config
 
@@ -20,7 +21,11 @@ def check_config(path: Path, env: dict | None = None) -> subprocess.CompletedPro
     e.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "gateway", "check-config", str(path)],
-        cwd=str(ROOT), capture_output=True, text=True, timeout=60, env=e,
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=e,
     )
 
 
@@ -77,7 +82,9 @@ def test_missing_file_unknown_env_and_bad_yaml_are_reported(tmp_path):
     assert "cannot read" in line
     f = tmp_path / "env.yaml"
     f.write_text("upstreams:\n  demo: {url: '${PORTVAKT_TEST_UNSET_VAR}'}\nserver: {plain_http: true}\n")
-    assert f"{f}: upstreams.demo.url: environment variable PORTVAKT_TEST_UNSET_VAR is not set" in in_process(f)
+    assert f"{f}: upstreams.demo.url: environment variable PORTVAKT_TEST_UNSET_VAR is not set" in in_process(
+        f
+    )
     f.write_text("routes: [unclosed\n")
     [line] = in_process(f)
     assert "invalid YAML" in line and "line 2" in line
@@ -105,11 +112,14 @@ def test_env_interpolation_and_relative_paths(tmp_path, monkeypatch):
 
 def test_the_model_is_frozen_and_cross_checks_run():
     cfg = parse_config("server: {plain_http: true}\n")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.server.workers = 3  # type: ignore[misc]
     with pytest.raises(ConfigError) as e:
-        parse_config("server: {tls: {certificate: a, private_key: b, client_certificate: required}}\n"
-                     "trusted_proxies: [not-a-cidr]\n", "x.yaml")
+        parse_config(
+            "server: {tls: {certificate: a, private_key: b, client_certificate: required}}\n"
+            "trusted_proxies: [not-a-cidr]\n",
+            "x.yaml",
+        )
     assert e.value.problems == [
         "x.yaml: server.tls.client_ca: required when client_certificate is optional or required",
         "x.yaml: trusted_proxies[0]: not a CIDR: 'not-a-cidr'",

@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     e = dict(os.environ)
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=str(ROOT), capture_output=True,
-                          text=True, timeout=120, env=e)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=e,
+    )
 
 
 # Mistakes from every layer: schema (a wrong value, two mistyped keys, a broken upstream, a route
@@ -55,25 +61,29 @@ def test_a_config_broken_in_every_layer_gives_every_line_in_one_run(tmp_path):
     assert "Traceback" not in out.stdout + out.stderr
     lines = out.stdout.strip().splitlines()
     assert all(line.startswith(f"{f}: ") for line in lines), lines
-    errors = [line[len(str(f)) + 2:] for line in lines if ": warning: " not in line]
-    warns = [line[len(str(f)) + 2:] for line in lines if ": warning: " in line]
-    assert sorted(e.split(": ")[0] for e in errors) == sorted([
-        "server.workers",                      # schema
-        "upstreams.demo.timeout_second",       # schema, did-you-mean
-        "upstreams.broken.url",                # schema
-        "routes[2].match.path_prefx",          # schema, did-you-mean
-        "routes[5].upstream",                  # schema (required)
-        "trusted_proxies[1]",                  # cross-check
-        "routes[3].upstream",                  # cross-check (unknown upstream)
-        "routes[6].name",                      # cross-check (duplicate)
-        "server.tls",                          # files
-        "issuers.mp.jwks_file",                # files
-    ]), out.stdout
+    errors = [line[len(str(f)) + 2 :] for line in lines if ": warning: " not in line]
+    warns = [line[len(str(f)) + 2 :] for line in lines if ": warning: " in line]
+    assert sorted(e.split(": ")[0] for e in errors) == sorted(
+        [
+            "server.workers",  # schema
+            "upstreams.demo.timeout_second",  # schema, did-you-mean
+            "upstreams.broken.url",  # schema
+            "routes[2].match.path_prefx",  # schema, did-you-mean
+            "routes[5].upstream",  # schema (required)
+            "trusted_proxies[1]",  # cross-check
+            "routes[3].upstream",  # cross-check (unknown upstream)
+            "routes[6].name",  # cross-check (duplicate)
+            "server.tls",  # files
+            "issuers.mp.jwks_file",  # files
+        ]
+    ), out.stdout
     assert "upstreams.demo.timeout_second: unknown key (did you mean 'timeout_seconds'?)" in errors
     assert "routes[2].match.path_prefx: unknown key (did you mean 'path_prefix'?)" in errors
     # The route whose upstream did not parse is not reported a second time as "unknown upstream".
     assert not any(e.startswith("routes[4]") for e in errors), errors
-    assert sorted(w.split(": ")[0] for w in warns) == ["ingress.allow_cidrs[0]", "routes[1]", "waf.mode"], warns
+    assert sorted(w.split(": ")[0] for w in warns) == ["ingress.allow_cidrs[0]", "routes[1]", "waf.mode"], (
+        warns
+    )
     assert any("192.168.1.0/24" in w for w in warns)
     assert any("'api-v2' is never matched" in w and "'api'" in w for w in warns)
 
@@ -107,7 +117,9 @@ trusted_proxies: ["10.1.2.3/16"]
 
 def shadow_warnings(tmp_path: Path, routes: str) -> list[str]:
     f = tmp_path / "r.yaml"
-    f.write_text('server: {plain_http: true}\nupstreams: {u: {url: "http://127.0.0.1:1"}}\nroutes:\n' + routes)
+    f.write_text(
+        'server: {plain_http: true}\nupstreams: {u: {url: "http://127.0.0.1:1"}}\nroutes:\n' + routes
+    )
     report = check(str(f))
     assert not report.errors, report.errors
     return [w.path for w in report.warnings]
@@ -115,27 +127,39 @@ def shadow_warnings(tmp_path: Path, routes: str) -> list[str]:
 
 def test_shadowed_routes(tmp_path):
     # Catch-all last, disjoint prefixes, host-specific before generic: nothing shadowed.
-    assert shadow_warnings(tmp_path, """\
+    assert (
+        shadow_warnings(
+            tmp_path,
+            """\
   - {name: down, upstream: u, match: {path_prefix: /down}}
   - {name: a, upstream: u, match: {path_prefix: /a/, hosts: [a.example]}}
   - {name: a-any, upstream: u, match: {path_prefix: /a/}}
   - {name: ab, upstream: u, match: {path_prefix: /ab}}
   - {name: all, upstream: u}
-""") == []
+""",
+        )
+        == []
+    )
     # "/a" (no slash) matches /a and /a/...: "/a/x/" after it is shadowed, "/ab" is not.
-    assert shadow_warnings(tmp_path, """\
+    assert shadow_warnings(
+        tmp_path,
+        """\
   - {name: a, upstream: u, match: {path_prefix: /a}}
   - {name: ax, upstream: u, match: {path_prefix: /a/x/}}
   - {name: ab, upstream: u, match: {path_prefix: /ab}}
   - {name: a-get, upstream: u, match: {path_prefix: /a, methods: [GET]}}
   - {name: host, upstream: u, match: {path_prefix: /a/, hosts: [h.example]}}
-""") == ["routes[1]", "routes[3]", "routes[4]"]
+""",
+    ) == ["routes[1]", "routes[3]", "routes[4]"]
     # An earlier route limited to some hosts does not shadow one for any host.
-    assert shadow_warnings(tmp_path, """\
+    assert shadow_warnings(
+        tmp_path,
+        """\
   - {name: h, upstream: u, match: {hosts: [a.example, b.example]}}
   - {name: any, upstream: u, match: {path_prefix: /x/}}
   - {name: b, upstream: u, match: {path_prefix: /x/, hosts: [B.example]}}
-""") == ["routes[2]"]
+""",
+    ) == ["routes[2]"]
 
 
 def test_risky_settings_are_warnings(tmp_path):
@@ -153,15 +177,26 @@ waf: {mode: "off"}
     assert not report.errors, report.errors
     paths = sorted(w.path for w in report.warnings)
     assert paths == ["admin.listen", "rate_limit.on_backend_error", "trusted_proxies[0]", "waf.mode"], paths
-    f.write_text(f.read_text().replace('admin: {listen: "0.0.0.0:9090"}',
-                                       'admin: {listen: "0.0.0.0:9090", reload_token: "x-very-long-token-1234"}'))
+    f.write_text(
+        f.read_text().replace(
+            'admin: {listen: "0.0.0.0:9090"}',
+            'admin: {listen: "0.0.0.0:9090", reload_token: "x-very-long-token-1234"}',
+        )
+    )
     assert "admin.listen" not in [w.path for w in check(str(f)).warnings]
 
 
 def test_shipped_example_passes_its_own_check_without_etc_portvakt(tmp_path):
-    subprocess.run([sys.executable, "-m", "gateway.devca", str(tmp_path / "tls")], check=True,
-                   cwd=str(ROOT), capture_output=True, timeout=120)
-    out = run("check-config", "--strict", "config/example.yaml", env={"PORTVAKT_TLS_DIR": str(tmp_path / "tls")})
+    subprocess.run(
+        [sys.executable, "-m", "gateway.devca", str(tmp_path / "tls")],
+        check=True,
+        cwd=str(ROOT),
+        capture_output=True,
+        timeout=120,
+    )
+    out = run(
+        "check-config", "--strict", "config/example.yaml", env={"PORTVAKT_TLS_DIR": str(tmp_path / "tls")}
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == "ok"
     # The example names no /etc/portvakt path outside comments.
@@ -180,8 +215,13 @@ def test_demo_config_checks_cleanly_after_make_dev_certs_on_a_fresh_checkout(tmp
     assert before.returncode == 1
     assert "persons.provider.client_key_file: cannot read" in before.stdout + before.stderr
     assert "make dev-certs" in before.stdout + before.stderr
-    subprocess.run([sys.executable, "-m", "gateway.devca", str(tmp_path / "certs" / "dev")], check=True,
-                   cwd=str(ROOT), capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "gateway.devca", str(tmp_path / "certs" / "dev")],
+        check=True,
+        cwd=str(ROOT),
+        capture_output=True,
+        timeout=120,
+    )
     key = tmp_path / "certs" / "dev" / "persons-client-key.pem"
     assert key.exists() and (key.stat().st_mode & 0o077) == 0
     after = run("check-config", str(demo))

@@ -28,14 +28,26 @@ def test_reference_lists_every_section_and_key_of_the_model():
     for name in Config.model_fields:
         if name != "source_path":
             assert f"## `{name}`" in doc
-    for key in ("server.tls.client_certificate", "upstreams.<name>.url", "routes[].match.path_prefix",
-                "admin.reload_token", "logging.format", "problems.type_base"):
+    for key in (
+        "server.tls.client_certificate",
+        "upstreams.<name>.url",
+        "routes[].match.path_prefix",
+        "admin.reload_token",
+        "logging.format",
+        "problems.type_base",
+    ):
         assert f"| `{key}` |" in doc, key
 
 
 def test_json_schema_from_the_cli_matches_the_model_and_shipped_configs():
-    out = subprocess.run([sys.executable, "-m", "gateway", "config", "schema"], cwd=str(ROOT),
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "config", "schema"],
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     schema = json.loads(out.stdout)
     assert schema == json.loads(json.dumps(json_schema()))
     assert schema["additionalProperties"] is False

@@ -14,6 +14,7 @@ import stat
 import jwt
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -86,7 +87,9 @@ def test_issuer_key_matches_jwks_and_signs_rs256(pki):
 
 def test_generate_is_idempotent_and_force_regenerates(tmp_path):
     pki, written = devca.generate(tmp_path, seid2_orgs=["991825827"], seid1_orgs=[])
-    assert len(written) == 10  # + persons-client-key.pem (the demo login client), altinn-client-key.pem (delegation)
+    assert (
+        len(written) == 10
+    )  # + persons-client-key.pem (the demo login client), altinn-client-key.pem (delegation)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     _, again = devca.generate(tmp_path, seid2_orgs=["991825827"], seid1_orgs=[])
     assert again == []
@@ -104,7 +107,9 @@ def test_cli_dev_certs(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="portvakt")
     sub = parser.add_subparsers(dest="command", required=True)
     devca.register_commands(sub)
-    args = parser.parse_args(["dev-certs", str(tmp_path), "--org", "991825827,974760673", "--seid1-org", "958935420"])
+    args = parser.parse_args(
+        ["dev-certs", str(tmp_path), "--org", "991825827,974760673", "--seid1-org", "958935420"]
+    )
     assert args.func(args) == 0
     names = {p.name for p in tmp_path.iterdir()}
     for org, seid in (("991825827", 2), ("974760673", 2), ("958935420", 1)):
@@ -135,9 +140,9 @@ def test_crl_revokes_exactly_the_given_certificates(pki):
 def test_expired_and_untrusted_variants(pki):
     c, _ = pki.expired_client_cert("991825827")
     assert c != pki.client_seid2_cert
-    assert _cert(c).not_valid_after_utc < dt.datetime.now(dt.timezone.utc)
+    assert _cert(c).not_valid_after_utc < dt.datetime.now(dt.UTC)
     u, _ = pki.untrusted_client_cert("991825827")
-    with pytest.raises(Exception):
+    with pytest.raises((ValueError, InvalidSignature)):
         _verify_signed_by_ca(_cert(u), _cert(pki.ca_cert))
 
 
@@ -164,7 +169,9 @@ async def test_real_mtls_handshake_with_dev_certificates(pki):
         assert "NTRNO-991825827" in seen[0]
 
         with pytest.raises((ssl.SSLError, ConnectionError)):
-            r, w = await asyncio.open_connection("127.0.0.1", port, ssl=pki.client_ssl(), server_hostname="localhost")
+            r, w = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=pki.client_ssl(), server_hostname="localhost"
+            )
             # TLS 1.3: the server's rejection arrives after the client's handshake completes.
             data = await r.read()
             if not data:
@@ -182,8 +189,21 @@ def test_portvakt_cli_dev_certs_subprocess(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
-        [sys.executable, "-m", "gateway", "dev-certs", str(tmp_path / "d"), "--org", "974760673", "--seid1-org", "958935420"],
-        cwd=root, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "dev-certs",
+            str(tmp_path / "d"),
+            "--org",
+            "974760673",
+            "--seid1-org",
+            "958935420",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     d = tmp_path / "d"

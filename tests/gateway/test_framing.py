@@ -22,30 +22,105 @@ def run(stream: bytes, split: int | None) -> ChunkGuard:
 CASES = [
     # (id, stream, violation or None, guard still following at the end)
     ("get", b"GET / HTTP/1.1\r\n" + H + b"\r\n", None, True),
-    ("chunked_ok", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", None, True),
-    ("chunk_max", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc",
-     0xFFFFFFFFFFFFFFFF, False),
-    ("chunk_over_limit", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3e9;ext=1\r\nabc", 1001, False),
-    ("chunk_at_limit", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"x" * 1000 + b"\r\n0\r\n\r\n",
-     None, True),
-    ("second_chunk", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nFFFFFFFF\r\n", 0xFFFFFFFF, False),
-    ("trailers", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX-T: 1\r\n\r\n"
-     b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nfffff\r\n", 0xFFFFF, False),
+    (
+        "chunked_ok",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        None,
+        True,
+    ),
+    (
+        "chunk_max",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc",
+        0xFFFFFFFFFFFFFFFF,
+        False,
+    ),
+    (
+        "chunk_over_limit",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3e9;ext=1\r\nabc",
+        1001,
+        False,
+    ),
+    (
+        "chunk_at_limit",
+        b"POST / HTTP/1.1\r\n"
+        + H
+        + b"Transfer-Encoding: chunked\r\n\r\n3e8\r\n"
+        + b"x" * 1000
+        + b"\r\n0\r\n\r\n",
+        None,
+        True,
+    ),
+    (
+        "second_chunk",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nFFFFFFFF\r\n",
+        0xFFFFFFFF,
+        False,
+    ),
+    (
+        "trailers",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX-T: 1\r\n\r\n"
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nfffff\r\n",
+        0xFFFFF,
+        False,
+    ),
     # a body that looks like a chunk line is body, not framing
-    ("cl_body", b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 20\r\n\r\nffffffffffffffff\r\n\r\n", None, True),
-    ("pipelined_after_cl", b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nabc"
-     b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nffffffffff\r\n", 0xFFFFFFFFFF, False),
-    ("pipelined_after_get", b"GET / HTTP/1.1\r\n" + H + b"\r\n\r\nPOST / HTTP/1.1\r\n" + H
-     + b"transfer-encoding: chunked\r\n\r\n10000\r\n", 0x10000, False),
-    ("chunk_data_looks_like_size", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n14\r\n"
-     b"ffffffffffffffff\r\n\r\n\r\n0\r\n\r\n", None, True),
+    (
+        "cl_body",
+        b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 20\r\n\r\nffffffffffffffff\r\n\r\n",
+        None,
+        True,
+    ),
+    (
+        "pipelined_after_cl",
+        b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nabc"
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nffffffffff\r\n",
+        0xFFFFFFFFFF,
+        False,
+    ),
+    (
+        "pipelined_after_get",
+        b"GET / HTTP/1.1\r\n"
+        + H
+        + b"\r\n\r\nPOST / HTTP/1.1\r\n"
+        + H
+        + b"transfer-encoding: chunked\r\n\r\n10000\r\n",
+        0x10000,
+        False,
+    ),
+    (
+        "chunk_data_looks_like_size",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n14\r\n"
+        b"ffffffffffffffff\r\n\r\n\r\n0\r\n\r\n",
+        None,
+        True,
+    ),
     ("http09", b"GET /c\r\n\r\nffffffffff\r\n", None, False),
     ("upgrade", b"GET / HTTP/1.1\r\n" + H + b"Upgrade: websocket\r\n\r\nffffffffff\r\n", None, False),
     ("garbage_size", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", None, False),
-    ("leading_zeros", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n" + b"0" * 30 + b"5\r\nhello\r\n"
-     + b"0" * 20 + b"ffffff\r\n", 0xFFFFFF, False),
-    ("seventeen_digits", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\n", 1 << 64, False),
-    ("long_extension", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5;" + b"e" * 5000 + b"\r\n", -1, False),
+    (
+        "leading_zeros",
+        b"POST / HTTP/1.1\r\n"
+        + H
+        + b"Transfer-Encoding: chunked\r\n\r\n"
+        + b"0" * 30
+        + b"5\r\nhello\r\n"
+        + b"0" * 20
+        + b"ffffff\r\n",
+        0xFFFFFF,
+        False,
+    ),
+    (
+        "seventeen_digits",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\n",
+        1 << 64,
+        False,
+    ),
+    (
+        "long_extension",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5;" + b"e" * 5000 + b"\r\n",
+        -1,
+        False,
+    ),
 ]
 
 
@@ -68,7 +143,14 @@ def test_header_block_without_end_stops_watching_when_too_large():
 
 def _random_stream(rnd, n_messages: int) -> tuple[bytes, list[int]]:
     """Pipelined messages of every framing, bodies full of lines that look like chunk sizes."""
-    noise = [b"ffffffffffffffff\r\n", b"\r\n\r\n", b"0\r\n\r\n", b"GET / HTTP/1.1\r\n", b"x", b"Transfer-Encoding: chunked\r\n"]
+    noise = [
+        b"ffffffffffffffff\r\n",
+        b"\r\n\r\n",
+        b"0\r\n\r\n",
+        b"GET / HTTP/1.1\r\n",
+        b"x",
+        b"Transfer-Encoding: chunked\r\n",
+    ]
     out, sizes = b"", []
     for _ in range(n_messages):
         kind = rnd.choice(["get", "cl", "chunked"])
@@ -83,7 +165,7 @@ def _random_stream(rnd, n_messages: int) -> tuple[bytes, list[int]]:
             while pos < len(body):
                 n = rnd.randint(1, 40)
                 part = body[pos : pos + n]
-                ext = rnd.choice([b"", b";a=b", b";q=\"x\""])
+                ext = rnd.choice([b"", b";a=b", b';q="x"'])
                 out += b"%s%x%s\r\n%s\r\n" % (b"0" * rnd.randint(0, 3), len(part), ext, part)
                 sizes.append(len(part))
                 pos += n

@@ -9,8 +9,13 @@ def test_license_is_the_full_apache_2_text_pyproject_declares():
     text = (ROOT / "LICENSE").read_text()
     assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
-    for section in ("1. Definitions.", "4. Redistribution.", "9. Accepting Warranty or Additional Liability.",
-                    "END OF TERMS AND CONDITIONS", "APPENDIX: How to apply the Apache License to your work."):
+    for section in (
+        "1. Definitions.",
+        "4. Redistribution.",
+        "9. Accepting Warranty or Additional Liability.",
+        "END OF TERMS AND CONDITIONS",
+        "APPENDIX: How to apply the Apache License to your work.",
+    ):
         assert section in text, section
     assert len(text) > 10000
 

@@ -13,8 +13,23 @@ import pytest
 
 from gateway import identity
 from gateway.chain import BuildEnv
-from gateway.identity import Forwarder, build_forwarder, keys_create, keys_prune, keys_rotate, normalize_header_name
-from tests.gateway.helpers_audit import PID, certificate, idporten, integration, make_config, make_ctx, maskinporten
+from gateway.identity import (
+    Forwarder,
+    build_forwarder,
+    keys_create,
+    keys_prune,
+    keys_rotate,
+    normalize_header_name,
+)
+from tests.gateway.helpers_audit import (
+    PID,
+    certificate,
+    idporten,
+    integration,
+    make_config,
+    make_ctx,
+    maskinporten,
+)
 
 ALL_HEADERS = [
     "X-Portvakt-Consumer-Org",
@@ -45,7 +60,9 @@ def decode(token: str, fwd: Forwarder, aud: str = "case", **kw):
 
 
 @pytest.mark.parametrize("name", ALL_HEADERS)
-@pytest.mark.parametrize("variant", [str.lower, str.upper, lambda n: n.replace("-", "_"), lambda n: n.swapcase().replace("-", "_")])
+@pytest.mark.parametrize(
+    "variant", [str.lower, str.upper, lambda n: n.replace("-", "_"), lambda n: n.swapcase().replace("-", "_")]
+)
 def test_every_identity_header_is_stripped_in_any_spelling(name, variant):
     fwd = forwarder()
     assert normalize_header_name(variant(name)) in fwd.strip_names
@@ -55,7 +72,11 @@ def test_strip_names_cover_everything_headers_can_set():
     fwd = forwarder()
     cfg = make_config()
     ctx = make_ctx(
-        cfg, token=maskinporten(), integration=integration(), certificate=certificate(), target_org="958935420"
+        cfg,
+        token=maskinporten(),
+        integration=integration(),
+        certificate=certificate(),
+        target_org="958935420",
     )
     ctx.tls.peer_chain_der = (b"leaf", b"intermediate")
     set_names = {normalize_header_name(n) for n in fwd.headers(ctx)}
@@ -123,7 +144,11 @@ def test_client_cert_chain_from_tls():
 def test_assertion_verifies_against_jwks_with_claims():
     fwd = forwarder()
     ctx = make_ctx(
-        make_config(), request_id="rid-42", token=maskinporten(), integration=integration(), target_org="958935420"
+        make_config(),
+        request_id="rid-42",
+        token=maskinporten(),
+        integration=integration(),
+        target_org="958935420",
     )
     token = fwd.headers(ctx)["X-Portvakt-Assertion"]
     claims = decode(token, fwd)
@@ -143,8 +168,12 @@ def test_assertion_is_signed_once_per_principal_and_window():
     now = [1_000_000.0]
     fwd.clock = lambda: now[0]
     cfg = make_config()
-    a = make_ctx(cfg, request_id="r1", token=maskinporten(), integration=integration(), target_org="958935420")
-    b = make_ctx(cfg, request_id="r2", token=maskinporten(), integration=integration(), target_org="958935420")
+    a = make_ctx(
+        cfg, request_id="r1", token=maskinporten(), integration=integration(), target_org="958935420"
+    )
+    b = make_ctx(
+        cfg, request_id="r2", token=maskinporten(), integration=integration(), target_org="958935420"
+    )
     ta, tb = fwd.headers(a)["X-Portvakt-Assertion"], fwd.headers(b)["X-Portvakt-Assertion"]
     assert ta == tb
     assert a.audit["identity"]["assertion_jti"] == b.audit["identity"]["assertion_jti"]
@@ -156,11 +185,16 @@ def test_assertion_is_signed_once_per_principal_and_window():
     assert fwd.headers(elsewhere)["X-Portvakt-Assertion"] != ta
     # half the lifetime later a fresh one is signed: a reused assertion always has >= 30 s left
     now[0] += 29
-    assert fwd.headers(make_ctx(cfg, token=maskinporten(), integration=integration(), target_org="958935420"))[
-        "X-Portvakt-Assertion"] == ta
+    assert (
+        fwd.headers(make_ctx(cfg, token=maskinporten(), integration=integration(), target_org="958935420"))[
+            "X-Portvakt-Assertion"
+        ]
+        == ta
+    )
     now[0] += 1
-    fresh = fwd.headers(make_ctx(cfg, token=maskinporten(), integration=integration(), target_org="958935420"))[
-        "X-Portvakt-Assertion"]
+    fresh = fwd.headers(
+        make_ctx(cfg, token=maskinporten(), integration=integration(), target_org="958935420")
+    )["X-Portvakt-Assertion"]
     assert fresh != ta
     assert jwt.decode(fresh, options={"verify_signature": False})["iat"] == 1_000_030
     # a clock stepping back does not stretch a cached assertion's life either

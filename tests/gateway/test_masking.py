@@ -35,7 +35,14 @@ SPELLINGS = [
     ("12" + "249173 97852" + "3", "12" + PID + "3"),
 ]
 CONTEXTS = ["{}", "/persons/{}/saker", "/x?fnr={}&a=1", "Konto {}.", "a{}b"]
-NOT_PERSON_NUMBERS = ["991825827", "2024-01-15", "123456 1234", "12345-67890", "1234567890", "/orgs/958935420/x"]
+NOT_PERSON_NUMBERS = [
+    "991825827",
+    "2024-01-15",
+    "123456 1234",
+    "12345-67890",
+    "1234567890",
+    "/orgs/958935420/x",
+]
 
 
 def cases():
@@ -81,7 +88,9 @@ def test_audit_spellings_of_one_number_share_a_pseudonym():
 
 @pytest.mark.parametrize("text, spelling, digits", CASES)
 def test_problem_body_sink(text, spelling, digits):
-    body = json.loads(Problem(BAD_REQUEST, detail=f"bad value {text}", extra={"value": text, "n": 5}).body("r", text))
+    body = json.loads(
+        Problem(BAD_REQUEST, detail=f"bad value {text}", extra={"value": text, "n": 5}).body("r", text)
+    )
     assert not leaks(json.dumps(body)), body
     assert body["n"] == 5
 

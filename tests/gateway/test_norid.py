@@ -49,7 +49,9 @@ def test_shape_only_accepts_any_nine_digits():
     assert not norid.is_org_number_shape("99182582")
 
 
-@pytest.mark.parametrize("dnumber,synthetic,kind", [(False, False, "fnr"), (True, False, "dnumber"), (False, True, "synthetic")])
+@pytest.mark.parametrize(
+    "dnumber,synthetic,kind", [(False, False, "fnr"), (True, False, "dnumber"), (False, True, "synthetic")]
+)
 def test_generated_pids_validate_under_both_rules(dnumber, synthetic, kind):
     seen = 0
     for day in (1, 15, 28, 31):
@@ -124,7 +126,17 @@ def test_single_digit_changes_are_caught(mutate):
 
 @pytest.mark.parametrize(
     "value",
-    ["", "1234567890", "123456789012", "0101011234a", None, 1010112345, "00010112345", "32010112345", "01130112345"],
+    [
+        "",
+        "1234567890",
+        "123456789012",
+        "0101011234a",
+        None,
+        1010112345,
+        "00010112345",
+        "32010112345",
+        "01130112345",
+    ],
 )
 def test_malformed_pids(value):
     assert not norid.is_pid(value)

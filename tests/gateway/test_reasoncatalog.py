@@ -20,7 +20,9 @@ _SNAKE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)+$")
 def fresh_registry() -> dict[str, list]:
     """In a fresh interpreter: tests register reasons of their own in this one."""
     code = "import json; from gateway import reasoncatalog; print(json.dumps(reasoncatalog.registered()))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -38,13 +40,19 @@ def scan_internal_reasons() -> dict[str, str]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         consts: dict[str, str] = {}
         for node in tree.body:
-            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                    and node.targets[0].id.isupper() and isinstance(node.value, ast.Constant)
-                    and isinstance(node.value.value, str) and _SNAKE.match(node.value.value)):
+            if (
+                isinstance(node, ast.Assign)
+                and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id.isupper()
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)
+                and _SNAKE.match(node.value.value)
+            ):
                 consts[node.targets[0].id] = node.value.value
         where = str(path.relative_to(ROOT))
 
-        def take(v: ast.AST) -> None:
+        def take(v: ast.AST, where: str = where, consts: dict = consts) -> None:
             if isinstance(v, ast.Constant) and isinstance(v.value, str) and _SNAKE.match(v.value):
                 found.setdefault(v.value, where)
             elif isinstance(v, ast.Name) and v.id in consts:
@@ -106,8 +114,13 @@ def test_every_internal_reason_in_the_source_is_described():
 
 
 def test_committed_catalogue_is_the_generated_one():
-    out = subprocess.run([sys.executable, "-m", "gateway", "reasons"], cwd=str(ROOT), capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "reasons"],
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "NOT DESCRIBED YET" not in out.stdout
     committed = (ROOT / "docs" / "reasons.md").read_text(encoding="utf-8")

@@ -69,7 +69,9 @@ async def test_reload_that_fails_to_start_leaves_the_writer_as_it_was(tmp_path):
         "grants": [{"organization": "958935420", "services": ["arkiv"]}],
     }
     cfg1 = make_config(audit=audit_cfg(tmp_path), integrations=[integ])
-    cfg2 = make_config(audit=audit_cfg(tmp_path, key="another-audit-key-0123456789"), integrations=[{**integ, "grants": []}])
+    cfg2 = make_config(
+        audit=audit_cfg(tmp_path, key="another-audit-key-0123456789"), integrations=[{**integ, "grants": []}]
+    )
     s1 = await started(cfg1)
     failed = await started(cfg2, previous=s1)
     await failed.close()  # the reload failed after the audit sink started
@@ -86,9 +88,11 @@ async def test_reload_that_fails_to_start_leaves_the_writer_as_it_was(tmp_path):
     # everything the serving sink wrote after it (the request, the abort, the stop) verifies
     # with the old key: check from the abort record on.
     verify(trail(tmp_path), [AUDIT_KEY.encode(), b"another-audit-key-0123456789"])
+    import hashlib
+    import hmac as _hmac
+
     from gateway.audit import derive_keys
     from gateway.auditsinks import line_body
-    import hmac as _hmac, hashlib
 
     old_mac = derive_keys(AUDIT_KEY.encode())[0]
     lines_ = (tmp_path / "audit.jsonl").read_bytes().splitlines()

@@ -33,7 +33,9 @@ print(json.dumps({"reasons": {k: v[0] for k, v in problems.REASONS.items()}, "me
 
 
 def _registered() -> dict:
-    out = subprocess.run([sys.executable, "-c", _PROBE], cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], cwd=str(ROOT), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -83,7 +85,11 @@ def test_metric_types_and_buckets_in_the_readme_are_the_registered_ones():
         _, readme_kind, readme_buckets = rows[shown]
         if readme_kind is None:  # a two-column row (labels only)
             continue
-        assert kind in [k.strip() for k in readme_kind.split(",")], f"{shown}: README says {readme_kind}, is {kind}"
+        assert kind in [k.strip() for k in readme_kind.split(",")], (
+            f"{shown}: README says {readme_kind}, is {kind}"
+        )
         if kind == "histogram":
             listed = [float(b) for b in readme_buckets.split(",")]
-            assert listed == reg["buckets"][name], f"{shown}: README buckets {listed} != {reg['buckets'][name]}"
+            assert listed == reg["buckets"][name], (
+                f"{shown}: README buckets {listed} != {reg['buckets'][name]}"
+            )

@@ -56,10 +56,13 @@ def only_test_stage(monkeypatch):
     monkeypatch.setattr(runtime, "STAGE_MODULES", (__name__,))
 
 
-@pytest.mark.parametrize("max_body, inspected, plain", [
-    (10 * 1024 * 1024, 131073, 65536),  # the WAF's wish (+1 to tell "longer"), else 64 KiB
-    (1000, 1001, 1001),                 # never more than one byte past the limit
-])
+@pytest.mark.parametrize(
+    "max_body, inspected, plain",
+    [
+        (10 * 1024 * 1024, 131073, 65536),  # the WAF's wish (+1 to tell "longer"), else 64 KiB
+        (1000, 1001, 1001),  # never more than one byte past the limit
+    ],
+)
 def test_body_prefix_follows_the_filters_and_the_limit(only_test_stage, max_body, inspected, plain):
     rt = runtime.build_runtime(parse_config(CONFIG % max_body))
     by_name = {r.name: r for r in rt.routes}
@@ -109,9 +112,18 @@ def test_case_variants_of_route_prefixes(only_test_stage):
     serves as '/innsyn/x'. case_variant names the route a case variant belongs to."""
     rt = runtime.build_runtime(parse_config(CASE_CONFIG % ""))
     assert not rt.prefixes_lower  # '/Admin': even lower-case paths are checked
-    for path, route in (("/INNSYN/x", "innsyn"), ("/Innsyn/api/x", "api"), ("/innsyn/API/x", "api"),
-                        ("/innsyn/%C3%B8/API/", None), ("/innsyn/x/API", None), ("/public/INNSYN/x", None),
-                        ("/innsyn/api/X", None), ("/INNSYNX/y", None), ("/innsyn", None), ("/INNSYN", None)):
+    for path, route in (
+        ("/INNSYN/x", "innsyn"),
+        ("/Innsyn/api/x", "api"),
+        ("/innsyn/API/x", "api"),
+        ("/innsyn/%C3%B8/API/", None),
+        ("/innsyn/x/API", None),
+        ("/public/INNSYN/x", None),
+        ("/innsyn/api/X", None),
+        ("/INNSYNX/y", None),
+        ("/innsyn", None),
+        ("/INNSYN", None),
+    ):
         got = rt.case_variant("h", path)
         assert (got.name if got else None) == route, path
         if route is not None:

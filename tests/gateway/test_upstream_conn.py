@@ -32,8 +32,10 @@ async def _get(s: aiohttp.ClientSession, url: str, **kw) -> str:
 
 
 def _discarded(reason: str) -> float:
-    return metrics.REGISTRY.get_sample_value(
-        "portvakt_upstream_connections_discarded_total", {"reason": reason}) or 0.0
+    return (
+        metrics.REGISTRY.get_sample_value("portvakt_upstream_connections_discarded_total", {"reason": reason})
+        or 0.0
+    )
 
 
 # "trail" (forged answer in the same write) is caught by aiohttp itself: the forged message is
@@ -98,7 +100,9 @@ async def test_connection_close_request_on_a_cl0_backend(hostile, connector):
     got = []
     async with aiohttp.ClientSession(connector=connector(limit=1)) as s:
         for i in range(10):
-            async with s.get(f"{hostile.url}/plain/g{i}", data=smuggled, headers={"Connection": "close"}) as r:
+            async with s.get(
+                f"{hostile.url}/plain/g{i}", data=smuggled, headers={"Connection": "close"}
+            ) as r:
                 assert (await r.read()) == f"marker=g{i}".encode()
             got.append(await _get(s, f"{hostile.url}/plain/n{i}"))
     assert sum(1 for _, p in hostile.requests if "EVIL-smuggled" in p) == 10  # the backend answered them

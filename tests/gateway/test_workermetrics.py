@@ -33,8 +33,13 @@ def exposition(wm: WorkerMetrics, scraped) -> dict:
 
 def test_counters_and_histograms_sum_gauges_follow_their_mode():
     wm = WorkerMetrics()
-    got = exposition(wm, [((0, 11), 11, worker_text(3, 1, 100.0, 2, [0.05])),
-                          ((1, 12), 12, worker_text(4, 2, 200.0, 3, [0.5, 5.0]))])
+    got = exposition(
+        wm,
+        [
+            ((0, 11), 11, worker_text(3, 1, 100.0, 2, [0.05])),
+            ((1, 12), 12, worker_text(4, 2, 200.0, 3, [0.5, 5.0])),
+        ],
+    )
     assert got[("portvakt_requests_total", (("route", "a"),))] == 7
     assert got[("portvakt_request_duration_seconds_bucket", (("le", "0.1"), ("route", "a")))] == 1
     assert got[("portvakt_request_duration_seconds_bucket", (("le", "1.0"), ("route", "a")))] == 2
@@ -49,9 +54,13 @@ def test_counters_and_histograms_sum_gauges_follow_their_mode():
 
 def test_a_restarted_worker_does_not_make_counters_fall():
     wm = WorkerMetrics()
-    exposition(wm, [((0, 11), 11, worker_text(5, 0, 1, 1, [0.05])), ((1, 12), 12, worker_text(4, 0, 1, 1, []))])
+    exposition(
+        wm, [((0, 11), 11, worker_text(5, 0, 1, 1, [0.05])), ((1, 12), 12, worker_text(4, 0, 1, 1, []))]
+    )
     wm.retire((0, 11))  # worker 0 died; its replacement starts from zero
-    got = exposition(wm, [((0, 13), 13, worker_text(1, 0, 1, 1, [])), ((1, 12), 12, worker_text(6, 0, 1, 1, []))])
+    got = exposition(
+        wm, [((0, 13), 13, worker_text(1, 0, 1, 1, [])), ((1, 12), 12, worker_text(6, 0, 1, 1, []))]
+    )
     assert got[("portvakt_requests_total", (("route", "a"),))] == 5 + 1 + 6
     assert got[("portvakt_request_duration_seconds_count", (("route", "a"),))] == 1
     # its per-worker gauges are gone with it
@@ -63,5 +72,7 @@ def test_families_the_supervisor_serves_itself_are_not_repeated():
     Gauge("portvakt_build_info", "Build", ["version"], registry=r).labels("1").set(1)
     Counter("portvakt_requests_total", "Requests", registry=r).inc()
     wm = WorkerMetrics()
-    names = [m.name for m in wm.merge([((0, 5), 5, generate_latest(r).decode())], skip={"portvakt_build_info"})]
+    names = [
+        m.name for m in wm.merge([((0, 5), 5, generate_latest(r).decode())], skip={"portvakt_build_info"})
+    ]
     assert names == ["portvakt_requests"]

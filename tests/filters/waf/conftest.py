@@ -18,10 +18,15 @@ def crs_dir() -> str:
     return os.path.join(d, "waf", "crs")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _crs_engine(pl: int, dpl: int, detection_only: bool, extra: tuple) -> WafEngine:
-    return WafEngine.for_crs(shared_dir() + "/waf/crs", paranoia_level=pl, detection_paranoia_level=dpl,
-                             detection_only=detection_only, extra_tx=dict(extra))
+    return WafEngine.for_crs(
+        shared_dir() + "/waf/crs",
+        paranoia_level=pl,
+        detection_paranoia_level=dpl,
+        detection_only=detection_only,
+        extra_tx=dict(extra),
+    )
 
 
 @pytest.fixture
@@ -41,7 +46,14 @@ DEFAULTS = 'SecDefaultAction "phase:1,log,auditlog,pass"\nSecDefaultAction "phas
 def run(rules: str, *, method="GET", uri="/", headers=None, body=b"", detection_only=False, **kw):
     """Rules (with pass/log defaults) over one request: (Outcome, the Transaction)."""
     rs = Ruleset.from_text(DEFAULTS + rules)
-    tx = Transaction(rs, method=method, uri=uri, headers=headers or [("Host", "x")], body=body,
-                     detection_only=detection_only, **kw)
+    tx = Transaction(
+        rs,
+        method=method,
+        uri=uri,
+        headers=headers or [("Host", "x")],
+        body=body,
+        detection_only=detection_only,
+        **kw,
+    )
     out = tx.process_request()
     return out, tx

@@ -4,6 +4,8 @@ setvar/scoring, markers, ctl, exclusions, captures and macros, the prefilter."""
 from filters.waf.engine import Ruleset, Transaction, ValueCaches
 
 from .conftest import DEFAULTS, run
+
+
 def test_rule_matches_args_and_logs():
     out, _ = run('SecRule ARGS "@rx evil" "id:1,phase:2,block"')
     assert out.matched == []
@@ -18,7 +20,10 @@ def test_nolog_rule_matches_silently():
 
 
 def test_transformations_apply_in_order():
-    out, _ = run('SecRule ARGS "@streq <script>" "id:1,phase:2,t:none,t:urlDecodeUni,t:lowercase"', uri="/?a=%253CSCRIPT%253E")
+    out, _ = run(
+        'SecRule ARGS "@streq <script>" "id:1,phase:2,t:none,t:urlDecodeUni,t:lowercase"',
+        uri="/?a=%253CSCRIPT%253E",
+    )
     assert out.matched == [1]
 
 
@@ -57,7 +62,7 @@ def test_skip_after_marker_and_skip():
     rules = (
         'SecRule ARGS:go "@streq 1" "id:1,phase:2,pass,nolog,skipAfter:END"\n'
         'SecRule ARGS "@rx ." "id:2,phase:2,pass"\n'
-        'SecMarker END\n'
+        "SecMarker END\n"
         'SecRule ARGS "@rx ." "id:3,phase:2,pass,skip:1"\n'
         'SecRule ARGS "@rx ." "id:4,phase:2,pass"\n'
         'SecRule ARGS "@rx ." "id:5,phase:2,pass"\n'
@@ -93,7 +98,9 @@ def test_ctl_rule_remove_by_id_tag_and_target():
 
 
 def test_ctl_rule_engine_off_stops_evaluation():
-    rules = 'SecAction "id:1,phase:1,pass,nolog,ctl:ruleEngine=Off"\nSecRule ARGS "@rx ." "id:2,phase:2,deny"\n'
+    rules = (
+        'SecAction "id:1,phase:1,pass,nolog,ctl:ruleEngine=Off"\nSecRule ARGS "@rx ." "id:2,phase:2,deny"\n'
+    )
     out, _ = run(rules, uri="/?a=b")
     assert out.matched == [] and not out.interrupted
 
@@ -106,7 +113,11 @@ def test_target_exclusions_counts_and_regex_selectors():
         'SecRule ARGS_NAMES "@rx ^b$" "id:4,phase:1,pass"\n'
         'SecRule REQUEST_HEADERS:user-agent "@contains bot" "id:5,phase:1,pass"\n'
     )
-    out, _ = run(rules, uri="/?a=1&b=2&c=3", headers=[("Host", "x"), ("Cookie", "_ga=evil; _gat_x=evil"), ("User-Agent", "mybot")])
+    out, _ = run(
+        rules,
+        uri="/?a=1&b=2&c=3",
+        headers=[("Host", "x"), ("Cookie", "_ga=evil; _gat_x=evil"), ("User-Agent", "mybot")],
+    )
     assert out.matched == [2, 3, 4, 5]
     out, _ = run(rules, uri="/", headers=[("Host", "x"), ("Cookie", "_ga=1; sess=evil")])
     assert out.matched == [1, 3]
@@ -124,13 +135,22 @@ def test_capture_and_macro_expansion():
 
 
 def test_prefilter_and_plain_re2_agree():
-    rules = "".join(f'SecRule ARGS|REQUEST_HEADERS "@rx {p}" "id:{i},phase:2,pass,t:none,t:lowercase"\n'
-                    for i, p in enumerate(["union\\s+select", "<script", "\\.\\./", "^abc$", "(?:x|y)z+"], 1))
+    rules = "".join(
+        f'SecRule ARGS|REQUEST_HEADERS "@rx {p}" "id:{i},phase:2,pass,t:none,t:lowercase"\n'
+        for i, p in enumerate(["union\\s+select", "<script", "\\.\\./", "^abc$", "(?:x|y)z+"], 1)
+    )
     rules += 'SecRule ARGS "@pm passwd shadow" "id:9,phase:2,pass,t:lowercase"\n'
     a = Ruleset.from_text(rules, prefilter="on")
     b = Ruleset.from_text(rules, prefilter="off")
     assert a.prefilter and not b.prefilter
-    for uri in ("/?q=UNION%20SELECT", "/?q=%3Cscript", "/?f=../x", "/?a=abc", "/?a=xzz&b=/etc/PASSWD", "/?ok=1"):
+    for uri in (
+        "/?q=UNION%20SELECT",
+        "/?q=%3Cscript",
+        "/?f=../x",
+        "/?a=abc",
+        "/?a=xzz&b=/etc/PASSWD",
+        "/?ok=1",
+    ):
         ra = Transaction(a, method="GET", uri=uri, headers=[("Host", "x")]).process_request().matched
         rb = Transaction(b, method="GET", uri=uri, headers=[("Host", "x")]).process_request().matched
         assert ra == rb
@@ -145,9 +165,11 @@ def _fingerprint(rs: Ruleset) -> dict:
 
 def test_the_compiled_ruleset_does_not_change_while_requests_run():
     """Per-request state lives in the transaction, values met across requests in ValueCaches."""
-    rs = Ruleset.from_text(DEFAULTS + 'SecRule ARGS|REQUEST_HEADERS "@rx (?i)union\\s+select" "id:1,phase:2,t:lowercase,'
-                           'setvar:tx.score=+5,ctl:ruleRemoveTargetById=2;ARGS:q"\n'
-                           'SecRule ARGS "@rx evil" "id:2,phase:2,t:urlDecodeUni"\n')
+    rs = Ruleset.from_text(
+        DEFAULTS + 'SecRule ARGS|REQUEST_HEADERS "@rx (?i)union\\s+select" "id:1,phase:2,t:lowercase,'
+        'setvar:tx.score=+5,ctl:ruleRemoveTargetById=2;ARGS:q"\n'
+        'SecRule ARGS "@rx evil" "id:2,phase:2,t:urlDecodeUni"\n'
+    )
     before = _fingerprint(rs)
     caches = ValueCaches(rs)
     for uri in ("/?q=1+union+select+2", "/?a=evil&q=evil", "/?x=%u0065vil"):

@@ -95,8 +95,13 @@ def test_values_scanned_in_phase_1_are_scanned_again_after_the_body():
     )
     rs = Ruleset.from_text(DEFAULTS + rules)
     for _ in range(3):
-        tx = Transaction(rs, method="POST", uri="/", body=b"a=fine",
-                         headers=[("Host", "x"), ("X-T", "evil"), ("Content-Type", "application/x-www-form-urlencoded")])
+        tx = Transaction(
+            rs,
+            method="POST",
+            uri="/",
+            body=b"a=fine",
+            headers=[("Host", "x"), ("X-T", "evil"), ("Content-Type", "application/x-www-form-urlencoded")],
+        )
         assert tx.process_request().matched == [2]
 
 

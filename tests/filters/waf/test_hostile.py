@@ -18,8 +18,8 @@ from gateway.chain import Allow, BuildEnv, Deny
 from gateway.config import parse_config
 from gateway.context import RequestContext
 
-from .hostile_shapes import Shape, shapes
 from .conftest import crs_dir
+from .hostile_shapes import Shape, shapes
 
 
 def waf_filter(rules: str) -> WafFilter:
@@ -47,9 +47,20 @@ def shape_ctx(shape: Shape) -> RequestContext:
     req = make_mocked_request(shape.method, shape.target, headers=hdrs)
     path, _, qs = shape.target.partition("?")
     return RequestContext(
-        request_id="hostile", method=shape.method, raw_path=path, path=path, query_string=qs, host="api.example.no",
-        scheme="https", peer_ip=ipaddress.ip_address("192.0.2.7"), client_ip=ipaddress.ip_address("192.0.2.7"),
-        headers=CIMultiDictProxy(hdrs), request=req, runtime=None, body=shape.body, body_complete=True,
+        request_id="hostile",
+        method=shape.method,
+        raw_path=path,
+        path=path,
+        query_string=qs,
+        host="api.example.no",
+        scheme="https",
+        peer_ip=ipaddress.ip_address("192.0.2.7"),
+        client_ip=ipaddress.ip_address("192.0.2.7"),
+        headers=CIMultiDictProxy(hdrs),
+        request=req,
+        runtime=None,
+        body=shape.body,
+        body_complete=True,
         body_size_hint=len(shape.body) or None,
     )
 
@@ -78,7 +89,11 @@ async def test_benign_xml_in_every_declared_encoding_is_allowed():
 
 
 async def test_attack_in_a_shift_jis_xml_body_is_seen():
-    body = '<?xml version="1.0" encoding="Shift_JIS"?><q>日本 &lt;script&gt;alert(1)&lt;/script&gt;</q>'.encode("shift_jis")
+    body = (
+        '<?xml version="1.0" encoding="Shift_JIS"?><q>日本 &lt;script&gt;alert(1)&lt;/script&gt;</q>'.encode(
+            "shift_jis"
+        )
+    )
     shape = Shape("sjis attack", "", body, "application/xml")
     d = await cached_filter("builtin").check(shape_ctx(shape))
     assert type(d) is Deny and d.problem.reason == "waf_blocked"
@@ -99,8 +114,10 @@ async def test_detect_mode_records_a_limit_and_lets_the_request_on():
 def test_inspect_partial_and_inspect_raw_are_warned():
     from filters.waf.stage import config_warnings
 
-    cfg = parse_config("waf: {on_inspection_limit: inspect_partial, on_unparsable_body: inspect_raw}\n"
-                       "server: {plain_http: true}").waf
+    cfg = parse_config(
+        "waf: {on_inspection_limit: inspect_partial, on_unparsable_body: inspect_raw}\n"
+        "server: {plain_http: true}"
+    ).waf
     warnings = config_warnings(cfg)
     assert any("inspect_partial" in w for w in warnings) and any("inspect_raw" in w for w in warnings)
     assert config_warnings(parse_config("server: {plain_http: true}").waf) == []

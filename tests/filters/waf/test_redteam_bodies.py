@@ -6,12 +6,16 @@ import json
 import pytest
 
 from filters.waf import bodies
-from gateway.chain import Allow, Deny
+from gateway.chain import Deny
 
 from .conftest import crs_dir
 from .test_stage import ctx, filt
 
-PAYLOAD = {"id": "1' UNION SELECT password FROM users--", "x": "${jndi:ldap://e/a}", "y": "<script>alert(1)</script>"}
+PAYLOAD = {
+    "id": "1' UNION SELECT password FROM users--",
+    "x": "${jndi:ldap://e/a}",
+    "y": "<script>alert(1)</script>",
+}
 
 
 @pytest.fixture(params=["builtin", "crs"])
@@ -22,7 +26,13 @@ def pack(request):
 
 
 async def _check(waf, content_type, body, **extra):
-    hdrs = {"Host": "x", "User-Agent": "Mozilla/5.0", "Accept": "*/*", "Content-Length": str(len(body)), **extra}
+    hdrs = {
+        "Host": "x",
+        "User-Agent": "Mozilla/5.0",
+        "Accept": "*/*",
+        "Content-Length": str(len(body)),
+        **extra,
+    }
     if content_type is not None:
         hdrs["Content-Type"] = content_type
     c = ctx("/api/x", "POST", hdrs, body)
@@ -31,10 +41,22 @@ async def _check(waf, content_type, body, **extra):
 
 
 # F01: JSON-family types are parsed as JSON; other and missing types are inspected as raw text.
-@pytest.mark.parametrize("ct", [
-    "application/vnd.api+json", "application/problem+json", "application/merge-patch+json", "application/ld+json",
-    "text/json", "application/x-ndjson", "text/plain", "application/octet-stream", None,
-    "application/vnd.api+json; charset=utf-8", "TEXT/JSON"])
+@pytest.mark.parametrize(
+    "ct",
+    [
+        "application/vnd.api+json",
+        "application/problem+json",
+        "application/merge-patch+json",
+        "application/ld+json",
+        "text/json",
+        "application/x-ndjson",
+        "text/plain",
+        "application/octet-stream",
+        None,
+        "application/vnd.api+json; charset=utf-8",
+        "TEXT/JSON",
+    ],
+)
 async def test_f01_json_family_and_unknown_types_inspected(pack, ct):
     reason, c = await _check(pack, ct, json.dumps(PAYLOAD).encode())
     assert reason == "waf_blocked"
@@ -45,8 +67,17 @@ async def test_f01_json_family_and_unknown_types_inspected(pack, ct):
     assert content & set(c.waf.matched_rule_ids), c.waf.matched_rule_ids
 
 
-@pytest.mark.parametrize("ct", ["application/vnd.api+json", "text/json", "application/x-ndjson", "text/plain",
-                                "application/octet-stream", None])
+@pytest.mark.parametrize(
+    "ct",
+    [
+        "application/vnd.api+json",
+        "text/json",
+        "application/x-ndjson",
+        "text/plain",
+        "application/octet-stream",
+        None,
+    ],
+)
 def test_f01_crs_inspects_content(crs_engine, ct):
     from filters.waf.engine import Transaction
 
@@ -55,7 +86,9 @@ def test_f01_crs_inspects_content(crs_engine, ct):
     if ct:
         h.append(("Content-Type", ct))
     e = crs_engine(1)
-    out = Transaction(e.ruleset, method="POST", uri="/x", protocol="HTTP/1.1", headers=h, body=body).process_request()
+    out = Transaction(
+        e.ruleset, method="POST", uri="/x", protocol="HTTP/1.1", headers=h, body=body
+    ).process_request()
     assert out.interrupted and {942100, 941100} <= set(out.matched), out.matched
 
 
@@ -77,23 +110,29 @@ async def test_f01_ndjson_line_by_line():
     assert (await _check({}, "application/x-ndjson", b'{"a": 1}\n{"b": "Bod\\u00f8"}\n'))[0] == "allowed"
 
 
-@pytest.mark.parametrize("ct,body", [
-    ("application/vnd.api+json", b'{"data": {"type": "sak", "attributes": {"tittel": "Byggesak 12"}}}'),
-    ("text/plain", b"Hei, dette er en vanlig melding om byggesaken."),
-    ("application/octet-stream", bytes(range(256)) * 4),
-    (None, b"hello"),
-])
+@pytest.mark.parametrize(
+    "ct,body",
+    [
+        ("application/vnd.api+json", b'{"data": {"type": "sak", "attributes": {"tittel": "Byggesak 12"}}}'),
+        ("text/plain", b"Hei, dette er en vanlig melding om byggesaken."),
+        ("application/octet-stream", bytes(range(256)) * 4),
+        (None, b"hello"),
+    ],
+)
 async def test_f01_benign_bodies_of_those_types_pass(ct, body):
     # builtin; CRS refuses types outside tx.allowed_request_content_type by policy (920420)
     assert (await _check({}, ct, body))[0] == "allowed"
 
 
 # F02: every occurrence of a duplicated JSON key is inspected.
-@pytest.mark.parametrize("body", [
-    b'{"id": "1\' UNION SELECT password FROM users--", "id": "1"}',
-    b'{"id": "1", "id": "1\' UNION SELECT password FROM users--"}',
-    b'{"q": {"x": "<script>alert(1)</script>"}, "q": 1}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id": "1\' UNION SELECT password FROM users--", "id": "1"}',
+        b'{"id": "1", "id": "1\' UNION SELECT password FROM users--"}',
+        b'{"q": {"x": "<script>alert(1)</script>"}, "q": 1}',
+    ],
+)
 async def test_f02_duplicate_json_keys_all_inspected(pack, body):
     assert (await _check(pack, "application/json", body))[0] == "waf_blocked"
 
@@ -104,16 +143,19 @@ def test_f02_duplicate_keys_become_one_argument_each():
 
 
 # F03: external DTDs, undeclared entities, XInclude are refused.
-@pytest.mark.parametrize("doc", [
-    b"<!DOCTYPE a [<!ENTITY xxe SYSTEM 'file:///etc/passwd'>]><a>&xxe;</a>",
-    b"<!DOCTYPE a SYSTEM 'http://127.0.0.1:9/evil.dtd'><a>&xxe;</a>",
-    b"<!DOCTYPE a SYSTEM 'http://127.0.0.1:9/evil.dtd'><a>x</a>",
-    b"<!DOCTYPE a PUBLIC '-//x//y' 'http://127.0.0.1:9/evil.dtd'><a>x</a>",
-    b"<!DOCTYPE a [<!ELEMENT a ANY> %pe;]><a>&undeclared;</a>",
-    b"<a>&undeclared;</a>",
-    b"<a xmlns:xi='http://www.w3.org/2001/XInclude'><xi:include href='file:///etc/passwd' parse='text'/></a>",
-    b"<a><b xmlns:x=\"http://www.w3.org/2001/XInclude\"><x:include href='http://127.0.0.1:9/'/></b></a>",
-])
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b"<!DOCTYPE a [<!ENTITY xxe SYSTEM 'file:///etc/passwd'>]><a>&xxe;</a>",
+        b"<!DOCTYPE a SYSTEM 'http://127.0.0.1:9/evil.dtd'><a>&xxe;</a>",
+        b"<!DOCTYPE a SYSTEM 'http://127.0.0.1:9/evil.dtd'><a>x</a>",
+        b"<!DOCTYPE a PUBLIC '-//x//y' 'http://127.0.0.1:9/evil.dtd'><a>x</a>",
+        b"<!DOCTYPE a [<!ELEMENT a ANY> %pe;]><a>&undeclared;</a>",
+        b"<a>&undeclared;</a>",
+        b"<a xmlns:xi='http://www.w3.org/2001/XInclude'><xi:include href='file:///etc/passwd' parse='text'/></a>",
+        b"<a><b xmlns:x=\"http://www.w3.org/2001/XInclude\"><x:include href='http://127.0.0.1:9/'/></b></a>",
+    ],
+)
 async def test_f03_external_dtd_undeclared_entity_xinclude_refused(pack, doc):
     assert (await _check(pack, "application/xml", doc))[0] == "waf_body_unparsable"
 
@@ -124,8 +166,10 @@ async def test_f03_plain_xml_with_internal_dtd_still_passes(pack):
 
 
 # F04: form bodies in a charset that is not ASCII-compatible are decoded and inspected.
-@pytest.mark.parametrize("charset", ["ibm037", "ibm500", "cp1140", "cp875", "cp1026", "utf-16", "utf-32", "utf-7",
-                                     "IBM037", '"ibm037"'])
+@pytest.mark.parametrize(
+    "charset",
+    ["ibm037", "ibm500", "cp1140", "cp875", "cp1026", "utf-16", "utf-32", "utf-7", "IBM037", '"ibm037"'],
+)
 async def test_f04_form_in_ebcdic_and_other_charsets_inspected(pack, charset):
     body = "id=1' UNION SELECT password FROM users--".encode(charset.strip('"'))
     reason, _ = await _check(pack, f"application/x-www-form-urlencoded; charset={charset}", body)
@@ -140,8 +184,12 @@ async def test_f04_benign_form_in_ebcdic_passes(charset):
 
 
 async def test_f04_unknown_charset_or_undecodable_form_refused():
-    assert (await _check({}, "application/x-www-form-urlencoded; charset=ibm01047", b"a=1"))[0] == "waf_body_unparsable"
-    assert (await _check({}, "application/x-www-form-urlencoded; charset=utf-16le", b"a=1"))[0] == "waf_body_unparsable"
+    assert (await _check({}, "application/x-www-form-urlencoded; charset=ibm01047", b"a=1"))[
+        0
+    ] == "waf_body_unparsable"
+    assert (await _check({}, "application/x-www-form-urlencoded; charset=utf-16le", b"a=1"))[
+        0
+    ] == "waf_body_unparsable"
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32-be"])
@@ -169,8 +217,14 @@ async def test_f07_gzip_and_deflate_bodies_inspected_decoded(ct):
     import zlib
 
     body = json.dumps(PAYLOAD).encode()
-    for enc, data in [("gzip", _gz(body)), ("x-gzip", _gz(body)), ("deflate", zlib.compress(body)),
-                      ("deflate", zlib.compress(body)[2:-4]), ("gzip, gzip", _gz(_gz(body))), ("identity", body)]:
+    for enc, data in [
+        ("gzip", _gz(body)),
+        ("x-gzip", _gz(body)),
+        ("deflate", zlib.compress(body)),
+        ("deflate", zlib.compress(body)[2:-4]),
+        ("gzip, gzip", _gz(_gz(body))),
+        ("identity", body),
+    ]:
         reason, _ = await _check({}, ct, data, **{"Content-Encoding": enc})
         assert reason == "waf_blocked", (enc, ct)
     benign = json.dumps({"navn": "Kari"}).encode()
@@ -185,9 +239,15 @@ async def test_f07_encoding_the_waf_cannot_decode_is_415(enc):
 
 
 async def test_f07_broken_or_oversized_compressed_body():
-    assert (await _check({}, "application/json", b"not gzip", **{"Content-Encoding": "gzip"}))[0] == "waf_body_unparsable"
-    assert (await _check({}, "application/json", _gz(b"{}")[:-6], **{"Content-Encoding": "gzip"}))[0] == "waf_body_unparsable"
-    assert (await _check({}, "application/json", _gz(b"{}") + b"xx", **{"Content-Encoding": "gzip"}))[0] == "waf_body_unparsable"
+    assert (await _check({}, "application/json", b"not gzip", **{"Content-Encoding": "gzip"}))[
+        0
+    ] == "waf_body_unparsable"
+    assert (await _check({}, "application/json", _gz(b"{}")[:-6], **{"Content-Encoding": "gzip"}))[
+        0
+    ] == "waf_body_unparsable"
+    assert (await _check({}, "application/json", _gz(b"{}") + b"xx", **{"Content-Encoding": "gzip"}))[
+        0
+    ] == "waf_body_unparsable"
     bomb = _gz(b'{"a": "' + b"x" * 10_000_000 + b'"}')  # ~10 KB that inflate to 10 MB
     assert (await _check({}, "application/json", bomb, **{"Content-Encoding": "gzip"}))[0] == "waf_body_limit"
     # an empty body with a coding is nothing to decode
@@ -196,7 +256,9 @@ async def test_f07_broken_or_oversized_compressed_body():
 
 @pytest.mark.parametrize("ct", ["application/vnd.example+xml", "application/atom+xml", "application/rss+xml"])
 async def test_f03_xml_family_types_parsed_as_xml(pack, ct):
-    assert (await _check(pack, ct, b"<!DOCTYPE a SYSTEM 'http://127.0.0.1:9/x.dtd'><a>x</a>"))[0] == "waf_body_unparsable"
+    assert (await _check(pack, ct, b"<!DOCTYPE a SYSTEM 'http://127.0.0.1:9/x.dtd'><a>x</a>"))[
+        0
+    ] == "waf_body_unparsable"
     if not pack:
         assert (await _check(pack, ct, b"<a>1' UNION SELECT password FROM users--</a>"))[0] == "waf_blocked"
         assert (await _check(pack, ct, b"<a>byggesak</a>"))[0] == "allowed"

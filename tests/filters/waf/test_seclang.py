@@ -22,17 +22,24 @@ def test_split_args_keeps_other_backslashes():
 def test_parse_actions_single_quotes_and_commas():
     acts = parse_actions("id:5,msg:'a, b',t:none,t:lowercase,setvar:'tx.x=+%{tx.y}',nolog", "w")
     assert [(a.name, a.value) for a in acts] == [
-        ("id", "5"), ("msg", "a, b"), ("t", "none"), ("t", "lowercase"), ("setvar", "tx.x=+%{tx.y}"), ("nolog", None)
+        ("id", "5"),
+        ("msg", "a, b"),
+        ("t", "none"),
+        ("t", "lowercase"),
+        ("setvar", "tx.x=+%{tx.y}"),
+        ("nolog", None),
     ]
 
 
 def test_unknown_directive_names_file_and_line():
     with pytest.raises(SecLangError, match=r"r\.conf:3: unknown directive 'SecFrobnicate'"):
-        parse_text('SecRuleEngine On\n\nSecFrobnicate On\n', "r.conf")
+        parse_text("SecRuleEngine On\n\nSecFrobnicate On\n", "r.conf")
 
 
 def test_ignored_directives_are_accepted():
-    assert parse_text('SecComponentSignature "x"\nSecCollectionTimeout 600\nSecAuditEngine On\n', "r.conf") == []
+    assert (
+        parse_text('SecComponentSignature "x"\nSecCollectionTimeout 600\nSecAuditEngine On\n', "r.conf") == []
+    )
 
 
 def test_unknown_action_and_operator_are_load_errors():
@@ -51,7 +58,7 @@ def test_include_relative_and_glob(tmp_path):
     (tmp_path / "sub" / "a.conf").write_text('SecRule ARGS "@rx a" "id:11,pass"\n')
     (tmp_path / "sub" / "b.conf").write_text('SecRule ARGS "@rx b" "id:12,pass"\n')
     main = tmp_path / "main.conf"
-    main.write_text('Include sub/*.conf\n')
+    main.write_text("Include sub/*.conf\n")
     rs = Ruleset.load([str(main)])
     assert sorted(rs.by_id) == [11, 12]
 
@@ -61,8 +68,8 @@ def test_remove_and_update_target_directives():
         'SecRule ARGS "@rx a" "id:1,pass,tag:t1"\n'
         'SecRule ARGS "@rx b" "id:2,pass,tag:t2"\n'
         'SecRule ARGS "@rx c" "id:3,pass"\n'
-        'SecRuleRemoveById 1\n'
-        'SecRuleRemoveByTag t2\n'
+        "SecRuleRemoveById 1\n"
+        "SecRuleRemoveByTag t2\n"
         'SecRuleUpdateTargetById 3 "!ARGS:foo|REQUEST_HEADERS:X"\n'
     )
     assert sorted(rs.by_id) == [3]
@@ -73,7 +80,11 @@ def test_remove_and_update_target_directives():
 
 def test_all_crs_files_load():
     d = crs_dir()
-    rs = Ruleset.load(sorted(os.path.join(d, "rules", f) for f in os.listdir(os.path.join(d, "rules")) if f.endswith(".conf")),
-                      prefilter="off")
+    rs = Ruleset.load(
+        sorted(
+            os.path.join(d, "rules", f) for f in os.listdir(os.path.join(d, "rules")) if f.endswith(".conf")
+        ),
+        prefilter="off",
+    )
     assert len(rs.by_id) > 500
     assert 942100 in rs.by_id and 949110 in rs.by_id

@@ -22,7 +22,9 @@ def config(**waf):
         "     waf: {remove_rule_ids: [9103100], remove_targets: ['9105100:ARGS:comment']}}\n"
         "  - {name: web, upstream: u}\n"
         "server: {plain_http: true}\n"
-    ).model_copy(update={"waf": parse_config("waf: {}\nserver: {plain_http: true}").waf.model_copy(update=waf)})
+    ).model_copy(
+        update={"waf": parse_config("waf: {}\nserver: {plain_http: true}").waf.model_copy(update=waf)}
+    )
 
 
 def filt(route="web", **waf) -> WafFilter:
@@ -38,9 +40,20 @@ def ctx(target="/", method="GET", headers=None, body=b"", complete=True):
     req = make_mocked_request(method, target, headers=hdrs)
     path, _, qs = target.partition("?")
     return RequestContext(
-        request_id="req-1", method=method, raw_path=path, path=path, query_string=qs, host="x", scheme="https",
-        peer_ip=ipaddress.ip_address("127.0.0.1"), client_ip=ipaddress.ip_address("127.0.0.1"),
-        headers=CIMultiDictProxy(hdrs), request=req, runtime=None, body=body, body_complete=complete,
+        request_id="req-1",
+        method=method,
+        raw_path=path,
+        path=path,
+        query_string=qs,
+        host="x",
+        scheme="https",
+        peer_ip=ipaddress.ip_address("127.0.0.1"),
+        client_ip=ipaddress.ip_address("127.0.0.1"),
+        headers=CIMultiDictProxy(hdrs),
+        request=req,
+        runtime=None,
+        body=body,
+        body_complete=complete,
         body_size_hint=len(body) if body else None,
     )
 
@@ -91,16 +104,29 @@ async def test_route_exclusions_applied():
 
 async def test_json_body_inspected():
     body = b'{"user":{"name":"<script>alert(1)</script>"}}'
-    c = ctx("/api/x", "POST", {"Host": "x", "Content-Type": "application/json", "Content-Length": str(len(body))}, body)
+    c = ctx(
+        "/api/x",
+        "POST",
+        {"Host": "x", "Content-Type": "application/json", "Content-Length": str(len(body))},
+        body,
+    )
     assert type(await filt().check(c)) is Deny
     assert 9106100 in c.waf.matched_rule_ids
 
 
-@pytest.mark.parametrize("on_limit,expected", [("reject", "waf_body_limit"), ("inspect_partial", "waf_blocked")])
+@pytest.mark.parametrize(
+    "on_limit,expected", [("reject", "waf_body_limit"), ("inspect_partial", "waf_blocked")]
+)
 async def test_body_over_inspection_limit(on_limit, expected):
     f = filt(inspection_limit_bytes=64, on_inspection_limit=on_limit)
     body = b"q=1%27%20or%20%271%27=%271&pad=" + b"x" * 40  # attack within the first 64 bytes
-    c = ctx("/x", "POST", {"Host": "x", "Content-Type": "application/x-www-form-urlencoded"}, body[:65], complete=False)
+    c = ctx(
+        "/x",
+        "POST",
+        {"Host": "x", "Content-Type": "application/x-www-form-urlencoded"},
+        body[:65],
+        complete=False,
+    )
     d = await f.check(c)
     assert type(d) is Deny and d.problem.reason == expected
 
@@ -155,9 +181,12 @@ def test_check_config_warns_about_partial_inspection(tmp_path):
     import sys
 
     f = tmp_path / "c.yaml"
-    f.write_text("upstreams: {u: {url: 'http://127.0.0.1:9'}}\nroutes: [{name: r, upstream: u}]\n"
-                 "server: {plain_http: true}\nwaf: {on_inspection_limit: inspect_partial}\n")
-    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(f)], capture_output=True, text=True,
-                         timeout=120)
+    f.write_text(
+        "upstreams: {u: {url: 'http://127.0.0.1:9'}}\nroutes: [{name: r, upstream: u}]\n"
+        "server: {plain_http: true}\nwaf: {on_inspection_limit: inspect_partial}\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(f)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1].startswith("ok ("), out.stdout
     assert "waf.on_inspection_limit: warning: inspect_partial" in out.stdout

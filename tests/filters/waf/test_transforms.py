@@ -10,7 +10,7 @@ CASES = [
     ("urlDecodeUni", b"%zz%4", b"%zz%4"),
     ("jsDecode", b"\\x41\\u0042\\103\\n\\'", b"ABC\n'"),
     ("jsDecode", b"\\uff1cscript", b"<script"),
-    ("htmlEntityDecode", b"&lt;a&#x41;&#66;&quot;&nbsp&amp;", b"<aAB\"\xa0&"),
+    ("htmlEntityDecode", b"&lt;a&#x41;&#66;&quot;&nbsp&amp;", b'<aAB"\xa0&'),
     ("utf8toUnicode", "å<".encode(), b"%u00e5<"),
     ("removeNulls", b"a\x00b", b"ab"),
     ("cssDecode", b"\\3c script\\\nx\\x", b"<scriptxx"),
@@ -64,8 +64,14 @@ def test_url_decoders_agree_with_the_plain_regex_reading():
         v = v.replace(b"+", b" ")
         if not uni:
             return pct.sub(lambda m: bytes((int(m.group(1), 16),)), v)
-        return T._PCT_U.sub(lambda m: bytes((int(m.group(1), 16),)) if m.group(1) is not None
-                            else bytes((T._fullwidth(m.group(2)),)), v)
+        return T._PCT_U.sub(
+            lambda m: (
+                bytes((int(m.group(1), 16),))
+                if m.group(1) is not None
+                else bytes((T._fullwidth(m.group(2)),))
+            ),
+            v,
+        )
 
     rnd = random.Random(7)
     alphabet = b"%%%uU+0123456789abcdefABCDEFgxyz \n\xff"
