@@ -97,10 +97,10 @@ $(BENCH_STAMP): pyproject.toml | $(STAMP)
 	touch $(BENCH_STAMP)
 
 $(CERTS)/ca.pem: | $(STAMP)
-	$(VPY) -m gateway.devca $(CERTS)
+	$(VPY) -m gateway.dev.ca $(CERTS)
 
 dev-certs: venv
-	$(VPY) -m gateway.devca $(CERTS)
+	$(VPY) -m gateway.dev.ca $(CERTS)
 
 run: venv $(CERTS)/ca.pem
 	$(VPY) -m gateway demo

@@ -31,9 +31,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from filters.ratelimit import MemoryBackend, RateLimitConfig, RateLimitStage  # noqa: E402
-from filters.ratelimit.gcra import Policy  # noqa: E402
-from filters.ratelimit.redis_store import RedisBackend  # noqa: E402
+from filters.rate_limit import MemoryBackend, RateLimitConfig, RateLimitStage  # noqa: E402
+from filters.rate_limit.gcra import Policy  # noqa: E402
+from filters.rate_limit.redis_store import RedisBackend  # noqa: E402
 from gateway.metrics import REGISTRY  # noqa: E402
 
 

@@ -199,7 +199,7 @@ def wait_port(port: int, proc: Proc, timeout: float) -> str | None:
 
 
 def prepare_pki(work: Path) -> Path:
-    from gateway import devca
+    from gateway.dev import ca as devca
 
     d = work / "pki"
     devca.generate(d, seid2_orgs=[sc.CALLER_ORG], seid1_orgs=[sc.TARGET_ORG])

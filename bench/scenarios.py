@@ -238,9 +238,9 @@ def _c(*steps: Callable[[dict[str, Any], Env], dict[str, Any]]) -> Callable[[Env
     return build
 
 
-TOKENS = ("filters.tokens:build_stage", "filters.authorize:build_stage")
+TOKENS = ("filters.issuers:build_stage", "filters.access:build_stage")
 INTEGRATIONS = TOKENS + ("filters.integrations:build_stage",)
-RATELIMIT = ("filters.ratelimit:build_stage",)
+RATELIMIT = ("filters.rate_limit:build_stage",)
 WAF = ("filters.waf:build_stage",)
 AUDIT = ("gateway.audit:build_audit",)
 ASSERTION = ("gateway.identity:build_forwarder",)

@@ -27,10 +27,10 @@ from gateway import __version__
 # Modules that contribute subcommands, in this order. A module that is not there at all is
 # skipped (it belongs to work not merged yet); any other import error propagates.
 COMMAND_MODULES = (
-    "gateway.devca",
-    "gateway.devissuer",
+    "gateway.dev.ca",
+    "gateway.dev.issuer",
     "filters.integrations",
-    "gateway.auditcli",
+    "gateway.audit.cli",
     "gateway.identity",
 )
 
@@ -248,7 +248,7 @@ def cmd_version(_: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway import demo
+    from gateway.dev import demo
 
     _configure_logging(args.log_level)
     return demo.main(args)

@@ -17,14 +17,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from filters.authorize import AccessPolicy, route_policy_problems
+from filters.access import AccessPolicy, route_policy_problems
 from filters.certificates import CertificatesConfig
 from filters.delegation.config import DelegationConfig, RoutePartyPolicy, RoutePrivilegePolicy
 from filters.ingress import IngressConfig
 from filters.integrations import IntegrationConfig, IntegrationsPolicyConfig
+from filters.issuers import IssuerConfig
 from filters.persons.config import PersonsConfig, RoutePersonPolicy
-from filters.ratelimit import RateLimitConfig, RateLimitRule
-from filters.tokens import IssuerConfig
+from filters.rate_limit import RateLimitConfig, RateLimitRule
 from filters.waf.config import RouteWafConfig, WafConfig
 from gateway.audit import AuditConfig
 from gateway.canonical import HttpConfig, NotCanonical, canonical_path, route_host

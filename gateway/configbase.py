@@ -1,7 +1,7 @@
 """Base for every config model: typed, frozen, unknown keys rejected.
 
 Kept free of other project imports so that stage modules can declare their own config section
-next to the code that uses it (``filters/ratelimit.py`` declares ``rate_limit:``) without import
+next to the code that uses it (``filters/rate_limit.py`` declares ``rate_limit:``) without import
 cycles with ``gateway.config``.
 """
 

@@ -407,7 +407,7 @@ def warnings(cfg: Config, raw: dict[str, Any], pr: _Pruned) -> list[tuple[str, s
             )
         )
     # Stages say what in their own section is valid but weaker than it looks ("yaml.path: message").
-    from filters.tokens import config_warnings as token_warnings
+    from filters.issuers import config_warnings as token_warnings
     from filters.waf.stage import config_warnings as waf_warnings
 
     for text in token_warnings(cfg) + waf_warnings(cfg.waf):

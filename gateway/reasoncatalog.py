@@ -1094,7 +1094,7 @@ MISSING: Entry = (
 MODULES = (
     "gateway.runtime",
     "gateway.audit",
-    "gateway.auditsinks",
+    "gateway.audit.sinks",
     "gateway.identity",
     "gateway.server",
     "gateway.admin",

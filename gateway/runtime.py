@@ -27,12 +27,12 @@ log = logging.getLogger("portvakt.runtime")
 # chain come from each Filter's ``position`` (gateway.chain.POS_*), not from this order.
 STAGE_MODULES = (
     "filters.ingress",
-    "filters.ratelimit",
+    "filters.rate_limit",
     "filters.waf",
     "filters.certificates",
-    "filters.tokens",
+    "filters.issuers",
     "filters.integrations",
-    "filters.authorize",
+    "filters.access",
     "filters.persons",
     "filters.delegation",
 )

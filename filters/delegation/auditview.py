@@ -21,8 +21,8 @@ import os
 import re
 from typing import Any
 
-from gateway.auditcli import concerns
-from gateway.auditsinks import rotated_files
+from gateway.audit.cli import concerns
+from gateway.audit.sinks import rotated_files
 
 _PSEUDO_IN_PATH = re.compile(r"~p:([0-9a-f]{32})")
 _WORKER = re.compile(r"\.w\d+\Z")

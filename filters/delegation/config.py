@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from filters.tokens import ACR_RANKS
+from filters.issuers import ACR_RANKS
 from gateway.configbase import Model
 
 ORG_RE = re.compile(r"^[0-9]{9}\Z")

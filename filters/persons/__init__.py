@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
+from filters.issuers import ACR_RANKS
 from filters.persons.config import PersonsConfig, RoutePersonPolicy
 from filters.persons.cookies import strip_cookies
 from filters.persons.oidc import Provider, ProviderUnavailable, acr_rank
 from filters.persons.sessions import RefreshFailed, SessionManager, session_hash
 from filters.persons.store import StoreUnavailable, build_store
-from filters.tokens import ACR_RANKS
 from gateway import problems
 from gateway.chain import ALLOW, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage, release, share
 from gateway.context import RequestContext, TokenIdentity

@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from filters.ratelimit import RateLimitRule
-from filters.tokens import ACR_RANKS
+from filters.issuers import ACR_RANKS
+from filters.rate_limit import RateLimitRule
 from gateway.configbase import Model
 
 LOCALES = ("nb", "nn", "en", "se")

@@ -28,6 +28,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from aiohttp import web
 
+from filters.issuers import ACR_RANKS
 from filters.persons import pages
 from filters.persons.cookies import cookie_values
 from filters.persons.oidc import (
@@ -41,7 +42,6 @@ from filters.persons.oidc import (
 from filters.persons.redirects import safe_redirect
 from filters.persons.sessions import RefreshFailed, session_hash, sid_index_key
 from filters.persons.store import StoreUnavailable
-from filters.tokens import ACR_RANKS
 from gateway import problems
 from gateway.problems import Problem
 

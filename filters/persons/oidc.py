@@ -29,9 +29,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from filters.issuers import ACR_RANKS
 from filters.jwks import VERIFIERS, JwksStore, KeysUnavailable, check_algorithms
 from filters.persons.config import ProviderConfig
-from filters.tokens import ACR_RANKS
 from gateway import __version__
 
 log = logging.getLogger("portvakt.persons.oidc")

@@ -135,7 +135,7 @@ def test_promtool_rejects_a_broken_rule(tmp_path):
 
 def dev_certs(target: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "gateway.devca", str(target)],
+        [sys.executable, "-m", "gateway.dev.ca", str(target)],
         check=True,
         cwd=str(ROOT),
         capture_output=True,

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from gateway.audit import build_audit
-from gateway.auditcli import reveal, verify
+from gateway.audit.cli import reveal, verify
 from gateway.chain import BuildEnv
 from gateway.config import load_config
 from tests.fixtures.gateway import basic_config

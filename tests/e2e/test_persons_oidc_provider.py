@@ -1,7 +1,7 @@
 """Persons' login against an OpenID Provider Portvakt does not own: npm oidc-provider (panva),
 driven through headless Chromium. Generic OIDC: code + PKCE + PAR, RFC 9207 iss, client auth
 (private_key_jwt, client_secret_basic, client_secret_post), id_token validation, refresh,
-RP-initiated logout. (ID-porten specifics run against gateway.devprovider.)"""
+RP-initiated logout. (ID-porten specifics run against gateway.dev.provider.)"""
 
 from __future__ import annotations
 

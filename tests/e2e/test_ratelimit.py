@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from filters.ratelimit.gcra import Policy
+from filters.rate_limit.gcra import Policy
 from tests.e2e.helpers_identity import (
     GRANTING_ORG,
     ORG_URL,

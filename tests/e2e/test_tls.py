@@ -12,8 +12,9 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway import devca, tlsutil
+from gateway import tlsutil
 from gateway.config import TLSConfig
+from gateway.dev import ca as devca
 from tests.fixtures.gateway import basic_config
 from tests.fixtures.upstream import free_port
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.devissuer import DEV_AUDIENCE, DEV_MASKINPORTEN_ISS
+from gateway.dev.issuer import DEV_AUDIENCE, DEV_MASKINPORTEN_ISS
 from tests.fixtures.gateway import basic_config
 from tests.fixtures.issuer import TEST_PID, new_rsa_key
 

@@ -113,7 +113,7 @@ async def test_no_certificate_skips(pki):
 
 
 def test_org_number_rules(pki):
-    from gateway import devca
+    from gateway.dev import ca as devca
 
     ca = devca.DevPki(Path(pki.dir)).ca()
     cert, _ = ca.client_certificate("991825827", 2)
@@ -159,7 +159,7 @@ def test_crl_problems_fail_the_build(pki, tmp_path):
     with pytest.raises(ValueError, match="not a CRL"):
         stage_for(pki, crl_files=[str(tmp_path / "junk.pem")])
     # A CRL naming the dev CA as issuer but signed by another key is refused.
-    from gateway import devca
+    from gateway.dev import ca as devca
 
     other, _ = devca.generate(tmp_path / "other", seid2_orgs=[], seid1_orgs=[])
     real = devca.DevPki(Path(pki.dir)).ca()

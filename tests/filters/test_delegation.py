@@ -15,7 +15,7 @@ from filters.delegation.store import LastAdmin, RedisStore, SqliteStore
 from gateway.chain import Allow, Deny
 from gateway.config import Config
 from gateway.context import IntegrationIdentity
-from gateway.devaltinn import demo_parties
+from gateway.dev.altinn import demo_parties
 from tests.filters.helpers_identity import ctx as make_ctx
 
 ME, OTHER = "ref-me", "ref-other"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from filters.ratelimit.gcra import GCRA_LUA, MemoryGcra, Policy, Verdict, gcra_step
+from filters.rate_limit.gcra import GCRA_LUA, MemoryGcra, Policy, Verdict, gcra_step
 
 T0 = 1_780_000_000_123_456  # µs
 

@@ -1,5 +1,5 @@
 """Whose token it is (audience, access token vs id_token) and what it is bound to (client
-certificate org, RFC 8705 ``cnf``): filters/tokens.py against a real local issuer."""
+certificate org, RFC 8705 ``cnf``): filters/issuers.py against a real local issuer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from filters.tokens import IssuerConfig
+from filters.issuers import IssuerConfig
 from gateway.chain import ALLOW, SKIP
 from gateway.context import CertificateIdentity
 from tests.filters.test_tokens import config, denied, make_ctx, make_stage, run, stage_route
@@ -279,7 +279,7 @@ def test_dev_token_audience(tmp_path, capsys, args, aud):
 
     from cryptography.hazmat.primitives import serialization
 
-    from gateway.devissuer import DEV_AUDIENCE, main
+    from gateway.dev.issuer import DEV_AUDIENCE, main
     from tests.fixtures.issuer import new_rsa_key
 
     key = tmp_path / "issuer-key.pem"

@@ -1,4 +1,4 @@
-"""gateway/audit.py, auditsinks.py, auditcli.py: records, chain, tampering, durability, privacy."""
+"""gateway/audit/__init__.py, auditsinks.py, auditcli.py: records, chain, tampering, durability, privacy."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 from prometheus_client import generate_latest
 
-from gateway import auditcli
 from gateway.audit import AUDIT_UNAVAILABLE, AuditSink, build_audit, privilege_changes, scrub_query, unseal
-from gateway.auditcli import VerifyError, query, reveal, verify
-from gateway.auditsinks import ChainWriter, rotated_files
+from gateway.audit import cli as auditcli
+from gateway.audit.cli import VerifyError, query, reveal, verify
+from gateway.audit.sinks import ChainWriter, rotated_files
 from gateway.chain import BuildEnv
 from gateway.context import Detection
 from gateway.metrics import REGISTRY

@@ -188,7 +188,7 @@ waf: {mode: "off"}
 
 def test_shipped_example_passes_its_own_check_without_etc_portvakt(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "gateway.devca", str(tmp_path / "tls")],
+        [sys.executable, "-m", "gateway.dev.ca", str(tmp_path / "tls")],
         check=True,
         cwd=str(ROOT),
         capture_output=True,
@@ -206,7 +206,7 @@ def test_shipped_example_passes_its_own_check_without_etc_portvakt(tmp_path):
 
 
 def test_demo_config_checks_cleanly_after_make_dev_certs_on_a_fresh_checkout(tmp_path):
-    """A fresh checkout (no certs/dev yet): `make dev-certs` (gateway.devca certs/dev) then
+    """A fresh checkout (no certs/dev yet): `make dev-certs` (gateway.dev.ca certs/dev) then
     `portvakt check-config config/demo.yaml` passes; before it, the error names the command."""
     (tmp_path / "config").mkdir()
     demo = tmp_path / "config" / "demo.yaml"
@@ -216,7 +216,7 @@ def test_demo_config_checks_cleanly_after_make_dev_certs_on_a_fresh_checkout(tmp
     assert "persons.provider.client_key_file: cannot read" in before.stdout + before.stderr
     assert "make dev-certs" in before.stdout + before.stderr
     subprocess.run(
-        [sys.executable, "-m", "gateway.devca", str(tmp_path / "certs" / "dev")],
+        [sys.executable, "-m", "gateway.dev.ca", str(tmp_path / "certs" / "dev")],
         check=True,
         cwd=str(ROOT),
         capture_output=True,

@@ -1,4 +1,4 @@
-"""gateway/devca.py: the dev PKI is real (chains verify, TLS handshakes work), shaped right, and
+"""gateway/dev/ca.py: the dev PKI is real (chains verify, TLS handshakes work), shaped right, and
 its generation is idempotent with private keys kept private."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway import devca
+from gateway.dev import ca as devca
 
 
 def _cert(path: str) -> x509.Certificate:

@@ -42,7 +42,7 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.devserver import LocalAppServer
+from gateway.dev.server import LocalAppServer
 
 ACR_LEVELS = ("idporten-loa-substantial", "idporten-loa-high")
 DEFAULT_PID = "24917397852"  # synthetic test number (the demo's person)

@@ -1,4 +1,4 @@
-"""Review: CLI commands given an unusable path answer one line and exit 2, never a traceback."""
+"""CLI commands given an unusable path answer one line and exit 2, never a traceback."""
 
 from __future__ import annotations
 

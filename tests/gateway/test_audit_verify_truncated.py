@@ -1,4 +1,4 @@
-"""Review: `portvakt audit verify` must not pass a trail cut short together with its head file,
+"""`portvakt audit verify` must not pass a trail cut short together with its head file,
 and a damaged head file is a FAIL line, not a traceback."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from gateway import auditcli
+from gateway.audit import cli as auditcli
 from tests.gateway.helpers_audit import AUDIT_KEY, make_config, make_ctx
 from tests.gateway.test_audit import audit_cfg, outcome, started, trail
 
@@ -59,7 +59,7 @@ async def test_reload_that_fails_to_start_leaves_the_writer_as_it_was(tmp_path):
     # A reload whose audit sink started but whose runtime then failed to start (a later
     # component) is closed while the old sink still serves: the old sink's records must stay
     # MAC'd with the old key, and the trail must say the privilege changes did not happen.
-    from gateway.auditcli import verify
+    from gateway.audit.cli import verify
     from tests.gateway.helpers_audit import AUDIT_KEY, integration
 
     integ = {
@@ -92,7 +92,7 @@ async def test_reload_that_fails_to_start_leaves_the_writer_as_it_was(tmp_path):
     import hmac as _hmac
 
     from gateway.audit import derive_keys
-    from gateway.auditsinks import line_body
+    from gateway.audit.sinks import line_body
 
     old_mac = derive_keys(AUDIT_KEY.encode())[0]
     lines_ = (tmp_path / "audit.jsonl").read_bytes().splitlines()

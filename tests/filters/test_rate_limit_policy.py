@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from filters.ratelimit import RateLimitConfig, build_stage
-from filters.ratelimit.redis_store import CLOSED, OPEN
+from filters.rate_limit import RateLimitConfig, build_stage
+from filters.rate_limit.redis_store import CLOSED, OPEN
 from gateway.chain import ALLOW, BuildEnv, Deny
-from tests.filters.test_ratelimit import ctx, make_config
+from tests.filters.test_rate_limit import ctx, make_config
 
 INTEG = "6f0b5c4e-3b7a-4f1e-9d2a-1c3b5d7e9f01"
 

@@ -1,4 +1,4 @@
-"""Review: the README's reason table and metrics table say what the code registers."""
+"""The README's reason table and metrics table say what the code registers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 _PROBE = """
 import importlib, json
 from gateway.runtime import STAGE_MODULES
-for m in (*STAGE_MODULES, "gateway.audit", "gateway.auditsinks", "gateway.identity", "gateway.server"):
+for m in (*STAGE_MODULES, "gateway.audit", "gateway.audit.sinks", "gateway.identity", "gateway.server"):
     importlib.import_module(m)
 from gateway import problems
 from gateway.metrics import REGISTRY

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from gateway.audit import derive_keys, read_key_text, unseal
-from gateway.auditsinks import GENESIS, canonical, head_path, line_body, line_hash
+from gateway.audit.sinks import GENESIS, canonical, head_path, line_body, line_hash
 
 Loc = tuple[str, int]
 
@@ -401,7 +401,7 @@ def register_commands(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m gateway.auditcli ...``), same commands as ``portvakt``."""
+    """Standalone entry (``python -m gateway.audit.cli ...``), same commands as ``portvakt``."""
     ap = argparse.ArgumentParser(prog="portvakt")
     sp = ap.add_subparsers(dest="command", required=True)
     register_commands(sp)

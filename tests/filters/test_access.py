@@ -1,4 +1,4 @@
-"""filters/authorize.py on hand-built contexts: target organisation, grants, persons, certificate
+"""filters/access.py on hand-built contexts: target organisation, grants, persons, certificate
 and organisation rules, 401 vs 403, reason selection, reload."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from filters import authorize as mod
+from filters import access as mod
 from gateway.chain import ALLOW, Deny, Mode, run_chain
 from gateway.config import ConfigError
 from gateway.context import IntegrationIdentity

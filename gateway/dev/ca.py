@@ -513,7 +513,7 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m gateway.devca DIR``) for when the CLI is unavailable."""
+    """Stand-alone entry (``python -m gateway.dev.ca DIR``) for when the CLI is unavailable."""
     parser = argparse.ArgumentParser(prog="portvakt")
     sub = parser.add_subparsers(dest="command", required=True)
     register_commands(sub)

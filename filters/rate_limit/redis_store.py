@@ -34,11 +34,11 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from filters.ratelimit.gcra import GCRA_LUA, MemoryGcra, Policy, Verdict
+from filters.rate_limit.gcra import GCRA_LUA, MemoryGcra, Policy, Verdict
 from gateway.metrics import REGISTRY
 
 if TYPE_CHECKING:  # pragma: no cover
-    from filters.ratelimit import RateLimitConfig
+    from filters.rate_limit import RateLimitConfig
 
 log = logging.getLogger("portvakt.ratelimit")
 

@@ -1,15 +1,15 @@
 """``portvakt demo`` (what ``make run`` calls): everything needed to try the gateway locally.
 
-1. Development certificates in ``certs/dev`` (``gateway.devca``), made when missing.
+1. Development certificates in ``certs/dev`` (``gateway.dev.ca``), made when missing.
 2. The demo upstream on ``127.0.0.1:9001``: an echo service answering with JSON of the method,
    path, query, headers and body it received.
 3. The dev token issuer's JWKS on ``http://127.0.0.1:9002/jwks.json`` (the public key of
    ``certs/dev/issuer-key.pem``, which ``portvakt dev-token`` signs with).
-4. The dev OpenID Provider (``gateway.devprovider``, ID-porten-like) on ``127.0.0.1:9003`` (the
+4. The dev OpenID Provider (``gateway.dev.provider``, ID-porten-like) on ``127.0.0.1:9003`` (the
    browser meets it as ``localhost:9003``), with the gateway registered as client
    ``portvakt-demo`` (``private_key_jwt``, key ``certs/dev/persons-client-key.pem``, made when
    missing) and "client B" for SSO, when the config has a ``persons:`` section.
-5. The fake Altinn (``gateway.devaltinn``) on ``127.0.0.1:9004`` when the config has
+5. The fake Altinn (``gateway.dev.altinn``) on ``127.0.0.1:9004`` when the config has
    ``delegation.altinn`` (the gateway's Maskinporten key ``certs/dev/altinn-client-key.pem``).
 6. The gateway on ``config/demo.yaml`` in this process, then one working example call printed,
    and the URL to open in a browser to log in as a person.
@@ -33,7 +33,7 @@ from aiohttp import web
 
 log = logging.getLogger("portvakt.demo")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM_LISTEN = ("127.0.0.1", 9001)
 JWKS_LISTEN = ("127.0.0.1", 9002)
 PROVIDER_LISTEN = ("127.0.0.1", 9003)
@@ -146,7 +146,7 @@ def persons_client_key(certs: Path, name: str = PERSONS_CLIENT_KEY) -> Any:
 async def start_provider(config_path: Path, certs: Path) -> tuple[Any, str | None]:
     """The dev OpenID Provider, when the config has ``persons:``; returns (provider, person URL)."""
     from gateway.config import load_config
-    from gateway.devprovider import DevClient, DevProvider
+    from gateway.dev.provider import DevClient, DevProvider
 
     cfg = load_config(config_path)
     if cfg.persons is None or not cfg.persons.enabled:
@@ -180,7 +180,7 @@ async def start_altinn(config_path: Path, certs: Path) -> Any:
     """The fake Altinn (with its Maskinporten token endpoint) when the config has
     ``delegation.altinn``; the gateway's Maskinporten key is made once in the certs directory."""
     from gateway.config import load_config
-    from gateway.devaltinn import FakeAltinn
+    from gateway.dev.altinn import FakeAltinn
 
     cfg = load_config(config_path)
     if cfg.delegation is None or cfg.delegation.altinn is None:
@@ -196,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _run(config: Path, certs: Path) -> int:
-    from gateway import devca
+    from gateway.dev import ca as devca
     from gateway.server import serve
 
     _, written = devca.generate(certs)

@@ -65,8 +65,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from filters.ratelimit.gcra import MemoryGcra, Policy, Verdict
-from filters.ratelimit.redis_store import (
+from filters.rate_limit.gcra import MemoryGcra, Policy, Verdict
+from filters.rate_limit.redis_store import (
     CHECKS_ALLOWED,
     CHECKS_BACKEND_ERROR,
     CHECKS_FALLBACK,
@@ -173,11 +173,11 @@ class RateLimitConfig(Model):
         elif self.sentinel is not None:
             raise ValueError('a sentinel: block needs backend: "sentinel"')
         elif b.startswith("redis+sentinel://"):
-            from filters.ratelimit.redis_store import parse_sentinel_url
+            from filters.rate_limit.redis_store import parse_sentinel_url
 
             parse_sentinel_url(b)
         elif b.startswith(("redis+cluster://", "rediss+cluster://")):
-            from filters.ratelimit.redis_store import parse_cluster_url
+            from filters.rate_limit.redis_store import parse_cluster_url
 
             parse_cluster_url(b)
         elif b != "memory" and not b.startswith(("redis://", "rediss://", "unix://")):

@@ -1,4 +1,4 @@
-"""Review: a request aiohttp cannot parse must not put the offending header bytes (a token, an
+"""A request aiohttp cannot parse must not put the offending header bytes (a token, an
 IntegrasjonPassord, a fødselsnummer) into the gateway's log."""
 
 from __future__ import annotations

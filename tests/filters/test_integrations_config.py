@@ -1,4 +1,4 @@
-"""Review: integration ids and org numbers in the config are exact (a YAML block scalar's
+"""Integration ids and org numbers in the config are exact (a YAML block scalar's
 trailing newline made an integration that could never authenticate, silently)."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_rate_limit_key_prefix_is_exact():
 
 
 def test_rate_limit_tls_files_and_bad_redis_url_name_their_field(tmp_path):
-    from filters.ratelimit import build_stage
+    from filters.rate_limit import build_stage
     from gateway.chain import BuildEnv
 
     base = config('"7b1c9a52-0d3e-4a8f-9c61-2f5e8d4b1a07"', '"991825827"', '"958935420"').replace(

@@ -1,4 +1,4 @@
-"""Unit tests of filters/tokens.py on hand-built contexts, against a real local JWKS issuer."""
+"""Unit tests of filters/issuers.py on hand-built contexts, against a real local JWKS issuer."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import ValidationError
 
-from filters import tokens
-from filters.tokens import IssuerConfig, TokensStage, acr_rank, build_stage
+from filters import issuers as tokens
+from filters.issuers import IssuerConfig, TokensStage, acr_rank, build_stage
 from gateway.chain import ALLOW, SKIP, BuildEnv, Deny, Mode
 from gateway.config import Config
 from gateway.context import RequestContext
-from gateway.devissuer import mint_token
+from gateway.dev.issuer import mint_token
 from tests.fixtures.issuer import TEST_PID, new_rsa_key
 
 

@@ -571,7 +571,7 @@ class RedisStreamSink:
             # client follows MOVED after a failover or resharding.
             from redis.cluster import ClusterNode, RedisCluster
 
-            from filters.ratelimit.redis_store import parse_cluster_url
+            from filters.rate_limit.redis_store import parse_cluster_url
 
             c = parse_cluster_url(settings.url)
             auth = {k: c[k] for k in ("username", "password") if c[k] is not None}

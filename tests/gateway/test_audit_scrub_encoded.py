@@ -1,4 +1,4 @@
-"""Review: a fødselsnummer sent percent-encoded in the path never reaches the audit file in clear."""
+"""A fødselsnummer sent percent-encoded in the path never reaches the audit file in clear."""
 
 from __future__ import annotations
 

@@ -44,8 +44,8 @@ def load_private_key(key: Any) -> Any:
 
 
 def key_id(key: Any) -> str:
-    """The RFC 7638 thumbprint of an RSA key (the ``kid`` that ``gateway.devca`` publishes)."""
-    from gateway.devca import rsa_public_jwk
+    """The RFC 7638 thumbprint of an RSA key (the ``kid`` that ``gateway.dev.ca`` publishes)."""
+    from gateway.dev.ca import rsa_public_jwk
 
     k = load_private_key(key)
     return rsa_public_jwk(k.public_key())["kid"]
@@ -212,7 +212,7 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m gateway.devissuer ...``)."""
+    """Stand-alone entry (``python -m gateway.dev.issuer ...``)."""
     parser = argparse.ArgumentParser(prog="portvakt")
     sub = parser.add_subparsers(dest="command", required=True)
     register_commands(sub)

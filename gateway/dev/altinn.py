@@ -12,7 +12,7 @@ Speaks the shapes of ``research/persons-login.md`` §a.7:
   ``AuthorizedPartyExternal`` (subunits one level down).
 
 Switches for tests: ``down`` (503 everywhere), ``counts`` (calls per endpoint), ``parties`` (pid
--> list). ``python -m gateway.devaltinn --port N --client-public-key PEM`` runs it alone.
+-> list). ``python -m gateway.dev.altinn --port N --client-public-key PEM`` runs it alone.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
-from gateway.devserver import LocalAppServer
+from gateway.dev.server import LocalAppServer
 
 SCOPE = "altinn:accessmanagement/authorizedparties.resourceowner"
 DEMO_PID = "24917397852"
@@ -209,7 +209,7 @@ class FakeAltinn(LocalAppServer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gateway.devaltinn", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m gateway.dev.altinn", description=__doc__.split("\n")[0])
     ap.add_argument("--port", type=int, default=8490)
     ap.add_argument(
         "--client-public-key", required=True, help="PEM public key of the gateway's Maskinporten client"

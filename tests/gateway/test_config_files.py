@@ -1,4 +1,4 @@
-"""Review: files referenced by the config (audit keys, JWKS files, CRLs, the audit directory) are
+"""Files referenced by the config (audit keys, JWKS files, CRLs, the audit directory) are
 reported by `portvakt check-config` as ``file: yaml.path: reason``, all at once, never echoing a
 secret."""
 

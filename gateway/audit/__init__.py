@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import Field, field_validator
 
 from gateway import problems
-from gateway.auditsinks import ChainWriter, FileSettings, RedisSettings, RedisStreamSink, _iso
+from gateway.audit.sinks import ChainWriter, FileSettings, RedisSettings, RedisStreamSink, _iso
 from gateway.configbase import Model
 from gateway.norid import PERSON_NUMBER_LIKE, mask_person_numbers
 from gateway.problems import Problem
@@ -89,7 +89,7 @@ class AuditRedisConfig(Model):
         # Checked at load (redis-py would refuse it only when the sink starts); never echoed:
         # the URL may carry a password.
         if v.startswith(("redis+cluster://", "rediss+cluster://")):
-            from filters.ratelimit.redis_store import parse_cluster_url
+            from filters.rate_limit.redis_store import parse_cluster_url
 
             try:
                 parse_cluster_url(v)

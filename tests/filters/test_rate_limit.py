@@ -1,4 +1,4 @@
-"""filters/ratelimit: the stage on hand-built contexts, with the memory backend and a real Redis.
+"""filters/rate_limit: the stage on hand-built contexts, with the memory backend and a real Redis.
 
 Periods are long (minutes) wherever the count must be exact, so refill during a test is
 impossible; nothing here asserts speed. Fault tests bound each check by timeout + 1 s.
@@ -13,7 +13,7 @@ from ipaddress import ip_address
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from filters.ratelimit import (
+from filters.rate_limit import (
     RATE_LIMIT_UNAVAILABLE,
     RATE_LIMITED,
     PreAuthRateLimit,
@@ -21,7 +21,7 @@ from filters.ratelimit import (
     RateLimitStage,
     build_stage,
 )
-from filters.ratelimit.redis_store import BREAKER_STATE, CLOSED, OPEN, parse_sentinel_url, redact
+from filters.rate_limit.redis_store import BREAKER_STATE, CLOSED, OPEN, parse_sentinel_url, redact
 from gateway import problems
 from gateway.chain import ALLOW, POS_RATE_LIMIT, POS_RATE_LIMIT_PRE, SKIP, BuildEnv, Deny, Mode
 from gateway.config import Config, ConfigError, parse_config

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from filters.tokens import ACR_RANKS, acr_rank  # the one ordering of ID-porten levels
+from filters.issuers import ACR_RANKS, acr_rank  # the one ordering of ID-porten levels
 from gateway import norid, problems
 from gateway.chain import ALLOW, POS_AUTHORIZE, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.configbase import Model
