@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	  else echo "Python's venv module is missing: sudo apt-get install $$pkg"; exit 1; fi; }
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -37,7 +37,7 @@ from aiohttp.http_exceptions import (
 )
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from filters.ingress import HEADERS_TOO_LARGE, REQUEST_SMUGGLING, URI_TOO_LONG
+from filters.ingress import BODY_TOO_LARGE, HEADERS_TOO_LARGE, REQUEST_SMUGGLING, URI_TOO_LONG
 from gateway import accesslog, logsetup, metrics, problems, tlsutil, tracing
 from gateway.canonical import (
     HOST_NOT_CANONICAL,
@@ -53,7 +53,7 @@ from gateway.context import RequestContext
 from gateway.edge import REQUEST_TIMEOUT, EdgeLimits, EdgeRequestHandler, EdgeTCPSite
 from gateway.framing import ChunkGuard, ChunkSizeOutOfRange
 from gateway.problems import BAD_REQUEST, NOT_FOUND, Problem
-from gateway.proxy import BODY_TOO_LARGE, BodyTooLarge, ClientBodyError, UpstreamError, forward
+from gateway.proxy import BodyTooLarge, ClientBodyError, UpstreamError, forward
 from gateway.runtime import Runtime, build_runtime
 
 log = logging.getLogger("portvakt.server")

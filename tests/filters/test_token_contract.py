@@ -13,7 +13,7 @@ import pytest
 from filters.issuers import IssuerConfig
 from gateway.chain import ALLOW, SKIP
 from gateway.context import CertificateIdentity
-from tests.filters.test_tokens import config, denied, make_ctx, make_stage, run, stage_route
+from tests.filters.test_issuers import config, denied, make_ctx, make_stage, run, stage_route
 from tests.fixtures.issuer import AUDIENCE
 
 OTHER_ORG = "958935420"

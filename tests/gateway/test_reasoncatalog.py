@@ -33,7 +33,7 @@ def scan_internal_reasons() -> dict[str, str]:
     returned by ingress's ``check_*`` functions; the first argument of ``CertError``; the third of
     authorize's ``self._deny``; reasons set directly on ``ctx.reason``."""
     found: dict[str, str] = {}
-    files = sorted((ROOT / "filters").rglob("*.py")) + sorted((ROOT / "gateway").glob("*.py"))
+    files = sorted((ROOT / "filters").rglob("*.py")) + sorted((ROOT / "gateway").rglob("*.py"))
     for path in files:
         if path.name == "reasoncatalog.py":
             continue
