@@ -1,7 +1,7 @@
 """Ingress filter: CIDR allow/deny, size limits, method/host allow-lists, path and smuggling checks.
 
 Config section ``ingress:`` (plus each route's ``match.methods`` / ``match.hosts`` /
-``match.path_prefix``). It is the first filter of every route (``POS_INGRESS``) and only reads
+``match.path_prefix``). It is the first filter of every route (gateway/pipeline.py) and only reads
 what the listener already parsed: the request line, the headers and ``ctx.client_ip`` (the server
 resolves ``X-Forwarded-For`` through ``trusted_proxies`` before the chain runs).
 
@@ -47,12 +47,12 @@ from typing import TYPE_CHECKING
 from pydantic import Field, field_validator
 
 from gateway import problems
-from gateway.chain import ALLOW, POS_INGRESS, BuildEnv, Decision, Deny, Filter, Mode, Stage
+from gateway.chain import ALLOW, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.configbase import HTTP_METHODS, Model
 from gateway.problems import METHOD_NOT_ALLOWED, Problem
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import RouteConfig
+    from gateway.configbase import RouteBase as RouteConfig
     from gateway.context import IPAddress, RequestContext
 
 
@@ -286,7 +286,6 @@ def headers_over(headers, limit: int) -> bool:
 
 class IngressFilter(Filter):
     name = "ingress"
-    position = POS_INGRESS
 
     def __init__(self, cfg: IngressConfig, stage: IngressStage, route: RouteConfig) -> None:
         self.mode = cfg.mode
@@ -327,11 +326,9 @@ class IngressFilter(Filter):
             )
 
         # The target as sent (the canonical form the server put in ctx.raw_path can be shorter).
-        sent = getattr(ctx.request, "raw_path", None)
+        sent = ctx.raw_target
         uri_len = (
-            len(sent)
-            if isinstance(sent, str)
-            else len(ctx.raw_path) + (len(ctx.query_string) + 1 if ctx.query_string else 0)
+            len(sent) if sent else len(ctx.raw_path) + (len(ctx.query_string) + 1 if ctx.query_string else 0)
         )
         if uri_len > self._max_uri:
             return Deny(Problem(URI_TOO_LONG, detail=f"Request target over {self._max_uri} bytes"))
@@ -354,22 +351,19 @@ class IngressFilter(Filter):
                 )
             )
 
-        request = ctx.request
-        framing = check_framing(headers, getattr(request, "version", None))
+        framing = check_framing(headers, ctx.http_version)
         if framing is not None:
             # The message boundary is unknown, so nothing after it on this connection can be
-            # trusted: close once the 400 is sent (RFC 9112 6.3), like the parser does for its own.
-            # ``close()`` (not ``force_close()``, which drops the transport before the answer).
-            protocol = getattr(request, "protocol", None)
-            if protocol is not None:
-                protocol.close()
+            # trusted: the server closes it once the 400 is sent (RFC 9112 6.3), like the parser
+            # does for its own.
             return Deny(
-                Problem(
+                close=True,
+                problem=Problem(
                     REQUEST_SMUGGLING,
                     detail="Ambiguous Content-Length / Transfer-Encoding",
                     internal_reason=framing,
                     headers={"Connection": "close"},
-                )
+                ),
             )
         cl = headers.get("Content-Length")
         if cl is not None and int(cl) > self._max_body:

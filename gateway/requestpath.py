@@ -157,6 +157,8 @@ class RequestPath:
             runtime=rt,
             tls=tlsutil.peer_info(request.transport),
             from_trusted_proxy=trusted,
+            raw_target=request.raw_path,
+            http_version=(request.version.major, request.version.minor),
         )
         tcfg = rt.config.tracing
         if tcfg.propagate:
@@ -344,7 +346,10 @@ class RequestPath:
         if persons is not None and ctx.path.startswith(persons.prefix + "/"):
             denied = await persons.guard(ctx)  # ingress (+ rate limit on login/callback) first
             if denied is not None:
-                return self._deny(ctx, denied.problem)
+                resp = self._deny(ctx, denied.problem)
+                if denied.close:
+                    resp.force_close()
+                return resp
             deleg = rt.delegation
             if deleg is not None and deleg.owns(ctx.path):
                 return await deleg.serve(ctx, request, persons)  # parties, admin API: never proxied
@@ -405,23 +410,23 @@ class RequestPath:
         if route.filters:
             denied = await run_chain(route.filters, ctx)
             if denied is not None:
-                return self._deny(ctx, denied.problem)
+                resp = self._deny(ctx, denied.problem)
+                if denied.close:
+                    resp.force_close()  # the filter asked: nothing after this request is read
+                return resp
 
-        components = rt.components
-        audit = components.get("audit")
-        if audit is not None:
-            refused = await audit.before_forward(ctx)
-            if refused is not None:
-                return self._deny(ctx, refused)
+        refused = await rt.audit.before_forward(ctx)
+        if refused is not None:
+            return self._deny(ctx, refused)
 
         try:
             resp = await forward(
                 ctx,
                 request,
-                components["upstreams"].get(route.upstream_name),
+                rt.upstreams.get(route.upstream_name),
                 body_limit=limit,
                 has_more_body=more_body,
-                forwarder=components.get("forwarder"),
+                forwarder=rt.forwarder,
                 drop=rt.request_drop
                 if ctx.from_trusted_proxy
                 else (rt.request_drop_untrusted or rt.request_drop),
@@ -493,9 +498,7 @@ class RequestPath:
         try:
             self._labels.observe(route, method, ctx.status, ctx.decision, duration)
             accesslog.record(ctx, duration)
-            audit = rt.components.get("audit")
-            if audit is not None:
-                audit.record(ctx)
+            rt.audit.record(ctx)
         except Exception:
             log.exception("recording request %s failed", ctx.request_id)
         finally:
