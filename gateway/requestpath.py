@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from filters.ingress import BODY_TOO_LARGE, REQUEST_SMUGGLING
+from filters.ingress import REQUEST_SMUGGLING
 from gateway import accesslog, logsetup, metrics, problems, tlsutil, tracing
 from gateway.canonical import (
     HOST_NOT_CANONICAL,
@@ -370,7 +370,7 @@ class RequestPath:
         ctx.route = route
 
         # Body prefix: read before the chain (the WAF inspects it) and before any upstream contact.
-        limit = rt.max_body_bytes
+        body_limit = rt.body_limit  # the one place of the body limit and its mode (filters/ingress.py)
         more_body = False
         if request.body_exists or "Transfer-Encoding" in request.headers:
             refused = edge.body_problem(request)
@@ -382,10 +382,11 @@ class RequestPath:
             request.protocol.body_request = request  # type: ignore[union-attr]  # the edge sweep's body timeout
             clen = request.content_length
             ctx.body_size_hint = clen
-            if clen is not None and clen > limit:
+            refused = body_limit.check(ctx, clen) if clen is not None else None
+            if refused is not None:
                 # Not read here: aiohttp drains the unread body after the response (bounded by its
                 # lingering time) so the client reads the 413 instead of a connection reset.
-                return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
+                return self._deny(ctx, refused)
             if headers_expect_continue(request):
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             want = route.body_prefix_bytes
@@ -402,8 +403,9 @@ class RequestPath:
                     return self._refuse_chunk(request, ctx)
                 return self._body_failed(ctx, type(e).__name__)
             ctx.bytes_in = len(ctx.body)
-            if len(ctx.body) > limit:
-                return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
+            refused = body_limit.check(ctx, len(ctx.body))
+            if refused is not None:
+                return self._deny(ctx, refused)
         else:
             ctx.body_complete = True
 
@@ -424,7 +426,7 @@ class RequestPath:
                 ctx,
                 request,
                 rt.upstreams.get(route.upstream_name),
-                body_limit=limit,
+                body_limit=body_limit.cap,
                 has_more_body=more_body,
                 forwarder=rt.forwarder,
                 drop=rt.request_drop
@@ -433,13 +435,15 @@ class RequestPath:
                 drop_prefixes=rt.request_drop_prefixes,
             )
         except BodyTooLarge:
-            return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
+            return self._deny(ctx, body_limit.problem())
         except ClientBodyError as e:
             if str(e) == ChunkSizeOutOfRange.__name__:
                 return self._refuse_chunk(request, ctx)
             return self._body_failed(ctx, str(e))
         except UpstreamError as e:
             return self._deny(ctx, e.problem, decision="error")
+        if more_body:
+            body_limit.check(ctx, ctx.bytes_in)  # detect mode: a streamed body over the limit
         ctx.decision = "allow"
         if ctx.reason is None and ctx.detections:
             ctx.reason = ctx.detections[0].reason

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from filters.delegation import DelegationStage
+from filters.ingress import BodyLimit
 from filters.persons import PersonsStage
 from gateway.audit import AuditSink, build_audit
 from gateway.canonical import host_for_match, route_host
@@ -65,6 +66,7 @@ class Runtime:
     audit: AuditSink
     forwarder: Forwarder
     upstreams: UpstreamPool
+    body_limit: BodyLimit  # ingress.max_body_bytes under ingress.mode (filters/ingress.py)
     generation: int = 0
     # Prepared for the request path (read once per request, never recomputed).
     trusted_networks: tuple[Any, ...] = ()
@@ -73,7 +75,7 @@ class Runtime:
     # request_drop plus the forwarded client-certificate headers: what a peer that is not a
     # trusted proxy never gets through (Envoy's XFCC SANITIZE).
     request_drop_untrusted: frozenset[str] = frozenset()
-    max_body_bytes: int = 0
+    max_body_bytes: int = 0  # ingress.max_body_bytes whatever the mode (body prefix, chunk sizes)
     persons: PersonsStage | None = None  # its endpoints are served before routing
     delegation: DelegationStage | None = None  # parties + admin endpoints, under persons.prefix
     # http.case_sensitive_upstream false: (route, lower-cased prefix) of every route that is not a
@@ -257,6 +259,7 @@ def build_runtime(
         audit=audit,
         forwarder=forwarder,
         upstreams=UpstreamPool(config),
+        body_limit=BodyLimit(config.ingress),
         generation=gen,
         trusted_networks=tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies),
         request_drop=REQUEST_DROP | strip,

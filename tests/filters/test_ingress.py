@@ -200,21 +200,38 @@ async def test_header_count_and_bytes(headers, expected):
 
 
 @pytest.mark.parametrize(
-    "headers, expected",
+    "mode, size, refused, detected",
     [
-        ([("Content-Length", "1000")], None),
-        ([("Content-Length", "1001")], "body_too_large"),
-        ([("Content-Length", "0")], None),
-        ([("Transfer-Encoding", "chunked")], None),  # streamed: the proxy enforces the limit
-        ([("Content-Length", "99999999999999999999999")], "body_too_large"),
+        ("enforce", 1000, False, False),
+        ("enforce", 1001, True, False),
+        ("enforce", 99999999999999999999999, True, False),
+        ("detect", 1000, False, False),
+        ("detect", 1001, False, True),  # recorded as the filter's would-be deny; the request goes on
+        ("off", 1001, False, False),
     ],
 )
-async def test_body_size_by_content_length(headers, expected):
+def test_body_limit_is_one_place_and_honours_the_mode(mode, size, refused, detected):
+    limit = ingress.BodyLimit(ingress.IngressConfig(max_body_bytes=1000, mode=mode))
+    ctx = _ctx(method="POST")
+    problem = limit.check(ctx, size)
+    assert (problem is not None) == refused
+    if refused:
+        assert problem.reason == "body_too_large" and problem.status == 413
+    assert [(d.filter, d.reason) for d in ctx.detections] == (
+        [("ingress", "body_too_large")] if detected else []
+    )
+    limit.check(ctx, size)  # a second look (the streamed total) does not record it twice
+    assert len(ctx.detections) == (1 if detected else 0)
+    # What the proxy caps a streamed body at: the limit only when enforced.
+    assert limit.cap == 1000 if mode == "enforce" else limit.cap > 10**15
+
+
+async def test_the_filter_leaves_the_body_size_to_the_body_limit():
+    # A declared size over the limit passes the filter: the server asked BodyLimit before the
+    # chain (so ingress.mode: detect forwards it instead of answering 413).
     f = _filter({"max_body_bytes": 1000})
-    d = await f.check(_ctx(method="POST", headers=[("Host", "h")] + headers))
-    assert (None if isinstance(d, Allow) else d.problem.reason) == expected
-    if expected:
-        assert d.problem.status == 413
+    d = await f.check(_ctx(method="POST", headers=[("Host", "h"), ("Content-Length", "1001")]))
+    assert isinstance(d, Allow)
 
 
 SMUGGLING_CASES = [
