@@ -50,14 +50,14 @@ from prometheus_client import Counter
 from pydantic import Field, field_validator
 
 from gateway import problems
-from gateway.chain import ALLOW, POS_INTEGRATIONS, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage
+from gateway.chain import ALLOW, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.configbase import Model
 from gateway.context import IntegrationIdentity, RequestContext
 from gateway.metrics import REGISTRY
 from gateway.problems import Problem
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import RouteConfig
+    from gateway.configbase import RouteBase as RouteConfig
 
 log = logging.getLogger("portvakt.integrations")
 
@@ -719,7 +719,6 @@ def _same(a: str | None, b: str) -> bool:
 
 class IntegrationsFilter(Filter):
     name = "integrations"
-    position = POS_INTEGRATIONS
 
     def __init__(self, stage: IntegrationsStage, mode: Mode):
         self.stage = stage

@@ -55,7 +55,6 @@ from filters.jwks import VERIFIERS, JwksStore, KeysUnavailable, VerifyKey, check
 from gateway import problems
 from gateway.chain import (
     ALLOW,
-    POS_TOKENS,
     SKIP,
     BuildEnv,
     Decision,
@@ -72,7 +71,7 @@ from gateway.metrics import REGISTRY
 from gateway.problems import Problem
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import RouteConfig
+    from gateway.configbase import RouteBase as RouteConfig
 
 
 class IssuerConfig(Model):
@@ -444,7 +443,6 @@ class _Cached:
 
 class TokensFilter(Filter):
     name = "tokens"
-    position = POS_TOKENS
 
     def __init__(self, stage: TokensStage, mode: Mode) -> None:
         self.stage = stage

@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from filters.ingress import BODY_TOO_LARGE, REQUEST_SMUGGLING
+from filters.ingress import REQUEST_SMUGGLING
 from gateway import accesslog, logsetup, metrics, problems, tlsutil, tracing
 from gateway.canonical import (
     HOST_NOT_CANONICAL,
@@ -157,6 +157,8 @@ class RequestPath:
             runtime=rt,
             tls=tlsutil.peer_info(request.transport),
             from_trusted_proxy=trusted,
+            raw_target=request.raw_path,
+            http_version=(request.version.major, request.version.minor),
         )
         tcfg = rt.config.tracing
         if tcfg.propagate:
@@ -344,7 +346,10 @@ class RequestPath:
         if persons is not None and ctx.path.startswith(persons.prefix + "/"):
             denied = await persons.guard(ctx)  # ingress (+ rate limit on login/callback) first
             if denied is not None:
-                return self._deny(ctx, denied.problem)
+                resp = self._deny(ctx, denied.problem)
+                if denied.close:
+                    resp.force_close()
+                return resp
             deleg = rt.delegation
             if deleg is not None and deleg.owns(ctx.path):
                 return await deleg.serve(ctx, request, persons)  # parties, admin API: never proxied
@@ -365,7 +370,7 @@ class RequestPath:
         ctx.route = route
 
         # Body prefix: read before the chain (the WAF inspects it) and before any upstream contact.
-        limit = rt.max_body_bytes
+        body_limit = rt.body_limit  # the one place of the body limit and its mode (filters/ingress.py)
         more_body = False
         if request.body_exists or "Transfer-Encoding" in request.headers:
             refused = edge.body_problem(request)
@@ -377,10 +382,11 @@ class RequestPath:
             request.protocol.body_request = request  # type: ignore[union-attr]  # the edge sweep's body timeout
             clen = request.content_length
             ctx.body_size_hint = clen
-            if clen is not None and clen > limit:
+            refused = body_limit.check(ctx, clen) if clen is not None else None
+            if refused is not None:
                 # Not read here: aiohttp drains the unread body after the response (bounded by its
                 # lingering time) so the client reads the 413 instead of a connection reset.
-                return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
+                return self._deny(ctx, refused)
             if headers_expect_continue(request):
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             want = route.body_prefix_bytes
@@ -397,44 +403,47 @@ class RequestPath:
                     return self._refuse_chunk(request, ctx)
                 return self._body_failed(ctx, type(e).__name__)
             ctx.bytes_in = len(ctx.body)
-            if len(ctx.body) > limit:
-                return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
+            refused = body_limit.check(ctx, len(ctx.body))
+            if refused is not None:
+                return self._deny(ctx, refused)
         else:
             ctx.body_complete = True
 
         if route.filters:
             denied = await run_chain(route.filters, ctx)
             if denied is not None:
-                return self._deny(ctx, denied.problem)
+                resp = self._deny(ctx, denied.problem)
+                if denied.close:
+                    resp.force_close()  # the filter asked: nothing after this request is read
+                return resp
 
-        components = rt.components
-        audit = components.get("audit")
-        if audit is not None:
-            refused = await audit.before_forward(ctx)
-            if refused is not None:
-                return self._deny(ctx, refused)
+        refused = await rt.audit.before_forward(ctx)
+        if refused is not None:
+            return self._deny(ctx, refused)
 
         try:
             resp = await forward(
                 ctx,
                 request,
-                components["upstreams"].get(route.upstream_name),
-                body_limit=limit,
+                rt.upstreams.get(route.upstream_name),
+                body_limit=body_limit.cap,
                 has_more_body=more_body,
-                forwarder=components.get("forwarder"),
+                forwarder=rt.forwarder,
                 drop=rt.request_drop
                 if ctx.from_trusted_proxy
                 else (rt.request_drop_untrusted or rt.request_drop),
                 drop_prefixes=rt.request_drop_prefixes,
             )
         except BodyTooLarge:
-            return self._deny(ctx, Problem(BODY_TOO_LARGE, detail=f"The limit is {limit} bytes"))
+            return self._deny(ctx, body_limit.problem())
         except ClientBodyError as e:
             if str(e) == ChunkSizeOutOfRange.__name__:
                 return self._refuse_chunk(request, ctx)
             return self._body_failed(ctx, str(e))
         except UpstreamError as e:
             return self._deny(ctx, e.problem, decision="error")
+        if more_body:
+            body_limit.check(ctx, ctx.bytes_in)  # detect mode: a streamed body over the limit
         ctx.decision = "allow"
         if ctx.reason is None and ctx.detections:
             ctx.reason = ctx.detections[0].reason
@@ -493,9 +502,7 @@ class RequestPath:
         try:
             self._labels.observe(route, method, ctx.status, ctx.decision, duration)
             accesslog.record(ctx, duration)
-            audit = rt.components.get("audit")
-            if audit is not None:
-                audit.record(ctx)
+            rt.audit.record(ctx)
         except Exception:
             log.exception("recording request %s failed", ctx.request_id)
         finally:

@@ -229,15 +229,9 @@ class Gateway(RequestPath):
         ok = not self.stopping and not any(str(v).startswith("down") for v in deps.values())
         return ok, {"config": "loaded", "generation": rt.generation, "dependencies": deps}
 
-    async def jwks(self) -> Any:
-        fwd = self.runtime.components.get("forwarder")
-        fn = getattr(fwd, "jwks", None) if fwd is not None else None
-        if fn is None:
-            return None
-        out = fn()
-        if asyncio.iscoroutine(out):
-            out = await out
-        return out
+    async def jwks(self) -> dict[str, Any]:
+        """The identity forwarder's public keys (the admin listener serves them)."""
+        return self.runtime.forwarder.jwks()
 
 
 async def serve(
