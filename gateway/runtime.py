@@ -20,6 +20,7 @@ from gateway.canonical import host_for_match, route_host
 from gateway.chain import BuildEnv, Filter, Stage
 from gateway.config import Config, RouteConfig, UpstreamConfig
 from gateway.proxy import FORWARDED_CERT_HEADERS, REQUEST_DROP, UpstreamPool
+from gateway.resources import Registry, Scope
 
 log = logging.getLogger("portvakt.runtime")
 
@@ -84,6 +85,8 @@ class Runtime:
     # so a path without upper-case letters needs no check (the common case stays one str.lower()).
     case_guard: tuple[tuple[CompiledRoute, str], ...] = ()
     prefixes_lower: bool = True
+    # The shared resources this runtime holds (gateway.resources); released when it is closed.
+    resources: Scope = field(default_factory=lambda: Registry().scope())
     inflight: int = 0
     _drained: asyncio.Event | None = field(default=None, repr=False)
     _trust_cache: dict[Any, bool] = field(default_factory=dict, repr=False)
@@ -182,6 +185,7 @@ class Runtime:
                 await s.close()
             except Exception:
                 log.exception("closing stage %s failed", s.name)
+        await self.resources.release_all()  # what a stage did not release itself
 
     def readiness(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -214,9 +218,22 @@ def build_runtime(
     config: Config, previous: Runtime | None = None, secrets: dict[str, Any] | None = None
 ) -> Runtime:
     """Build a complete runtime (not yet started). Raises on any problem; the caller keeps the old
-    runtime when this fails."""
+    runtime when this fails. Resources are shared with ``previous`` through its registry; a
+    failed build gives back what it acquired."""
+    registry = previous.resources.registry if previous is not None else Registry()
+    scope = registry.scope()
+    try:
+        return _build(config, previous, secrets, scope)
+    except BaseException:
+        scope.abandon()
+        raise
+
+
+def _build(config: Config, previous: Runtime | None, secrets: dict[str, Any] | None, scope: Scope) -> Runtime:
     base_dir = os.path.dirname(os.path.abspath(config.source_path)) if config.source_path else os.getcwd()
-    env = BuildEnv(config=config, base_dir=base_dir, secrets=secrets if secrets is not None else {})
+    env = BuildEnv(
+        config=config, base_dir=base_dir, secrets=secrets if secrets is not None else {}, resources=scope
+    )
     stages: list[Stage] = []
     for modname in STAGE_MODULES:
         mod = importlib.import_module(modname)
@@ -279,6 +296,7 @@ def build_runtime(
         stages=tuple(stages),
         components=components,
         generation=gen,
+        resources=scope,
         trusted_networks=tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies),
         request_drop=REQUEST_DROP | strip,
         request_drop_untrusted=REQUEST_DROP | strip | cert_headers,
