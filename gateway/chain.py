@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Protocol
 
@@ -35,6 +35,7 @@ from gateway import metrics
 from gateway.configbase import ConfigBase, RouteBase
 from gateway.context import Detection, RequestContext
 from gateway.problems import FILTER_TIMEOUT, INTERNAL, Problem
+from gateway.resources import Registry, Scope
 
 log = logging.getLogger("portvakt.chain")
 
@@ -106,23 +107,9 @@ class Stage:
 
     def adopt(self, previous: Stage) -> None:
         """Called on reload with the same stage of the old runtime, before ``start``: take over
-        state worth keeping (JWKS caches, connections) when the relevant config is unchanged."""
-
-
-def share(resource: Any) -> None:
-    """A stage started with a resource adopted from the previous runtime: count it as a user.
-
-    Resources kept across reloads (key stores, Redis clients) carry ``refs``, the number of
-    started stages using them (1 for the stage that made them). ``release`` closes on the last.
-    """
-    resource.refs = getattr(resource, "refs", 1) + 1
-
-
-async def release(resource: Any) -> None:
-    """A started stage is done with a shared resource; the last user closes it."""
-    resource.refs = getattr(resource, "refs", 1) - 1
-    if resource.refs <= 0:
-        await resource.close()
+        in-memory state worth keeping (verified-token caches) when the relevant config is
+        unchanged. Only look at ``previous``: this runtime may never start. Resources with a
+        lifecycle (connections, key stores) are shared through ``BuildEnv.resources`` instead."""
 
 
 @dataclass(slots=True)
@@ -132,6 +119,9 @@ class BuildEnv:
     config: ConfigBase
     base_dir: str
     secrets: dict[str, Any]  # process-wide keys made once (e.g. HMAC key for caches)
+    # What the runtime being built holds of the resources kept across reloads (gateway.resources):
+    # stages acquire Redis pools, key stores and clients here, keyed by the config that built them.
+    resources: Scope = field(default_factory=lambda: Registry().scope())
 
 
 class AuditRecorder(Protocol):

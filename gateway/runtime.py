@@ -28,6 +28,7 @@ from gateway.configbase import MatchConfig
 from gateway.identity import Forwarder, build_forwarder
 from gateway.pipeline import PIPELINE, StageDecl, chain_positions
 from gateway.proxy import FORWARDED_CERT_HEADERS, REQUEST_DROP, UpstreamPool
+from gateway.resources import Registry, Scope
 
 log = logging.getLogger("portvakt.runtime")
 
@@ -83,6 +84,8 @@ class Runtime:
     # so a path without upper-case letters needs no check (the common case stays one str.lower()).
     case_guard: tuple[tuple[CompiledRoute, str], ...] = ()
     prefixes_lower: bool = True
+    # The shared resources this runtime holds (gateway.resources); released when it is closed.
+    resources: Scope = field(default_factory=lambda: Registry().scope())
     inflight: int = 0
     _drained: asyncio.Event | None = field(default=None, repr=False)
     _trust_cache: dict[Any, bool] = field(default_factory=dict, repr=False)
@@ -182,6 +185,7 @@ class Runtime:
                 await s.close()
             except Exception:
                 log.exception("closing stage %s failed", s.name)
+        await self.resources.release_all()  # what a stage did not release itself
 
     def readiness(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -201,9 +205,28 @@ def build_runtime(
     pipeline: tuple[StageDecl, ...] = PIPELINE,
 ) -> Runtime:
     """Build a complete runtime (not yet started). Raises on any problem; the caller keeps the old
-    runtime when this fails. ``pipeline``: the stages to build (tests pass their own)."""
+    runtime when this fails. ``pipeline``: the stages to build (tests pass their own). Resources
+    are shared with ``previous`` through its registry; a failed build gives back what it acquired."""
+    registry = previous.resources.registry if previous is not None else Registry()
+    scope = registry.scope()
+    try:
+        return _build(config, previous, secrets, scope, pipeline)
+    except BaseException:
+        scope.abandon()
+        raise
+
+
+def _build(
+    config: Config,
+    previous: Runtime | None,
+    secrets: dict[str, Any] | None,
+    scope: Scope,
+    pipeline: tuple[StageDecl, ...],
+) -> Runtime:
     base_dir = os.path.dirname(os.path.abspath(config.source_path)) if config.source_path else os.getcwd()
-    env = BuildEnv(config=config, base_dir=base_dir, secrets=secrets if secrets is not None else {})
+    env = BuildEnv(
+        config=config, base_dir=base_dir, secrets=secrets if secrets is not None else {}, resources=scope
+    )
     positions = chain_positions(pipeline)
     stages: list[Stage] = []
     for decl in pipeline:
@@ -261,6 +284,7 @@ def build_runtime(
         upstreams=UpstreamPool(config),
         body_limit=BodyLimit(config.ingress),
         generation=gen,
+        resources=scope,
         trusted_networks=tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies),
         request_drop=REQUEST_DROP | strip,
         request_drop_untrusted=REQUEST_DROP | strip | cert_headers,

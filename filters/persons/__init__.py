@@ -27,11 +27,12 @@ from filters.persons.config import PersonsConfig, RoutePersonPolicy
 from filters.persons.cookies import strip_cookies
 from filters.persons.oidc import Provider, ProviderUnavailable, acr_rank
 from filters.persons.sessions import RefreshFailed, SessionManager, session_hash
-from filters.persons.store import StoreUnavailable, build_store
+from filters.persons.store import MemoryStore, RedisStore, StoreUnavailable, build_store
 from gateway import problems
-from gateway.chain import ALLOW, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage, release, share
+from gateway.chain import ALLOW, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.context import RequestContext, TokenIdentity
 from gateway.problems import Problem
+from gateway.resources import Lease
 
 if TYPE_CHECKING:  # pragma: no cover
     from gateway.configbase import ConfigBase as Config
@@ -205,7 +206,12 @@ class PersonsStage(Stage):
         self.cfg = cfg
         self.prefix = cfg.prefix
         self.provider = provider
-        self.store = build_store(cfg.store)
+        # Sessions outlive a reload: the store (and, for memory, the sessions) is kept while
+        # persons.store is unchanged (gateway.resources).
+        self._store: Lease[MemoryStore | RedisStore] = env.resources.acquire(
+            ("persons.store", cfg.store), lambda: build_store(cfg.store)
+        )
+        self.store = self._store.resource
         self._audit: Any = None
         self.sessions = SessionManager(cfg, self.store, provider, self.audit_event)
         self.cookie_filter = CookieStripFilter(frozenset({cfg.cookie_name, LOGIN_COOKIE}))
@@ -281,25 +287,15 @@ class PersonsStage(Stage):
             out.append(f)
         return out
 
-    def adopt(self, previous: Stage) -> None:
-        # Sessions outlive a reload: the same store (and, for memory, the same sessions) is kept.
-        if isinstance(previous, PersonsStage) and previous.cfg.store == self.cfg.store:
-            self.store = previous.store
-            self.sessions.store = previous.store
-            self._adopted = True
-
     async def start(self) -> None:
-        if getattr(self, "_adopted", False):
-            share(self.store)
-        else:
-            await self.store.start()
+        await self._store.start()  # a store kept from the previous runtime is running already
         await self.provider.start()
 
     async def close(self) -> None:
         for t in list(self._retries):
             t.cancel()
         await self.provider.close()
-        await release(self.store)
+        await self._store.release()
 
     def readiness(self) -> dict[str, str]:
         return {"provider": self.provider.readiness(), "store": self.store.readiness()}
