@@ -13,7 +13,7 @@ Reason ids (status):
 ``method_not_allowed`` 405     method not in ``ingress.allowed_methods`` and the route's
                                ``match.methods`` (``Allow`` header set). A method token the HTTP
                                parser does not know (``CUST``) gets the same answer from the
-                               server (gateway/server.py), counted and audited alike
+                               listener (gateway/listener.py), counted and audited alike
 ``uri_too_long``       414     request target (path + ``?`` + query) over ``max_uri_bytes``
 ``headers_too_large``  431     more than ``max_headers`` lines or over ``max_header_bytes``
 ``body_too_large``     413     ``Content-Length`` over ``max_body_bytes`` (the proxy enforces the
