@@ -32,6 +32,7 @@ CORE = frozenset(
         "gateway.metrics",
         "gateway.norid",
         "gateway.problems",
+        "gateway.resources",
     }
 )
 STAGE_ROOTS = ("filters.", "gateway.audit", "gateway.identity")
