@@ -126,11 +126,48 @@ async def release(resource: Any) -> None:
         await resource.close()
 
 
+class UndeclaredSection(LookupError):
+    """A stage's builder read a config section it does not declare (gateway/pipeline.py)."""
+
+
+class ConfigView:
+    """The config as one stage's builder sees it: its own sections and the shared facts its
+    declaration lists (``StageDecl.reads``), nothing else; ``resolve_path`` for file names.
+
+    Reading anything else raises ``UndeclaredSection`` (not AttributeError, so that
+    ``getattr(view, key, None)`` cannot quietly read an undeclared section as absent)."""
+
+    __slots__ = ("_config", "_keys", "_stage")
+
+    def __init__(self, config: ConfigBase, keys: frozenset[str], stage: str) -> None:
+        self._config = config
+        self._keys = keys
+        self._stage = stage
+
+    @property
+    def source_path(self) -> str | None:
+        return self._config.source_path
+
+    def resolve_path(self, p: str) -> str:
+        return self._config.resolve_path(p)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._keys:
+            return getattr(self._config, name)
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise UndeclaredSection(
+            f"pipeline stage {self._stage!r} reads config section {name!r}, which its declaration "
+            "in gateway/pipeline.py does not list"
+        )
+
+
 @dataclass(slots=True)
 class BuildEnv:
-    """What a stage may use while building: the config and its file's directory."""
+    """What a stage may use while building: its view of the config (gateway/pipeline.py gives
+    each builder its own sections and declared shared facts) and the config file's directory."""
 
-    config: ConfigBase
+    config: ConfigView | ConfigBase
     base_dir: str
     secrets: dict[str, Any]  # process-wide keys made once (e.g. HMAC key for caches)
 

@@ -22,11 +22,11 @@ from filters.ingress import BodyLimit
 from filters.persons import PersonsStage
 from gateway.audit import AuditSink, build_audit
 from gateway.canonical import host_for_match, route_host
-from gateway.chain import BuildEnv, Filter, Stage
+from gateway.chain import Filter, Stage
 from gateway.config import Config, RouteConfig, UpstreamConfig
 from gateway.configbase import MatchConfig
 from gateway.identity import Forwarder, build_forwarder
-from gateway.pipeline import PIPELINE, StageDecl, chain_positions
+from gateway.pipeline import AUDIT, FORWARDER, PIPELINE, StageDecl, build_env, chain_positions
 from gateway.proxy import FORWARDED_CERT_HEADERS, REQUEST_DROP, UpstreamPool
 
 log = logging.getLogger("portvakt.runtime")
@@ -203,11 +203,11 @@ def build_runtime(
     """Build a complete runtime (not yet started). Raises on any problem; the caller keeps the old
     runtime when this fails. ``pipeline``: the stages to build (tests pass their own)."""
     base_dir = os.path.dirname(os.path.abspath(config.source_path)) if config.source_path else os.getcwd()
-    env = BuildEnv(config=config, base_dir=base_dir, secrets=secrets if secrets is not None else {})
+    secrets = secrets if secrets is not None else {}
     positions = chain_positions(pipeline)
     stages: list[Stage] = []
     for decl in pipeline:
-        stage = decl.builder(env)
+        stage = decl.builder(build_env(decl, config, base_dir, secrets))
         if stage is None:  # not configured (e.g. no persons: section)
             continue
         if previous is not None:
@@ -234,8 +234,8 @@ def build_runtime(
                 body_prefix_bytes=min(max_body + 1, wanted),
             )
         )
-    audit = build_audit(env)
-    forwarder = build_forwarder(env)
+    audit = build_audit(build_env(AUDIT, config, base_dir, secrets))
+    forwarder = build_forwarder(build_env(FORWARDER, config, base_dir, secrets))
     if previous is not None:
         audit.adopt(previous.audit)
         forwarder.adopt(previous.forwarder)
