@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Protocol
 from gateway import metrics
 from gateway.configbase import ConfigBase, RouteBase
 from gateway.context import Detection, RequestContext
+from gateway.internals import Deadline, Resumed
 from gateway.problems import FILTER_TIMEOUT, INTERNAL, Problem
 from gateway.resources import Registry, Scope
 
@@ -112,11 +113,48 @@ class Stage:
         lifecycle (connections, key stores) are shared through ``BuildEnv.resources`` instead."""
 
 
+class UndeclaredSection(LookupError):
+    """A stage's builder read a config section it does not declare (gateway/pipeline.py)."""
+
+
+class ConfigView:
+    """The config as one stage's builder sees it: its own sections and the shared facts its
+    declaration lists (``StageDecl.reads``), nothing else; ``resolve_path`` for file names.
+
+    Reading anything else raises ``UndeclaredSection`` (not AttributeError, so that
+    ``getattr(view, key, None)`` cannot quietly read an undeclared section as absent)."""
+
+    __slots__ = ("_config", "_keys", "_stage")
+
+    def __init__(self, config: ConfigBase, keys: frozenset[str], stage: str) -> None:
+        self._config = config
+        self._keys = keys
+        self._stage = stage
+
+    @property
+    def source_path(self) -> str | None:
+        return self._config.source_path
+
+    def resolve_path(self, p: str) -> str:
+        return self._config.resolve_path(p)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._keys:
+            return getattr(self._config, name)
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise UndeclaredSection(
+            f"pipeline stage {self._stage!r} reads config section {name!r}, which its declaration "
+            "in gateway/pipeline.py does not list"
+        )
+
+
 @dataclass(slots=True)
 class BuildEnv:
-    """What a stage may use while building: the config and its file's directory."""
+    """What a stage may use while building: its view of the config (gateway/pipeline.py gives
+    each builder its own sections and declared shared facts) and the config file's directory."""
 
-    config: ConfigBase
+    config: ConfigView | ConfigBase
     base_dir: str
     secrets: dict[str, Any]  # process-wide keys made once (e.g. HMAC key for caches)
     # What the runtime being built holds of the resources kept across reloads (gateway.resources):
@@ -154,8 +192,9 @@ async def run_chain(filters: tuple[Filter, ...], ctx: RequestContext) -> Deny | 
     """Run filters in order. Returns the first enforced Deny, or None when the request may pass.
 
     Each filter gets its own ``timeout``; the chain arms at most one timer per request for them
-    (see ``_Deadline``), and none when no filter suspends."""
-    deadline: _Deadline | None = None
+    (``Deadline``), and none when no filter suspends: a check is driven to its first suspension
+    by hand (gateway/internals.py says why and what it relies on)."""
+    deadline: Deadline | None = None
     try:
         for f in filters:
             t0 = time.perf_counter()
@@ -169,10 +208,10 @@ async def run_chain(filters: tuple[Filter, ...], ctx: RequestContext) -> Deny | 
                     decision = done.value
                 else:
                     if deadline is None:
-                        deadline = _Deadline()
+                        deadline = Deadline()
                     deadline.arm(f.timeout)
                     try:
-                        decision = await _Resumed(coro, suspended_on)
+                        decision = await Resumed(coro, suspended_on)
                     except asyncio.CancelledError:
                         if deadline.expired():
                             raise TimeoutError from None
@@ -207,95 +246,3 @@ async def run_chain(filters: tuple[Filter, ...], ctx: RequestContext) -> Deny | 
     finally:
         if deadline is not None:
             deadline.close()
-
-
-class _Deadline:
-    """One timer per request for every suspending filter of the chain.
-
-    ``asyncio.timeout`` per suspending filter schedules and cancels a timer each time (~8 µs).
-    Here the first suspending filter schedules one at its deadline; a later filter only moves the
-    deadline (``arm``), and the timer, when it fires before the current deadline, re-arms itself
-    for the rest (rare: only requests whose chain takes longer than a filter's timeout). Only a
-    filter whose deadline is *earlier* than the armed one pays for a new timer. When the deadline
-    of the filter being awaited has passed, the task is cancelled, and ``run_chain`` turns that
-    cancellation (and only that one: ``uncancel`` bookkeeping as in ``asyncio.Timeout``) into the
-    filter's timeout.
-    """
-
-    __slots__ = ("loop", "task", "when", "handle", "active", "fired", "cancelling")
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.task = asyncio.current_task()
-        self.handle: asyncio.TimerHandle | None = None
-        self.when = 0.0
-        self.active = False
-        self.fired = False
-        self.cancelling = 0
-
-    def arm(self, timeout: float) -> None:
-        self.when = when = self.loop.time() + timeout
-        self.active, self.fired = True, False
-        assert self.task is not None
-        self.cancelling = self.task.cancelling()
-        h = self.handle
-        if h is None or h.when() > when:
-            if h is not None:
-                h.cancel()
-            self.handle = self.loop.call_at(when, self._fire)
-
-    def _fire(self) -> None:
-        self.handle = None
-        if not self.active:
-            return  # between suspending filters; the next arm schedules again
-        if self.loop.time() < self.when:
-            self.handle = self.loop.call_at(self.when, self._fire)
-            return
-        self.fired = True
-        assert self.task is not None
-        self.task.cancel()
-
-    def expired(self) -> bool:
-        """The cancellation being handled is ours (the deadline passed), not the client's."""
-        if not self.fired:
-            return False
-        self.fired = False
-        assert self.task is not None
-        return self.task.uncancel() <= self.cancelling
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-
-
-class _Resumed:
-    """Await the rest of a coroutine that already ran up to its first suspension.
-
-    Behaves like ``yield from``: what the coroutine yields (the future it waits on) goes to the
-    task, what the task sends or throws (results, cancellation from a timeout) goes back in.
-    """
-
-    __slots__ = ("_coro", "_first")
-
-    def __init__(self, coro: Any, first: Any):
-        self._coro, self._first = coro, first
-
-    def __await__(self):  # type: ignore[no-untyped-def]
-        coro, pending = self._coro, self._first
-        while True:
-            try:
-                sent = yield pending
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # cancellation (timeout) or an error thrown in by the task
-                try:
-                    pending = coro.throw(exc)
-                except StopIteration as done:
-                    return done.value
-            else:
-                try:
-                    pending = coro.send(sent)
-                except StopIteration as done:
-                    return done.value

@@ -167,9 +167,8 @@ async def build_problems(cfg: Any, path: str) -> list[str]:
     """Build (without starting) the runtime of a loaded config; every stage or component that
     cannot be built, each as ``file: yaml.path: reason``. Used by check-config and by reload."""
     from gateway.audit import build_audit
-    from gateway.chain import BuildEnv
     from gateway.identity import build_forwarder
-    from gateway.pipeline import PIPELINE
+    from gateway.pipeline import AUDIT, FORWARDER, PIPELINE, build_env
     from gateway.runtime import build_runtime
 
     try:
@@ -181,13 +180,13 @@ async def build_problems(cfg: Any, path: str) -> list[str]:
         return []
     # build_runtime stops at the first error: build each stage and component on its own
     # to list every one that cannot be built.
-    env = BuildEnv(config=cfg, base_dir=os.path.dirname(os.path.abspath(path)), secrets={})
-    builders: list[Any] = [decl.builder for decl in PIPELINE]
-    builders += [build_audit, build_forwarder]
+    base_dir = os.path.dirname(os.path.abspath(path))
+    builders: list[tuple[Any, Any]] = [(decl.builder, decl) for decl in PIPELINE]
+    builders += [(build_audit, AUDIT), (build_forwarder, FORWARDER)]
     found: list[str] = []
-    for builder in builders:
+    for builder, decl in builders:
         try:
-            part = builder(env)
+            part = builder(build_env(decl, cfg, base_dir, {}))
         except Exception as e:
             found.append(_build_problem(path, e))
             continue

@@ -43,9 +43,10 @@ from filters.persons.config import PersonsConfig, RoutePersonPolicy
 from filters.rate_limit import RateLimitConfig, RateLimitRule
 from filters.waf.config import RouteWafConfig, WafConfig
 from gateway.audit import AuditConfig
-from gateway.chain import BuildEnv, Stage
+from gateway.chain import BuildEnv, ConfigView, Stage
 from gateway.configbase import ConfigBase, RouteBase
 from gateway.identity import IdentityConfig, RouteForwardConfig
+from gateway.resources import Scope
 
 Problems = list[tuple[tuple[Any, ...], str]]  # (yaml path, message)
 
@@ -73,6 +74,8 @@ class StageDecl:
     positions: Mapping[str, int] = field(default_factory=dict)
     checks: Callable[[ConfigBase], Problems] | None = None  # cross-section checks at load
     route_checks: Callable[[RouteBase], Problems] | None = None  # per route, paths below the route
+    # Shared facts the builder reads besides its own sections (other sections, ``routes``).
+    reads: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not callable(self.builder):
@@ -112,6 +115,7 @@ PIPELINE: tuple[StageDecl, ...] = (
             Section("rate_limits", list[RateLimitRule], "Rate limits of this route", default_factory=list),
         ),
         positions={"rate_limit_pre": 20, "rate_limit": 80},
+        reads=("routes", "persons"),  # per-route rules; the login endpoints' own rules
     ),
     StageDecl(
         "waf",
@@ -134,6 +138,7 @@ PIPELINE: tuple[StageDecl, ...] = (
             ),
         ),
         positions={"certificates": 40},
+        reads=("server",),  # the listener's client CA bundle verifies forwarded certificates too
     ),
     StageDecl(
         "issuers",
@@ -175,6 +180,7 @@ PIPELINE: tuple[StageDecl, ...] = (
         ),
         positions={"authorize": 70},
         route_checks=filters.access.route_policy_problems,
+        reads=("routes", "integrations"),  # the routes' access: blocks; the integrations' grants
     ),
     StageDecl(
         "persons",
@@ -212,6 +218,7 @@ PIPELINE: tuple[StageDecl, ...] = (
         ),
         positions={"party": 47, "privilege": 75},
         checks=filters.delegation.config_problems,
+        reads=("persons", "routes"),  # the persons' prefix (its endpoints); the routes' services
     ),
 )
 
@@ -223,11 +230,29 @@ class RoleDecl:
     name: str
     sections: tuple[Section, ...] = ()
     route_sections: tuple[Section, ...] = ()
+    reads: tuple[str, ...] = ()
+
+
+def build_env(
+    decl: StageDecl | RoleDecl,
+    config: ConfigBase,
+    base_dir: str,
+    secrets: dict[str, Any],
+    resources: Scope | None = None,
+) -> BuildEnv:
+    """The build environment of one declared stage or role: its own view of the config, and the
+    runtime's share of the resources kept across reloads (a fresh registry when none is given)."""
+    keys = frozenset(s.key for s in decl.sections) | frozenset(decl.reads)
+    view = ConfigView(config, keys, decl.name)
+    if resources is None:
+        return BuildEnv(config=view, base_dir=base_dir, secrets=secrets)
+    return BuildEnv(config=view, base_dir=base_dir, secrets=secrets, resources=resources)
 
 
 AUDIT = RoleDecl(
     "audit",
     sections=(Section("audit", AuditConfig, "Audit trail", default_factory=AuditConfig),),
+    reads=("integrations",),  # grants and withdrawals are audit events
 )
 FORWARDER = RoleDecl(
     "identity",
@@ -265,7 +290,8 @@ def chain_positions(pipeline: tuple[StageDecl, ...] = PIPELINE) -> dict[str, int
 def _check_unique(pipeline: tuple[StageDecl, ...]) -> None:
     seen: set[str] = set()
     route_seen: set[str] = set()
-    for decl in (*pipeline, *ROLES):
+    decls: tuple[StageDecl | RoleDecl, ...] = (*pipeline, *ROLES)
+    for decl in decls:
         for s in decl.sections:
             if s.key in seen:
                 raise ValueError(f"pipeline: config section {s.key!r} declared twice")

@@ -22,11 +22,11 @@ from filters.ingress import BodyLimit
 from filters.persons import PersonsStage
 from gateway.audit import AuditSink, build_audit
 from gateway.canonical import host_for_match, route_host
-from gateway.chain import BuildEnv, Filter, Stage
+from gateway.chain import Filter, Stage
 from gateway.config import Config, RouteConfig, UpstreamConfig
 from gateway.configbase import MatchConfig
 from gateway.identity import Forwarder, build_forwarder
-from gateway.pipeline import PIPELINE, StageDecl, chain_positions
+from gateway.pipeline import AUDIT, FORWARDER, PIPELINE, StageDecl, build_env, chain_positions
 from gateway.proxy import FORWARDED_CERT_HEADERS, REQUEST_DROP, UpstreamPool
 from gateway.resources import Registry, Scope
 
@@ -224,13 +224,11 @@ def _build(
     pipeline: tuple[StageDecl, ...],
 ) -> Runtime:
     base_dir = os.path.dirname(os.path.abspath(config.source_path)) if config.source_path else os.getcwd()
-    env = BuildEnv(
-        config=config, base_dir=base_dir, secrets=secrets if secrets is not None else {}, resources=scope
-    )
+    secrets = secrets if secrets is not None else {}
     positions = chain_positions(pipeline)
     stages: list[Stage] = []
     for decl in pipeline:
-        stage = decl.builder(env)
+        stage = decl.builder(build_env(decl, config, base_dir, secrets, scope))
         if stage is None:  # not configured (e.g. no persons: section)
             continue
         if previous is not None:
@@ -257,8 +255,8 @@ def _build(
                 body_prefix_bytes=min(max_body + 1, wanted),
             )
         )
-    audit = build_audit(env)
-    forwarder = build_forwarder(env)
+    audit = build_audit(build_env(AUDIT, config, base_dir, secrets, scope))
+    forwarder = build_forwarder(build_env(FORWARDER, config, base_dir, secrets, scope))
     if previous is not None:
         audit.adopt(previous.audit)
         forwarder.adopt(previous.forwarder)
@@ -323,11 +321,15 @@ def _persons_endpoint_chains(
     (``persons.rate_limits``, per client IP by default) on login start and callback."""
 
     def route(name: str, rules: list[Any]) -> RouteConfig:
-        return RouteConfig(
-            name=name,
-            upstream="-",
-            rate_limits=rules,
-            match=MatchConfig(path_prefix=persons.prefix + "/", methods=["GET", "HEAD", "POST", "DELETE"]),
+        return RouteConfig.model_validate(
+            {
+                "name": name,
+                "upstream": "-",
+                "rate_limits": rules,
+                "match": MatchConfig(
+                    path_prefix=persons.prefix + "/", methods=["GET", "HEAD", "POST", "DELETE"]
+                ),
+            }
         )
 
     def chain(rc: RouteConfig, names: tuple[str, ...]) -> tuple[Filter, ...]:

@@ -24,6 +24,7 @@ from aiohttp import web
 from gateway import logsetup, metrics, problems, tlsutil
 from gateway.config import Config, ConfigError, load_config
 from gateway.edge import EdgeLimits, EdgeTCPSite
+from gateway.internals import set_shutdown_timeout
 from gateway.listener import ProblemServer, split_listen
 from gateway.requestpath import RequestLabels, RequestPath
 from gateway.runtime import Runtime, build_runtime
@@ -113,7 +114,7 @@ class Gateway(RequestPath):
         self.stopping = True
         if self._runner is not None:
             if grace is not None:
-                self._runner._shutdown_timeout = grace  # aiohttp's runner keeps it there
+                set_shutdown_timeout(self._runner, grace)  # gateway/internals.py
             await self._runner.cleanup()
         if self._edge_sweep is not None:
             self._edge_sweep.cancel()

@@ -2,8 +2,8 @@
 functions and under ``if TYPE_CHECKING:``).
 
 - **core**: context, decisions and the Filter/Stage/role interfaces (gateway/chain.py), problems
-  and reason ids, the config base ``Model``, metrics helpers. Imports nothing of the project
-  outside itself.
+  and reason ids, the config base ``Model``, metrics helpers, the one module of dependency
+  internals (gateway/internals.py). Imports nothing of the project outside itself.
 - **stages**: every package under filters/, plus the two roles that are not filters, the audit
   sink (gateway/audit/) and the identity forwarder (gateway/identity). A stage depends on the
   core; on another stage only where it really builds on it, each such edge listed in
@@ -29,6 +29,7 @@ CORE = frozenset(
         "gateway.chain",
         "gateway.configbase",
         "gateway.context",
+        "gateway.internals",
         "gateway.metrics",
         "gateway.norid",
         "gateway.problems",

@@ -139,3 +139,27 @@ def test_case_variants_of_route_prefixes(only_test_stage):
         parse_config(CASE_CONFIG % "http: {case_sensitive_upstream: true}"), pipeline=only_test_stage
     )
     assert off.case_guard == () and off.case_variant("h", "/INNSYN/x") is None
+
+
+def test_each_builder_sees_only_its_declared_sections():
+    """A stage's builder gets its own sections and the shared facts its declaration lists;
+    reading another section fails loudly (also through getattr with a default)."""
+    from gateway.chain import UndeclaredSection
+    from gateway.pipeline import PIPELINE, StageDecl
+
+    seen = {}
+
+    def nosy(env):
+        seen["own"] = env.config.ingress.max_body_bytes
+        seen["path"] = env.config.resolve_path("x.pem")
+        getattr(env.config, "issuers", None)  # not declared: must not read as "absent"
+        return None
+
+    cfg = parse_config(CONFIG % 1000)
+    decl = StageDecl("nosy", nosy, sections=PIPELINE[0].sections)
+    with pytest.raises(UndeclaredSection, match="'nosy' reads config section 'issuers'"):
+        runtime.build_runtime(cfg, pipeline=(decl,))
+    assert seen["own"] == 1000 and seen["path"].endswith("x.pem")
+    # Declared as a shared fact, it is readable.
+    ok = StageDecl("nosy", nosy, sections=PIPELINE[0].sections, reads=("issuers",))
+    runtime.build_runtime(cfg, pipeline=(ok,))
