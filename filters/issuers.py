@@ -45,7 +45,7 @@ import math
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import Counter
@@ -55,7 +55,6 @@ from filters.jwks import VERIFIERS, JwksStore, KeysUnavailable, VerifyKey, check
 from gateway import problems
 from gateway.chain import (
     ALLOW,
-    POS_TOKENS,
     SKIP,
     BuildEnv,
     Decision,
@@ -63,16 +62,15 @@ from gateway.chain import (
     Filter,
     Mode,
     Stage,
-    release,
-    share,
 )
 from gateway.configbase import Model
 from gateway.context import Detection, RequestContext, TokenIdentity
 from gateway.metrics import REGISTRY
 from gateway.problems import Problem
+from gateway.resources import Lease
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import RouteConfig
+    from gateway.configbase import RouteBase as RouteConfig
 
 
 class IssuerConfig(Model):
@@ -424,9 +422,13 @@ def identity_from_claims(kind: str, issuer_name: str, claims: dict[str, Any]) ->
 class IssuerRuntime:
     name: str
     config: IssuerConfig
-    store: JwksStore
+    lease: Lease[JwksStore]  # the key store, kept across reloads while its source is the same
     algorithms: frozenset[str]
     audiences: frozenset[str] = frozenset()
+    store: JwksStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.store = self.lease.resource
 
     @property
     def mode(self) -> Mode:
@@ -444,7 +446,6 @@ class _Cached:
 
 class TokensFilter(Filter):
     name = "tokens"
-    position = POS_TOKENS
 
     def __init__(self, stage: TokensStage, mode: Mode) -> None:
         self.stage = stage
@@ -521,13 +522,6 @@ class TokensStage(Stage):
         self._by_iss = {rt.config.issuer: rt for rt in issuers.values()}
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self.cache_max = CACHE_MAX_ENTRIES
-        # Issuers whose key store was taken over from the previous runtime's stage (adopt), and
-        # whether start() has taken our reference on them. A store is shared by reference count
-        # (``refs``): the last stage that started with it closes it. adopt() only looks, so a
-        # reload that fails to build or start never disturbs the runtime still serving.
-        self._adopted: set[str] = set()
-        self._took_refs = False
-        self._closed = False
         modes = {rt.mode for rt in issuers.values()}
         active = modes - {Mode.off}
         if not active:
@@ -684,21 +678,12 @@ class TokensStage(Stage):
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
-        if not self._took_refs:
-            self._took_refs = True
-            for name in self._adopted:
-                share(self.issuers[name].store)
-        stores = [rt.store for rt in self.issuers.values() if rt.mode is not Mode.off]
-        await asyncio.gather(*(s.start() for s in stores))
+        # A store kept from the previous runtime is running already: its lease starts nothing.
+        await asyncio.gather(*(rt.lease.start() for rt in self.issuers.values() if rt.mode is not Mode.off))
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for name, rt in self.issuers.items():
-            if name in self._adopted and not self._took_refs:
-                continue  # never started: the store still belongs to the previous stage alone
-            await release(rt.store)
+        for rt in self.issuers.values():
+            await rt.lease.release()  # the last holder of a store closes it
 
     def readiness(self) -> dict[str, str]:
         return {
@@ -708,17 +693,14 @@ class TokensStage(Stage):
         }
 
     def adopt(self, previous: Stage) -> None:
-        """Keep key stores (and verified tokens) of issuers whose config is unchanged."""
+        """Keep the verified tokens of issuers whose config is unchanged (their key stores are
+        kept through BuildEnv.resources; see build_stage)."""
         if not isinstance(previous, TokensStage):
             return
         kept: dict[int, IssuerRuntime] = {}
         for name, rt in self.issuers.items():
             old = previous.issuers.get(name)
-            if old is None or old.store.uri is None or old.store.source != rt.store.source:
-                continue
-            rt.store = old.store
-            self._adopted.add(name)
-            if old.config == rt.config:
+            if old is not None and old.store is rt.store and old.config == rt.config:
                 kept[id(old)] = rt
         for digest, entry in previous._cache.items():
             new_rt = kept.get(id(entry.issuer))
@@ -769,22 +751,37 @@ def build_stage(env: BuildEnv) -> TokensStage | None:
         if cfg.issuer in seen:
             raise ValueError(f"issuers.{name}.issuer: same iss as issuers.{seen[cfg.issuer]}")
         seen[cfg.issuer] = name
-        store = JwksStore(
-            name,
-            uri=cfg.jwks_uri,
-            file=env.config.resolve_path(cfg.jwks_file) if cfg.jwks_file else None,
-            algorithms=cfg.algorithms,
-            cache_seconds=cfg.jwks_cache_seconds,
-            refetch_min_seconds=cfg.jwks_refetch_min_seconds,
-            timeout_seconds=cfg.jwks_timeout_seconds,
-            retry_max_seconds=cfg.jwks_retry_max_seconds,
+        issuers[name] = IssuerRuntime(
+            name=name,
+            config=cfg,
+            lease=_key_store(env, name, cfg),
+            algorithms=frozenset(cfg.algorithms),
+            audiences=cfg.audiences,
         )
+    return TokensStage(issuers)
+
+
+def _key_store(env: BuildEnv, name: str, cfg: IssuerConfig) -> Lease[JwksStore]:
+    """The issuer's key store. A ``jwks_uri`` store (keys, refresh schedule, retry task) is kept
+    across reloads while everything that decides its keys is the same; a ``jwks_file`` is read
+    again on every load (a reload is how a changed file takes effect)."""
+    settings: dict[str, Any] = {
+        "uri": cfg.jwks_uri,
+        "file": env.config.resolve_path(cfg.jwks_file) if cfg.jwks_file else None,
+        "algorithms": sorted(cfg.algorithms),
+        "cache_seconds": cfg.jwks_cache_seconds,
+        "refetch_min_seconds": cfg.jwks_refetch_min_seconds,
+        "timeout_seconds": cfg.jwks_timeout_seconds,
+        "retry_max_seconds": cfg.jwks_retry_max_seconds,
+    }
+
+    def make() -> JwksStore:
+        store = JwksStore(name, **settings)
         if store.file is not None and cfg.mode is not Mode.off:
             try:
                 store.load_sync()
             except Exception as e:
                 raise ValueError(f"issuers.{name}.jwks_file: {e}") from None
-        issuers[name] = IssuerRuntime(
-            name=name, config=cfg, store=store, algorithms=frozenset(cfg.algorithms), audiences=cfg.audiences
-        )
-    return TokensStage(issuers)
+        return store
+
+    return env.resources.acquire(("issuers.jwks", name, settings) if cfg.jwks_uri else None, make)

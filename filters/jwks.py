@@ -227,23 +227,8 @@ class JwksStore:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self.fetches = 0  # attempts, successful or not (tests and readiness read it)
-        self.refs = 1  # stages sharing this store across reloads; the last one to close closes it
         self._ok_counter = JWKS_FETCHES.labels(name, "ok")
         self._err_counter = JWKS_FETCHES.labels(name, "error")
-
-    # -- identity for adopt() ---------------------------------------------------------------
-    @property
-    def source(self) -> tuple[Any, ...]:
-        """Everything that decides which keys this store holds: equal -> safe to keep on reload."""
-        return (
-            self.uri,
-            self.file,
-            self.algorithms,
-            self.cache_seconds,
-            self.refetch_min_seconds,
-            self.timeout_seconds,
-            self.retry_max_seconds,
-        )
 
     # -- request path -------------------------------------------------------------------------
     @property

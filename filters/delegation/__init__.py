@@ -30,20 +30,27 @@ from filters.delegation.config import (
     RoutePartyPolicy,
     RoutePrivilegePolicy,
 )
-from filters.delegation.store import PrivilegesUnavailable, admits, build_store, now_iso
+from filters.delegation.store import (
+    PrivilegesUnavailable,
+    RedisStore,
+    SqliteStore,
+    admits,
+    build_store,
+    now_iso,
+)
 from filters.persons.store import StoreUnavailable
 from gateway import problems
-from gateway.chain import ALLOW, BuildEnv, Decision, Deny, Filter, Mode, Stage, release
+from gateway.chain import ALLOW, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.context import RequestContext
 from gateway.problems import Problem
+from gateway.resources import Lease
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import Config, RouteConfig
+    from gateway.configbase import ConfigBase as Config
+    from gateway.configbase import RouteBase as RouteConfig
 
 log = logging.getLogger("portvakt.delegation")
 
-POS_PARTY = 47  # after the persons' session (45)
-POS_PRIVILEGE = 75  # after authorize (70): the operator's access: block is the ceiling
 
 PARTY_REQUIRED = problems.register("party_required", 403, "Choose the organisation you act for")
 PARTY_NOT_HELD = problems.register("party_not_held", 403, "You do not act for this organisation")
@@ -67,7 +74,6 @@ def masked(pid: str) -> str:
 
 class PartyFilter(Filter):
     name = "party"
-    position = POS_PARTY
     timeout = 15.0
 
     def __init__(self, stage: DelegationStage, policy: RoutePartyPolicy):
@@ -111,7 +117,6 @@ class PartyFilter(Filter):
 
 class PrivilegeFilter(Filter):
     name = "privilege"
-    position = POS_PRIVILEGE
 
     def __init__(self, stage: DelegationStage, policy: RoutePrivilegePolicy, service: str):
         self.stage = stage
@@ -157,8 +162,21 @@ class DelegationStage(Stage):
         self.cfg = cfg
         self.env = env
         self.subject_key = cfg.subject_key.encode()
-        self.store = build_store(cfg.store, env.config.resolve_path)
-        self.altinn = AltinnClient(cfg.altinn, env.config.resolve_path) if cfg.altinn is not None else None
+        # The privilege store and the Altinn client are kept across reloads while their config is
+        # the same (gateway.resources).
+        resolve = env.config.resolve_path
+        where = resolve(cfg.store.path) if cfg.store.backend == "sqlite" and cfg.store.path else None
+        self._store: Lease[SqliteStore | RedisStore] = env.resources.acquire(
+            ("delegation.store", cfg.store, where), lambda: build_store(cfg.store, resolve)
+        )
+        self.store = self._store.resource
+        altinn = cfg.altinn
+        self._altinn: Lease[AltinnClient] | None = (
+            env.resources.acquire(("delegation.altinn", altinn), lambda: AltinnClient(altinn, resolve))
+            if altinn is not None
+            else None
+        )
+        self.altinn = self._altinn.resource if self._altinn is not None else None
         self.cache_seconds = cfg.altinn.cache_seconds if cfg.altinn is not None else 300.0
         self.audit: Any = None
         self.persons_prefix = getattr(env.config.persons, "prefix", "/portvakt")
@@ -218,28 +236,11 @@ class DelegationStage(Stage):
             or path.startswith(self.admin_prefix + "/")
         )
 
-    def adopt(self, previous: Stage) -> None:
-        if isinstance(previous, DelegationStage) and previous.cfg.store == self.cfg.store:
-            self.store = previous.store
-            self._adopted_store = True
-        if (
-            isinstance(previous, DelegationStage)
-            and previous.cfg.altinn == self.cfg.altinn
-            and previous.altinn is not None
-        ):
-            self.altinn = previous.altinn
-            self._adopted_altinn = True
-
     async def start(self) -> None:
-        if getattr(self, "_adopted_store", False):
-            self.store.refs = getattr(self.store, "refs", 1) + 1
-        else:
-            await self.store.start()
-        if self.altinn is not None:
-            if getattr(self, "_adopted_altinn", False):
-                self.altinn.refs = getattr(self.altinn, "refs", 1) + 1
-            else:
-                await self.altinn.start()
+        # Kept from the previous runtime: running already, the leases start nothing.
+        await self._store.start()
+        if self._altinn is not None:
+            await self._altinn.start()
         await self.seed()
         if self._pending:
             t = asyncio.get_running_loop().create_task(self._flush_when_audit_starts())
@@ -282,9 +283,9 @@ class DelegationStage(Stage):
                 )
 
     async def close(self) -> None:
-        await release(self.store)
-        if self.altinn is not None:
-            await release(self.altinn)
+        await self._store.release()  # the last holder closes it
+        if self._altinn is not None:
+            await self._altinn.release()
 
     def readiness(self) -> dict[str, str]:
         out = {"privileges": self.store.readiness()}

@@ -90,7 +90,6 @@ class AltinnClient:
         self._lock = asyncio.Lock()
         self._error: str | None = None
         self.calls = 0
-        self.refs = 1
 
     async def start(self) -> None:
         t = self.cfg.timeout_seconds

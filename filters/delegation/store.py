@@ -64,7 +64,6 @@ class SqliteStore:
         self.timeout = cfg.timeout_seconds
         self.db: sqlite3.Connection | None = None
         self._error: str | None = None
-        self.refs = 1
 
     async def start(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -212,7 +211,6 @@ class RedisStore(BoundedRedisCalls):
             socket_connect_timeout=cfg.timeout_seconds,
             retry_on_timeout=False,
         )
-        self.refs = 1
 
     async def start(self) -> None:
         try:

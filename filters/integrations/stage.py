@@ -28,12 +28,12 @@ from filters.integrations.config import (
 from filters.integrations.credentials import _CACHE_HIT, CredentialVerifier, _Integration
 from filters.integrations.lockout import Admission, FailureTracker, LocalFailureStore, record_lockouts
 from gateway import problems
-from gateway.chain import ALLOW, POS_INTEGRATIONS, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage
+from gateway.chain import ALLOW, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.context import RequestContext
 from gateway.problems import Problem
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import RouteConfig
+    from gateway.configbase import RouteBase as RouteConfig
 
 ID_HEADER = "IntegrasjonId"
 PASSWORD_HEADER = "IntegrasjonPassord"
@@ -139,7 +139,6 @@ def _same(a: str | None, b: str) -> bool:
 
 class IntegrationsFilter(Filter):
     name = "integrations"
-    position = POS_INTEGRATIONS
 
     def __init__(self, stage: IntegrationsStage, mode: Mode):
         self.stage = stage

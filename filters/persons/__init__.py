@@ -27,19 +27,19 @@ from filters.persons.config import PersonsConfig, RoutePersonPolicy
 from filters.persons.cookies import strip_cookies
 from filters.persons.oidc import Provider, ProviderUnavailable, acr_rank
 from filters.persons.sessions import RefreshFailed, SessionManager, session_hash
-from filters.persons.store import StoreUnavailable, build_store
+from filters.persons.store import MemoryStore, RedisStore, StoreUnavailable, build_store
 from gateway import problems
-from gateway.chain import ALLOW, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage, release, share
+from gateway.chain import ALLOW, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.context import RequestContext, TokenIdentity
 from gateway.problems import Problem
+from gateway.resources import Lease
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import Config, RouteConfig
+    from gateway.configbase import ConfigBase as Config
+    from gateway.configbase import RouteBase as RouteConfig
 
 log = logging.getLogger("portvakt.persons")
 
-POS_COOKIES = 1  # before anything: the upstream never sees Portvakt's cookies
-POS_PERSONS = 45  # after client certificates, before bearer tokens
 LOGIN_COOKIE = "__Host-portvakt-login"
 
 LOGIN_REQUIRED = problems.register("login_required", 401, "Login required")
@@ -88,7 +88,6 @@ def is_navigation(ctx: RequestContext) -> bool:
 
 class CookieStripFilter(Filter):
     name = "persons_cookies"
-    position = POS_COOKIES
 
     def __init__(self, names: frozenset[str]):
         self.names = names
@@ -110,7 +109,6 @@ class CookieStripFilter(Filter):
 
 class PersonFilter(Filter):
     name = "persons"
-    position = POS_PERSONS
     timeout = 30.0
 
     def __init__(self, stage: PersonsStage, policy: RoutePersonPolicy):
@@ -208,7 +206,12 @@ class PersonsStage(Stage):
         self.cfg = cfg
         self.prefix = cfg.prefix
         self.provider = provider
-        self.store = build_store(cfg.store)
+        # Sessions outlive a reload: the store (and, for memory, the sessions) is kept while
+        # persons.store is unchanged (gateway.resources).
+        self._store: Lease[MemoryStore | RedisStore] = env.resources.acquire(
+            ("persons.store", cfg.store), lambda: build_store(cfg.store)
+        )
+        self.store = self._store.resource
         self._audit: Any = None
         self.sessions = SessionManager(cfg, self.store, provider, self.audit_event)
         self.cookie_filter = CookieStripFilter(frozenset({cfg.cookie_name, LOGIN_COOKIE}))
@@ -251,30 +254,13 @@ class PersonsStage(Stage):
             self._retries.add(t)
             t.add_done_callback(self._retries.discard)
 
-    def attach_endpoint_filters(self, stages: list[Stage]) -> None:
-        """The endpoints run before routing, so they get their own small chains: the ingress
-        stage's checks (CIDRs, hosts, methods, sizes) on every endpoint, plus the rate limit
-        (``persons.rate_limits``, per client IP by default) on login start and callback."""
-        from gateway.config import MatchConfig, RouteConfig
-
-        def route(name: str, rules: list[Any]) -> RouteConfig:
-            return RouteConfig(
-                name=name,
-                upstream="-",
-                rate_limits=rules,
-                match=MatchConfig(path_prefix=self.prefix + "/", methods=["GET", "HEAD", "POST", "DELETE"]),
-            )
-
-        def chain(rc: RouteConfig, names: tuple[str, ...]) -> tuple[Filter, ...]:
-            out = [
-                f for s in stages if s.name in names for f in s.filters_for_route(rc) if f.mode.value != "off"
-            ]
-            return tuple(sorted(out, key=lambda f: f.position))
-
-        self.endpoint_filters = chain(route("portvakt", []), ("ingress",))
-        self.login_filters = chain(
-            route("portvakt-login", list(self.cfg.rate_limits)), ("ingress", "rate_limit")
-        )
+    def set_endpoint_filters(self, endpoint: tuple[Filter, ...], login: tuple[Filter, ...]) -> None:
+        """The endpoints run before routing, so they get their own small chains, compiled by the
+        runtime (gateway/runtime.py): ``endpoint`` (the ingress stage's checks) on every
+        endpoint, ``login`` (plus the rate limit, ``persons.rate_limits``) on login start and
+        callback."""
+        self.endpoint_filters = endpoint
+        self.login_filters = login
 
     async def guard(self, ctx: RequestContext) -> Any:
         """The endpoints' chain: a ``Deny`` (the server renders it, audited once) or None."""
@@ -301,25 +287,15 @@ class PersonsStage(Stage):
             out.append(f)
         return out
 
-    def adopt(self, previous: Stage) -> None:
-        # Sessions outlive a reload: the same store (and, for memory, the same sessions) is kept.
-        if isinstance(previous, PersonsStage) and previous.cfg.store == self.cfg.store:
-            self.store = previous.store
-            self.sessions.store = previous.store
-            self._adopted = True
-
     async def start(self) -> None:
-        if getattr(self, "_adopted", False):
-            share(self.store)
-        else:
-            await self.store.start()
+        await self._store.start()  # a store kept from the previous runtime is running already
         await self.provider.start()
 
     async def close(self) -> None:
         for t in list(self._retries):
             t.cancel()
         await self.provider.close()
-        await release(self.store)
+        await self._store.release()
 
     def readiness(self) -> dict[str, str]:
         return {"provider": self.provider.readiness(), "store": self.store.readiness()}

@@ -150,9 +150,16 @@ class Provider:
                 continue
 
     async def close(self) -> None:
-        t = getattr(self, "_retry_task", None)
-        if t is not None and not t.done():
+        # Cancel and await the background fetches: one still running after close would open a
+        # new HTTP session that nobody closes (a leak per reload while the OP is unreachable).
+        for t in (getattr(self, "_retry_task", None), self._metadata_task):
+            if t is None:
+                continue
             t.cancel()
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
         if self.jwks is not None:
             await self.jwks.close()
         if self._session is not None and not self._session.closed:

@@ -132,7 +132,6 @@ class RedisStore(BoundedRedisCalls):
             retry_on_timeout=False,
             health_check_interval=0,
         )
-        self.refs = 1
 
     async def start(self) -> None:
         try:

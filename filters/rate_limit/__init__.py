@@ -54,6 +54,7 @@ balancer's rotation (a Redis partition seen by one host then moves traffic to th
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import ipaddress
 import logging
@@ -77,8 +78,6 @@ from filters.rate_limit.redis_store import (
 from gateway import problems
 from gateway.chain import (
     ALLOW,
-    POS_RATE_LIMIT,
-    POS_RATE_LIMIT_PRE,
     SKIP,
     BuildEnv,
     Decision,
@@ -86,14 +85,13 @@ from gateway.chain import (
     Filter,
     Mode,
     Stage,
-    release,
-    share,
 )
 from gateway.configbase import Model
 from gateway.problems import Problem
+from gateway.resources import Lease
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import RouteConfig
+    from gateway.configbase import RouteBase as RouteConfig
     from gateway.context import RequestContext
 
 log = logging.getLogger("portvakt.ratelimit")
@@ -310,7 +308,7 @@ def retry_after_seconds(seconds: float) -> int:
 
 
 class _RateLimitFilter(Filter):
-    """Checks the rules of one stage of one route. Subclasses fix name and position."""
+    """Checks the rules of one stage of one route. Subclasses fix the name (the pipeline places it)."""
 
     def __init__(self, stage: RateLimitStage, rules: Sequence[_Rule], mode: Mode) -> None:
         self.stage = stage
@@ -374,29 +372,27 @@ class _RateLimitFilter(Filter):
 
 class PreAuthRateLimit(_RateLimitFilter):
     name = "rate_limit_pre"
-    position = POS_RATE_LIMIT_PRE
 
 
 class RateLimit(_RateLimitFilter):
     name = "rate_limit"
-    position = POS_RATE_LIMIT
 
 
 class RateLimitStage(Stage):
     name = "rate_limit"
 
     def __init__(
-        self, cfg: RateLimitConfig, backend: RedisBackend | MemoryBackend, pseudonym_key: bytes
+        self,
+        cfg: RateLimitConfig,
+        backend: Lease[RedisBackend | MemoryBackend] | RedisBackend | MemoryBackend,
+        pseudonym_key: bytes,
     ) -> None:
         self.cfg = cfg
-        self.backend = backend
-        # The backend is shared across reloads by reference count (``refs`` on the backend):
-        # adopt() only looks, start() takes a reference on an adopted backend, and the last
-        # stage to close closes it. So a reload that fails to build or start never closes (or
-        # takes) the backend of the runtime still serving.
-        self._adopted = False
-        self._took_ref = False
-        self._closed = False
+        # The backend (Redis pool, breaker, local limiter state) is kept across reloads with the
+        # same backend settings: build_stage acquires it from BuildEnv.resources. A backend
+        # handed in directly is this stage's alone.
+        self._lease = backend if isinstance(backend, Lease) else Lease.sole(backend)
+        self.backend = self._lease.resource
         self._key = pseudonym_key
         self._v6 = cfg.ipv6_prefix_length
         self._ip_pseudonyms: dict[object, str] = {}  # client address -> pseudonym (per stage)
@@ -485,35 +481,13 @@ class RateLimitStage(Stage):
         return getattr(self.backend, "retry_after", lambda: 1.0)()
 
     async def start(self) -> None:
-        if self._adopted:
-            if not self._took_ref:  # already started by the previous stage: share it
-                self._took_ref = True
-                share(self.backend)
-            return
-        await self.backend.start()
+        await self._lease.start()  # a backend kept from the previous runtime is running already
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._adopted and not self._took_ref:
-            return  # never started: the backend still belongs to the previous stage alone
-        await release(self.backend)
+        await self._lease.release()  # the last holder closes the backend
 
     def readiness(self) -> dict[str, str]:
         return self.backend.readiness(self.cfg.on_backend_error)
-
-    def adopt(self, previous: Stage) -> None:
-        """Keep the previous backend (Redis pool, breaker, local limiter state) when the backend
-        settings are unchanged; the old stage then no longer closes it."""
-        if not isinstance(previous, RateLimitStage) or previous._closed:
-            return
-        if (
-            previous.backend.kind == self.backend.kind
-            and previous.backend.signature == self.backend.signature
-        ):
-            self.backend = previous.backend
-            self._adopted = True  # already started: start() takes a reference, nothing more
 
 
 def _count(verdicts: list[Verdict]) -> None:
@@ -571,9 +545,9 @@ def build_stage(env: BuildEnv) -> RateLimitStage | None:
             "rate_limit.pseudonym_key is required with a Redis backend when a rule counts per person "
             "or client_ip (every gateway process must derive the same keys)"
         )
-    backend: RedisBackend | MemoryBackend
+    make_backend: Callable[[], RedisBackend | MemoryBackend]
     if cfg.backend == "memory":
-        backend = MemoryBackend(cfg)
+        make_backend = functools.partial(MemoryBackend, cfg)
     else:
         for field in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
             p = getattr(cfg, field)
@@ -585,10 +559,17 @@ def build_stage(env: BuildEnv) -> RateLimitStage | None:
                     pass
             except OSError as e:
                 raise ValueError(f"rate_limit.{field}: cannot read {full}: {e.strerror or e}") from None
-        try:
-            backend = RedisBackend(cfg, env.config.resolve_path)
-        except ValueError as e:  # redis-py's URL parsing: names no field, never echoes the URL
-            raise ValueError(f"rate_limit.backend: {e}") from None
+
+        def make_backend() -> RedisBackend:
+            try:
+                return RedisBackend(cfg, env.config.resolve_path)
+            except ValueError as e:  # redis-py's URL parsing: names no field, never echoes the URL
+                raise ValueError(f"rate_limit.backend: {e}") from None
+
+    # Kept across reloads while the backend settings are the same (gateway.resources).
+    backend: Lease[RedisBackend | MemoryBackend] = env.resources.acquire(
+        ("rate_limit.backend", cfg.backend_signature()), make_backend
+    )
     stage = RateLimitStage(cfg, backend, key)
     for r in routes:  # compile once now so a bad rule fails the load, not the first request
         stage.filters_for_route(r)

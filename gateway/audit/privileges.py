@@ -13,7 +13,7 @@ import hmac
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import Config
+    from gateway.configbase import ConfigBase as Config
 
 
 def privilege_state(

@@ -34,7 +34,7 @@ from gateway.problems import Problem
 
 if TYPE_CHECKING:  # pragma: no cover
     from gateway.chain import BuildEnv
-    from gateway.config import Config
+    from gateway.configbase import ConfigBase as Config
     from gateway.context import RequestContext
 
 log = logging.getLogger("portvakt.audit")

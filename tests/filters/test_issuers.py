@@ -21,6 +21,7 @@ from gateway.chain import ALLOW, SKIP, BuildEnv, Deny, Mode
 from gateway.config import Config
 from gateway.context import RequestContext
 from gateway.dev.issuer import mint_token
+from gateway.resources import Registry
 from tests.fixtures.issuer import TEST_PID, new_rsa_key
 
 
@@ -61,9 +62,14 @@ def config(issuers: dict[str, Any], tmp_dir: str | None = None) -> Config:
     )
 
 
-async def make_stage(issuers: dict[str, Any], start: bool = True) -> TokensStage:
-    cfg = config(issuers)
-    stage = build_stage(BuildEnv(config=cfg, base_dir=".", secrets={}))
+async def make_stage(
+    issuers: dict[str, Any], start: bool = True, registry: Registry | None = None
+) -> TokensStage:
+    """A tokens stage; with ``registry``, built as a reload would (sharing its key stores)."""
+    env = BuildEnv(config=config(issuers), base_dir=".", secrets={})
+    if registry is not None:
+        env.resources = registry.scope()
+    stage = build_stage(env)
     assert stage is not None
     if start:
         await stage.start()
@@ -582,35 +588,37 @@ async def test_all_detect_makes_filter_detect_and_off_ignores(issuer):
         await s.close()
 
 
-async def test_adopt_keeps_keys_and_tokens_for_unchanged_issuers(issuer):
-    old = await make_stage(issuer.issuers_config())
+async def test_reload_keeps_keys_and_tokens_for_unchanged_issuers(issuer):
+    registry = Registry()
+    old = await make_stage(issuer.issuers_config(), registry=registry)
     token = issuer.mint()
     assert (await run(old, token))[0] is ALLOW
     fetches = issuer.fetch_count
-    new = await make_stage(issuer.issuers_config(), start=False)
+    new = await make_stage(issuer.issuers_config(), start=False, registry=registry)
     new.adopt(old)
     await new.start()
     assert new.issuers["maskinporten"].store is old.issuers["maskinporten"].store
     assert issuer.fetch_count == fetches  # nothing refetched
     d, ctx = await run(new, token)
     assert d is ALLOW and ctx.audit["tokens"]["cached"] is True
-    await old.close()  # retiring the old runtime must not close adopted stores
+    await old.close()  # retiring the old runtime must not close shared stores
     issuer.rotate()
     assert (await run(new, issuer.mint()))[0] is ALLOW
     await new.close()
 
 
-async def test_adopt_drops_tokens_when_issuer_config_changed(issuer):
-    old = await make_stage({"m": issuer.config()})
+async def test_reload_drops_tokens_when_issuer_config_changed(issuer):
+    registry = Registry()
+    old = await make_stage({"m": issuer.config()}, registry=registry)
     token = issuer.mint()
     assert (await run(old, token))[0] is ALLOW
-    new = await make_stage({"m": issuer.config(audience="x")}, start=False)
+    new = await make_stage({"m": issuer.config(audience="x")}, start=False, registry=registry)
     new.adopt(old)
     assert new.issuers["m"].store is old.issuers["m"].store  # same key source
     assert new.cache_size == 0
     d, ctx = await run(new, token)
     denied(d, ctx, "token_bad_audience")
-    changed = await make_stage({"m": issuer.config(jwks_cache_seconds=60)}, start=False)
+    changed = await make_stage({"m": issuer.config(jwks_cache_seconds=60)}, start=False, registry=registry)
     changed.adopt(new)
     assert changed.issuers["m"].store is not new.issuers["m"].store
     for s in (old, new, changed):
@@ -794,14 +802,15 @@ async def test_failed_reload_leaves_the_serving_stage_its_key_stores(issuer):
     # A reload whose runtime builds but fails to start is closed again (gateway/server.py):
     # closing that never-served stage must not close the key stores it adopted from the stage
     # still serving, or that stage stops refreshing keys (a rotated key stays unknown).
-    old = await make_stage(issuer.issuers_config())
-    failed = await make_stage(issuer.issuers_config(), start=False)
+    registry = Registry()
+    old = await make_stage(issuer.issuers_config(), registry=registry)
+    failed = await make_stage(issuer.issuers_config(), start=False, registry=registry)
     failed.adopt(old)
     await failed.start()
     await failed.close()
-    unstarted = await make_stage(issuer.issuers_config(), start=False)
-    unstarted.adopt(old)  # a reload whose build failed later: never started, never closed
-    await unstarted.close()
+    unstarted = await make_stage(issuer.issuers_config(), start=False, registry=registry)
+    unstarted.adopt(old)
+    await unstarted.close()  # a stage built but never started is closed with its runtime
     issuer.rotate()
     d, ctx = await run(old, issuer.mint())
     assert d is ALLOW, ctx.audit

@@ -23,10 +23,12 @@ from filters.rate_limit import (
 )
 from filters.rate_limit.redis_store import BREAKER_STATE, CLOSED, OPEN, parse_sentinel_url, redact
 from gateway import problems
-from gateway.chain import ALLOW, POS_RATE_LIMIT, POS_RATE_LIMIT_PRE, SKIP, BuildEnv, Deny, Mode
+from gateway.chain import ALLOW, SKIP, BuildEnv, Deny, Mode
 from gateway.config import Config, ConfigError, parse_config
 from gateway.context import CertificateIdentity, IntegrationIdentity, RequestContext, TokenIdentity
 from gateway.metrics import REGISTRY
+from gateway.pipeline import chain_positions
+from gateway.resources import Registry
 
 INTEG = "6f0b5c4e-3b7a-4f1e-9d2a-1c3b5d7e9f01"
 PID = "24079418176"  # a synthetic test fødselsnummer
@@ -59,9 +61,14 @@ def make_stage(
     return stage
 
 
-def stage_for(rate_limit=None, rules=None, secrets=None):
+def stage_for(rate_limit=None, rules=None, secrets=None, registry: Registry | None = None):
+    """A stage and its filters by name; with ``registry``, built as a reload would (sharing the
+    backend with the registry's other stages)."""
     cfg = make_config(rate_limit, rules)
-    stage = build_stage(BuildEnv(config=cfg, base_dir=".", secrets={} if secrets is None else secrets))
+    env = BuildEnv(config=cfg, base_dir=".", secrets={} if secrets is None else secrets)
+    if registry is not None:
+        env.resources = registry.scope()
+    stage = build_stage(env)
     assert stage is not None
     fs = stage.filters_for_route(cfg.routes[0])
     return stage, {f.name: f for f in fs}
@@ -195,8 +202,9 @@ def test_filters_names_positions_and_policy_names():
         ],
     )
     pre, post = fs["rate_limit_pre"], fs["rate_limit"]
-    assert isinstance(pre, PreAuthRateLimit) and pre.position == POS_RATE_LIMIT_PRE
-    assert isinstance(post, RateLimit) and post.position == POS_RATE_LIMIT
+    assert isinstance(pre, PreAuthRateLimit) and isinstance(post, RateLimit)
+    pos = chain_positions()  # the pre-auth check before the WAF and credentials, the other after
+    assert pos[pre.name] < pos["waf"] < pos["tokens"] < pos["authorize"] < pos[post.name]
     assert pre.mode is Mode.detect and post.mode is Mode.detect
     assert [r.name for r in pre.rules] == ["client_ip"]
     assert [r.policy_item for r in post.rules] == [
@@ -324,10 +332,10 @@ async def test_ipv6_grouped_by_prefix():
 async def test_reload_adopts_memory_state_and_secret():
     secrets: dict = {}
     rules = [{"per": "client_ip", "limit": 1, "period_seconds": 60, "stage": "pre_auth"}]
-    s1, fs1 = stage_for(None, rules, secrets)
+    registry = Registry()
+    s1, fs1 = stage_for(None, rules, secrets, registry)
     assert await fs1["rate_limit_pre"].check(ctx()) is ALLOW
-    s2, fs2 = stage_for(None, rules, secrets)
-    s2.adopt(s1)
+    s2, fs2 = stage_for(None, rules, secrets, registry)
     assert s2.backend is s1.backend
     assert isinstance(await fs2["rate_limit_pre"].check(ctx()), Deny)  # a reload is no reset
 
@@ -667,17 +675,17 @@ async def test_sentinel(make_redis_server, form):
 
 async def test_reload_keeps_redis_client_when_unchanged(redis_server):
     rules = [{"per": "route", "limit": 5, "period_seconds": 60}]
-    s1, _ = stage_for(redis_cfg(redis_server.url), rules)
+    registry = Registry()
+    s1, _ = stage_for(redis_cfg(redis_server.url), rules, registry=registry)
     await s1.start()
-    s2, fs2 = stage_for(redis_cfg(redis_server.url, on_backend_error="deny"), rules)
-    s2.adopt(s1)  # on_backend_error is not a backend setting
+    # on_backend_error is not a backend setting
+    s2, fs2 = stage_for(redis_cfg(redis_server.url, on_backend_error="deny"), rules, registry=registry)
     assert s2.backend is s1.backend
     await s2.start()
-    await s1.close()  # the old runtime retires: the adopted client stays open
+    await s1.close()  # the old runtime retires: the shared client stays open
     c = ctx()
     assert await fs2["rate_limit"].check(c) is ALLOW and c.rate_limit["source"] == "redis"
-    s3, _ = stage_for(redis_cfg(redis_server.url, timeout_ms=300), rules)
-    s3.adopt(s2)
+    s3, _ = stage_for(redis_cfg(redis_server.url, timeout_ms=300), rules, registry=registry)
     assert s3.backend is not s2.backend
     await s3.start()
     await s2.close()
@@ -791,15 +799,14 @@ async def test_failed_reload_does_not_close_the_serving_stages_backend(redis_ser
     # never-served stage must not close the Redis client of the stage still serving (its checks
     # would all fall back), nor leave that stage unable to close it later.
     rules = [{"per": "route", "limit": 50, "period_seconds": 60}]
-    s1, fs1 = stage_for(redis_cfg(redis_server.url), rules)
+    registry = Registry()
+    s1, fs1 = stage_for(redis_cfg(redis_server.url), rules, registry=registry)
     await s1.start()
-    failed, _ = stage_for(redis_cfg(redis_server.url), rules)
-    failed.adopt(s1)
+    failed, _ = stage_for(redis_cfg(redis_server.url), rules, registry=registry)
     await failed.start()
     await failed.close()
-    unstarted, _ = stage_for(redis_cfg(redis_server.url), rules)
-    unstarted.adopt(s1)  # a reload whose build failed after this stage: never started
-    await unstarted.close()
+    unstarted, _ = stage_for(redis_cfg(redis_server.url), rules, registry=registry)
+    await unstarted.close()  # a reload whose build failed after this stage: never started
     backend = s1.backend
     assert not backend._closed
     c = ctx()

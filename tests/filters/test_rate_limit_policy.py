@@ -13,6 +13,7 @@ import pytest
 from filters.rate_limit import RateLimitConfig, build_stage
 from filters.rate_limit.redis_store import CLOSED, OPEN
 from gateway.chain import ALLOW, BuildEnv, Deny
+from gateway.resources import Registry
 from tests.filters.test_rate_limit import ctx, make_config
 
 INTEG = "6f0b5c4e-3b7a-4f1e-9d2a-1c3b5d7e9f01"
@@ -25,12 +26,14 @@ def rule(limit: int, period: float, burst: int | None = None) -> list[dict]:
     return [r]
 
 
-def build(rate_limit: dict, rules: list[dict], previous=None):
+def build(rate_limit: dict, rules: list[dict], registry: Registry | None = None):
+    """A stage; with ``registry``, built as a reload would (sharing the backend of its stages)."""
     cfg = make_config(rate_limit, rules)
-    stage = build_stage(BuildEnv(config=cfg, base_dir=".", secrets={}))
+    env = BuildEnv(config=cfg, base_dir=".", secrets={})
+    if registry is not None:
+        env.resources = registry.scope()
+    stage = build_stage(env)
     assert stage is not None
-    if previous is not None:
-        stage.adopt(previous)
     (flt,) = stage.filters_for_route(cfg.routes[0])
     return stage, flt
 
@@ -53,18 +56,19 @@ async def backend(request):
 
 
 async def test_raised_limit_applies_from_the_next_request(backend):
-    old, flt = build(backend, rule(5, 3600))
+    registry = Registry()
+    old, flt = build(backend, rule(5, 3600), registry)
     await old.start()
     try:
         assert await statuses(flt, 6) == [200] * 5 + [429]
         d = await flt.check(ctx(integration=INTEG))
         assert isinstance(d, Deny) and int(d.problem.headers["Retry-After"]) > 600  # T = 720 s
-        new, flt2 = build(backend, rule(1000, 1), previous=old)
+        new, flt2 = build(backend, rule(1000, 1), registry)
         await new.start()
         try:
             assert await statuses(flt2, 50) == [200] * 50
             # And back: the old policy's state is its own (5/hour still used up).
-            back, flt3 = build(backend, rule(5, 3600), previous=new)
+            back, flt3 = build(backend, rule(5, 3600), registry)
             await back.start()
             assert await statuses(flt3, 1) == [429]
             await back.close()
@@ -75,11 +79,12 @@ async def test_raised_limit_applies_from_the_next_request(backend):
 
 
 async def test_lowered_limit_applies_from_the_next_request(backend):
-    old, flt = build(backend, rule(1000, 1))
+    registry = Registry()
+    old, flt = build(backend, rule(1000, 1), registry)
     await old.start()
     try:
         assert await statuses(flt, 20) == [200] * 20
-        new, flt2 = build(backend, rule(2, 3600), previous=old)
+        new, flt2 = build(backend, rule(2, 3600), registry)
         await new.start()
         try:
             assert await statuses(flt2, 5) == [200, 200, 429, 429, 429]
