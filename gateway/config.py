@@ -31,7 +31,7 @@ from gateway.configbase import (
     RouteAuditConfig,
     RouteBase,
 )
-from gateway.pipeline import PIPELINE, ROLES, Section
+from gateway.pipeline import PIPELINE, ROLES, RoleDecl, Section, StageDecl
 from gateway.tracing import TracingConfig
 
 __all__ = [
@@ -230,7 +230,7 @@ def _field(s: Section) -> tuple[Any, Any]:
 
 def _assemble() -> tuple[type[RouteBase], type[GatewayConfig]]:
     """``RouteConfig`` and ``Config`` from the pipeline's declarations."""
-    decls = (*PIPELINE, *ROLES)
+    decls: tuple[StageDecl | RoleDecl, ...] = (*PIPELINE, *ROLES)
     route_fields: dict[str, Any] = {s.key: _field(s) for d in decls for s in d.route_sections}
     route_model = create_model("RouteConfig", __base__=RouteBase, __module__=__name__, **route_fields)
     fields: dict[str, Any] = {s.key: _field(s) for d in decls for s in d.sections}

@@ -265,7 +265,8 @@ def chain_positions(pipeline: tuple[StageDecl, ...] = PIPELINE) -> dict[str, int
 def _check_unique(pipeline: tuple[StageDecl, ...]) -> None:
     seen: set[str] = set()
     route_seen: set[str] = set()
-    for decl in (*pipeline, *ROLES):
+    decls: tuple[StageDecl | RoleDecl, ...] = (*pipeline, *ROLES)
+    for decl in decls:
         for s in decl.sections:
             if s.key in seen:
                 raise ValueError(f"pipeline: config section {s.key!r} declared twice")

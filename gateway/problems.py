@@ -11,8 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gateway.norid import mask_person_numbers
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 PROBLEM_BASE = "https://portvakt.dev/problems/"
 CONTENT_TYPE = "application/problem+json"
@@ -107,7 +111,7 @@ class Problem:
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def render(problem: Problem, request_id: str, extra_headers: Mapping[str, str] | None = None):
+def render(problem: Problem, request_id: str, extra_headers: Mapping[str, str] | None = None) -> web.Response:
     """Render a Problem as an aiohttp Response (imported lazily to keep this module light)."""
     from aiohttp import web
 
@@ -115,4 +119,4 @@ def render(problem: Problem, request_id: str, extra_headers: Mapping[str, str] |
     if extra_headers:
         headers.update(extra_headers)
     headers.update(problem.headers)
-    return web.Response(status=problem.status, body=problem.body(request_id), headers=headers)
+    return web.Response(status=problem.status or 500, body=problem.body(request_id), headers=headers)

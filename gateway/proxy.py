@@ -367,11 +367,11 @@ def upstream_headers(
         out["X-Forwarded-Port"] = ctx.forwarded_port
     out["X-Request-Id"] = ctx.request_id
     if ctx.upstream_headers:
-        for k, v in ctx.upstream_headers.items():
-            if v is None:
+        for k, value in ctx.upstream_headers.items():
+            if value is None:
                 out.popall(k, None)
             else:
-                out[k] = v
+                out[k] = value
     if ctx.trace_id is not None:
         out["traceparent"] = f"00-{ctx.trace_id}-{ctx.span_id}-{ctx.trace_flags}"
         if ctx.tracestate:

@@ -153,7 +153,7 @@ class RequestPath:
             peer_ip=peer,
             client_ip=client,
             headers=headers,
-            request=request,  # type: ignore[arg-type]
+            request=request,
             runtime=rt,
             tls=tlsutil.peer_info(request.transport),
             from_trusted_proxy=trusted,
@@ -216,7 +216,7 @@ class RequestPath:
             headers=request.headers,
             request=request,
             runtime=rt,
-            tls=tlsutil.peer_info(request.transport),  # type: ignore[arg-type]
+            tls=tlsutil.peer_info(request.transport),
         )
         allow = ", ".join(rt.config.ingress.allowed_methods)
         rt.inflight += 1  # _finish leaves the runtime and counts the request out
@@ -352,8 +352,10 @@ class RequestPath:
                 return resp
             deleg = rt.delegation
             if deleg is not None and deleg.owns(ctx.path):
-                return await deleg.serve(ctx, request, persons)  # parties, admin API: never proxied
-            return await persons.serve(ctx, request)  # login endpoints: never proxied
+                page: web.StreamResponse = await deleg.serve(ctx, request, persons)  # never proxied
+                return page  # parties, admin API
+            page = await persons.serve(ctx, request)  # login endpoints: never proxied
+            return page
         route = rt.match(ctx.host, ctx.raw_path)
         if rt.case_guard and rt.case_variant(ctx.host, ctx.raw_path) is not None:
             # '/INNSYN/x' for route '/innsyn/': a case-insensitive upstream serves the protected path
@@ -373,20 +375,20 @@ class RequestPath:
         body_limit = rt.body_limit  # the one place of the body limit and its mode (filters/ingress.py)
         more_body = False
         if request.body_exists or "Transfer-Encoding" in request.headers:
-            refused = edge.body_problem(request)
-            if refused is not None:
-                resp = self._deny(ctx, refused)
+            problem = edge.body_problem(request)
+            if problem is not None:
+                resp = self._deny(ctx, problem)
                 resp.force_close()  # the unread body would be read as the next request
                 return resp
         if request.body_exists:
-            request.protocol.body_request = request  # type: ignore[union-attr]  # the edge sweep's body timeout
+            request.protocol.body_request = request  # type: ignore[attr-defined]  # the edge sweep's body timeout
             clen = request.content_length
             ctx.body_size_hint = clen
-            refused = body_limit.check(ctx, clen) if clen is not None else None
-            if refused is not None:
+            problem = body_limit.check(ctx, clen) if clen is not None else None
+            if problem is not None:
                 # Not read here: aiohttp drains the unread body after the response (bounded by its
                 # lingering time) so the client reads the 413 instead of a connection reset.
-                return self._deny(ctx, refused)
+                return self._deny(ctx, problem)
             if headers_expect_continue(request):
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             want = route.body_prefix_bytes
@@ -403,9 +405,9 @@ class RequestPath:
                     return self._refuse_chunk(request, ctx)
                 return self._body_failed(ctx, type(e).__name__)
             ctx.bytes_in = len(ctx.body)
-            refused = body_limit.check(ctx, len(ctx.body))
-            if refused is not None:
-                return self._deny(ctx, refused)
+            problem = body_limit.check(ctx, len(ctx.body))
+            if problem is not None:
+                return self._deny(ctx, problem)
         else:
             ctx.body_complete = True
 
@@ -417,12 +419,12 @@ class RequestPath:
                     resp.force_close()  # the filter asked: nothing after this request is read
                 return resp
 
-        refused = await rt.audit.before_forward(ctx)
-        if refused is not None:
-            return self._deny(ctx, refused)
+        problem = await rt.audit.before_forward(ctx)
+        if problem is not None:
+            return self._deny(ctx, problem)
 
         try:
-            resp = await forward(
+            forwarded = await forward(
                 ctx,
                 request,
                 rt.upstreams.get(route.upstream_name),
@@ -447,7 +449,7 @@ class RequestPath:
         ctx.decision = "allow"
         if ctx.reason is None and ctx.detections:
             ctx.reason = ctx.detections[0].reason
-        return resp
+        return forwarded
 
     def _body_failed(self, ctx: RequestContext, error: str) -> web.Response:
         if error == "BodyTimeout":
@@ -528,7 +530,7 @@ class RequestPath:
             peer_ip=peer,
             client_ip=peer,
             headers=_NO_HEADERS,
-            request=request,  # type: ignore[arg-type]
+            request=request,
             runtime=rt,
             tls=tlsutil.peer_info(request.transport),
         )

@@ -323,11 +323,15 @@ def _persons_endpoint_chains(
     (``persons.rate_limits``, per client IP by default) on login start and callback."""
 
     def route(name: str, rules: list[Any]) -> RouteConfig:
-        return RouteConfig(
-            name=name,
-            upstream="-",
-            rate_limits=rules,
-            match=MatchConfig(path_prefix=persons.prefix + "/", methods=["GET", "HEAD", "POST", "DELETE"]),
+        return RouteConfig.model_validate(
+            {
+                "name": name,
+                "upstream": "-",
+                "rate_limits": rules,
+                "match": MatchConfig(
+                    path_prefix=persons.prefix + "/", methods=["GET", "HEAD", "POST", "DELETE"]
+                ),
+            }
         )
 
     def chain(rc: RouteConfig, names: tuple[str, ...]) -> tuple[Filter, ...]:
