@@ -2,6 +2,11 @@
 # machine with Python 3.11+. Targets:
 #   run              venv + dev certificates, then the demo (gateway + echo upstream) in the foreground
 #   test             venv + redis-server and nginx present, then pytest (PYTEST_ARGS=... to narrow)
+#   test-unit        the inner loop (< 30 s idle): pytest -m "not e2e", i.e. without tests/e2e, tests/deploy and
+#                    the tests that start processes (gateway, CLI, nginx, browser, Redis cluster) or load CRS
+#   lint             ruff check, ruff format --check, mypy (all configured in pyproject.toml)
+#   lock             re-resolve requirements.lock (pinned, hashed) from pyproject.toml after a dependency
+#                    change (LOCK_ARGS=--upgrade bumps every pin, --upgrade-package NAME one); make venv installs it
 #   bench            venv + bench extra (py-spy) + wrk, redis-server, nginx-light + ModSecurity, then
 #                    bench/run.py (BENCH_ARGS=... e.g. --quick, --profile); results in bench/out/
 #   crs-conformance  replay ../shared/waf/crs-regression.jsonl against Portvakt running CRS
@@ -17,13 +22,16 @@ endif
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 CERTS ?= certs/dev
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' gateway/__init__.py)
 
-.PHONY: venv run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present nginx-present promtool-present modsecurity-present chromium-present oidc-provider-deps test-image
+.PHONY: venv lock lint test-unit run test bench crs-conformance dev-certs docker clean redis-server-present wrk-present nginx-present promtool-present modsecurity-present chromium-present oidc-provider-deps test-image
 
-# The venv is (re)built whenever pyproject.toml changes: the stamp is older than it then.
-$(STAMP): pyproject.toml
+# The venv is (re)built whenever pyproject.toml or the lock changes: the stamp is older than them then.
+# Every package comes from requirements.lock with its hash; the project itself is then installed
+# editable without resolving anything (setuptools, pinned in the lock, builds it: no isolation).
+$(STAMP): pyproject.toml $(LOCK)
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || { \
 	  echo "Portvakt needs Python 3.11 or newer; $(PY) is $$($(PY) -V 2>&1). Use: make PY=python3.12 ..."; exit 1; }
 	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { \
@@ -33,11 +41,24 @@ $(STAMP): pyproject.toml
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkg >/dev/null; \
 	  else echo "Python's venv module is missing: sudo apt-get install $$pkg"; exit 1; fi; }
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test,dev]'
+	$(VPY) -m pip install -q --require-hashes -r $(LOCK)
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# pip-compile resolves for this machine's Python (3.11, the floor, in CI): runtime deps + test + dev extras.
+LOCK_FLAGS := --quiet --extra test --extra dev --generate-hashes --strip-extras --allow-unsafe \
+	--no-emit-index-url --no-emit-find-links --no-emit-trusted-host
+lock:
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q 'pip-tools>=7.4'
+	$(VENV)/bin/pip-compile $(LOCK_FLAGS) $(LOCK_ARGS) --output-file $(LOCK) pyproject.toml
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 redis-server-present:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -110,6 +131,11 @@ test: venv redis-server-present nginx-present promtool-present chromium-present 
 	@$(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc = 5 ]; then echo "pytest collected no tests: treating that as a failure"; fi; \
 	  exit $$rc
+
+# The inner loop: unit tests (real Redis, no gateway process, nginx, browser or CRS); see tests/conftest.py.
+test-unit: venv redis-server-present
+	@$(VPY) -m pytest -q -p no:cacheprovider -m "not e2e" --ignore=tests/e2e --ignore=tests/deploy $(PYTEST_ARGS); \
+	  rc=$$?; if [ $$rc = 5 ]; then echo "pytest collected no tests: treating that as a failure"; fi; exit $$rc
 
 # The container image built and checked in a test (~15 min; docker or podman; opt-in).
 test-image: venv

@@ -260,7 +260,7 @@ def load_crls(paths: list[str], cas: list[x509.Certificate]) -> frozenset[tuple[
     """(issuer name DER, serial) of every revoked certificate in the CRL files. A CRL whose issuer
     is in ``cas`` must carry that CA's valid signature. Raises ValueError (config problem)."""
     revoked: set[tuple[bytes, int]] = set()
-    by_subject = {}
+    by_subject: dict[bytes, list[x509.Certificate]] = {}
     for ca in cas:
         by_subject.setdefault(ca.subject.public_bytes(), []).append(ca)
     for p in paths:

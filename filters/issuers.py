@@ -626,7 +626,7 @@ class TokensStage(Stage):
 
         cfg = rt.config
         leeway = cfg.leeway_seconds
-        exp = claims.get("exp")
+        exp: Any = claims.get("exp")  # a number once _is_time says so
         if not _is_time(exp):
             return self.fail(ctx, rt, TOKEN_CLAIMS_INVALID)
         if now >= exp + leeway:

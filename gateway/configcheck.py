@@ -161,7 +161,7 @@ def _settle(pr: _Pruned, source: str | None) -> tuple[Config | None, list[dict[s
         try:
             return Config.model_validate({**pr.raw, "source_path": source}), first or []
         except ValidationError as e:
-            errs = [dict(err) for err in e.errors()]
+            errs: list[dict[str, Any]] = [dict(err) for err in e.errors()]
         if first is None:
             first = errs
         targets: set[tuple[Any, ...]] = set()

@@ -250,7 +250,7 @@ class EdgeTCPSite(web.TCPSite):
         loop = asyncio.get_running_loop()
         server = self._runner.server
         assert server is not None
-        extra = {}
+        extra: dict[str, Any] = {}
         if self._ssl_context is not None and self.ssl_handshake_timeout is not None:
             extra["ssl_handshake_timeout"] = self.ssl_handshake_timeout
         self._server = await loop.create_server(

@@ -95,8 +95,8 @@ def configure(fmt: str = "text", level: str = "INFO", access_log: str = "stdout"
     for h in [h for h in root.handlers if isinstance(h, _Handler)]:
         root.removeHandler(h)
     # A bare handler someone else installed (logging.basicConfig before us) would print twice.
-    for h in [h for h in root.handlers if type(h) is logging.StreamHandler]:
-        root.removeHandler(h)
+    for bare in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+        root.removeHandler(bare)
     handler = _Handler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_RequestIdFilter())

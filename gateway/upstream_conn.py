@@ -106,11 +106,11 @@ class GuardedConnector(aiohttp.TCPConnector):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._factory = functools.partial(GuardedResponseHandler, loop=self._loop)
+        self._factory = functools.partial(GuardedResponseHandler, loop=self._loop)  # type: ignore[assignment]
 
     async def connect(self, req: Any, traces: list[Any], timeout: Any) -> Any:
         conn = await super().connect(req, traces, timeout)
-        proto = conn.protocol
+        proto: Any = conn.protocol  # a GuardedResponseHandler: this connector's _factory makes them
         if proto is not None:
             h = req.headers
             proto.sent_body = h.get("Content-Length", "0") != "0" or "Transfer-Encoding" in h
@@ -132,7 +132,7 @@ class GuardedConnector(aiohttp.TCPConnector):
             conn = await super()._get(key, traces)
             if conn is None:
                 return None
-            proto = conn.protocol
+            proto: Any = conn.protocol  # a pooled connection always has its GuardedResponseHandler
             proto.idle = False
             if not proto.should_close and _socket_is_quiet(proto):
                 return conn

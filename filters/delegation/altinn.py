@@ -43,7 +43,7 @@ def _party(p: Any, parent: str | None) -> dict[str, Any] | None:
     if not isinstance(p, dict) or not isinstance(p.get("partyUuid"), str):
         return None
     org = p.get("organizationNumber")
-    ptype = p.get("type") if isinstance(p.get("type"), str) else ""
+    ptype: str = p["type"] if isinstance(p.get("type"), str) else ""
     org = org if isinstance(org, str) and org.isdigit() and len(org) == 9 else None
     deleted = p.get("isDeleted") is True
     no_access = p.get("onlyHierarchyElementWithNoAccess") is True

@@ -101,7 +101,7 @@ def read(
     limit: int,
 ) -> tuple[list[dict[str, Any]], int | None]:
     """One page of the org's records (oldest first) and the next offset (None at the end)."""
-    matched: set[str] = set()
+    matched: set[Any] = set()  # request ids (as the records hold them)
     out: list[dict[str, Any]] = []
     n = 0
     for path in files:

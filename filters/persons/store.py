@@ -15,6 +15,7 @@ Any backend failure raises ``StoreUnavailable``: the caller answers 503, never a
 
 from __future__ import annotations
 
+import builtins
 import secrets
 import time
 from typing import Any
@@ -82,7 +83,7 @@ class MemoryStore:
         cur = self._get(key) or frozenset()
         self._data[key] = (frozenset(cur | {member}), time.monotonic() + ttl)
 
-    async def members(self, key: str) -> set[str]:
+    async def members(self, key: str) -> builtins.set[str]:  # the class has a set() method
         return set(self._get(key) or ())
 
     async def incr(self, key: str, ttl: float) -> int:
@@ -126,7 +127,7 @@ class RedisStore(BoundedRedisCalls):
 
         self.timeout = cfg.timeout_seconds
         self.client = aioredis.Redis.from_url(
-            cfg.url,
+            cfg.url,  # type: ignore[arg-type]  # set whenever the Redis store is chosen
             socket_timeout=cfg.timeout_seconds,
             socket_connect_timeout=cfg.timeout_seconds,
             retry_on_timeout=False,
@@ -173,7 +174,7 @@ class RedisStore(BoundedRedisCalls):
 
         await self._run(both())
 
-    async def members(self, key: str) -> set[str]:
+    async def members(self, key: str) -> builtins.set[str]:  # the class has a set() method
         return {m.decode() for m in await self._run(self.client.smembers(key))}
 
     async def incr(self, key: str, ttl: float) -> int:

@@ -197,7 +197,7 @@ class Transaction(ValueScanner):
                         continue
                 else:
                     tv = None
-                    p = rule.pipeline
+                    p: Pipeline | None = rule.pipeline
                     steps = []
                     while p is not None:
                         steps.append(self.transform(v, p))
@@ -406,7 +406,7 @@ class Transaction(ValueScanner):
                     self.matched_vars = NO_MATCHES
                     continue
             elif k:
-                g = r.tx_compare
+                g: Any = r.tx_compare  # set whenever dispatch is 2 or 3 (ruleset.py)
                 v = tx.get(g[0])
                 if v is None:
                     self.matched_vars = NO_MATCHES

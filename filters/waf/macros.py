@@ -10,7 +10,7 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from filters.waf.evaluation import Transaction
+    from filters.waf.request import RequestVariables
 
 _REF = re.compile(r"%\{([^}]+)\}")
 
@@ -32,10 +32,10 @@ class Macro:
         if pos < len(text):
             self.parts.append(text[pos:].encode("latin-1", "replace"))
 
-    def expand(self, tx: Transaction) -> bytes:
+    def expand(self, tx: RequestVariables) -> bytes:
         out = []
         for p in self.parts:
-            if type(p) is bytes:
+            if isinstance(p, bytes):
                 out.append(p)
             else:
                 out.append(tx.macro_value(p[0], p[1]))
@@ -54,7 +54,7 @@ class Constant:
     def __init__(self, text: str):
         self.value = text.encode("latin-1", "replace")
 
-    def expand(self, tx: Transaction) -> bytes:
+    def expand(self, tx: RequestVariables) -> bytes:
         return self.value
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from filters.waf import bodies, transforms
@@ -64,7 +65,7 @@ class RequestVariables:
         self.tx_vars: dict[str, bytes] = {}
         self.xml_text: list[bytes] = []
         self.xml_attrs: list[bytes] = []
-        self.matched_vars: list[tuple[str, bytes]] = []
+        self.matched_vars: Sequence[tuple[str, bytes]] = []  # NO_MATCHES (a shared empty tuple) too
         self.current_rule: Rule | None = None  # the rule whose actions run (RULE.id, RULE.msg)
         self.removed_targets: dict[int, tuple[VarSpec, ...]] = {
             k: tuple(v) for k, v in (removed_targets or {}).items()
@@ -327,12 +328,12 @@ class RequestVariables:
                     out.append((coll, v))
                 continue
             if coll == "XML":
-                items = self.xml_attrs if spec.key and "@" in spec.key else self.xml_text
+                xml_values = self.xml_attrs if spec.key and "@" in spec.key else self.xml_text
                 if spec.count:
-                    out.append(("XML", str(len(items)).encode()))
+                    out.append(("XML", str(len(xml_values)).encode()))
                 else:
                     name = f"XML:{spec.key or '/*'}"
-                    out.extend((name, v) for v in items)
+                    out.extend((name, v) for v in xml_values)
                 continue
             if coll == "MATCHED_VAR" or coll == "MATCHED_VAR_NAME":
                 continue

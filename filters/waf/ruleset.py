@@ -159,16 +159,16 @@ class Ruleset:
                     self.defaults[ph] = [a for a in acts if a.name not in ("phase", "id")]
                 elif name == "SecRuleRemoveById":
                     for spec in " ".join(d.args).replace(",", " ").split():
-                        self._remove(lambda r, s=spec: id_in(r.id, s))
+                        self._remove(lambda r, s=spec: id_in(r.id, s))  # type: ignore[misc]
                 elif name == "SecRuleRemoveByTag":
                     rx = compile_rx(d.args[0].encode("latin-1"))
                     self._remove(
-                        lambda r, rx=rx: any(rx.search(t.encode("latin-1", "replace")) for t in r.tags)
+                        lambda r, rx=rx: any(rx.search(t.encode("latin-1", "replace")) for t in r.tags)  # type: ignore[misc]
                     )
                 elif name == "SecRuleRemoveByMsg":
                     rx = compile_rx(d.args[0].encode("latin-1"))
                     self._remove(
-                        lambda r, rx=rx: (
+                        lambda r, rx=rx: (  # type: ignore[misc]
                             r.msg is not None and isinstance(r.msg, Constant) and rx.search(r.msg.value)
                         )
                     )
@@ -187,7 +187,7 @@ class Ruleset:
                         update_targets(r, specs, d.args[2] if len(d.args) > 2 else None)
                 elif name == "SecRuleUpdateActionById":
                     rid = int(d.args[0].split(":")[0])
-                    r = self.by_id.get(rid)
+                    r = self.by_id.get(rid)  # type: ignore[assignment]
                     if r is None:
                         raise ValueError(f"no rule {rid}")
                     self._apply_actions(r, parse_actions(d.args[1], where), update=True, where=where)
@@ -229,8 +229,8 @@ class Ruleset:
                     and r.op.macro is None
                     and not r.multi_match
                 ):
-                    r.tx_compare = (t0.key, type(r.op).cmp, atoi(r.op.arg.encode()), t0.count)
-                r = r.chain
+                    r.tx_compare = (t0.key, type(r.op).cmp, atoi(r.op.arg.encode()), t0.count)  # type: ignore[attr-defined]
+                r = r.chain  # type: ignore[assignment]
         for ph, items in self.phases.items():
             m: dict[str, list[int]] = {}
             for i, it in enumerate(items):
@@ -273,7 +273,7 @@ class Ruleset:
 
     def _remove(self, pred: Callable[[Rule], bool]) -> None:
         for ph, items in self.phases.items():
-            keep = [it for it in items if type(it) is Marker or not pred(it)]
+            keep = [it for it in items if type(it) is Marker or not pred(it)]  # type: ignore[arg-type]
             for it in items:
                 if type(it) is Rule and pred(it):
                     self.by_id.pop(it.id, None)
@@ -442,7 +442,7 @@ class Ruleset:
                             u.setdefault(t.coll, set()).add(t.key)  # type: ignore[union-attr]
                         else:
                             u[t.coll] = None  # the whole collection
-                r = r.chain
+                r = r.chain  # type: ignore[assignment]
         # Per pipeline: every variable any prefiltered rule of that pipeline reads (whole
         # collections, before exclusions): one scan of all of them rules most rules out at once.
         self.universe = {

@@ -89,7 +89,7 @@ class ValueScanner(RequestVariables):
             todo.append(q)
             q = q.parent
         for q in reversed(todo):
-            r = q.fn(r)
+            r = q.fn(r)  # type: ignore[misc]  # every q in todo passed the loop's q.fn is not None
             c[(q.idx, v)] = r
         return r
 

@@ -61,6 +61,21 @@ def head_path(path: str) -> str:
     return path + ".head"
 
 
+HEAD_LINE_BYTES = 256  # the head's fixed size: a JSON object padded with spaces, then "\n"
+
+
+def head_line(mac_key: bytes, seq: int, prev: str, t: float) -> bytes:
+    """The head file's content: ``{"hash","mac","seq","time"}`` (the MAC over the other three's
+    canonical JSON), padded with spaces to ``HEAD_LINE_BYTES`` so that each rewrite replaces the
+    same bytes. Readers parse it as one JSON document (the padding is whitespace)."""
+    head: dict[str, Any] = {"seq": seq, "hash": prev, "time": iso_time(t)}
+    head["mac"] = record_mac(mac_key, head)
+    body = canonical(head)
+    if len(body) >= HEAD_LINE_BYTES:  # cannot happen below 10**50 records; kept valid anyway
+        return body + b"\n"
+    return body.ljust(HEAD_LINE_BYTES - 1) + b"\n"
+
+
 def rotated_files(path: str) -> list[str]:
     """Rotated files of an audit path, oldest first (the name's time and seq sort in order)."""
     out = []
@@ -106,6 +121,16 @@ def last_line(path: str) -> tuple[bytes | None, int, int]:
         return body[prev_nl + 1 :], end, size
 
 
+_iso_second: tuple[int, str] = (-1, "")  # (a whole second, its "%Y-%m-%dT%H:%M:%S"): one tuple, swapped whole
+
+
 def iso_time(t: float) -> str:
-    """UTC, millisecond precision: 2026-11-29T03:17:00.123Z."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+    """UTC, millisecond precision: 2026-11-29T03:17:00.123Z. ``strftime`` runs once per second
+    (the event loop and the writer thread both call this; the cache is one tuple, read and
+    replaced whole, so either sees a matching pair)."""
+    global _iso_second
+    s = int(t)
+    cached = _iso_second
+    if cached[0] != s:
+        cached = _iso_second = (s, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)))
+    return f"{cached[1]}.{int(t * 1000) % 1000:03d}Z"

@@ -232,7 +232,7 @@ def concerns(rec: dict[str, Any], org: str) -> bool:
 def query(
     files: list[str], org: str, since: dt.datetime, until: dt.datetime | None = None
 ) -> Iterator[bytes]:
-    matched: set[str] = set()
+    matched: set[Any] = set()  # request ids (as the records hold them)
     for _loc, line, rec in _records(files):
         if rec.get("type") == "request_completed":
             if rec.get("request_id") in matched:

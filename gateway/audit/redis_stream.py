@@ -48,7 +48,7 @@ class RedisStreamSink:
         import redis  # imported here: only needed when configured
 
         self.settings = settings
-        timeouts = {
+        timeouts: dict[str, Any] = {
             "socket_timeout": settings.timeout_seconds,
             "socket_connect_timeout": settings.timeout_seconds,
         }

@@ -6,7 +6,7 @@ durability it waits ``batch_interval`` between batches (the loss window on a cra
 it writes as soon as records are queued (records that arrive during an fsync form the next batch)
 and wakes the waiting request when its batch is on disk. A failing write is rolled back
 (``ftruncate``) and retried; records waited on by a request fail at once (the request is denied
-with 503). After each written batch ``<path>.head`` is rewritten (see ``_write_head``).
+with 503). After each written batch ``<path>.head`` is rewritten in place (see ``_write_head``).
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ from typing import Any
 
 from gateway.audit.chainfile import (
     GENESIS,
-    canonical,
+    head_line,
     head_path,
     iso_time,
     last_line,
     line_hash,
-    record_mac,
     rotated_files,
     sealed_line,
 )
@@ -86,6 +85,7 @@ class ChainWriter:
         self._thread: threading.Thread | None = None
         self._fd: int | None = None
         self._lock_fd: int | None = None
+        self._head_fd: int | None = None  # <path>.head, rewritten in place after every batch
         self.seq = 0
         self.prev = GENESIS
         self._size = 0
@@ -198,6 +198,9 @@ class ChainWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._head_fd is not None:
+            os.close(self._head_fd)
+            self._head_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
@@ -274,10 +277,11 @@ class ChainWriter:
         seq, prev = self.seq, self.prev
         lines: list[bytes] = []
         kept: list[_Item] = []
-        now = time.time()
+        now = iso_time(time.time())  # once per batch: records without their own time get the batch's
         for it in items:
             rec = it.rec
-            rec.setdefault("time", iso_time(now))
+            if "time" not in rec:
+                rec["time"] = now
             seq += 1
             rec["seq"] = seq
             rec["prev"] = prev
@@ -376,16 +380,29 @@ class ChainWriter:
             pass
 
     def _write_head(self) -> None:
-        head = {"seq": self.seq, "hash": self.prev, "time": iso_time(time.time())}
-        head["mac"] = record_mac(self.mac_key, head)
+        """Rewrite ``<path>.head`` in place: one fixed-size line (``chainfile.head_line``) written
+        with one ``pwrite`` at offset 0 on a descriptor kept open. The line fits one disk sector,
+        so it is replaced whole or not at all; the file is not fsync'd (it is a second witness: the
+        trail is on disk before it is written). Creating a temporary file and renaming it over the
+        head each batch cost ~0.3 ms of CPU (ext4 flushes a file renamed over another) and more
+        wall time than the batch's fdatasync; this costs a few µs."""
         p = head_path(self.settings.path)
-        tmp = p + ".tmp"
+        line = head_line(self.mac_key, self.seq, self.prev, time.time())
         try:
-            with open(tmp, "wb") as f:
-                f.write(canonical(head) + b"\n")
-            os.replace(tmp, p)
+            fresh = self._head_fd is None
+            if self._head_fd is None:
+                self._head_fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
+            os.pwrite(self._head_fd, line, 0)
+            if fresh and os.fstat(self._head_fd).st_size > len(line):  # a longer head of another version
+                os.ftruncate(self._head_fd, len(line))
         except OSError as e:  # the trail itself is on disk; the head is a second witness
             log.warning("audit head %s not updated: %s", p, e)
+            if self._head_fd is not None:
+                try:
+                    os.close(self._head_fd)
+                except OSError:
+                    pass
+                self._head_fd = None  # reopened at the next batch
 
     def _maybe_rotate(self, incoming: int) -> None:
         if self._size == 0:

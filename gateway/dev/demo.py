@@ -110,7 +110,9 @@ def example_call(config_path: Path, certs: Path) -> str:
             grant = next((g for g in integ.grants if route.service in g.services), None)
             if grant is None:
                 continue
-            path = route.organization_from[len("path:") :].replace("{organization}", grant.organization)
+            path = (route.organization_from or "")[len("path:") :].replace(
+                "{organization}", grant.organization
+            )
             scopes = sorted({s for r in rules if r.integration for s in r.scopes}) or ["ks:fiks"]
             return (
                 f"TOKEN=$({py} -m gateway dev-token --key {rel(certs / 'issuer-key.pem')} "
@@ -119,8 +121,8 @@ def example_call(config_path: Path, certs: Path) -> str:
                 f"-H 'IntegrasjonId: {integ.id}' -H 'IntegrasjonPassord: {DEMO_INTEGRATION_PASSWORD}' "
                 f"'{base}{path}saker?status=open'"
             )
-    route = next((r for r in cfg.routes if not r.access), None)
-    prefix = route.match.path_prefix.rstrip("/") if route else ""
+    open_route = next((r for r in cfg.routes if not r.access), None)
+    prefix = open_route.match.path_prefix.rstrip("/") if open_route else ""
     return f"curl -sS {tls}'{base}{prefix}/hello?name=portvakt'"
 
 
@@ -237,8 +239,7 @@ async def _run(config: Path, certs: Path) -> int:
                 "  pick a level at the dev ID-porten, see what the upstream receives; log out at /portvakt/logout (button)\n",
                 flush=True,
             )
-            base = person_url.split("/", 3)
-            base = "/".join(base[:3])
+            base = "/".join(person_url.split("/", 3)[:3])
             print(
                 f"  act for an organisation: {base}/portvakt/parties, then POST {base}/portvakt/party, then {base}/virksomhet/",
                 flush=True,

@@ -293,7 +293,9 @@ class DevProvider(LocalAppServer):
         if c is None:
             return self._oauth_error(401, "invalid_client")
         params = {
-            k: v for k, v in form.items() if not k.startswith("client_assertion") and k != "client_secret"
+            k: str(v)
+            for k, v in form.items()
+            if not k.startswith("client_assertion") and k != "client_secret"
         }
         if "request_uri" in params:
             return self._oauth_error(400, "invalid_request", "request_uri not allowed in PAR")
@@ -538,7 +540,7 @@ class DevProvider(LocalAppServer):
         if c is None:
             return self._oauth_error(401, "invalid_client")
         tok = str(form.get("token", ""))
-        self.revocations.append(form.get("token_type_hint", ""))
+        self.revocations.append(str(form.get("token_type_hint", "")))
         self._refresh.pop(tok, None)
         return web.Response(status=200)
 

@@ -93,7 +93,8 @@ def keys_prune(key_dir: str, now: float | None = None) -> list[str]:
     """Delete keys whose retire time has passed. Returns their kids."""
     now = time.time() if now is None else now
     doc = read_manifest(key_dir)
-    keep, gone = [], []
+    keep: list[dict[str, Any]] = []
+    gone: list[dict[str, Any]] = []
     for e in doc["keys"]:
         (gone if e.get("retire_at") is not None and e["retire_at"] <= now else keep).append(e)
     doc["keys"] = keep

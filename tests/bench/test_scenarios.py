@@ -251,6 +251,7 @@ def test_procstat_sees_the_cpu_of_a_child(tmp_path):
     assert procstat.cpu_seconds(child.pid) == 0.0  # gone
 
 
+@pytest.mark.e2e
 def test_modsecurity_reference_config_is_accepted_by_nginx(tmp_path):
     import subprocess
 

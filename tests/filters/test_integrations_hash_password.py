@@ -59,6 +59,7 @@ def test_hash_password_subcommand_defaults_are_rfc9106_low_memory():
     assert args.func is mod.cmd_hash_password
 
 
+@pytest.mark.e2e
 def test_portvakt_hash_password_command_line():
     """The real CLI wiring: `python -m gateway hash-password` with the password on stdin."""
     import os

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.audit import AUDIT_UNAVAILABLE, build_audit, privilege_changes
+from gateway.audit.chainfile import HEAD_LINE_BYTES, iso_time
 from gateway.audit.cli import VerifyError, verify
 from gateway.audit.sinks import ChainWriter
 from gateway.chain import BuildEnv
@@ -307,3 +308,74 @@ async def test_strict_timeout_keeps_one_request_event_each(tmp_path, monkeypatch
     [done] = [r for r in recs if r["type"] == "request_completed"]
     assert (done["request_id"], done["status"], done["reason"]) == ("claimed", 503, "audit_unavailable")
     verify(trail(tmp_path), KEY)
+
+
+# ------------------------------------------------------------------------------ the head file
+
+
+async def test_head_is_rewritten_in_place_and_verifies(tmp_path):
+    cfg = make_config(audit=audit_cfg(tmp_path))
+    sink = await started(cfg)
+    head = tmp_path / "audit.jsonl.head"
+    for _ in range(300):  # the start records' batch wrote the head
+        if head.exists() and sink.writer.batches >= 1:
+            break
+        await asyncio.sleep(0.01)
+    inode = head.stat().st_ino
+    batches = sink.writer.batches
+    for i in range(3):
+        sink.record(outcome(make_ctx(cfg, request_id=f"h{i}"), 200, "allow"))
+        for _ in range(300):  # one batch per record
+            if sink.writer.batches > batches:
+                break
+            await asyncio.sleep(0.01)
+        batches = sink.writer.batches
+        assert head.stat().st_ino == inode  # the same file, overwritten: no temporary file renamed over it
+        assert head.stat().st_size == HEAD_LINE_BYTES
+        assert json.loads(head.read_bytes())["seq"] == sink.writer.seq
+    await sink.close()
+    assert (
+        verify(trail(tmp_path), KEY)["head"] == f"seq {lines(tmp_path / 'audit.jsonl')[-1]['seq']} verified"
+    )
+
+
+async def test_a_longer_head_of_another_version_is_replaced_whole(tmp_path):
+    cfg = make_config(audit=audit_cfg(tmp_path))
+    sink = await started(cfg)
+    sink.record(outcome(make_ctx(cfg, request_id="a"), 200, "allow"))
+    await sink.close()
+    head = tmp_path / "audit.jsonl.head"
+    doc = json.loads(head.read_bytes())
+    # an unpadded head followed by leftovers longer than the fixed size (as a tmp+rename writer left it)
+    head.write_bytes(json.dumps(doc).encode() + b"\n" + b" " * 400 + b"\n")
+    sink = await started(cfg)
+    sink.record(outcome(make_ctx(cfg, request_id="b"), 200, "allow"))
+    await sink.close()
+    assert head.stat().st_size == HEAD_LINE_BYTES
+    assert verify(trail(tmp_path), KEY)["records"] == 8
+
+
+def test_iso_time_matches_strftime_across_seconds_and_threads():
+    import random
+    import time as _time
+
+    def reference(t: float) -> str:
+        return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+    rnd = random.Random(7)
+    base = 1_790_000_000.0
+    stamps = sorted(base + rnd.random() * 5 for _ in range(2000)) + [base + 0.9995, base + 1.0, base - 0.0004]
+    bad: list[tuple[float, str]] = []
+
+    def check(ts: list[float]) -> None:
+        for t in ts:
+            if iso_time(t) != reference(t):
+                bad.append((t, iso_time(t)))
+
+    threads = [threading.Thread(target=check, args=(stamps[i::2],)) for i in range(2)]
+    for th in threads:
+        th.start()
+    check(list(reversed(stamps)))
+    for th in threads:
+        th.join()
+    assert bad == []

@@ -3,10 +3,13 @@ scope-bound opt-in for Maskinporten (a warning), and argon2 hashes below the flo
 
 from __future__ import annotations
 
+import pytest
 from argon2 import PasswordHasher
 
 from filters.integrations import ARGON2_FLOOR_KIB, below_floor
 from tests.gateway.test_config import check_config
+
+pytestmark = pytest.mark.e2e  # each test runs `portvakt check-config` in a subprocess
 
 BASE = """\
 server: {listen: "127.0.0.1:8443", plain_http: true}

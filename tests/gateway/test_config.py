@@ -43,6 +43,7 @@ routes:
 """
 
 
+@pytest.mark.e2e
 def test_three_mistakes_give_three_lines_with_yaml_paths(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text(THREE_MISTAKES)
@@ -62,6 +63,7 @@ def in_process(path: Path) -> list[str]:
     return run_check(str(path))
 
 
+@pytest.mark.e2e
 def test_valid_file_prints_ok(tmp_path, pki):
     f = tmp_path / "good.yaml"
     f.write_text(f"""\

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gateway.configcheck import check
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +55,7 @@ waf: {{mode: detect}}
 """
 
 
+@pytest.mark.e2e
 def test_a_config_broken_in_every_layer_gives_every_line_in_one_run(tmp_path):
     f = tmp_path / "broken.yaml"
     f.write_text(BROKEN.format(d=tmp_path))
@@ -88,6 +91,7 @@ def test_a_config_broken_in_every_layer_gives_every_line_in_one_run(tmp_path):
     assert any("'api-v2' is never matched" in w and "'api'" in w for w in warns)
 
 
+@pytest.mark.e2e
 def test_json_format_and_exit_codes(tmp_path, pki):
     f = tmp_path / "broken.yaml"
     f.write_text(BROKEN.format(d=tmp_path))
@@ -186,6 +190,7 @@ waf: {mode: "off"}
     assert "admin.listen" not in [w.path for w in check(str(f)).warnings]
 
 
+@pytest.mark.e2e
 def test_shipped_example_passes_its_own_check_without_etc_portvakt(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "gateway.dev.ca", str(tmp_path / "tls")],
@@ -205,6 +210,7 @@ def test_shipped_example_passes_its_own_check_without_etc_portvakt(tmp_path):
     )
 
 
+@pytest.mark.e2e
 def test_demo_config_checks_cleanly_after_make_dev_certs_on_a_fresh_checkout(tmp_path):
     """A fresh checkout (no certs/dev yet): `make dev-certs` (gateway.dev.ca certs/dev) then
     `portvakt check-config config/demo.yaml` passes; before it, the error names the command."""

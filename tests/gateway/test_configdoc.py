@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from gateway.config import Config
@@ -39,6 +40,7 @@ def test_reference_lists_every_section_and_key_of_the_model():
         assert f"| `{key}` |" in doc, key
 
 
+@pytest.mark.e2e
 def test_json_schema_from_the_cli_matches_the_model_and_shipped_configs():
     out = subprocess.run(
         [sys.executable, "-m", "gateway", "config", "schema"],

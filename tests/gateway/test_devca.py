@@ -181,6 +181,7 @@ async def test_real_mtls_handshake_with_dev_certificates(pki):
         await server.wait_closed()
 
 
+@pytest.mark.e2e
 def test_portvakt_cli_dev_certs_subprocess(tmp_path):
     """`python -m gateway dev-certs` (the `portvakt` console script) reaches register_commands."""
     import subprocess

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gateway import reasoncatalog
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +89,7 @@ def scan_internal_reasons() -> dict[str, str]:
     return found
 
 
+@pytest.mark.e2e
 def test_every_public_reason_is_described_in_both_languages():
     reg = fresh_registry()
     missing = sorted(set(reg) - set(reasoncatalog.PUBLIC))
@@ -98,6 +101,7 @@ def test_every_public_reason_is_described_in_both_languages():
         assert en and no and act_en and act_no and en != no, rid
 
 
+@pytest.mark.e2e
 def test_every_internal_reason_in_the_source_is_described():
     found = scan_internal_reasons()
     reg = fresh_registry()
@@ -113,6 +117,7 @@ def test_every_internal_reason_in_the_source_is_described():
         assert en and no and act_en and act_no, rid
 
 
+@pytest.mark.e2e
 def test_committed_catalogue_is_the_generated_one():
     out = subprocess.run(
         [sys.executable, "-m", "gateway", "reasons"],

@@ -4,6 +4,8 @@ import json
 import os
 import threading
 
+import pytest
+
 from bench.crs_conformance import CRS_TEST_TX, expectations, load_overrides, record_request
 from filters.waf.stage import WafEngine, shared_dir
 
@@ -56,6 +58,7 @@ def test_conformance_sample(crs_engine):
     assert failed == []
 
 
+@pytest.mark.e2e
 def test_benign_builtin_blocks_none():
     recs = corpus("benign.jsonl")
     eng = WafEngine.builtin(paranoia_level=1)

@@ -65,7 +65,7 @@ def shape_ctx(shape: Shape) -> RequestContext:
     )
 
 
-@pytest.mark.parametrize("rules", ["builtin", "crs"])
+@pytest.mark.parametrize("rules", ["builtin", pytest.param("crs", marks=pytest.mark.e2e)])
 @pytest.mark.parametrize("shape", shapes(), ids=lambda s: s.name)
 async def test_hostile_shape_answer(rules, shape):
     f = cached_filter(rules)

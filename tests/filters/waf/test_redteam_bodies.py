@@ -18,7 +18,7 @@ PAYLOAD = {
 }
 
 
-@pytest.fixture(params=["builtin", "crs"])
+@pytest.fixture(params=["builtin", pytest.param("crs", marks=pytest.mark.e2e)])
 def pack(request):
     if request.param == "crs":
         return {"rules": "crs", "crs_path": crs_dir()}

@@ -78,6 +78,7 @@ def test_remove_and_update_target_directives():
     assert [(e.coll, e.key) for e in r.excludes] == [("ARGS", "foo")]
 
 
+@pytest.mark.e2e
 def test_all_crs_files_load():
     d = crs_dir()
     rs = Ruleset.load(

@@ -177,6 +177,7 @@ async def test_unparsable_json_body_inspected_raw_or_rejected():
     assert c.waf.matched_rule_ids == []
 
 
+@pytest.mark.e2e
 def test_check_config_warns_about_partial_inspection(tmp_path):
     import subprocess
     import sys
