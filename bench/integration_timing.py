@@ -93,18 +93,18 @@ async def main(n: int) -> None:
         samples: dict[str, list[float]] = {k: [] for k in kinds}
         for i in range(n):
             for kind, make in kinds.items():
-                saved = stage.failure_seconds
+                saved = stage.verifier.failure_seconds
                 if not padding:
-                    stage.failure_seconds = 0.0
+                    stage.verifier.failure_seconds = 0.0
                 c = make(f"{padding}{i}")
                 t0 = time.perf_counter()
                 d = await flt.check(c)
                 samples[kind].append((time.perf_counter() - t0) * 1000)
                 if not padding:
-                    stage.failure_seconds = saved
+                    stage.verifier.failure_seconds = saved
                 assert d.problem.status in (401, 429), d
         print(
-            f"padding {'on' if padding else 'off'} (n={n} each; failure_seconds={stage.failure_seconds * 1000:.1f} ms)"
+            f"padding {'on' if padding else 'off'} (n={n} each; failure_seconds={stage.verifier.failure_seconds * 1000:.1f} ms)"
         )
         for kind, xs in samples.items():
             q = statistics.quantiles(xs, n=10)

@@ -30,13 +30,13 @@ from pydantic import Field, field_validator, model_validator
 
 from filters.issuers import ACR_RANKS, acr_rank  # the one ordering of ID-porten levels
 from gateway import norid, problems
-from gateway.chain import ALLOW, POS_AUTHORIZE, BuildEnv, Decision, Deny, Filter, Mode, Stage
+from gateway.chain import ALLOW, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.configbase import Model
 from gateway.context import RequestContext
 from gateway.problems import BAD_REQUEST, Problem
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import RouteConfig
+    from gateway.configbase import RouteBase as RouteConfig
 
 log = logging.getLogger("portvakt.authorize")
 grant_log = logging.getLogger("portvakt.grants")
@@ -255,7 +255,6 @@ def _compile_rule(index: int, r: AccessRule) -> _Rule:
 
 class AuthorizeFilter(Filter):
     name = "authorize"
-    position = POS_AUTHORIZE
 
     def __init__(self, stage: AuthorizeStage, route: RouteConfig):
         assert route.access is not None

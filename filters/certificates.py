@@ -46,13 +46,13 @@ from cryptography.x509.verification import (
 from pydantic import Field
 
 from gateway import problems
-from gateway.chain import ALLOW, POS_CERTIFICATES, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage
+from gateway.chain import ALLOW, SKIP, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.configbase import Model
 from gateway.context import CertificateIdentity, RequestContext
 from gateway.problems import Problem
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import RouteConfig
+    from gateway.configbase import RouteBase as RouteConfig
 
 log = logging.getLogger("portvakt.certificates")
 
@@ -322,7 +322,6 @@ class _Entry:
 
 class CertificatesFilter(Filter):
     name = "certificates"
-    position = POS_CERTIFICATES
 
     def __init__(self, stage: CertificatesStage, mode: Mode) -> None:
         self.stage = stage

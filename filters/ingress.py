@@ -1,7 +1,7 @@
 """Ingress filter: CIDR allow/deny, size limits, method/host allow-lists, path and smuggling checks.
 
 Config section ``ingress:`` (plus each route's ``match.methods`` / ``match.hosts`` /
-``match.path_prefix``). It is the first filter of every route (``POS_INGRESS``) and only reads
+``match.path_prefix``). It is the first filter of every route (gateway/pipeline.py) and only reads
 what the listener already parsed: the request line, the headers and ``ctx.client_ip`` (the server
 resolves ``X-Forwarded-For`` through ``trusted_proxies`` before the chain runs).
 
@@ -13,11 +13,12 @@ Reason ids (status):
 ``method_not_allowed`` 405     method not in ``ingress.allowed_methods`` and the route's
                                ``match.methods`` (``Allow`` header set). A method token the HTTP
                                parser does not know (``CUST``) gets the same answer from the
-                               server (gateway/server.py), counted and audited alike
+                               listener (gateway/listener.py), counted and audited alike
 ``uri_too_long``       414     request target (path + ``?`` + query) over ``max_uri_bytes``
 ``headers_too_large``  431     more than ``max_headers`` lines or over ``max_header_bytes``
-``body_too_large``     413     ``Content-Length`` over ``max_body_bytes`` (the proxy enforces the
-                               same limit while streaming a chunked body, with this reason)
+``body_too_large``     413     body over ``max_body_bytes``: ``BodyLimit`` below, the one place
+                               the limit lives; the server asks it before reading (Content-Length)
+                               and after, the proxy caps a streamed body with it
 ``bad_path``           400     NUL, malformed percent-encoding, invalid UTF-8 after decoding, or
                                dot-segments / encoded slashes (``%2F``, ``%5C``, ``\\``) whose
                                resolution leaves the matched route prefix
@@ -41,18 +42,20 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 
-from gateway import problems
-from gateway.chain import ALLOW, POS_INGRESS, BuildEnv, Decision, Deny, Filter, Mode, Stage
+from gateway import metrics, problems
+from gateway.chain import ALLOW, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.configbase import HTTP_METHODS, Model
+from gateway.context import Detection
 from gateway.problems import METHOD_NOT_ALLOWED, Problem
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import RouteConfig
+    from gateway.configbase import RouteBase as RouteConfig
     from gateway.context import IPAddress, RequestContext
 
 
@@ -284,9 +287,41 @@ def headers_over(headers, limit: int) -> bool:
     return header_bytes(headers) > limit
 
 
+class BodyLimit:
+    """The request body limit, in one place: ``ingress.max_body_bytes`` under ``ingress.mode``.
+
+    The body is read by the server, before the chain (the WAF inspects its prefix), so the
+    server asks ``check`` about the declared size (``Content-Length``, before reading: a 413
+    without reading what would be refused) and about the bytes it read; the proxy caps a streamed
+    body at ``cap``. ``enforce``: over the limit is 413 ``body_too_large``. ``detect``: recorded
+    as the ingress filter's would-be deny (``ctx.detections``, counted like the chain counts one)
+    and the request goes on, whatever its size. ``off``: no limit.
+    """
+
+    __slots__ = ("max_bytes", "mode", "cap")
+
+    def __init__(self, cfg: IngressConfig) -> None:
+        self.max_bytes = cfg.max_body_bytes
+        self.mode = cfg.mode
+        self.cap = cfg.max_body_bytes if cfg.mode is Mode.enforce else sys.maxsize  # for the proxy
+
+    def problem(self) -> Problem:
+        return Problem(BODY_TOO_LARGE, detail=f"The limit is {self.max_bytes} bytes")
+
+    def check(self, ctx: RequestContext, size: int) -> Problem | None:
+        """None when ``size`` bytes may pass (or only a detection was recorded), else the 413."""
+        if size <= self.max_bytes:
+            return None
+        if self.mode is Mode.enforce:
+            return self.problem()
+        if self.mode is Mode.detect and all(d.reason != BODY_TOO_LARGE for d in ctx.detections):
+            ctx.detections.append(Detection(IngressFilter.name, BODY_TOO_LARGE))
+            metrics.observe_filter(IngressFilter.name, "detect", BODY_TOO_LARGE, 0.0)
+        return None
+
+
 class IngressFilter(Filter):
     name = "ingress"
-    position = POS_INGRESS
 
     def __init__(self, cfg: IngressConfig, stage: IngressStage, route: RouteConfig) -> None:
         self.mode = cfg.mode
@@ -295,7 +330,6 @@ class IngressFilter(Filter):
         self._max_uri = cfg.max_uri_bytes
         self._max_header_bytes = cfg.max_header_bytes
         self._max_headers = cfg.max_headers
-        self._max_body = cfg.max_body_bytes
         self._prefix = route.match.path_prefix
         methods = [m for m in route.match.methods if m in cfg.allowed_methods]
         self._methods = frozenset(methods)
@@ -327,11 +361,9 @@ class IngressFilter(Filter):
             )
 
         # The target as sent (the canonical form the server put in ctx.raw_path can be shorter).
-        sent = getattr(ctx.request, "raw_path", None)
+        sent = ctx.raw_target
         uri_len = (
-            len(sent)
-            if isinstance(sent, str)
-            else len(ctx.raw_path) + (len(ctx.query_string) + 1 if ctx.query_string else 0)
+            len(sent) if sent else len(ctx.raw_path) + (len(ctx.query_string) + 1 if ctx.query_string else 0)
         )
         if uri_len > self._max_uri:
             return Deny(Problem(URI_TOO_LONG, detail=f"Request target over {self._max_uri} bytes"))
@@ -354,27 +386,20 @@ class IngressFilter(Filter):
                 )
             )
 
-        request = ctx.request
-        framing = check_framing(headers, getattr(request, "version", None))
+        framing = check_framing(headers, ctx.http_version)
         if framing is not None:
             # The message boundary is unknown, so nothing after it on this connection can be
-            # trusted: close once the 400 is sent (RFC 9112 6.3), like the parser does for its own.
-            # ``close()`` (not ``force_close()``, which drops the transport before the answer).
-            protocol = getattr(request, "protocol", None)
-            if protocol is not None:
-                protocol.close()
+            # trusted: the server closes it once the 400 is sent (RFC 9112 6.3), like the parser
+            # does for its own.
             return Deny(
-                Problem(
+                close=True,
+                problem=Problem(
                     REQUEST_SMUGGLING,
                     detail="Ambiguous Content-Length / Transfer-Encoding",
                     internal_reason=framing,
                     headers={"Connection": "close"},
-                )
+                ),
             )
-        cl = headers.get("Content-Length")
-        if cl is not None and int(cl) > self._max_body:
-            return Deny(Problem(BODY_TOO_LARGE, detail=f"Request body over {self._max_body} bytes"))
-
         why = check_path(ctx.raw_path, self._prefix)
         if why is not None:
             return Deny(

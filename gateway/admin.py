@@ -42,7 +42,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import metrics, problems
-from gateway.server import new_request_id, split_listen
+from gateway.listener import split_listen
+from gateway.requestfacts import new_request_id
 
 CONFIG_REJECTED = problems.CONFIG_REJECTED
 ADMIN_TOKEN_REQUIRED = problems.ADMIN_TOKEN_REQUIRED

@@ -1,9 +1,21 @@
-"""The chain contract: Stage (built once per runtime) -> Filter (per route) -> Decision.
+"""The chain contract (core layer): Stage (built once per runtime) -> Filter (per route) ->
+Decision, and the interfaces of the two roles that are not filters.
 
-A policy stage module (``filters/<name>.py``) exposes ``build_stage(config, env) -> Stage``.
-The runtime calls it once per config load ("build at load"), then asks the stage for the filters
-of each route. A Filter's ``check(ctx)`` only runs: it returns ``Allow``, ``Skip`` (not
-responsible: no credential of its kind) or ``Deny(problem)``. It never writes the response.
+Roles, after Oathkeeper's authenticator / authorizer / mutator split:
+
+- a **Filter** decides: ``check(ctx)`` returns ``Allow``, ``Skip`` (not responsible: no
+  credential of its kind) or ``Deny(problem)``. It reads and writes the context, never the
+  response and never aiohttp's request; a Deny may ask for the connection to be closed.
+- the **identity forwarder** (``IdentityForwarder``, gateway/identity.py) mutates: it adds the
+  headers the upstream learns the caller's identity from.
+- the **audit sink** (``AuditRecorder``, gateway/audit/) records: one record per request, and
+  may refuse to forward when it cannot promise durability.
+
+A stage is declared once in gateway/pipeline.py with its config section(s), its per-route
+section(s), its builder ``build_stage(env: BuildEnv) -> Stage | None`` and the chain position of
+each filter it contributes (by filter ``name``). The runtime calls the builder once per config
+load ("build at load"), then asks the stage for the filters of each route and orders them by
+those positions.
 
 The runner (``run_chain``) times each filter, counts decisions, turns any exception into a 500
 Deny and a timeout into a 503 Deny (fail closed), and honours ``mode``: ``detect`` records the
@@ -17,15 +29,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from gateway import metrics
+from gateway.configbase import ConfigBase, RouteBase
 from gateway.context import Detection, RequestContext
 from gateway.problems import FILTER_TIMEOUT, INTERNAL, Problem
 from gateway.resources import Registry, Scope
-
-if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import Config, RouteConfig
 
 log = logging.getLogger("portvakt.chain")
 
@@ -36,18 +46,6 @@ class Mode(str, Enum):
     off = "off"
     detect = "detect"
     enforce = "enforce"
-
-
-# Positions in the chain: the runtime sorts a route's filters by these. DESIGN.md order, with the
-# pre-auth rate limit before anything that costs CPU (WAF, signatures, argon2).
-POS_INGRESS = 10
-POS_RATE_LIMIT_PRE = 20
-POS_WAF = 30
-POS_CERTIFICATES = 40
-POS_TOKENS = 50
-POS_INTEGRATIONS = 60
-POS_AUTHORIZE = 70
-POS_RATE_LIMIT = 80
 
 
 @dataclass(slots=True, frozen=True)
@@ -62,7 +60,11 @@ class Skip:
 
 @dataclass(slots=True, frozen=True)
 class Deny:
+    """Refuse the request with ``problem``. ``close``: the connection is closed after the answer
+    (the server honours it): for a request whose framing or bytes cannot be trusted further."""
+
     problem: Problem
+    close: bool = False
 
 
 Decision = Allow | Skip | Deny
@@ -71,10 +73,10 @@ SKIP = Skip()
 
 
 class Filter:
-    """A compiled, immutable per-route policy step. Subclasses set ``name`` and implement check."""
+    """A compiled, immutable per-route policy step. Subclasses set ``name`` (its chain position
+    is declared under that name in gateway/pipeline.py) and implement ``check``."""
 
     name: ClassVar[str] = "filter"
-    position: ClassVar[int] = 0
     mode: Mode = Mode.enforce
     timeout: float = 10.0  # seconds; argon2 runs in a thread and is the slowest legitimate step
 
@@ -87,8 +89,9 @@ class Stage:
 
     name: ClassVar[str] = "stage"
 
-    def filters_for_route(self, route: RouteConfig) -> list[Filter]:
-        """The filters this stage contributes to one route (each with its ``position``)."""
+    def filters_for_route(self, route: RouteBase) -> list[Filter]:
+        """The filters this stage contributes to one route, in any order (the runtime orders
+        them by the positions the pipeline declares for their names)."""
         return []
 
     async def start(self) -> None:
@@ -111,14 +114,40 @@ class Stage:
 
 @dataclass(slots=True)
 class BuildEnv:
-    """What a stage may use while building: the whole config and its file's directory."""
+    """What a stage may use while building: the config and its file's directory."""
 
-    config: Config
+    config: ConfigBase
     base_dir: str
     secrets: dict[str, Any]  # process-wide keys made once (e.g. HMAC key for caches)
     # What the runtime being built holds of the resources kept across reloads (gateway.resources):
     # stages acquire Redis pools, key stores and clients here, keyed by the config that built them.
     resources: Scope = field(default_factory=lambda: Registry().scope())
+
+
+class AuditRecorder(Protocol):
+    """The audit sink's interface as the server and the stages use it (gateway/audit/)."""
+
+    async def before_forward(self, ctx: RequestContext) -> Problem | None:
+        """None, or the problem to answer when the record cannot be made durable first."""
+
+    def record(self, ctx: RequestContext) -> None:
+        """The one record of a finished request, allowed or denied."""
+
+    def event(self, rec: dict[str, Any], pid: str | None = None) -> None:
+        """A record that is not a request (a grant, a login, a withdrawal)."""
+
+
+class IdentityForwarder(Protocol):
+    """The identity forwarder's interface (gateway/identity.py): mutates the upstream request."""
+
+    strip_names: frozenset[str]  # client headers in its namespace, never forwarded as sent
+    strip_prefixes: tuple[str, ...]
+
+    def headers(self, ctx: RequestContext) -> dict[str, str]:
+        """The identity headers (and signed assertion) for the upstream."""
+
+    def jwks(self) -> dict[str, Any]:
+        """The public keys the upstream verifies the assertion with."""
 
 
 async def run_chain(filters: tuple[Filter, ...], ctx: RequestContext) -> Deny | None:

@@ -166,8 +166,11 @@ def file_problems(cfg: Any, path: str) -> list[str]:
 async def build_problems(cfg: Any, path: str) -> list[str]:
     """Build (without starting) the runtime of a loaded config; every stage or component that
     cannot be built, each as ``file: yaml.path: reason``. Used by check-config and by reload."""
+    from gateway.audit import build_audit
     from gateway.chain import BuildEnv
-    from gateway.runtime import STAGE_MODULES, _component_builders, build_runtime
+    from gateway.identity import build_forwarder
+    from gateway.pipeline import PIPELINE
+    from gateway.runtime import build_runtime
 
     try:
         rt = build_runtime(cfg, None)
@@ -179,12 +182,10 @@ async def build_problems(cfg: Any, path: str) -> list[str]:
     # build_runtime stops at the first error: build each stage and component on its own
     # to list every one that cannot be built.
     env = BuildEnv(config=cfg, base_dir=os.path.dirname(os.path.abspath(path)), secrets={})
-    builders = [getattr(importlib.import_module(m), "build_stage", None) for m in STAGE_MODULES]
-    builders += list(_component_builders().values())
+    builders: list[Any] = [decl.builder for decl in PIPELINE]
+    builders += [build_audit, build_forwarder]
     found: list[str] = []
     for builder in builders:
-        if builder is None:
-            continue
         try:
             part = builder(env)
         except Exception as e:

@@ -2,8 +2,13 @@
 
 ``load_config(path)`` returns a ``Config`` or raises ``ConfigError`` listing every problem at once as
 ``file: yaml.path: reason``. ``${ENV_VAR}`` (and ``${ENV_VAR:-default}``) in string values is
-replaced from the environment before validation. Sections owned by a policy stage are declared
-in that stage's module and imported here.
+replaced from the environment before validation.
+
+The gateway's own sections (server, admin, upstreams, logging, problems, http, tracing) are
+declared here; every section a policy stage or role owns is declared in that stage's package and
+listed once in gateway/pipeline.py, from which ``Config`` and ``RouteConfig`` are assembled
+(``pydantic.create_model``). For a type checker they read as ``GatewayConfig`` / ``RouteBase``,
+whose assembled sections are ``Any``.
 """
 
 from __future__ import annotations
@@ -12,25 +17,40 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, create_model, field_validator
 
-from filters.access import AccessPolicy, route_policy_problems
-from filters.certificates import CertificatesConfig
-from filters.delegation.config import DelegationConfig, RoutePartyPolicy, RoutePrivilegePolicy
-from filters.ingress import IngressConfig
-from filters.integrations import IntegrationConfig, IntegrationsPolicyConfig
-from filters.issuers import IssuerConfig
-from filters.persons.config import PersonsConfig, RoutePersonPolicy
-from filters.rate_limit import RateLimitConfig, RateLimitRule
-from filters.waf.config import RouteWafConfig, WafConfig
-from gateway.audit import AuditConfig
 from gateway.canonical import HttpConfig, NotCanonical, canonical_path, route_host
-from gateway.configbase import HTTP_METHODS, Model
-from gateway.identity import IdentityConfig, RouteForwardConfig
+from gateway.configbase import (
+    HTTP_METHODS,
+    ConfigBase,
+    MatchConfig,
+    Model,
+    RouteAuditConfig,
+    RouteBase,
+)
+from gateway.pipeline import PIPELINE, ROLES, Section
 from gateway.tracing import TracingConfig
+
+__all__ = [
+    "HTTP_METHODS",
+    "AdminConfig",
+    "Config",
+    "ConfigError",
+    "GatewayConfig",
+    "LoggingConfig",
+    "MatchConfig",
+    "ProblemsConfig",
+    "RouteAuditConfig",
+    "RouteConfig",
+    "ServerConfig",
+    "TLSConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
 
 
 def _check_listen(v: str) -> str:
@@ -149,70 +169,6 @@ class UpstreamConfig(Model):
         return v.rstrip("/")
 
 
-class MatchConfig(Model):
-    path_prefix: str = Field("/", description="Route matches paths starting with this prefix")
-    methods: list[str] = Field(
-        default_factory=lambda: list(HTTP_METHODS),
-        description="Methods this route serves; checked after the match (others get 405, no fall-through)",
-    )
-    hosts: list[str] = Field(default_factory=list, description="Host header values (empty: any)")
-
-    @field_validator("path_prefix")
-    @classmethod
-    def _prefix(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("must start with /")
-        return v
-
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, v: list[str]) -> list[str]:
-        out = [m.upper() for m in v]
-        bad = [m for m in out if m not in HTTP_METHODS]
-        if bad:
-            raise ValueError(f"unknown methods {bad}; allowed: {', '.join(HTTP_METHODS)}")
-        return out
-
-
-class RouteAuditConfig(Model):
-    query_string: bool = Field(False, description="Keep the query string in audit records of this route")
-
-
-class RouteConfig(Model):
-    name: str = Field(description="Route name: a metric label and audit field")
-    match: MatchConfig = Field(
-        default_factory=MatchConfig,
-        description="What requests this route takes (first match in file order wins)",
-    )
-    upstream: str = Field(description="Name of an entry under upstreams:")
-    service: str | None = Field(None, description="The service this route exposes (what grants name)")
-    legal_basis: str | None = Field(
-        None, description="Legal basis recorded in audit (e.g. 'offentleglova § 3')"
-    )
-    organization_from: str | None = Field(
-        None,
-        description='Where the target organisation is: "path:/orgs/{organization}/" or "header:FiksOrgId"',
-    )
-    access: AccessPolicy | None = Field(None, description="Who may call; absent: no credential required")
-    rate_limits: list[RateLimitRule] = Field(default_factory=list, description="Rate limits of this route")
-    waf: RouteWafConfig = Field(default_factory=RouteWafConfig, description="WAF exclusions for this route")
-    forward: RouteForwardConfig = Field(
-        default_factory=RouteForwardConfig, description="What identity this route forwards upstream"
-    )
-    audit: RouteAuditConfig = Field(
-        default_factory=RouteAuditConfig, description="Audit options of this route"
-    )
-    person: RoutePersonPolicy | None = Field(
-        None, description="A logged-in person is required (persons: login)"
-    )
-    party: RoutePartyPolicy | None = Field(
-        None, description="The person acts for an organisation they chose (delegation:)"
-    )
-    privilege: RoutePrivilegePolicy | None = Field(
-        None, description="A run-time grant for this route's service (delegation:)"
-    )
-
-
 class LoggingConfig(Model):
     format: Literal["text", "json"] = Field(
         "text", description="Application logs: text (one line per event) or json (one JSON object per line)"
@@ -241,7 +197,9 @@ class ProblemsConfig(Model):
         return v
 
 
-class Config(Model):
+class GatewayConfig(ConfigBase):
+    """The gateway's own sections; ``Config`` adds every stage's and role's (gateway/pipeline.py)."""
+
     server: ServerConfig = Field(default_factory=ServerConfig, description="The public listener")
     admin: AdminConfig = Field(default_factory=AdminConfig, description="The admin listener")
     trusted_proxies: list[str] = Field(
@@ -250,33 +208,8 @@ class Config(Model):
     upstreams: dict[str, UpstreamConfig] = Field(
         default_factory=dict, description="Upstream services by name"
     )
-    routes: list[RouteConfig] = Field(
+    routes: list[RouteBase] = Field(
         default_factory=list, description="Routes, first match in file order wins"
-    )
-    ingress: IngressConfig = Field(
-        default_factory=IngressConfig, description="Client address, host and size limits"
-    )
-    issuers: dict[str, IssuerConfig] = Field(
-        default_factory=dict, description="Token issuers (Maskinporten, ID-porten) by name"
-    )
-    integrations: list[IntegrationConfig] = Field(
-        default_factory=list, description="Fiks integrations and their grants"
-    )
-    integrations_policy: IntegrationsPolicyConfig = Field(
-        default_factory=IntegrationsPolicyConfig,
-        description="Integrations filter mode and brute-force limits",
-    )
-    certificates: CertificatesConfig = Field(
-        default_factory=CertificatesConfig, description="Enterprise client certificates"
-    )
-    rate_limit: RateLimitConfig = Field(
-        default_factory=RateLimitConfig, description="Rate limiter backend and behaviour"
-    )
-    waf: WafConfig = Field(default_factory=WafConfig, description="Web application firewall")
-    audit: AuditConfig = Field(default_factory=AuditConfig, description="Audit trail")
-    identity: IdentityConfig = Field(
-        default_factory=IdentityConfig,
-        description="Identity headers and the signed assertion forwarded upstream",
     )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Application and access logs")
     problems: ProblemsConfig = Field(default_factory=ProblemsConfig, description="Problem+json responses")
@@ -284,23 +217,36 @@ class Config(Model):
         default_factory=HttpConfig,
         description="Canonical request (path normalisation) and client headers never forwarded",
     )
-    persons: PersonsConfig | None = Field(None, description="Persons' login: OIDC relying party (ID-porten)")
-    delegation: DelegationConfig | None = Field(
-        None,
-        description="Acting for organisations (Altinn parties), run-time privileges, admin API, org audit view",
-    )
     tracing: TracingConfig = Field(
         default_factory=TracingConfig, description="W3C trace context (traceparent) to the upstream"
     )
 
-    # Set by load_config: where the file was, so relative paths resolve against it.
-    source_path: str | None = Field(None, exclude=True)
 
-    def resolve_path(self, p: str) -> str:
-        """Resolve a path from the config relative to the config file's directory."""
-        if os.path.isabs(p) or not self.source_path:
-            return p
-        return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(self.source_path)), p))
+def _field(s: Section) -> tuple[Any, Any]:
+    if s.default_factory is not None:
+        return s.annotation, Field(default_factory=s.default_factory, description=s.description)
+    return s.annotation, Field(s.default, description=s.description)
+
+
+def _assemble() -> tuple[type[RouteBase], type[GatewayConfig]]:
+    """``RouteConfig`` and ``Config`` from the pipeline's declarations."""
+    decls = (*PIPELINE, *ROLES)
+    route_fields: dict[str, Any] = {s.key: _field(s) for d in decls for s in d.route_sections}
+    route_model = create_model("RouteConfig", __base__=RouteBase, __module__=__name__, **route_fields)
+    fields: dict[str, Any] = {s.key: _field(s) for d in decls for s in d.sections}
+    fields["routes"] = (
+        list[route_model],  # type: ignore[valid-type]
+        Field(default_factory=list, description="Routes, first match in file order wins"),
+    )
+    config_model = create_model("Config", __base__=GatewayConfig, __module__=__name__, **fields)
+    return route_model, config_model
+
+
+if TYPE_CHECKING:
+    RouteConfig = RouteBase
+    Config = GatewayConfig
+else:
+    RouteConfig, Config = _assemble()
 
 
 class ConfigError(Exception):
@@ -373,7 +319,9 @@ def _cross_checks(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
         if r.name in names:
             errs.append((("routes", i, "name"), f"duplicate route name {r.name!r}"))
         names.add(r.name)
-        errs += [(("routes", i) + loc, msg) for loc, msg in route_policy_problems(r)]
+        for decl in PIPELINE:
+            if decl.route_checks is not None:
+                errs += [(("routes", i) + loc, msg) for loc, msg in decl.route_checks(r)]
         errs += _route_canonical_problems(i, r, cfg)
         if r.organization_from and not re.match(
             r"^(path:/.*\{organization\}.*|header:[A-Za-z0-9-]+)\Z", r.organization_from
@@ -384,12 +332,9 @@ def _cross_checks(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
                     'must be "path:/.../{organization}/..." or "header:Name"',
                 )
             )
-    from filters.persons import config_problems as persons_problems
-
-    errs += persons_problems(cfg)
-    from filters.delegation import config_problems as delegation_problems
-
-    errs += delegation_problems(cfg)
+    for decl in PIPELINE:
+        if decl.checks is not None:
+            errs += decl.checks(cfg)
     ids: set[str] = set()
     for i, integ in enumerate(cfg.integrations):
         if integ.id.lower() in ids:

@@ -11,13 +11,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway.configbase import RouteBase
 
 if TYPE_CHECKING:  # pragma: no cover
-    from aiohttp import web
     from multidict import CIMultiDictProxy
-
-    from gateway.runtime import CompiledRoute, Runtime
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -90,8 +89,29 @@ class Detection:
     reason: str
 
 
+class RouteView(Protocol):
+    """What the context says about the matched route (gateway.runtime.CompiledRoute)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config(self) -> RouteBase: ...
+
+    @property
+    def upstream_name(self) -> str: ...
+
+
 @dataclass(slots=True)
 class RequestContext:
+    """Who writes what: the server (gateway/requestpath.py) sets every field above ``body`` when
+    the request arrives (``host``, ``raw_path``, ``path``, ``target`` and ``forwarded_*`` again
+    once the request is canonical; ``route`` once it matched) and ``body*`` before the chain;
+    filters write the results below (each its own: ``token`` the tokens filter, ``integration``
+    the integrations filter, ...); the server and the proxy write the outcome (``status``,
+    ``decision``, ``reason``, ``bytes_*``). Filters read the request from here, never from
+    aiohttp: ``raw_target`` and ``http_version`` are the request line as sent."""
+
     request_id: str
     method: str
     raw_path: str  # path as sent, without the query string (percent-encoding kept)
@@ -102,9 +122,13 @@ class RequestContext:
     peer_ip: IPAddress  # the TCP peer
     client_ip: IPAddress  # after trusted-proxy resolution
     headers: CIMultiDictProxy[str]
-    request: web.Request
-    runtime: Runtime
-    route: CompiledRoute | None = None
+    # The aiohttp request: for the server, the proxy and the persons/delegation page endpoints
+    # only (they serve pages). A filter reads the fields of this context instead.
+    request: Any
+    runtime: Any  # the gateway.runtime.Runtime serving this request (the core does not import it)
+    route: RouteView | None = None
+    raw_target: str = ""  # the request target as sent (path and query, before canonicalisation)
+    http_version: tuple[int, int] = (1, 1)
     tls: TlsInfo = field(default_factory=TlsInfo)
     from_trusted_proxy: bool = False
     started: float = field(default_factory=time.monotonic)

@@ -1106,8 +1106,7 @@ def registered() -> dict[str, tuple[int, str]]:
     """The public reason registry with every module that registers loaded."""
     from gateway import problems
 
-    runtime = importlib.import_module("gateway.runtime")
-    for m in (*runtime.STAGE_MODULES, *MODULES):
+    for m in ("gateway.pipeline", *MODULES):
         importlib.import_module(m)
     return dict(problems.REASONS)
 

@@ -1,7 +1,8 @@
 """Runtime: everything built from one config, swapped in one assignment on reload.
 
-``build_runtime(config, previous)`` compiles routes, builds each policy stage once, collects each
-route's filters in chain order, and prepares the audit sink and the identity forwarder. A request
+``build_runtime(config, previous)`` builds each policy stage of the pipeline (gateway/pipeline.py)
+once, compiles routes with their filters in the declared chain order, and prepares the audit
+sink, the identity forwarder and the upstream pools: named, typed fields of ``Runtime``. A request
 reads ``server.runtime`` once and keeps that object until it finishes, so a reload never changes
 the rules under an in-flight request.
 """
@@ -9,34 +10,27 @@ the rules under an in-flight request.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import ipaddress
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from filters.delegation import DelegationStage
+from filters.ingress import BodyLimit
+from filters.persons import PersonsStage
+from gateway.audit import AuditSink, build_audit
 from gateway.canonical import host_for_match, route_host
 from gateway.chain import BuildEnv, Filter, Stage
 from gateway.config import Config, RouteConfig, UpstreamConfig
+from gateway.configbase import MatchConfig
+from gateway.identity import Forwarder, build_forwarder
+from gateway.pipeline import PIPELINE, StageDecl, chain_positions
 from gateway.proxy import FORWARDED_CERT_HEADERS, REQUEST_DROP, UpstreamPool
 from gateway.resources import Registry, Scope
 
 log = logging.getLogger("portvakt.runtime")
-
-# Stage modules in chain order; each exposes ``build_stage(env) -> Stage``. Positions inside the
-# chain come from each Filter's ``position`` (gateway.chain.POS_*), not from this order.
-STAGE_MODULES = (
-    "filters.ingress",
-    "filters.rate_limit",
-    "filters.waf",
-    "filters.certificates",
-    "filters.issuers",
-    "filters.integrations",
-    "filters.access",
-    "filters.persons",
-    "filters.delegation",
-)
 
 
 @dataclass(slots=True, frozen=True)
@@ -61,12 +55,19 @@ class CompiledRoute:
         return path == p or path.startswith(p + "/")
 
 
-@dataclass
+@dataclass(eq=False)
 class Runtime:
+    """Everything one config built. The fields are set once by ``build_runtime`` and never
+    reassigned; only the request accounting (``inflight``, the drain event and the trust cache)
+    changes while it serves (that is why the dataclass is not frozen)."""
+
     config: Config
     routes: tuple[CompiledRoute, ...]
     stages: tuple[Stage, ...]
-    components: dict[str, Any] = field(default_factory=dict)  # "audit", "forwarder", "upstreams"
+    audit: AuditSink
+    forwarder: Forwarder
+    upstreams: UpstreamPool
+    body_limit: BodyLimit  # ingress.max_body_bytes under ingress.mode (filters/ingress.py)
     generation: int = 0
     # Prepared for the request path (read once per request, never recomputed).
     trusted_networks: tuple[Any, ...] = ()
@@ -75,11 +76,9 @@ class Runtime:
     # request_drop plus the forwarded client-certificate headers: what a peer that is not a
     # trusted proxy never gets through (Envoy's XFCC SANITIZE).
     request_drop_untrusted: frozenset[str] = frozenset()
-    max_body_bytes: int = 0
-    persons: Any = None  # filters.persons.PersonsStage: its endpoints are served before routing
-    delegation: Any = (
-        None  # filters.delegation.DelegationStage: parties + admin endpoints, under persons.prefix
-    )
+    max_body_bytes: int = 0  # ingress.max_body_bytes whatever the mode (body prefix, chunk sizes)
+    persons: PersonsStage | None = None  # its endpoints are served before routing
+    delegation: DelegationStage | None = None  # parties + admin endpoints, under persons.prefix
     # http.case_sensitive_upstream false: (route, lower-cased prefix) of every route that is not a
     # catch-all, for ``case_variant``; ``prefixes_lower``: every such prefix is lower case already,
     # so a path without upper-case letters needs no check (the common case stays one str.lower()).
@@ -167,19 +166,20 @@ class Runtime:
     async def start(self) -> None:
         for s in self.stages:
             await s.start()
-        for c in self.components.values():
-            start = getattr(c, "start", None)
-            if start is not None:
-                await start()
+        await self.audit.start()
+        await self.forwarder.start()
+        await self.upstreams.start()
 
     async def close(self) -> None:
-        for c in self.components.values():
-            close = getattr(c, "close", None)
-            if close is not None:
-                try:
-                    await close()
-                except Exception:  # closing must not stop the others from closing
-                    log.exception("closing component %r failed", c)
+        for name, close in (
+            ("audit", self.audit.close),
+            ("forwarder", self.forwarder.close),
+            ("upstreams", self.upstreams.close),
+        ):
+            try:
+                await close()
+            except Exception:  # closing must not stop the others from closing
+                log.exception("closing %s failed", name)
         for s in self.stages:
             try:
                 await s.close()
@@ -192,56 +192,46 @@ class Runtime:
         for s in self.stages:
             for k, v in s.readiness().items():
                 out[f"{s.name}.{k}"] = v
-        for name, c in self.components.items():
-            r = getattr(c, "readiness", None)
-            if r is not None:
-                for k, v in r().items():
-                    out[f"{name}.{k}"] = v
+        for name, part in (("audit", self.audit), ("forwarder", self.forwarder)):
+            for k, v in part.readiness().items():
+                out[f"{name}.{k}"] = v
         return out
 
 
-def _component_builders() -> dict[str, Any]:
-    """Non-filter components: module path -> builder name. Each builder takes a BuildEnv."""
-    out: dict[str, Any] = {}
-    for key, modname, fn in (
-        ("audit", "gateway.audit", "build_audit"),
-        ("forwarder", "gateway.identity", "build_forwarder"),
-    ):
-        mod = importlib.import_module(modname)
-        builder = getattr(mod, fn, None)
-        if builder is not None:
-            out[key] = builder
-    return out
-
-
 def build_runtime(
-    config: Config, previous: Runtime | None = None, secrets: dict[str, Any] | None = None
+    config: Config,
+    previous: Runtime | None = None,
+    secrets: dict[str, Any] | None = None,
+    pipeline: tuple[StageDecl, ...] = PIPELINE,
 ) -> Runtime:
     """Build a complete runtime (not yet started). Raises on any problem; the caller keeps the old
-    runtime when this fails. Resources are shared with ``previous`` through its registry; a
-    failed build gives back what it acquired."""
+    runtime when this fails. ``pipeline``: the stages to build (tests pass their own). Resources
+    are shared with ``previous`` through its registry; a failed build gives back what it acquired."""
     registry = previous.resources.registry if previous is not None else Registry()
     scope = registry.scope()
     try:
-        return _build(config, previous, secrets, scope)
+        return _build(config, previous, secrets, scope, pipeline)
     except BaseException:
         scope.abandon()
         raise
 
 
-def _build(config: Config, previous: Runtime | None, secrets: dict[str, Any] | None, scope: Scope) -> Runtime:
+def _build(
+    config: Config,
+    previous: Runtime | None,
+    secrets: dict[str, Any] | None,
+    scope: Scope,
+    pipeline: tuple[StageDecl, ...],
+) -> Runtime:
     base_dir = os.path.dirname(os.path.abspath(config.source_path)) if config.source_path else os.getcwd()
     env = BuildEnv(
         config=config, base_dir=base_dir, secrets=secrets if secrets is not None else {}, resources=scope
     )
+    positions = chain_positions(pipeline)
     stages: list[Stage] = []
-    for modname in STAGE_MODULES:
-        mod = importlib.import_module(modname)
-        builder = getattr(mod, "build_stage", None)
-        if builder is None:
-            continue
-        stage = builder(env)
-        if stage is None:
+    for decl in pipeline:
+        stage = decl.builder(env)
+        if stage is None:  # not configured (e.g. no persons: section)
             continue
         if previous is not None:
             old = previous.stage(stage.name)
@@ -251,10 +241,7 @@ def _build(config: Config, previous: Runtime | None, secrets: dict[str, Any] | N
     max_body = config.ingress.max_body_bytes
     routes: list[CompiledRoute] = []
     for rc in config.routes:
-        filters: list[Filter] = []
-        for s in stages:
-            filters.extend(f for f in s.filters_for_route(rc) if f.mode.value != "off")
-        filters.sort(key=lambda f: f.position)
+        filters = compile_chain(stages, rc, positions)
         # +1: a filter asking for N bytes then learns exactly whether the body was longer than N.
         wanted = max([65536] + [int(getattr(f, "body_inspection_bytes", 0) or 0) + 1 for f in filters])
         routes.append(
@@ -266,44 +253,45 @@ def _build(config: Config, previous: Runtime | None, secrets: dict[str, Any] | N
                 hosts=frozenset(route_host(h) for h in rc.match.hosts),
                 upstream_name=rc.upstream,
                 upstream=config.upstreams[rc.upstream],
-                filters=tuple(filters),
+                filters=filters,
                 body_prefix_bytes=min(max_body + 1, wanted),
             )
         )
-    components: dict[str, Any] = {}
-    for key, builder in _component_builders().items():
-        comp = builder(env)
-        if previous is not None:
-            old = previous.components.get(key)
-            adopt = getattr(comp, "adopt", None)
-            if old is not None and adopt is not None:
-                adopt(old)
-        components[key] = comp
-    components["upstreams"] = UpstreamPool(config)
-    forwarder = components.get("forwarder")
-    strip = (
-        frozenset(getattr(forwarder, "strip_names", frozenset())) if forwarder is not None else frozenset()
-    )
-    strip |= config.http.strip_names()
+    audit = build_audit(env)
+    forwarder = build_forwarder(env)
+    if previous is not None:
+        audit.adopt(previous.audit)
+        forwarder.adopt(previous.forwarder)
+    strip = frozenset(forwarder.strip_names) | config.http.strip_names()
     cert_headers = set(FORWARDED_CERT_HEADERS)
     fwd_cert = config.certificates.forwarded_header
     if fwd_cert:
         cert_headers |= {fwd_cert.lower().replace("_", "-"), fwd_cert.lower().replace("_", "-") + "-chain"}
     gen = previous.generation + 1 if previous is not None else 1
+    persons = next((s for s in stages if isinstance(s, PersonsStage)), None)
+    delegation = next((s for s in stages if isinstance(s, DelegationStage)), None)
+    if persons is not None:
+        persons.attach_audit(audit)
+        persons.set_endpoint_filters(*_persons_endpoint_chains(persons, stages, positions))
+    if delegation is not None:
+        delegation.attach_audit(audit)
     return Runtime(
         config=config,
         routes=tuple(routes),
         stages=tuple(stages),
-        components=components,
+        audit=audit,
+        forwarder=forwarder,
+        upstreams=UpstreamPool(config),
+        body_limit=BodyLimit(config.ingress),
         generation=gen,
         resources=scope,
         trusted_networks=tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies),
         request_drop=REQUEST_DROP | strip,
         request_drop_untrusted=REQUEST_DROP | strip | cert_headers,
-        request_drop_prefixes=tuple(getattr(forwarder, "strip_prefixes", ()) or ()),
+        request_drop_prefixes=tuple(forwarder.strip_prefixes),
         max_body_bytes=max_body,
-        persons=_attach_persons(stages, components),
-        delegation=_attach_delegation(stages, components),
+        persons=persons,
+        delegation=delegation,
         case_guard=()
         if config.http.case_sensitive_upstream
         else tuple((r, r.prefix.lower()) for r in routes if r.prefix != "/"),
@@ -311,16 +299,41 @@ def _build(config: Config, previous: Runtime | None, secrets: dict[str, Any] | N
     )
 
 
-def _attach_delegation(stages: list[Stage], components: dict[str, Any]) -> Any:
-    d = next((s for s in stages if s.name == "delegation"), None)
-    if d is not None:
-        d.attach_audit(components.get("audit"))  # type: ignore[attr-defined]
-    return d
+def compile_chain(
+    stages: Iterable[Stage], route: RouteConfig, positions: dict[str, int]
+) -> tuple[Filter, ...]:
+    """The filters every stage contributes to ``route`` (``off`` ones left out), in the chain
+    order the pipeline declares. A filter whose name the pipeline does not declare is an error."""
+    out: list[Filter] = []
+    for s in stages:
+        for f in s.filters_for_route(route):
+            if f.name not in positions:
+                raise ValueError(f"filter {f.name!r} of stage {s.name!r} has no position in the pipeline")
+            if f.mode.value != "off":
+                out.append(f)
+    out.sort(key=lambda f: positions[f.name])
+    return tuple(out)
 
 
-def _attach_persons(stages: list[Stage], components: dict[str, Any]) -> Any:
-    persons = next((s for s in stages if s.name == "persons"), None)
-    if persons is not None:
-        persons.attach_audit(components.get("audit"))  # type: ignore[attr-defined]
-        persons.attach_endpoint_filters(stages)  # type: ignore[attr-defined]
-    return persons
+def _persons_endpoint_chains(
+    persons: PersonsStage, stages: list[Stage], positions: dict[str, int]
+) -> tuple[tuple[Filter, ...], tuple[Filter, ...]]:
+    """The persons' endpoints run before routing, so they get their own small chains: the ingress
+    stage's checks (CIDRs, hosts, methods, sizes) on every endpoint, plus the rate limit
+    (``persons.rate_limits``, per client IP by default) on login start and callback."""
+
+    def route(name: str, rules: list[Any]) -> RouteConfig:
+        return RouteConfig(
+            name=name,
+            upstream="-",
+            rate_limits=rules,
+            match=MatchConfig(path_prefix=persons.prefix + "/", methods=["GET", "HEAD", "POST", "DELETE"]),
+        )
+
+    def chain(rc: RouteConfig, names: tuple[str, ...]) -> tuple[Filter, ...]:
+        return compile_chain([s for s in stages if s.name in names], rc, positions)
+
+    return (
+        chain(route("portvakt", []), ("ingress",)),
+        chain(route("portvakt-login", list(persons.cfg.rate_limits)), ("ingress", "rate_limit")),
+    )

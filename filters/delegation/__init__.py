@@ -46,12 +46,11 @@ from gateway.problems import Problem
 from gateway.resources import Lease
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import Config, RouteConfig
+    from gateway.configbase import ConfigBase as Config
+    from gateway.configbase import RouteBase as RouteConfig
 
 log = logging.getLogger("portvakt.delegation")
 
-POS_PARTY = 47  # after the persons' session (45)
-POS_PRIVILEGE = 75  # after authorize (70): the operator's access: block is the ceiling
 
 PARTY_REQUIRED = problems.register("party_required", 403, "Choose the organisation you act for")
 PARTY_NOT_HELD = problems.register("party_not_held", 403, "You do not act for this organisation")
@@ -75,7 +74,6 @@ def masked(pid: str) -> str:
 
 class PartyFilter(Filter):
     name = "party"
-    position = POS_PARTY
     timeout = 15.0
 
     def __init__(self, stage: DelegationStage, policy: RoutePartyPolicy):
@@ -119,7 +117,6 @@ class PartyFilter(Filter):
 
 class PrivilegeFilter(Filter):
     name = "privilege"
-    position = POS_PRIVILEGE
 
     def __init__(self, stage: DelegationStage, policy: RoutePrivilegePolicy, service: str):
         self.stage = stage

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from filters.issuers.claims import BEARER, MAX_TOKEN_CHARS
 from filters.issuers.reasons import TOKEN_CERTIFICATE_ORG_MISMATCH, TOKEN_CNF_MISMATCH, TOKEN_MALFORMED
-from gateway.chain import ALLOW, POS_TOKENS, SKIP, Decision, Filter, Mode
+from gateway.chain import ALLOW, SKIP, Decision, Filter, Mode
 from gateway.context import RequestContext, TokenIdentity
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -20,7 +20,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class TokensFilter(Filter):
     name = "tokens"
-    position = POS_TOKENS
 
     def __init__(self, stage: TokensStage, mode: Mode) -> None:
         self.stage = stage

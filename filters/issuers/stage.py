@@ -50,7 +50,7 @@ from gateway.problems import Problem
 from gateway.resources import Lease
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import RouteConfig
+    from gateway.configbase import RouteBase as RouteConfig
 
 
 @dataclass(slots=True)

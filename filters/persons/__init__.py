@@ -35,12 +35,11 @@ from gateway.problems import Problem
 from gateway.resources import Lease
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import Config, RouteConfig
+    from gateway.configbase import ConfigBase as Config
+    from gateway.configbase import RouteBase as RouteConfig
 
 log = logging.getLogger("portvakt.persons")
 
-POS_COOKIES = 1  # before anything: the upstream never sees Portvakt's cookies
-POS_PERSONS = 45  # after client certificates, before bearer tokens
 LOGIN_COOKIE = "__Host-portvakt-login"
 
 LOGIN_REQUIRED = problems.register("login_required", 401, "Login required")
@@ -89,7 +88,6 @@ def is_navigation(ctx: RequestContext) -> bool:
 
 class CookieStripFilter(Filter):
     name = "persons_cookies"
-    position = POS_COOKIES
 
     def __init__(self, names: frozenset[str]):
         self.names = names
@@ -111,7 +109,6 @@ class CookieStripFilter(Filter):
 
 class PersonFilter(Filter):
     name = "persons"
-    position = POS_PERSONS
     timeout = 30.0
 
     def __init__(self, stage: PersonsStage, policy: RoutePersonPolicy):
@@ -257,30 +254,13 @@ class PersonsStage(Stage):
             self._retries.add(t)
             t.add_done_callback(self._retries.discard)
 
-    def attach_endpoint_filters(self, stages: list[Stage]) -> None:
-        """The endpoints run before routing, so they get their own small chains: the ingress
-        stage's checks (CIDRs, hosts, methods, sizes) on every endpoint, plus the rate limit
-        (``persons.rate_limits``, per client IP by default) on login start and callback."""
-        from gateway.config import MatchConfig, RouteConfig
-
-        def route(name: str, rules: list[Any]) -> RouteConfig:
-            return RouteConfig(
-                name=name,
-                upstream="-",
-                rate_limits=rules,
-                match=MatchConfig(path_prefix=self.prefix + "/", methods=["GET", "HEAD", "POST", "DELETE"]),
-            )
-
-        def chain(rc: RouteConfig, names: tuple[str, ...]) -> tuple[Filter, ...]:
-            out = [
-                f for s in stages if s.name in names for f in s.filters_for_route(rc) if f.mode.value != "off"
-            ]
-            return tuple(sorted(out, key=lambda f: f.position))
-
-        self.endpoint_filters = chain(route("portvakt", []), ("ingress",))
-        self.login_filters = chain(
-            route("portvakt-login", list(self.cfg.rate_limits)), ("ingress", "rate_limit")
-        )
+    def set_endpoint_filters(self, endpoint: tuple[Filter, ...], login: tuple[Filter, ...]) -> None:
+        """The endpoints run before routing, so they get their own small chains, compiled by the
+        runtime (gateway/runtime.py): ``endpoint`` (the ingress stage's checks) on every
+        endpoint, ``login`` (plus the rate limit, ``persons.rate_limits``) on login start and
+        callback."""
+        self.endpoint_filters = endpoint
+        self.login_filters = login
 
     async def guard(self, ctx: RequestContext) -> Any:
         """The endpoints' chain: a ``Deny`` (the server renders it, audited once) or None."""

@@ -78,8 +78,6 @@ from filters.rate_limit.redis_store import (
 from gateway import problems
 from gateway.chain import (
     ALLOW,
-    POS_RATE_LIMIT,
-    POS_RATE_LIMIT_PRE,
     SKIP,
     BuildEnv,
     Decision,
@@ -93,7 +91,7 @@ from gateway.problems import Problem
 from gateway.resources import Lease
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import RouteConfig
+    from gateway.configbase import RouteBase as RouteConfig
     from gateway.context import RequestContext
 
 log = logging.getLogger("portvakt.ratelimit")
@@ -310,7 +308,7 @@ def retry_after_seconds(seconds: float) -> int:
 
 
 class _RateLimitFilter(Filter):
-    """Checks the rules of one stage of one route. Subclasses fix name and position."""
+    """Checks the rules of one stage of one route. Subclasses fix the name (the pipeline places it)."""
 
     def __init__(self, stage: RateLimitStage, rules: Sequence[_Rule], mode: Mode) -> None:
         self.stage = stage
@@ -374,12 +372,10 @@ class _RateLimitFilter(Filter):
 
 class PreAuthRateLimit(_RateLimitFilter):
     name = "rate_limit_pre"
-    position = POS_RATE_LIMIT_PRE
 
 
 class RateLimit(_RateLimitFilter):
     name = "rate_limit"
-    position = POS_RATE_LIMIT
 
 
 class RateLimitStage(Stage):

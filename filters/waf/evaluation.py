@@ -93,6 +93,7 @@ class Transaction(ValueScanner):
             body_processor=body_processor,
             limits=limits,
         )
+        self.own_tx_vars = bool(tx_vars)  # then the initialisation prefix runs as written
         for k, v in (tx_vars or {}).items():
             self.tx_vars[k.lower()] = v.encode() if isinstance(v, str) else v
 
@@ -367,11 +368,17 @@ class Transaction(ValueScanner):
             link = link.chain
         return True
 
-    def run_phase(self, phase: int) -> None:
-        if self.allow_all or self.interrupted:
-            return
+    def run_phase(self, phase: int, start: int = 0, stop: int | None = None) -> int:
+        """Run a phase's program from index ``start``; with ``stop`` (folding.py: the
+        initialisation prefix at load), up to the first rule at or after that index, whose
+        index is returned."""
         rules = self.ruleset.program[phase]
-        i, n = 0, len(rules)
+        n = len(rules)
+        if self.allow_all or self.interrupted:
+            return n
+        i = start
+        if stop is not None:
+            n = stop
         removed = self.removed_ids
         ucache = self.universe_cache  # cleared in place when variables change
         tx = self.tx_vars
@@ -385,7 +392,7 @@ class Transaction(ValueScanner):
             i += 1
             if check_engine:
                 if self.engine_mode == "Off":
-                    return
+                    return n
                 check_engine = False
             if r.id in removed or (rtags and rtags.intersection(r.tags)):
                 continue
@@ -437,23 +444,28 @@ class Transaction(ValueScanner):
                     self.would_interrupt = (r.id, r.status or 403)
                 if self.engine_mode == "On":
                     self.interrupted = True
-                    return
+                    return n
             elif d == "allow":
                 if r.allow == "phase":
-                    return
+                    return n
                 self.allow_all = True
-                return
+                return n
             if r.skip_after:
                 i = r.jump
             elif r.skip:
                 i = min(n, i + r.skip)
+        return i
 
     def process_request(self) -> Outcome:
         """Run phase 1, parse the body, run phase 2. A request over an inspection limit runs
         no rule (``Outcome.limit``); one whose body goes over a limit only a phase-1 ctl made
         it parse runs phase 1 only."""
         if self.limit_exceeded is None:
-            self.run_phase(1)
+            fold = self.ruleset.init_fold
+            start = 0
+            if fold is not None and not self.own_tx_vars and fold.applies(self):
+                start = fold.apply(self)
+            self.run_phase(1, start)
             if not self.interrupted and not self.allow_all:
                 self.process_body()
                 if self.limit_exceeded is None:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from filters.waf import prefilter, transforms
+from filters.waf import folding, prefilter, transforms
 from filters.waf.macros import Constant, value_template
 from filters.waf.operators import NumericCompare, OperatorError, atoi, compile_rx, parse_operator
 from filters.waf.rules import (
@@ -57,6 +57,8 @@ class Ruleset:
         self.universe_plan: tuple = ()  # (variable, (group id, pipelines), {key: (group id, pipelines)})
         self.universe_pipelines: tuple[int, ...] = ()
         self.program: dict[int, list[Rule]] = {p: [] for p in range(1, 6)}
+        self.init_fold: folding.InitFold | None = None  # phase 1's request-free prefix, run at load
+        self.unreachable_patterns: set[int] = set()  # patterns of rules no request reaches
 
     # ----- building
     @classmethod
@@ -75,9 +77,7 @@ class Ruleset:
         except SecLangError as e:
             raise WafLoadError(str(e)) from None
         rs._build(directives)
-        rs._compile_prefilter(prefilter)
-        rs._compile_program()
-        rs._compile_ctl_targets()
+        rs._compile(prefilter)
         return rs
 
     @classmethod
@@ -88,10 +88,18 @@ class Ruleset:
         except SecLangError as e:
             raise WafLoadError(str(e)) from None
         rs._build(directives)
-        rs._compile_prefilter(prefilter)
-        rs._compile_program()
-        rs._compile_ctl_targets()
+        rs._compile(prefilter)
         return rs
+
+    def _compile(self, prefilter: str) -> None:
+        """Programs, the folded initialisation prefix, the prefilter without the patterns of
+        rules no request reaches (folding.py), then the programs' dispatch with the prefilter."""
+        self._compile_program()
+        self.init_fold = folding.fold_init(self)
+        dead = folding.pattern_ids(folding.unreachable_rules(self, self.init_fold))
+        self._compile_prefilter(prefilter, dead)
+        self._compile_program()
+        self._compile_ctl_targets()
 
     def pipeline(self, names: tuple[str, ...]) -> Pipeline:
         p = self.pipelines.get(names)
@@ -392,12 +400,15 @@ class Ruleset:
                 raise ValueError(f"unknown action {n!r}")
         rule.pipeline = self.pipeline(tuple(names))
 
-    def _compile_prefilter(self, mode: str = "on") -> None:
-        """``on``: one RE2 Set per pipeline (see prefilter.py); ``off``: every rule runs its RE2."""
+    def _compile_prefilter(self, mode: str = "on", unreachable: set[int] | None = None) -> None:
+        """``on``: RE2 Sets per pipeline (see prefilter.py) of the patterns of rules a request
+        can reach; ``off``: every rule runs its RE2."""
         self.prefilter_unsafe = {pid for _, pid, _, _ in self.patterns}
         if mode == "off" or not self.patterns:
             return
-        unsafe, sets = prefilter.build(self.patterns)
+        self.unreachable_patterns = unreachable = unreachable or set()
+        unsafe, sets = prefilter.build([p for p in self.patterns if p[1] not in unreachable])
+        unsafe |= unreachable
         self.prefilter = sets
         self.prefilter_unsafe = unsafe
         universe: dict[int, dict[str, set[str] | None]] = {}

@@ -44,12 +44,12 @@ from filters.waf.engine import (
 from filters.waf.limits import REASONS as LIMIT_REASONS
 from filters.waf.limits import InspectionLimits
 from gateway import problems
-from gateway.chain import ALLOW, POS_WAF, BuildEnv, Decision, Deny, Filter, Mode, Stage
+from gateway.chain import ALLOW, BuildEnv, Decision, Deny, Filter, Mode, Stage
 from gateway.context import WafResult
 from gateway.problems import Problem
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.config import RouteConfig
+    from gateway.configbase import RouteBase as RouteConfig
     from gateway.context import RequestContext
 
 log = logging.getLogger("portvakt.waf")
@@ -299,7 +299,6 @@ def route_exclusions(ruleset: Ruleset, route_waf: Any) -> tuple[frozenset[int], 
 
 class WafFilter(Filter):
     name = "waf"
-    position = POS_WAF
 
     def __init__(
         self,

@@ -29,8 +29,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from gateway.audit import derive_keys, read_key_text, unseal
-from gateway.audit.sinks import GENESIS, canonical, head_path, line_body, line_hash
+from gateway.audit.chainfile import GENESIS, canonical, head_path, line_body, line_hash
+from gateway.audit.keys import derive_keys, read_key_text, unseal
 
 Loc = tuple[str, int]
 

@@ -328,6 +328,50 @@ async def test_client_ip_rules_through_trusted_proxies(start_gateway, upstream):
     )
 
 
+async def test_body_limit_honours_ingress_mode(start_gateway, upstream):
+    """The body limit lives in one place (filters/ingress.py BodyLimit) and honours ingress.mode:
+    enforce answers 413 before the upstream is contacted, for a declared and for a streamed
+    (chunked) body; detect forwards both and records ``ingress:body_too_large``."""
+    cfg = _routes(upstream.url)
+    cfg["ingress"] = {"max_body_bytes": 1000}
+    cfg["waf"] = {"on_inspection_limit": "inspect_partial"}  # the WAF's own body limit aside
+    gw = await start_gateway(cfg)
+
+    async def chunks():
+        for _ in range(3):
+            yield b"y" * 600
+
+    async def send(streamed: bool) -> tuple[int, dict]:
+        upstream.clear()
+        async with gw.session() as s:
+            body = chunks() if streamed else b"x" * 1500
+            async with s.post(gw.url + "/api/b", data=body) as r:
+                return r.status, await r.json(content_type=None) if r.status != 200 else {}
+
+    for streamed in (False, True):
+        status, doc = await send(streamed)
+        assert status == 413 and doc["reason"] == "body_too_large", (streamed, status, doc)
+        if not streamed:  # refused on its Content-Length, before anything is read or forwarded
+            assert not upstream.requests
+
+    cfg["ingress"] = {"max_body_bytes": 1000, "mode": "detect"}
+    gw.write_config(cfg)
+    assert await gw.reload() == "success"
+    for streamed in (False, True):
+        status, doc = await send(streamed)
+        assert status == 200, (streamed, doc)
+        assert len(upstream.requests) == 1
+        line = [e for e in gw.access_log() if e["status"] == 200][-1]
+        assert "ingress:body_too_large" in line.get("detections", []), line
+    assert (
+        await gw.metric(
+            "portvakt_filter_decisions_total",
+            {"filter": "ingress", "decision": "detect", "reason": "body_too_large"},
+        )
+        == 2
+    )
+
+
 @pytest.mark.parametrize("parser", ["c", "python"])
 async def test_unknown_and_disallowed_methods_get_405_counted_and_audited(
     start_gateway, upstream, pki, parser, tmp_path

@@ -14,6 +14,7 @@ from gateway import problems
 from gateway.chain import Allow, BuildEnv, Deny, Mode, run_chain
 from gateway.config import Config
 from gateway.context import RequestContext
+from gateway.pipeline import chain_positions
 
 
 def _config(ingress_cfg: dict[str, Any] | None = None, match: dict[str, Any] | None = None) -> Config:
@@ -33,7 +34,7 @@ def _filter(
     cfg = _config(ingress_cfg, match)
     stage = ingress.build_stage(BuildEnv(config=cfg, base_dir=".", secrets={}))
     (f,) = stage.filters_for_route(cfg.routes[0])
-    assert f.name == "ingress" and f.position == ingress.POS_INGRESS
+    assert f.name == "ingress" and f.name in chain_positions()
     return f
 
 
@@ -199,21 +200,38 @@ async def test_header_count_and_bytes(headers, expected):
 
 
 @pytest.mark.parametrize(
-    "headers, expected",
+    "mode, size, refused, detected",
     [
-        ([("Content-Length", "1000")], None),
-        ([("Content-Length", "1001")], "body_too_large"),
-        ([("Content-Length", "0")], None),
-        ([("Transfer-Encoding", "chunked")], None),  # streamed: the proxy enforces the limit
-        ([("Content-Length", "99999999999999999999999")], "body_too_large"),
+        ("enforce", 1000, False, False),
+        ("enforce", 1001, True, False),
+        ("enforce", 99999999999999999999999, True, False),
+        ("detect", 1000, False, False),
+        ("detect", 1001, False, True),  # recorded as the filter's would-be deny; the request goes on
+        ("off", 1001, False, False),
     ],
 )
-async def test_body_size_by_content_length(headers, expected):
+def test_body_limit_is_one_place_and_honours_the_mode(mode, size, refused, detected):
+    limit = ingress.BodyLimit(ingress.IngressConfig(max_body_bytes=1000, mode=mode))
+    ctx = _ctx(method="POST")
+    problem = limit.check(ctx, size)
+    assert (problem is not None) == refused
+    if refused:
+        assert problem.reason == "body_too_large" and problem.status == 413
+    assert [(d.filter, d.reason) for d in ctx.detections] == (
+        [("ingress", "body_too_large")] if detected else []
+    )
+    limit.check(ctx, size)  # a second look (the streamed total) does not record it twice
+    assert len(ctx.detections) == (1 if detected else 0)
+    # What the proxy caps a streamed body at: the limit only when enforced.
+    assert limit.cap == 1000 if mode == "enforce" else limit.cap > 10**15
+
+
+async def test_the_filter_leaves_the_body_size_to_the_body_limit():
+    # A declared size over the limit passes the filter: the server asked BodyLimit before the
+    # chain (so ingress.mode: detect forwards it instead of answering 413).
     f = _filter({"max_body_bytes": 1000})
-    d = await f.check(_ctx(method="POST", headers=[("Host", "h")] + headers))
-    assert (None if isinstance(d, Allow) else d.problem.reason) == expected
-    if expected:
-        assert d.problem.status == 413
+    d = await f.check(_ctx(method="POST", headers=[("Host", "h"), ("Content-Length", "1001")]))
+    assert isinstance(d, Allow)
 
 
 SMUGGLING_CASES = [
@@ -237,25 +255,15 @@ SMUGGLING_CASES = [
 
 
 async def test_transfer_encoding_in_http10_is_smuggling_and_closes_the_connection():
-    class Protocol:
-        closed = False
-
-        def close(self) -> None:
-            self.closed = True
-
-    class Req:
-        version = (1, 0)
-        protocol = Protocol()
-
+    # The filter reads the request line from the context (never aiohttp's request) and asks the
+    # server, through the Deny, to close the connection after the answer.
     ctx = _ctx(method="POST", headers=[("Host", "h"), ("Transfer-Encoding", "chunked")])
-    ctx.request = Req()  # type: ignore[assignment]
+    ctx.http_version = (1, 0)
     d = await _filter().check(ctx)
-    assert isinstance(d, Deny) and d.problem.log_reason == "te_in_http10"
-    assert d.problem.headers["Connection"] == "close" and Req.protocol.closed
-    Req.version = (1, 1)
-    Req.protocol.closed = False
+    assert isinstance(d, Deny) and d.problem.log_reason == "te_in_http10" and d.close
+    assert d.problem.headers["Connection"] == "close"
+    ctx.http_version = (1, 1)
     assert isinstance(await _filter().check(ctx), Allow)
-    assert not Req.protocol.closed
 
 
 @pytest.mark.parametrize("headers, expected", SMUGGLING_CASES)

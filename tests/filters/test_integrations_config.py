@@ -4,8 +4,18 @@ trailing newline made an integration that could never authenticate, silently).""
 from __future__ import annotations
 
 import pytest
+from argon2 import PasswordHasher
 
 from gateway.config import ConfigError, parse_config
+from tests.filters.helpers_identity import (
+    FAST,
+    GRANTING_ORG,
+    INTEGRATION_ID,
+    OTHER_ORG,
+    OWNER_ORG,
+    integration,
+    make_config,
+)
 
 HASH = "$argon2id$v=19$m=65536,t=3,p=4$DN12ithEb5mZ4DYJSdXWbw$6g//KzkTNVDy7l+6q9Zuilsd4Na4m/VsTckgqvkjz/A"
 
@@ -77,3 +87,46 @@ def test_rate_limit_tls_files_and_bad_redis_url_name_their_field(tmp_path):
         with pytest.raises(ValueError) as e:
             build_stage(BuildEnv(config=cfg, base_dir=str(tmp_path), secrets={}))
         assert str(e.value).startswith(prefix) and "pw-s3cret" not in str(e.value), str(e.value)
+
+
+# --- entries the config refuses ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        (dict(id="nope"), "must be a UUID"),
+        (dict(password_hash="plaintext"), "not an argon2 hash"),
+        (
+            dict(
+                password_hash=PasswordHasher(
+                    type=__import__("argon2").Type.I, time_cost=1, memory_cost=8, parallelism=1
+                ).hash("x")
+            ),
+            "must be an argon2id hash",
+        ),
+        (dict(org="12345"), "9-digit"),
+        (dict(grants=[{"organization": "958935420", "services": []}]), "at least one"),
+    ],
+)
+def test_config_rejects_bad_entries(entry, message):
+    kw = dict(entry)
+    iid = kw.pop("id", INTEGRATION_ID)
+    org = kw.pop("org", OWNER_ORG)
+    with pytest.raises(ConfigError) as e:
+        make_config([integration(iid, org=org, **kw)])
+    assert message in str(e.value)
+
+
+def test_config_normalises_id_and_rejects_duplicates():
+    cfg = make_config([integration(INTEGRATION_ID.upper())])
+    assert cfg.integrations[0].id == INTEGRATION_ID
+    with pytest.raises(ConfigError, match="duplicate integration id"):
+        make_config([integration(), integration(INTEGRATION_ID.upper())])
+
+
+def test_grant_fixture_orgs_are_valid():
+    from gateway.norid import is_org_number
+
+    assert all(is_org_number(o) for o in (OWNER_ORG, GRANTING_ORG, OTHER_ORG))
+    assert FAST.verify(FAST.hash("x"), "x")

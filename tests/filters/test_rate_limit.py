@@ -23,10 +23,11 @@ from filters.rate_limit import (
 )
 from filters.rate_limit.redis_store import BREAKER_STATE, CLOSED, OPEN, parse_sentinel_url, redact
 from gateway import problems
-from gateway.chain import ALLOW, POS_RATE_LIMIT, POS_RATE_LIMIT_PRE, SKIP, BuildEnv, Deny, Mode
+from gateway.chain import ALLOW, SKIP, BuildEnv, Deny, Mode
 from gateway.config import Config, ConfigError, parse_config
 from gateway.context import CertificateIdentity, IntegrationIdentity, RequestContext, TokenIdentity
 from gateway.metrics import REGISTRY
+from gateway.pipeline import chain_positions
 from gateway.resources import Registry
 
 INTEG = "6f0b5c4e-3b7a-4f1e-9d2a-1c3b5d7e9f01"
@@ -201,8 +202,9 @@ def test_filters_names_positions_and_policy_names():
         ],
     )
     pre, post = fs["rate_limit_pre"], fs["rate_limit"]
-    assert isinstance(pre, PreAuthRateLimit) and pre.position == POS_RATE_LIMIT_PRE
-    assert isinstance(post, RateLimit) and post.position == POS_RATE_LIMIT
+    assert isinstance(pre, PreAuthRateLimit) and isinstance(post, RateLimit)
+    pos = chain_positions()  # the pre-auth check before the WAF and credentials, the other after
+    assert pos[pre.name] < pos["waf"] < pos["tokens"] < pos["authorize"] < pos[post.name]
     assert pre.mode is Mode.detect and post.mode is Mode.detect
     assert [r.name for r in pre.rules] == ["client_ip"]
     assert [r.policy_item for r in post.rules] == [

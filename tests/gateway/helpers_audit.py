@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
+import json
+from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa, x25519
+from prometheus_client import generate_latest
 
+from gateway.audit import AuditSink, build_audit, rotated_files
+from gateway.chain import BuildEnv
 from gateway.config import Config, parse_config
 from gateway.context import CertificateIdentity, IntegrationIdentity, RequestContext, TokenIdentity, WafResult
+from gateway.metrics import REGISTRY
 from gateway.norid import generate_fnr
 from gateway.runtime import CompiledRoute
 
@@ -127,3 +136,72 @@ def certificate(org: str = "991825827", der: bytes = b"\x30\x03\x02\x01\x01") ->
 
 def waf(*rules: int, score: int = 5) -> WafResult:
     return WafResult(score=score, matched_rule_ids=list(rules), blocked=bool(rules))
+
+
+# ------------------------------------------------------------------ the audit trail in unit tests
+
+KEY = AUDIT_KEY.encode()
+
+
+def audit_cfg(tmp_path: Path, **kw) -> dict:
+    return {"path": str(tmp_path / "audit.jsonl"), "key": AUDIT_KEY, "batch_interval_ms": 1, **kw}
+
+
+async def started(cfg, previous: AuditSink | None = None) -> AuditSink:
+    sink = build_audit(BuildEnv(config=cfg, base_dir=".", secrets={}))
+    if previous is not None:
+        sink.adopt(previous)
+    await sink.start()
+    return sink
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def trail(tmp_path: Path) -> list[str]:
+    p = str(tmp_path / "audit.jsonl")
+    return rotated_files(p) + [p]
+
+
+def requests_of(recs: list[dict]) -> list[dict]:
+    return [r for r in recs if r["type"] == "request"]
+
+
+def outcome(ctx, status, decision, reason=None):
+    ctx.status, ctx.decision, ctx.reason = status, decision, reason
+    return ctx
+
+
+def metric(name: str, **labels) -> float:
+    text = generate_latest(REGISTRY).decode()
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def wait_for(cond, timeout=8.0):
+    for _ in range(int(timeout / 0.02)):
+        if await cond():
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+# ------------------------------------------------------------------ an auditor's key pair
+
+
+def auditor_keys(tmp_path, kind="x25519"):
+    if kind == "x25519":
+        priv = x25519.X25519PrivateKey.generate()
+    else:
+        priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pub = tmp_path / f"auditor-{kind}.pub"
+    pub.write_bytes(
+        priv.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return priv, str(pub)

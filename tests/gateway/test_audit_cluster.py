@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.gateway.test_audit import audit_cfg, make_config, make_ctx, outcome, started, wait_for
+from tests.gateway.helpers_audit import audit_cfg, make_config, make_ctx, outcome, started, wait_for
 
 
 async def test_audit_stream_on_a_redis_cluster_gets_every_record_in_order(tmp_path, redis_cluster):

@@ -1,4 +1,4 @@
-"""gateway/identity.py: identity headers from verified facts, the ES256 assertion, key rotation."""
+"""gateway/identity/: identity headers from verified facts, the ES256 assertion, key rotation."""
 
 from __future__ import annotations
 

@@ -14,8 +14,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 # In a fresh interpreter: tests register reasons and metrics of their own in this one.
 _PROBE = """
 import importlib, json
-from gateway.runtime import STAGE_MODULES
-for m in (*STAGE_MODULES, "gateway.audit", "gateway.audit.sinks", "gateway.identity", "gateway.server"):
+for m in ("gateway.pipeline", "gateway.audit", "gateway.audit.sinks", "gateway.identity", "gateway.server"):
     importlib.import_module(m)
 from gateway import problems
 from gateway.metrics import REGISTRY

@@ -8,13 +8,13 @@ import ipaddress
 import pytest
 
 from gateway import runtime
-from gateway.chain import ALLOW, POS_INGRESS, POS_WAF, Filter, Stage
+from gateway.chain import ALLOW, Filter, Stage
 from gateway.config import parse_config
+from gateway.pipeline import StageDecl
 
 
 class Inspecting(Filter):
     name = "test_inspect"
-    position = POS_WAF
     body_inspection_bytes = 131072
 
     async def check(self, ctx):
@@ -23,7 +23,6 @@ class Inspecting(Filter):
 
 class Plain(Filter):
     name = "test_plain"
-    position = POS_INGRESS
 
     async def check(self, ctx):
         return ALLOW
@@ -51,9 +50,13 @@ routes:
 """
 
 
+# The test's own pipeline: one stage, its two filters placed by the declaration.
+TEST_PIPELINE = (StageDecl("test_stage", build_stage, positions={"test_plain": 10, "test_inspect": 30}),)
+
+
 @pytest.fixture
-def only_test_stage(monkeypatch):
-    monkeypatch.setattr(runtime, "STAGE_MODULES", (__name__,))
+def only_test_stage():
+    return TEST_PIPELINE
 
 
 @pytest.mark.parametrize(
@@ -64,16 +67,16 @@ def only_test_stage(monkeypatch):
     ],
 )
 def test_body_prefix_follows_the_filters_and_the_limit(only_test_stage, max_body, inspected, plain):
-    rt = runtime.build_runtime(parse_config(CONFIG % max_body))
+    rt = runtime.build_runtime(parse_config(CONFIG % max_body), pipeline=only_test_stage)
     by_name = {r.name: r for r in rt.routes}
     assert by_name["inspected"].body_prefix_bytes == inspected
     assert by_name["plain"].body_prefix_bytes == plain
-    # Filters sorted by position, whatever order the stage gave them.
+    # Filters in the declared chain order, whatever order the stage gave them.
     assert [f.name for f in by_name["inspected"].filters] == ["test_plain", "test_inspect"]
 
 
 def test_match_and_trust(only_test_stage):
-    rt = runtime.build_runtime(parse_config(CONFIG % 1000))
+    rt = runtime.build_runtime(parse_config(CONFIG % 1000), pipeline=only_test_stage)
     assert rt.match("whatever", "/a/x").name == "inspected"
     assert rt.match("api.example:8443", "/b/1").name == "plain"
     assert rt.match("other.example", "/b/1") is None
@@ -84,7 +87,7 @@ def test_match_and_trust(only_test_stage):
 
 
 async def test_retire_waits_for_in_flight_requests(only_test_stage):
-    rt = runtime.build_runtime(parse_config(CONFIG % 1000))
+    rt = runtime.build_runtime(parse_config(CONFIG % 1000), pipeline=only_test_stage)
     await rt.start()
     rt.inflight = 1
     closed = asyncio.ensure_future(rt.retire(5))
@@ -92,7 +95,7 @@ async def test_retire_waits_for_in_flight_requests(only_test_stage):
     assert not closed.done()
     rt.leave()
     await asyncio.wait_for(closed, 2)
-    assert rt.components["upstreams"].get("u").session is None
+    assert rt.upstreams.get("u").session is None
 
 
 CASE_CONFIG = """
@@ -110,7 +113,7 @@ routes:
 def test_case_variants_of_route_prefixes(only_test_stage):
     """Red team F05: '/INNSYN/x' matched only the catch-all, which a case-insensitive upstream
     serves as '/innsyn/x'. case_variant names the route a case variant belongs to."""
-    rt = runtime.build_runtime(parse_config(CASE_CONFIG % ""))
+    rt = runtime.build_runtime(parse_config(CASE_CONFIG % ""), pipeline=only_test_stage)
     assert not rt.prefixes_lower  # '/Admin': even lower-case paths are checked
     for path, route in (
         ("/INNSYN/x", "innsyn"),
@@ -132,5 +135,7 @@ def test_case_variants_of_route_prefixes(only_test_stage):
     assert rt.case_variant("api.example", "/ADMIN").name == "bound"
     assert rt.case_variant("api.example:8443", "/Admin/x") is None  # exact match
     assert rt.case_variant("other.example", "/admin/x") is None  # route bound to another host
-    off = runtime.build_runtime(parse_config(CASE_CONFIG % "http: {case_sensitive_upstream: true}"))
+    off = runtime.build_runtime(
+        parse_config(CASE_CONFIG % "http: {case_sensitive_upstream: true}"), pipeline=only_test_stage
+    )
     assert off.case_guard == () and off.case_variant("h", "/INNSYN/x") is None

@@ -8,6 +8,7 @@ must never hand a forged answer to the next request.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 import pytest
@@ -163,3 +164,33 @@ async def test_tls_upstream_keeps_its_connection(pki):
         assert len(opened) == 1
     finally:
         await runner.cleanup()
+
+
+async def test_a_fin_waiting_in_the_socket_is_seen_on_reuse():
+    """An upstream that closed an idle keep-alive connection (its FIN in the kernel, not yet
+    delivered by the event loop) is not handed to the next request: the socket check sees the
+    FIN as well as bytes, and the request goes on a fresh connection."""
+    served = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        await reader.readuntil(b"\r\n\r\n")
+        served += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()  # keep-alive announced, then closed: the FIN follows the answer
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    before = _discarded("dirty_on_reuse")
+    try:
+        async with aiohttp.ClientSession(connector=GuardedConnector(limit=1)) as s:
+            for i in range(3):
+                assert await _get(s, f"http://127.0.0.1:{port}/a{i}") == "ok"
+                time.sleep(0.05)  # the FIN reaches the socket; no loop iteration delivers it
+                assert await _get(s, f"http://127.0.0.1:{port}/b{i}") == "ok"
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert served == 6
+    assert _discarded("dirty_on_reuse") - before >= 3

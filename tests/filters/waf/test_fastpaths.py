@@ -105,19 +105,26 @@ def test_values_scanned_in_phase_1_are_scanned_again_after_the_body():
         assert tx.process_request().matched == [2]
 
 
-def test_large_prefilter_sets_get_the_large_dfa_budget():
-    """A Set of many patterns gets the large RE2 memory budget (its lazy DFA cache otherwise
-    fills and is rebuilt over and over on ordinary text), a small Set the small one; both
-    judge the same way."""
+def test_a_pipelines_patterns_are_split_into_small_sets_that_judge_alike():
+    """A pipeline's patterns go into RE2 Sets of at most GROUP_SIZE (a Set of many patterns
+    builds new lazy-DFA states on every never-seen value); the scan answers the pattern ids
+    of every group, the same as one pattern at a time."""
+    import re2
+
     from filters.waf import prefilter
 
-    assert prefilter.set_options(prefilter.LARGE_SET).max_mem == prefilter.LARGE_SET_MEM
-    assert prefilter.set_options(prefilter.LARGE_SET - 1).max_mem == prefilter.SMALL_SET_MEM
-    assert prefilter.LARGE_SET_MEM > prefilter.SMALL_SET_MEM
-    many = [(0, i, [b"k%03dw" % i], False) for i in range(prefilter.LARGE_SET)]
+    n = prefilter.GROUP_SIZE * 3 + 2
+    many = [(0, i, [b"k%03dw" % i], False) for i in range(n)]
     few = [(1, 1000 + i, [b"k%03dw" % i], False) for i in range(3)]
-    unsafe, sets = prefilter.build(many + few)
+    caseless = [(2, 2000, [b"union", b"select"], True)]
+    unsafe, sets = prefilter.build(many + few + caseless)
     assert not unsafe
-    assert sets[0].scan(b"x k002w y") == {2}
+    assert [len(pids) for _, pids in sets[0].groups] == [prefilter.GROUP_SIZE] * 3 + [2]
+    assert sorted(sets[0].pids) == list(range(n))
+    text = b"x k002w y k%03dw z k%03dw" % (prefilter.GROUP_SIZE + 1, n - 1)
+    assert sets[0].scan(text) == {2, prefilter.GROUP_SIZE + 1, n - 1}
+    assert sets[0].scan(text) == {i for i in range(n) if re2.search(b"k%03dw" % i, text)}
     assert sets[1].scan(b"x k002w y") == {1002}
     assert sets[0].scan(b"nothing here") == set()
+    assert sets[2].scan(b"1 SeLeCt 2") == {2000}
+    assert sets[0].scan(b"k001w" * (prefilter.MAX_SCAN // 5 + 1)) is prefilter.ALL
