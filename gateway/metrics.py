@@ -88,14 +88,20 @@ TIMEOUTS = Counter(
     ["phase"],
     registry=REGISTRY,
 )
-# multiprocess_mode says how the supervisor merges a gauge over workers under --workers N (see
-# gateway/workermetrics.py): in-flight is summed over live workers, the last reload is the latest.
-IN_FLIGHT = Gauge(
-    "portvakt_requests_in_flight",
-    "Requests being handled now",
-    registry=REGISTRY,
-    multiprocess_mode="livesum",
-)
+# How the supervisor merges a gauge over workers under --workers N (gateway/workermetrics.py), by
+# gauge name: "livesum"/"sum" summed, "max"/"livemax" the maximum, "min"/"livemin" the minimum; a
+# gauge not listed gets one series per worker (a ``pid`` label).
+GAUGE_MERGE: dict[str, str] = {}
+
+
+def merged_gauge(name: str, documentation: str, merge: str, **kwargs: Any) -> Gauge:
+    """A gauge of ``REGISTRY`` that the supervisor merges over workers by ``merge``."""
+    GAUGE_MERGE[name] = merge
+    return Gauge(name, documentation, registry=REGISTRY, multiprocess_mode=merge, **kwargs)
+
+
+# In-flight is summed over live workers, the last reload is the latest.
+IN_FLIGHT = merged_gauge("portvakt_requests_in_flight", "Requests being handled now", "livesum")
 FILTER_DECISIONS = Counter(
     "portvakt_filter_decisions_total",
     "Policy stage decisions by filter, decision (allow, skip, deny, detect) and reason",
@@ -114,19 +120,17 @@ CONFIG_RELOADS = Counter(
 )
 for _result in ("success", "failure"):  # known label values: present before the first reload
     CONFIG_RELOADS.labels(_result)
-CONFIG_LAST_SUCCESS = Gauge(
+CONFIG_LAST_SUCCESS = merged_gauge(
     "portvakt_config_last_reload_success_timestamp_seconds",
     "Unix time of the last successful config load",
-    registry=REGISTRY,
-    multiprocess_mode="max",
+    "max",
 )
 # 1 when the last load or reload succeeded, 0 when the last one was rejected (the running config
 # is then older than the file). Under --workers: the lowest over live workers.
-CONFIG_LAST_SUCCESSFUL = Gauge(
+CONFIG_LAST_SUCCESSFUL = merged_gauge(
     "portvakt_config_last_reload_successful",
     "Whether the last config reload succeeded (1) or was rejected (0)",
-    registry=REGISTRY,
-    multiprocess_mode="livemin",
+    "livemin",
 )
 
 

@@ -1,5 +1,5 @@
-"""``/metrics`` under ``--workers N``: each worker keeps its own in-process registry (lock-free
-values, no shared files); the supervisor scrapes every worker over its admin socket and serves
+"""``/metrics`` under ``--workers N``: each worker keeps its own in-process registry (values in
+memory, no shared files); the supervisor scrapes every worker over its admin socket and serves
 the merge.
 
 prometheus-client's multiprocess mode writes every counter increment and histogram observation
@@ -13,9 +13,10 @@ The merge:
   that have exited (``retire``), so a restart does not make a counter fall. What a worker counted
   after the last scrape before it died is lost (a scrape interval's worth; multiprocess mode kept
   it);
-- gauges by the ``multiprocess_mode`` they declare (as in multiprocess mode): ``livesum``/``sum``
-  summed, ``max``/``livemax`` the maximum, ``min``/``livemin`` the minimum, anything else one
-  series per worker with a ``pid`` label; gauges of exited workers are dropped;
+- gauges by the merge they declare (``gateway.metrics.merged_gauge``, named as in multiprocess
+  mode): ``livesum``/``sum`` summed, ``max``/``livemax`` the maximum, ``min``/``livemin`` the
+  minimum, anything else one series per worker with a ``pid`` label; gauges of exited workers
+  are dropped;
 - ``*_created`` series are dropped (a sum of creation times means nothing).
 """
 
@@ -34,8 +35,7 @@ Key = tuple[str, tuple[tuple[str, str], ...]]
 def _gauge_mode(name: str) -> str:
     from gateway import metrics
 
-    collector = metrics.REGISTRY._names_to_collectors.get(name)  # noqa: SLF001 - declared mode, read only
-    return getattr(collector, "_multiprocess_mode", "all")
+    return metrics.GAUGE_MERGE.get(name, "all")
 
 
 class WorkerMetrics:
