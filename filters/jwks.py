@@ -133,11 +133,12 @@ def parse_jwk(jwk: Mapping[str, Any], algorithms: frozenset[str]) -> VerifyKey:
                 raise JwksError(f"RSA key of {public.key_size} bits")
             crv = None
         elif kty == "EC":
-            k = ECAlgorithm.from_jwk(dict(jwk))
-            public = k.public_key() if isinstance(k, ec.EllipticCurvePrivateKey) else k
-            crv = _CURVES.get(public.curve.name)
+            ek = ECAlgorithm.from_jwk(dict(jwk))
+            ec_public = ek.public_key() if isinstance(ek, ec.EllipticCurvePrivateKey) else ek
+            public = ec_public
+            crv = _CURVES.get(ec_public.curve.name)
             if crv is None:
-                raise JwksError(f"curve {public.curve.name}")
+                raise JwksError(f"curve {ec_public.curve.name}")
         else:
             raise JwksError(f"kty={kty!r}")
     except (InvalidKeyError, ValueError, TypeError, KeyError) as e:

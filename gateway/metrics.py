@@ -7,7 +7,7 @@ against ``REGISTRY`` (so tests and the admin endpoint see one registry).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -94,7 +94,10 @@ TIMEOUTS = Counter(
 GAUGE_MERGE: dict[str, str] = {}
 
 
-def merged_gauge(name: str, documentation: str, merge: str, **kwargs: Any) -> Gauge:
+GaugeMerge = Literal["livesum", "sum", "max", "livemax", "min", "livemin", "mostrecent", "livemostrecent"]
+
+
+def merged_gauge(name: str, documentation: str, merge: GaugeMerge, **kwargs: Any) -> Gauge:
     """A gauge of ``REGISTRY`` that the supervisor merges over workers by ``merge``."""
     GAUGE_MERGE[name] = merge
     return Gauge(name, documentation, registry=REGISTRY, multiprocess_mode=merge, **kwargs)

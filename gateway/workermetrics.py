@@ -81,8 +81,8 @@ class WorkerMetrics:
         for name, (typ, doc) in self.families.items():
             m = Metric(name, doc, typ)
             if typ in _SUMMED:
-                for (sname, labels), v in sorted(sums.get(name, {}).items(), key=_sample_order):
-                    m.add_sample(sname, dict(labels), v)
+                for (sname, summed_labels), v in sorted(sums.get(name, {}).items(), key=_sample_order):
+                    m.add_sample(sname, dict(summed_labels), v)
             else:
                 rows = gauges.get(name, [])
                 mode = _gauge_mode(name)
@@ -107,8 +107,8 @@ class WorkerMetrics:
                             agg[key] = min(agg[key], v)
                         else:
                             agg[key] = max(agg[key], v)
-                    for (sname, labels), v in agg.items():
-                        m.add_sample(sname, dict(labels), v)
+                    for (sname, label_pairs), v in agg.items():
+                        m.add_sample(sname, dict(label_pairs), v)
                 else:
                     for pid, sname, labels, v in rows:
                         m.add_sample(sname, {**labels, "pid": str(pid)}, v)
