@@ -7,8 +7,7 @@ against ``REGISTRY`` (so tests and the admin endpoint see one registry).
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -21,7 +20,6 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
-from prometheus_client import values as _values
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -90,14 +88,23 @@ TIMEOUTS = Counter(
     ["phase"],
     registry=REGISTRY,
 )
-# multiprocess_mode says how the supervisor merges a gauge over workers under --workers N (see
-# gateway/workermetrics.py): in-flight is summed over live workers, the last reload is the latest.
-IN_FLIGHT = Gauge(
-    "portvakt_requests_in_flight",
-    "Requests being handled now",
-    registry=REGISTRY,
-    multiprocess_mode="livesum",
-)
+# How the supervisor merges a gauge over workers under --workers N (gateway/workermetrics.py), by
+# gauge name: "livesum"/"sum" summed, "max"/"livemax" the maximum, "min"/"livemin" the minimum; a
+# gauge not listed gets one series per worker (a ``pid`` label).
+GAUGE_MERGE: dict[str, str] = {}
+
+
+GaugeMerge = Literal["livesum", "sum", "max", "livemax", "min", "livemin", "mostrecent", "livemostrecent"]
+
+
+def merged_gauge(name: str, documentation: str, merge: GaugeMerge, **kwargs: Any) -> Gauge:
+    """A gauge of ``REGISTRY`` that the supervisor merges over workers by ``merge``."""
+    GAUGE_MERGE[name] = merge
+    return Gauge(name, documentation, registry=REGISTRY, multiprocess_mode=merge, **kwargs)
+
+
+# In-flight is summed over live workers, the last reload is the latest.
+IN_FLIGHT = merged_gauge("portvakt_requests_in_flight", "Requests being handled now", "livesum")
 FILTER_DECISIONS = Counter(
     "portvakt_filter_decisions_total",
     "Policy stage decisions by filter, decision (allow, skip, deny, detect) and reason",
@@ -116,19 +123,17 @@ CONFIG_RELOADS = Counter(
 )
 for _result in ("success", "failure"):  # known label values: present before the first reload
     CONFIG_RELOADS.labels(_result)
-CONFIG_LAST_SUCCESS = Gauge(
+CONFIG_LAST_SUCCESS = merged_gauge(
     "portvakt_config_last_reload_success_timestamp_seconds",
     "Unix time of the last successful config load",
-    registry=REGISTRY,
-    multiprocess_mode="max",
+    "max",
 )
 # 1 when the last load or reload succeeded, 0 when the last one was rejected (the running config
 # is then older than the file). Under --workers: the lowest over live workers.
-CONFIG_LAST_SUCCESSFUL = Gauge(
+CONFIG_LAST_SUCCESSFUL = merged_gauge(
     "portvakt_config_last_reload_successful",
     "Whether the last config reload succeeded (1) or was rejected (0)",
-    registry=REGISTRY,
-    multiprocess_mode="livemin",
+    "livemin",
 )
 
 
@@ -143,87 +148,30 @@ def init_route_series(route_names: Any, upstream_names: Any) -> None:
 
 # ---- the request path's recorders ----------------------------------------------------------
 #
-# ``Counter.inc`` / ``Histogram.observe`` cost several µs per request in total (argument checks,
-# a lock per value, a Python loop over the buckets). The request path records through the
-# recorders below instead: they write the very value objects of the labelled child (so the
-# exposition, ``get_sample_value`` and the multiprocess files are exactly what prometheus-client
-# itself would produce), find the bucket by bisection, and, in a single process, swap the child's
-# lock-protected values for plain ones. That swap is only made for the series recorded here, which
-# are written from the event-loop thread alone. (Under ``--workers N`` each worker has its own
-# registry too; should PROMETHEUS_MULTIPROC_DIR be set by hand, the mmap values are kept as they are.)
-
-
-class _PlainValue:
-    """A lock-free stand-in for prometheus-client's ``MutexValue`` (same interface), for series
-    written from one thread only. Reads (scrapes) need no lock: a float read is atomic."""
-
-    __slots__ = ("_value", "_exemplar")
-    _multiprocess = False
-
-    def __init__(self, value: float = 0.0, exemplar: Any = None):
-        self._value = value
-        self._exemplar = exemplar
-
-    def inc(self, amount: float) -> None:
-        self._value += amount
-
-    def set(self, value: float, timestamp: Any = None) -> None:
-        self._value = value
-
-    def set_exemplar(self, exemplar: Any) -> None:
-        self._exemplar = exemplar
-
-    def get(self) -> float:
-        return self._value
-
-    def get_exemplar(self) -> Any:
-        return self._exemplar
-
-
-def _unlocked(value: Any) -> Any:
-    if type(value) is _values.MutexValue:
-        return _PlainValue(value.get(), value.get_exemplar())
-    return value  # already plain, or a multiprocess (mmap) value: kept
+# The request path keeps the labelled children it records into (``.labels()`` looks the label
+# values up and validates them on every call) and uses prometheus-client's public ``inc`` and
+# ``observe`` on them.
 
 
 def counter_value(child: Any) -> Any:
-    """The value object of a labelled Counter child; ``.inc(n)`` on it counts (no checks)."""
-    child._value = _unlocked(child._value)
-    return child._value
+    """What the request path counts into for one labelled Counter child (``.inc(n)``)."""
+    return child
 
 
-class HistogramRecorder:
-    """Observes into a labelled Histogram child: sum, and the one bucket found by bisection
-    (prometheus-client stores per-bucket counts and accumulates them when collecting)."""
-
-    __slots__ = ("_sum", "_buckets", "_bounds")
-
-    def __init__(self, child: Any):
-        child._sum = _unlocked(child._sum)
-        child._buckets = [_unlocked(b) for b in child._buckets]
-        self._sum = child._sum
-        self._buckets = tuple(child._buckets)
-        self._bounds = tuple(child._upper_bounds)  # ends with +Inf: every number finds a bucket
-
-    def observe(self, amount: float) -> None:
-        self._sum.inc(amount)
-        self._buckets[bisect_left(self._bounds, amount)].inc(1)
+_recorders: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
 
-_recorders: dict[tuple[Any, tuple[str, ...]], HistogramRecorder] = {}
-
-
-def histogram_recorder(histogram: Histogram, *labels: str) -> HistogramRecorder:
-    """The (cached) recorder of ``histogram.labels(*labels)``."""
+def histogram_recorder(histogram: Histogram, *labels: str) -> Any:
+    """The (cached) child ``histogram.labels(*labels)``; ``.observe(seconds)`` records."""
     key = (histogram, labels)
     r = _recorders.get(key)
     if r is None:
-        r = _recorders[key] = HistogramRecorder(histogram.labels(*labels))
+        r = _recorders[key] = histogram.labels(*labels)
     return r
 
 
 _filter_children: dict[tuple[str, str, str], Any] = {}
-_filter_hist_children: dict[str, HistogramRecorder] = {}
+_filter_hist_children: dict[str, Any] = {}
 
 
 def observe_filter(name: str, decision: str, reason: str, seconds: float) -> None:

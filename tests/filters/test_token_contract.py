@@ -1,5 +1,5 @@
 """Whose token it is (audience, access token vs id_token) and what it is bound to (client
-certificate org, RFC 8705 ``cnf``): filters/issuers.py against a real local issuer."""
+certificate org, RFC 8705 ``cnf``): filters/issuers/ against a real local issuer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from filters.issuers import IssuerConfig
 from gateway.chain import ALLOW, SKIP
 from gateway.context import CertificateIdentity
-from tests.filters.test_issuers import config, denied, make_ctx, make_stage, run, stage_route
+from tests.filters.helpers_issuers import config, denied, make_ctx, make_stage, run, stage_route
 from tests.fixtures.issuer import AUDIENCE
 
 OTHER_ORG = "958935420"
