@@ -12,8 +12,10 @@ Hostile bodies are bounded here, before any rule sees them:
 - XML is parsed with defusedxml's stance: a DTD may be present but declares no entities (an
   ``<!ENTITY`` is a parse error, so billion-laughs and quadratic-blowup bodies cost
   microseconds), and external entities are never resolved. A DOCTYPE with an external
-  identifier (``SYSTEM``/``PUBLIC``: an external DTD), a reference to an undeclared entity and
-  a document declaring the XInclude namespace are parse errors too (out-of-band XXE, SSRF and
+  identifier (``SYSTEM``/``PUBLIC``: an external DTD), a reference to an undeclared entity,
+  a document declaring an XInclude namespace (2001 or 2003), an ``xsi:schemaLocation`` /
+  ``xsi:noNamespaceSchemaLocation`` attribute and an ``<?xml-stylesheet?>`` instruction are
+  parse errors too (out-of-band XXE, SSRF and
   file inclusion in a backend parser that would load them). A document declaring an encoding
   that expat does not read itself (Shift_JIS, EUC-JP, GBK, Big5, EUC-KR, UTF-7, ...) is decoded
   by Python's codec and parsed as UTF-8; an unknown encoding or bytes that do not decode are a
