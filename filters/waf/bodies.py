@@ -12,8 +12,10 @@ Hostile bodies are bounded here, before any rule sees them:
 - XML is parsed with defusedxml's stance: a DTD may be present but declares no entities (an
   ``<!ENTITY`` is a parse error, so billion-laughs and quadratic-blowup bodies cost
   microseconds), and external entities are never resolved. A DOCTYPE with an external
-  identifier (``SYSTEM``/``PUBLIC``: an external DTD), a reference to an undeclared entity and
-  a document declaring the XInclude namespace are parse errors too (out-of-band XXE, SSRF and
+  identifier (``SYSTEM``/``PUBLIC``: an external DTD), a reference to an undeclared entity,
+  a document declaring an XInclude namespace (2001 or 2003), an ``xsi:schemaLocation`` /
+  ``xsi:noNamespaceSchemaLocation`` attribute and an ``<?xml-stylesheet?>`` instruction are
+  parse errors too (out-of-band XXE, SSRF and
   file inclusion in a backend parser that would load them). A document declaring an encoding
   that expat does not read itself (Shift_JIS, EUC-JP, GBK, Big5, EUC-KR, UTF-7, ...) is decoded
   by Python's codec and parsed as UTF-8; an unknown encoding or bytes that do not decode are a
@@ -72,15 +74,52 @@ def parse_urlencoded(data: bytes, limit: int = 0) -> list[tuple[str, bytes]]:
     return out
 
 
-_CHARSET = re.compile(r';\s*charset\s*=\s*(?:"([^"]*)"|([^;\s]*))', re.I)
 _ASCII_PROBE = "azAZ09=&%+-_.*~!$'\"()<>;:,/?@[]\\ \t\r\n"
+# RFC 9110 5.6.6 / 5.6.4: parameter = token "=" ( token / quoted-string ), OWS around ";".
+_CT_PARAM = re.compile(
+    r'[ \t]*;[ \t]*(?:([!#$%&\'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^;"]*)))?'
+)
+
+
+class ContentTypeError(ValueError):
+    """A Content-Type whose parameters a backend may read otherwise than the WAF (a repeated
+    parameter, an unterminated quoted string, garbage between parameters)."""
+
+
+def content_type_params(content_type: str) -> dict[str, str]:
+    """The parameters of a Content-Type (names lower-cased), quoted strings read per RFC 9110
+    5.6.4 (``\\x`` is ``x``, a ``;`` inside quotes is text). A repeated parameter (``charset=a;
+    charset=b``: which one a backend keeps varies) or text that is not a parameter raises
+    ContentTypeError; an empty parameter (``;;``, a trailing ``;``) is allowed."""
+    i = content_type.find(";")
+    out: dict[str, str] = {}
+    if i < 0:
+        return out
+    pos, end = i, len(content_type)
+    while pos < end:
+        m = _CT_PARAM.match(content_type, pos)
+        if m is None or m.end() == pos:
+            raise ContentTypeError("Content-Type: text that is not a parameter")
+        pos = m.end()
+        if m.group(1) is None:
+            continue
+        name = m.group(1).lower()
+        if m.group(2) is not None:
+            value = re.sub(r"\\(.)", r"\1", m.group(2), flags=re.S)
+        else:
+            value = m.group(3).strip(" \t")
+            if not value:
+                raise ContentTypeError(f"Content-Type: parameter {name[:20]!r} without a value")
+        if name in out:
+            raise ContentTypeError(f"Content-Type: parameter {name[:20]!r} repeated")
+        out[name] = value
+    return out
 
 
 def content_type_charset(content_type: str) -> str | None:
-    m = _CHARSET.search(content_type)
-    if m is None:
-        return None
-    return (m.group(1) if m.group(1) is not None else m.group(2)).strip()
+    """The ``charset`` parameter (RFC 9110 parsing, see ``content_type_params``)."""
+    v = content_type_params(content_type).get("charset")
+    return v.strip() if v is not None else None
 
 
 def form_text(body: bytes, charset: str | None) -> tuple[bytes, str | None]:
@@ -109,24 +148,35 @@ def form_text(body: bytes, charset: str | None) -> tuple[bytes, str | None]:
         return body, f"URLENCODED: body does not decode as {info.name}: {str(e)[:60]}"
 
 
-def raw_text(body: bytes, charset: str | None) -> bytes | None:
+def raw_text(body: bytes, charset: str | None) -> bytes:
     """A body no processor reads (text/plain, octet-stream, unknown or no type) as the text the
-    rules inspect: decoded by a declared charset that is not ASCII-compatible, UTF-16/UTF-32
-    text (which Python's and Jackson's JSON parsers detect by themselves) decoded, or None for
-    binary data (a NUL byte that is not UTF-16/32 text: an upload no text parser reads)."""
+    rules inspect as arguments: decoded by a declared charset that is not ASCII-compatible,
+    UTF-16/UTF-32 text (which Python's and Jackson's JSON parsers detect by themselves) decoded.
+    NUL bytes are dropped for matching (``REQUEST_BODY`` keeps them): a NUL never makes a text
+    body uninspected (a Go ``json.Decoder`` reads the first value and ignores a trailing NUL).
+    Data that is binary apart from its NULs (not UTF-8 from some byte on: an image, an archive)
+    is read up to that byte only: its leading text is inspected, its binary tail, which no text
+    parser reads past, is not."""
     text, err = form_text(body, charset)
     if err is None and text is not body:
-        return text
+        return text.replace(b"\x00", b"")
     if b"\x00" not in body:
         return body
+    text = body.replace(b"\x00", b"")
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = text[: e.start]
     try:
         enc = json.detect_encoding(body)
         if enc.startswith(("utf-16", "utf-32")):
-            out = body.decode(enc).encode("utf-8", "surrogatepass")
-            return out if b"\x00" not in out else None
+            # Looks like UTF-16/32 by its first bytes (as a JSON parser decides): both readings
+            # are inspected, so a leading NUL cannot hide UTF-8 text behind a UTF-16 reading.
+            wide = body.decode(enc).encode("utf-8", "surrogatepass").replace(b"\x00", b"")
+            return wide if text in (b"", wide) else wide + b"&" + text
     except (UnicodeError, ValueError):
         pass
-    return None
+    return text
 
 
 def urlencoded(body: bytes, max_args: int | None = None, charset: str | None = None) -> BodyResult:
@@ -261,21 +311,49 @@ def json_body(
 _PARAM = re.compile(rb';\s*([A-Za-z0-9_*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))', re.S)
 
 
-def _disposition(value: bytes) -> dict[str, bytes]:
+def _disposition(value: bytes) -> tuple[dict[str, bytes], bool]:
+    """(the parameters of a part's Content-Disposition, whether one is repeated)."""
     out: dict[str, bytes] = {}
+    repeated = False
     for m in _PARAM.finditer(value):
         v = m.group(2) if m.group(2) is not None else m.group(3)
         if m.group(2) is not None:
             v = re.sub(rb'\\(["\\])', rb"\1", v)
-        out[m.group(1).lower().decode("latin-1")] = v
-    return out
+        k = m.group(1).lower().decode("latin-1")
+        repeated = repeated or k in out
+        out[k] = v
+    return out, repeated
 
 
 def multipart_boundary(content_type: str) -> str | None:
-    m = re.search(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s,]+))', content_type, re.I)
-    if not m:
+    try:
+        b = content_type_params(content_type).get("boundary")
+    except ContentTypeError:
         return None
-    return m.group(1) or m.group(2)
+    return b or None
+
+
+# Content-Transfer-Encoding values that leave a part's bytes as they are (RFC 2045 6.2).
+_IDENTITY_CTE = (b"7bit", b"8bit", b"binary")
+# Part header fields whose repetition makes a part ambiguous (which one a backend reads varies).
+_SINGLE_PART_HEADERS = (b"content-disposition", b"content-type", b"content-transfer-encoding")
+
+
+def _decode_cte(cte: bytes, data: bytes) -> bytes:
+    """A part's content with its transfer encoding undone (what Go's mime/multipart hands the
+    application for quoted-printable); base64 too. Undecodable data is left as it is."""
+    import base64
+    import binascii
+    import quopri
+
+    try:
+        if cte == b"quoted-printable":
+            return quopri.decodestring(data)
+        if cte == b"base64":
+            return base64.b64decode(re.sub(rb"\s+", b"", data))
+    except (binascii.Error, ValueError):
+        pass
+    return data
 
 
 def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
@@ -351,10 +429,22 @@ def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
                 lines.append(line)
         name: str | None = None
         filename: bytes | None = None
+        seen: dict[bytes, bytes] = {}
         for line in lines:
             hn, _, hv = line.partition(b":")
-            if hn.strip().lower() == b"content-disposition":
-                d = _disposition(hv)
+            hn = hn.strip().lower()
+            if hn in _SINGLE_PART_HEADERS:
+                if hn in seen:
+                    # Two Content-Disposition (or Content-Type, CTE) lines: one backend reads
+                    # the first, another the last. Refused, as ModSecurity's strict mode does.
+                    flags["MULTIPART_INVALID_PART"] = 1
+                    res.error = res.error or f"Multipart: part header {hn.decode('latin-1')} repeated"
+                seen[hn] = hv.strip()
+            if hn == b"content-disposition":
+                d, repeated = _disposition(hv)
+                if repeated:
+                    flags["MULTIPART_INVALID_PART"] = 1
+                    res.error = res.error or "Multipart: Content-Disposition parameter repeated"
                 if b"form-data" not in hv.lower():
                     flags["MULTIPART_INVALID_PART"] = 1
                 if b'\\"' in hv or hv.count(b'"') % 2:
@@ -365,15 +455,37 @@ def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
                     filename = d["filename"]
                 if "filename*" in d and filename is None:
                     filename = d["filename*"]
+        cte = seen.get(b"content-transfer-encoding", b"").lower()
+        if cte and cte not in _IDENTITY_CTE:
+            # CRS 922120: a transfer encoding in a part (deprecated by RFC 7578) is refused;
+            # the decoded value is still what the rules see when the body is inspected anyway.
+            flags["MULTIPART_INVALID_PART"] = 1
+            res.error = res.error or f"Multipart: Content-Transfer-Encoding {cte[:20].decode('latin-1')!r}"
+            data = _decode_cte(cte, data)
+        part_type = seen.get(b"content-type")
+        if part_type:
+            try:
+                charset = content_type_charset(part_type.decode("latin-1"))
+            except ContentTypeError as e:
+                res.error = res.error or f"Multipart: part {e}"
+                charset = None
+            if charset:
+                # A part in EBCDIC, UTF-16, UTF-7...: decoded as for a whole form (CRS 922110
+                # refuses charsets outside its list; an unknown one does not parse here).
+                decoded, err = form_text(data, charset)
+                if err:
+                    res.error = res.error or f"Multipart: part charset {charset[:40]!r} does not decode"
+                data = decoded
         key = name if name is not None else ""
         for line in lines:
             if line:
                 res.part_headers.append((key, line))
-        if filename is not None:
+        if filename:
             res.files.append((key, filename))
             res.files_names.append((key, key.encode("latin-1")))
             res.files_sizes.append((key, str(len(data)).encode()))
         else:
+            # filename="" is an ordinary value to Go's ReadForm (and others): inspected
             res.args.append((key, data))
     if not closed:
         flags["MULTIPART_UNMATCHED_BOUNDARY"] = 1
@@ -418,7 +530,18 @@ def _skipped_entity(name: str, _is_parameter_entity: int) -> None:
     raise _Forbidden(f"undeclared entity reference {name[:40]!r}")
 
 
-XINCLUDE_NS = "http://www.w3.org/2001/XInclude"
+# XInclude: 2001 is libxml2's XINCLUDE_OLD_NS, 2003 its XINCLUDE_NS; it expands both.
+XINCLUDE_NSES = frozenset(("http://www.w3.org/2001/XInclude", "http://www.w3.org/2003/XInclude"))
+XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
+# xsi attributes that make a validating backend fetch a schema from a URL
+_XSI_FETCH = frozenset(("schemaLocation", "noNamespaceSchemaLocation"))
+
+
+def _processing_instruction(target: str, _data: str) -> None:
+    # <?xml-stylesheet href="http://..."?> makes an XSLT-applying backend fetch (and run) a
+    # stylesheet from a URL
+    if target.lower() == "xml-stylesheet":
+        raise _Forbidden("xml-stylesheet processing instructions are not accepted")
 
 
 def _xml_input(body: bytes) -> tuple[bytes, str | None]:
@@ -456,15 +579,33 @@ def xml_body(body: bytes, max_values: int | None = None) -> BodyResult:
     class _TooMany(Exception):
         pass
 
+    # namespace prefix -> URI in scope (one entry per open element; shared when unchanged)
+    scopes: list[dict[str, str]] = [{}]
+
     def start(_name, attributes):
+        ns = scopes[-1]
         for k, v in attributes.items():
-            if v.strip() == XINCLUDE_NS and k.startswith("xmlns"):
-                raise _Forbidden("XInclude is not accepted")  # xi:include href=file:///... in the backend
+            if k.startswith("xmlns") and (k == "xmlns" or k[5] == ":"):
+                if v.strip() in XINCLUDE_NSES:
+                    raise _Forbidden("XInclude is not accepted")  # xi:include href=file:///... in the backend
+                if ns is scopes[-1]:
+                    ns = dict(ns)
+                ns[k[6:]] = v
+        for k, v in attributes.items():
+            prefix, colon, local = k.partition(":")
+            if colon and local in _XSI_FETCH and ns.get(prefix) == XSI_NS:
+                raise _Forbidden(f"xsi:{local} is not accepted")  # a validating backend fetches it
             attrs.append(v.encode("utf-8"))
+        scopes.append(ns)
         if max_values is not None and len(attrs) > max_values:
             raise _TooMany
 
+    def end(_name):
+        scopes.pop()
+
     p.StartElementHandler = start
+    p.EndElementHandler = end
+    p.ProcessingInstructionHandler = _processing_instruction
     p.CharacterDataHandler = text.append
     try:
         p.Parse(data, True)

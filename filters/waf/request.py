@@ -247,19 +247,23 @@ class RequestVariables:
             if (not lim.max_args or lim.args_partial)
             else max(0, lim.max_args - len(self.collections["ARGS_GET"]))
         )
+        ct = self.headers_lower.get("content-type", b"").decode("latin-1")
+        try:
+            # A repeated Content-Type parameter (charset, boundary) or one that does not parse:
+            # a backend may read another charset or boundary than the WAF would (refused).
+            bodies.content_type_params(ct)
+        except bodies.ContentTypeError as e:
+            return bodies.BodyResult(error=str(e))
         try:
             if proc == "URLENCODED":
-                ct = self.headers_lower.get("content-type", b"").decode("latin-1")
                 charset = bodies.content_type_charset(ct)
                 if self.raw_body:  # a phase-1 ctl (CRS 901350, built-in 9100020) chose URLENCODED
-                    text = bodies.raw_text(body, charset)
-                    return bodies.urlencoded(text, room) if text is not None else bodies.BodyResult()
+                    return bodies.urlencoded(bodies.raw_text(body, charset), room)
                 return bodies.urlencoded(body, room, charset)
             if proc == "JSON":
                 lines = bool(_NDJSON.match(self.headers_lower.get("content-type", b"").lower()))
                 return bodies.json_body(body, lim.max_json_depth, lim.max_json_values, room, lines)
             if proc == "MULTIPART":
-                ct = self.headers_lower.get("content-type", b"").decode("latin-1")
                 res = bodies.multipart(body, ct, lim.max_multipart_parts)
                 if room is not None and res.limit is None and len(res.args) > room:
                     res.limit = "too_many_args"
