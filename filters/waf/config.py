@@ -69,7 +69,7 @@ class WafConfig(Model):
     )
     prefilter: bool = Field(
         True,
-        description="Multi-pattern prefilter (one RE2 Set per transformation pipeline): only rules "
+        description="Multi-pattern prefilter (RE2 Sets per transformation pipeline): only rules "
         "whose pattern the scan saw run their regex. false: every rule runs its regex (same results, slower).",
     )
     expose_matches_header: bool = Field(

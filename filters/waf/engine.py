@@ -12,7 +12,8 @@ request. The engine lives in small modules; this one names what callers use.
 =================  ===========================================================================
 
 Beside them: ``seclang.py`` (parser), ``operators.py``, ``transforms.py``, ``macros.py``,
-``prefilter.py`` (RE2 Sets), ``bodies.py`` (body processors), ``limits.py``.
+``prefilter.py`` (RE2 Sets), ``folding.py`` (what every request decides alike, at load),
+``bodies.py`` (body processors), ``limits.py``.
 """
 
 from filters.waf.caches import ValueCaches

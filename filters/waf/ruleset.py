@@ -3,8 +3,10 @@
 ``Ruleset.load(paths, pre_text=...)`` parses SecLang (seclang.py), builds every rule
 (rules.py) with its operator compiled (RE2), interns the transformation pipelines, builds an
 RE2-Set prefilter per pipeline (prefilter.py) and, per phase, a *program*: the rules without
-markers, every ``skipAfter`` resolved to an index and each rule's dispatch kind. After load the
-rule set does not change; what requests learn about values lives in caches.py.
+markers, every ``skipAfter`` resolved to an index and each rule's dispatch kind; folding.py
+runs phase 1's request-free prefix once and keeps the patterns of rules no request reaches out
+of the Sets. After load the rule set does not change; what requests learn about values lives in
+caches.py.
 """
 
 from __future__ import annotations

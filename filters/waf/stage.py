@@ -111,6 +111,10 @@ def config_actions(
     return f'SecAction "id:8999001,phase:1,pass,nolog,t:none,{setvars}"\n'
 
 
+# CRS settings the gateway always makes: a body no processor reads (text/plain, an unknown or
+# missing type) is inspected as URL-encoded text (CRS 901350), not passed over.
+CRS_GATEWAY_TX = {"enforce_bodyproc_urlencoded": "1"}
+
 DEFAULT_ACTIONS = "".join(f'SecDefaultAction "phase:{p},log,auditlog,pass"\n' for p in range(1, 6))
 
 _CACHE: dict[tuple, Ruleset] = {}
@@ -208,7 +212,7 @@ class WafEngine:
         detection_only: bool = False,
         extra_tx: dict[str, str] | None = None,
     ) -> WafEngine:
-        extra = {"enforce_bodyproc_urlencoded": "1"}
+        extra = dict(CRS_GATEWAY_TX)
         extra.update(extra_tx or {})
         rs = build_ruleset(
             crs_files(crs_path),
@@ -509,6 +513,7 @@ def build_stage(env: BuildEnv) -> Stage | None:
             cfg.paranoia_level,
             cfg.detection_paranoia_level,
             cfg.anomaly_threshold,
+            CRS_GATEWAY_TX,
             prefilter="on" if cfg.prefilter else "off",
         )
         source = f"crs:{crs_path}"

@@ -192,3 +192,20 @@ def test_check_config_warns_about_partial_inspection(tmp_path):
     )
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1].startswith("ok ("), out.stdout
     assert "waf.on_inspection_limit: warning: inspect_partial" in out.stdout
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/octet-stream", "multipart/related"])
+async def test_gateway_crs_reads_a_body_no_processor_names_as_urlencoded(content_type):
+    """The gateway's CRS sets tx.enforce_bodyproc_urlencoded (as WafEngine.for_crs does): a body of
+    a type no processor reads is inspected as URL-encoded text by the attack rules (CRS 901350),
+    not only refused by the content-type policy (920420)."""
+    from .conftest import crs_dir
+
+    f = filt(rules="crs", crs_path=crs_dir())
+    c = ctx(
+        method="POST",
+        headers={"Host": "x", "User-Agent": "Mozilla/5.0", "Accept": "*/*", "Content-Type": content_type},
+        body=b"q=1' union select password from users --",
+    )
+    assert isinstance(await f.check(c), Deny)
+    assert 942100 in c.waf.matched_rule_ids
