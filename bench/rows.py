@@ -12,6 +12,7 @@ import shutil
 import ssl
 import statistics
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +23,7 @@ from typing import Any
 import svg
 import waftable
 from load import (
+    SETTLE,
     Sample,
     run_wrk,
 )
@@ -331,6 +333,10 @@ def profile_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus, 
         return "py-spy not installed (pip install py-spy; `make bench` installs the bench extra)"
     assert row.proc is not None and row.script is not None
     raw = out / f"profile-{row.n:02d}-{slug(row.scenario.name)}.txt"
+    # py-spy samples the steady part of the run only: it starts once wrk's connections are up
+    # (their TLS handshakes, and the upstream connections replacing those cancelled when the
+    # previous run stopped, are start-up, not per-request work) and stops before wrk does.
+    sampled = max(1, round(seconds - 2 * SETTLE - 0.5))
     cmd = cpus.wrap(
         [
             spy,
@@ -338,7 +344,7 @@ def profile_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus, 
             "--pid",
             str(row.proc.pid),
             "--rate",
-            "200",
+            str(args.profile_rate),
             "--nonblocking",
             "--function",
             "--format",
@@ -346,20 +352,29 @@ def profile_row(row: Row, seconds: float, args: argparse.Namespace, cpus: Cpus, 
             "--output",
             str(raw),
             "--duration",
-            str(max(1, round(seconds))),
+            str(sampled),
         ],
         "aux",
     )
-    spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # let py-spy attach before the load starts
+    spied: list[subprocess.Popen[str]] = []
+    timer = threading.Timer(
+        SETTLE,
+        lambda: spied.append(
+            subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ),
+    )
+    timer.start()
+    err = ""
     try:
         run_wrk(row.url, row.script, seconds, args, cpus, pid=row.proc.pid)
     finally:
-        try:
-            _, err = spy_proc.communicate(timeout=seconds + 30)
-        except subprocess.TimeoutExpired:
-            spy_proc.kill()
-            _, err = spy_proc.communicate()
+        timer.join()
+        for spy_proc in spied:
+            try:
+                _, err = spy_proc.communicate(timeout=seconds + 30)
+            except subprocess.TimeoutExpired:
+                spy_proc.kill()
+                _, err = spy_proc.communicate()
     if not raw.exists():
         return f"py-spy wrote nothing: {err.strip()[-300:]}"
     stacks: dict[str, int] = {}

@@ -195,6 +195,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--profile", action="store_true", help="after the rounds, a py-spy flame graph (SVG) per Python row"
     )
+    ap.add_argument(
+        "--profile-rate",
+        type=int,
+        default=500,
+        help="py-spy samples per second with --profile (default 500)",
+    )
     ap.add_argument("--no-waf-table", action="store_true", help="skip the WAF table")
     ap.add_argument("--no-latency", action="store_true", help="skip latency vs offered load")
     ap.add_argument("--no-workers", action="store_true", help="skip the --workers 2 figure")
@@ -375,10 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         }
 
         if args.profile:
-            say("profiles (py-spy, non-blocking sampling at 200 Hz):")
+            say(f"profiles (py-spy, non-blocking sampling at {args.profile_rate} Hz, steady window only):")
             for r in ok:
                 if r.scenario.kind in ("bare", "portvakt") and r.proc and r.proc.alive():
-                    res = profile_row(r, max(args.duration, 3.0), args, cpus, out)
+                    res = profile_row(r, max(args.duration, 6.0), args, cpus, out)
                     say(f"  [{r.n}] {r.scenario.name}: {res}")
             report += ["", "Profiles (py-spy, inclusive % of samples, top frames):", ""]
             for r in ok:

@@ -26,12 +26,22 @@ not forwarded by default (``server.body_on_bodiless_methods``, see README), and 
 goes with ``Connection: close`` on a connection that is closed after its exchange, as is one
 that carried a body and got an error answer (often given before the body was read).
 
-This touches aiohttp internals (``BaseConnector._factory``, ``_get``, ``_release``): pinned to
+The same protocol also keeps ``sock_read`` (the upstream's silence while a response is read)
+cheaper: aiohttp re-arms a loop timer on every read (cancel one, schedule one: three timer
+operations for a small response); here a read only writes its deadline on the connection, and
+``ReadDeadlines`` keeps one timer per connector, armed for the earliest deadline and, when it
+fires, re-armed for the earliest still pending (deadlines only move later, so that is rarely
+more than once per ``sock_read`` period). An expired connection fails exactly as aiohttp's own
+timer would fail it (``_on_read_timeout``: ``SocketTimeoutError`` on the response).
+
+This touches aiohttp internals (``BaseConnector._factory``, ``_get``, ``_release``,
+``ResponseHandler._reschedule_timeout``/``_drop_timeout``/``_on_read_timeout``): pinned to
 aiohttp 3.14 in pyproject.toml; ``tests/gateway/test_upstream_conn.py`` fails if they change.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import select
 from typing import Any
@@ -47,12 +57,79 @@ _READABLE = select.POLLIN | select.POLLPRI  # POLLHUP and POLLERR are always rep
 UPSTREAM_RECV_BYTES = 65536
 
 
+class ReadDeadlines:
+    """``sock_read`` of every connection of one connector with one loop timer (see the module
+    docstring). A connection is in ``waiting`` while its read deadline runs."""
+
+    __slots__ = ("loop", "waiting", "handle", "when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.waiting: set[GuardedResponseHandler] = set()
+        self.handle: asyncio.TimerHandle | None = None
+        self.when = 0.0
+
+    def watch(self, proto: GuardedResponseHandler, deadline: float) -> None:
+        self.waiting.add(proto)
+        if self.handle is None or deadline < self.when:
+            self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.when = when
+        self.handle = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self.handle = None
+        # Timers fire with millisecond granularity: a deadline within that is due now.
+        now = self.loop.time() + 0.001
+        due = [p for p in self.waiting if p.read_deadline is not None and p.read_deadline <= now]
+        for p in due:
+            self.waiting.discard(p)
+            p.read_deadline = None
+            p._on_read_timeout()  # as aiohttp's own timer: the response fails with SocketTimeoutError
+        pending = [p.read_deadline for p in self.waiting if p.read_deadline is not None]
+        if pending:
+            self._arm(min(pending))
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        self.waiting.clear()
+
+
 class GuardedResponseHandler(ResponseHandler):
-    """aiohttp's client protocol with an idle guard: bytes received while idle close it."""
+    """aiohttp's client protocol with an idle guard (bytes received while idle close it) and
+    ``sock_read`` kept by its connector's ``ReadDeadlines``."""
 
     idle = False
     sent_body = False  # the current request carried a body
     quiet_poll: Any = None  # a poll object on this connection's socket (None: not a socket transport)
+    read_deadline: float | None = None
+    read_deadlines: ReadDeadlines | None = None
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        deadlines = self.read_deadlines
+        if deadlines is None:  # made outside a GuardedConnector: aiohttp's own timer
+            super()._reschedule_timeout()
+            return
+        if timeout:
+            self.read_deadline = deadline = self._loop.time() + timeout
+            if self not in deadlines.waiting:
+                deadlines.watch(self, deadline)
+        elif self.read_deadline is not None:
+            self._drop_timeout()
+
+    def _drop_timeout(self) -> None:
+        if self.read_deadline is not None:
+            self.read_deadline = None
+            deadlines = self.read_deadlines
+            if deadlines is not None:
+                deadlines.waiting.discard(self)
+        super()._drop_timeout()
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -106,7 +183,17 @@ class GuardedConnector(aiohttp.TCPConnector):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._factory = functools.partial(GuardedResponseHandler, loop=self._loop)  # type: ignore[assignment]
+        self.read_deadlines = ReadDeadlines(self._loop)
+        self._factory = functools.partial(self._make_protocol, loop=self._loop)  # type: ignore[assignment]
+
+    def _make_protocol(self, loop: asyncio.AbstractEventLoop) -> GuardedResponseHandler:
+        proto = GuardedResponseHandler(loop=loop)
+        proto.read_deadlines = self.read_deadlines
+        return proto
+
+    async def close(self, *args: Any, **kwargs: Any) -> Any:
+        self.read_deadlines.close()
+        return await super().close(*args, **kwargs)
 
     async def connect(self, req: Any, traces: list[Any], timeout: Any) -> Any:
         conn = await super().connect(req, traces, timeout)

@@ -194,3 +194,71 @@ async def test_a_fin_waiting_in_the_socket_is_seen_on_reuse():
         await server.wait_closed()
     assert served == 6
     assert _discarded("dirty_on_reuse") - before >= 3
+
+
+async def _dribbling_upstream(pause: float, pieces: int, then_stall: bool):
+    """Headers, then ``pieces`` body bytes ``pause`` seconds apart; then the rest, or silence."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (pieces + 1))
+        for _ in range(pieces):
+            await writer.drain()
+            await asyncio.sleep(pause)
+            writer.write(b"x")
+        if then_stall:
+            await writer.drain()
+            await asyncio.sleep(30)
+        writer.write(b"!")
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def test_sock_read_is_the_silence_between_reads_not_the_whole_body():
+    """A body that keeps coming (each gap under sock_read, the whole far over it) is read to the
+    end: every read moves the connection's deadline, as aiohttp's own per-read timer did."""
+    server = await _dribbling_upstream(pause=0.1, pieces=12, then_stall=False)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        timeout = aiohttp.ClientTimeout(sock_read=0.5)
+        async with aiohttp.ClientSession(connector=GuardedConnector(limit=1), timeout=timeout) as s:
+            assert await _get(s, f"http://127.0.0.1:{port}/") == "x" * 12 + "!"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_sock_read_fails_a_stalled_body_and_the_connector_keeps_one_timer():
+    server = await _dribbling_upstream(pause=0.01, pieces=2, then_stall=True)
+    port = server.sockets[0].getsockname()[1]
+    connector = GuardedConnector(limit=4)
+    try:
+        timeout = aiohttp.ClientTimeout(sock_read=0.3)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as s:
+            results = await asyncio.gather(
+                *(_get(s, f"http://127.0.0.1:{port}/{i}") for i in range(3)), return_exceptions=True
+            )
+            assert all(isinstance(r, aiohttp.SocketTimeoutError) for r in results), results
+            assert not connector.read_deadlines.waiting  # nothing left waiting on a deadline
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_sock_read_bounds_the_wait_for_response_headers_too():
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        timeout = aiohttp.ClientTimeout(sock_read=0.3)
+        async with aiohttp.ClientSession(connector=GuardedConnector(limit=1), timeout=timeout) as s:
+            with pytest.raises(aiohttp.SocketTimeoutError):
+                await _get(s, f"http://127.0.0.1:{port}/")
+    finally:
+        server.close()
+        await server.wait_closed()
