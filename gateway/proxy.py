@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
 from collections import deque
@@ -507,8 +508,29 @@ def _problem_for(e: BaseException, name: str) -> Problem:
     if isinstance(e, TimeoutError):
         log.warning("upstream %s timed out: %s", name, type(e).__name__)
         return Problem(UPSTREAM_TIMEOUT, internal_reason="upstream_timeout")
-    log.warning("upstream %s unavailable: %s: %s", name, type(e).__name__, e)
+    log.warning("upstream %s unavailable: %s", name, upstream_error_text(e))
     return Problem(UPSTREAM_UNAVAILABLE, internal_reason="upstream_unavailable")
+
+
+_SAFE_DETAIL = re.compile(r"[A-Za-z][A-Za-z0-9 '()\-]{0,79}")
+
+
+def upstream_error_text(e: BaseException) -> str:
+    """What an upstream failure may put in the log: the exception's class and, for a refused
+    response, the parser's reason up to its first colon. Never the request URL (its query carries
+    tokens and codes) nor the parser's excerpt of the response (cookies, bodies)."""
+    kind = type(e).__name__
+    if isinstance(e, OSError) and e.strerror:
+        return f"{kind}: {e.strerror}"
+    os_error = getattr(e, "os_error", None)  # aiohttp.ClientConnectorError
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return f"{kind}: {os_error.strerror}"
+    message = getattr(e, "message", None)  # aiohttp.ClientResponseError: the parser's complaint
+    if isinstance(message, str):
+        head = _SAFE_DETAIL.match(message.split(":", 1)[0].split("\n", 1)[0].strip())
+        if head:
+            return f"{kind}: {head.group().strip()}"
+    return kind
 
 
 async def _respond(
