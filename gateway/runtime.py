@@ -27,7 +27,7 @@ from gateway.config import Config, RouteConfig, UpstreamConfig
 from gateway.configbase import MatchConfig
 from gateway.identity import Forwarder, build_forwarder
 from gateway.pipeline import PIPELINE, StageDecl, chain_positions
-from gateway.proxy import FORWARDED_CERT_HEADERS, REQUEST_DROP, UpstreamPool
+from gateway.proxy import FORWARDED_CERT_HEADERS, FORWARDED_USER_HEADERS, REQUEST_DROP, UpstreamPool
 from gateway.resources import Registry, Scope
 
 log = logging.getLogger("portvakt.runtime")
@@ -263,7 +263,7 @@ def _build(
         audit.adopt(previous.audit)
         forwarder.adopt(previous.forwarder)
     strip = frozenset(forwarder.strip_names) | config.http.strip_names()
-    cert_headers = set(FORWARDED_CERT_HEADERS)
+    cert_headers = set(FORWARDED_CERT_HEADERS) | FORWARDED_USER_HEADERS
     fwd_cert = config.certificates.forwarded_header
     if fwd_cert:
         cert_headers |= {fwd_cert.lower().replace("_", "-"), fwd_cert.lower().replace("_", "-") + "-chain"}
