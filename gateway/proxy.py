@@ -441,13 +441,30 @@ def _is_utf8(value: str) -> bool:
     return True
 
 
-def response_headers(up_headers: Any, ctx: RequestContext) -> CIMultiDict[str]:
+def _sets_guarded_cookie(name: str, value: str, guarded: frozenset[str]) -> bool:
+    """A Set-Cookie for a cookie the gateway owns, or a Clear-Site-Data that would clear them."""
+    low = name.lower()
+    if low == "set-cookie":
+        return value.split("=", 1)[0].strip().lower() in guarded
+    return low == "clear-site-data" and ('"cookies"' in value or '"*"' in value)
+
+
+def response_headers(
+    up_headers: Any, ctx: RequestContext, guarded_cookies: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
     drop = RESPONSE_DROP
     conn = up_headers.get("Connection")
     if conn:
         drop = drop | {t.strip().lower() for t in conn.split(",") if t.strip()}
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in up_headers.items():
+        if guarded_cookies and _sets_guarded_cookie(k, v, guarded_cookies):
+            # An upstream shares the gateway's origin: it may not plant, replace or clear the
+            # persons' session (session fixation across backends). The name only is logged.
+            log.warning(
+                "upstream tried to set the gateway's cookie (%s dropped, request %s)", k, ctx.request_id
+            )
+            continue
         if k.lower() not in drop:
             if not v.isascii() and not _is_utf8(v):
                 # aiohttp's writer would drop the bytes that are not UTF-8 without a word (a
@@ -474,6 +491,7 @@ async def forward(
     drop: frozenset[str],
     forwarder: Any,
     drop_prefixes: tuple[str, ...] = (),
+    guarded_cookies: frozenset[str] = frozenset(),
 ) -> web.StreamResponse:
     """Send the request upstream and stream the answer back.
 
@@ -508,7 +526,7 @@ async def forward(
         headers["Connection"] = "close"
     await upstream.acquire_slot()  # raises UpstreamError (503 overloaded) after pool_timeout_seconds
     try:
-        return await _exchange(ctx, request, upstream, session, url, headers, data, state)
+        return await _exchange(ctx, request, upstream, session, url, headers, data, state, guarded_cookies)
     finally:
         upstream.slots.release()
 
@@ -522,6 +540,7 @@ async def _exchange(
     headers: CIMultiDict[str],
     data: Any,
     state: BodyState,
+    guarded_cookies: frozenset[str] = frozenset(),
 ) -> web.StreamResponse:
     t0 = time.perf_counter()
     try:
@@ -547,7 +566,7 @@ async def _exchange(
         elapsed = time.perf_counter() - t0
         ctx.upstream_duration = elapsed
         upstream.duration.observe(elapsed)
-        return await _respond(ctx, request, up, state)
+        return await _respond(ctx, request, up, state, guarded_cookies)
     finally:
         ctx.bytes_in = state.bytes
         up.release()
@@ -583,10 +602,14 @@ def upstream_error_text(e: BaseException) -> str:
 
 
 async def _respond(
-    ctx: RequestContext, request: web.BaseRequest, up: aiohttp.ClientResponse, state: BodyState
+    ctx: RequestContext,
+    request: web.BaseRequest,
+    up: aiohttp.ClientResponse,
+    state: BodyState,
+    guarded_cookies: frozenset[str] = frozenset(),
 ) -> web.StreamResponse:
     status = up.status
-    hdrs = response_headers(up.headers, ctx)
+    hdrs = response_headers(up.headers, ctx, guarded_cookies)
     clen = up.content_length
     no_body = request.method == "HEAD" or status in _NO_BODY_STATUS
     if not no_body and clen is not None and clen <= SMALL_BODY:
