@@ -195,6 +195,18 @@ def route_policy_problems(route: RouteConfig) -> list[tuple[tuple[Any, ...], str
             compile_org_source(route.organization_from)
         except ValueError as e:
             errs.append((("organization_from",), str(e)))
+    if route.organization_from and route.access is None:
+        # Only the access: rules compare the target organisation with a credential (and only then
+        # is X-Portvakt-Target-Org sent); on a person/party/privilege route the privilege is
+        # checked in the organisation the person acts for. Silently ignored, the key would let an
+        # operator believe the path's organisation is checked (red team 2, F11).
+        errs.append(
+            (
+                ("organization_from",),
+                "has no effect without access: rules (a person's privilege is checked in the "
+                "organisation the person acts for, not the one in the path); remove it or add access:",
+            )
+        )
     if route.access is not None:
         for i, rule in enumerate(route.access.any_of):
             if rule.integration and not route.service:

@@ -151,6 +151,9 @@ class RedisFailureStore:
         self._script: Any = None
         self._down_until = 0.0
         self.last_error = ""
+        # The last exchange's outcome: /readyz says fallback until Redis has answered again, not
+        # only for the retry second after a failure (red team 2, F14).
+        self._reachable = True
         longest = max(cfg.max_failures, cfg.ip_max_failures, cfg.id_max_failures)
         self._static = [
             str(cfg.free_failures),
@@ -191,7 +194,7 @@ class RedisFailureStore:
             await self.client.aclose()
 
     def readiness(self) -> dict[str, str]:
-        if time.monotonic() < self._down_until:
+        if not self._reachable or time.monotonic() < self._down_until:
             return {
                 "brute_force_redis": f"fallback: redis unreachable ({self.last_error}), counting per process"
             }
@@ -199,6 +202,7 @@ class RedisFailureStore:
 
     def _down(self, e: BaseException) -> None:
         self.last_error = type(e).__name__
+        self._reachable = False
         if time.monotonic() >= self._down_until:
             log.warning("brute force: redis unreachable (%s): counting in-process", self.last_error)
         self._down_until = time.monotonic() + RETRY_AFTER_FAILURE
@@ -226,6 +230,7 @@ class RedisFailureStore:
         except Exception as e:  # noqa: BLE001 - any failure: the in-process fallback decides
             self._down(e)
             return None
+        self._reachable = True
         if mode == "fail":
             record_lockouts(int(out[3]))
         return out

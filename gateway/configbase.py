@@ -70,7 +70,8 @@ class RouteBase(Model):
     )
     organization_from: str | None = Field(
         None,
-        description='Where the target organisation is: "path:/orgs/{organization}/" or "header:FiksOrgId"',
+        description='Where the target organisation is: "path:/orgs/{organization}/" or "header:FiksOrgId"; '
+        "needs access: rules (an integration's grant is checked in it)",
     )
     audit: RouteAuditConfig = Field(
         default_factory=RouteAuditConfig, description="Audit options of this route"

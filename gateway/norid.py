@@ -157,17 +157,72 @@ from collections.abc import Callable as _Callable  # noqa: E402
 # match, so a number embedded in a longer digit string (an account or case number) is masked
 # whole, in every sink alike. No check-digit test: a mistyped number is still personal data.
 PERSON_NUMBER_LIKE = _re.compile(r"\d{6,}(?:[ .+\-]|%20|%2[BbDdEe])\d{5,}|\d{11,}", _re.ASCII)
-_SEPARATORS = _re.compile(r"%2[0BbDdEe]|\D+")
+_SEPARATORS = _re.compile(r"%(?:[0-9A-Fa-f]{2})|\D+")
+# The same number written in other groupings (2-4-5, 2-2-2-2-3, 6_5, 6:5, 6--5 ...): two to five
+# groups of at least two digits, joined by one to three separator characters (punctuation, white
+# space incl. TAB and NBSP, or their percent-encodings), that hold exactly eleven digits in all.
+# Groups of one digit (IP addresses, versions) and other totals (dates with times, phone numbers)
+# do not count.
+_SEP = r"(?:[\t \xa0_:,.~!+\-/]|%(?:09|2[0-9A-Fa-f]|3[Aa]|5[Ff]|7[Ee]|[Cc]2%[Aa]0)|\xc2\xa0)"
+_GROUPED = _re.compile(r"(?<!\d)\d{2,}(?:" + _SEP + r"{1,3}\d{2,}){1,4}(?!\d)")
+# A UUID is an identifier, not a person number, even when its last group is all digits.
+_UUID = _re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+
+
+def _maybe(text: str) -> bool:
+    """Cheap pre-test: at least eleven ASCII digits in all (the usual text has none to mask)."""
+    n = 0
+    for ch in text:
+        if "0" <= ch <= "9":
+            n += 1
+            if n >= 11:
+                return True
+    return False
 
 
 def mask_person_numbers(text: str, replace: _Callable[[str], str] | None = None) -> str:
-    """``text`` with every possible person number (``PERSON_NUMBER_LIKE``) replaced: by as many
+    """``text`` with every possible person number replaced: ``PERSON_NUMBER_LIKE`` (11 digits, 6+5
+    with a space, dash, dot or '+', digits running on either side included) and the same eleven
+    digits in other groupings (``_GROUPED``); UUIDs are left alone. Each is replaced by as many
     ``*`` as the match is long (default), or by ``replace(digits)`` where ``digits`` is the match
-    without its separator (so ``018790 45602`` and ``01879045602`` give the same value: the audit
-    log uses it for a keyed pseudonym). The one masking function of the access log, the audit
-    log, problem bodies and log lines."""
-    if not text or PERSON_NUMBER_LIKE.search(text) is None:  # the usual case: nothing to replace
+    without its separators (so ``018790 45602`` and ``01879045602`` give the same value: the audit
+    log uses it for a keyed pseudonym). The one masking function of the access log, the audit log,
+    problem bodies and log lines."""
+    if not text or not _maybe(text):  # the usual case: nothing to replace
+        return text
+    if _UUID.search(text) is not None:
+        parts = []
+        last = 0
+        for m in _UUID.finditer(text):
+            parts.append(_mask(text[last : m.start()], replace))
+            parts.append(m.group())
+            last = m.end()
+        parts.append(_mask(text[last:], replace))
+        return "".join(parts)
+    return _mask(text, replace)
+
+
+def _digits_of(match: str) -> str:
+    return _SEPARATORS.sub("", match)
+
+
+def _mask(text: str, replace: _Callable[[str], str] | None) -> str:
+    if not _maybe(text):
         return text
     if replace is None:
-        return PERSON_NUMBER_LIKE.sub(lambda m: "*" * len(m.group()), text)
-    return PERSON_NUMBER_LIKE.sub(lambda m: replace(_SEPARATORS.sub("", m.group())), text)
+
+        def sub(m: _re.Match[str]) -> str:
+            return "*" * len(m.group())
+    else:
+
+        def sub(m: _re.Match[str]) -> str:
+            return replace(_digits_of(m.group()))
+
+    def grouped(m: _re.Match[str]) -> str:
+        found = m.group()
+        if len(_digits_of(found)) != 11:
+            return found
+        return sub(m)
+
+    out = PERSON_NUMBER_LIKE.sub(sub, text)
+    return _GROUPED.sub(grouped, out) if _maybe(out) else out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
 from collections import deque
@@ -92,6 +93,55 @@ FORWARDED_CERT_HEADERS = frozenset(
         "x-client-dn",
         "x-ssl-client-serial",
         "x-ssl-client-fingerprint",
+        "x-forwarded-tls-client-cert",  # Traefik passTLSClientCert
+        "x-forwarded-tls-client-cert-info",
+        "x-amzn-mtls-clientcert",  # AWS ALB mTLS
+        "x-amzn-mtls-clientcert-leaf",
+        "x-amzn-mtls-clientcert-serial-number",
+        "x-amzn-mtls-clientcert-issuer",
+        "x-amzn-mtls-clientcert-subject",
+        "x-amzn-mtls-clientcert-validity",
+        "x-tls-client-cert",
+        "cf-client-cert",  # Cloudflare
+        "x-client-cert-chain",
+    }
+)
+# Identity asserted by other authenticating proxies (oauth2-proxy, Authelia/forward-auth, Azure
+# EasyAuth, Google IAP, AWS ALB OIDC) and Envoy's internal markers: a backend moved from behind one
+# of them may still read these, so a client's spelling never reaches it unless a trusted proxy
+# sent it. The gateway's own identity travels in X-Portvakt-* and the signed assertion.
+FORWARDED_USER_HEADERS = frozenset(
+    {
+        "remote-user",
+        "x-remote-user",
+        "x-forwarded-user",
+        "x-forwarded-email",
+        "x-forwarded-preferred-username",
+        "x-forwarded-groups",
+        "x-forwarded-access-token",
+        "x-auth-request-user",
+        "x-auth-request-email",
+        "x-auth-request-preferred-username",
+        "x-auth-request-groups",
+        "x-auth-request-access-token",
+        "remote-email",
+        "remote-groups",
+        "remote-name",
+        "x-ms-client-principal",
+        "x-ms-client-principal-id",
+        "x-ms-client-principal-name",
+        "x-ms-client-principal-idp",
+        "x-ms-token-aad-access-token",
+        "x-ms-token-aad-id-token",
+        "x-goog-authenticated-user-email",
+        "x-goog-authenticated-user-id",
+        "x-goog-iap-jwt-assertion",
+        "x-amzn-oidc-identity",
+        "x-amzn-oidc-data",
+        "x-amzn-oidc-accesstoken",
+        "x-envoy-internal",
+        "x-envoy-original-path",
+        "x-envoy-external-address",
     }
 )
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"} | GATEWAY_REQUEST_HEADERS
@@ -391,13 +441,30 @@ def _is_utf8(value: str) -> bool:
     return True
 
 
-def response_headers(up_headers: Any, ctx: RequestContext) -> CIMultiDict[str]:
+def _sets_guarded_cookie(name: str, value: str, guarded: frozenset[str]) -> bool:
+    """A Set-Cookie for a cookie the gateway owns, or a Clear-Site-Data that would clear them."""
+    low = name.lower()
+    if low == "set-cookie":
+        return value.split("=", 1)[0].strip().lower() in guarded
+    return low == "clear-site-data" and ('"cookies"' in value or '"*"' in value)
+
+
+def response_headers(
+    up_headers: Any, ctx: RequestContext, guarded_cookies: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
     drop = RESPONSE_DROP
     conn = up_headers.get("Connection")
     if conn:
         drop = drop | {t.strip().lower() for t in conn.split(",") if t.strip()}
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in up_headers.items():
+        if guarded_cookies and _sets_guarded_cookie(k, v, guarded_cookies):
+            # An upstream shares the gateway's origin: it may not plant, replace or clear the
+            # persons' session (session fixation across backends). The name only is logged.
+            log.warning(
+                "upstream tried to set the gateway's cookie (%s dropped, request %s)", k, ctx.request_id
+            )
+            continue
         if k.lower() not in drop:
             if not v.isascii() and not _is_utf8(v):
                 # aiohttp's writer would drop the bytes that are not UTF-8 without a word (a
@@ -424,6 +491,7 @@ async def forward(
     drop: frozenset[str],
     forwarder: Any,
     drop_prefixes: tuple[str, ...] = (),
+    guarded_cookies: frozenset[str] = frozenset(),
 ) -> web.StreamResponse:
     """Send the request upstream and stream the answer back.
 
@@ -458,7 +526,7 @@ async def forward(
         headers["Connection"] = "close"
     await upstream.acquire_slot()  # raises UpstreamError (503 overloaded) after pool_timeout_seconds
     try:
-        return await _exchange(ctx, request, upstream, session, url, headers, data, state)
+        return await _exchange(ctx, request, upstream, session, url, headers, data, state, guarded_cookies)
     finally:
         upstream.slots.release()
 
@@ -472,6 +540,7 @@ async def _exchange(
     headers: CIMultiDict[str],
     data: Any,
     state: BodyState,
+    guarded_cookies: frozenset[str] = frozenset(),
 ) -> web.StreamResponse:
     t0 = time.perf_counter()
     try:
@@ -497,7 +566,7 @@ async def _exchange(
         elapsed = time.perf_counter() - t0
         ctx.upstream_duration = elapsed
         upstream.duration.observe(elapsed)
-        return await _respond(ctx, request, up, state)
+        return await _respond(ctx, request, up, state, guarded_cookies)
     finally:
         ctx.bytes_in = state.bytes
         up.release()
@@ -507,15 +576,40 @@ def _problem_for(e: BaseException, name: str) -> Problem:
     if isinstance(e, TimeoutError):
         log.warning("upstream %s timed out: %s", name, type(e).__name__)
         return Problem(UPSTREAM_TIMEOUT, internal_reason="upstream_timeout")
-    log.warning("upstream %s unavailable: %s: %s", name, type(e).__name__, e)
+    log.warning("upstream %s unavailable: %s", name, upstream_error_text(e))
     return Problem(UPSTREAM_UNAVAILABLE, internal_reason="upstream_unavailable")
 
 
+_SAFE_DETAIL = re.compile(r"[A-Za-z][A-Za-z0-9 '()\-]{0,79}")
+
+
+def upstream_error_text(e: BaseException) -> str:
+    """What an upstream failure may put in the log: the exception's class and, for a refused
+    response, the parser's reason up to its first colon. Never the request URL (its query carries
+    tokens and codes) nor the parser's excerpt of the response (cookies, bodies)."""
+    kind = type(e).__name__
+    if isinstance(e, OSError) and e.strerror:
+        return f"{kind}: {e.strerror}"
+    os_error = getattr(e, "os_error", None)  # aiohttp.ClientConnectorError
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return f"{kind}: {os_error.strerror}"
+    message = getattr(e, "message", None)  # aiohttp.ClientResponseError: the parser's complaint
+    if isinstance(message, str):
+        head = _SAFE_DETAIL.match(message.split(":", 1)[0].split("\n", 1)[0].strip())
+        if head:
+            return f"{kind}: {head.group().strip()}"
+    return kind
+
+
 async def _respond(
-    ctx: RequestContext, request: web.BaseRequest, up: aiohttp.ClientResponse, state: BodyState
+    ctx: RequestContext,
+    request: web.BaseRequest,
+    up: aiohttp.ClientResponse,
+    state: BodyState,
+    guarded_cookies: frozenset[str] = frozenset(),
 ) -> web.StreamResponse:
     status = up.status
-    hdrs = response_headers(up.headers, ctx)
+    hdrs = response_headers(up.headers, ctx, guarded_cookies)
     clen = up.content_length
     no_body = request.method == "HEAD" or status in _NO_BODY_STATUS
     if not no_body and clen is not None and clen <= SMALL_BODY:

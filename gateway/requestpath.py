@@ -435,6 +435,7 @@ class RequestPath:
                 if ctx.from_trusted_proxy
                 else (rt.request_drop_untrusted or rt.request_drop),
                 drop_prefixes=rt.request_drop_prefixes,
+                guarded_cookies=rt.guarded_cookies,
             )
         except BodyTooLarge:
             return self._deny(ctx, body_limit.problem())

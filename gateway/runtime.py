@@ -19,7 +19,7 @@ from typing import Any
 
 from filters.delegation import DelegationStage
 from filters.ingress import BodyLimit
-from filters.persons import PersonsStage
+from filters.persons import LOGIN_COOKIE, PersonsStage
 from gateway.audit import AuditSink, build_audit
 from gateway.canonical import host_for_match, route_host
 from gateway.chain import Filter, Stage
@@ -27,7 +27,7 @@ from gateway.config import Config, RouteConfig, UpstreamConfig
 from gateway.configbase import MatchConfig
 from gateway.identity import Forwarder, build_forwarder
 from gateway.pipeline import AUDIT, FORWARDER, PIPELINE, StageDecl, build_env, chain_positions
-from gateway.proxy import FORWARDED_CERT_HEADERS, REQUEST_DROP, UpstreamPool
+from gateway.proxy import FORWARDED_CERT_HEADERS, FORWARDED_USER_HEADERS, REQUEST_DROP, UpstreamPool
 from gateway.resources import Registry, Scope
 
 log = logging.getLogger("portvakt.runtime")
@@ -78,6 +78,9 @@ class Runtime:
     request_drop_untrusted: frozenset[str] = frozenset()
     max_body_bytes: int = 0  # ingress.max_body_bytes whatever the mode (body prefix, chunk sizes)
     persons: PersonsStage | None = None  # its endpoints are served before routing
+    # Cookies the gateway owns (the persons' session and login cookies): an upstream's Set-Cookie
+    # for one of them never reaches the browser (lower-case names).
+    guarded_cookies: frozenset[str] = frozenset()
     delegation: DelegationStage | None = None  # parties + admin endpoints, under persons.prefix
     # http.case_sensitive_upstream false: (route, lower-cased prefix) of every route that is not a
     # catch-all, for ``case_variant``; ``prefixes_lower``: every such prefix is lower case already,
@@ -261,7 +264,7 @@ def _build(
         audit.adopt(previous.audit)
         forwarder.adopt(previous.forwarder)
     strip = frozenset(forwarder.strip_names) | config.http.strip_names()
-    cert_headers = set(FORWARDED_CERT_HEADERS)
+    cert_headers = set(FORWARDED_CERT_HEADERS) | FORWARDED_USER_HEADERS
     fwd_cert = config.certificates.forwarded_header
     if fwd_cert:
         cert_headers |= {fwd_cert.lower().replace("_", "-"), fwd_cert.lower().replace("_", "-") + "-chain"}
@@ -289,6 +292,9 @@ def _build(
         request_drop_prefixes=tuple(forwarder.strip_prefixes),
         max_body_bytes=max_body,
         persons=persons,
+        guarded_cookies=frozenset(
+            {config.persons.cookie_name.lower(), LOGIN_COOKIE.lower()} if config.persons is not None else ()
+        ),
         delegation=delegation,
         case_guard=()
         if config.http.case_sensitive_upstream

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 
 from gateway.audit.chainfile import iso_time
 from gateway.audit.keys import Sealer, pseudonym
-from gateway.norid import PERSON_NUMBER_LIKE, mask_person_numbers
+from gateway.norid import mask_person_numbers
 
 if TYPE_CHECKING:  # pragma: no cover
     from gateway.context import RequestContext
@@ -42,7 +42,7 @@ def scrub(text: str, pseudo_key: bytes) -> str:
         return text
     if "%" in text:
         decoded = unquote(text)
-        if decoded != text and PERSON_NUMBER_LIKE.search(decoded):
+        if decoded != text and mask_person_numbers(decoded) != decoded:
             text = decoded
     return mask_person_numbers(text, lambda digits: "~p:" + pseudonym(pseudo_key, digits)[:16])
 

@@ -421,6 +421,21 @@ async def test_rate_limit_cross_site_party_and_escaped_page(delegation_env):
         assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
     assert "<script>" not in body and "&lt;script&gt;alert(1)&lt;/script&gt;" in body
     assert SECOND_PID not in body and SECOND_PID[:6] + "*****" in body
+    # Red team 2, F10: a person number typed into the free-text basis is masked before it is
+    # stored, shown or audited.
+    basis = f"vedtak 2026/17 om {THIRD_PID} ({THIRD_PID[:6]} {THIRD_PID[6:]})"
+    st, doc, _ = await api(
+        admin,
+        "POST",
+        f"/portvakt/admin/orgs/{ORG}/grants",
+        {"subject": {"person": THIRD_PID}, "role": "user", "service": "post", "basis": basis},
+    )
+    assert st == 201 and THIRD_PID not in json.dumps(doc) and THIRD_PID[6:] not in json.dumps(doc)
+    st, doc, _ = await api(admin, "GET", f"/portvakt/admin/orgs/{ORG}/grants", csrf=None)
+    assert st == 200 and "vedtak 2026/17 om ***********" in json.dumps(doc)
+    assert THIRD_PID not in json.dumps(doc) and THIRD_PID[6:] not in json.dumps(doc)
+    await env.penv.settle()
+    assert THIRD_PID not in json.dumps(env.penv.audit()) and THIRD_PID[6:] not in json.dumps(env.penv.audit())
     # Choosing a party from another site is refused before anything is read.
     st, doc, _ = await api(
         admin,

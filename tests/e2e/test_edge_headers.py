@@ -204,3 +204,45 @@ async def test_upstream_response_header_bytes_pass_verbatim_or_the_response_is_r
     assert b"\r\nX-A: \xc3\xa9t\xc3\xa9\r\n" in responses[1]
     await asyncio.sleep(0.2)
     assert [e["reason"] for e in gw.access_log() if e["status"] == 502] == ["upstream_header_invalid_utf8"]
+
+
+# Red team 2, F08: other proxies' client-certificate headers and authenticating proxies' user
+# headers, in the spellings a backend moved from behind Traefik, an AWS ALB, Cloudflare,
+# oauth2-proxy, Authelia, Azure EasyAuth or Google IAP may still read.
+OTHER_PROXIES = (
+    "X-Forwarded-Tls-Client-Cert",
+    "X-Forwarded-Tls-Client-Cert-Info",
+    "X-Amzn-Mtls-Clientcert",
+    "X-Amzn-Mtls-Clientcert-Leaf",
+    "X-Tls-Client-Cert",
+    "Cf-Client-Cert",
+    "Remote-User",
+    "X-Remote-User",
+    "X-Forwarded-User",
+    "X-Forwarded-Email",
+    "X-Forwarded-Access-Token",
+    "X-Auth-Request-User",
+    "X-Ms-Client-Principal",
+    "X-Goog-Authenticated-User-Email",
+    "X-Amzn-Oidc-Identity",
+    "X-Envoy-Internal",
+    "X-Envoy-Original-Path",
+    "Remote_User",
+)
+
+
+async def test_other_proxies_identity_headers_pass_only_from_a_trusted_peer(start_gateway, upstream, pki):
+    forged = b"".join(f"{name}: forged-{i}\r\n".encode() for i, name in enumerate(OTHER_PROXIES))
+    cfg = basic_config(upstream.url, server={"plain_http": True}, trusted_proxies=["10.9.9.9/32"])
+    gw = await start_gateway(cfg)
+    status, _ = await send(gw, pki, b"GET /t HTTP/1.1\r\nHost: a\r\n" + forged, tls=False)
+    assert status == 200
+    seen = {k.lower(): v for k, v in upstream.requests[-1]["headers"].items()}
+    leaked = [n for n in OTHER_PROXIES if n.lower() in seen or n.lower().replace("_", "-") in seen]
+    assert not leaked, leaked
+    # from a trusted proxy (the operator's own auth proxy in front) they pass as sent
+    cfg["trusted_proxies"] = ["127.0.0.1/32"]
+    gw.write_config(cfg)
+    assert await gw.reload() == "success"
+    status, _ = await send(gw, pki, b"GET /t HTTP/1.1\r\nHost: a\r\nRemote-User: alice\r\n", tls=False)
+    assert status == 200 and upstream.requests[-1]["headers"]["Remote-User"] == "alice"

@@ -258,3 +258,33 @@ async def test_step_up_gives_a_new_session_id_and_the_old_ticket_is_dead(env):
                 assert r.status == 200 and (await r.json())["acr"] == "idporten-loa-high"
     finally:
         await b.close()
+
+
+async def test_an_upstream_cannot_set_or_clear_the_gateways_cookies(persons_env, upstream):
+    """Red team 2, F06: every backend shares the gateway's origin; one that answers with a
+    Set-Cookie for the session or login cookie (or Clear-Site-Data: "cookies") could plant its own
+    session in a person's browser or log the person out. Those headers are dropped; the upstream's
+    own cookies pass."""
+    from multidict import CIMultiDict
+
+    env = await persons_env()
+    b = HttpBrowser(env.gw)
+    try:
+        await b.login()
+        upstream.response_headers = CIMultiDict(
+            [
+                ("Set-Cookie", "__Host-portvakt-session=planted; Path=/; Secure; HttpOnly"),
+                ("Set-Cookie", " __host-PORTVAKT-login=planted; Path=/; Secure"),
+                ("Set-Cookie", "app=1; Path=/"),
+                ("Clear-Site-Data", '"cache", "cookies"'),
+            ]
+        )
+        r = await b.get(env.url + "/app/")
+        assert r.status == 200, env.gw.output()[-3000:]
+        assert r.headers.getall("Set-Cookie", []) == ["app=1; Path=/"]
+        assert "Clear-Site-Data" not in r.headers
+        upstream.response_headers = {}
+        r = await b.get(env.url + "/app/")
+        assert r.status == 200  # still the person's own session
+    finally:
+        await b.close()

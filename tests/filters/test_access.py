@@ -434,3 +434,26 @@ def test_template_compiler():
     assert p.match("/a/123/bc") is None
     assert p.match("/x/a/123/b") is None
     assert mod.compile_path_template("path:/a/{pid}", "pid").match("/a/1/2").group("v") == "1"
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "",  # no policy at all
+        ", person: {}",  # red team 2, F11: a person route, where the privilege is the acting org's
+    ],
+)
+def test_organization_from_without_access_rules_is_a_config_error(policy):
+    from gateway.config import ConfigError, parse_config
+
+    text = (
+        "server: {plain_http: true}\n"
+        'upstreams: {up: {url: "http://127.0.0.1:9001"}}\n'
+        "routes: [{name: svc, upstream: up, service: post, "
+        'organization_from: "path:/svc/orgs/{organization}/"' + policy + "}]\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        parse_config(text)
+    assert any(
+        "routes[0].organization_from" in p and "has no effect without access" in p for p in e.value.problems
+    ), e.value.problems

@@ -57,7 +57,8 @@ def test_header_name_of_organization_from_is_exact():
     )
     with pytest.raises(ConfigError) as e:
         parse_config(text)
-    assert [p.split(": ")[1] for p in e.value.problems] == ["routes[0].organization_from"]
+    assert {p.split(": ")[1] for p in e.value.problems} == {"routes[0].organization_from"}
+    assert any("header:Name" in p for p in e.value.problems), e.value.problems
 
 
 def test_rate_limit_key_prefix_is_exact():

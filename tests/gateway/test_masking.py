@@ -33,6 +33,21 @@ SPELLINGS = [
     ("9" + PID, "9" + PID),  # embedded in a longer digit run: the whole run counts
     (PID + "77", PID + "77"),
     ("12" + "249173 97852" + "3", "12" + PID + "3"),
+    # red team 2, F07: other separators and groupings, decoded or percent-encoded
+    ("249173_97852", PID),
+    ("249173:97852", PID),
+    ("249173,97852", PID),
+    ("249173--97852", PID),
+    ("249173~97852", PID),
+    ("249173!97852", PID),
+    ("2491%207397%20852", PID),
+    ("24-91-73-97-852", PID),
+    ("24-9173-97852", PID),
+    ("249173\t97852", PID),
+    ("249173\xa097852", PID),
+    ("249173%0997852", PID),
+    ("249173%C2%A097852", PID),
+    ("249173%2F97852", PID),
 ]
 CONTEXTS = ["{}", "/persons/{}/saker", "/x?fnr={}&a=1", "Konto {}.", "a{}b"]
 NOT_PERSON_NUMBERS = [
@@ -42,6 +57,13 @@ NOT_PERSON_NUMBERS = [
     "12345-67890",
     "1234567890",
     "/orgs/958935420/x",
+    # red team 2, F12: a UUID whose last group is all digits is an identifier
+    "11111111-2222-4333-8444-555555555555",
+    "/i/6f0b5c4e-3b7a-4f1e-9d2a-124917397852/x",
+    "127.0.0.1:8443",
+    "10.20.30.40:12345",
+    "2026-12-07 22:40:01",
+    "+47 22 33 44 55",
 ]
 
 
