@@ -18,7 +18,7 @@ import logging
 import os
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cryptography.exceptions import UnsupportedAlgorithm
 
@@ -382,13 +382,15 @@ def worker_suffix(secrets_: dict[str, Any] | None) -> str:
 
 def build_audit(env: BuildEnv) -> AuditSink:
     suffix = worker_suffix(env.secrets)
-    base = env.config.resolve_path
+    # The audit role's view of the config reads like the config (gateway.chain.ConfigView).
+    config = cast("Config", env.config)
+    base = config.resolve_path
     if not suffix:
-        return AuditSink(env.config, base, env.secrets)
+        return AuditSink(config, base, env.secrets)
     cfg = env.config.audit
     own = {p for p in (cfg.path, cfg.redis.spool_path if cfg.redis else None) if p}
 
     def resolve(p: str) -> str:
         return base(p) + suffix if p in own else base(p)
 
-    return AuditSink(env.config, resolve, env.secrets)
+    return AuditSink(config, resolve, env.secrets)
