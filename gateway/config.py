@@ -99,6 +99,12 @@ class ServerConfig(Model):
         gt=0,
         description="Longest silence while the gateway waits for request body bytes: 408 (nginx client_body_timeout)",
     )
+    request_body_min_rate_bytes_per_second: float = Field(
+        100.0,
+        ge=0,
+        description="After request_body_timeout_seconds, a body arriving slower than this on average is "
+        "refused: 408 (Apache mod_reqtimeout MinRate; 0: off)",
+    )
     response_write_timeout_seconds: float = Field(
         30.0,
         gt=0,

@@ -89,6 +89,7 @@ class EdgeLimits:
     def configure(self, sc: Any) -> None:
         self.headers_timeout = sc.request_headers_timeout_seconds
         self.body_timeout = sc.request_body_timeout_seconds
+        self.body_min_rate = sc.request_body_min_rate_bytes_per_second
         self.write_timeout = sc.response_write_timeout_seconds
         self.tls_handshake_timeout = sc.tls_handshake_timeout_seconds
         self.max_connections = sc.max_connections
@@ -160,15 +161,19 @@ class EdgeLimits:
         r = h.body_request
         if r is not None:
             c = r.content
-            if (
-                not c.is_eof()
-                and getattr(c, "_size", 1) == 0
-                and c.exception() is None
-                and now - h.last_rx > self.body_timeout
-            ):
-                metrics.TIMEOUTS.labels("request_body").inc()
-                h.timeout_reason = "request_body_timeout"
-                c.set_exception(BodyTimeout())
+            if not c.is_eof() and getattr(c, "_size", 1) == 0 and c.exception() is None:
+                # Waiting for the client: silent too long, or trickling below the minimum rate
+                # once the grace period (the silence bound) is over. Without the rate, one byte
+                # every 29 s held a request slot for as long as the client liked (red team 2, F04).
+                elapsed = now - h.body_started
+                if now - h.last_rx > self.body_timeout or (
+                    self.body_min_rate > 0
+                    and elapsed > self.body_timeout
+                    and c.total_bytes < self.body_min_rate * elapsed
+                ):
+                    metrics.TIMEOUTS.labels("request_body").inc()
+                    h.timeout_reason = "request_body_timeout"
+                    c.set_exception(BodyTimeout())
         size = t.get_write_buffer_size()
         if size == 0:
             h.write_stalled_since = None
@@ -191,6 +196,7 @@ class EdgeRequestHandler(web_protocol.RequestHandler):
     last_rx = 0.0
     msg_started: float | None = None  # first byte of a request whose headers are not complete
     body_request: web.BaseRequest | None = None  # set while its body may still be awaited
+    body_started = 0.0  # when the gateway started waiting for that body
     timeout_reason: str | None = None
     write_stalled_since: float | None = None
     write_buffered = 0
@@ -210,10 +216,36 @@ class EdgeRequestHandler(web_protocol.RequestHandler):
         self.counted = True
         self.last_rx = time.monotonic()
         edge.connections += 1
-        if edge.connections > edge.max_connections:
+        if edge.connections > edge.max_connections and not self._evict_idle():
             problem = edge.overloaded("connections")
             transport.write(_raw_problem(problem))  # type: ignore[attr-defined]
             self.force_close()
+
+    def watch_body(self, request: web.BaseRequest) -> None:
+        """The request whose body the gateway may now wait for (the edge sweep bounds it)."""
+        self.body_request = request
+        self.body_started = time.monotonic()
+
+    def _evict_idle(self) -> bool:
+        """At the connection cap, close the longest-idle keep-alive connection (one waiting for its
+        next request, nothing of a request received) to make room for this one: idle connections
+        held open by one client must not keep everyone else out (red team 2, F04)."""
+        idle = [
+            h
+            for h in getattr(self._manager, "connections", ())
+            if h is not self
+            and isinstance(h, EdgeRequestHandler)
+            and h._waiter is not None
+            and h.msg_started is None
+            and h.transport is not None
+        ]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda h: h.last_rx)
+        metrics.OVERLOAD.labels("idle_connection_closed").inc()
+        oldest.force_close()
+        oldest.transport.close()  # type: ignore[union-attr]
+        return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.counted:

@@ -78,7 +78,8 @@ UPSTREAM_DISCARDED = Counter(
 )
 OVERLOAD = Counter(
     "portvakt_overload_rejections_total",
-    "Connections or requests refused by overload protection (connections, requests, upstream_pool)",
+    "Connections or requests refused by overload protection (connections, requests, upstream_pool; "
+    "idle_connection_closed: an idle keep-alive connection closed to make room at the connection cap)",
     ["limit"],
     registry=REGISTRY,
 )

@@ -381,7 +381,7 @@ class RequestPath:
                 resp.force_close()  # the unread body would be read as the next request
                 return resp
         if request.body_exists:
-            request.protocol.body_request = request  # type: ignore[attr-defined]  # the edge sweep's body timeout
+            request.protocol.watch_body(request)  # type: ignore[attr-defined]  # the edge sweep's body bounds
             clen = request.content_length
             ctx.body_size_hint = clen
             problem = body_limit.check(ctx, clen) if clen is not None else None

@@ -467,3 +467,93 @@ async def test_stalled_tls_readers_hold_a_bounded_amount_of_memory_each(start_ga
     print(f"stalled TLS readers: RSS +{grown:.1f} MiB for {n} ({grown / n:.2f} MiB each)")
     assert grown / n < 0.75, f"{grown:.1f} MiB for {n} stalled readers"
     assert "Traceback" not in gw.output()
+
+
+async def test_trickled_bodies_below_the_minimum_rate_get_408(start_gateway, hostile):
+    """Red team 2, F04: one byte every so often, never silent for request_body_timeout_seconds,
+    held a request slot for as long as the client liked (R.U.D.Y.). Past the grace period a body
+    slower than request_body_min_rate_bytes_per_second ends with 408 and frees its slot."""
+    gw = await start_gateway(
+        _config(
+            hostile.url,
+            request_body_timeout_seconds=1,
+            request_body_min_rate_bytes_per_second=100,
+            max_concurrent_requests=20,
+        )
+    )
+    loop = asyncio.get_running_loop()
+    socks = []
+    try:
+        for i in range(20):  # every request slot
+            sock = await raw_connect(gw.port)
+            await loop.sock_sendall(
+                sock, b"POST /plain/t%d HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\ny" % i
+            )
+            socks.append(sock)
+
+        async def trickle() -> None:
+            for _ in range(200):  # a byte every 0.25 s: never silent for the 1 s timeout
+                await asyncio.sleep(0.25)
+                for sock in socks:
+                    try:
+                        await loop.sock_sendall(sock, b"y")
+                    except OSError:
+                        pass
+
+        trickler = asyncio.create_task(trickle())
+        try:
+            deadline = time.monotonic() + 60
+            answers = [await read_until_closed(sock, deadline) for sock in socks]
+        finally:
+            trickler.cancel()
+    finally:
+        for sock in socks:
+            sock.close()
+    assert [_status(a) for a in answers] == [408] * 20
+    assert {_problem(a)["reason"] for a in answers} == {"request_timeout"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/plain/after", data=b"x" * 1000) as r:
+            assert r.status == 200  # the slots are free again
+    assert not [p for _, p in hostile.requests if p.startswith("/plain/t")]
+
+
+async def test_idle_keepalive_connections_make_room_at_the_connection_cap(start_gateway, hostile):
+    """Red team 2, F04: connections that made one request and then idle held max_connections
+    and kept every new client at 503 for the whole keep-alive window. At the cap the longest-idle
+    one is closed to make room; a connection in the middle of a request is never chosen."""
+    gw = await start_gateway(_config(hostile.url, max_connections=4))
+    loop = asyncio.get_running_loop()
+    idle = []
+    try:
+        for i in range(3):
+            sock = await raw_connect(gw.port)
+            await loop.sock_sendall(sock, b"GET /plain/i%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+            got = b""
+            while b"marker=" not in got:
+                got += await asyncio.wait_for(loop.sock_recv(sock, 4096), 30)
+            idle.append(sock)
+        busy = await raw_connect(gw.port)  # mid-request: headers sent, body pending
+        await loop.sock_sendall(busy, b"POST /plain/busy HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab")
+        await asyncio.sleep(0.3)
+        async with aiohttp.ClientSession() as s:
+            for i in range(3):
+                async with s.get(gw.url + f"/plain/new{i}", headers={"Connection": "close"}) as r:
+                    assert r.status == 200, await r.text()
+        await loop.sock_sendall(busy, b"cde")  # the busy one was never chosen
+        got = b""
+        while b"marker=" not in got:
+            got += await asyncio.wait_for(loop.sock_recv(busy, 4096), 30)
+        assert got.startswith(b"HTTP/1.1 200")
+        busy.close()
+        closed = 0
+        for sock in idle:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+                closed += data == b""
+            except (ConnectionError, TimeoutError):
+                closed += 1
+        assert closed >= 1
+    finally:
+        for sock in idle:
+            sock.close()
+    assert await gw.metric("portvakt_overload_rejections_total", {"limit": "idle_connection_closed"}) >= 1
