@@ -107,6 +107,10 @@ async def test_f02_ambiguous_or_encoded_parts_refused(pack, case):
     [
         _part(b'Content-Disposition: form-data; name="q"\r\n', U.encode()),  # control
         _part(b'Content-Disposition: form-data; name="q"; filename=""\r\n', U.encode()),
+        _part(b"Content-Disposition: form-data; name=\"q\"; filename*=UTF-8''\r\n", U.encode()),
+        _part(
+            b'Content-Disposition: form-data; name="q"; filename="a.txt"; filename*=UTF-8\'\'\r\n', U.encode()
+        ),
         _part(
             b'Content-Disposition: form-data; name="q"\r\nContent-Type: text/plain; charset=ibm037\r\n',
             U.encode("cp037"),
