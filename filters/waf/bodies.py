@@ -429,6 +429,7 @@ def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
                 lines.append(line)
         name: str | None = None
         filename: bytes | None = None
+        empty_filename = False
         seen: dict[bytes, bytes] = {}
         for line in lines:
             hn, _, hv = line.partition(b":")
@@ -455,6 +456,12 @@ def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
                     filename = d["filename"]
                 if "filename*" in d and filename is None:
                     filename = d["filename*"]
+                # filename="" or filename*=UTF-8'' (RFC 2231, which Go's ParseMediaType decodes
+                # into "filename"): a value, not a file, to Go's ReadForm and others
+                if ("filename" in d and not d["filename"]) or (
+                    "filename*" in d and not d["filename*"].split(b"'", 2)[-1]
+                ):
+                    empty_filename = True
         cte = seen.get(b"content-transfer-encoding", b"").lower()
         if cte and cte not in _IDENTITY_CTE:
             # CRS 922120: a transfer encoding in a part (deprecated by RFC 7578) is refused;
@@ -480,7 +487,7 @@ def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
         for line in lines:
             if line:
                 res.part_headers.append((key, line))
-        if filename:
+        if filename and not empty_filename:
             res.files.append((key, filename))
             res.files_names.append((key, key.encode("latin-1")))
             res.files_sizes.append((key, str(len(data)).encode()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +147,8 @@ class RequestVariables:
                 self.limit_exceeded = self.limit_exceeded or "too_many_args"
         else:
             args_get = bodies.parse_urlencoded(query)
+        self.query_args = len(args_get)  # before the readings added below (the max_args count)
+        args_get = args_get + query_readings(args_get)
         c["ARGS_GET"] = args_get
         c["ARGS_POST"] = []
         c["ARGS"] = list(args_get)
@@ -220,8 +223,8 @@ class RequestVariables:
             if not res.args and proc in ("JSON", "XML", "URLENCODED"):
                 res.args = bodies.parse_urlencoded(body)
         args = res.args
-        if self.max_args and len(c["ARGS_GET"]) + len(args) > self.max_args:  # args_partial
-            args = args[: max(0, self.max_args - len(c["ARGS_GET"]))]
+        if self.max_args and self.query_args + len(args) > self.max_args:  # args_partial
+            args = args[: max(0, self.max_args - self.query_args)]
             self.args_limit_exceeded = True
         c["ARGS_POST"] = args
         c["ARGS"] = c["ARGS_GET"] + args
@@ -242,11 +245,7 @@ class RequestVariables:
         lim = self.limits
         body = self.body
         # arguments the body may still add (None: no limit; args_partial: cut later instead)
-        room = (
-            None
-            if (not lim.max_args or lim.args_partial)
-            else max(0, lim.max_args - len(self.collections["ARGS_GET"]))
-        )
+        room = None if (not lim.max_args or lim.args_partial) else max(0, lim.max_args - self.query_args)
         ct = self.headers_lower.get("content-type", b"").decode("latin-1")
         try:
             # A repeated Content-Type parameter (charset, boundary) or one that does not parse:
@@ -429,6 +428,49 @@ class RequestVariables:
     def set_captures(self, groups: list[bytes]) -> None:
         for i, g in enumerate(groups):
             self.tx_vars[str(i)] = g
+
+
+_OVERLONG2 = re.compile(rb"[\xc0\xc1][\x80-\xbf]")
+_OVERLONG3 = re.compile(rb"\xe0[\x80-\x9f][\x80-\xbf]")
+
+
+def _overlong(m: re.Match[bytes]) -> bytes:
+    b = m.group(0)
+    if len(b) == 2:
+        cp = ((b[0] & 0x1F) << 6) | (b[1] & 0x3F)
+    else:
+        cp = ((b[1] & 0x3F) << 6) | (b[2] & 0x3F)
+    return chr(cp).encode("utf-8")
+
+
+def normalised_value(v: bytes) -> bytes:
+    """A query value as a "best fit" backend may read it: overlong UTF-8 forms decoded (IIS),
+    then NFKC (fullwidth ＇＜ to ' <, NBSP to space; SQL Server varchar conversion, .NET and
+    Java normalisers). The same bytes when nothing changes."""
+    if v.isascii():
+        return v
+    v = _OVERLONG3.sub(_overlong, _OVERLONG2.sub(_overlong, v))
+    return unicodedata.normalize("NFKC", v.decode("utf-8", "surrogateescape")).encode(
+        "utf-8", "surrogateescape"
+    )
+
+
+def query_readings(args: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """Extra query arguments the rules inspect besides the values as sent (red team 2 F09): a
+    value's normalised reading when it differs (``normalised_value``), and for a repeated name
+    all its values joined with ``,`` (ASP.NET's ``Request.QueryString["q"]``), so a payload
+    split over ``q=1'&q= OR '1'='1`` is matched whole."""
+    out: list[tuple[str, bytes]] = []
+    by_name: dict[str, list[bytes]] = {}
+    for k, v in args:
+        by_name.setdefault(k, []).append(v)
+        n = normalised_value(v)
+        if n != v:
+            out.append((k, n))
+    for k, vs in by_name.items():
+        if len(vs) > 1:
+            out.append((k, normalised_value(b",".join(vs))))
+    return out
 
 
 def wire_bytes(v: str | bytes) -> bytes:
