@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	  else echo "Python's venv module is missing: sudo apt-get install $$pkg"; exit 1; fi; }
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test,dev]'
+	$(VPY) -m pip install -q -e '.[test,dev,otel]'
 	touch $(STAMP)
 
 venv: $(STAMP)

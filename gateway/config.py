@@ -390,6 +390,9 @@ def _cross_checks(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
     from filters.delegation import config_problems as delegation_problems
 
     errs += delegation_problems(cfg)
+    from gateway.tracing import config_problems as tracing_problems
+
+    errs += tracing_problems(cfg)
     ids: set[str] = set()
     for i, integ in enumerate(cfg.integrations):
         if integ.id.lower() in ids:

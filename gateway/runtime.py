@@ -202,6 +202,7 @@ def _component_builders() -> dict[str, Any]:
     for key, modname, fn in (
         ("audit", "gateway.audit", "build_audit"),
         ("forwarder", "gateway.identity", "build_forwarder"),
+        ("otel", "gateway.tracing", "build_otel"),  # None unless tracing.otlp is set
     ):
         mod = importlib.import_module(modname)
         builder = getattr(mod, fn, None)

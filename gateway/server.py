@@ -352,7 +352,12 @@ class Gateway:
         )
         tcfg = rt.config.tracing
         if tcfg.propagate:
-            ctx.trace_id, ctx.span_id, ctx.trace_flags, ctx.tracestate = tracing.start(headers, trusted, tcfg)
+            if tcfg.otlp is None:
+                ctx.trace_id, ctx.span_id, ctx.trace_flags, ctx.tracestate = tracing.start(
+                    headers, trusted, tcfg
+                )
+            else:  # OpenTelemetry spans (gateway/otel.py): the server span's ids
+                rt.components["otel"].begin(ctx, headers, trusted)
         _set_log_trace_id(ctx.trace_id)
         resp: web.StreamResponse | None = None
         rt.inflight += 1
@@ -606,6 +611,8 @@ class Gateway:
             if refused is not None:
                 return self._deny(ctx, refused)
 
+        if ctx.otel is not None:
+            ctx.otel.upstream(ctx, route.upstream_name)  # client span: the upstream's parent
         try:
             resp = await forward(
                 ctx,
@@ -688,6 +695,8 @@ class Gateway:
             audit = rt.components.get("audit")
             if audit is not None:
                 audit.record(ctx)
+            if ctx.otel is not None:
+                ctx.otel.end(ctx)
         except Exception:
             log.exception("recording request %s failed", ctx.request_id)
         finally:

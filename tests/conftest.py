@@ -18,4 +18,5 @@ pytest_plugins = [
     "tests.fixtures.persons",
     "tests.fixtures.oidc_provider",
     "tests.fixtures.delegation",
+    "tests.fixtures.otlp",
 ]
