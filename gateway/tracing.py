@@ -10,9 +10,10 @@ the access log, the audit record and every application log event of the request.
 OpenTelemetry (``tracing.otlp``, off by default): spans exported over OTLP/HTTP by the SDK, an
 optional extra (``pip install 'portvakt[otel]'``). The SDK is imported only when the section is
 set (``gateway/otel.py``); a config that sets it without the extra installed is a config error.
-With it on, the server span's ids replace the ones above (same rules for the parent), each policy
-stage gets a span and the upstream call a client span, whose id is the upstream's parent. With it
-off the request path pays one attribute check (``ctx.otel is None``) where spans would be made.
+With it on, the ids above are the server span's (same rules for the parent), the flags carry the
+sampling decision, each policy stage gets a span and the upstream call a client span, whose id is
+the upstream's parent. With it off the request path pays an attribute check (``ctx.otel is None``)
+where spans would be recorded, and nothing else.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -26,7 +27,6 @@ from tests.e2e.helpers_identity import (
     identity_config,
 )
 from tests.fixtures.gateway import ROOT, basic_config
-from tests.fixtures.upstream import free_port
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -170,10 +170,78 @@ async def test_sampling_ratio_zero_records_only_traces_a_trusted_parent_sampled(
     assert not by_trace(spans, unsampled.group(1)) and not by_trace(spans, TRACE)
 
 
+async def test_an_untrusted_client_cannot_choose_the_trace_or_force_sampling(
+    start_gateway, upstream, otlp_receiver
+):
+    rx = otlp_receiver
+    # Nobody trusted, nothing sampled: a client's "sampled" traceparent must not make the gateway
+    # record (and export) its requests, nor put its trace id or tracestate on them.
+    gw = await start_gateway(basic_config(upstream.url, tracing=otlp(rx.url, sample_ratio=0)))
+    async with gw.session() as s:
+        for i in range(5):
+            tp = f"00-{TRACE}-{PARENT}-01"
+            async with s.get(gw.url + f"/u{i}", headers={"traceparent": tp, "tracestate": "evil=1"}) as r:
+                assert r.status == 200
+            h = upstream.requests[-1]["headers"]
+            got = _TP.fullmatch(h["traceparent"])
+            assert got.group(1) != TRACE and int(got.group(3), 16) & 1 == 0
+            assert "tracestate" not in h
+    # A second gateway on the same receiver records everything: once its spans are there, the
+    # first one's would have been too (same receiver, same export interval).
+    gw2 = await start_gateway(basic_config(upstream.url, tracing=otlp(rx.url)))
+    async with gw2.session() as s:
+        async with s.get(gw2.url + "/sampled", headers={"traceparent": f"00-{TRACE}-{PARENT}-01"}) as r:
+            assert r.status == 200
+    sampled = _TP.fullmatch(upstream.requests[-1]["headers"]["traceparent"]).group(1)
+    assert sampled != TRACE  # untrusted there too: a new trace, rooted at the gateway
+    spans = await rx.wait_for(complete(sampled, 2))
+    await gw.stop_async()  # flushes whatever the first gateway had queued
+    assert {s["trace_id"] for s in rx.spans} == {sampled}
+    assert next(s for s in spans if s["kind"] == "SERVER")["parent_span_id"] == ""
+
+
+async def test_reload_turns_export_on_and_moves_it_to_another_collector(
+    start_gateway, upstream, otlp_receiver
+):
+    from tests.fixtures.otlp import OtlpReceiver
+
+    gw = await start_gateway(basic_config(upstream.url))
+    gw.write_config(basic_config(upstream.url, tracing=otlp(otlp_receiver.url)))
+    assert await gw.reload() == "success"
+    async with gw.session() as s:
+        async with s.get(gw.url + "/on") as r:
+            assert r.status == 200
+    first = _TP.fullmatch(upstream.requests[-1]["headers"]["traceparent"]).group(1)
+    await otlp_receiver.wait_for(complete(first, 2))
+    other = await OtlpReceiver().start()
+    try:
+        gw.write_config(basic_config(upstream.url, tracing=otlp(other.url)))
+        assert await gw.reload() == "success"
+        async with gw.session() as s:
+            async with s.get(gw.url + "/moved") as r:
+                assert r.status == 200
+        moved = _TP.fullmatch(upstream.requests[-1]["headers"]["traceparent"]).group(1)
+        await other.wait_for(complete(moved, 2))
+        assert not by_trace(otlp_receiver.spans, moved)
+    finally:
+        await other.stop()
+
+
 async def test_a_collector_down_or_refusing_never_affects_requests(start_gateway, upstream, otlp_receiver):
-    dead = f"http://127.0.0.1:{free_port()}/v1/traces"
+    # A port bound but not listening: connections are refused, and no other free_port() gets it.
+    hold = socket.socket()
+    hold.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{hold.getsockname()[1]}/v1/traces"
+    try:
+        await _collector_down(start_gateway, upstream, dead)
+    finally:
+        hold.close()
+    await _collector_refusing(start_gateway, upstream, otlp_receiver)
+
+
+async def _collector_down(start_gateway, upstream, dead: str) -> None:
     gw = await start_gateway(
-        basic_config(upstream.url, tracing=otlp(dead, queue_size=4, batch_size=2, timeout_seconds=1))
+        basic_config(upstream.url, tracing=otlp(dead, queue_size=12, batch_size=5, timeout_seconds=1))
     )
     async with gw.session() as s:
         for i in range(30):
@@ -186,13 +254,16 @@ async def test_a_collector_down_or_refusing_never_affects_requests(start_gateway
         if await gw.metric(dropped, {"reason": "export_failed"}) > 0:
             break
         await asyncio.sleep(0.05)
-    assert await gw.metric(dropped, {"reason": "export_failed"}) > 0
+    assert await gw.metric(dropped, {"reason": "export_failed"}) > 0, gw.output()[-3000:]
     assert await gw.metric("portvakt_otel_spans_exported_total") == 0
     lines = [line for line in gw.output().splitlines() if "OpenTelemetry spans dropped" in line]
     assert len(lines) == 1, lines  # once per interval, not once per span or batch
+    assert "Failed to export" not in gw.output().replace(lines[0], "")  # the exporter's own lines folded in
 
-    # A collector that answers 503: counted as export_failed; requests unaffected.
-    rx = otlp_receiver
+
+async def _collector_refusing(start_gateway, upstream, rx) -> None:
+    """A collector that answers 503: counted as export_failed; requests unaffected."""
+    dropped = "portvakt_otel_spans_dropped_total"
     rx.status = 503
     gw2 = await start_gateway(basic_config(upstream.url, tracing=otlp(rx.url, timeout_seconds=1)))
     async with gw2.session() as s:
