@@ -31,6 +31,7 @@ import threading
 import time
 from typing import Any
 
+import requests
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -73,9 +74,12 @@ class _DropLog:
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING:
             try:
-                self.cause = record.getMessage()[:300]
+                msg = record.getMessage()[:300]
             except Exception:  # a malformed record must not break the exporter thread
-                self.cause = str(record.msg)[:300]
+                msg = str(record.msg)[:300]
+            # "Failed to export ... max retries" follows the line that says why: keep the why.
+            if not (msg.startswith("Failed to export") and self.cause):
+                self.cause = msg
         return False
 
     def add(self, reason: str, n: int) -> None:
@@ -190,6 +194,18 @@ class Exporter:
         self.exporter.shutdown()
 
 
+class _CaFileSession(requests.Session):
+    """A requests session whose ``verify`` (the exporter sets ``ca_file`` there) is not replaced
+    by ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` from the environment: requests lets those win
+    over a session's CA bundle, so ``ca_file`` would be ignored wherever they are set."""
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if verify is None and isinstance(self.verify, str):
+            settings["verify"] = self.verify
+        return settings
+
+
 class Otel:
     """The runtime component (``rt.components["otel"]``): sampling, the exporter and its thread."""
 
@@ -203,6 +219,7 @@ class Otel:
             certificate_file=ca,
             headers=dict(otlp.headers),
             timeout=otlp.timeout_seconds,
+            session=_CaFileSession() if ca else None,
         )
         self.exporter = Exporter(
             exporter,

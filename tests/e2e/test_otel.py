@@ -283,6 +283,58 @@ async def _collector_refusing(start_gateway, upstream, rx) -> None:
     assert await gw2.metric("portvakt_otel_spans_exported_total") > 0
 
 
+async def test_https_collector_is_verified_against_ca_file(start_gateway, upstream, pki):
+    from tests.fixtures.otlp import OtlpReceiver
+
+    rx = await OtlpReceiver().start(pki.server_ssl())
+    try:
+        # The dev CA is not among the system's: without ca_file nothing is exported (and counted).
+        # (3 s: room for one retry, whose log line says why; the exporter's last line does not)
+        gw = await start_gateway(basic_config(upstream.url, tracing=otlp(rx.url, timeout_seconds=3)))
+        async with gw.session() as s:
+            async with s.get(gw.url + "/untrusted-collector") as r:
+                assert r.status == 200
+        dropped = {"reason": "export_failed"}
+        for _ in range(600):
+            if await gw.metric("portvakt_otel_spans_dropped_total", dropped) > 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await gw.metric("portvakt_otel_spans_dropped_total", dropped) > 0
+        assert not rx.spans
+        assert "CERTIFICATE_VERIFY_FAILED" in gw.output()  # the dropped-spans line says why
+        gw2 = await start_gateway(
+            basic_config(upstream.url, tracing=otlp(rx.url, ca_file=pki.ca_cert, timeout_seconds=5))
+        )
+        async with gw2.session() as s:
+            async with s.get(gw2.url + "/trusted-collector") as r:
+                assert r.status == 200
+        tid = _TP.fullmatch(upstream.requests[-1]["headers"]["traceparent"]).group(1)
+        await rx.wait_for(complete(tid, 2))
+    finally:
+        await rx.stop()
+
+
+async def test_every_worker_exports_and_the_supervisor_sums_the_counts(
+    start_gateway, upstream, otlp_receiver
+):
+    rx = otlp_receiver
+    gw = await start_gateway(basic_config(upstream.url, tracing=otlp(rx.url)), workers=2)
+    traces = set()
+    for i in range(12):  # a new connection each: the kernel spreads them over the workers
+        async with gw.session() as s:
+            async with s.get(gw.url + f"/w{i}") as r:
+                assert r.status == 200
+        traces.add(_TP.fullmatch(upstream.requests[-1]["headers"]["traceparent"]).group(1))
+    await rx.wait_for(lambda spans: traces <= {s["trace_id"] for s in spans if s["kind"] == "SERVER"})
+    exported = 0.0
+    for _ in range(600):
+        exported = await gw.metric("portvakt_otel_spans_exported_total")
+        if exported >= len([s for s in rx.spans if s["trace_id"] in traces]):
+            break
+        await asyncio.sleep(0.1)
+    assert exported >= len([s for s in rx.spans if s["trace_id"] in traces])
+
+
 def _blocked_env(tmp_path) -> dict[str, str]:
     """PYTHONPATH with a sitecustomize that makes every ``import opentelemetry...`` fail, as on a
     machine without the otel extra."""
