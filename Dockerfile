@@ -25,6 +25,8 @@
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
+# Optional extras: --build-arg EXTRAS=otel for OpenTelemetry span export (tracing.otlp).
+ARG EXTRAS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 # A compiler only for dependencies that lack a wheel on this platform; it stays in this stage.
 RUN apt-get update \
@@ -41,7 +43,7 @@ COPY filters ./filters
 RUN --mount=type=secret,id=pip_ca \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
  && /opt/portvakt/bin/pip install --upgrade pip \
- && /opt/portvakt/bin/pip install .
+ && /opt/portvakt/bin/pip install ".${EXTRAS:+[$EXTRAS]}"
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/portvakt/bin:$PATH \

@@ -48,7 +48,7 @@ $(STAMP): pyproject.toml $(LOCK)
 venv: $(STAMP)
 
 # pip-compile resolves for this machine's Python (3.11, the floor, in CI): runtime deps + test + dev extras.
-LOCK_FLAGS := --quiet --extra test --extra dev --generate-hashes --strip-extras --allow-unsafe \
+LOCK_FLAGS := --quiet --extra test --extra dev --extra otel --generate-hashes --strip-extras --allow-unsafe \
 	--no-emit-index-url --no-emit-find-links --no-emit-trusted-host
 lock:
 	@test -x $(VPY) || $(PY) -m venv $(VENV)

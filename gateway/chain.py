@@ -195,6 +195,7 @@ async def run_chain(filters: tuple[Filter, ...], ctx: RequestContext) -> Deny | 
     (``Deadline``), and none when no filter suspends: a check is driven to its first suspension
     by hand (gateway/internals.py says why and what it relies on)."""
     deadline: Deadline | None = None
+    trace = ctx.otel  # gateway.otel.RequestTrace when spans are recorded
     try:
         for f in filters:
             t0 = time.perf_counter()
@@ -233,6 +234,8 @@ async def run_chain(filters: tuple[Filter, ...], ctx: RequestContext) -> Deny | 
                 decision = Deny(Problem(INTERNAL, internal_reason=f"{f.name}_error"))
             elapsed = time.perf_counter() - t0
             ctx.filter_durations[f.name] = ctx.filter_durations.get(f.name, 0.0) + elapsed
+            if trace is not None:
+                trace.stage_decision(f, decision, elapsed)
             if type(decision) is Deny:
                 reason = decision.problem.log_reason
                 if f.mode is Mode.detect:

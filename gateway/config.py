@@ -341,6 +341,9 @@ def _cross_checks(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
     for decl in PIPELINE:
         if decl.checks is not None:
             errs += decl.checks(cfg)
+    from gateway.tracing import config_problems as tracing_problems
+
+    errs += tracing_problems(cfg)
     ids: set[str] = set()
     for i, integ in enumerate(cfg.integrations):
         if integ.id.lower() in ids:

@@ -181,6 +181,7 @@ class RequestContext:
     span_id: str | None = None
     trace_flags: str = "01"
     tracestate: str | None = None
+    otel: Any = None  # gateway.otel.RequestTrace when this request's spans are recorded (tracing.otlp)
 
     @property
     def organization(self) -> str | None:

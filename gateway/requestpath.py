@@ -162,7 +162,12 @@ class RequestPath:
         )
         tcfg = rt.config.tracing
         if tcfg.propagate:
-            ctx.trace_id, ctx.span_id, ctx.trace_flags, ctx.tracestate = tracing.start(headers, trusted, tcfg)
+            if rt.otel is None:
+                ctx.trace_id, ctx.span_id, ctx.trace_flags, ctx.tracestate = tracing.start(
+                    headers, trusted, tcfg
+                )
+            else:  # OpenTelemetry spans (gateway/otel.py): the server span's ids
+                rt.otel.begin(ctx, headers, trusted)
         _set_log_trace_id(ctx.trace_id)
         resp: web.StreamResponse | None = None
         rt.inflight += 1
@@ -423,6 +428,8 @@ class RequestPath:
         if problem is not None:
             return self._deny(ctx, problem)
 
+        if ctx.otel is not None:
+            ctx.otel.upstream(ctx, route.upstream_name)  # client span: the upstream's parent
         try:
             forwarded = await forward(
                 ctx,
@@ -506,6 +513,8 @@ class RequestPath:
             self._labels.observe(route, method, ctx.status, ctx.decision, duration)
             accesslog.record(ctx, duration)
             rt.audit.record(ctx)
+            if ctx.otel is not None:
+                ctx.otel.end(ctx)
         except Exception:
             log.exception("recording request %s failed", ctx.request_id)
         finally:

@@ -15,20 +15,24 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filters.delegation import DelegationStage
 from filters.ingress import BodyLimit
 from filters.persons import LOGIN_COOKIE, PersonsStage
 from gateway.audit import AuditSink, build_audit
 from gateway.canonical import host_for_match, route_host
-from gateway.chain import Filter, Stage
+from gateway.chain import BuildEnv, Filter, Stage
 from gateway.config import Config, RouteConfig, UpstreamConfig
 from gateway.configbase import MatchConfig
 from gateway.identity import Forwarder, build_forwarder
 from gateway.pipeline import AUDIT, FORWARDER, PIPELINE, StageDecl, build_env, chain_positions
 from gateway.proxy import FORWARDED_CERT_HEADERS, FORWARDED_USER_HEADERS, REQUEST_DROP, UpstreamPool
 from gateway.resources import Registry, Scope
+from gateway.tracing import build_otel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gateway.otel import Otel  # imported only with tracing.otlp (the optional SDK)
 
 log = logging.getLogger("portvakt.runtime")
 
@@ -69,6 +73,8 @@ class Runtime:
     upstreams: UpstreamPool
     body_limit: BodyLimit  # ingress.max_body_bytes under ingress.mode (filters/ingress.py)
     generation: int = 0
+    # OpenTelemetry span export (gateway/otel.py), None unless tracing.otlp is set.
+    otel: Otel | None = None
     # Prepared for the request path (read once per request, never recomputed).
     trusted_networks: tuple[Any, ...] = ()
     request_drop: frozenset[str] = frozenset()  # client headers never forwarded (lower-case, '-')
@@ -178,6 +184,7 @@ class Runtime:
             ("audit", self.audit.close),
             ("forwarder", self.forwarder.close),
             ("upstreams", self.upstreams.close),
+            *((("otel", self.otel.close),) if self.otel is not None else ()),
         ):
             try:
                 await close()
@@ -260,6 +267,7 @@ def _build(
         )
     audit = build_audit(build_env(AUDIT, config, base_dir, secrets, scope))
     forwarder = build_forwarder(build_env(FORWARDER, config, base_dir, secrets, scope))
+    otel = build_otel(BuildEnv(config=config, base_dir=base_dir, secrets=secrets, resources=scope))
     if previous is not None:
         audit.adopt(previous.audit)
         forwarder.adopt(previous.forwarder)
@@ -282,6 +290,7 @@ def _build(
         stages=tuple(stages),
         audit=audit,
         forwarder=forwarder,
+        otel=otel,
         upstreams=UpstreamPool(config),
         body_limit=BodyLimit(config.ingress),
         generation=gen,

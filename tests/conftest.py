@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.fixtures.persons",
     "tests.fixtures.oidc_provider",
     "tests.fixtures.delegation",
+    "tests.fixtures.otlp",
 ]
 
 
