@@ -21,7 +21,8 @@ from filters.rate_limit import (
     RateLimitStage,
     build_stage,
 )
-from filters.rate_limit.redis_store import BREAKER_STATE, CLOSED, OPEN, parse_sentinel_url, redact
+from filters.rate_limit.redis_store import BREAKER_STATE, CLOSED, OPEN
+from filters.redis_client import redact
 from gateway import problems
 from gateway.chain import ALLOW, POS_RATE_LIMIT, POS_RATE_LIMIT_PRE, SKIP, BuildEnv, Deny, Mode
 from gateway.config import Config, ConfigError, parse_config
@@ -149,19 +150,6 @@ def test_password_comes_from_env(monkeypatch):
     assert cfg.rate_limit.backend == "redis://:s3cr3t@127.0.0.1:6379/2"
     assert cfg.rate_limit.password == "s3cr3t"
     assert redact(cfg.rate_limit.backend) == "redis://:***@127.0.0.1:6379/2"
-
-
-def test_sentinel_url_parsing():
-    s = parse_sentinel_url("redis+sentinel://app:p%40ss@10.0.0.1:26379,[::1]:26380,h3/mymaster/3")
-    assert s == {
-        "hosts": [("10.0.0.1", 26379), ("::1", 26380), ("h3", 26379)],
-        "service_name": "mymaster",
-        "db": 3,
-        "username": "app",
-        "password": "p@ss",
-    }
-    with pytest.raises(ValueError):
-        parse_sentinel_url("redis+sentinel://h:1")
 
 
 def test_no_rules_no_stage():
