@@ -13,7 +13,7 @@ import pytest
 from filters.rate_limit import RateLimitConfig, build_stage
 from filters.rate_limit.redis_store import CLOSED, OPEN
 from gateway.chain import ALLOW, BuildEnv, Deny
-from tests.filters.test_rate_limit import ctx, make_config
+from tests.filters.helpers_rate_limit import ctx, make_config
 
 INTEG = "6f0b5c4e-3b7a-4f1e-9d2a-1c3b5d7e9f01"
 

@@ -18,7 +18,7 @@ from filters.persons.config import SessionStoreConfig
 from filters.persons.store import RedisStore, StoreUnavailable
 from filters.rate_limit.redis_store import CLOSED
 from gateway.chain import ALLOW
-from tests.filters.test_rate_limit import ctx, stage_for
+from tests.filters.helpers_rate_limit import ctx, stage_for
 from tests.fixtures.redis_cluster import REDIS_CLI
 
 SERVICE = "pvtls"
@@ -159,3 +159,59 @@ async def test_a_sentinel_without_the_ca_is_not_trusted(tls_sentinel_set):
         assert await fs["rate_limit"].check(c) is ALLOW and c.rate_limit["source"] == "local"
     finally:
         await stage.close()
+
+
+async def test_privilege_store_and_audit_stream_through_a_tls_sentinel(tls_sentinel_set, tmp_path):
+    """The other two users of the client factory on the same TLS Sentinel set."""
+    from filters.delegation.config import PrivilegeStoreConfig
+    from filters.delegation.store import LastAdmin
+    from filters.delegation.store import RedisStore as PrivilegeStore
+    from gateway.audit.sinks import RedisSettings, RedisStreamSink
+
+    master, _, _, url = tls_sentinel_set
+    store = PrivilegeStore(PrivilegeStoreConfig(backend="redis", url=url))
+    await store.start()
+    try:
+        g = {
+            "id": "g-1",
+            "organization": "910000005",
+            "subject": {"kind": "person", "ref": "r1", "display": "x"},
+            "role": "admin",
+            "service": "*",
+        }
+        assert (await store.add(g))[1] is True
+        with pytest.raises(LastAdmin):
+            await store.remove("910000005", "g-1")
+        assert [x["id"] for x in await store.of_subject("person", "r1")] == ["g-1"]
+        assert store.readiness() == "ok"
+    finally:
+        await store.close()
+    sink = RedisStreamSink(
+        RedisSettings(url=url, stream="pv:audit", spool_path=str(tmp_path / "spool"), timeout_seconds=2)
+    )
+    sink.start()
+    try:
+        sink([b'{"n":1}', b'{"n":2}'])
+        wait_for("two records in the stream", lambda: cli(master, "xlen", "pv:audit").strip() == "2")
+    finally:
+        sink.close()
+
+
+async def test_brute_force_lockout_through_a_tls_sentinel(tls_sentinel_set):
+    from ipaddress import ip_address
+
+    from filters.bruteforce_redis import RedisFailureStore
+    from filters.integrations import BruteForceConfig, FailureTracker, LocalFailureStore
+
+    master, _, _, url = tls_sentinel_set
+    cfg = BruteForceConfig(free_failures=0, max_failures=2, redis_url=url)
+    store = RedisFailureStore(cfg, LocalFailureStore(FailureTracker(cfg)))
+    await store.start()
+    ip = ip_address("192.0.2.7")
+    try:
+        waits = [(await store.admit("id-1", ip)).wait for _ in range(3)]
+        assert waits[0] == 0 and waits[2] > 0, waits  # the second guess locked the pair out
+        assert store.readiness() == {"brute_force_redis": "ok"}
+        assert "{portvakt:bf}:pair:id-1:" in cli(master, "--scan")
+    finally:
+        await store.close()
