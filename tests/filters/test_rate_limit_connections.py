@@ -114,3 +114,72 @@ async def test_sentinel(make_redis_server, form):
     finally:
         await client.aclose()
         await stage.close()
+
+
+async def test_mutual_tls_client_certificate_by_field_and_by_url(make_redis_server, pki, tmp_path):
+    """A Redis that demands a client certificate: the limiter presents one (tls_cert_file /
+    tls_key_file), the session store presents one from the URL query; without one the handshake
+    fails and the limiter falls back (never an unauthenticated connection)."""
+    from filters.persons.config import SessionStoreConfig
+    from filters.persons.store import RedisStore, StoreUnavailable
+
+    cert, key = pki.client_cert("991825827")
+    srv = make_redis_server(
+        "--tls-auth-clients",
+        "yes",
+        tls=(pki.server_cert, pki.server_key, pki.ca_cert),
+        tls_client=(cert, key),
+    )
+    rules = [{"per": "route", "limit": 5, "period_seconds": 60}]
+    stage, fs = stage_for(
+        redis_cfg(
+            srv.url, tls_ca_file=pki.ca_cert, tls_cert_file=cert, tls_key_file=key, connect_timeout_ms=2000
+        ),
+        rules,
+    )
+    await stage.start()
+    try:
+        assert stage.backend.state == CLOSED, stage.backend.last_error
+        c = ctx()
+        assert await fs["rate_limit"].check(c) is ALLOW and c.rate_limit["source"] == "redis"
+    finally:
+        await stage.close()
+    stage, fs = stage_for(redis_cfg(srv.url, tls_ca_file=pki.ca_cert, connect_timeout_ms=1000), rules)
+    await stage.start()
+    try:
+        assert stage.backend.state == OPEN
+    finally:
+        await stage.close()
+    with_cert = f"{srv.url}?ssl_ca_certs={pki.ca_cert}&ssl_certfile={cert}&ssl_keyfile={key}"
+    store = RedisStore(SessionStoreConfig(backend="redis", url=with_cert, timeout_seconds=2))
+    await store.start()
+    try:
+        await store.set("portvakt:sess:s:x", b"v", 60)
+        assert await store.get("portvakt:sess:s:x") == b"v"
+    finally:
+        await store.close()
+    store = RedisStore(SessionStoreConfig(backend="redis", url=f"{srv.url}?ssl_ca_certs={pki.ca_cert}"))
+    await store.start()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.get("portvakt:sess:s:x")
+    finally:
+        await store.close()
+
+
+async def test_unix_socket(make_redis_server, tmp_path):
+    import os
+
+    sock = os.path.join(str(tmp_path), "redis.sock")
+    make_redis_server("--unixsocket", sock, "--unixsocketperm", "700")
+    stage, fs = stage_for(
+        redis_cfg(f"unix://{sock}?db=2", timeout_ms=1000),
+        [{"per": "route", "limit": 1, "period_seconds": 60}],
+    )
+    await stage.start()
+    try:
+        f = fs["rate_limit"]
+        assert [await f.check(ctx()) is ALLOW for _ in range(2)] == [True, False]
+        assert stage.backend.state == CLOSED
+    finally:
+        await stage.close()

@@ -89,6 +89,7 @@ def test_url_forms(url, expected):
         "redis://:s3cret-pw@a:1,b:2/0",  # several hosts need sentinel/cluster
         "redis://:s3cret-pw@h:1/0?ssl_ca_certs=ca.pem",  # TLS option without TLS
         "rediss://:s3cret-pw@h:1/0?ssl_ca_cert=ca.pem",  # misspelt: never silently "no CA"
+        "rediss://:s3cret-pw@h:1/0?ssl_cert_reqs=none",  # verification cannot be switched off
         "rediss://:s3cret-pw@h:1/0?ssl_certfile=c.pem",  # certificate without its key
         "rediss://:s3cret-pw@h:1/0?ssl_check_hostname=maybe",
         "redis+sentinel://:s3cret-pw@h:1",  # no service name
