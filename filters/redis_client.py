@@ -24,10 +24,11 @@ decides what a failure means.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 SINGLE_SCHEMES = ("redis://", "rediss://", "unix://")
 SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
@@ -36,6 +37,7 @@ SCHEMES = SINGLE_SCHEMES + SENTINEL_SCHEMES + CLUSTER_SCHEMES
 SCHEMES_TEXT = "redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://, redis+cluster:// or rediss+cluster://"
 
 _TLS_QUERY = {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"}
+_OPTION_NAME = re.compile(r"[a-z_]{1,32}")
 _TRUE = {"1", "yes", "true", "on"}
 _FALSE = {"0", "no", "false", "off"}
 
@@ -76,17 +78,18 @@ class ClientOptions:
 
 
 def redact(url: str) -> str:
-    """The URL without its password (for logs and readiness). Never raises."""
-    try:
-        parts = urlsplit(url)
-        if "@" not in parts.netloc:
-            return url
-        userinfo, _, hosts = parts.netloc.rpartition("@")
-        user, sep, _ = userinfo.partition(":")
-        shown = f"{user}:***@" if sep else ("***@" if user else "@")
-        return parts._replace(netloc=shown + hosts).geturl()
-    except ValueError:
-        return "<unparseable redis url>"
+    """The URL without its password (for logs and readiness). Never raises. Splits at the last
+    '@' like the parser (not with urlsplit, which stops at a '/' or '?' inside a password)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url if "@" not in url else "<redacted>"
+    userinfo, at, hosts = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    if not colon or "/" in user or "?" in user:
+        return f"{scheme}://***@{hosts}"
+    return f"{scheme}://{user}:***@{hosts}"
 
 
 def parse_hostport(s: str, default_port: int) -> tuple[str, int]:
@@ -132,7 +135,12 @@ def parse_redis_url(url: str) -> RedisTarget:
     opts: dict[str, str] = {}
     for name, values in parse_qs(query, keep_blank_values=True, strict_parsing=False).items():
         if name not in _TLS_QUERY and not (name == "db" and scheme == "unix"):
-            raise ValueError(f"unknown query parameter {name!r} (allowed: {', '.join(sorted(_TLS_QUERY))})")
+            # Named only when it looks like an option: text after a '?' may be a password's tail.
+            shown = repr(name) if _OPTION_NAME.fullmatch(name) and "@" not in query else "(not shown)"
+            raise ValueError(
+                f"unknown query parameter {shown} (allowed: {', '.join(sorted(_TLS_QUERY))}; "
+                "percent-encode '?', '#', '/' and '@' in a password)"
+            )
         opts[name] = values[-1]
     tls_fields: dict[str, Any] = {}
     if any(k in opts for k in _TLS_QUERY):

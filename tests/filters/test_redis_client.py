@@ -98,6 +98,9 @@ def test_url_forms(url, expected):
         "redis+cluster://:s3cret-pw@",
         "unix://:s3cret-pw@relative.sock",
         "redis://:s3cret#pw@h:1/0",  # an unencoded '#' would cut the password
+        "redis://:pw?s3cret@h:1/0",  # an unencoded '?': the tail is never echoed as a "parameter"
+        "redis://:pw?ssl_s3cret@h:1/0",
+        "redis://:pw?s3cret=x@h:1/0",
     ],
 )
 def test_bad_urls_are_refused_without_echoing_the_password(url):
@@ -112,6 +115,10 @@ def test_redact():
     assert redact("redis+sentinel://u:p@ss@h:1/svc") == "redis+sentinel://u:***@h:1/svc"
     assert redact("redis://h:1/0") == "redis://h:1/0"
     assert "pw" not in redact("redis://u:pw@h:1/0")
+    # A password with '/', '?' or '#' unencoded: never shown (urlsplit would stop inside it).
+    for url in ("redis://:s3/cret@h:1/0", "redis://:s3?cret@h:1/0", "redis://u:s3#cret@h:1/0", "s3cret@h"):
+        assert "cret" not in redact(url), redact(url)
+    assert redact("redis://u:a/b@h:1/0") == "redis://u:***@h:1/0"
 
 
 @pytest.mark.parametrize(
