@@ -18,6 +18,7 @@ Any backend failure raises ``StoreUnavailable``: the caller answers 503, never a
 
 from __future__ import annotations
 
+import builtins
 import secrets
 import time
 from typing import Any
@@ -86,7 +87,7 @@ class MemoryStore:
         cur = self._get(key) or frozenset()
         self._data[key] = (frozenset(cur | {member}), time.monotonic() + ttl)
 
-    async def members(self, key: str) -> set[str]:
+    async def members(self, key: str) -> builtins.set[str]:  # the class has a set() method
         return set(self._get(key) or ())
 
     async def incr(self, key: str, ttl: float) -> int:
@@ -179,7 +180,7 @@ class RedisStore(BoundedRedisCalls):
     async def add_member(self, key: str, member: str, ttl: float) -> None:
         await self._run(self.client.eval(_ADD_MEMBER, 1, key, member, max(1, int(ttl * 1000))))
 
-    async def members(self, key: str) -> set[str]:
+    async def members(self, key: str) -> builtins.set[str]:  # the class has a set() method
         return {m.decode() for m in await self._run(self.client.smembers(key))}
 
     async def incr(self, key: str, ttl: float) -> int:
