@@ -9,10 +9,12 @@ processes, or two workers, can therefore never both admit the guess that crosses
 exactly ``max_failures`` guesses per (id, IP) reach the password check, however they are spread.
 
 Keys (one hash each, fields s = score, u = last drain time, b = blocked until; ms):
-``{prefix}:bf:pair:{id}:{ip}``, ``{prefix}:bf:ip:{ip}``, ``{prefix}:bf:id:{id}``, and
-``{prefix}:bf:good:{id}:{ip}`` (an (id, IP) pair that authenticated, with its TTL). ``{ip}`` is a
-SHA-256 digest of the client address, not the address. The keys of one attempt live on different
-Redis Cluster slots: use a single Redis (or a Sentinel-managed master), not a Cluster.
+``{<prefix>:bf}:pair:<id>:<ip>``, ``{<prefix>:bf}:ip:<ip>``, ``{<prefix>:bf}:id:<id>``, and
+``{<prefix>:bf}:good:<id>:<ip>`` (an (id, IP) pair that authenticated, with its TTL). ``<ip>`` is a
+SHA-256 digest of the client address, not the address. The braces are the Redis Cluster hash tag:
+all four keys of an attempt (one script call) are on one slot, so the lockout runs on a single
+Redis, a Sentinel-managed master or a Redis Cluster alike (every URL form of
+``filters.redis_client``).
 
 Every count admitted through Redis is mirrored in the in-process tracker. When Redis fails (error
 or ``redis_timeout_ms``), that tracker answers, going on from what this process counted (per
@@ -30,6 +32,7 @@ from typing import Any
 
 from filters import integrations
 from filters.integrations import Admission, BruteForceConfig, LocalFailureStore, record_lockouts
+from filters.redis_client import ClientOptions, close_async_client, make_async_client, parse_redis_url
 
 log = logging.getLogger("portvakt.integrations")
 
@@ -145,7 +148,10 @@ class RedisFailureStore:
         self.cfg = cfg
         self.fallback = fallback
         self.timeout = cfg.redis_timeout_ms / 1000
-        self.prefix = f"{cfg.redis_key_prefix}:bf"
+        # One hash tag for every brute-force key: the script reads and writes the pair, address,
+        # id and known-good keys of an attempt atomically, so on a Redis Cluster they must share
+        # a slot (one master holds all of them; the traffic is one script call per attempt).
+        self.prefix = f"{{{cfg.redis_key_prefix}:bf}}"
         self._url = cfg.redis_url
         self.client: Any = None
         self._script: Any = None
@@ -168,17 +174,13 @@ class RedisFailureStore:
         self._make_client()  # a bad URL fails the config load, not the first request
 
     def _make_client(self) -> None:
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        self.client = Redis.from_url(
-            self._url,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=max(self.timeout, 1.0),
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            client_name="portvakt-brute-force",
+        self.client = make_async_client(
+            parse_redis_url(self._url),
+            ClientOptions(
+                timeout=self.timeout,
+                connect_timeout=max(self.timeout, 1.0),
+                client_name="portvakt-brute-force",
+            ),
         )
         self._script = self.client.register_script(BRUTE_FORCE_LUA)
 
@@ -190,8 +192,7 @@ class RedisFailureStore:
             self._down(e)
 
     async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
+        await close_async_client(self.client)
 
     def readiness(self) -> dict[str, str]:
         if not self._reachable or time.monotonic() < self._down_until:

@@ -57,9 +57,20 @@ BUILDS_ON: dict[str, set[str]] = {
     "filters.integrations": {"filters.bruteforce_redis"},
     # Token verification keeps its keys in the JWKS store.
     "filters.issuers": {"filters.jwks"},
-    # The audit sink's Redis stream uses the same bounded Redis client factory as the limiter.
-    "gateway.audit": {"filters.rate_limit", "gateway.identity"},
+    # The audit sink's Redis stream uses the one Redis client factory (filters.redis_client).
+    "gateway.audit": {"filters.rate_limit", "filters.redis_client", "gateway.identity"},
 }
+# Every stage that talks to Redis builds its client with the one factory (URL forms, TLS,
+# Sentinel, Cluster, timeouts, redacted URLs): filters/redis_client.py.
+for _stage in (
+    "filters.rate_limit",
+    "filters.persons",
+    "filters.delegation",
+    "filters.integrations",
+    "filters.bruteforce_redis",
+    "gateway.audit",
+):
+    BUILDS_ON.setdefault(_stage, set()).add("filters.redis_client")
 WEB_PAGES = ("filters.persons.endpoints", "filters.persons.pages", "filters.delegation.")
 
 

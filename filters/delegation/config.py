@@ -63,7 +63,9 @@ class PrivilegeStoreConfig(Model):
         "privileges.sqlite", description="SQLite file (backend sqlite), relative to the config file"
     )
     url: str | None = Field(
-        None, description="redis://host:port/db (backend redis); use ${ENV} for a password"
+        None,
+        description="Redis URL (backend redis): redis(s)://, unix://, redis(s)+sentinel://, "
+        "redis(s)+cluster://; use ${ENV} for a password",
     )
     key_prefix: str = Field("portvakt:priv:", description="Prefix of every Redis key")
     timeout_seconds: float = Field(
@@ -74,6 +76,10 @@ class PrivilegeStoreConfig(Model):
     def _url(self) -> PrivilegeStoreConfig:
         if self.backend == "redis" and not self.url:
             raise ValueError("backend redis needs url")
+        if self.url is not None:
+            from filters.redis_client import check_url
+
+            check_url(self.url)
         return self
 
 

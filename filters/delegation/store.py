@@ -13,7 +13,8 @@ so a withdrawal holds from the very next request on every worker and host sharin
 Backends: SQLite (default; one file, WAL, shared by the workers of one host) and Redis (fleets):
 ``<prefix>o:<org>`` a hash grant id -> JSON, ``<prefix>s:<kind>:<ref>`` the orgs a subject has
 grants in. Withdrawing the last organisation administrator is refused atomically (a Lua script on
-Redis, one IMMEDIATE transaction on SQLite). Any backend failure raises ``PrivilegesUnavailable``.
+Redis, one IMMEDIATE transaction on SQLite). Every Redis operation touches one key, so the same
+keys work on a Redis Cluster (no hash tag needed); the URL takes every ``filters.redis_client`` form. Any backend failure raises ``PrivilegesUnavailable``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 from filters.delegation.config import ADMIN, ALL_SERVICES, PrivilegeStoreConfig
 from filters.redis_bounded import BoundedRedisCalls
+from filters.redis_client import ClientOptions, close_async_client, make_async_client, parse_redis_url
 
 
 class PrivilegesUnavailable(Exception):
@@ -172,7 +174,6 @@ for _, v in ipairs(vals) do
   end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[3])
 return false
 """
 
@@ -201,15 +202,11 @@ class RedisStore(BoundedRedisCalls):
     unavailable = PrivilegesUnavailable
 
     def __init__(self, cfg: PrivilegeStoreConfig):
-        import redis.asyncio as aioredis
-
         self.prefix = cfg.key_prefix
         self.timeout = cfg.timeout_seconds
-        self.client = aioredis.Redis.from_url(
-            cfg.url or "",
-            socket_timeout=cfg.timeout_seconds,
-            socket_connect_timeout=cfg.timeout_seconds,
-            retry_on_timeout=False,
+        self.client = make_async_client(
+            parse_redis_url(cfg.url or ""),
+            ClientOptions(timeout=cfg.timeout_seconds, client_name="portvakt-privileges"),
         )
 
     async def start(self) -> None:
@@ -219,7 +216,7 @@ class RedisStore(BoundedRedisCalls):
             pass
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await close_async_client(self.client)
 
     def readiness(self) -> str:
         return "ok" if self._error is None else f"down: {self._error}"
@@ -247,17 +244,14 @@ class RedisStore(BoundedRedisCalls):
 
     async def add(self, g: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         doc = json.dumps(g)
-        old = await self._run(
-            self.client.eval(
-                _ADD,
-                2,
-                self._ko(g["organization"]),
-                self._ks(g["subject"]["kind"], g["subject"]["ref"]),
-                g["id"],
-                doc,
-                g["organization"],
-            )
+        # The subject's index first, then the grant (each one key: a Redis Cluster puts them on
+        # different slots). The index may name an organisation where the subject holds nothing
+        # (a failed add, a withdrawal): of_subject() reads the grants themselves, so a superset
+        # is harmless, and a grant is never stored without its index entry.
+        await self._run(
+            self.client.sadd(self._ks(g["subject"]["kind"], g["subject"]["ref"]), g["organization"])
         )
+        old = await self._run(self.client.eval(_ADD, 1, self._ko(g["organization"]), g["id"], doc))
         return (json.loads(old), False) if old else (g, True)
 
     async def remove(self, org: str, gid: str) -> dict[str, Any] | None:

@@ -103,8 +103,8 @@ class BruteForceConfig(Model):
     max_tracked: int = Field(100_000, ge=100, description="Bound on remembered keys per table (LRU)")
     redis_url: str | None = Field(
         None,
-        description="redis:// or rediss:// URL (use ${ENV} for a password): counts and lockouts shared by every "
-        "worker and host using it. Absent: in-process (per process). Redis failing: in-process fallback",
+        description="Redis URL, any form of the README's Redis section (use ${ENV} for a password): counts and "
+        "lockouts shared by every worker and host using it. Absent: in-process (per process). Redis failing: in-process fallback",
     )
     redis_key_prefix: str = Field("portvakt", description="Prefix of the brute-force keys in Redis")
     redis_timeout_ms: int = Field(
@@ -117,9 +117,9 @@ class BruteForceConfig(Model):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
-        return v
+        from filters.redis_client import check_url
+
+        return v if v is None else check_url(v)
 
 
 class IntegrationsPolicyConfig(Model):

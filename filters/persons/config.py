@@ -116,7 +116,10 @@ class SessionStoreConfig(Model):
     backend: Literal["memory", "redis"] = Field(
         "memory", description="memory: one process only; redis: fleets"
     )
-    url: str | None = Field(None, description="redis://host:port/db (backend redis)")
+    url: str | None = Field(
+        None,
+        description="Redis URL (backend redis): redis(s)://, unix://, redis(s)+sentinel://, redis(s)+cluster://",
+    )
     key_prefix: str = Field("portvakt:sess:", description="Prefix of every key Portvakt writes")
     timeout_seconds: float = Field(
         1.0, gt=0, le=30, description="Per Redis operation; past it the request gets 503"
@@ -126,6 +129,10 @@ class SessionStoreConfig(Model):
     def _url(self) -> SessionStoreConfig:
         if self.backend == "redis" and not self.url:
             raise ValueError("backend redis needs url")
+        if self.url is not None:
+            from filters.redis_client import check_url
+
+            check_url(self.url)
         return self
 
 

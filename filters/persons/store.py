@@ -10,6 +10,9 @@ Keys (under ``store.key_prefix``, default ``portvakt:sess:``):
 - ``l:<session id>``: the single-flight refresh lock.
 - ``c:<name>``: counters (login-loop guard, open attempts per browser).
 
+The Redis URL takes every form of ``filters.redis_client`` (TLS, Sentinel, Cluster). Every
+operation touches one key, so a Redis Cluster needs no hash tag here.
+
 Any backend failure raises ``StoreUnavailable``: the caller answers 503, never anonymous access.
 """
 
@@ -22,6 +25,7 @@ from typing import Any
 
 from filters.persons.config import SessionStoreConfig
 from filters.redis_bounded import BoundedRedisCalls
+from filters.redis_client import ClientOptions, close_async_client, make_async_client, parse_redis_url
 
 
 class StoreUnavailable(Exception):
@@ -112,9 +116,21 @@ class MemoryStore:
             self._data.pop(key, None)
 
 
+# Every operation touches one key (a script too), so the store runs unchanged on a Redis Cluster:
+# no hash tag is needed, and a multi-key DEL is split by slot by the cluster client.
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+_ADD_MEMBER = """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+_INCR = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 or redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return n
 """
 
 
@@ -123,15 +139,10 @@ class RedisStore(BoundedRedisCalls):
     unavailable = StoreUnavailable
 
     def __init__(self, cfg: SessionStoreConfig):
-        import redis.asyncio as aioredis
-
         self.timeout = cfg.timeout_seconds
-        self.client = aioredis.Redis.from_url(
-            cfg.url,  # type: ignore[arg-type]  # set whenever the Redis store is chosen
-            socket_timeout=cfg.timeout_seconds,
-            socket_connect_timeout=cfg.timeout_seconds,
-            retry_on_timeout=False,
-            health_check_interval=0,
+        self.client = make_async_client(
+            parse_redis_url(cfg.url or ""),
+            ClientOptions(timeout=cfg.timeout_seconds, client_name="portvakt-sessions"),
         )
 
     async def start(self) -> None:
@@ -141,7 +152,7 @@ class RedisStore(BoundedRedisCalls):
             pass  # readiness says so; requests answer 503 until it is back
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await close_async_client(self.client)
 
     def readiness(self) -> str:
         # Not "down": every instance shares the store, and public routes must stay served while
@@ -166,26 +177,13 @@ class RedisStore(BoundedRedisCalls):
         return await self._run(self.client.getdel(key))
 
     async def add_member(self, key: str, member: str, ttl: float) -> None:
-        async def both() -> None:
-            async with self.client.pipeline(transaction=True) as p:
-                p.sadd(key, member)
-                p.pexpire(key, max(1, int(ttl * 1000)))
-                await p.execute()
-
-        await self._run(both())
+        await self._run(self.client.eval(_ADD_MEMBER, 1, key, member, max(1, int(ttl * 1000))))
 
     async def members(self, key: str) -> builtins.set[str]:  # the class has a set() method
         return {m.decode() for m in await self._run(self.client.smembers(key))}
 
     async def incr(self, key: str, ttl: float) -> int:
-        async def both() -> int:
-            async with self.client.pipeline(transaction=True) as p:
-                p.incr(key)
-                p.pexpire(key, max(1, int(ttl * 1000)), nx=True)
-                n, _ = await p.execute()
-            return int(n)
-
-        return await self._run(both())
+        return int(await self._run(self.client.eval(_INCR, 1, key, max(1, int(ttl * 1000)))))
 
     async def decr(self, key: str) -> None:
         await self._run(self.client.decr(key))

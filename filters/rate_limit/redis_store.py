@@ -28,13 +28,20 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
 
 from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from filters.rate_limit.gcra import GCRA_LUA, MemoryGcra, Policy, Verdict
+from filters.redis_client import (
+    ClientOptions,
+    close_async_client,
+    describe_error,
+    is_cluster,
+    make_async_client,
+    redact,
+)
 from gateway.metrics import REGISTRY
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,72 +97,6 @@ class BackendUnavailable(Exception):
         self.label = label
 
 
-def redact(url: str) -> str:
-    """The backend URL without its password (for logs and readiness)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return parts._replace(netloc=user + netloc).geturl()
-
-
-def parse_hostport(s: str, default_port: int) -> tuple[str, int]:
-    s = s.strip()
-    if s.startswith("["):
-        host, _, rest = s[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    host, sep, port = s.rpartition(":")
-    if not sep:
-        return s, default_port
-    return host, int(port)
-
-
-def parse_sentinel_url(url: str) -> dict[str, Any]:
-    """``redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db]`` -> parts.
-    The user/password are the Redis master's credentials."""
-    rest = url.split("://", 1)[1]
-    userinfo, _, rest = rest.rpartition("@")
-    hosts_part, _, path = rest.partition("/")
-    segs = [unquote(p) for p in path.split("/") if p]
-    if not hosts_part or not segs:
-        raise ValueError("redis+sentinel:// needs host:port[,host:port...]/service_name[/db]")
-    username = password = None
-    if userinfo:
-        u, sep, p = userinfo.partition(":")
-        username, password = (unquote(u) or None), (unquote(p) if sep else None)
-    db = int(segs[1]) if len(segs) > 1 else 0
-    return {
-        "hosts": [parse_hostport(h, 26379) for h in hosts_part.split(",") if h],
-        "service_name": segs[0],
-        "db": db,
-        "username": username,
-        "password": password,
-    }
-
-
-def parse_cluster_url(url: str) -> dict[str, Any]:
-    """``redis+cluster://[user:password@]host:port[,host:port...]`` (``rediss+cluster://`` for
-    TLS) -> parts: the startup nodes of a Redis Cluster (any few masters; the rest is discovered)."""
-    scheme, _, rest = url.partition("://")
-    userinfo, _, hosts_part = rest.rpartition("@")
-    hosts_part = hosts_part.rstrip("/")
-    if not hosts_part or "/" in hosts_part:
-        raise ValueError(
-            "redis+cluster:// needs host:port[,host:port...] (no database: a cluster has only db 0)"
-        )
-    username = password = None
-    if userinfo:
-        u, sep, p = userinfo.partition(":")
-        username, password = (unquote(u) or None), (unquote(p) if sep else None)
-    return {
-        "hosts": [parse_hostport(h, 6379) for h in hosts_part.split(",") if h],
-        "username": username,
-        "password": password,
-        "tls": scheme == "rediss+cluster",
-    }
-
-
 class RedisBackend:
     """One Redis connection pool (or Sentinel-managed master, or Redis Cluster client) plus
     breaker and local GCRA."""
@@ -172,10 +113,9 @@ class RedisBackend:
         self.backoff_max = max(cfg.breaker_max_backoff_ms / 1000, self.backoff_initial)
         self.signature = cfg.backend_signature()
         self.local = MemoryGcra(max_keys=cfg.max_local_keys)
-        self.description = redact(cfg.backend) if cfg.backend != "sentinel" else "sentinel"
+        self.description = redact(cfg.backend)
         self._factory = self._client_factory(cfg, resolve_path)  # parse + validate now (build at load)
         self.client: Any = None
-        self._sentinel: Any = None
         self.max_connections = cfg.max_connections
         self._cluster_slots: asyncio.Semaphore | None = None
         self.sha: str | None = None
@@ -195,127 +135,28 @@ class RedisBackend:
 
     # -- connection --------------------------------------------------------------------------
 
-    def _client_factory(self, cfg: RateLimitConfig, resolve_path: Callable[[str], str]):
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        common: dict[str, Any] = {
-            "socket_timeout": self.timeout,
-            "socket_connect_timeout": self.connect_timeout,
-            "max_connections": cfg.max_connections,
-            "retry": Retry(NoBackoff(), 0),  # our timeout and breaker decide, not hidden retries
-            "health_check_interval": 0,
-            "client_name": "portvakt-ratelimit",
-        }
-        try:  # redis-py >= 7: "auto" maintenance notifications skip the pool's stale-socket check
-            from redis.maint_notifications import MaintNotificationsConfig
-
-            common["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
-        except ImportError:  # pragma: no cover - older redis-py has neither
-            pass
-        tls: dict[str, Any] = {}
-        if cfg.tls_ca_file:
-            tls["ssl_ca_certs"] = resolve_path(cfg.tls_ca_file)
-        if cfg.tls_cert_file:
-            tls["ssl_certfile"] = resolve_path(cfg.tls_cert_file)
-        if cfg.tls_key_file:
-            tls["ssl_keyfile"] = resolve_path(cfg.tls_key_file)
-        if tls:
-            tls["ssl_check_hostname"] = cfg.tls_check_hostname
-        creds: dict[str, Any] = {}
-        if cfg.username is not None:
-            creds["username"] = cfg.username
-        if cfg.password is not None:
-            creds["password"] = cfg.password
-
-        if cfg.backend == "sentinel" or cfg.backend.startswith("redis+sentinel://"):
-            if cfg.backend == "sentinel":
-                sc = cfg.sentinel
-                assert sc is not None
-                s = {
-                    "hosts": [parse_hostport(h, 26379) for h in sc.hosts],
-                    "service_name": sc.service_name,
-                    "db": sc.db,
-                    "username": None,
-                    "password": None,
-                }
-            else:
-                s = parse_sentinel_url(cfg.backend)
-            master_kw = {**common, "db": s["db"]}
-            if s["username"]:
-                master_kw["username"] = s["username"]
-            if s["password"] is not None:
-                master_kw["password"] = s["password"]
-            master_kw.update(creds)
-            if tls:
-                master_kw.update(tls, ssl=True)
-            sentinel_kw: dict[str, Any] = {
-                "socket_timeout": self.connect_timeout,
-                "socket_connect_timeout": self.connect_timeout,
-                "retry": Retry(NoBackoff(), 0),
-            }
-            if cfg.sentinel is not None:
-                if cfg.sentinel.username:
-                    sentinel_kw["username"] = cfg.sentinel.username
-                if cfg.sentinel.password is not None:
-                    sentinel_kw["password"] = cfg.sentinel.password
-            if tls:
-                sentinel_kw.update(tls, ssl=True)
-
-            def make_sentinel():
-                from redis.asyncio.sentinel import Sentinel
-
-                sentinel = Sentinel(s["hosts"], sentinel_kwargs=sentinel_kw)
-                return sentinel, sentinel.master_for(s["service_name"], **master_kw)
-
-            return make_sentinel
-
-        if cfg.backend.startswith(("redis+cluster://", "rediss+cluster://")):
-            c = parse_cluster_url(cfg.backend)
-            # Every GCRA key holds one hash tag, so each EVALSHA goes to the master of its slot;
-            # MOVED/ASK after a resharding are followed by the client.
-            cluster_kw: dict[str, Any] = {
-                k: v for k, v in common.items() if k not in ("health_check_interval",)
-            }
-            cluster_kw.update(
-                {k: v for k, v in (("username", c["username"]), ("password", c["password"])) if v is not None}
-            )
-            cluster_kw.update(creds)
-            if c["tls"] or tls:
-                cluster_kw.update(tls, ssl=True)
-
-            def make_cluster():
-                from redis.asyncio.cluster import ClusterNode, RedisCluster
-
-                nodes = [ClusterNode(h, p) for h, p in c["hosts"]]
-                return None, RedisCluster(startup_nodes=nodes, **cluster_kw)
-
-            return make_cluster
-
-        from redis.asyncio import BlockingConnectionPool
-        from redis.asyncio.connection import parse_url
-
-        # A blocking pool: past max_connections a command waits for a free connection (within our
-        # timeout) instead of failing. The URL is parsed now so a bad one fails the config load;
-        # the username/password fields override the URL's.
-        plain_kw = {**parse_url(cfg.backend), **common, **tls, **creds, "timeout": self.timeout}
-        if "path" in plain_kw:  # unix socket: no connect timeout keyword there
-            plain_kw.pop("socket_connect_timeout", None)
-
-        def make_plain():
-            return None, Redis.from_pool(BlockingConnectionPool(**plain_kw))
-
-        make_plain()  # validates every keyword without connecting
-
-        return make_plain
+    def _client_factory(self, cfg: RateLimitConfig, resolve_path: Callable[[str], str]) -> Callable[[], Any]:
+        """Parse and validate now (a bad backend fails the config load); connect later."""
+        target = cfg.redis_target()
+        opts = ClientOptions(
+            timeout=self.timeout,
+            connect_timeout=self.connect_timeout,
+            max_connections=cfg.max_connections,
+            client_name="portvakt-ratelimit",
+            # A blocking pool: past max_connections a command waits for a free connection (within
+            # our timeout) instead of failing.
+            blocking_pool=True,
+            resolve_path=resolve_path,
+        )
+        make_async_client(target, opts)  # validates every keyword without connecting
+        return lambda: make_async_client(target, opts)
 
     async def start(self) -> None:
         """Connect and load the script. Never raises: an unreachable Redis opens the breaker."""
         self._loop = asyncio.get_running_loop()
         _show_state(self.state)  # every state present from the start (a state set)
         if self.client is None:
-            self._sentinel, self.client = self._factory()
+            self.client = self._factory()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await self._load_script()
@@ -341,11 +182,7 @@ class RedisBackend:
             if not fut.done():
                 fut.set_exception(RedisError("rate limit backend closed"))
         self._pending.clear()
-        if self.client is not None:
-            await self.client.aclose()
-        if self._sentinel is not None:
-            for s in self._sentinel.sentinels:
-                await s.aclose()
+        await close_async_client(self.client)
 
     async def _warm_pool(self) -> None:
         """Open the connections the first concurrent batches will use (``max_inflight`` of
@@ -365,7 +202,7 @@ class RedisBackend:
 
     @property
     def cluster(self) -> bool:
-        return self.client is not None and type(self.client).__name__ == "RedisCluster"
+        return self.client is not None and is_cluster(self.client)
 
     async def _load_script(self) -> None:
         sha = await self.client.script_load(GCRA_LUA)  # a cluster client loads it on every master
@@ -616,7 +453,4 @@ class RedisBackend:
         return {"redis": f"down: {why}, denying rate-limited routes (on_backend_error: deny)"}
 
 
-def _describe(e: BaseException) -> str:
-    """A short error description without secrets (redis-py messages carry host:port, no password)."""
-    msg = str(e).splitlines()[0][:160] if str(e) else ""
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+_describe = describe_error

@@ -11,7 +11,8 @@ from gateway.configbase import Model
 
 class AuditRedisConfig(Model):
     url: str = Field(
-        description="redis:// URL of the second sink, or redis+cluster://h:p[,h:p] (use ${ENV} for a password)"
+        description="Redis URL of the second sink: redis(s)://, unix://, redis(s)+sentinel://, "
+        "redis(s)+cluster:// (see the README's Redis section; use ${ENV} for a password)"
     )
     stream: str = Field("portvakt:audit", description="Stream key for XADD")
     maxlen: int | None = Field(None, gt=0, description="Approximate MAXLEN trim (absent: keep all)")
@@ -25,25 +26,9 @@ class AuditRedisConfig(Model):
     def _url(cls, v: str) -> str:
         # Checked at load (redis-py would refuse it only when the sink starts); never echoed:
         # the URL may carry a password.
-        if v.startswith(("redis+cluster://", "rediss+cluster://")):
-            from filters.rate_limit.redis_store import parse_cluster_url
+        from filters.redis_client import check_url
 
-            try:
-                parse_cluster_url(v)
-            except ValueError:
-                raise ValueError(
-                    "not a valid Redis Cluster URL (host:port[,host:port...], no database)"
-                ) from None
-            return v
-        if not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be a redis://, rediss://, unix:// or redis+cluster:// URL")
-        try:
-            from redis.connection import parse_url
-
-            parse_url(v)
-        except ValueError:
-            raise ValueError("not a valid Redis URL (host, port or database number)") from None
-        return v
+        return check_url(v)
 
 
 class AuditConfig(Model):

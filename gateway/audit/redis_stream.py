@@ -45,28 +45,16 @@ class RedisStreamSink:
     """
 
     def __init__(self, settings: RedisSettings):
-        import redis  # imported here: only needed when configured
+        # The one client factory (filters.redis_client): a blocking client, in the sink's thread.
+        # On a Redis Cluster the stream is one key, so it lives on one slot's master; the cluster
+        # client follows MOVED after a failover or resharding.
+        from filters.redis_client import ClientOptions, make_sync_client, parse_redis_url
 
         self.settings = settings
-        timeouts: dict[str, Any] = {
-            "socket_timeout": settings.timeout_seconds,
-            "socket_connect_timeout": settings.timeout_seconds,
-        }
-        self._client: Any
-        if settings.url.startswith(("redis+cluster://", "rediss+cluster://")):
-            # Redis Cluster: the stream is one key, so it lives on one slot's master; the cluster
-            # client follows MOVED after a failover or resharding.
-            from redis.cluster import ClusterNode, RedisCluster
-
-            from filters.rate_limit.redis_store import parse_cluster_url
-
-            c = parse_cluster_url(settings.url)
-            auth = {k: c[k] for k in ("username", "password") if c[k] is not None}
-            self._client = RedisCluster(
-                startup_nodes=[ClusterNode(h, p) for h, p in c["hosts"]], ssl=c["tls"], **auth, **timeouts
-            )
-        else:
-            self._client = redis.Redis.from_url(settings.url, **timeouts)
+        self._client: Any = make_sync_client(
+            parse_redis_url(settings.url),
+            ClientOptions(timeout=settings.timeout_seconds, client_name="portvakt-audit"),
+        )
         self._q: collections.deque[list[bytes]] = collections.deque()
         self._cond = threading.Condition()
         self._stop = threading.Event()

@@ -357,11 +357,12 @@ async def test_org_audit_view_own_records_only(delegation_env):
 
 
 async def test_withdrawal_holds_on_another_gateway_process_sharing_redis(
-    delegation_env, redis_server, start_gateway, tmp_path
+    delegation_env, shared_redis, start_gateway, tmp_path
 ):
+    """Sessions and privileges in Redis: a single server, or a three-master Redis Cluster."""
     import copy
 
-    env = await delegation_env(store={"backend": "redis", "url": redis_server.url})
+    env = await delegation_env(store={"backend": "redis", "url": shared_redis.url})
     cfg2 = copy.deepcopy(env.config)
     cfg2["audit"]["path"] = str(tmp_path / "audit2" / "audit.jsonl")
     gw2 = await start_gateway(cfg2)
@@ -391,11 +392,8 @@ async def test_withdrawal_holds_on_another_gateway_process_sharing_redis(
     st, doc = await on_gw2("/post-admin/x")  # the very next request, on process 2
     assert st == 403 and doc["reason"] == "privilege_missing"
     # The store holds no pid in clear.
-    c = redis_server.client()
-    try:
-        dump = b"".join([k + ((await c.dump(k)) or b"") async for k in c.scan_iter("*")])
-    finally:
-        await c.aclose()
+    dump = b"".join(k + (v or b"") for k, v in await shared_redis.items("*"))
+    assert dump
     assert SECOND_PID.encode() not in dump and ADMIN_PID.encode() not in dump
 
 

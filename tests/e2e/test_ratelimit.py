@@ -157,6 +157,32 @@ async def test_headers_per_client_ip_and_429_problem(start_gateway, upstream, is
     assert len([r for r in upstream.requests if r["path"].startswith("/innsyn/")]) == 2
 
 
+async def test_a_burst_above_the_quota_is_never_announced(start_gateway, upstream, issuer, redis_server):
+    """Issue 17: with burst 20 over a quota of 5 per 10 s, RateLimit announced r=19. The fields
+    are relative to RateLimit-Policy (draft-ietf-httpapi-ratelimit-headers): r <= q and t <= w;
+    t is when r is back at q (2 s per request beyond the burst's spare 15), not the whole burst."""
+    cfg = limited_config(
+        upstream,
+        issuer,
+        redis_server.url,
+        [{"per": "integration", "limit": 5, "period_seconds": 10, "burst": 20}],
+    )
+    gw = await start_gateway(cfg)
+    headers = {**bearer(issuer.mint(scope="ks:fiks")), **creds()}
+    seen = []
+    async with gw.session() as s:
+        for _ in range(22):
+            st, _, h = await call(s, gw.url + URL, headers)
+            assert h["RateLimit-Policy"] == '"integration";q=5;w=10'
+            m = STATE.match(h["RateLimit"])
+            assert m and int(m["r"]) <= 5 and int(m["t"]) <= 10, h["RateLimit"]
+            seen.append((st, int(m["r"]), int(m["t"])))
+    assert [st for st, _, _ in seen] == [200] * 20 + [429] * 2, seen
+    assert seen[0][1:] == (5, 0)  # 19 left of the burst: the whole quota, available now
+    assert [r for _, r, _ in seen[15:20]] == [4, 3, 2, 1, 0], seen
+    assert all(0 < t <= 10 for _, _, t in seen[15:]), seen
+
+
 async def _readyz(gw) -> tuple[int, dict]:
     import aiohttp
 

@@ -178,10 +178,13 @@ async def test_privilege_filter_for_integrations_needs_the_orgs_run_time_grant()
     assert isinstance(await f.check(make_ctx()), Deny)  # no subject at all
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
-async def test_store_last_admin_and_idempotent_add(backend, redis_server, tmp_path):
-    if backend == "redis":
-        store = RedisStore(PrivilegeStoreConfig(backend="redis", url=redis_server.url))
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "redis_cluster"])
+async def test_store_last_admin_and_idempotent_add(backend, request, tmp_path):
+    if backend != "sqlite":
+        url = request.getfixturevalue(
+            {"redis": "redis_server", "redis_cluster": "redis_cluster"}[backend]
+        ).url
+        store = RedisStore(PrivilegeStoreConfig(backend="redis", url=url))
     else:
         p = str(tmp_path / "p.sqlite")
         store = SqliteStore(PrivilegeStoreConfig(path=p), p)

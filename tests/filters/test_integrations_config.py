@@ -81,8 +81,16 @@ def test_rate_limit_tls_files_and_bad_redis_url_name_their_field(tmp_path):
             f'rate_limit: {{backend: "rediss://127.0.0.1:6379/0", tls_ca_file: {tmp_path}/missing-ca.pem}}\n',
             f"rate_limit.tls_ca_file: cannot read {tmp_path}/missing-ca.pem: ",
         ),
-        ('rate_limit: {backend: "redis://:pw-s3cret@127.0.0.1:99999/0"}\n', "rate_limit.backend: "),
+        (
+            f'rate_limit: {{backend: "rediss://127.0.0.1:6379/0?ssl_ca_certs={tmp_path}/no-ca.pem"}}\n',
+            f"rate_limit.backend (ssl_ca_certs): cannot read {tmp_path}/no-ca.pem: ",
+        ),
     ]
+    # A bad URL fails the load itself (filters.redis_client parses it), naming the field only.
+    with pytest.raises(ConfigError) as ce:
+        parse_config(base + 'rate_limit: {backend: "redis://:pw-s3cret@127.0.0.1:99999/0"}\n')
+    assert any(": rate_limit.backend" in p for p in ce.value.problems), ce.value.problems
+    assert "pw-s3cret" not in "\n".join(ce.value.problems)
     for extra, prefix in cases:
         cfg = parse_config(base + extra)
         with pytest.raises(ValueError) as e:

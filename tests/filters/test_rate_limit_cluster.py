@@ -8,7 +8,7 @@ import time
 import uuid
 
 from gateway.chain import ALLOW, Deny
-from tests.filters.test_rate_limit import ctx, stage_for
+from tests.filters.helpers_rate_limit import ctx, stage_for
 
 
 def cluster_cfg(url: str, **kw) -> dict:

@@ -14,7 +14,7 @@ from filters.rate_limit import RateLimitConfig, build_stage
 from filters.rate_limit.redis_store import CLOSED, OPEN
 from gateway.chain import ALLOW, BuildEnv, Deny
 from gateway.resources import Registry
-from tests.filters.test_rate_limit import ctx, make_config
+from tests.filters.helpers_rate_limit import ctx, make_config
 
 INTEG = "6f0b5c4e-3b7a-4f1e-9d2a-1c3b5d7e9f01"
 
@@ -94,18 +94,65 @@ async def test_lowered_limit_applies_from_the_next_request(backend):
         await old.close()
 
 
-@pytest.mark.parametrize(
-    "limit, period, burst", [(5, 1, 10), (5, 1, 50), (3, 60, 30), (100, 0.5, 400), (5, 1, 2)]
-)
-async def test_remaining_never_exceeds_the_quota(limit, period, burst):
+HEADER_CASES = [(5, 1, 10), (5, 1, 50), (3, 60, 30), (100, 0.5, 400), (5, 1, 2), (10, 60, None), (2, 2.5, 9)]
+
+
+def header_numbers(c) -> tuple[int, int, int, int]:
+    """(q, w, r, t) of the one policy on the response."""
+    policy = c.response_headers["RateLimit-Policy"]
+    state = c.response_headers["RateLimit"]
+    q, w = (int(policy.split(f";{k}=")[1].split(";")[0]) for k in ("q", "w"))
+    r, t = (int(state.split(f";{k}=")[1].split(";")[0]) for k in ("r", "t"))
+    return q, w, r, t
+
+
+@pytest.mark.parametrize("limit, period, burst", HEADER_CASES)
+async def test_remaining_never_exceeds_the_quota_nor_reset_the_window(backend, limit, period, burst):
+    """RateLimit is relative to the RateLimit-Policy it follows: 0 <= r <= q and 0 <= t <= w,
+    whatever the burst, allowed or refused, in-process and on Redis."""
+    stage, flt = build(backend, rule(limit, period, burst))
+    await stage.start()
+    try:
+        for _ in range((burst or limit) + 2):
+            c = ctx(integration=INTEG)
+            await flt.check(c)
+            q, w, r, t = header_numbers(c)
+            assert 0 <= r <= q and 0 <= t <= w, (
+                c.response_headers["RateLimit-Policy"],
+                c.response_headers["RateLimit"],
+            )
+    finally:
+        await stage.close()
+
+
+@pytest.mark.parametrize("limit, period, burst", HEADER_CASES)
+async def test_after_t_seconds_the_announced_remaining_is_back(limit, period, burst):
+    """t is when r is back at its most (min(q, burst)), not when the whole burst above the quota
+    is: on a clock the test moves, a request t seconds later sees that remaining; one second
+    earlier it does not (t is rounded up to whole seconds)."""
     stage, flt = build({"backend": "memory"}, rule(limit, period, burst))
-    for _ in range(burst + 2):
-        c = ctx(integration=INTEG)
-        await flt.check(c)
-        policy = c.response_headers["RateLimit-Policy"]
-        q = int(policy.split(";q=")[1].split(";")[0])
-        r = int(c.response_headers["RateLimit"].split(";r=")[1].split(";")[0])
-        assert 0 <= r <= q, (policy, c.response_headers["RateLimit"])
+    now = [10**12]
+    stage.backend.local.clock = lambda: now[0]
+    for n in range(1, (burst or limit) + 2):
+        for _ in range(n):  # n requests at once from idle
+            c = ctx(integration=INTEG)
+            await flt.check(c)
+        q, _, r, t = header_numbers(c)
+        most = min(q, burst or limit)
+        if t > 0:
+            now[0] += (t - 1) * 1_000_000
+            early = ctx(integration=INTEG)
+            saved = dict(stage.backend.local._tat)  # a look, not a request: the state is put back
+            await flt.check(early)
+            stage.backend.local._tat = saved
+            assert header_numbers(early)[2] < most - 1, (n, t, early.response_headers["RateLimit"])
+            now[0] += 1_000_000
+        else:
+            assert r == most - 1 or r == most, (n, c.response_headers["RateLimit"])
+        later = ctx(integration=INTEG)
+        await flt.check(later)
+        assert header_numbers(later)[2] >= most - 1, (n, t, later.response_headers["RateLimit"])
+        now[0] += 10**9  # idle: the schedule empties before the next round
 
 
 def test_breaker_probe_interval_is_fixed_by_default():
