@@ -67,6 +67,9 @@ async def test_unknown_ids_run_no_argon2_and_are_padded_by_a_sleep(monkeypatch):
     stage, flt = build()
     await stage.start()
     assert stage.verifier.failure_seconds > 0  # calibrated at load
+    # A padding long enough that no attempt outlasts it, even on a loaded machine (the sleep is
+    # recorded, not taken): each of the six failures must ask for one.
+    stage.verifier.failure_seconds = 30.0
     slept: list[float] = []
     real_sleep = asyncio.sleep
 
