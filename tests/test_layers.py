@@ -71,7 +71,13 @@ for _stage in (
     "gateway.audit",
 ):
     BUILDS_ON.setdefault(_stage, set()).add("filters.redis_client")
-WEB_PAGES = ("filters.persons.endpoints", "filters.persons.pages", "filters.delegation.")
+WEB_PAGES = (
+    "filters.persons.endpoints",
+    "filters.persons.logout",
+    "filters.persons.pages",
+    "filters.persons.responses",
+    "filters.delegation.",
+)
 
 
 def module_name(path: Path) -> str:
