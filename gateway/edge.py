@@ -243,8 +243,7 @@ class EdgeRequestHandler(web_protocol.RequestHandler):
             return False
         oldest = min(idle, key=lambda h: h.last_rx)
         metrics.OVERLOAD.labels("idle_connection_closed").inc()
-        oldest.force_close()
-        oldest.transport.close()  # type: ignore[union-attr]
+        oldest.force_close()  # closes its transport (aiohttp's RequestHandler.force_close)
         return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
