@@ -383,13 +383,12 @@ class WafFilter(Filter):
                     }
                     return Deny(Problem(WAF_BODY_LIMIT, internal_reason="waf_body_over_limit"))
                 body, truncated = body[: self.body_inspection_bytes], True
-        req = ctx.request
-        version = getattr(req, "version", None)
-        protocol = f"HTTP/{version.major}.{version.minor}" if version is not None else "HTTP/1.1"
+        major, minor = ctx.http_version
+        protocol = f"HTTP/{major}.{minor}"
         # The canonical target (what routing chose on and what the upstream gets), else as sent.
         uri = (
             ctx.target
-            or getattr(req, "raw_path", None)
+            or ctx.raw_target
             or (ctx.raw_path + ("?" + ctx.query_string if ctx.query_string else ""))
         )
         tx = Transaction(
