@@ -34,6 +34,25 @@ from dataclasses import dataclass, field
 
 from filters.waf.transforms import url_decode
 
+# ModSecurity's multipart parser flags: each request starts with all of them 0 (the variables
+# module lists them among the scalar variables a rule may read).
+MULTIPART_FLAGS = (
+    "MULTIPART_STRICT_ERROR",
+    "MULTIPART_BOUNDARY_QUOTED",
+    "MULTIPART_BOUNDARY_WHITESPACE",
+    "MULTIPART_DATA_BEFORE",
+    "MULTIPART_DATA_AFTER",
+    "MULTIPART_HEADER_FOLDING",
+    "MULTIPART_LF_LINE",
+    "MULTIPART_MISSING_SEMICOLON",
+    "MULTIPART_INVALID_QUOTING",
+    "MULTIPART_INVALID_PART",
+    "MULTIPART_INVALID_HEADER_FOLDING",
+    "MULTIPART_FILE_LIMIT_EXCEEDED",
+    "MULTIPART_UNMATCHED_BOUNDARY",
+    "MULTIPART_CRLF_LF_LINES",
+)
+
 
 @dataclass
 class BodyResult:
@@ -359,22 +378,7 @@ def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
     """``max_parts`` (0: none): more parts than that is the ``too_many_parts`` limit."""
     res = BodyResult()
     flags = res.flags
-    for k in (
-        "MULTIPART_STRICT_ERROR",
-        "MULTIPART_BOUNDARY_QUOTED",
-        "MULTIPART_BOUNDARY_WHITESPACE",
-        "MULTIPART_DATA_BEFORE",
-        "MULTIPART_DATA_AFTER",
-        "MULTIPART_HEADER_FOLDING",
-        "MULTIPART_LF_LINE",
-        "MULTIPART_MISSING_SEMICOLON",
-        "MULTIPART_INVALID_QUOTING",
-        "MULTIPART_INVALID_PART",
-        "MULTIPART_INVALID_HEADER_FOLDING",
-        "MULTIPART_FILE_LIMIT_EXCEEDED",
-        "MULTIPART_UNMATCHED_BOUNDARY",
-        "MULTIPART_CRLF_LF_LINES",
-    ):
+    for k in MULTIPART_FLAGS:
         flags[k] = 0
     boundary = multipart_boundary(content_type)
     if not boundary:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from filters.waf.bodies import MULTIPART_FLAGS
 from filters.waf.operators import compile_rx
 
 # Collections that are key -> value lists; *_NAMES variables are derived from them.
@@ -79,20 +80,7 @@ SCALARS = frozenset(
         "PATH_INFO",
         "MULTIPART_FILENAME",
         "MULTIPART_NAME",
-        "MULTIPART_STRICT_ERROR",
-        "MULTIPART_BOUNDARY_QUOTED",
-        "MULTIPART_BOUNDARY_WHITESPACE",
-        "MULTIPART_DATA_BEFORE",
-        "MULTIPART_DATA_AFTER",
-        "MULTIPART_HEADER_FOLDING",
-        "MULTIPART_LF_LINE",
-        "MULTIPART_MISSING_SEMICOLON",
-        "MULTIPART_INVALID_QUOTING",
-        "MULTIPART_INVALID_PART",
-        "MULTIPART_INVALID_HEADER_FOLDING",
-        "MULTIPART_FILE_LIMIT_EXCEEDED",
-        "MULTIPART_UNMATCHED_BOUNDARY",
-        "MULTIPART_CRLF_LF_LINES",
+        *MULTIPART_FLAGS,
         "INBOUND_DATA_ERROR",
         "URLENCODED_ERROR",
         "RESPONSE_BODY",
