@@ -195,7 +195,7 @@ def find_crs() -> Path | None:
     for cand in (
         os.environ.get("PORTVAKT_CRS_DIR"),
         str(ROOT.parent / "shared" / "waf" / "crs"),
-        "/work/shared/waf/crs",
+        str(ROOT.parent.parent / "shared" / "waf" / "crs"),  # a worktree one level further down
     ):
         if cand and (Path(cand) / "rules").is_dir():
             return Path(cand).resolve()

@@ -170,7 +170,7 @@ class RequestPath:
                 rt.otel.begin(ctx, headers, trusted)
         _set_log_trace_id(ctx.trace_id)
         resp: web.StreamResponse | None = None
-        rt.inflight += 1
+        rt.enter()
         self.inflight += 1
         if self._count_inflight:
             metrics.IN_FLIGHT.inc()
@@ -224,7 +224,7 @@ class RequestPath:
             tls=tlsutil.peer_info(request.transport),
         )
         allow = ", ".join(rt.config.ingress.allowed_methods)
-        rt.inflight += 1  # _finish leaves the runtime and counts the request out
+        rt.enter()  # _finish leaves the runtime and counts the request out
         self.inflight += 1
         if self._count_inflight:
             metrics.IN_FLIGHT.inc()
@@ -544,7 +544,7 @@ class RequestPath:
             runtime=rt,
             tls=tlsutil.peer_info(request.transport),
         )
-        rt.inflight += 1
+        rt.enter()
         self.inflight += 1
         if self._count_inflight:
             metrics.IN_FLIGHT.inc()

@@ -59,11 +59,19 @@ class CompiledRoute:
         return path == p or path.startswith(p + "/")
 
 
-@dataclass(eq=False)
+@dataclass(slots=True, eq=False)
+class RequestAccounting:
+    """The requests running on one runtime, and the event its retirement waits on."""
+
+    inflight: int = 0
+    drained: asyncio.Event | None = None
+
+
+@dataclass(frozen=True, eq=False)
 class Runtime:
     """Everything one config built. The fields are set once by ``build_runtime`` and never
-    reassigned; only the request accounting (``inflight``, the drain event and the trust cache)
-    changes while it serves (that is why the dataclass is not frozen)."""
+    reassigned (frozen); only the contents of the request accounting and the trust cache change
+    while it serves."""
 
     config: Config
     routes: tuple[CompiledRoute, ...]
@@ -95,9 +103,19 @@ class Runtime:
     prefixes_lower: bool = True
     # The shared resources this runtime holds (gateway.resources); released when it is closed.
     resources: Scope = field(default_factory=lambda: Registry().scope())
-    inflight: int = 0
-    _drained: asyncio.Event | None = field(default=None, repr=False)
+    # What changes while the runtime serves: the request accounting and the trust cache (the
+    # objects are replaced never; their contents change).
+    accounting: RequestAccounting = field(default_factory=lambda: RequestAccounting(), repr=False)
     _trust_cache: dict[Any, bool] = field(default_factory=dict, repr=False)
+
+    @property
+    def inflight(self) -> int:
+        """Requests running on this runtime."""
+        return self.accounting.inflight
+
+    def enter(self) -> None:
+        """One request started on this runtime (the server calls it; ``leave`` when it ends)."""
+        self.accounting.inflight += 1
 
     def is_trusted(self, ip: Any) -> bool:
         """Whether the TCP peer ``ip`` is one of ``trusted_proxies`` (cached per address)."""
@@ -112,19 +130,21 @@ class Runtime:
         return hit
 
     def leave(self) -> None:
-        """One request finished on this runtime (``inflight`` is incremented by the server)."""
-        self.inflight -= 1
-        if self.inflight == 0 and self._drained is not None:
-            self._drained.set()
+        """One request finished on this runtime."""
+        acc = self.accounting
+        acc.inflight -= 1
+        if acc.inflight == 0 and acc.drained is not None:
+            acc.drained.set()
 
     async def retire(self, max_wait: float) -> None:
         """Wait (at most ``max_wait`` seconds) for requests still running on this runtime, then
         close it. Called on the old runtime after a reload swapped in the new one."""
-        if self.inflight > 0:
-            self._drained = asyncio.Event()
+        acc = self.accounting
+        if acc.inflight > 0:
+            acc.drained = asyncio.Event()
             try:
                 async with asyncio.timeout(max_wait):
-                    await self._drained.wait()
+                    await acc.drained.wait()
             except TimeoutError:
                 log.warning(
                     "runtime %d retired with %d requests still running", self.generation, self.inflight

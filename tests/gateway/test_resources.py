@@ -282,7 +282,7 @@ async def test_a_changed_config_closes_the_old_resource_after_the_old_runtime_dr
     for name in ("rate_limit", "jwks", "sessions"):
         assert new[name] is not old[name], name
     assert new["privileges"] is old["privileges"]  # its config did not change
-    rt1.inflight = 1  # a request still running on the old runtime
+    rt1.enter()  # a request still running on the old runtime
     retiring = asyncio.create_task(rt1.retire(30))
     await asyncio.sleep(0.2)
     assert not retiring.done() and not old["rate_limit"]._closed and not old["jwks"]._closed
@@ -377,7 +377,7 @@ async def test_many_reloads_leak_no_connection(redis_server, issuer, client_key,
         new = build_runtime(configs[i % 3], rt)
         built.append(new)
         await new.start()
-        rt.inflight = 1  # the old runtime drains while the next reloads happen
+        rt.enter()  # the old runtime drains while the next reloads happen
         retiring.append(asyncio.create_task(rt.retire(30)))
         rt.leave()
         rt = new

@@ -89,7 +89,7 @@ def test_match_and_trust(only_test_stage):
 async def test_retire_waits_for_in_flight_requests(only_test_stage):
     rt = runtime.build_runtime(parse_config(CONFIG % 1000), pipeline=only_test_stage)
     await rt.start()
-    rt.inflight = 1
+    rt.enter()
     closed = asyncio.ensure_future(rt.retire(5))
     await asyncio.sleep(0.05)
     assert not closed.done()
