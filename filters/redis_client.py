@@ -202,6 +202,15 @@ def check_url(url: str) -> str:
     return url
 
 
+def check_store_url(backend: str, url: str | None) -> None:
+    """A store whose ``backend`` may be ``redis`` (sessions, privileges): that backend needs a
+    ``url``, and any URL given must be one this factory builds. ValueError otherwise."""
+    if backend == "redis" and not url:
+        raise ValueError("backend redis needs url")
+    if url is not None:
+        check_url(url)
+
+
 # -- building clients ------------------------------------------------------------------------------
 
 

@@ -74,12 +74,9 @@ class PrivilegeStoreConfig(Model):
 
     @model_validator(mode="after")
     def _url(self) -> PrivilegeStoreConfig:
-        if self.backend == "redis" and not self.url:
-            raise ValueError("backend redis needs url")
-        if self.url is not None:
-            from filters.redis_client import check_url
+        from filters.redis_client import check_store_url
 
-            check_url(self.url)
+        check_store_url(self.backend, self.url)
         return self
 
 
