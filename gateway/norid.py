@@ -207,8 +207,6 @@ def _digits_of(match: str) -> str:
 
 
 def _mask(text: str, replace: _Callable[[str], str] | None) -> str:
-    if not _maybe(text):
-        return text
     if replace is None:
 
         def sub(m: _re.Match[str]) -> str:
