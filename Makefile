@@ -50,10 +50,16 @@ venv: $(STAMP)
 # pip-compile resolves for this machine's Python (3.11, the floor, in CI): runtime deps + test + dev extras.
 LOCK_FLAGS := --quiet --extra test --extra dev --extra otel --generate-hashes --strip-extras --allow-unsafe \
 	--no-emit-index-url --no-emit-find-links --no-emit-trusted-host
+# The container image's lock: runtime deps + the otel extra + setuptools (deploy/container/build.in),
+# resolved after the main lock so both pin the same versions (tests/test_lockfile.py checks).
+IMAGE_LOCK := requirements-image.lock
+IMAGE_LOCK_FLAGS := --quiet --extra otel --generate-hashes --strip-extras --allow-unsafe \
+	--no-emit-index-url --no-emit-find-links --no-emit-trusted-host
 lock:
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q 'pip-tools>=7.4'
 	$(VENV)/bin/pip-compile $(LOCK_FLAGS) $(LOCK_ARGS) --output-file $(LOCK) pyproject.toml
+	$(VENV)/bin/pip-compile $(IMAGE_LOCK_FLAGS) $(LOCK_ARGS) --output-file $(IMAGE_LOCK) pyproject.toml deploy/container/build.in
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -62,3 +62,40 @@ def test_dropped_dependencies_stay_dropped():
     # hyperscan was declared and never imported (and its wheels are x86-only).
     assert "hyperscan" not in locked()
     assert all(canonicalize_name(r.name) != "hyperscan" for r in declared())
+
+
+def _pins(path: Path) -> dict[str, Version]:
+    text = path.read_text(encoding="utf-8")
+    return {
+        canonicalize_name(m.group(1)): Version(m.group(2))
+        for m in re.finditer(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", text, re.M)
+    }
+
+
+def test_the_image_lock_pins_the_runtime_and_otel_dependencies_as_the_main_lock_does():
+    """The container installs from requirements-image.lock: everything the gateway imports at run
+    time (and the otel extra, and setuptools to build it), with hashes, at the versions the tests ran."""
+    image = ROOT / "requirements-image.lock"
+    pins, main = _pins(image), _pins(ROOT / "requirements.lock")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["otel"]]
+    for req in wanted + [Requirement("setuptools")]:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is missing from requirements-image.lock: run `make lock`"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}: run `make lock`"
+    differ = {n: (v, main.get(n)) for n, v in pins.items() if main.get(n) not in (None, v)}
+    assert differ == {}, f"the image lock and requirements.lock pin different versions: {differ}"
+    for dev_only in ("pytest", "ruff", "mypy", "playwright", "pip-tools"):
+        assert dev_only not in pins, f"{dev_only} belongs to the test/dev extras, not the image"
+    text = image.read_text(encoding="utf-8")
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n\n", 1)[-1])
+    assert all("--hash=sha256:" in b for b in blocks if "==" in b)
+    assert "file://" not in text and "/work/" not in text and "/opt/" not in text
+
+
+def test_the_dockerfile_installs_from_the_image_lock_with_hashes_and_resolves_nothing():
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert "pip install --require-hashes -r requirements-image.lock" in text
+    installs = re.findall(r"pip install ([^\n\\]*)", text)
+    others = [i for i in installs if "requirements-image.lock" not in i and "--upgrade pip" not in i]
+    assert others and all("--no-deps" in i for i in others), installs
