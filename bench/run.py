@@ -201,6 +201,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=500,
         help="py-spy samples per second with --profile (default 500)",
     )
+    ap.add_argument(
+        "--profile-lines",
+        action="store_true",
+        help="with --profile: stacks by line instead of by function (finer, larger files)",
+    )
     ap.add_argument("--no-waf-table", action="store_true", help="skip the WAF table")
     ap.add_argument("--no-latency", action="store_true", help="skip latency vs offered load")
     ap.add_argument("--no-workers", action="store_true", help="skip the --workers 2 figure")
