@@ -122,7 +122,12 @@ def latency_section(
         for r in measured:
             sat = r.median("rps")
             delay = conns * 1000.0 / (sat * fr)
-            script = wrk_script(r.request, work / f"lat-{r.n}-{fr}.lua", delay_ms=delay)  # type: ignore[arg-type]
+            script = wrk_script(
+                r.request,  # type: ignore[arg-type]
+                work / f"lat-{r.n}-{fr}.lua",
+                delay_ms=delay,
+                think=args.latency_think,
+            )
             m = run_wrk(
                 r.url,
                 script,
@@ -148,7 +153,12 @@ def latency_section(
             if r in idents and fr == 0.5 and upstream_row is not None:
                 um = run_wrk(
                     upstream_row.url,
-                    wrk_script(upstream_row.request, work / "lat-up.lua", delay_ms=delay),  # type: ignore[arg-type]
+                    wrk_script(
+                        upstream_row.request,  # type: ignore[arg-type]
+                        work / "lat-up.lua",
+                        delay_ms=delay,
+                        think=args.latency_think,
+                    ),
                     args.latency_duration,
                     args,
                     cpus,
