@@ -51,16 +51,26 @@ end
 """
 
 
-def wrk_script(req: Request, path: Path, delay_ms: float | None = None) -> Path:
-    """A wrk Lua script sending ``req``; with ``delay_ms`` each connection waits that long before
-    each request (the offered-load points of the latency plot)."""
+def wrk_script(req: Request, path: Path, delay_ms: float | None = None, think: str = "exponential") -> Path:
+    """A wrk Lua script sending ``req``; with ``delay_ms`` each connection waits before each
+    request (the offered-load points of the latency plot): ``think="exponential"`` a random
+    wait with that mean (connections drift apart, arrivals are close to Poisson), ``"fixed"``
+    exactly that long. With a fixed wait the connections stay in step: they fire together, so
+    the last of a burst waits for all the others and p99 reads about connections x CPU per
+    request at any load (the bare proxy's p99 was flat at 4.5-5.8 ms from 25 % to 90 % of
+    saturation, 16 x 281 µs = 4.5 ms)."""
     lines = [f"wrk.method = {lua_string(req.method.encode())}", f"wrk.path = {lua_string(req.path.encode())}"]
     if req.body:
         lines.append(f"wrk.body = {lua_string(req.body)}")
     for k, v in req.headers.items():
         lines.append(f"wrk.headers[{lua_string(k.encode())}] = {lua_string(v.encode())}")
     if delay_ms is not None:
-        lines.append(f"delay = function() return {delay_ms:.3f} end")
+        if think == "fixed":
+            lines.append(f"delay = function() return {delay_ms:.3f} end")
+        else:  # wrk takes whole milliseconds: rounded, so the mean stays delay_ms
+            lines.append(
+                f"delay = function() return math.floor(-math.log(1 - math.random()) * {delay_ms:.3f} + 0.5) end"
+            )
     path.write_text("\n".join(lines) + "\n" + DONE_LUA)
     return path
 

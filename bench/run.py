@@ -201,6 +201,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=500,
         help="py-spy samples per second with --profile (default 500)",
     )
+    ap.add_argument(
+        "--profile-lines",
+        action="store_true",
+        help="with --profile: stacks by line instead of by function (finer, larger files)",
+    )
     ap.add_argument("--no-waf-table", action="store_true", help="skip the WAF table")
     ap.add_argument("--no-latency", action="store_true", help="skip latency vs offered load")
     ap.add_argument("--no-workers", action="store_true", help="skip the --workers 2 figure")
@@ -212,6 +217,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--latency-duration", type=float, default=None, help="seconds per offered-load point (default 2)"
+    )
+    ap.add_argument(
+        "--latency-think",
+        choices=("exponential", "fixed"),
+        default="exponential",
+        help="wait before each request in the latency section: random with the point's mean "
+        "(default), or fixed (connections fire in step: p99 ~ connections x CPU per request)",
     )
     ap.add_argument(
         "--compare",
@@ -410,8 +422,13 @@ def main(argv: list[str] | None = None) -> int:
             text, ldoc = latency_section(rows, args, cpus, work, out)
             report += [
                 "",
-                "Latency vs offered load (wrk delay() per connection, 16 connections; closed loop, so the "
-                "x axis is the achieved rate). Plot: `latency-vs-load.svg`.",
+                "Latency vs offered load (wrk delay() per connection, 16 connections, "
+                + (
+                    "exponential think time with the point's mean"
+                    if args.latency_think == "exponential"
+                    else "fixed think time: connections fire in step"
+                )
+                + "; closed loop, so the x axis is the achieved rate). Plot: `latency-vs-load.svg`.",
                 "",
                 text,
             ]

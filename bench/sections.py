@@ -104,20 +104,30 @@ def latency_section(
     (wrk ``delay()``), at fractions of the row's own saturated rate. Closed loop with think
     time, so the x axis is the rate achieved, not the rate asked for."""
     names = [sc.BARE_GET, sc.PV_GET, sc.IDENTITY_GET, "upstream direct (HTTP, no proxy)"]
-    picked = [r for r in rows if r.scenario.name in names and r.status == "ok" and r.samples]
+
+    def wanted(r: Row) -> bool:  # the rows above, and their --compare twins
+        s = r.scenario
+        return s.name in names or ("twin" in s.tags and s.compare in names)
+
+    picked = [r for r in rows if wanted(r) and r.status == "ok" and r.samples]
     fractions = (0.25, 0.5, 0.75, 0.9) if not args.quick else (0.5,)
     conns = 16
     series, table_rows, doc = [], [], {}
     upstream_row = next((r for r in picked if r.scenario.kind == "upstream"), None)
-    ident = next((r for r in picked if r.scenario.name == sc.IDENTITY_GET), None)
-    for r in picked:
-        if r.scenario.kind == "upstream":
-            continue
-        sat = r.median("rps")
-        pts50, pts99 = [], []
-        for fr in fractions:
+    idents = [r for r in picked if sc.IDENTITY_GET in (r.scenario.name, r.scenario.compare)]
+    measured = [r for r in picked if r.scenario.kind != "upstream"]
+    pts: dict[int, tuple[list, list]] = {r.n: ([], []) for r in measured}
+    # Fractions outer, rows inner: a row and its --compare twin are measured next to each other.
+    for fr in fractions:
+        for r in measured:
+            sat = r.median("rps")
             delay = conns * 1000.0 / (sat * fr)
-            script = wrk_script(r.request, work / f"lat-{r.n}-{fr}.lua", delay_ms=delay)  # type: ignore[arg-type]
+            script = wrk_script(
+                r.request,  # type: ignore[arg-type]
+                work / f"lat-{r.n}-{fr}.lua",
+                delay_ms=delay,
+                think=args.latency_think,
+            )
             m = run_wrk(
                 r.url,
                 script,
@@ -128,32 +138,45 @@ def latency_section(
                 connections=conns,  # type: ignore[union-attr]
                 counter=args.upstream_url,
             )
-            pts50.append((m.rps, m.p50_us / 1000))
-            pts99.append((m.rps, m.p99_us / 1000))
+            pts[r.n][0].append((m.rps, m.p50_us / 1000))
+            pts[r.n][1].append((m.rps, m.p99_us / 1000))
             table_rows.append(
-                f"| {r.scenario.name} | {fr:.0%} | {m.rps:,.0f} | {fmt_us(m.p50_us)} | {fmt_us(m.p99_us)} | {m.cpu_us:,.0f} |"
+                (
+                    r.n,
+                    fr,
+                    f"| {r.scenario.name} | {fr:.0%} | {m.rps:,.0f} | {fmt_us(m.p50_us)} | {fmt_us(m.p99_us)} | {m.cpu_us:,.0f} |",
+                )
             )
             doc.setdefault(r.scenario.name, []).append(
                 {"fraction": fr, "rps": m.rps, "p50_us": m.p50_us, "p99_us": m.p99_us, "cpu_us": m.cpu_us}
             )
-            if r is ident and fr == 0.5 and upstream_row is not None:
+            if r in idents and fr == 0.5 and upstream_row is not None:
                 um = run_wrk(
                     upstream_row.url,
-                    wrk_script(upstream_row.request, work / "lat-up.lua", delay_ms=delay),  # type: ignore[arg-type]
+                    wrk_script(
+                        upstream_row.request,  # type: ignore[arg-type]
+                        work / "lat-up.lua",
+                        delay_ms=delay,
+                        think=args.latency_think,
+                    ),
                     args.latency_duration,
                     args,
                     cpus,
                     connections=conns,
                 )
-                doc["added_p99_at_half"] = {
+                key = "added_p99_at_half" if r.scenario.name == sc.IDENTITY_GET else "added_p99_at_half_twin"
+                doc[key] = {
+                    "row": r.scenario.name,
                     "gateway_p99_us": m.p99_us,
                     "upstream_direct_p99_us": um.p99_us,
                     "added_us": m.p99_us - um.p99_us,
                     "rps": m.rps,
                 }
-        label = r.scenario.name.split(" (")[0][:24]
-        series.append((f"{label} p50", pts50, False))
-        series.append((f"{label} p99", pts99, True))
+    table_rows.sort(key=lambda t: (t[0], t[1]))
+    for r in measured:
+        label = r.scenario.name.split(" (")[0][:24] + (" [twin]" if "twin" in r.scenario.tags else "")
+        series.append((f"{label} p50", pts[r.n][0], False))
+        series.append((f"{label} p99", pts[r.n][1], True))
     (out / "latency-vs-load.svg").write_text(
         svg.line_chart(
             "Latency vs offered load (GET, TLS keep-alive, 16 connections)",
@@ -165,16 +188,17 @@ def latency_section(
     text = [
         "| row | offered (of saturation) | achieved req/s | p50 | p99 | CPU µs/req |",
         "|---|---:|---:|---:|---:|---:|",
-        *table_rows,
+        *(t[2] for t in table_rows),
     ]
-    if "added_p99_at_half" in doc:
-        a = doc["added_p99_at_half"]
-        text.append("")
-        text.append(
-            f"Identity pipeline at half of its saturation ({a['rps']:,.0f} req/s): p99 {fmt_us(a['gateway_p99_us'])}; "
-            f"upstream direct at the same pacing: p99 {fmt_us(a['upstream_direct_p99_us'])}; "
-            f"added p99 ≈ {fmt_us(a['added_us'])}."
-        )
+    for key, what in (("added_p99_at_half", "Identity pipeline"), ("added_p99_at_half_twin", "Its twin")):
+        if key in doc:
+            a = doc[key]
+            text.append("")
+            text.append(
+                f"{what} at half of its saturation ({a['rps']:,.0f} req/s): p99 {fmt_us(a['gateway_p99_us'])}; "
+                f"upstream direct at the same pacing: p99 {fmt_us(a['upstream_direct_p99_us'])}; "
+                f"added p99 ≈ {fmt_us(a['added_us'])}."
+            )
     return "\n".join(text), doc
 
 

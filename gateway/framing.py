@@ -66,6 +66,13 @@ class ChunkGuard:
         if self.done:
             return None
         pos, n = 0, len(data)
+        if self.state == self.HEAD and not self.buf and not data.startswith(b"\r\n"):
+            # The common read: it starts with a whole header block. What the loop below would do
+            # first (``_line_state``), without its bookkeeping.
+            end = data.find(b"\r\n\r\n")
+            if end >= 0:
+                self._head(data[:end])
+                pos = end + 4
         while pos < n and not self.done:
             st = self.state
             if st == self.BODY or st == self.DATA:

@@ -156,6 +156,18 @@ class Forwarder:
     # -- per request
     def headers(self, ctx: RequestContext) -> dict[str, str]:
         """The identity headers for one request, from verified facts only."""
+        route = ctx.route
+        if (
+            ctx.token is None
+            and ctx.integration is None
+            and ctx.certificate is None
+            and ctx.person is None
+            and not ctx.target_org
+            and not ctx.acting_org
+            and not self.config.assertion.enabled
+            and (route is None or not route.config.legal_basis)
+        ):
+            return {}  # no verified fact and no assertion: nothing to add (e.g. an open route)
         facts = self.facts(ctx)
         n = self.names
         out: dict[str, str] = {}
@@ -163,7 +175,6 @@ class Forwarder:
             v = facts.get(key)
             if v:
                 out[n[suffix]] = _header_value(v)
-        route = ctx.route
         if route is not None and route.config.forward.bearer_token and ctx.token is not None:
             # ctx.token is set only after the one Authorization header verified (and bound).
             auth = ctx.headers.get("Authorization")

@@ -102,8 +102,17 @@ def test_wrk_script_carries_the_request(tmp_path):
 
 
 def test_wrk_script_paces_with_delay(tmp_path):
-    text = run.wrk_script(sc.get_plain(None), tmp_path / "r.lua", delay_ms=12.5).read_text()
+    text = run.wrk_script(sc.get_plain(None), tmp_path / "r.lua", delay_ms=12.5, think="fixed").read_text()
     assert "delay = function() return 12.500 end" in text
+
+
+def test_wrk_script_think_time_is_random_with_the_points_mean_by_default(tmp_path):
+    """Fixed waits keep the connections in step (they fire together and p99 reads
+    connections x CPU per request): the latency section's default is an exponential wait."""
+    text = run.wrk_script(sc.get_plain(None), tmp_path / "r.lua", delay_ms=12.5).read_text()
+    assert "delay = function() return math.floor(-math.log(1 - math.random()) * 12.500 + 0.5) end" in text
+    assert run.parse_args([]).latency_think == "exponential"
+    assert run.parse_args(["--latency-think", "fixed"]).latency_think == "fixed"
 
 
 def test_quick_selection_keeps_each_shapes_bare_row():

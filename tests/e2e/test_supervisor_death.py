@@ -190,4 +190,9 @@ async def test_shutdown_says_connection_close_and_closes_idle_connections_cleanl
     assert await asyncio.wait_for(loop.sock_recv(idle, 65536), 20) == b""
     idle.close()
     busy.close()
+    # It is shutting down (our SIGTERM): wait for the exit. A second SIGTERM from stop_async in
+    # its last moments, after the loop's handler is gone, would kill it (-15) under load.
+    deadline = time.monotonic() + 30
+    while gw.proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     assert await gw.stop_async() == 0

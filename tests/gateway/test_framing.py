@@ -190,3 +190,39 @@ def test_random_pipelined_traffic_is_followed_without_false_alarms_at_any_split(
         # ...and a request with an out-of-range chunk after all of that is caught
         g.feed(b"POST /z HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3e9\r\n")
         assert g.violation == 1001
+
+
+def _state(g: ChunkGuard) -> tuple:
+    return (g.state, g.remaining, g.buf, g.done, g.lost, g.lost_mid_head, g.violation)
+
+
+def test_a_read_that_starts_with_a_header_block_is_followed_as_byte_by_byte():
+    """feed() takes a read that starts with a whole header block in one step (the common
+    keep-alive request): the guard must end in the very state that one byte at a time gives."""
+    import random
+
+    rnd = random.Random(20261208)
+    extra = [
+        b"",
+        b"GET /n HTTP/1.1\r\n" + H + b"\r\n",
+        b"5\r\nhello\r\n0\r\n\r\n",
+        b"\r\n",
+        b"ffffffff\r\n",
+        b"GET /n HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
+    ]
+    heads = [
+        b"GET /g HTTP/1.1\r\n" + H + b"\r\n",
+        b"POST /c HTTP/1.1\r\n" + H + b"Content-Length: 7\r\n\r\n",
+        b"POST /t HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n",
+        b"GET /u HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+        b"GET /\r\n\r\n",
+        b"POST /c HTTP/1.1\r\nContent-Length: 1x\r\n\r\n",
+    ]
+    for _ in range(2000):
+        reads = [rnd.choice(heads) + rnd.choice(extra) + rnd.choice(extra) for _ in range(rnd.randint(1, 4))]
+        whole, bytewise = ChunkGuard(1000), ChunkGuard(1000)
+        for r in reads:
+            whole.feed(r)
+            for i in range(len(r)):
+                bytewise.feed(r[i : i + 1])
+            assert _state(whole) == _state(bytewise), reads
