@@ -1,8 +1,8 @@
 """Integration password verification: argon2id off the event loop, at most once per credential.
 
 argon2id costs ~100-150 ms of CPU at default parameters, so it never runs on the event loop and
-never twice for the same credential: a success is remembered per integration (keyed digest of the
-password, process-random HMAC key) until that integration's hash changes; a failure is remembered
+never twice for the same credential: a success is remembered per integration (keyed BLAKE2b digest
+of the password, process-random key) until that integration's hash changes; a failure is remembered
 briefly; concurrent first attempts share one verification (single flight). Unknown ids run no
 argon2 at all: their 401 is padded by a sleep (no CPU) to the calibrated cost of the costliest
 configured hash, measured once at load, so the answer takes as long as a wrong password's. At most
