@@ -33,7 +33,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from filters.rate_limit.gcra import GCRA_LUA, MemoryGcra, Policy, Verdict
+from filters.rate_limit.gcra import GCRA_LEASE_LUA, GCRA_LUA, MemoryGcra, Policy, Verdict
 from filters.redis_client import (
     ClientOptions,
     close_async_client,
@@ -80,6 +80,9 @@ BREAKER_STATE = Gauge(
 )
 
 CLOSED, HALF_OPEN, OPEN = 0, 1, 2
+LEASE_SECONDS = 1.0  # a lease's unused checks lapse after this long (lost: the safe direction)
+LEASE_FLOOR_FACTOR = 16  # a lease is taken only while 16 x lease_checks requests stay admissible
+MAX_LEASES = 10_000  # subjects with a live lease per process (all dropped when full: a lost lease is safe)
 STATE_NAMES = {CLOSED: "closed", HALF_OPEN: "half-open", OPEN: "open"}
 STATE_LABELS = {CLOSED: "closed", HALF_OPEN: "half_open", OPEN: "open"}
 
@@ -134,6 +137,14 @@ class RedisBackend:
         self._closed = False
         self._held: list[Any] = []  # connections the batcher holds between batches (see _take)
         self._hold_max = min(self.max_inflight, self.max_connections - 1)
+        # Leases (cfg.lease_checks, GCRA_LEASE_LUA): key -> [units left, expiry (loop time),
+        # remaining after the lease as Redis said, reset deadline (loop time)].
+        self.lease = cfg.lease_checks if cfg.lease_checks > 1 else 0
+        self._leases: dict[str, list[Any]] = {}
+        self._lease_extra: tuple[int, ...] = (
+            (self.lease, LEASE_FLOOR_FACTOR * self.lease) if self.lease else ()
+        )
+        self._argv: dict[Policy, bytes] = {}  # policy -> its ARGV in RESP (with the lease's n and floor)
         self._socket_timeouts: dict[int, float] = {}  # id(held connection) -> its pool socket_timeout
 
     # -- connection --------------------------------------------------------------------------
@@ -213,14 +224,25 @@ class RedisBackend:
         return self.client is not None and is_cluster(self.client)
 
     async def _load_script(self) -> None:
-        sha = await self.client.script_load(GCRA_LUA)  # a cluster client loads it on every master
+        script = GCRA_LEASE_LUA if self.lease else GCRA_LUA
+        sha = await self.client.script_load(script)  # a cluster client loads it on every master
         if isinstance(sha, dict):
             sha = next(iter(sha.values()))
         if isinstance(sha, bytes):
             sha = sha.decode()
         self.sha = sha
         sb = sha.encode()
-        self._evalsha_head = b"*7\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (len(sb), sb)
+        n = 7 + len(self._lease_extra)  # EVALSHA sha 1 key T tau now [n floor]
+        self._evalsha_head = b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (n, len(sb), sb)
+
+    def _resp_args(self, p: Policy) -> bytes:
+        if not self.lease:
+            return p.resp_args
+        out = self._argv.get(p)
+        if out is None:
+            extra = b"".join(b"$%d\r\n%d\r\n" % (len(b"%d" % x), x) for x in self._lease_extra)
+            out = self._argv[p] = p.resp_args + extra
+        return out
 
     # -- breaker -----------------------------------------------------------------------------
 
@@ -280,6 +302,34 @@ class RedisBackend:
         Waits at most ``timeout_ms``: unbatched, an ``asyncio.timeout`` wraps the round trip;
         batched, each batch runs under a deadline of its oldest check's enqueue time plus the
         timeout (so queueing behind busy batches is included, without a timer per check)."""
+        if self.lease:
+            return await self._check_leased(items)
+        return await self._check(items)
+
+    async def _check_leased(self, items: Sequence[tuple[str, Policy]]) -> list[Verdict]:
+        """Checks covered by a live lease are admitted here (they are on the subject's schedule in
+        Redis already: taken with the lease); the others go to Redis, asking for a lease."""
+        now = (self._loop or asyncio.get_running_loop()).time()
+        leases = self._leases
+        out: list[Verdict | None] = [None] * len(items)
+        remote: list[tuple[str, Policy]] = []
+        where: list[int] = []
+        for i, (key, p) in enumerate(items):
+            lease = leases.get(key)
+            if lease is not None and lease[0] > 0 and now < lease[1]:
+                lease[0] -= 1
+                out[i] = Verdict(True, lease[2] + lease[0], 0.0, max(0.0, lease[3] - now))
+            else:
+                remote.append((key, p))
+                where.append(i)
+        if remote:
+            for i, v in zip(where, await self._check(remote, leases_from=remote)):
+                out[i] = v
+        return out  # type: ignore[return-value]
+
+    async def _check(
+        self, items: Sequence[tuple[str, Policy]], leases_from: Sequence[tuple[str, Policy]] | None = None
+    ) -> list[Verdict]:
         if self.state != CLOSED or self.client is None:
             raise BackendUnavailable("fallback", f"breaker {STATE_NAMES[self.state]}")
         try:
@@ -304,7 +354,21 @@ class RedisBackend:
             raise BackendUnavailable("backend_error", "timeout") from None
         except (RedisError, OSError) as e:
             raise BackendUnavailable("backend_error", _describe(e)) from None
-        return [Verdict.from_us(*r) for r in raw]
+        if leases_from is None:
+            return [Verdict.from_us(*r) for r in raw]
+        verdicts = []
+        now = (self._loop or asyncio.get_running_loop()).time()
+        leases = self._leases
+        for (key, _), r in zip(leases_from, raw):
+            v = Verdict.from_us(r[0], r[1], r[2], r[3])
+            left = int(r[4]) - 1 if len(r) > 4 else 0
+            if left > 0:
+                if len(leases) >= MAX_LEASES:
+                    leases.clear()
+                leases[key] = [left, now + LEASE_SECONDS, v.remaining, now + v.reset]
+                v = v._replace(remaining=v.remaining + left)
+            verdicts.append(v)
+        return verdicts
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -364,10 +428,18 @@ class RedisBackend:
                 # The ordinary redis-py call: what an unbatched limiter does.
                 key, p = items[0]
                 try:
-                    out = [await self.client.evalsha(self.sha, 1, key, p.interval_us, p.tolerance_us, "")]
+                    out = [
+                        await self.client.evalsha(
+                            self.sha, 1, key, p.interval_us, p.tolerance_us, "", *self._lease_extra
+                        )
+                    ]
                 except NoScriptError:
                     await self._load_script()
-                    out = [await self.client.evalsha(self.sha, 1, key, p.interval_us, p.tolerance_us, "")]
+                    out = [
+                        await self.client.evalsha(
+                            self.sha, 1, key, p.interval_us, p.tolerance_us, "", *self._lease_extra
+                        )
+                    ]
             else:
                 out = await self._pipeline(items, range(len(items)))
                 missing = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
@@ -393,7 +465,7 @@ class RedisBackend:
             pipe = self.client.pipeline(transaction=False)
             for i in which:
                 key, p = items[i]
-                pipe.evalsha(self.sha, 1, key, p.interval_us, p.tolerance_us, "")
+                pipe.evalsha(self.sha, 1, key, p.interval_us, p.tolerance_us, "", *self._lease_extra)
             return list(await pipe.execute(raise_on_error=False))
 
         # A round trip holds at most one connection per master; the cluster client's pools do
@@ -425,7 +497,7 @@ class RedisBackend:
             kb = key.encode()
             parts.append(head)
             parts.append(b"$%d\r\n%s\r\n" % (len(kb), kb))
-            parts.append(p.resp_args)
+            parts.append(self._resp_args(p))
         payload = b"".join(parts)
         for attempt in (1, 2):
             # A held connection first (none on the retry: a fresh one from the pool, which checks
