@@ -177,11 +177,14 @@ class IntegrationsFilter(Filter):
         usable = _usable(password)
         # A password this process verified before for this id needs no advance count (it cannot
         # be a guess); it still has to wait out a lockout, or a lockout would be an oracle.
-        known_good = usable and integ is not None and stage.verifier.cached_good(iid, password)
+        digest = stage.verifier.digest(iid, password) if usable else None
+        known_good = (
+            digest is not None and integ is not None and stage.verifier.cached_good(iid, password, digest)
+        )
         # Concurrent attempts with the same (id, password, address) are one guess: the first is
         # admitted (and counted); the others share its admission and its argon2 run, and leave
         # the accounting to it.
-        guess = (iid, stage.verifier.digest(iid, password), ip) if usable else None
+        guess = (iid, digest, ip) if digest is not None else None
         first = stage.admissions.get(guess) if guess is not None else None  # type: ignore[arg-type]
         shared = False
         if first is not None:

@@ -79,6 +79,16 @@ class RateLimitConfig(Model):
     )
     ipv6_prefix_length: int = Field(64, ge=1, le=128, description="client_ip: one subject per IPv6 prefix")
     max_local_keys: int = Field(100_000, ge=100, description="Subjects kept by the in-process limiter")
+    lease_checks: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Redis: for a subject far from its limit (at least 16 x this many requests still "
+        "admissible after them), take this many checks in one round trip and admit the rest of them in "
+        "this process within a second, without asking Redis. Never admits more than the policy; a lease "
+        "unused within the second is lost, so such a subject may be refused up to this many requests "
+        "early per process. 0 (default): every check asks Redis (exact)",
+    )
 
     @field_validator("key_prefix")
     @classmethod
@@ -160,6 +170,7 @@ class RateLimitConfig(Model):
             self.breaker_backoff_ms,
             self.breaker_max_backoff_ms,
             self.max_local_keys,
+            self.lease_checks,
         )
 
 

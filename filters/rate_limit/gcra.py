@@ -111,6 +111,69 @@ return {1, math.floor(diff / interval), 0, new_tat - now}
 """
 
 
+# The same GCRA taking a lease (``rate_limit.lease_checks``): ARGV[4] = n, ARGV[5] = floor. The
+# request is decided exactly as by GCRA_LUA; when it is admitted and n units (this request and n - 1
+# more) fit with at least ``floor`` requests still admissible after them, all n are taken at once
+# (the TAT moves n intervals) and the reply's 5th element says n; otherwise one unit is taken and it
+# says 1 (0 when refused). The caller admits the n - 1 leased requests without asking Redis again:
+# they are already on the subject's schedule, so no process can admit more than the policy allows.
+GCRA_LEASE_LUA = """
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local n = tonumber(ARGV[4])
+local floor_units = tonumber(ARGV[5])
+local now
+if ARGV[3] ~= nil and ARGV[3] ~= '' then
+  now = tonumber(ARGV[3])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if tat == nil or tat < now then
+  tat = now
+end
+local new_tat = tat + interval
+local allow_at = new_tat - tolerance
+local diff = now - allow_at
+if diff < 0 then
+  return {0, 0, -diff, tat - now, 0}
+end
+local taken = 1
+if n > 1 then
+  local lease_tat = tat + n * interval
+  local lease_diff = now - (lease_tat - tolerance)
+  if lease_diff >= 0 and math.floor(lease_diff / interval) >= floor_units then
+    new_tat = lease_tat
+    diff = lease_diff
+    taken = n
+  end
+end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+return {1, math.floor(diff / interval), 0, new_tat - now, taken}
+"""
+
+
+def gcra_lease_step(
+    tat: int | None, now: int, interval: int, tolerance: int, n: int, floor_units: int
+) -> tuple[tuple[int, int, int, int, int], int | None]:
+    """``GCRA_LEASE_LUA`` in Python, line by line: ``((allowed, remaining, retry_us, reset_us,
+    taken), new_tat)``; ``new_tat`` None when refused."""
+    if tat is None or tat < now:
+        tat = now
+    new_tat = tat + interval
+    diff = now - (new_tat - tolerance)
+    if diff < 0:
+        return (0, 0, -diff, tat - now, 0), None
+    taken = 1
+    if n > 1:
+        lease_tat = tat + n * interval
+        lease_diff = now - (lease_tat - tolerance)
+        if lease_diff >= 0 and lease_diff // interval >= floor_units:
+            new_tat, diff, taken = lease_tat, lease_diff, n
+    return (1, diff // interval, 0, new_tat - now, taken), new_tat
+
+
 def monotonic_us() -> int:
     return time.monotonic_ns() // 1000
 

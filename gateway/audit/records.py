@@ -34,17 +34,32 @@ _SECRET_PARAM = re.compile(
 )
 
 
+# Texts ``scrub`` left unchanged (route names, org numbers, issuer names, key ids, paths without a
+# person number): the same few recur in every record, and testing one again costs ~2 µs. Only such
+# texts are kept, so the set never holds a person number (nor anything the trail does not show
+# verbatim); bounded, emptied when full.
+_CLEAN: set[str] = set()
+CLEAN_MAX = 4096
+CLEAN_TEXT_MAX = 256  # longer texts are tested each time (rarely repeated; bounds the memory)
+
+
 def scrub(text: str, pseudo_key: bytes) -> str:
     """Replace every possible person number (``norid.mask_person_numbers``: every spelling, and
     digit runs embedded in longer ones) by its pseudonym. A percent-encoded one
     (``%32%34917397852``) counts too: then the decoded text is scrubbed."""
-    if not text:
+    if not text or text in _CLEAN:
         return text
+    sent = text
     if "%" in text:
         decoded = unquote(text)
         if decoded != text and mask_person_numbers(decoded) != decoded:
             text = decoded
-    return mask_person_numbers(text, lambda digits: "~p:" + pseudonym(pseudo_key, digits)[:16])
+    out = mask_person_numbers(text, lambda digits: "~p:" + pseudonym(pseudo_key, digits)[:16])
+    if out == sent and len(sent) <= CLEAN_TEXT_MAX:
+        if len(_CLEAN) >= CLEAN_MAX:
+            _CLEAN.clear()
+        _CLEAN.add(sent)
+    return out
 
 
 def scrub_query(qs: str, pseudo_key: bytes) -> str:
@@ -59,6 +74,8 @@ def scrub_query(qs: str, pseudo_key: bytes) -> str:
 
 
 def scrub_facts(v: Any, key: bytes) -> Any:
+    if type(v) is str:
+        return v if v in _CLEAN else scrub(v, key)
     if isinstance(v, str):
         return scrub(v, key)
     if isinstance(v, dict) or hasattr(v, "items"):

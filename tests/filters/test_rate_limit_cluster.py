@@ -87,3 +87,44 @@ def test_cluster_url_is_validated_and_never_echoes_the_password():
         )
     assert any("rate_limit" in p and "no database" in p for p in e.value.problems), e.value.problems
     assert "s3cret-pw" not in "\n".join(e.value.problems)
+
+
+async def test_leases_on_a_redis_cluster_batched_and_unbatched(redis_cluster):
+    """lease_checks on a cluster: the lease script runs on each key's master (loaded again after a
+    flush), leased checks are admitted without a round trip, and near the limit two backends stay
+    exact."""
+    from tests.filters.helpers_rate_limit import sample
+
+    far = [{"per": "integration", "limit": 100_000, "period_seconds": 3600}]
+    a, fa = stage_for(cluster_cfg(redis_cluster.url, lease_checks=4), far)
+    b, fb = stage_for(cluster_cfg(redis_cluster.url, lease_checks=4, autopipeline=False), far)
+    await a.start()
+    await b.start()
+    try:
+        trips0 = sample("portvakt_rate_limit_backend_seconds_count")
+        for f in (fa["rate_limit"], fb["rate_limit"]):
+            for i in range(16):
+                c = ctx(integration=str(uuid.UUID(int=100 + i % 2)))
+                assert await f.check(c) is ALLOW and c.rate_limit["source"] == "redis"
+        assert sample("portvakt_rate_limit_backend_seconds_count") - trips0 == 8  # 32 checks, 4 per trip
+        for n in redis_cluster.nodes:
+            redis_cluster.cli(n, "script", "flush")
+        a.backend._leases.clear()
+        c = ctx(integration=str(uuid.UUID(int=102)))
+        assert await fa["rate_limit"].check(c) is ALLOW and c.rate_limit["source"] == "redis"
+    finally:
+        await a.close()
+        await b.close()
+    near = [{"per": "integration", "limit": 20, "period_seconds": 3600}]
+    a, fa = stage_for(cluster_cfg(redis_cluster.url, lease_checks=4), near)
+    b, fb = stage_for(cluster_cfg(redis_cluster.url, lease_checks=4, autopipeline=False), near)
+    await a.start()
+    await b.start()
+    try:
+        fs = [fa["rate_limit"], fb["rate_limit"]]
+        iid = str(uuid.UUID(int=200))
+        results = await asyncio.gather(*(fs[i % 2].check(ctx(integration=iid)) for i in range(60)))
+        assert sum(1 for r in results if r is ALLOW) == 20
+    finally:
+        await a.close()
+        await b.close()

@@ -176,3 +176,52 @@ async def test_failed_reload_does_not_close_the_serving_stages_backend(redis_ser
     assert await fs1["rate_limit"].check(c) is ALLOW and c.rate_limit["source"] == "redis"
     await s1.close()
     assert backend._closed  # the last stage holding it closes it
+
+
+async def test_the_batcher_holds_its_connections_and_gives_them_back_clean(redis_server):
+    """Batches reuse held connections (no pool get/release per batch) without a socket timeout of
+    their own (the batch deadline bounds them); never all of the pool, so a script load still gets
+    one; a failed batch returns every held connection to the pool with its timeout restored; closing
+    the backend returns them too."""
+    stage, fs = stage_for(
+        redis_cfg(redis_server.url, timeout_ms=2000, max_connections=2, max_inflight_batches=2),
+        [{"per": "route", "limit": 100_000, "period_seconds": 60}],
+    )
+    await stage.start()
+    f = fs["rate_limit"]
+    b = stage.backend
+    pool = b.client.connection_pool
+    try:
+        for _ in range(3):
+            cs = [ctx() for _ in range(5)]
+            assert all(d is ALLOW for d in await asyncio.gather(*(f.check(c) for c in cs)))
+            assert {c.rate_limit["source"] for c in cs} == {"redis"}
+        # Two batches on the wire at once (the server paused under the first) use both pool
+        # connections; afterwards only max_connections - 1 stay held.
+        admin = redis_server.client()
+        await admin.execute_command("CLIENT", "PAUSE", "300", "ALL")
+        first = asyncio.create_task(f.check(ctx()))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(f.check(ctx()))
+        assert await first is ALLOW and await second is ALLOW
+        assert len(b._held) == 1  # max_connections - 1
+        held = b._held[0]
+        assert held.socket_timeout is None and held in pool._in_use_connections
+        # The pool's other connection still serves a script load while the batcher holds one.
+        await asyncio.wait_for(b._load_script(), 2)
+        # A held connection the server dropped: the batch retries on a pool connection (the pool
+        # may hand out the same object, reconnected), and what is not held has its timeout back.
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await admin.aclose()
+        c = ctx()
+        assert await f.check(c) is ALLOW and c.rate_limit["source"] == "redis"
+        assert len(b._held) == 1 and b._held[0].socket_timeout is None
+        others = [x for x in [*pool._available_connections, *pool._in_use_connections] if x not in b._held]
+        assert others and all(x.socket_timeout == 2.0 for x in others)  # the pool's own, restored
+        taken = await b._take()
+        assert taken.socket_timeout is None
+        await b._give_back(taken, failed=True)
+        assert taken.socket_timeout == 2.0 and not b._held  # failed: all of them back to the pool
+    finally:
+        await stage.close()
+    assert b._held == [] and held.socket_timeout == 2.0
