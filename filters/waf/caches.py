@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from filters.waf.transforms import batch_step
+
 if TYPE_CHECKING:  # pragma: no cover
     from filters.waf.ruleset import Ruleset
 
@@ -38,6 +40,7 @@ class ValueCaches:
         "universe_pass",
         "key_regex",
         "tx_ints",
+        "_batch_steps",
     )
 
     def __init__(self, ruleset: Ruleset) -> None:
@@ -55,6 +58,17 @@ class ValueCaches:
         self.universe_pass = 0  # counts universe passes
         self.key_regex: dict[tuple[int, str], bool] = {}  # (id of a key regex, key) -> matched
         self.tx_ints: dict[bytes, int] = {}  # TX value -> atoi
+        self._batch_steps: list | None = None
+
+    @property
+    def batch_steps(self) -> list:
+        """Per pipeline index, its last step's batched form (transforms.batch_step) or None."""
+        b = self._batch_steps
+        if b is None or len(b) != len(self.ruleset.pipeline_list):
+            b = self._batch_steps = [
+                batch_step(p.names[-1]) if p.names else None for p in self.ruleset.pipeline_list
+            ]
+        return b
 
     def trim(self) -> None:
         """Bound the caches (a few length checks per request)."""

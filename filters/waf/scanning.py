@@ -113,10 +113,9 @@ class ValueScanner(RequestVariables):
         plist = rs.pipeline_list
         tf = self.transform
         cand = self.candidates
-        plain = self.plain_cache
         s = self.scalars
         found: list[Any] = []
-        fresh: dict[int, list[bytes]] = {}
+        fresh: dict[int, tuple[tuple[int, ...], list[bytes]]] = {}  # group id -> (pipelines, new values)
         for coll, grp, keyed in rs.universe_plan:
             v = s.get(coll)
             if v is not None:
@@ -154,29 +153,98 @@ class ValueScanner(RequestVariables):
                 else:
                     if len(v) <= big:
                         seen[k] = serial
-                    # a plain value (see PLAIN_VALUE) is its own transform in plain-identity pipelines
-                    pv = plain.get(v)
-                    if pv is None:
-                        pv = PLAIN_VALUE.match(v) is not None
-                        if len(v) <= big:
-                            plain[v] = pv
-                    for q in pipes:
-                        pq = plist[q]
-                        tv = v if (pv and pq.plain_identity) else tf(v, pq)
-                        fl = fresh.get(q)
-                        if fl is None:
-                            fresh[q] = [tv]
-                        else:
-                            fl.append(tv)
-        for q, fl in fresh.items():
-            c = self.scan_values(q, fl)
-            if c:
-                found.append(c)
+                    fg = fresh.get(g[0])
+                    if fg is None:
+                        fresh[g[0]] = (pipes, [v])
+                    else:
+                        fg[1].append(v)
+        if fresh:
+            found.extend(self.scan_fresh(fresh))
         r = union_candidates(found)
         uc = self.universe_cache
         for q in rs.universe_pipelines:
             uc[q] = r
         uc[p.idx] = r
+        return r
+
+    def scan_fresh(self, fresh: dict[int, tuple[tuple[int, ...], list[bytes]]]) -> list[Any]:
+        """The universe pass's values never met before, per variable group: joined by newlines
+        into pieces of at most ``MAX_SCAN`` raw bytes, each piece transformed once per pipeline
+        step (a step's result shared by every pipeline that starts with it) where the step's
+        batched form (transforms.batch_step) gives exactly the per-value results joined;
+        otherwise, or when a piece outgrows what the Set scans, value by value as before."""
+        steps = self.caches.batch_steps
+        plist = self.ruleset.pipeline_list
+        cand = self.candidates
+        memo: dict[tuple[int, int], Any] = {}  # (pipeline, piece number) -> batch_transform's state
+        found: list[Any] = []
+        serial = 0
+        for pipes, raws in fresh.values():
+            pieces = []  # (piece number, joined raw values, how many, the values)
+            start = size = 0
+            for i, v in enumerate(raws):
+                n = len(v) + 1
+                if i > start and size + n > MAX_SCAN:
+                    pieces.append((serial, raws[start:i]))
+                    serial += 1
+                    start, size = i, 0
+                size += n
+            pieces.append((serial, raws[start:]))
+            serial += 1
+            joined = [(no, vs[0] if len(vs) == 1 else b"\n".join(vs), vs) for no, vs in pieces]
+            for q in pipes:
+                for no, j, vs in joined:
+                    if len(vs) == 1:  # one value: its transformations are cached for the rules too
+                        c = cand(q, self.transform(j, plist[q]))
+                        if c:
+                            found.append(c)
+                        continue
+                    tp = self.batch_transform(plist[q], no, j, len(vs), memo, steps)
+                    if tp is None or len(tp) > MAX_SCAN:
+                        c = self.scan_values(q, [self.transform(v, plist[q]) for v in vs])
+                    else:
+                        c = cand(q, tp)
+                    if c:
+                        found.append(c)
+        return found
+
+    @staticmethod
+    def batch_transform(
+        p: Pipeline, no: int, j: bytes, n: int, memo: dict[tuple[int, int], Any], steps: list
+    ) -> bytes | None:
+        """Joined piece ``no`` (``n`` values joined by newlines) through pipeline ``p``, step by
+        step from the longest prefix already done for this piece. A step runs once over the
+        joined text where its batched form is exact for it; otherwise on each value (the
+        joined text split at its newlines when no value holds one, or the values of the
+        previous per-value step). None when neither is possible (a value with a newline meets
+        a step without a batched form): the caller then transforms value by value."""
+        todo = []
+        q: Pipeline | None = p
+        r: Any = j  # bytes: the joined results; list: the per-value results; None: give up
+        while q is not None and q.fn is not None:
+            k = (q.idx, no)
+            if k in memo:
+                r = memo[k]
+                break
+            todo.append(q)
+            q = q.parent
+        for q in reversed(todo):
+            if r is not None:
+                if type(r) is bytes:
+                    st = steps[q.idx]
+                    t = st(r, n) if st is not None else None
+                    if t is None:
+                        if r.count(b"\n") == n - 1:
+                            f = q.fn
+                            t = [f(x) for x in r.split(b"\n")]  # type: ignore[misc]
+                        # else: None, a value holds a newline
+                    r = t
+                else:
+                    f = q.fn
+                    r = [f(x) for x in r]  # type: ignore[misc]
+            memo[(q.idx, no)] = r
+        if type(r) is list:
+            return b"\n".join(r)
         return r
 
     def scan_values(self, pidx: int, values: list[bytes]) -> Any:

@@ -440,3 +440,114 @@ PLAIN_IDENTITY = frozenset(
 def get(name: str):
     """The transformation called ``name`` (case-insensitive). Raises KeyError."""
     return FUNCTIONS[name.lower()]
+
+
+# --- batched transformation of values joined by newlines (the universe pass, scanning.py)
+#
+# A step of a pipeline may run once over n values joined by b"\n" instead of once per value
+# only when the result is exactly the per-value results joined by b"\n". ``batch_step(name)``
+# gives, per transformation, a function (joined, n) -> that joined result, or None when it
+# cannot say for this input (the caller then transforms value by value). Three kinds:
+#
+# - homomorphic: t(a + b"\n" + b) == t(a) + b"\n" + t(b) for all a, b: no escape or token the
+#   function rewrites can span a newline, and the function leaves b"\n" itself alone;
+# - homomorphic unless a trigger is in the joined text (jsDecode: a value ending in a
+#   backslash would escape the separator);
+# - identity when the joined text shows that every value lacks what the function rewrites
+#   (then each value is its own result); ``n`` tells the separators from newlines inside values.
+
+_HOMOMORPHIC = {
+    "none": none,
+    "lowercase": lowercase,
+    "uppercase": uppercase,
+    "urldecode": url_decode,
+    "urldecodeuni": url_decode_uni,
+    "htmlentitydecode": html_entity_decode,
+    "escapeseqdecode": escape_seq_decode,
+    "utf8tounicode": utf8_to_unicode,
+    "removenulls": remove_nulls,
+    "replacenulls": replace_nulls,
+    "removecommentschar": remove_comments_char,  # no token it removes holds b"\n"
+}
+_WS_NOT_NL = b" \t\r\f\v\xa0"  # whitespace (as removeWhitespace sees it) but the separator
+_WS_RUN_NOT_SPACE = b"\t\r\f\v\xa0"
+
+
+def _whole(fn):
+    def step(j: bytes, n: int) -> bytes | None:
+        return fn(j)
+
+    return step
+
+
+def _js_joined(j: bytes, n: int) -> bytes | None:
+    return None if b"\\\n" in j else js_decode(j)
+
+
+def _identity_unless(*triggers: bytes):
+    def step(j: bytes, n: int) -> bytes | None:
+        for t in triggers:
+            if t in j:
+                return None
+        return j
+
+    return step
+
+
+def _no_inner_newline(j: bytes, n: int) -> bool:
+    return j.count(b"\n") == n - 1
+
+
+def _no_whitespace(j: bytes, n: int) -> bytes | None:
+    """removeWhitespace, trim*: the identity on values without whitespace."""
+    if not _no_inner_newline(j, n) or len(j.translate(None, _WS_NOT_NL)) != len(j):
+        return None
+    return j
+
+
+def _single_spaces(j: bytes, n: int) -> bytes | None:
+    """compressWhitespace: the identity on values whose whitespace is single spaces."""
+    if not _no_inner_newline(j, n) or b"  " in j or len(j.translate(None, _WS_RUN_NOT_SPACE)) != len(j):
+        return None
+    return j
+
+
+def _normalize_path_joined(backslash: bool):
+    def step(j: bytes, n: int) -> bytes | None:
+        # normalizePath is the identity on a value without "/.", "//" and a leading "."
+        if (
+            b"/." in j
+            or b"//" in j
+            or b"\n." in j
+            or j.startswith(b".")
+            or (backslash and b"\\" in j)
+            or not _no_inner_newline(j, n)
+        ):
+            return None
+        return j
+
+    return step
+
+
+BATCH_STEPS = {
+    **{k: _whole(fn) for k, fn in _HOMOMORPHIC.items()},
+    "jsdecode": _js_joined,
+    "cssdecode": _identity_unless(b"\\"),
+    "replacecomments": _identity_unless(b"/*"),
+    "removecomments": lambda j, n: None if b"/*" in j else remove_comments(j),  # "--"/"#" stop at a newline
+    "normalizepath": _normalize_path_joined(False),
+    "normalisepath": _normalize_path_joined(False),
+    "normalizepathwin": _normalize_path_joined(True),
+    "normalisepathwin": _normalize_path_joined(True),
+    "removewhitespace": _no_whitespace,
+    "trim": _no_whitespace,
+    "trimleft": _no_whitespace,
+    "trimright": _no_whitespace,
+    "compresswhitespace": _single_spaces,
+}
+
+
+def batch_step(name: str):
+    """(joined values, how many) -> the joined per-value results, or None (see above); None
+    for a transformation that has no batched form (cmdLine, base64Decode, length, ...)."""
+    return BATCH_STEPS.get(name.lower())
