@@ -41,6 +41,7 @@ class ValueCaches:
         "key_regex",
         "tx_ints",
         "_batch_steps",
+        "_early",
     )
 
     def __init__(self, ruleset: Ruleset) -> None:
@@ -59,6 +60,16 @@ class ValueCaches:
         self.key_regex: dict[tuple[int, str], bool] = {}  # (id of a key regex, key) -> matched
         self.tx_ints: dict[bytes, int] = {}  # TX value -> atoi
         self._batch_steps: list | None = None
+        self._early: Any = False  # early.plan of phase 2, worked out on first use
+
+    @property
+    def early_plan(self) -> Any:
+        """The rule set's early-decision plan (early.py), or None."""
+        if self._early is False:
+            from filters.waf import early  # early -> request -> caches
+
+            self._early = early.plan(self.ruleset.program.get(2, []))
+        return self._early
 
     @property
     def batch_steps(self) -> list:
