@@ -42,6 +42,7 @@ class ValueCaches:
         "tx_ints",
         "_batch_steps",
         "_early",
+        "_separator_sets",
     )
 
     def __init__(self, ruleset: Ruleset) -> None:
@@ -61,6 +62,28 @@ class ValueCaches:
         self.tx_ints: dict[bytes, int] = {}  # TX value -> atoi
         self._batch_steps: list | None = None
         self._early: Any = False  # early.plan of phase 2, worked out on first use
+        self._separator_sets: dict | None = None
+
+    @property
+    def separator_sets(self) -> dict:
+        """Per pipeline: the pattern ids its Set finds in a lone newline (CRS 921150 ``[\\n\\r]``
+        and the like: a candidate in every buffer of values joined by newlines), and a Set of just
+        those patterns to ask each value on its own (scanning.ValueScanner.refine_joined)."""
+        if self._separator_sets is None:
+            from filters.waf import prefilter
+
+            rs = self.ruleset
+            out = {}
+            for pidx, ps in rs.prefilter.items():
+                hits = ps.scan(b"\n")
+                if hits is prefilter.ALL or not hits:
+                    continue
+                pats = [p for p in rs.patterns if p[0] == pidx and p[1] in hits]
+                unsafe, sets = prefilter.build(pats)
+                if pidx in sets and not unsafe:
+                    out[pidx] = (frozenset(hits), sets[pidx])
+            self._separator_sets = out
+        return self._separator_sets
 
     @property
     def early_plan(self) -> Any:

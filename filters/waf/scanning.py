@@ -176,6 +176,7 @@ class ValueScanner(RequestVariables):
         steps = self.caches.batch_steps
         plist = self.ruleset.pipeline_list
         cand = self.candidates
+        sep = self.caches.separator_sets
         memo: dict[tuple[int, int], Any] = {}  # (pipeline, piece number) -> batch_transform's state
         found: list[Any] = []
         serial = 0
@@ -204,6 +205,8 @@ class ValueScanner(RequestVariables):
                         c = self.scan_values(q, [self.transform(v, plist[q]) for v in vs])
                     else:
                         c = cand(q, tp)
+                        if c and q in sep and tp.count(b"\n") == len(vs) - 1:
+                            c = self.refine_joined(q, c, tp.split(b"\n"))
                     if c:
                         found.append(c)
         return found
@@ -260,13 +263,41 @@ class ValueScanner(RequestVariables):
         for v in values:
             n = len(v) + 1
             if piece and size + n > MAX_SCAN:
-                found.append(self.candidates(pidx, piece[0] if len(piece) == 1 else b"\n".join(piece)))
+                found.append(self.scan_piece(pidx, piece))
                 piece, size = [], 0
             piece.append(v)
             size += n
         if piece:
-            found.append(self.candidates(pidx, piece[0] if len(piece) == 1 else b"\n".join(piece)))
+            found.append(self.scan_piece(pidx, piece))
         return union_candidates(found)
+
+    def scan_piece(self, pidx: int, piece: list[bytes]) -> Any:
+        if len(piece) == 1:
+            return self.candidates(pidx, piece[0])
+        return self.refine_joined(pidx, self.candidates(pidx, b"\n".join(piece)), piece)
+
+    def refine_joined(self, pidx: int, found: Any, values: list[bytes]) -> Any:
+        """Candidates ``found`` in ``values`` joined by newlines, without the patterns that
+        match only because of a separator: a pattern that a lone newline matches (see
+        ValueCaches.separator_sets) stays a candidate only if one of the values has it."""
+        if found is prefilter.ALL or not found:
+            return found
+        sp = self.caches.separator_sets.get(pidx)
+        if sp is None:
+            return found
+        pids, small = sp
+        hit = pids.intersection(found)
+        if not hit:
+            return found
+        seen: set[int] = set()
+        for v in values:
+            s = small.scan(v)
+            if s is prefilter.ALL:
+                return found
+            seen.update(s)
+            if hit <= seen:
+                return found
+        return frozenset(found).difference(hit - seen)
 
     def candidates(self, pidx: int, v: bytes):
         """Pattern ids of pipeline ``pidx`` that match ``v`` (or prefilter.ALL)."""

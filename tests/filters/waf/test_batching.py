@@ -153,3 +153,23 @@ def test_universe_pass_finds_what_per_value_scans_find(crs_engine):
         # joined pieces may add candidates (a pattern across two values), never lose one
         assert set(want_u) <= set(got), round_
         assert len(want_u) > 10
+
+
+def test_a_pattern_that_matches_the_separator_is_asked_per_value(crs_engine):
+    """CRS 921150 (ARGS_NAMES ``[\\n\\r]``) matches every buffer of names joined by newlines: it
+    stays a candidate only when a name has a newline itself (ValueCaches.separator_sets)."""
+    eng = crs_engine(1)
+    rs = eng.ruleset
+    pid = next(r.pattern_id for r in rs.program[2] if r.id == 921150)
+    assert any(pid in pids for pids, _ in eng.caches.separator_sets.values())
+    form = [("Host", "x"), ("Content-Type", "application/x-www-form-urlencoded")]
+    plain = b"&".join(b"a%d=%d" % (i, i) for i in range(200))
+    tx = Transaction(rs, caches=ValueCaches(rs), method="POST", uri="/x", headers=form, body=plain)
+    u = tx.universe_candidates(rs.pipeline_list[0])
+    assert pid not in u
+    assert 921150 not in tx.process_request().matched
+    for body in (plain + b"&b%0Ac=1", b"b%0Dc=1&" + plain, plain[:500] + b"&x%0A=1&" + plain[500:]):
+        tx = Transaction(
+            rs, caches=ValueCaches(rs), method="POST", uri="/x", headers=form, body=body, detection_only=True
+        )
+        assert 921150 in tx.process_request().matched, body[-20:]
