@@ -173,3 +173,21 @@ def test_a_pattern_that_matches_the_separator_is_asked_per_value(crs_engine):
             rs, caches=ValueCaches(rs), method="POST", uri="/x", headers=form, body=body, detection_only=True
         )
         assert 921150 in tx.process_request().matched, body[-20:]
+
+
+def test_a_failed_set_scan_means_every_pattern_may_match():
+    """RE2 reports a lazy DFA that ran out of memory as "no match"; each Set ends with a pattern
+    every text matches (prefilter.SENTINEL), so a result without it is a failure: ALL."""
+    from filters.waf import prefilter
+
+    unsafe, sets = prefilter.build([(0, 7, [b"evil"], False), (0, 8, [b"worse"], False)])
+    ps = sets[0]
+    assert ps.scan(b"an evil text") == {7} and ps.scan(b"benign") == set()
+    long_value = b"x" * (prefilter.MAX_SCAN * 4) + b"worse"  # single values are scanned up to 1 MB
+    assert ps.scan(long_value) == {8}
+
+    class Failed:
+        def Match(self, text):
+            return None  # what google-re2 returns when RE2::Set::Match fails
+
+    assert prefilter.PipelineSet([(Failed(), [7, 8])]).scan(b"benign") is prefilter.ALL
