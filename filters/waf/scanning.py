@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from filters.waf.ruleset import Ruleset
 
 NO_CANDIDATES: frozenset[int] = frozenset()
+STEP_MEMO_MIN = 512  # bytes: shorter texts are transformed again rather than looked up
 
 
 def union_candidates(sets: list[Any]) -> Any:
@@ -52,6 +53,7 @@ class ValueScanner(RequestVariables):
         # pattern id -> values (built when a rule first needs it)]
         self.target_scan_cache: dict[tuple, list] = {}
         self.universe_cache: dict[int, Any] = {}  # pipeline -> candidates of the universe pass
+        self.step_memo: dict[tuple[Any, bytes], bytes] = {}  # (step function, long text) -> result
         super().__init__(ruleset, caches, **request)
         self.transform_cache = self.caches.transformed
         self.scan_cache = self.caches.scanned
@@ -88,8 +90,18 @@ class ValueScanner(RequestVariables):
                 break
             todo.append(q)
             q = q.parent
+        memo = self.step_memo
         for q in reversed(todo):
-            r = q.fn(r)  # type: ignore[misc]  # every q in todo passed the loop's q.fn is not None
+            if len(r) > STEP_MEMO_MIN:
+                # another pipeline may have run this step on the same text (a step before it
+                # was the identity): per request, (step, text) -> result
+                k = (q.fn, r)
+                t = memo.get(k)
+                if t is None:
+                    t = memo[k] = q.fn(r)  # type: ignore[misc]
+                r = t
+            else:
+                r = q.fn(r)  # type: ignore[misc]  # every q in todo passed the loop's q.fn is not None
             c[(q.idx, v)] = r
         return r
 

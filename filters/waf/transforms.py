@@ -49,7 +49,6 @@ _HEX_ESCAPES = {
     for a in b"0123456789abcdefABCDEF"
     for b in b"0123456789abcdefABCDEF"
 }
-_UNI_ESCAPES: dict[bytes, bytes] = dict(_HEX_ESCAPES)  # grows with the %uHHHH met (bounded)
 
 
 def url_decode(v: bytes) -> bytes:
@@ -72,21 +71,43 @@ def url_decode(v: bytes) -> bytes:
     return b"".join(out)
 
 
-def _uni_escape(m: re.Match[bytes]) -> bytes:
-    k = m.group(0)
-    r = _UNI_ESCAPES.get(k)
-    if r is None:
-        r = bytes((_fullwidth(m.group(2)),))
-        if len(_UNI_ESCAPES) < 100_000:
-            _UNI_ESCAPES[k] = r
-    return r
+_HEX2 = {k[1:]: b for k, b in _HEX_ESCAPES.items()}  # "XX" -> its byte
+_HEX_DIGITS = frozenset(_HEX)
+_UNI4: dict[bytes, bytes] = {}  # "uHHHH" -> its byte (grows with the escapes met; bounded)
 
 
 def url_decode_uni(v: bytes) -> bytes:
+    """``%XX`` and ``%uHHHH`` (``_PCT_U``), one pass over the text split at ``%`` (a regex
+    callback per escape costs several times more)."""
     if b"%" not in v and b"+" not in v:
         return v
     v = v.replace(b"+", b" ")
-    return _PCT_U.sub(_uni_escape, v)
+    if b"%" not in v:
+        return v
+    parts = v.split(b"%")
+    out = [parts[0]]
+    hex2 = _HEX2.get
+    uni = _UNI4.get
+    for item in parts[1:]:
+        byte = hex2(item[:2])
+        if byte is not None:
+            out.append(byte)
+            out.append(item[2:])
+            continue
+        if item[:1] in (b"u", b"U") and len(item) >= 5:
+            k = item[:5]
+            byte = uni(k)
+            if byte is None and _HEX_DIGITS.issuperset(item[1:5]):
+                byte = bytes((_fullwidth(item[1:5]),))
+                if len(_UNI4) < 100_000:
+                    _UNI4[k] = byte
+            if byte is not None:
+                out.append(byte)
+                out.append(item[5:])
+                continue
+        out.append(b"%")
+        out.append(item)
+    return b"".join(out)
 
 
 def url_encode(v: bytes) -> bytes:
@@ -105,18 +126,29 @@ _ENTITY = re.compile(rb"&(?:#[xX]([0-9a-fA-F]+);?|#([0-9]+);?|(quot|amp|lt|gt|nb
 _NAMED = {b"quot": 0x22, b"amp": 0x26, b"lt": 0x3C, b"gt": 0x3E, b"nbsp": 0xA0}
 
 
+_ENTITIES: dict[bytes, bytes] = {}  # entity text -> its byte (the short ones met; bounded)
+
+
+def _entity(m: re.Match[bytes]) -> bytes:
+    k = m.group(0)
+    r = _ENTITIES.get(k)
+    if r is not None:
+        return r
+    if m.group(1) is not None:
+        r = bytes((int(m.group(1)[-8:], 16) & 0xFF,))
+    elif m.group(2) is not None:
+        r = bytes((int(m.group(2)[-9:]) & 0xFF,))
+    else:
+        r = bytes((_NAMED[m.group(3).lower()],))
+    if len(k) <= 16 and len(_ENTITIES) < 100_000:
+        _ENTITIES[k] = r
+    return r
+
+
 def html_entity_decode(v: bytes) -> bytes:
     if b"&" not in v:
         return v
-
-    def sub(m: re.Match[bytes]) -> bytes:
-        if m.group(1) is not None:
-            return bytes((int(m.group(1)[-8:], 16) & 0xFF,))
-        if m.group(2) is not None:
-            return bytes((int(m.group(2)[-9:]) & 0xFF,))
-        return bytes((_NAMED[m.group(3).lower()],))
-
-    return _ENTITY.sub(sub, v)
+    return _ENTITY.sub(_entity, v)
 
 
 _JS = re.compile(rb"\\(?:[uU]([0-9a-fA-F]{4})|[xX]([0-9a-fA-F]{2})|([0-7]{1,3})|(.))", re.S)
