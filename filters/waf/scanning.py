@@ -54,6 +54,7 @@ class ValueScanner(RequestVariables):
         self.target_scan_cache: dict[tuple, list] = {}
         self.universe_cache: dict[int, Any] = {}  # pipeline -> candidates of the universe pass
         self.step_memo: dict[tuple[Any, bytes], bytes] = {}  # (step function, long text) -> result
+        self.sep_cache: dict[tuple[int, bytes], Any] = {}  # (pipeline, value) -> separator-pattern hits
         super().__init__(ruleset, caches, **request)
         self.transform_cache = self.caches.transformed
         self.scan_cache = self.caches.scanned
@@ -302,13 +303,19 @@ class ValueScanner(RequestVariables):
         if not hit:
             return found
         seen: set[int] = set()
+        cache = self.sep_cache
         for v in values:
-            s = small.scan(v)
-            if s is prefilter.ALL:
-                return found
-            seen.update(s)
-            if hit <= seen:
-                return found
+            s = cache.get((pidx, v))
+            if s is None:
+                s = small.scan(v)
+                if s is prefilter.ALL:
+                    return found
+                if len(v) <= SHARED_MAX:
+                    cache[(pidx, v)] = s
+            if s:
+                seen.update(s)
+                if hit <= seen:
+                    return found
         return frozenset(found).difference(hit - seen)
 
     def candidates(self, pidx: int, v: bytes):

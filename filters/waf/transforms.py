@@ -329,11 +329,12 @@ def normalize_path_win(v: bytes) -> bytes:
 
 
 _B64_CLEAN = re.compile(rb"[^A-Za-z0-9+/]")
+_B64_RUN = re.compile(rb"[A-Za-z0-9+/]*")
 
 
 def base64_decode(v: bytes) -> bytes:
     """Decode up to the first character outside the alphabet (padding optional)."""
-    m = re.match(rb"[A-Za-z0-9+/]*", v)
+    m = _B64_RUN.match(v)
     s = m.group(0) if m else b""
     s = s[: len(s) - len(s) % 4 if len(s) % 4 == 1 else len(s)]
     try:
