@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from filters.waf.transforms import batch_step
+
 if TYPE_CHECKING:  # pragma: no cover
     from filters.waf.ruleset import Ruleset
 
@@ -38,6 +40,9 @@ class ValueCaches:
         "universe_pass",
         "key_regex",
         "tx_ints",
+        "_batch_steps",
+        "_early",
+        "_separator_sets",
     )
 
     def __init__(self, ruleset: Ruleset) -> None:
@@ -55,6 +60,49 @@ class ValueCaches:
         self.universe_pass = 0  # counts universe passes
         self.key_regex: dict[tuple[int, str], bool] = {}  # (id of a key regex, key) -> matched
         self.tx_ints: dict[bytes, int] = {}  # TX value -> atoi
+        self._batch_steps: list | None = None
+        self._early: Any = False  # early.plan of phase 2, worked out on first use
+        self._separator_sets: dict | None = None
+
+    @property
+    def separator_sets(self) -> dict:
+        """Per pipeline: the pattern ids its Set finds in a lone newline (CRS 921150 ``[\\n\\r]``
+        and the like: a candidate in every buffer of values joined by newlines), and a Set of just
+        those patterns to ask each value on its own (scanning.ValueScanner.refine_joined)."""
+        if self._separator_sets is None:
+            from filters.waf import prefilter
+
+            rs = self.ruleset
+            out = {}
+            for pidx, ps in rs.prefilter.items():
+                hits = ps.scan(b"\n")
+                if hits is prefilter.ALL or not hits:
+                    continue
+                pats = [p for p in rs.patterns if p[0] == pidx and p[1] in hits]
+                unsafe, sets = prefilter.build(pats)
+                if pidx in sets and not unsafe:
+                    out[pidx] = (frozenset(hits), sets[pidx])
+            self._separator_sets = out
+        return self._separator_sets
+
+    @property
+    def early_plan(self) -> Any:
+        """The rule set's early-decision plan (early.py), or None."""
+        if self._early is False:
+            from filters.waf import early  # early -> request -> caches
+
+            self._early = early.plan(self.ruleset.program.get(2, []))
+        return self._early
+
+    @property
+    def batch_steps(self) -> list:
+        """Per pipeline index, its last step's batched form (transforms.batch_step) or None."""
+        b = self._batch_steps
+        if b is None or len(b) != len(self.ruleset.pipeline_list):
+            b = self._batch_steps = [
+                batch_step(p.names[-1]) if p.names else None for p in self.ruleset.pipeline_list
+            ]
+        return b
 
     def trim(self) -> None:
         """Bound the caches (a few length checks per request)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from filters.waf import prefilter
+from filters.waf import early, prefilter
 from filters.waf.caches import SHARED_MAX, ValueCaches
 from filters.waf.limits import NO_LIMITS, InspectionLimits
 from filters.waf.operators import atoi
@@ -41,6 +41,9 @@ class Outcome:
     rule_id: int | None  # the rule that interrupted
     score: int
     limit: str | None = None  # the inspection limit the request went over (no rule ran)
+    stopped_early: bool = (
+        False  # enforce: the blocking evaluation denied before the last rules ran (early.py)
+    )
 
 
 class Transaction(ValueScanner):
@@ -77,6 +80,7 @@ class Transaction(ValueScanner):
         self.interrupted = False
         self.would_interrupt: tuple[int, int] | None = None
         self.allow_all = False
+        self.stopped_early = False
         if limits is None:
             limits = InspectionLimits(max_args=max_args, args_partial=True) if max_args else NO_LIMITS
         super().__init__(
@@ -387,6 +391,7 @@ class Transaction(ValueScanner):
         # the engine mode changes only through ctl, i.e. in a general evaluation (below): it is
         # checked before the first rule and before each rule that follows such an evaluation
         check_engine = True
+        ep = self.caches.early_plan if phase == 2 and stop is None else None  # early.py
         while i < n:
             r = rules[i]
             i += 1
@@ -450,6 +455,8 @@ class Transaction(ValueScanner):
                     return n
                 self.allow_all = True
                 return n
+            if ep is not None and ep.first <= i < ep.section and r.id in ep.raises and early.decide(self, ep):
+                return n
             if r.skip_after:
                 i = r.jump
             elif r.skip:
@@ -484,4 +491,5 @@ class Transaction(ValueScanner):
             wi[0] if wi else None,
             score,
             self.limit_exceeded,
+            self.stopped_early,
         )

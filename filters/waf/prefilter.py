@@ -14,8 +14,10 @@ states are few and are built once: 4-12x less Set CPU on never-seen values, 5x l
 
 Why not hyperscan: it compiles CRS's large patterns in tens of seconds, and on some inputs it
 disagreed with PCRE/RE2 (CRS 942210 on a 100-byte key: no match where RE2 matches), which for a
-prefilter means a missed attack. Values longer than ``MAX_SCAN`` skip the Set (each rule then
-runs its own RE2, still linear time) so the Sets' DFA caches stay small.
+prefilter means a missed attack. Values longer than ``MAX_VALUE_SCAN`` skip the Set (each rule
+then runs its own RE2, still linear time); values joined for one scan stay under ``MAX_SCAN``
+(scanning.py). Every Set ends with a pattern every text matches (``SENTINEL``): RE2 reports a
+DFA that ran out of memory as "no match", which without it would read as "no candidates".
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import re2
 
 log = logging.getLogger("portvakt.waf")
 
-MAX_SCAN = 8192
+MAX_SCAN = 8192  # bytes of values joined into one buffer (scanning.py)
+MAX_VALUE_SCAN = 1 << 20  # a single value longer than this is not scanned: every pattern is a candidate
+SENTINEL = rb"\z"  # last pattern of every Set: a result without it means the Set failed
 GROUP_SIZE = 8  # patterns per RE2 Set (see the module docstring)
 SET_MEM = 64 << 20  # RE2 budget per Set: an upper bound, allocated only as DFA states are built
 Pattern = tuple[int, int, list[bytes], bool]  # (pipeline idx, pattern id, sources, caseless literals)
@@ -61,14 +65,19 @@ class PipelineSet:
         return [pid for _, pids in self.groups for pid in pids]
 
     def scan(self, value: bytes):
-        if len(value) > MAX_SCAN:
+        if len(value) > MAX_VALUE_SCAN:
             return ALL
         found: set[int] = set()
         try:
             for match, pids in self.groups:
                 hits = match(value)
-                if hits:
-                    found.update([pids[i] for i in hits])
+                # index len(pids) is the SENTINEL, which every text matches: without it in the
+                # result the Set failed (RE2 reports a DFA out of memory as "no match")
+                if not hits or len(pids) not in hits:
+                    return ALL
+                if len(hits) > 1:
+                    n = len(pids)
+                    found.update([pids[i] for i in hits if i != n])
         except Exception:  # pragma: no cover - DFA budget exhausted: be conservative
             return ALL
         return found
@@ -106,6 +115,8 @@ def build(patterns: list[Pattern]) -> tuple[set[int], dict[int, PipelineSet]]:
             if not pids:
                 continue
             try:
+                if rset.Add(SENTINEL) != len(pids):  # pragma: no cover - defensive
+                    raise RuntimeError("RE2 Set index mismatch")
                 rset.Compile()
             except Exception:  # pragma: no cover
                 log.warning("RE2 Set compile failed for pipeline %d: those rules run without prefilter", pidx)

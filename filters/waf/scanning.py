@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from filters.waf.ruleset import Ruleset
 
 NO_CANDIDATES: frozenset[int] = frozenset()
+STEP_MEMO_MIN = 512  # bytes: shorter texts are transformed again rather than looked up
 
 
 def union_candidates(sets: list[Any]) -> Any:
@@ -52,6 +53,8 @@ class ValueScanner(RequestVariables):
         # pattern id -> values (built when a rule first needs it)]
         self.target_scan_cache: dict[tuple, list] = {}
         self.universe_cache: dict[int, Any] = {}  # pipeline -> candidates of the universe pass
+        self.step_memo: dict[tuple[Any, bytes], bytes] = {}  # (step function, long text) -> result
+        self.sep_cache: dict[tuple[int, bytes], Any] = {}  # (pipeline, value) -> separator-pattern hits
         super().__init__(ruleset, caches, **request)
         self.transform_cache = self.caches.transformed
         self.scan_cache = self.caches.scanned
@@ -88,8 +91,18 @@ class ValueScanner(RequestVariables):
                 break
             todo.append(q)
             q = q.parent
+        memo = self.step_memo
         for q in reversed(todo):
-            r = q.fn(r)  # type: ignore[misc]  # every q in todo passed the loop's q.fn is not None
+            if len(r) > STEP_MEMO_MIN:
+                # another pipeline may have run this step on the same text (a step before it
+                # was the identity): per request, (step, text) -> result
+                k = (q.fn, r)
+                t = memo.get(k)
+                if t is None:
+                    t = memo[k] = q.fn(r)  # type: ignore[misc]
+                r = t
+            else:
+                r = q.fn(r)  # type: ignore[misc]  # every q in todo passed the loop's q.fn is not None
             c[(q.idx, v)] = r
         return r
 
@@ -113,10 +126,9 @@ class ValueScanner(RequestVariables):
         plist = rs.pipeline_list
         tf = self.transform
         cand = self.candidates
-        plain = self.plain_cache
         s = self.scalars
         found: list[Any] = []
-        fresh: dict[int, list[bytes]] = {}
+        fresh: dict[int, tuple[tuple[int, ...], list[bytes]]] = {}  # group id -> (pipelines, new values)
         for coll, grp, keyed in rs.universe_plan:
             v = s.get(coll)
             if v is not None:
@@ -154,29 +166,101 @@ class ValueScanner(RequestVariables):
                 else:
                     if len(v) <= big:
                         seen[k] = serial
-                    # a plain value (see PLAIN_VALUE) is its own transform in plain-identity pipelines
-                    pv = plain.get(v)
-                    if pv is None:
-                        pv = PLAIN_VALUE.match(v) is not None
-                        if len(v) <= big:
-                            plain[v] = pv
-                    for q in pipes:
-                        pq = plist[q]
-                        tv = v if (pv and pq.plain_identity) else tf(v, pq)
-                        fl = fresh.get(q)
-                        if fl is None:
-                            fresh[q] = [tv]
-                        else:
-                            fl.append(tv)
-        for q, fl in fresh.items():
-            c = self.scan_values(q, fl)
-            if c:
-                found.append(c)
+                    fg = fresh.get(g[0])
+                    if fg is None:
+                        fresh[g[0]] = (pipes, [v])
+                    else:
+                        fg[1].append(v)
+        if fresh:
+            found.extend(self.scan_fresh(fresh))
         r = union_candidates(found)
         uc = self.universe_cache
         for q in rs.universe_pipelines:
             uc[q] = r
         uc[p.idx] = r
+        return r
+
+    def scan_fresh(self, fresh: dict[int, tuple[tuple[int, ...], list[bytes]]]) -> list[Any]:
+        """The universe pass's values never met before, per variable group: joined by newlines
+        into pieces of at most ``MAX_SCAN`` raw bytes, each piece transformed once per pipeline
+        step (a step's result shared by every pipeline that starts with it) where the step's
+        batched form (transforms.batch_step) gives exactly the per-value results joined;
+        otherwise, or when a piece outgrows what the Set scans, value by value as before."""
+        steps = self.caches.batch_steps
+        plist = self.ruleset.pipeline_list
+        cand = self.candidates
+        sep = self.caches.separator_sets
+        memo: dict[tuple[int, int], Any] = {}  # (pipeline, piece number) -> batch_transform's state
+        found: list[Any] = []
+        serial = 0
+        for pipes, raws in fresh.values():
+            pieces = []  # (piece number, joined raw values, how many, the values)
+            start = size = 0
+            for i, v in enumerate(raws):
+                n = len(v) + 1
+                if i > start and size + n > MAX_SCAN:
+                    pieces.append((serial, raws[start:i]))
+                    serial += 1
+                    start, size = i, 0
+                size += n
+            pieces.append((serial, raws[start:]))
+            serial += 1
+            joined = [(no, vs[0] if len(vs) == 1 else b"\n".join(vs), vs) for no, vs in pieces]
+            for q in pipes:
+                for no, j, vs in joined:
+                    if len(vs) == 1:  # one value: its transformations are cached for the rules too
+                        c = cand(q, self.transform(j, plist[q]))
+                        if c:
+                            found.append(c)
+                        continue
+                    tp = self.batch_transform(plist[q], no, j, len(vs), memo, steps)
+                    if tp is None or len(tp) > MAX_SCAN:
+                        c = self.scan_values(q, [self.transform(v, plist[q]) for v in vs])
+                    else:
+                        c = cand(q, tp)
+                        if c and q in sep and tp.count(b"\n") == len(vs) - 1:
+                            c = self.refine_joined(q, c, tp.split(b"\n"))
+                    if c:
+                        found.append(c)
+        return found
+
+    @staticmethod
+    def batch_transform(
+        p: Pipeline, no: int, j: bytes, n: int, memo: dict[tuple[int, int], Any], steps: list
+    ) -> bytes | None:
+        """Joined piece ``no`` (``n`` values joined by newlines) through pipeline ``p``, step by
+        step from the longest prefix already done for this piece. A step runs once over the
+        joined text where its batched form is exact for it; otherwise on each value (the
+        joined text split at its newlines when no value holds one, or the values of the
+        previous per-value step). None when neither is possible (a value with a newline meets
+        a step without a batched form): the caller then transforms value by value."""
+        todo = []
+        q: Pipeline | None = p
+        r: Any = j  # bytes: the joined results; list: the per-value results; None: give up
+        while q is not None and q.fn is not None:
+            k = (q.idx, no)
+            if k in memo:
+                r = memo[k]
+                break
+            todo.append(q)
+            q = q.parent
+        for q in reversed(todo):
+            if r is not None:
+                if type(r) is bytes:
+                    st = steps[q.idx]
+                    t = st(r, n) if st is not None else None
+                    if t is None:
+                        if r.count(b"\n") == n - 1:
+                            f = q.fn
+                            t = [f(x) for x in r.split(b"\n")]  # type: ignore[misc]
+                        # else: None, a value holds a newline
+                    r = t
+                else:
+                    f = q.fn
+                    r = [f(x) for x in r]  # type: ignore[misc]
+            memo[(q.idx, no)] = r
+        if type(r) is list:
+            return b"\n".join(r)
         return r
 
     def scan_values(self, pidx: int, values: list[bytes]) -> Any:
@@ -192,13 +276,47 @@ class ValueScanner(RequestVariables):
         for v in values:
             n = len(v) + 1
             if piece and size + n > MAX_SCAN:
-                found.append(self.candidates(pidx, piece[0] if len(piece) == 1 else b"\n".join(piece)))
+                found.append(self.scan_piece(pidx, piece))
                 piece, size = [], 0
             piece.append(v)
             size += n
         if piece:
-            found.append(self.candidates(pidx, piece[0] if len(piece) == 1 else b"\n".join(piece)))
+            found.append(self.scan_piece(pidx, piece))
         return union_candidates(found)
+
+    def scan_piece(self, pidx: int, piece: list[bytes]) -> Any:
+        if len(piece) == 1:
+            return self.candidates(pidx, piece[0])
+        return self.refine_joined(pidx, self.candidates(pidx, b"\n".join(piece)), piece)
+
+    def refine_joined(self, pidx: int, found: Any, values: list[bytes]) -> Any:
+        """Candidates ``found`` in ``values`` joined by newlines, without the patterns that
+        match only because of a separator: a pattern that a lone newline matches (see
+        ValueCaches.separator_sets) stays a candidate only if one of the values has it."""
+        if found is prefilter.ALL or not found:
+            return found
+        sp = self.caches.separator_sets.get(pidx)
+        if sp is None:
+            return found
+        pids, small = sp
+        hit = pids.intersection(found)
+        if not hit:
+            return found
+        seen: set[int] = set()
+        cache = self.sep_cache
+        for v in values:
+            s = cache.get((pidx, v))
+            if s is None:
+                s = small.scan(v)
+                if s is prefilter.ALL:
+                    return found
+                if len(v) <= SHARED_MAX:
+                    cache[(pidx, v)] = s
+            if s:
+                seen.update(s)
+                if hit <= seen:
+                    return found
+        return frozenset(found).difference(hit - seen)
 
     def candidates(self, pidx: int, v: bytes):
         """Pattern ids of pipeline ``pidx`` that match ``v`` (or prefilter.ALL)."""

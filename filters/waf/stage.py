@@ -432,6 +432,7 @@ class WafFilter(Filter):
             "rule": out.rule_id,
             "blocked": ctx.waf.blocked,
             "truncated": truncated or tx.args_limit_exceeded,
+            **({"stopped_early": True} if out.stopped_early else {}),  # enforce: early.py
         }
         if self.expose:
             ctx.response_headers[MATCHES_HEADER] = ",".join(str(i) for i in out.matched)

@@ -49,7 +49,6 @@ _HEX_ESCAPES = {
     for a in b"0123456789abcdefABCDEF"
     for b in b"0123456789abcdefABCDEF"
 }
-_UNI_ESCAPES: dict[bytes, bytes] = dict(_HEX_ESCAPES)  # grows with the %uHHHH met (bounded)
 
 
 def url_decode(v: bytes) -> bytes:
@@ -72,21 +71,43 @@ def url_decode(v: bytes) -> bytes:
     return b"".join(out)
 
 
-def _uni_escape(m: re.Match[bytes]) -> bytes:
-    k = m.group(0)
-    r = _UNI_ESCAPES.get(k)
-    if r is None:
-        r = bytes((_fullwidth(m.group(2)),))
-        if len(_UNI_ESCAPES) < 100_000:
-            _UNI_ESCAPES[k] = r
-    return r
+_HEX2 = {k[1:]: b for k, b in _HEX_ESCAPES.items()}  # "XX" -> its byte
+_HEX_DIGITS = frozenset(_HEX)
+_UNI4: dict[bytes, bytes] = {}  # "uHHHH" -> its byte (grows with the escapes met; bounded)
 
 
 def url_decode_uni(v: bytes) -> bytes:
+    """``%XX`` and ``%uHHHH`` (``_PCT_U``), one pass over the text split at ``%`` (a regex
+    callback per escape costs several times more)."""
     if b"%" not in v and b"+" not in v:
         return v
     v = v.replace(b"+", b" ")
-    return _PCT_U.sub(_uni_escape, v)
+    if b"%" not in v:
+        return v
+    parts = v.split(b"%")
+    out = [parts[0]]
+    hex2 = _HEX2.get
+    uni = _UNI4.get
+    for item in parts[1:]:
+        byte = hex2(item[:2])
+        if byte is not None:
+            out.append(byte)
+            out.append(item[2:])
+            continue
+        if item[:1] in (b"u", b"U") and len(item) >= 5:
+            k = item[:5]
+            byte = uni(k)
+            if byte is None and _HEX_DIGITS.issuperset(item[1:5]):
+                byte = bytes((_fullwidth(item[1:5]),))
+                if len(_UNI4) < 100_000:
+                    _UNI4[k] = byte
+            if byte is not None:
+                out.append(byte)
+                out.append(item[5:])
+                continue
+        out.append(b"%")
+        out.append(item)
+    return b"".join(out)
 
 
 def url_encode(v: bytes) -> bytes:
@@ -105,18 +126,29 @@ _ENTITY = re.compile(rb"&(?:#[xX]([0-9a-fA-F]+);?|#([0-9]+);?|(quot|amp|lt|gt|nb
 _NAMED = {b"quot": 0x22, b"amp": 0x26, b"lt": 0x3C, b"gt": 0x3E, b"nbsp": 0xA0}
 
 
+_ENTITIES: dict[bytes, bytes] = {}  # entity text -> its byte (the short ones met; bounded)
+
+
+def _entity(m: re.Match[bytes]) -> bytes:
+    k = m.group(0)
+    r = _ENTITIES.get(k)
+    if r is not None:
+        return r
+    if m.group(1) is not None:
+        r = bytes((int(m.group(1)[-8:], 16) & 0xFF,))
+    elif m.group(2) is not None:
+        r = bytes((int(m.group(2)[-9:]) & 0xFF,))
+    else:
+        r = bytes((_NAMED[m.group(3).lower()],))
+    if len(k) <= 16 and len(_ENTITIES) < 100_000:
+        _ENTITIES[k] = r
+    return r
+
+
 def html_entity_decode(v: bytes) -> bytes:
     if b"&" not in v:
         return v
-
-    def sub(m: re.Match[bytes]) -> bytes:
-        if m.group(1) is not None:
-            return bytes((int(m.group(1)[-8:], 16) & 0xFF,))
-        if m.group(2) is not None:
-            return bytes((int(m.group(2)[-9:]) & 0xFF,))
-        return bytes((_NAMED[m.group(3).lower()],))
-
-    return _ENTITY.sub(sub, v)
+    return _ENTITY.sub(_entity, v)
 
 
 _JS = re.compile(rb"\\(?:[uU]([0-9a-fA-F]{4})|[xX]([0-9a-fA-F]{2})|([0-7]{1,3})|(.))", re.S)
@@ -297,11 +329,12 @@ def normalize_path_win(v: bytes) -> bytes:
 
 
 _B64_CLEAN = re.compile(rb"[^A-Za-z0-9+/]")
+_B64_RUN = re.compile(rb"[A-Za-z0-9+/]*")
 
 
 def base64_decode(v: bytes) -> bytes:
     """Decode up to the first character outside the alphabet (padding optional)."""
-    m = re.match(rb"[A-Za-z0-9+/]*", v)
+    m = _B64_RUN.match(v)
     s = m.group(0) if m else b""
     s = s[: len(s) - len(s) % 4 if len(s) % 4 == 1 else len(s)]
     try:
@@ -440,3 +473,114 @@ PLAIN_IDENTITY = frozenset(
 def get(name: str):
     """The transformation called ``name`` (case-insensitive). Raises KeyError."""
     return FUNCTIONS[name.lower()]
+
+
+# --- batched transformation of values joined by newlines (the universe pass, scanning.py)
+#
+# A step of a pipeline may run once over n values joined by b"\n" instead of once per value
+# only when the result is exactly the per-value results joined by b"\n". ``batch_step(name)``
+# gives, per transformation, a function (joined, n) -> that joined result, or None when it
+# cannot say for this input (the caller then transforms value by value). Three kinds:
+#
+# - homomorphic: t(a + b"\n" + b) == t(a) + b"\n" + t(b) for all a, b: no escape or token the
+#   function rewrites can span a newline, and the function leaves b"\n" itself alone;
+# - homomorphic unless a trigger is in the joined text (jsDecode: a value ending in a
+#   backslash would escape the separator);
+# - identity when the joined text shows that every value lacks what the function rewrites
+#   (then each value is its own result); ``n`` tells the separators from newlines inside values.
+
+_HOMOMORPHIC = {
+    "none": none,
+    "lowercase": lowercase,
+    "uppercase": uppercase,
+    "urldecode": url_decode,
+    "urldecodeuni": url_decode_uni,
+    "htmlentitydecode": html_entity_decode,
+    "escapeseqdecode": escape_seq_decode,
+    "utf8tounicode": utf8_to_unicode,
+    "removenulls": remove_nulls,
+    "replacenulls": replace_nulls,
+    "removecommentschar": remove_comments_char,  # no token it removes holds b"\n"
+}
+_WS_NOT_NL = b" \t\r\f\v\xa0"  # whitespace (as removeWhitespace sees it) but the separator
+_WS_RUN_NOT_SPACE = b"\t\r\f\v\xa0"
+
+
+def _whole(fn):
+    def step(j: bytes, n: int) -> bytes | None:
+        return fn(j)
+
+    return step
+
+
+def _js_joined(j: bytes, n: int) -> bytes | None:
+    return None if b"\\\n" in j else js_decode(j)
+
+
+def _identity_unless(*triggers: bytes):
+    def step(j: bytes, n: int) -> bytes | None:
+        for t in triggers:
+            if t in j:
+                return None
+        return j
+
+    return step
+
+
+def _no_inner_newline(j: bytes, n: int) -> bool:
+    return j.count(b"\n") == n - 1
+
+
+def _no_whitespace(j: bytes, n: int) -> bytes | None:
+    """removeWhitespace, trim*: the identity on values without whitespace."""
+    if not _no_inner_newline(j, n) or len(j.translate(None, _WS_NOT_NL)) != len(j):
+        return None
+    return j
+
+
+def _single_spaces(j: bytes, n: int) -> bytes | None:
+    """compressWhitespace: the identity on values whose whitespace is single spaces."""
+    if not _no_inner_newline(j, n) or b"  " in j or len(j.translate(None, _WS_RUN_NOT_SPACE)) != len(j):
+        return None
+    return j
+
+
+def _normalize_path_joined(backslash: bool):
+    def step(j: bytes, n: int) -> bytes | None:
+        # normalizePath is the identity on a value without "/.", "//" and a leading "."
+        if (
+            b"/." in j
+            or b"//" in j
+            or b"\n." in j
+            or j.startswith(b".")
+            or (backslash and b"\\" in j)
+            or not _no_inner_newline(j, n)
+        ):
+            return None
+        return j
+
+    return step
+
+
+BATCH_STEPS = {
+    **{k: _whole(fn) for k, fn in _HOMOMORPHIC.items()},
+    "jsdecode": _js_joined,
+    "cssdecode": _identity_unless(b"\\"),
+    "replacecomments": _identity_unless(b"/*"),
+    "removecomments": lambda j, n: None if b"/*" in j else remove_comments(j),  # "--"/"#" stop at a newline
+    "normalizepath": _normalize_path_joined(False),
+    "normalisepath": _normalize_path_joined(False),
+    "normalizepathwin": _normalize_path_joined(True),
+    "normalisepathwin": _normalize_path_joined(True),
+    "removewhitespace": _no_whitespace,
+    "trim": _no_whitespace,
+    "trimleft": _no_whitespace,
+    "trimright": _no_whitespace,
+    "compresswhitespace": _single_spaces,
+}
+
+
+def batch_step(name: str):
+    """(joined values, how many) -> the joined per-value results, or None (see above); None
+    for a transformation that has no batched form (cmdLine, base64Decode, length, ...)."""
+    return BATCH_STEPS.get(name.lower())

@@ -127,4 +127,4 @@ def test_a_pipelines_patterns_are_split_into_small_sets_that_judge_alike():
     assert sets[1].scan(b"x k002w y") == {1002}
     assert sets[0].scan(b"nothing here") == set()
     assert sets[2].scan(b"1 SeLeCt 2") == {2000}
-    assert sets[0].scan(b"k001w" * (prefilter.MAX_SCAN // 5 + 1)) is prefilter.ALL
+    assert sets[0].scan(b"k001w" * (prefilter.MAX_VALUE_SCAN // 5 + 1)) is prefilter.ALL

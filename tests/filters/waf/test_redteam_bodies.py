@@ -89,6 +89,11 @@ def test_f01_crs_inspects_content(crs_engine, ct):
     out = Transaction(
         e.ruleset, method="POST", uri="/x", protocol="HTTP/1.1", headers=h, body=body
     ).process_request()
+    assert out.interrupted
+    # every rule runs in detection mode (enforce may stop once the score denies: early.py)
+    out = Transaction(
+        e.ruleset, method="POST", uri="/x", protocol="HTTP/1.1", headers=h, body=body, detection_only=True
+    ).process_request()
     assert out.interrupted and {942100, 941100} <= set(out.matched), out.matched
 
 
