@@ -253,7 +253,7 @@ BARE_GET = "bare aiohttp proxy, TLS"
 BARE_POST = "bare aiohttp proxy, TLS, 1 KB JSON POST"
 PV_GET = "Portvakt, TLS, minimal config"
 PV_POST = "Portvakt, TLS, minimal, 1 KB JSON POST"
-IDENTITY_GET = "identity pipeline (TLS, token, integration, authorize, Redis limit, assertion, audit batch)"
+IDENTITY_GET = "identity pipeline (TLS, token, integration, authorize, Redis limit leased 16, assertion, audit batch)"
 IDENTITY_POST = "identity pipeline, 1 KB JSON POST"
 
 
@@ -331,7 +331,7 @@ SCENARIOS: list[Scenario] = [
         tags=("ratelimit", "stage"),
     ),
     Scenario(
-        "+ rate limit, Redis",
+        "+ rate limit, Redis (lease_checks 16)",
         "portvakt",
         get_plain,
         _c(lambda c, e: with_rate_limit(c, e.redis_url or "")),
