@@ -361,8 +361,11 @@ class RequestPath:
                 return page  # parties, admin API
             page = await persons.serve(ctx, request)  # login endpoints: never proxied
             return page
+        cp = rt.persons_case_prefix
         route = rt.match(ctx.host, ctx.raw_path)
-        if rt.case_guard and rt.case_variant(ctx.host, ctx.raw_path) is not None:
+        if (rt.case_guard and rt.case_variant(ctx.host, ctx.raw_path) is not None) or (
+            cp is not None and ctx.path[: len(cp)].lower() == cp
+        ):
             # '/INNSYN/x' for route '/innsyn/': a case-insensitive upstream serves the protected path
             return self._deny(
                 ctx,

@@ -1,0 +1,131 @@
+"""Red team 3 (outside attack on main at 50e4f0a): each finding kept as a reproduction.
+
+F01: ``/PORTVAKT/login`` (a case variant of the persons' endpoint prefix) was proxied to the
+     catch-all route; a case-insensitive upstream serves it as the gateway's own path.
+F02: an upstream's unsolicited ``101 Switching Protocols`` was relayed to the client while the
+     gateway went on reading the connection as HTTP: a proxy in front that honours the 101 turns
+     the client connection into a blind tunnel (its own checks skipped for what follows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+
+import pytest
+
+from tests.fixtures.gateway import basic_config
+
+pytestmark = pytest.mark.e2e
+
+
+# -- F01 ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def env(persons_env):
+    return await persons_env()
+
+
+@pytest.mark.parametrize("path", ["/PORTVAKT/login", "/Portvakt/session", "/PORTVAKT/admin/x", "/pORTVAKT/"])
+async def test_case_variant_of_persons_prefix_is_refused(env, path):
+    before = len(env.up.requests)
+    async with env.gw.session() as s, s.get(env.gw.url + path, allow_redirects=False) as r:
+        assert r.status == 400, (path, r.status)
+        body = await r.json()
+    assert body["reason"] == "path_not_canonical"
+    assert len(env.up.requests) == before  # never reached the catch-all's upstream
+    lines = await env.gw.access_lines(1, lambda x: x.get("path") == path)
+    assert lines[-1]["status"] == 400
+
+
+async def test_persons_prefix_itself_and_lookalikes_still_route(env):
+    async with env.gw.session() as s:
+        # the exact prefix is the gateway's own endpoint, not a case variant
+        async with s.get(env.gw.url + "/portvakt/session", allow_redirects=False) as r:
+            assert r.status != 400 or (await r.json())["reason"] != "path_not_canonical"
+        # not under the prefix: the catch-all serves them as before
+        for path in ("/PORTVAKTX/y", "/other/PORTVAKT/login"):
+            async with s.get(env.gw.url + path, allow_redirects=False) as r:
+                assert r.status == 200, (path, r.status)
+
+
+async def test_case_variant_of_persons_prefix_passes_with_case_sensitive_upstream(persons_env):
+    env = await persons_env(
+        config_hook=lambda cfg: cfg.setdefault("http", {}).update(case_sensitive_upstream=True)
+    )
+    async with env.gw.session() as s, s.get(env.gw.url + "/PORTVAKT/login", allow_redirects=False) as r:
+        assert r.status == 200  # the operator said every upstream is case-sensitive: the catch-all's
+
+
+# -- F02 ------------------------------------------------------------------------------------------
+
+
+UPGRADE_ANSWER = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nTUNNELLED-BYTES"
+)
+
+
+@pytest.fixture
+async def switching_upstream():
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1]
+                if path.startswith(b"/switch"):
+                    writer.write(UPGRADE_ANSWER)
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _raw_exchange(gw, data: bytes) -> bytes:
+    ctx = ssl.create_default_context(cafile=gw._pki.ca_cert)
+    ctx.check_hostname = False
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(data)
+            out = b""
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except (TimeoutError, ssl.SSLError, ConnectionError):
+                    break
+                if not chunk:
+                    break
+                out += chunk
+    return out
+
+
+async def test_unsolicited_101_from_upstream_is_a_502(start_gateway, switching_upstream):
+    gw = await start_gateway(basic_config(switching_upstream))
+    # A plain request, then a second one on the same connection.
+    out = await asyncio.to_thread(
+        _raw_exchange,
+        gw,
+        b"GET /switch HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    assert b" 101 " not in out.split(b"\r\n", 1)[0], out[:300]
+    assert out.startswith(b"HTTP/1.1 502 "), out[:300]
+    assert b"TUNNELLED-BYTES" not in out
+    assert b'"reason":"upstream_unavailable"' in out
+    lines = await gw.access_lines(1, lambda x: x.get("path") == "/switch")
+    assert lines[-1]["status"] == 502
+    # the upstream connection that switched is not reused: the next request gets a clean answer
+    async with gw.session() as s, s.get(gw.url + "/next") as r:
+        assert r.status == 200
+        assert await r.text() == "ok"
