@@ -5,6 +5,9 @@ F01: ``/PORTVAKT/login`` (a case variant of the persons' endpoint prefix) was pr
 F02: an upstream's unsolicited ``101 Switching Protocols`` was relayed to the client while the
      gateway went on reading the connection as HTTP: a proxy in front that honours the 101 turns
      the client connection into a blind tunnel (its own checks skipped for what follows).
+F03: ``POST /portvakt/party`` as a form (a "simple" request any page can send, no preflight)
+     changed the person's acting organisation without the session's CSRF token; only the
+     browser's Origin/Sec-Fetch-Site, when sent, stood in the way.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import uuid
 
 import pytest
 
+from tests.fixtures.delegation import ADMIN_PID, ORG, api
 from tests.fixtures.gateway import basic_config
 
 pytestmark = pytest.mark.e2e
@@ -129,3 +134,40 @@ async def test_unsolicited_101_from_upstream_is_a_502(start_gateway, switching_u
     async with gw.session() as s, s.get(gw.url + "/next") as r:
         assert r.status == 200
         assert await r.text() == "ok"
+
+
+# -- F03 ------------------------------------------------------------------------------------------
+
+EAST = str(uuid.uuid5(uuid.NAMESPACE_URL, "altinn-org:910000005"))
+
+
+async def _form_choose(b, fields: dict) -> tuple[int, str]:
+    # No Origin, no Sec-Fetch-*: what a browser without them (or a same-site page) sends.
+    async with b.session.post(b.gw.url + "/portvakt/party", data=fields, allow_redirects=False) as r:
+        return r.status, await r.text()
+
+
+async def test_party_choice_by_form_needs_the_sessions_csrf_token(delegation_env):
+    env = await delegation_env()
+    b = await env.browser(ADMIN_PID)
+    st, body = await _form_choose(b, {"partyUuid": EAST})
+    assert st == 403 and '"csrf_failed"' in body, (st, body)
+    st, doc, _ = await api(b, "GET", "/org/x", csrf=None)
+    assert st == 403 and doc["reason"] == "party_required"  # nothing was chosen
+    # another session's token does not do either
+    other = await env.browser(ADMIN_PID)
+    st, doc, _ = await api(other, "GET", "/portvakt/admin/csrf", csrf=None)
+    st, body = await _form_choose(b, {"partyUuid": EAST, "csrf": doc["csrf_token"]})
+    assert st == 403 and '"csrf_failed"' in body
+    # with this session's token the form works, once
+    st, doc, _ = await api(b, "GET", "/portvakt/admin/csrf", csrf=None)
+    token = doc["csrf_token"]
+    st, body = await _form_choose(b, {"partyUuid": EAST, "csrf": token})
+    assert st == 303, (st, body)
+    st, doc, _ = await api(b, "GET", "/org/x", csrf=None)
+    assert st == 200 and doc["headers"]["X-Portvakt-Acting-Org"] == ORG
+    st, body = await _form_choose(b, {"partyUuid": EAST, "csrf": token})
+    assert st == 403 and '"csrf_failed"' in body  # one use
+    # JSON (a preflighted request from any other origin) works as before, without a token
+    st, doc, _ = await api(b, "POST", "/portvakt/party", {"partyUuid": EAST}, csrf=None)
+    assert st == 200, doc
