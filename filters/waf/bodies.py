@@ -433,6 +433,7 @@ def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
         name: str | None = None
         filename: bytes | None = None
         empty_filename = False
+        plain_filename = False  # the part names a filename without RFC 2231
         seen: dict[bytes, bytes] = {}
         for line in lines:
             hn, _, hv = line.partition(b":")
@@ -457,6 +458,7 @@ def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
                     name = d["name"].decode("latin-1")
                 if "filename" in d:
                     filename = d["filename"]
+                    plain_filename = True
                 if "filename*" in d and filename is None:
                     filename = d["filename*"]
                 # filename="" or filename*=UTF-8'' (RFC 2231, which Go's ParseMediaType decodes
@@ -494,6 +496,10 @@ def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
             res.files.append((key, filename))
             res.files_names.append((key, key.encode("latin-1")))
             res.files_sizes.append((key, str(len(data)).encode()))
+            if not plain_filename:
+                # Only RFC 2231 "filename*": a file where the backend decodes it (Go, Werkzeug),
+                # a field where it does not (PHP, older commons-fileupload): inspected as a value.
+                res.args.append((key, data))
         else:
             # filename="" is an ordinary value to Go's ReadForm (and others): inspected
             res.args.append((key, data))
