@@ -8,18 +8,23 @@ F02: an upstream's unsolicited ``101 Switching Protocols`` was relayed to the cl
 F03: ``POST /portvakt/party`` as a form (a "simple" request any page can send, no preflight)
      changed the person's acting organisation without the session's CSRF token; only the
      browser's Origin/Sec-Fetch-Site, when sent, stood in the way.
+F05: an administrator removed from ``delegation.admins`` kept the seeded ``admin`` on ``*`` across
+     a reload (and a restart): the seed only ever added. The README promises that such a grant is
+     withdrawn by changing the config; a departed administrator kept every privilege.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import uuid
 
 import pytest
+import yaml
 
-from tests.fixtures.delegation import ADMIN_PID, ORG, api
+from tests.fixtures.delegation import ADMIN_PID, ORG, OTHER_ORG, THIRD_PID, api
 from tests.fixtures.gateway import basic_config
 
 pytestmark = pytest.mark.e2e
@@ -171,3 +176,50 @@ async def test_party_choice_by_form_needs_the_sessions_csrf_token(delegation_env
     # JSON (a preflighted request from any other origin) works as before, without a token
     st, doc, _ = await api(b, "POST", "/portvakt/party", {"partyUuid": EAST}, csrf=None)
     assert st == 200, doc
+
+
+# -- F05 ------------------------------------------------------------------------------------------
+
+
+async def _seeded_admin_removed_by_config(env) -> None:
+    b = await env.browser(ADMIN_PID)
+    st, doc, _ = await api(b, "POST", "/portvakt/party", {"partyUuid": EAST}, csrf=None)
+    assert st == 200, doc
+    st, doc, _ = await api(b, "GET", "/post-admin/x", csrf=None)
+    assert st == 200, doc
+    # The operator names another first administrator of ORG and drops ADMIN_PID.
+    cfg = yaml.safe_load(open(env.gw.config_path).read())
+    cfg["delegation"]["admins"] = [{"organization": ORG, "person": THIRD_PID}]
+    env.gw.write_config(cfg)
+    assert await env.gw.reload() == "success"
+    st, doc, _ = await api(b, "GET", "/post-admin/x", csrf=None)
+    assert st == 403 and doc["reason"] == "privilege_missing", (st, doc)
+    st, doc, _ = await api(b, "GET", f"/portvakt/admin/orgs/{ORG}/grants", csrf=None)
+    assert st == 403 and doc["reason"] == "not_admin", (st, doc)
+    # the new first administrator holds it, seeded; the audit trail says who lost what
+    third = await env.browser(THIRD_PID)
+    st, doc, _ = await api(third, "GET", f"/portvakt/admin/orgs/{ORG}/grants", csrf=None)
+    assert st == 200 and [g["seeded"] for g in doc["grants"]] == [True], doc
+    await env.penv.settle()
+
+    def withdrawn() -> list[dict]:
+        return [
+            r for r in env.penv.audit() if r.get("type") == "privilege_withdrawn" and r.get("by") == "config"
+        ]
+
+    # ADMIN_PID in ORG and THIRD_PID in OTHER_ORG are no longer configured: both withdrawn, once
+    assert sorted(r["organization"] for r in withdrawn()) == sorted([ORG, OTHER_ORG]), withdrawn()
+    assert ADMIN_PID not in json.dumps(withdrawn()) and THIRD_PID not in json.dumps(withdrawn())
+    assert await env.gw.reload() == "success"
+    await env.penv.settle()
+    assert len(withdrawn()) == 2  # a reload with the same config withdraws nothing more
+
+
+async def test_seeded_admin_removed_from_config_loses_the_grant_sqlite(delegation_env):
+    await _seeded_admin_removed_by_config(await delegation_env())
+
+
+async def test_seeded_admin_removed_from_config_loses_the_grant_redis(delegation_env, redis_server):
+    await _seeded_admin_removed_by_config(
+        await delegation_env(store={"backend": "redis", "url": redis_server.url})
+    )
