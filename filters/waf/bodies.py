@@ -269,6 +269,20 @@ class _Pairs(list):
     the first occurrence would otherwise get an uninspected value)."""
 
 
+def json_reading(text: bytes, max_depth: int = 0, max_values: int = 0) -> list[tuple[str, bytes]]:
+    """A raw-text body that is a JSON document (or starts with one, as Go's ``json.Decoder``
+    reads it) also read as JSON: backends that bind JSON whatever the Content-Type (Go, Express
+    with ``type: '*/*'``, ``get_json(force=True)``) see its escapes (``\\u0027``) decoded, and so
+    do the rules. A second reading, like the query's: not counted against ``max_args``."""
+    try:
+        s = text.decode("utf-8").strip()
+        _, end = json.JSONDecoder().raw_decode(s)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return []
+    res = json_body(s[:end].encode(), max_depth, max_values)
+    return res.args if res.error is None and res.limit is None else []
+
+
 def json_body(
     body: bytes, max_depth: int = 0, max_values: int = 0, max_args: int | None = None, lines: bool = False
 ) -> BodyResult:

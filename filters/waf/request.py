@@ -257,7 +257,11 @@ class RequestVariables:
             if proc == "URLENCODED":
                 charset = bodies.content_type_charset(ct)
                 if self.raw_body:  # a phase-1 ctl (CRS 901350, built-in 9100020) chose URLENCODED
-                    return bodies.urlencoded(bodies.raw_text(body, charset), room)
+                    text = bodies.raw_text(body, charset)
+                    res = bodies.urlencoded(text, room)
+                    if res.error is None and res.limit is None and text.lstrip()[:1] in (b"{", b"["):
+                        res.args += bodies.json_reading(text, lim.max_json_depth, lim.max_json_values)
+                    return res
                 return bodies.urlencoded(body, room, charset)
             if proc == "JSON":
                 lines = bool(_NDJSON.match(self.headers_lower.get("content-type", b"").lower()))

@@ -1,6 +1,13 @@
 """Red team 3, F04: a multipart part naming its file only as RFC 2231 ``filename*`` was taken for a
 file and its content never inspected; PHP and other parsers without RFC 2231 read that part as an
-ordinary field. Such a part is now inspected as a value (and still listed in FILES)."""
+ordinary field. Such a part is now inspected as a value (and still listed in FILES).
+
+F06: a JSON document sent as text/plain, octet-stream or without a type (Go's ``json.Decoder``,
+Express with ``type: '*/*'`` and Flask's ``get_json(force=True)`` bind it all the same) was read
+only as URL-encoded text: ``\u0027``-style escapes hid SQL injection from the built-in pack. Such a
+body is now also read as JSON."""
+
+import json
 
 import pytest
 
@@ -53,3 +60,41 @@ def test_f04_parser_values():
         _part(b"Content-Disposition: form-data; name=\"q\"; filename*=UTF-8''a.txt\r\n", b"v"), MP
     )
     assert res.error is None and res.args == [("q", b"v")] and res.files == [("q", b"UTF-8''a.txt")]
+
+
+SQ = "1' OR '1'='1"
+
+
+@pytest.mark.parametrize("ct", [None, "text/plain", "application/octet-stream", "text/plain; charset=utf-8"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps({"q": SQ}).encode(),
+        b'{"q": "1\\u0027 OR \\u00271\\u0027=\\u00271"}',
+        b'{"q": "1 \\u0055NION SELECT password FROM users--"}',
+        b'  [{"a": {"q": "1 \\u0055NION SELECT password FROM users--"}}]',
+        b'{"q": "1 \\u0055NION SELECT password FROM users--"} trailing bytes Go never reads',
+        b'{"q": "1 \\u0055NION SELECT password FROM users--"}\x00',
+    ],
+)
+async def test_f06_json_without_json_type_is_read_as_json(pack, ct, body):
+    assert (await _check(pack, ct, body))[0] == "waf_blocked", body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"name": "Ola Nordmann", "note": "m\\u00f8te kl. 10 \\u2013 rom 2"}',
+        b"[1, 2, 3]",
+        b"{not json at all",
+        b"{" * 5000,
+    ],
+)
+async def test_f06_benign_or_broken_json_text_passes(body):
+    assert (await _check({}, "text/plain", body))[0] == "allowed", body
+
+
+def test_f06_json_reading():
+    assert bodies.json_reading(b' {"a": "\\u0041"} rest') == [("json.a", b"A")]
+    assert bodies.json_reading(b"{broken") == []
+    assert bodies.json_reading(b"[" * 100 + b"]" * 100, max_depth=64) == []
