@@ -336,7 +336,7 @@ def upstream_headers(
                 out.popall(k, None)
             else:
                 out[k] = value
-    if ctx.trace_id is not None:
+    if ctx.trace_id is not None and ctx.trace_upstream:
         out["traceparent"] = f"00-{ctx.trace_id}-{ctx.span_id}-{ctx.trace_flags}"
         if ctx.tracestate:
             out["tracestate"] = ctx.tracestate

@@ -161,7 +161,8 @@ class RequestPath:
             http_version=(request.version.major, request.version.minor),
         )
         tcfg = rt.config.tracing
-        if tcfg.propagate:
+        if tcfg.propagate or rt.otel is not None:  # spans need a trace even when none is sent upstream
+            ctx.trace_upstream = tcfg.propagate
             if rt.otel is None:
                 ctx.trace_id, ctx.span_id, ctx.trace_flags, ctx.tracestate = tracing.start(
                     headers, trusted, tcfg

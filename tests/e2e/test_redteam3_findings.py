@@ -11,6 +11,8 @@ F03: ``POST /portvakt/party`` as a form (a "simple" request any page can send, n
 F05: an administrator removed from ``delegation.admins`` kept the seeded ``admin`` on ``*`` across
      a reload (and a restart): the seed only ever added. The README promises that such a grant is
      withdrawn by changing the config; a departed administrator kept every privilege.
+F07: ``tracing.otlp`` with ``tracing.propagate: false`` was refused by check-config: an operator
+     could not export spans without handing the trace ids to an upstream they do not trust with them.
 """
 
 from __future__ import annotations
@@ -223,3 +225,28 @@ async def test_seeded_admin_removed_from_config_loses_the_grant_redis(delegation
     await _seeded_admin_removed_by_config(
         await delegation_env(store={"backend": "redis", "url": redis_server.url})
     )
+
+
+# -- F07 ------------------------------------------------------------------------------------------
+
+
+async def test_otlp_spans_without_propagating_traceparent(start_gateway, upstream, otlp_receiver):
+    rx = otlp_receiver
+    gw = await start_gateway(
+        basic_config(
+            upstream.url,
+            tracing={"propagate": False, "otlp": {"endpoint": rx.url, "export_interval_seconds": 0.2}},
+        )
+    )
+    async with (
+        gw.session() as s,
+        s.get(gw.url + "/quiet", headers={"traceparent": "00-" + "b" * 32 + "-" + "c" * 16 + "-01"}) as r,
+    ):
+        assert r.status == 200
+    sent = {k.lower() for k in upstream.requests[-1]["headers"]}
+    assert "traceparent" not in sent and "tracestate" not in sent
+    lines = await gw.access_lines(1, lambda x: x.get("path") == "/quiet")
+    trace_id = lines[-1]["trace_id"]
+    assert trace_id and trace_id != "b" * 32  # an untrusted client's trace is not continued
+    spans = await rx.wait_for(lambda spans: any(sp["trace_id"] == trace_id for sp in spans))
+    assert any(sp["trace_id"] == trace_id for sp in spans)
