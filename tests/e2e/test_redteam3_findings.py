@@ -13,6 +13,8 @@ F05: an administrator removed from ``delegation.admins`` kept the seeded ``admin
      withdrawn by changing the config; a departed administrator kept every privilege.
 F07: ``tracing.otlp`` with ``tracing.propagate: false`` was refused by check-config: an operator
      could not export spans without handing the trace ids to an upstream they do not trust with them.
+F09: an unknown method token carrying a fødselsnummer (``SECRET24917397852 /x``) reached the access
+     log and the audit record unmasked.
 """
 
 from __future__ import annotations
@@ -250,3 +252,29 @@ async def test_otlp_spans_without_propagating_traceparent(start_gateway, upstrea
     assert trace_id and trace_id != "b" * 32  # an untrusted client's trace is not continued
     spans = await rx.wait_for(lambda spans: any(sp["trace_id"] == trace_id for sp in spans))
     assert any(sp["trace_id"] == trace_id for sp in spans)
+
+
+# -- F09 ------------------------------------------------------------------------------------------
+
+PID = "24917397852"
+
+
+async def test_a_person_number_in_an_unknown_method_is_masked(start_gateway, upstream, tmp_path):
+    audit_path = tmp_path / "audit" / "audit.jsonl"
+    gw = await start_gateway(basic_config(upstream.url, audit={"path": str(audit_path), "key": "k" * 32}))
+    for method in (f"X{PID}", f"GET{PID[:6]}-{PID[6:]}"):
+        out = await asyncio.to_thread(
+            _raw_exchange, gw, f"{method} /m HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert out.split(b" ", 2)[1] in (b"405", b"400"), out[:200]
+        assert PID.encode() not in out and PID[6:].encode() not in out
+    lines = await gw.access_lines(2, lambda x: x.get("status") in (400, 405))
+    assert len(lines) >= 2
+    await asyncio.sleep(0.5)  # the audit batch (50 ms) reaches the file
+    text = gw.output() + audit_path.read_text()
+    assert PID not in text and PID[6:] not in text, [line for line in text.splitlines() if PID[6:] in line]
+    # an ordinary method name is logged as sent
+    async with gw.session() as s, s.request("PROPFIND", gw.url + "/p") as r:
+        assert r.status == 405
+    lines = await gw.access_lines(1, lambda x: x.get("method") == "PROPFIND")
+    assert lines
