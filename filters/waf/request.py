@@ -226,6 +226,10 @@ class RequestVariables:
         if self.max_args and self.query_args + len(args) > self.max_args:  # args_partial
             args = args[: max(0, self.max_args - self.query_args)]
             self.args_limit_exceeded = True
+        if proc in ("URLENCODED", "MULTIPART") and args:
+            # A form value as a "best fit" backend reads it, and a repeated name's values joined
+            # (ASP.NET's Request.Form["q"]), as for the query (red team 3 F10): not counted.
+            args = args + query_readings(args)
         c["ARGS_POST"] = args
         c["ARGS"] = c["ARGS_GET"] + args
         c["FILES"] = res.files

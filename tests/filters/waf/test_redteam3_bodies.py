@@ -5,7 +5,11 @@ ordinary field. Such a part is now inspected as a value (and still listed in FIL
 F06: a JSON document sent as text/plain, octet-stream or without a type (Go's ``json.Decoder``,
 Express with ``type: '*/*'`` and Flask's ``get_json(force=True)`` bind it all the same) was read
 only as URL-encoded text: ``\u0027``-style escapes hid SQL injection from the built-in pack. Such a
-body is now also read as JSON."""
+body is now also read as JSON.
+
+F10: the query's "best fit" reading (overlong UTF-8 decoded, then NFKC: fullwidth ``＜``) and the
+joined reading of a repeated name were not made for form bodies: ``q=%EF%BC%9Cscript%EF%BC%9E...``
+in a POST passed the built-in pack, in the query it did not."""
 
 import json
 
@@ -98,3 +102,29 @@ def test_f06_json_reading():
     assert bodies.json_reading(b' {"a": "\\u0041"} rest') == [("json.a", b"A")]
     assert bodies.json_reading(b"{broken") == []
     assert bodies.json_reading(b"[" * 100 + b"]" * 100, max_depth=64) == []
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"q=%C0%BCscript%C0%BEalert(1)%C0%BC/script%C0%BE",
+        b"q=%EF%BC%9Cscript%EF%BC%9Ealert(1)%EF%BC%9C/script%EF%BC%9E",
+        b"q=1%EF%BC%87 OR %EF%BC%871%EF%BC%87=%EF%BC%871",
+    ],
+)
+async def test_f10_form_values_get_the_best_fit_reading(pack, body):
+    assert (await _check({}, "application/x-www-form-urlencoded", b"x=1&" + body))[0] == "waf_blocked"
+    assert (await _check(pack, FORM, body))[0] == "waf_blocked"
+
+
+async def test_f10_multipart_values_get_the_best_fit_reading():
+    body = _part(b'Content-Disposition: form-data; name="q"\r\n', "＜script＞alert(1)＜/script＞".encode())
+    assert (await _check({}, MP, body))[0] == "waf_blocked"
+
+
+async def test_f10_benign_fullwidth_form_text_passes():
+    body = "navn=Ｏｌａ＆Ｋａｒｉ&tekst=møte kl. 10 – rom 2".encode()
+    assert (await _check({}, FORM, body))[0] == "allowed"
