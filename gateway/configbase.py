@@ -77,6 +77,18 @@ class RouteBase(Model):
         default_factory=RouteAuditConfig, description="Audit options of this route"
     )
 
+    @field_validator("access", "person", "party", "privilege", mode="before", check_fields=False)
+    @classmethod
+    def _policy_section_not_empty(cls, v: Any, info: Any) -> Any:
+        # ``person:`` with nothing under it (or every setting commented out) is YAML null, which
+        # would mean "no such policy": a login route silently public. Refused instead.
+        if v is None:
+            raise ValueError(
+                f"is empty (YAML null), which would switch the {info.field_name} policy off; give its "
+                f"settings ({{}} for the defaults), or remove {info.field_name}: for a route without it"
+            )
+        return v
+
     if TYPE_CHECKING:  # the per-route sections assembled from the pipeline
 
         def __getattr__(self, name: str) -> Any: ...

@@ -182,6 +182,7 @@ class RequestContext:
     trace_flags: str = "01"
     tracestate: str | None = None
     otel: Any = None  # gateway.otel.RequestTrace when this request's spans are recorded (tracing.otlp)
+    trace_upstream: bool = True  # tracing.propagate: the upstream gets the traceparent
 
     @property
     def organization(self) -> str | None:

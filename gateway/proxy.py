@@ -336,7 +336,7 @@ def upstream_headers(
                 out.popall(k, None)
             else:
                 out[k] = value
-    if ctx.trace_id is not None:
+    if ctx.trace_id is not None and ctx.trace_upstream:
         out["traceparent"] = f"00-{ctx.trace_id}-{ctx.span_id}-{ctx.trace_flags}"
         if ctx.tracestate:
             out["tracestate"] = ctx.tracestate
@@ -523,6 +523,13 @@ async def _respond(
     guarded_cookies: frozenset[str] = frozenset(),
 ) -> web.StreamResponse:
     status = up.status
+    if status < 200:
+        # aiohttp hands back only a 101 as final (100/102/103 are skipped). The gateway never
+        # forwards Upgrade, so a 101 is unsolicited: relayed, a front proxy would turn the client
+        # connection into a tunnel while the gateway goes on reading it as HTTP (desync).
+        up.close()
+        log.warning("upstream answered %d to a request without Upgrade (request %s)", status, ctx.request_id)
+        raise UpstreamError(Problem(UPSTREAM_UNAVAILABLE, internal_reason="upstream_unsolicited_upgrade"))
     hdrs = response_headers(up.headers, ctx, guarded_cookies)
     clen = up.content_length
     no_body = request.method == "HEAD" or status in _NO_BODY_STATUS

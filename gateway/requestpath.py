@@ -38,6 +38,7 @@ from gateway.context import RequestContext
 from gateway.edge import REQUEST_TIMEOUT, EdgeLimits
 from gateway.framing import ChunkSizeOutOfRange
 from gateway.listener import classify_parser_error
+from gateway.norid import mask_person_numbers
 from gateway.problems import BAD_REQUEST, NOT_FOUND, Problem
 from gateway.proxy import BodyTooLarge, ClientBodyError, UpstreamError, forward
 from gateway.requestfacts import new_request_id, parse_ip, resolve_client
@@ -46,6 +47,13 @@ from gateway.runtime import Runtime
 log = logging.getLogger("portvakt.server")
 _set_log_request_id = logsetup.REQUEST_ID.set
 _set_log_trace_id = logsetup.TRACE_ID.set
+
+
+def _logged_method(method: str) -> str:
+    """An unknown method token goes to the access log and the audit record as sent: a person
+    number in it (a client's mistake, or planted) is masked as one in the path is."""
+    return method if method.isalpha() else mask_person_numbers(method)
+
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _METHOD_LABELS = frozenset(HTTP_METHODS)
@@ -142,9 +150,12 @@ class RequestPath:
             fp = _last_value(headers, "X-Forwarded-Proto")
             if fp in ("https", "http"):
                 scheme = fp
+        method = request.method
+        if method not in _METHOD_LABELS:
+            method = _logged_method(method)
         ctx = RequestContext(
             request_id=rid,
-            method=request.method,
+            method=method,
             raw_path=request.raw_path.split("?", 1)[0],
             path=request.path,
             query_string=request.query_string,
@@ -161,7 +172,8 @@ class RequestPath:
             http_version=(request.version.major, request.version.minor),
         )
         tcfg = rt.config.tracing
-        if tcfg.propagate:
+        if tcfg.propagate or rt.otel is not None:  # spans need a trace even when none is sent upstream
+            ctx.trace_upstream = tcfg.propagate
             if rt.otel is None:
                 ctx.trace_id, ctx.span_id, ctx.trace_flags, ctx.tracestate = tracing.start(
                     headers, trusted, tcfg
@@ -210,7 +222,7 @@ class RequestPath:
         peer = parse_ip(request.remote or "") or ipaddress.IPv4Address(0)
         ctx = RequestContext(
             request_id=new_request_id(),
-            method=m.group(1) if m else "OTHER",
+            method=_logged_method(m.group(1)) if m else "OTHER",
             raw_path="",
             path="",
             query_string="",
@@ -361,8 +373,11 @@ class RequestPath:
                 return page  # parties, admin API
             page = await persons.serve(ctx, request)  # login endpoints: never proxied
             return page
+        cp = rt.persons_case_prefix
         route = rt.match(ctx.host, ctx.raw_path)
-        if rt.case_guard and rt.case_variant(ctx.host, ctx.raw_path) is not None:
+        if (rt.case_guard and rt.case_variant(ctx.host, ctx.raw_path) is not None) or (
+            cp is not None and ctx.path[: len(cp)].lower() == cp
+        ):
             # '/INNSYN/x' for route '/innsyn/': a case-insensitive upstream serves the protected path
             return self._deny(
                 ctx,

@@ -101,6 +101,10 @@ class Runtime:
     # so a path without upper-case letters needs no check (the common case stays one str.lower()).
     case_guard: tuple[tuple[CompiledRoute, str], ...] = ()
     prefixes_lower: bool = True
+    # http.case_sensitive_upstream false and a persons: section: the persons' endpoint prefix,
+    # lower-cased, with its "/" ("/portvakt/"): a case variant ("/PORTVAKT/login") is refused
+    # rather than routed to a catch-all.
+    persons_case_prefix: str | None = None
     # The shared resources this runtime holds (gateway.resources); released when it is closed.
     resources: Scope = field(default_factory=lambda: Registry().scope())
     # What changes while the runtime serves: the request accounting and the trust cache (the
@@ -329,6 +333,9 @@ def _build(
         if config.http.case_sensitive_upstream
         else tuple((r, r.prefix.lower()) for r in routes if r.prefix != "/"),
         prefixes_lower=all(r.prefix == r.prefix.lower() for r in routes),
+        persons_case_prefix=None
+        if config.http.case_sensitive_upstream or persons is None
+        else persons.prefix.lower() + "/",
     )
 
 

@@ -184,10 +184,6 @@ def config_problems(cfg: Config) -> list[tuple[tuple[Any, ...], str]]:
     if t.otlp is None:
         return []
     errs: list[tuple[tuple[Any, ...], str]] = []
-    if not t.propagate:
-        errs.append(
-            (("tracing", "otlp"), "needs tracing.propagate: true (the spans' trace is the one sent upstream)")
-        )
     missing = otel_missing()
     if missing is not None:
         errs.append((("tracing", "otlp"), missing))

@@ -248,9 +248,12 @@ class DelegationStage(Stage):
             t.add_done_callback(self._tasks.discard)
 
     async def seed(self) -> None:
-        """Each configured first administrator holds org admin (idempotent; audited when new)."""
+        """Each configured first administrator holds org admin (idempotent; audited when new);
+        a seeded grant the config no longer names is withdrawn (audited)."""
+        current: set[str] = set()
         for s in self.cfg.admins:
             ref = self.person_ref(s.person)
+            current.add("seed-" + ref[:12] + "-" + s.organization)
             g = {
                 "id": "seed-" + ref[:12] + "-" + s.organization,
                 "organization": s.organization,
@@ -281,6 +284,36 @@ class DelegationStage(Stage):
                         "basis": g["basis"],
                     }
                 )
+        await self._withdraw_stale_seeds(current)
+
+    async def _withdraw_stale_seeds(self, current: set[str]) -> None:
+        """An administrator removed from ``delegation.admins`` (or re-keyed by a new
+        ``subject_key``) loses the seeded grant at the next start or reload: the README promises
+        that a seeded grant is withdrawn by changing the config."""
+        try:
+            stale = [g for g in await self.store.seeded_grants() if g["id"] not in current]
+            for g in stale:
+                gone = await self.store.remove_seeded(g["organization"], g["id"])
+                if gone is None:
+                    continue
+                log.info(
+                    "delegation: seeded admin grant %s of %s withdrawn (not in config)",
+                    g["id"],
+                    g["organization"],
+                )
+                self.audit_event(
+                    {
+                        "type": "privilege_withdrawn",
+                        "organization": g["organization"],
+                        "grant": g["id"],
+                        "role": gone["role"],
+                        "service": gone["service"],
+                        "subject": _audit_subject(gone),
+                        "by": "config",
+                    }
+                )
+        except PrivilegesUnavailable as e:
+            log.warning("delegation: could not withdraw seeded admins no longer configured: %s", e)
 
     async def close(self) -> None:
         await self._store.release()  # the last holder closes it

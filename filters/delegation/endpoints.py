@@ -192,7 +192,12 @@ async def choose_party(
         elif ctype == "application/x-www-form-urlencoded":
             from urllib.parse import parse_qs
 
-            uuid_ = (parse_qs(body.decode(), max_num_fields=5).get("partyUuid") or [None])[0]
+            form = parse_qs(body.decode(), max_num_fields=5)
+            uuid_ = (form.get("partyUuid") or [None])[0]
+            # A form is a "simple" request a foreign page can send (no preflight): it needs the
+            # session's one-use token, as the admin page's forms do (JSON needs a preflight).
+            if not await take_csrf(persons, session_hash(s.id), (form.get("csrf") or [None])[0]):
+                return problem(ctx, Problem(CSRF_FAILED, internal_reason="csrf_token_invalid"))
         else:
             return problem(ctx, Problem(UNSUPPORTED_MEDIA))
     except (ValueError, UnicodeDecodeError):

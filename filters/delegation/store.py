@@ -163,6 +163,21 @@ class SqliteStore:
 
         return self._run(tx)
 
+    async def seeded_grants(self) -> list[dict[str, Any]]:
+        """Every grant seeded from ``delegation.admins`` (ids ``seed-...``), in any organisation."""
+        rows = self._run(lambda db: db.execute("SELECT doc FROM grants WHERE id LIKE 'seed-%'").fetchall())
+        return [g for g in (json.loads(r[0]) for r in rows) if g.get("seeded")]
+
+    async def remove_seeded(self, org: str, gid: str) -> dict[str, Any] | None:
+        """Withdraw a seeded grant the config no longer names, last administrator or not."""
+
+        def tx(db: sqlite3.Connection) -> dict[str, Any] | None:
+            row = db.execute("SELECT doc FROM grants WHERE org=? AND id=?", (org, gid)).fetchone()
+            db.execute("DELETE FROM grants WHERE org=? AND id=?", (org, gid))
+            return json.loads(row[0]) if row is not None else None
+
+        return self._run(tx)
+
 
 _ADD = """
 local vals = redis.call('HVALS', KEYS[1])
@@ -242,8 +257,25 @@ class RedisStore(BoundedRedisCalls):
             ]
         return out
 
+    def _kseeded(self) -> str:
+        return f"{self.prefix}seeded"  # the organisations that hold a seeded grant
+
+    async def seeded_grants(self) -> list[dict[str, Any]]:
+        orgs = await self._run(self.client.smembers(self._kseeded()))
+        out = []
+        for org in sorted(o.decode() for o in orgs):
+            out += [g for g in await self.grants(org) if g.get("seeded")]
+        return out
+
+    async def remove_seeded(self, org: str, gid: str) -> dict[str, Any] | None:
+        v = await self._run(self.client.hget(self._ko(org), gid))
+        await self._run(self.client.hdel(self._ko(org), gid))
+        return json.loads(v) if v else None
+
     async def add(self, g: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         doc = json.dumps(g)
+        if g.get("seeded"):
+            await self._run(self.client.sadd(self._kseeded(), g["organization"]))
         # The subject's index first, then the grant (each one key: a Redis Cluster puts them on
         # different slots). The index may name an organisation where the subject holds nothing
         # (a failed add, a withdrawal): of_subject() reads the grants themselves, so a superset

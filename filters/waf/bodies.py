@@ -269,6 +269,20 @@ class _Pairs(list):
     the first occurrence would otherwise get an uninspected value)."""
 
 
+def json_reading(text: bytes, max_depth: int = 0, max_values: int = 0) -> list[tuple[str, bytes]]:
+    """A raw-text body that is a JSON document (or starts with one, as Go's ``json.Decoder``
+    reads it) also read as JSON: backends that bind JSON whatever the Content-Type (Go, Express
+    with ``type: '*/*'``, ``get_json(force=True)``) see its escapes (``\\u0027``) decoded, and so
+    do the rules. A second reading, like the query's: not counted against ``max_args``."""
+    try:
+        s = text.decode("utf-8").strip()
+        _, end = json.JSONDecoder().raw_decode(s)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return []
+    res = json_body(s[:end].encode(), max_depth, max_values)
+    return res.args if res.error is None and res.limit is None else []
+
+
 def json_body(
     body: bytes, max_depth: int = 0, max_values: int = 0, max_args: int | None = None, lines: bool = False
 ) -> BodyResult:
@@ -433,6 +447,7 @@ def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
         name: str | None = None
         filename: bytes | None = None
         empty_filename = False
+        plain_filename = False  # the part names a filename without RFC 2231
         seen: dict[bytes, bytes] = {}
         for line in lines:
             hn, _, hv = line.partition(b":")
@@ -457,6 +472,7 @@ def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
                     name = d["name"].decode("latin-1")
                 if "filename" in d:
                     filename = d["filename"]
+                    plain_filename = True
                 if "filename*" in d and filename is None:
                     filename = d["filename*"]
                 # filename="" or filename*=UTF-8'' (RFC 2231, which Go's ParseMediaType decodes
@@ -494,6 +510,10 @@ def multipart(body: bytes, content_type: str, max_parts: int = 0) -> BodyResult:
             res.files.append((key, filename))
             res.files_names.append((key, key.encode("latin-1")))
             res.files_sizes.append((key, str(len(data)).encode()))
+            if not plain_filename:
+                # Only RFC 2231 "filename*": a file where the backend decodes it (Go, Werkzeug),
+                # a field where it does not (PHP, older commons-fileupload): inspected as a value.
+                res.args.append((key, data))
         else:
             # filename="" is an ordinary value to Go's ReadForm (and others): inspected
             res.args.append((key, data))

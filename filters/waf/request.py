@@ -226,6 +226,10 @@ class RequestVariables:
         if self.max_args and self.query_args + len(args) > self.max_args:  # args_partial
             args = args[: max(0, self.max_args - self.query_args)]
             self.args_limit_exceeded = True
+        if proc in ("URLENCODED", "MULTIPART") and args:
+            # A form value as a "best fit" backend reads it, and a repeated name's values joined
+            # (ASP.NET's Request.Form["q"]), as for the query (red team 3 F10): not counted.
+            args = args + query_readings(args)
         c["ARGS_POST"] = args
         c["ARGS"] = c["ARGS_GET"] + args
         c["FILES"] = res.files
@@ -257,7 +261,11 @@ class RequestVariables:
             if proc == "URLENCODED":
                 charset = bodies.content_type_charset(ct)
                 if self.raw_body:  # a phase-1 ctl (CRS 901350, built-in 9100020) chose URLENCODED
-                    return bodies.urlencoded(bodies.raw_text(body, charset), room)
+                    text = bodies.raw_text(body, charset)
+                    res = bodies.urlencoded(text, room)
+                    if res.error is None and res.limit is None and text.lstrip()[:1] in (b"{", b"["):
+                        res.args += bodies.json_reading(text, lim.max_json_depth, lim.max_json_values)
+                    return res
                 return bodies.urlencoded(body, room, charset)
             if proc == "JSON":
                 lines = bool(_NDJSON.match(self.headers_lower.get("content-type", b"").lower()))

@@ -458,6 +458,15 @@ INTERNAL: dict[str, Entry] = {
         "Operators: check the upstream's latency or raise upstreams.<name>.max_connections.",
         "Drift: sjekk tjenestens svartid eller øk upstreams.<name>.max_connections.",
     ),
+    "upstream_unsolicited_upgrade": (
+        "upstream_unavailable",
+        "The upstream answered 101 Switching Protocols, but the gateway never forwards Upgrade; refused so "
+        "no proxy in front switches the client connection to a tunnel.",
+        "Tjenesten svarte 101 Switching Protocols, men gatewayen videresender aldri Upgrade; avvist så "
+        "ingen proxy foran gjør klientforbindelsen om til en tunnel.",
+        "Operators: find why the upstream switches protocols on a plain request (the log names the request).",
+        "Drift: finn ut hvorfor tjenesten bytter protokoll på en vanlig forespørsel (loggen nevner forespørselen).",
+    ),
     "upstream_header_invalid_utf8": (
         "upstream_unavailable",
         "The upstream answered with a response header value that is not valid UTF-8; refused rather than altered.",
