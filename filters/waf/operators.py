@@ -87,8 +87,14 @@ class Rx(Operator):
             src = arg.encode("latin-1", "replace")
             self.regex = compile_rx(src)
             self.rx_source = [src]
+        # "^.*$" (CRS 920450/920451 over header names): with dot-all every value matches whole
+        self.match_all = self.macro is None and arg == "^.*$"
 
     def match(self, tx, value, capture):
+        if self.match_all:
+            if capture:
+                tx.set_captures([value])
+            return True
         if self.macro is None:
             rx = self.regex
         else:

@@ -162,3 +162,19 @@ def test_ip_match_verdicts_are_kept_per_address_and_bounded():
         op.match(None, f"192.168.{i // 256 % 256}.{i % 256}".encode(), False)
     assert len(op._verdicts) <= IP_VERDICTS
     assert op.match(None, b"10.9.9.9", False)
+
+
+def test_match_all_rx_captures_the_whole_value_as_re2_does():
+    op = parse_operator("@rx ^.*$", {"dir": "."})
+    assert op.match_all
+
+    class Captures:
+        def set_captures(self, groups):
+            self.groups = groups
+
+    for v in (b"", b"a", b"x-forwarded-for", b"a\nb", b"\xff\n", b"\n\n"):
+        c = Captures()
+        assert op.match(c, v, True)
+        m = op.regex.search(v)
+        assert m is not None and c.groups == [m.group(0)] == [v]
+    assert not parse_operator("@rx ^.*$x", {"dir": "."}).match_all
