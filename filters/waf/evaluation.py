@@ -400,12 +400,12 @@ class Transaction(ValueScanner):
         tx = self.tx_vars
         ints = self.caches.tx_ints
         rtags = self.removed_tags  # grows in place (ctl:ruleRemoveByTag)
-        # the engine mode changes only through ctl, i.e. in a general evaluation (below): it is
-        # checked before the first rule and before each rule that follows such an evaluation
-        check_engine = True
         cpos = self.ruleset.candidate_pos.get(phase, {})
         cand_of: Any = None  # the universe candidates cand_at was made from
         cand_at: list[int] = []  # program indexes of the dispatch-1 rules among them, sorted
+        # the engine mode changes only through ctl, i.e. in a general evaluation (below): it is
+        # checked before the first rule and before each rule that follows such an evaluation
+        check_engine = True
         while i < n:
             r = rules[i]
             i += 1
