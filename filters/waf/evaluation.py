@@ -15,6 +15,7 @@ have been denied and runs everything (CRS's own test mode).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -157,8 +158,39 @@ class Transaction(ValueScanner):
         return self.confirm(rule, tvals)
 
     def evaluate_values(self, rule: Rule) -> bool:
-        """Any other rule: its operator over each of its values (multiMatch: over every
-        transformation step), the prefilter skipping values it rules out."""
+        """Any other rule: its operator over each of its values, the prefilter skipping values
+        it rules out (multiMatch: ``evaluate_multi_match``)."""
+        if rule.multi_match:
+            return self.evaluate_multi_match(rule)
+        vals = self.values(rule)
+        if not vals:
+            return False
+        p = rule.pipeline
+        pidx = p.idx
+        pid = rule.pattern_id
+        use_pf = rule.general_prefilter  # (ruleset.py) a Set of this pipeline judges the pattern
+        neg = rule.op.negated
+        match = rule.op.match
+        cap = rule.capture
+        tf = self.transform
+        new_matches: list[tuple[str, bytes]] = []
+        for name, v in vals:
+            tv = tf(v, p)
+            if use_pf and pid not in self.candidates(pidx, tv):
+                if not neg:
+                    continue  # cannot match; a negated operator matches
+            elif match(self, tv, cap) == neg:
+                continue
+            new_matches.append((name, tv))
+            self.on_match(rule, name, tv)
+        if new_matches:
+            self.matched_vars = new_matches
+            return True
+        return False
+
+    def evaluate_multi_match(self, rule: Rule) -> bool:
+        """A multiMatch rule: its operator after every transformation step (and on the raw
+        value), the prefilter skipping steps it rules out."""
         hot = None
         if rule.multi_match_pipelines:
             # multiMatch: only steps whose universe scan saw the pattern can match
@@ -177,21 +209,13 @@ class Transaction(ValueScanner):
         op = rule.op
         neg = op.negated
         pid = rule.pattern_id
-        use_pf = (
-            pid is not None
-            and pid not in self.ruleset.prefilter_unsafe
-            and rule.pipeline.idx in self.ruleset.prefilter
-        )
+        use_pf = rule.general_prefilter
         matched = False
         new_matches: list[tuple[str, bytes]] = []
         # multiMatch with a pure operator (libinjection): the verdict over all steps is a function
         # of (pipeline, operator, raw value), kept across requests; a hit that matched replays the
         # operator on the matching step (cached too) so captures are set as before.
-        mmc = (
-            self.caches.multi_match_step
-            if (rule.multi_match and op.pure and not neg and hot is None)
-            else None
-        )
+        mmc = self.caches.multi_match_step if (op.pure and not neg and hot is None) else None
         for name, v in vals:
             if mmc is not None:
                 ck = (rule.pipeline.idx, type(op), v)
@@ -218,36 +242,28 @@ class Transaction(ValueScanner):
                         mmc[ck] = tv
                     if tv is None:
                         continue
-            elif rule.multi_match:
+            else:
                 # the operator runs after every transformation step (and on the raw value)
-                steps = []
+                msteps = []
                 p = rule.pipeline
                 while p is not None:
-                    steps.append((p, self.transform(v, p)))
+                    msteps.append((p, self.transform(v, p)))
                     p = p.parent
                 res = False
                 seen: set[bytes] = set()
                 pf = self.ruleset.prefilter
-                for p, tv in reversed(steps):
-                    if hot is not None and p.idx not in hot:
+                for q, tv in reversed(msteps):
+                    if hot is not None and q.idx not in hot:
                         continue
                     if tv in seen:
                         continue
                     seen.add(tv)
-                    if use_pf and not neg and p.idx in pf and pid not in self.candidates(p.idx, tv):
+                    if use_pf and not neg and q.idx in pf and pid not in self.candidates(q.idx, tv):
                         continue
                     if op.match(self, tv, rule.capture) != neg:
                         res = True
                         break
                 if not res:
-                    continue
-            else:
-                tv = self.transform(v, rule.pipeline)
-                if use_pf and pid not in self.candidates(rule.pipeline.idx, tv):
-                    hit = False
-                else:
-                    hit = op.match(self, tv, rule.capture)
-                if hit == neg:
                     continue
             matched = True
             new_matches.append((name, tv))
@@ -388,6 +404,9 @@ class Transaction(ValueScanner):
         tx = self.tx_vars
         ints = self.caches.tx_ints
         rtags = self.removed_tags  # grows in place (ctl:ruleRemoveByTag)
+        cpos = self.ruleset.candidate_pos.get(phase, {})
+        cand_of: Any = None  # the universe candidates cand_at was made from
+        cand_at: list[int] = []  # program indexes of the dispatch-1 rules among them, sorted
         # the engine mode changes only through ctl, i.e. in a general evaluation (below): it is
         # checked before the first rule and before each rule that follows such an evaluation
         check_engine = True
@@ -409,6 +428,18 @@ class Transaction(ValueScanner):
                     u = self.universe_candidates(r.pipeline)
                 if r.pattern_id not in u:
                     self.matched_vars = NO_MATCHES
+                    # nor can any rule of this run the scan did not see: jump to the run's next
+                    # candidate (u is the same for the whole run: only a rule that runs can
+                    # change the variables, and none runs before that candidate)
+                    end = r.run_end
+                    if end > i:
+                        if u is not cand_of:
+                            cand_of = u
+                            cand_at = sorted([j for j in map(cpos.get, u) if j is not None])
+                        c = bisect_left(cand_at, i)
+                        i = cand_at[c] if c < len(cand_at) and cand_at[c] < end else end
+                        if i > n:
+                            i = n
                     continue
             elif k:
                 g: Any = r.tx_compare  # set whenever dispatch is 2 or 3 (ruleset.py)

@@ -61,6 +61,7 @@ class Operator:
         self.arg = arg
         self.negated = negated
         self.macro = None
+        self.arg_bytes = arg.encode("latin-1", "replace")  # the parameter when it has no macro
         if "%{" in arg:
             from filters.waf.macros import compile_macro
 
@@ -69,7 +70,7 @@ class Operator:
     def param(self, tx: Transaction) -> bytes:
         if self.macro is not None:
             return self.macro.expand(tx)
-        return self.arg.encode("latin-1", "replace")
+        return self.arg_bytes
 
     def match(self, tx: Transaction, value: bytes, capture: bool) -> bool:  # pragma: no cover
         raise NotImplementedError
@@ -86,8 +87,14 @@ class Rx(Operator):
             src = arg.encode("latin-1", "replace")
             self.regex = compile_rx(src)
             self.rx_source = [src]
+        # "^.*$" (CRS 920450/920451 over header names): with dot-all every value matches whole
+        self.match_all = self.macro is None and arg == "^.*$"
 
     def match(self, tx, value, capture):
+        if self.match_all:
+            if capture:
+                tx.set_captures([value])
+            return True
         if self.macro is None:
             rx = self.regex
         else:
@@ -272,8 +279,13 @@ class Within(Operator):
 
 
 class NumericCompare(Operator):
+    def __init__(self, arg, negated, ctx):
+        super().__init__(arg, negated, ctx)
+        self.const = atoi(self.arg_bytes) if self.macro is None else None  # the constant, once
+
     def match(self, tx, value, capture):
-        return self.cmp(atoi(value), atoi(self.param(tx)))
+        c = self.const
+        return self.cmp(atoi(value), atoi(self.param(tx)) if c is None else c)
 
 
 class Eq(NumericCompare):
@@ -301,6 +313,9 @@ class Lt(NumericCompare):
     cmp = staticmethod(lambda a, b: a < b)
 
 
+IP_VERDICTS = 4096  # addresses per @ipMatch whose verdict is kept (cleared beyond)
+
+
 class IpMatch(Operator):
     name = "ipMatch"
 
@@ -312,12 +327,21 @@ class IpMatch(Operator):
         except ValueError as e:
             raise OperatorError(f"@ipMatch: {e}") from None
 
+        self._verdicts: dict[bytes, bool] = {}  # address -> verdict (a pure function of the value)
+
     def match(self, tx, value, capture):
-        try:
-            ip = ipaddress.ip_address(value.decode("latin-1").strip())
-        except ValueError:
-            return False
-        return any(ip.version == n.version and ip in n for n in self.nets)
+        hit = self._verdicts.get(value)
+        if hit is None:
+            try:
+                ip = ipaddress.ip_address(value.decode("latin-1").strip())
+            except ValueError:
+                hit = False
+            else:
+                hit = any(ip.version == n.version and ip in n for n in self.nets)
+            if len(self._verdicts) >= IP_VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[value] = hit
+        return hit
 
 
 class IpMatchFromFile(IpMatch):

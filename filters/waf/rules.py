@@ -74,6 +74,7 @@ class Rule:
     exclusion_plan: dict = field(default_factory=dict)  # coll -> (exact lower keys, key regexes, all)
     prefilter_decides: bool = False  # prefilter decides at rule level (positive @rx/@pm, cacheable targets)
     tx_compare: tuple | None = None  # (tx key, compare, constant) for "TX:key @lt N" style rules
+    general_prefilter: bool = False  # evaluate_values may skip a value its pipeline's Set rules out
     multi_match_pipelines: tuple = ()  # multiMatch: every step's pipeline, when each has a prefilter Set
     # Compiled dispatch (Ruleset._compile_program): 0 general; 1 prefilter-rejectable starter
     # (the pipeline's universe scan decides "no match" with two lookups); 2 a pure TX gate
@@ -82,6 +83,7 @@ class Rule:
     dispatch: int = 0
     jump: int = 0  # index in the phase program after this rule's skipAfter marker
     gate_name: tuple = ()  # (MATCHED_VAR_NAME str, its bytes) for dispatch 2
+    run_end: int = 0  # dispatch 1: program index after its run of consecutive dispatch-1 rules
 
 
 @dataclass(slots=True)

@@ -58,6 +58,8 @@ class Ruleset:
         self.universe: dict[int, tuple[tuple[str, frozenset[str] | None], ...]] = {}
         self.universe_plan: tuple = ()  # (variable, (group id, pipelines), {key: (group id, pipelines)})
         self.universe_pipelines: tuple[int, ...] = ()
+        # phase -> {pattern id: program index} of the dispatch-1 rules (see Rule.run_end)
+        self.candidate_pos: dict[int, dict[int, int]] = {}
         self.program: dict[int, list[Rule]] = {p: [] for p in range(1, 6)}
         self.init_fold: folding.InitFold | None = None  # phase 1's request-free prefix, run at load
         self.unreachable_patterns: set[int] = set()  # patterns of rules no request reaches
@@ -102,6 +104,15 @@ class Ruleset:
         self._compile_prefilter(prefilter, dead)
         self._compile_program()
         self._compile_ctl_targets()
+        for r0 in self._all_rules():
+            r: Rule | None = r0
+            while r is not None:
+                r.general_prefilter = (
+                    r.pattern_id is not None
+                    and r.pattern_id not in self.prefilter_unsafe
+                    and r.pipeline.idx in self.prefilter
+                )
+                r = r.chain
 
     def pipeline(self, names: tuple[str, ...]) -> Pipeline:
         p = self.pipelines.get(names)
@@ -513,6 +524,19 @@ class Ruleset:
                     name = "TX:" + r.tx_compare[0]
                     r.gate_name = (name, name.encode("latin-1", "replace"))
             self.program[ph] = prog
+            # Runs of consecutive dispatch-1 rules: run_phase jumps from a rule the universe
+            # scan rules out to the run's next candidate (or past the run) in one step.
+            cpos: dict[int, int] = {}
+            end = len(prog)
+            for j in range(len(prog) - 1, -1, -1):
+                r = prog[j]
+                if r.dispatch == 1:
+                    assert r.pattern_id is not None
+                    cpos[r.pattern_id] = j
+                    r.run_end = end
+                else:
+                    end = j
+            self.candidate_pos[ph] = cpos
 
     @property
     def prefilter_state(self) -> str:
