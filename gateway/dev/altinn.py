@@ -32,6 +32,9 @@ from gateway.dev.server import LocalAppServer
 
 SCOPE = "altinn:accessmanagement/authorizedparties.resourceowner"
 DEMO_PID = "24917397852"
+# A second synthetic person (Tenor: month + 80) who may act for 910000005 only: the one an
+# administrator grants to in the README's "Try it" walk-through.
+DEMO_PID_2 = "14859050000"
 
 
 def party(
@@ -106,6 +109,11 @@ def demo_parties(pid: str = DEMO_PID) -> list[dict[str, Any]]:
     ]
 
 
+def colleague_parties(pid: str = DEMO_PID_2) -> list[dict[str, Any]]:
+    """The second demo person: themself and Østre Bygd kommune (no sub-units)."""
+    return [person_party(pid, "OLA NORDMANN"), party("910000005", "ØSTRE BYGD KOMMUNE", "KOMM")]
+
+
 class FakeAltinn(LocalAppServer):
     def __init__(
         self,
@@ -118,7 +126,7 @@ class FakeAltinn(LocalAppServer):
         self.host, self.port = host, port
         self.public_key = client_public_key
         self.parties: dict[str, list[dict[str, Any]]] = (
-            parties if parties is not None else {DEMO_PID: demo_parties()}
+            parties if parties is not None else {DEMO_PID: demo_parties(), DEMO_PID_2: colleague_parties()}
         )
         self.down = False
         self.counts: dict[str, int] = {"token": 0, "exchange": 0, "parties": 0}

@@ -4,6 +4,8 @@ store's atomic last-admin rule."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from filters.delegation import PrivilegeFilter, config_problems, subject_ref
@@ -205,3 +207,15 @@ async def test_store_last_admin_and_idempotent_add(backend, request, tmp_path):
         assert {g["id"] for g in await store.of_subject("person", OTHER)} == {"g-s", "g-b"}
     finally:
         await store.close()
+
+
+def test_the_demo_altinn_knows_the_readme_s_second_person_for_910000005_only():
+    """README "Try it": the administrator grants to 14859050000, who then acts for 910000005."""
+    from gateway.dev.altinn import DEMO_PID_2, FakeAltinn, colleague_parties
+    from gateway.norid import is_pid
+
+    root = Path(__file__).resolve().parents[2]
+    assert is_pid(DEMO_PID_2) and DEMO_PID_2 in (root / "README.md").read_text(encoding="utf-8")
+    selectable = [p["org"] for p in flatten(colleague_parties()) if p["selectable"]]
+    assert selectable == ["910000005"]
+    assert set(FakeAltinn(None).parties) == {"24917397852", DEMO_PID_2}
