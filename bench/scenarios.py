@@ -253,7 +253,9 @@ BARE_GET = "bare aiohttp proxy, TLS"
 BARE_POST = "bare aiohttp proxy, TLS, 1 KB JSON POST"
 PV_GET = "Portvakt, TLS, minimal config"
 PV_POST = "Portvakt, TLS, minimal, 1 KB JSON POST"
-IDENTITY_GET = "identity pipeline (TLS, token, integration, authorize, Redis limit leased 16, assertion, audit batch)"
+IDENTITY_GET = (
+    "identity pipeline (TLS, token, integration, authorize, Redis limit leased 16, assertion, audit batch)"
+)
 IDENTITY_POST = "identity pipeline, 1 KB JSON POST"
 
 
