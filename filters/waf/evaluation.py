@@ -297,8 +297,17 @@ class Transaction(ValueScanner):
         out: dict[int, list[tuple[str, bytes]]] = {}
         if wanted is prefilter.ALL:
             return prefilter.ALL
+        ps = self.ruleset.prefilter.get(pidx)
+        if ps is None:
+            return prefilter.ALL
+        # only the Sets holding a wanted pattern are asked: the others' answers are dropped below
+        # anyway (a value already scanned whole reuses that scan)
+        groups = [g for g in ps.groups if not wanted.isdisjoint(g[1])]
         for nt in tvals:
-            found = self.candidates(pidx, nt[1])
+            v = nt[1]
+            found = (self.scan_cache if len(v) <= SHARED_MAX else self.scan_cache_large).get((pidx, v))
+            if found is None:
+                found = prefilter.scan_groups(groups, v)
             if found is prefilter.ALL:
                 return prefilter.ALL
             for q in found:

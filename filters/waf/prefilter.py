@@ -23,6 +23,7 @@ DFA that ran out of memory as "no match", which without it would read as "no can
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import re2
 
@@ -65,22 +66,28 @@ class PipelineSet:
         return [pid for _, pids in self.groups for pid in pids]
 
     def scan(self, value: bytes):
-        if len(value) > MAX_VALUE_SCAN:
-            return ALL
-        found: set[int] = set()
-        try:
-            for match, pids in self.groups:
-                hits = match(value)
-                # index len(pids) is the SENTINEL, which every text matches: without it in the
-                # result the Set failed (RE2 reports a DFA out of memory as "no match")
-                if not hits or len(pids) not in hits:
-                    return ALL
-                if len(hits) > 1:
-                    n = len(pids)
-                    found.update([pids[i] for i in hits if i != n])
-        except Exception:  # pragma: no cover - DFA budget exhausted: be conservative
-            return ALL
-        return found
+        return scan_groups(self.groups, value)
+
+
+def scan_groups(groups: Any, value: bytes) -> Any:
+    """The pattern ids of ``groups`` (some or all of a PipelineSet's) that match ``value``, or
+    ALL."""
+    if len(value) > MAX_VALUE_SCAN:
+        return ALL
+    found: set[int] = set()
+    try:
+        for match, pids in groups:
+            hits = match(value)
+            # index len(pids) is the SENTINEL, which every text matches: without it in the
+            # result the Set failed (RE2 reports a DFA out of memory as "no match")
+            if not hits or len(pids) not in hits:
+                return ALL
+            if len(hits) > 1:
+                n = len(pids)
+                found.update([pids[i] for i in hits if i != n])
+    except Exception:  # pragma: no cover - DFA budget exhausted: be conservative
+        return ALL
+    return found
 
 
 def set_options() -> re2.Options:

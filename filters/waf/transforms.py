@@ -51,63 +51,67 @@ _HEX_ESCAPES = {
 }
 
 
+# a run of escapes, decoded by one bytes.fromhex (C) instead of a Python step per escape:
+# ``_PCT``'s matches are exactly the escapes of these runs (a run holds no other '%')
+_RUN = re.compile(rb"((?:%[0-9a-fA-F]{2})+)")
+_RUN_U = re.compile(rb"((?:%[0-9a-fA-F]{2})+|(?:%[uU][0-9a-fA-F]{4})+)")
+
+
+def _hex_run(r: bytes) -> bytes:
+    return bytes.fromhex(r.replace(b"%", b"").decode("ascii"))
+
+
+def _uni_run(r: bytes) -> bytes:
+    """A run of ``%uHHHH``: each escape's ``_fullwidth`` byte."""
+    d = bytes.fromhex(r.replace(b"%u", b"").replace(b"%U", b"").decode("ascii"))
+    highs, lows = d[0::2], d[1::2]
+    if 0xFF not in highs:
+        return lows
+    return bytes(lo + 0x20 if hi == 0xFF and 0 < lo < 0x5F else lo for hi, lo in zip(highs, lows))
+
+
 def url_decode(v: bytes) -> bytes:
+    """``_PCT`` decoded after '+' -> ' ': the text split at runs of escapes (C), each run
+    one bytes.fromhex (a lone escape a dict lookup)."""
     if b"%" not in v and b"+" not in v:
         return v
     v = v.replace(b"+", b" ")
     if b"%" not in v:
         return v
-    parts = v.split(b"%")
-    out = [parts[0]]
-    escape = _HEX_ESCAPES.get
-    for item in parts[1:]:
-        byte = escape(b"%" + item[:2])
-        if byte is None:  # not an escape: the '%' stays
-            out.append(b"%")
-            out.append(item)
-        else:
-            out.append(byte)
-            out.append(item[2:])
-    return b"".join(out)
-
-
-_HEX2 = {k[1:]: b for k, b in _HEX_ESCAPES.items()}  # "XX" -> its byte
-_HEX_DIGITS = frozenset(_HEX)
-_UNI4: dict[bytes, bytes] = {}  # "uHHHH" -> its byte (grows with the escapes met; bounded)
+    parts = _RUN.split(v)
+    one = _HEX_ESCAPES.get
+    parts[1::2] = [one(r) or _hex_run(r) for r in parts[1::2]]
+    return b"".join(parts)
 
 
 def url_decode_uni(v: bytes) -> bytes:
-    """``%XX`` and ``%uHHHH`` (``_PCT_U``), one pass over the text split at ``%`` (a regex
-    callback per escape costs several times more)."""
+    """``%XX`` and ``%uHHHH`` (``_PCT_U``) after '+' -> ' ', by runs as ``url_decode``."""
     if b"%" not in v and b"+" not in v:
         return v
     v = v.replace(b"+", b" ")
     if b"%" not in v:
         return v
-    parts = v.split(b"%")
-    out = [parts[0]]
-    hex2 = _HEX2.get
-    uni = _UNI4.get
-    for item in parts[1:]:
-        byte = hex2(item[:2])
-        if byte is not None:
-            out.append(byte)
-            out.append(item[2:])
-            continue
-        if item[:1] in (b"u", b"U") and len(item) >= 5:
-            k = item[:5]
-            byte = uni(k)
-            if byte is None and _HEX_DIGITS.issuperset(item[1:5]):
-                byte = bytes((_fullwidth(item[1:5]),))
-                if len(_UNI4) < 100_000:
-                    _UNI4[k] = byte
-            if byte is not None:
-                out.append(byte)
-                out.append(item[5:])
-                continue
-        out.append(b"%")
-        out.append(item)
-    return b"".join(out)
+    if b"%u" not in v and b"%U" not in v:
+        parts = _RUN.split(v)
+        one = _HEX_ESCAPES.get
+        parts[1::2] = [one(r) or _hex_run(r) for r in parts[1::2]]
+        return b"".join(parts)
+    parts = _RUN_U.split(v)
+    one = _ONE_ESCAPE.get
+    parts[1::2] = [one(r) or _mixed_run(r) for r in parts[1::2]]
+    return b"".join(parts)
+
+
+_ONE_ESCAPE = dict(_HEX_ESCAPES)  # plus the lone "%uHHHH" met (bounded): escape -> its byte
+
+
+def _mixed_run(r: bytes) -> bytes:
+    if r[1] not in (0x75, 0x55):
+        return _hex_run(r)
+    b = _uni_run(r)
+    if len(r) == 6 and len(_ONE_ESCAPE) < 100_000:
+        _ONE_ESCAPE[r] = b
+    return b
 
 
 def url_encode(v: bytes) -> bytes:

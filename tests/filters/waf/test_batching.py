@@ -191,3 +191,36 @@ def test_a_failed_set_scan_means_every_pattern_may_match():
             return None  # what google-re2 returns when RE2::Set::Match fails
 
     assert prefilter.PipelineSet([(Failed(), [7, 8])]).scan(b"benign") is prefilter.ALL
+
+
+def test_values_by_pattern_asks_only_the_sets_of_wanted_patterns(crs_engine):
+    """values_by_pattern scans each value with only the Sets that hold a wanted pattern: for any
+    wanted subset its answer is the full per-value scan's, kept to the wanted patterns (values in
+    order), whether a value was scanned whole before (cache) or not."""
+    eng = crs_engine(1)
+    rs = eng.ruleset
+    rnd = random.Random(11)
+    attack = [b"<script>alert(1)</script>", b"1' or '1'='1", b";cat /etc/shadow", b"${jndi:ldap://x}"]
+    kw = dict(method="GET", uri="/x", headers=[("Host", "x")])
+    checked = 0
+    for pidx, ps in rs.prefilter.items():
+        if len(ps.groups) < 2:
+            continue
+        vals = [rnd.choice(attack) if rnd.random() < 0.4 else random_value(rnd) for _ in range(40)]
+        tvals = [("ARGS:a%d" % i, v) for i, v in enumerate(vals)]
+        full = [ps.scan(v) for v in vals]
+        pids = ps.pids
+        for wanted in (frozenset(rnd.sample(pids, 1)), frozenset(rnd.sample(pids, 5)), frozenset(pids)):
+            want: dict = {}
+            for nt, f in zip(tvals, full):
+                for q in sorted(f & wanted):
+                    want.setdefault(q, []).append(nt)
+            for warm in (False, True):
+                tx = Transaction(rs, caches=ValueCaches(rs), **kw)
+                if warm:
+                    for v in vals[::2]:
+                        tx.candidates(pidx, v)
+                got = tx.values_by_pattern(pidx, tvals, wanted)
+                assert {q: hits for q, hits in got.items() if hits} == want, (pidx, wanted)
+                checked += 1
+    assert checked > 20

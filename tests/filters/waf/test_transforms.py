@@ -79,3 +79,15 @@ def test_url_decoders_agree_with_the_plain_regex_reading():
         v = bytes(rnd.choice(alphabet) for _ in range(rnd.randint(0, 12)))
         assert T.url_decode(v) == reference(v, False), v
         assert T.url_decode_uni(v) == reference(v, True), v
+    # runs of escapes (decoded by one bytes.fromhex each) in every shape: tokens that make long,
+    # broken, mixed %XX / %uHHHH runs, the full-width block's edges, '+' and lone '%'
+    tokens = [b"%", b"%%", b"u", b"U", b"+", b"f", b"0", b"5e", b"5f", b"g", b"\n", b"\xff", b"%41", b"%c0"]
+    tokens += [b"%u", b"%U", b"%uff", b"%uFF0", b"%u00", b"%Uff5e", b"%uFF00", b"%uff01", b"%uFf5F", b"%4"]
+    for _ in range(20000):
+        v = b"".join(rnd.choice(tokens) for _ in range(rnd.randint(0, 30)))
+        assert T.url_decode(v) == reference(v, False), v
+        assert T.url_decode_uni(v) == reference(v, True), v
+    for hi in (0x00, 0x12, 0xFE, 0xFF):
+        for lo in range(256):
+            for v in (b"%%u%02x%02x" % (hi, lo), b"%%U%02X%02X%%41%%u%02xaa" % (hi, lo, hi)):
+                assert T.url_decode_uni(v * 3) == reference(v * 3, True), v
