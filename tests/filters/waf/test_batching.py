@@ -207,7 +207,7 @@ def test_values_by_pattern_asks_only_the_sets_of_wanted_patterns(crs_engine):
         if len(ps.groups) < 2:
             continue
         vals = [rnd.choice(attack) if rnd.random() < 0.4 else random_value(rnd) for _ in range(40)]
-        tvals = [("ARGS:a%d" % i, v) for i, v in enumerate(vals)]
+        tvals = [(f"ARGS:a{i}", v) for i, v in enumerate(vals)]
         full = [ps.scan(v) for v in vals]
         pids = ps.pids
         for wanted in (frozenset(rnd.sample(pids, 1)), frozenset(rnd.sample(pids, 5)), frozenset(pids)):
