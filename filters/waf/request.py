@@ -451,13 +451,37 @@ def _overlong(m: re.Match[bytes]) -> bytes:
     return chr(cp).encode("utf-8")
 
 
+# every text the two patterns can match -> its ``_overlong`` reading (2 x 64 and 32 x 64), so
+# a value full of overlong forms costs a split and a lookup per form, not a Python callback
+_OVERLONG_OF = {
+    m: _overlong(p.match(m))  # type: ignore[arg-type]
+    for p, ms in (
+        (_OVERLONG2, (bytes((a, b)) for a in (0xC0, 0xC1) for b in range(0x80, 0xC0))),
+        (_OVERLONG3, (bytes((0xE0, a, b)) for a in range(0x80, 0xA0) for b in range(0x80, 0xC0))),
+    )
+    for m in ms
+}
+_OVERLONG2_RUN = re.compile(b"(" + _OVERLONG2.pattern + b")")
+_OVERLONG3_RUN = re.compile(b"(" + _OVERLONG3.pattern + b")")
+
+
+def _decode_overlong(pattern: re.Pattern[bytes], v: bytes) -> bytes:
+    """``pattern`` (one group around ``_OVERLONG2`` or ``_OVERLONG3``).sub(_overlong, v)."""
+    parts = pattern.split(v)
+    if len(parts) == 1:
+        return v
+    of = _OVERLONG_OF
+    parts[1::2] = [of[m] for m in parts[1::2]]
+    return b"".join(parts)
+
+
 def normalised_value(v: bytes) -> bytes:
     """A query value as a "best fit" backend may read it: overlong UTF-8 forms decoded (IIS),
     then NFKC (fullwidth ＇＜ to ' <, NBSP to space; SQL Server varchar conversion, .NET and
     Java normalisers). The same bytes when nothing changes."""
     if v.isascii():
         return v
-    v = _OVERLONG3.sub(_overlong, _OVERLONG2.sub(_overlong, v))
+    v = _decode_overlong(_OVERLONG3_RUN, _decode_overlong(_OVERLONG2_RUN, v))
     return unicodedata.normalize("NFKC", v.decode("utf-8", "surrogateescape")).encode(
         "utf-8", "surrogateescape"
     )

@@ -267,3 +267,32 @@ async def test_f09_benign_norwegian_query_passes():
         {"Host": "x", "User-Agent": "Mozilla/5.0", "Accept": "*/*"},
     )
     assert type(await filt().check(c)) is not Deny
+
+
+def test_normalised_value_decodes_overlong_forms_as_the_regex_callback_does():
+    """normalised_value's overlong decoding (a split and a table lookup per form) gives what
+    ``_OVERLONG3.sub(_overlong, _OVERLONG2.sub(_overlong, v))`` gives, on every form the two
+    patterns can match and on random mixes of lead, continuation and other bytes."""
+    import random
+    import unicodedata
+
+    from filters.waf import request as R
+
+    def reference(v: bytes) -> bytes:
+        if v.isascii():
+            return v
+        v = R._OVERLONG3.sub(R._overlong, R._OVERLONG2.sub(R._overlong, v))
+        return unicodedata.normalize("NFKC", v.decode("utf-8", "surrogateescape")).encode(
+            "utf-8", "surrogateescape"
+        )
+
+    assert len(R._OVERLONG_OF) == 2 * 64 + 32 * 64
+    for m in R._OVERLONG_OF:
+        for v in (m, b"x" + m + m + b"\xc0" + m, m[:-1], m + m[:1]):
+            assert R.normalised_value(v) == reference(v), v
+    rnd = random.Random(5)
+    pieces = [b"\xc0", b"\xc1", b"\xe0", b"\x80", b"\x9f", b"\xa0", b"\xbf", b"\xc0\xae", b"\xe0\x80\xaf"]
+    pieces += [b"a", b"\xef\xbc\x87", b"\xc2\xa0", b"%", b"\xff"]
+    for _ in range(30000):
+        v = b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 30)))
+        assert R.normalised_value(v) == reference(v), v
