@@ -217,34 +217,37 @@ def css_decode(v: bytes) -> bytes:
     return _CSS.sub(sub, v)
 
 
+# one multi-byte sequence as utf8_to_unicode's loop reads it: the lead byte says the length
+# (the alternatives cannot both match at one position), every continuation byte 80-BF
+_UTF8_SEQ = re.compile(rb"([\xc0-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf7][\x80-\xbf]{3})")
+_UTF8_ESCAPES: dict[bytes, bytes] = {}  # sequence -> its %uHHHH (the ones met; bounded)
+
+
+def _utf8_escape(seq: bytes) -> bytes:
+    c = seq[0]
+    if len(seq) == 2:
+        cp = ((c & 0x1F) << 6) | (seq[1] & 0x3F)
+    elif len(seq) == 3:
+        cp = ((c & 0x0F) << 12) | ((seq[1] & 0x3F) << 6) | (seq[2] & 0x3F)
+    else:
+        cp = ((c & 0x07) << 18) | ((seq[1] & 0x3F) << 12) | ((seq[2] & 0x3F) << 6) | (seq[3] & 0x3F)
+    r = b"%%u%04x" % (cp & 0xFFFF) if cp <= 0xFFFF else b"%%u%x" % cp
+    if len(_UTF8_ESCAPES) < 100_000:
+        _UTF8_ESCAPES[seq] = r
+    return r
+
+
 def utf8_to_unicode(v: bytes) -> bytes:
-    """Multi-byte UTF-8 sequences -> ``%uHHHH`` (invalid bytes are kept)."""
+    """Multi-byte UTF-8 sequences -> ``%uHHHH`` (invalid bytes are kept): the text split at the
+    sequences (C), each looked up; the same as a loop over the bytes (test_transforms)."""
     if v.isascii():
         return v
-    out = bytearray()
-    i, n = 0, len(v)
-    while i < n:
-        c = v[i]
-        if c < 0x80:
-            out.append(c)
-            i += 1
-            continue
-        if 0xC0 <= c < 0xE0 and i + 1 < n and 0x80 <= v[i + 1] < 0xC0:
-            cp = ((c & 0x1F) << 6) | (v[i + 1] & 0x3F)
-            k = 2
-        elif 0xE0 <= c < 0xF0 and i + 2 < n and all(0x80 <= b < 0xC0 for b in v[i + 1 : i + 3]):
-            cp = ((c & 0x0F) << 12) | ((v[i + 1] & 0x3F) << 6) | (v[i + 2] & 0x3F)
-            k = 3
-        elif 0xF0 <= c < 0xF8 and i + 3 < n and all(0x80 <= b < 0xC0 for b in v[i + 1 : i + 4]):
-            cp = ((c & 0x07) << 18) | ((v[i + 1] & 0x3F) << 12) | ((v[i + 2] & 0x3F) << 6) | (v[i + 3] & 0x3F)
-            k = 4
-        else:
-            out.append(c)
-            i += 1
-            continue
-        out += b"%%u%04x" % (cp & 0xFFFF) if cp <= 0xFFFF else b"%%u%x" % cp
-        i += k
-    return bytes(out)
+    parts = _UTF8_SEQ.split(v)
+    if len(parts) == 1:
+        return v
+    known = _UTF8_ESCAPES.get
+    parts[1::2] = [known(q) or _utf8_escape(q) for q in parts[1::2]]
+    return b"".join(parts)
 
 
 def remove_nulls(v: bytes) -> bytes:

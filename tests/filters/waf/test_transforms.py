@@ -91,3 +91,54 @@ def test_url_decoders_agree_with_the_plain_regex_reading():
         for lo in range(256):
             for v in (b"%%u%02x%02x" % (hi, lo), b"%%U%02X%02X%%41%%u%02xaa" % (hi, lo, hi)):
                 assert T.url_decode_uni(v * 3) == reference(v * 3, True), v
+
+
+def utf8_to_unicode_loop(v: bytes) -> bytes:
+    """Multi-byte UTF-8 sequences -> ``%uHHHH`` (invalid bytes are kept)."""
+    if v.isascii():
+        return v
+    out = bytearray()
+    i, n = 0, len(v)
+    while i < n:
+        c = v[i]
+        if c < 0x80:
+            out.append(c)
+            i += 1
+            continue
+        if 0xC0 <= c < 0xE0 and i + 1 < n and 0x80 <= v[i + 1] < 0xC0:
+            cp = ((c & 0x1F) << 6) | (v[i + 1] & 0x3F)
+            k = 2
+        elif 0xE0 <= c < 0xF0 and i + 2 < n and all(0x80 <= b < 0xC0 for b in v[i + 1 : i + 3]):
+            cp = ((c & 0x0F) << 12) | ((v[i + 1] & 0x3F) << 6) | (v[i + 2] & 0x3F)
+            k = 3
+        elif 0xF0 <= c < 0xF8 and i + 3 < n and all(0x80 <= b < 0xC0 for b in v[i + 1 : i + 4]):
+            cp = ((c & 0x07) << 18) | ((v[i + 1] & 0x3F) << 12) | ((v[i + 2] & 0x3F) << 6) | (v[i + 3] & 0x3F)
+            k = 4
+        else:
+            out.append(c)
+            i += 1
+            continue
+        out += b"%%u%04x" % (cp & 0xFFFF) if cp <= 0xFFFF else b"%%u%x" % cp
+        i += k
+    return bytes(out)
+
+
+def test_utf8_to_unicode_is_the_byte_loop():
+    """utf8_to_unicode (split at sequences, a lookup each) gives what the byte loop gives: every
+    lead byte with every continuation byte and tails, and random mixes."""
+    import random
+
+    for a in range(0x80, 0x100):
+        for b in range(0x80, 0xC0):
+            for tail in (b"", b"\x80", b"\x80\xbf", b"\x80\x80\x80", b"\xc0", b"a"):
+                v = bytes((a, b)) + tail
+                assert T.utf8_to_unicode(v) == utf8_to_unicode_loop(v), v
+    rnd = random.Random(3)
+    pieces = [b"\xc0", b"\xc1", b"\xdf", b"\xe0", b"\xef", b"\xf0", b"\xf7", b"\xf8", b"\xff", b"\x80"]
+    pieces += [b"\x9f", b"\xbf", b"\xc0\xae", b"\xe2\x82\xac", b"\xf0\x9f\x98\x80", b"a", b"\n", b"%"]
+    for _ in range(30000):
+        v = b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 30)))
+        assert T.utf8_to_unicode(v) == utf8_to_unicode_loop(v), v
+    for _ in range(10000):
+        v = bytes(rnd.randrange(256) for _ in range(rnd.randint(0, 40)))
+        assert T.utf8_to_unicode(v) == utf8_to_unicode_loop(v), v
