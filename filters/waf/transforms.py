@@ -78,6 +78,8 @@ def url_decode(v: bytes) -> bytes:
     v = v.replace(b"+", b" ")
     if b"%" not in v:
         return v
+    if v.count(b"%") * 4 < len(v):  # sparse escapes: a C split at '%' beats a regex over the text
+        return _url_decode_split(v)
     parts = _RUN.split(v)
     one = _HEX_ESCAPES.get
     parts[1::2] = [one(r) or _hex_run(r) for r in parts[1::2]]
@@ -91,6 +93,8 @@ def url_decode_uni(v: bytes) -> bytes:
     v = v.replace(b"+", b" ")
     if b"%" not in v:
         return v
+    if v.count(b"%") * 4 < len(v):
+        return _url_decode_uni_split(v)
     if b"%u" not in v and b"%U" not in v:
         parts = _RUN.split(v)
         one = _HEX_ESCAPES.get
@@ -112,6 +116,56 @@ def _mixed_run(r: bytes) -> bytes:
     if len(r) == 6 and len(_ONE_ESCAPE) < 100_000:
         _ONE_ESCAPE[r] = b
     return b
+
+
+def _url_decode_split(v: bytes) -> bytes:
+    """url_decode for sparse escapes: the text split at '%' (C), a lookup per escape."""
+    parts = v.split(b"%")
+    out = [parts[0]]
+    escape = _HEX_ESCAPES.get
+    for item in parts[1:]:
+        byte = escape(b"%" + item[:2])
+        if byte is None:  # not an escape: the '%' stays
+            out.append(b"%")
+            out.append(item)
+        else:
+            out.append(byte)
+            out.append(item[2:])
+    return b"".join(out)
+
+
+_HEX2 = {k[1:]: b for k, b in _HEX_ESCAPES.items()}  # "XX" -> its byte
+_HEX_DIGITS = frozenset(_HEX)
+_UNI4: dict[bytes, bytes] = {}  # "uHHHH" -> its byte (grows with the escapes met; bounded)
+
+
+def _url_decode_uni_split(v: bytes) -> bytes:
+    """``%XX`` and ``%uHHHH`` (``_PCT_U``), one pass over the text split at ``%`` (a regex
+    callback per escape costs several times more)."""
+    parts = v.split(b"%")
+    out = [parts[0]]
+    hex2 = _HEX2.get
+    uni = _UNI4.get
+    for item in parts[1:]:
+        byte = hex2(item[:2])
+        if byte is not None:
+            out.append(byte)
+            out.append(item[2:])
+            continue
+        if item[:1] in (b"u", b"U") and len(item) >= 5:
+            k = item[:5]
+            byte = uni(k)
+            if byte is None and _HEX_DIGITS.issuperset(item[1:5]):
+                byte = bytes((_fullwidth(item[1:5]),))
+                if len(_UNI4) < 100_000:
+                    _UNI4[k] = byte
+            if byte is not None:
+                out.append(byte)
+                out.append(item[5:])
+                continue
+        out.append(b"%")
+        out.append(item)
+    return b"".join(out)
 
 
 def url_encode(v: bytes) -> bytes:

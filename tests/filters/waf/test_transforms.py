@@ -87,6 +87,12 @@ def test_url_decoders_agree_with_the_plain_regex_reading():
         v = b"".join(rnd.choice(tokens) for _ in range(rnd.randint(0, 30)))
         assert T.url_decode(v) == reference(v, False), v
         assert T.url_decode_uni(v) == reference(v, True), v
+        # both readings (runs for dense escapes, a split at '%' for sparse ones) on every text
+        w = v.replace(b"+", b" ")
+        assert T._url_decode_split(w) == reference(v, False), v
+        assert T._url_decode_uni_split(w) == reference(v, True), v
+        for n in (1, 40):  # padding makes the escapes sparse
+            assert T.url_decode_uni(v + b"a" * n) == reference(v + b"a" * n, True), v
     for hi in (0x00, 0x12, 0xFE, 0xFF):
         for lo in range(256):
             for v in (b"%%u%02x%02x" % (hi, lo), b"%%U%02X%02X%%41%%u%02xaa" % (hi, lo, hi)):
