@@ -86,7 +86,9 @@ def gcra_step(
 # KEYS[1]: the subject's TAT key. ARGV[1]: T (µs). ARGV[2]: tau (µs). ARGV[3]: optional "now" in µs
 # (tests only; empty: the Redis server clock). Returns {allowed, remaining, retry_us, reset_us}.
 # TIME before a write is fine: Redis >= 5 replicates the script's effects, not the script.
-GCRA_LUA = """
+# The decision both scripts share: the subject's TAT, the next one, and how far ``now`` is past the
+# earliest moment this request may pass (``diff`` < 0: refused).
+_GCRA_DECIDE = """
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local now
@@ -103,12 +105,17 @@ end
 local new_tat = tat + interval
 local allow_at = new_tat - tolerance
 local diff = now - allow_at
-if diff < 0 then
+"""
+
+GCRA_LUA = (
+    _GCRA_DECIDE
+    + """if diff < 0 then
   return {0, 0, -diff, tat - now}
 end
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
 return {1, math.floor(diff / interval), 0, new_tat - now}
 """
+)
 
 
 # The same GCRA taking a lease (``rate_limit.lease_checks``): ARGV[4] = n, ARGV[5] = floor. The
@@ -117,25 +124,10 @@ return {1, math.floor(diff / interval), 0, new_tat - now}
 # (the TAT moves n intervals) and the reply's 5th element says n; otherwise one unit is taken and it
 # says 1 (0 when refused). The caller admits the n - 1 leased requests without asking Redis again:
 # they are already on the subject's schedule, so no process can admit more than the policy allows.
-GCRA_LEASE_LUA = """
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local n = tonumber(ARGV[4])
+GCRA_LEASE_LUA = (
+    _GCRA_DECIDE
+    + """local n = tonumber(ARGV[4])
 local floor_units = tonumber(ARGV[5])
-local now
-if ARGV[3] ~= nil and ARGV[3] ~= '' then
-  now = tonumber(ARGV[3])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if tat == nil or tat < now then
-  tat = now
-end
-local new_tat = tat + interval
-local allow_at = new_tat - tolerance
-local diff = now - allow_at
 if diff < 0 then
   return {0, 0, -diff, tat - now, 0}
 end
@@ -152,6 +144,7 @@ end
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
 return {1, math.floor(diff / interval), 0, new_tat - now, taken}
 """
+)
 
 
 def gcra_lease_step(
