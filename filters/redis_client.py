@@ -268,6 +268,43 @@ def _common(t: RedisTarget, opts: ClientOptions, asyncio: bool) -> dict[str, Any
     return kw
 
 
+def _sentinel_kwargs(target: RedisTarget, common: dict[str, Any], tls: dict[str, Any]) -> dict[str, Any]:
+    """What the sentinels themselves are asked with (their own credentials, not the master's)."""
+    kw = {k: v for k, v in common.items() if k not in ("username", "password", "client_name")}
+    # Asking a sentinel for the master happens when a connection is made: connect bound.
+    kw["socket_timeout"] = common["socket_connect_timeout"]
+    if target.sentinel_username:
+        kw["username"] = target.sentinel_username
+    if target.sentinel_password is not None:
+        kw["password"] = target.sentinel_password
+    if target.tls:
+        kw.update(tls, ssl=True)
+    return kw
+
+
+def _pool_kwargs(
+    target: RedisTarget,
+    opts: ClientOptions,
+    common: dict[str, Any],
+    tls: dict[str, Any],
+    classes: tuple[Any, Any, Any],
+) -> dict[str, Any]:
+    """A single server's connection-pool arguments; ``classes`` are the (async or blocking)
+    plain, TLS and unix-socket connection classes."""
+    plain, ssl, unix = classes
+    kw: dict[str, Any] = {**common, "db": target.db}
+    if target.kind == "unix":
+        kw.pop("socket_connect_timeout", None)
+        kw.update(path=target.path, connection_class=unix)
+    else:
+        host, port = target.hosts[0]
+        kw.update(host=host, port=port, connection_class=ssl if target.tls else plain)
+        kw.update(tls)
+    if opts.max_connections is not None:
+        kw["max_connections"] = opts.max_connections
+    return kw
+
+
 def make_async_client(target: RedisTarget, opts: ClientOptions) -> Any:
     """A ``redis.asyncio`` client (``Redis`` or ``RedisCluster``); nothing is connected yet.
     Close it with ``close_async_client``."""
@@ -286,17 +323,7 @@ def make_async_client(target: RedisTarget, opts: ClientOptions) -> Any:
     if target.kind == "sentinel":
         from redis.asyncio.sentinel import Sentinel
 
-        sentinel_kw: dict[str, Any] = {
-            k: v for k, v in common.items() if k not in ("username", "password", "client_name")
-        }
-        # Asking a sentinel for the master happens when a connection is made: connect bound.
-        sentinel_kw["socket_timeout"] = common["socket_connect_timeout"]
-        if target.sentinel_username:
-            sentinel_kw["username"] = target.sentinel_username
-        if target.sentinel_password is not None:
-            sentinel_kw["password"] = target.sentinel_password
-        if target.tls:
-            sentinel_kw.update(tls, ssl=True)
+        sentinel_kw = _sentinel_kwargs(target, common, tls)
         master_kw: dict[str, Any] = {**common, **tls, "db": target.db, "health_check_interval": 0}
         if target.tls:
             master_kw["ssl"] = True
@@ -304,16 +331,13 @@ def make_async_client(target: RedisTarget, opts: ClientOptions) -> Any:
             master_kw["max_connections"] = opts.max_connections
         sentinel = Sentinel(list(target.hosts), sentinel_kwargs=sentinel_kw)
         return sentinel.master_for(target.service_name or "", **master_kw)
-    pool_kw: dict[str, Any] = {**common, "db": target.db, "health_check_interval": 0}
-    if target.kind == "unix":
-        pool_kw.pop("socket_connect_timeout", None)
-        pool_kw.update(path=target.path, connection_class=UnixDomainSocketConnection)
-    else:
-        host, port = target.hosts[0]
-        pool_kw.update(host=host, port=port, connection_class=SSLConnection if target.tls else Connection)
-        pool_kw.update(tls)
-    if opts.max_connections is not None:
-        pool_kw["max_connections"] = opts.max_connections
+    pool_kw = _pool_kwargs(
+        target,
+        opts,
+        {**common, "health_check_interval": 0},
+        tls,
+        (Connection, SSLConnection, UnixDomainSocketConnection),
+    )
     pool: ConnectionPool
     if opts.blocking_pool:
         pool = BlockingConnectionPool(timeout=opts.timeout, **pool_kw)
@@ -352,30 +376,14 @@ def make_sync_client(target: RedisTarget, opts: ClientOptions) -> Any:
     if target.kind == "sentinel":
         from redis.sentinel import Sentinel
 
-        sentinel_kw = {k: v for k, v in common.items() if k not in ("username", "password", "client_name")}
-        sentinel_kw["socket_timeout"] = common["socket_connect_timeout"]
-        if target.sentinel_username:
-            sentinel_kw["username"] = target.sentinel_username
-        if target.sentinel_password is not None:
-            sentinel_kw["password"] = target.sentinel_password
-        if target.tls:
-            sentinel_kw.update(tls, ssl=True)
+        sentinel_kw = _sentinel_kwargs(target, common, tls)
         master_kw = {**common, **tls, "db": target.db}
         if target.tls:
             master_kw["ssl"] = True
         return Sentinel(list(target.hosts), sentinel_kwargs=sentinel_kw).master_for(
             target.service_name or "", **master_kw
         )
-    pool_kw: dict[str, Any] = {**common, "db": target.db}
-    if target.kind == "unix":
-        pool_kw.pop("socket_connect_timeout", None)
-        pool_kw.update(path=target.path, connection_class=UnixDomainSocketConnection)
-    else:
-        host, port = target.hosts[0]
-        pool_kw.update(host=host, port=port, connection_class=SSLConnection if target.tls else Connection)
-        pool_kw.update(tls)
-    if opts.max_connections is not None:
-        pool_kw["max_connections"] = opts.max_connections
+    pool_kw = _pool_kwargs(target, opts, common, tls, (Connection, SSLConnection, UnixDomainSocketConnection))
     return redis.Redis(connection_pool=redis.ConnectionPool(**pool_kw))
 
 
